@@ -1,0 +1,43 @@
+# The README's two commands: `make demo` (the main job) and `make test` (everything CI runs).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.deps-installed
+EXT    := $(VENV)/.ext-built
+CARGO_TEST_FLAGS ?= --release --workspace --exclude logitless-py
+
+.PHONY: demo test test-rust test-python build bench lint fmt clean
+
+demo: build
+	$(PY) -m logitless demo
+
+test: lint test-rust test-python
+
+test-rust:
+	cargo test $(CARGO_TEST_FLAGS)
+
+test-python: build
+	$(PY) -m pytest -q
+
+build: $(STAMP)
+	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release -q
+
+$(STAMP): requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+bench: build
+	$(PY) bench/compare.py
+
+lint:
+	cargo fmt --all --check
+	cargo clippy -q --release --workspace --all-targets -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+clean:
+	cargo clean
+	rm -rf $(VENV)

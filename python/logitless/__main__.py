@@ -1,0 +1,3 @@
+from logitless.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,6 @@
+"""Type stubs for the Rust extension ``logitless._core`` (kept in step with crates/logitless-py)."""
+
+__version__: str
+
+class LogitlessError(ValueError): ...
+class LogitlessTypeError(TypeError): ...
