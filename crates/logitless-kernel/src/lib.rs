@@ -98,6 +98,9 @@ pub struct Options<'a> {
     pub epilogue: Epilogue<'a>,
     /// Upper bound on the kernel's scratch memory for logits chunks, in bytes.
     pub chunk_budget_bytes: usize,
+    /// `false` runs on the calling thread only (the bindings use it in a `fork()`ed child, where a rayon pool
+    /// started by the parent is dead).
+    pub parallel: bool,
 }
 
 impl Default for Options<'_> {
@@ -108,6 +111,7 @@ impl Default for Options<'_> {
             z_loss: 0.0,
             epilogue: Epilogue::default(),
             chunk_budget_bytes: 32 << 20,
+            parallel: true,
         }
     }
 }
