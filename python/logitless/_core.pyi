@@ -4,3 +4,56 @@ __version__: str
 
 class LogitlessError(ValueError): ...
 class LogitlessTypeError(TypeError): ...
+
+# --- kernel (crates/logitless-py/src/kernel.rs) -------------------------------------------------------------------
+# A tensor crosses as (data_ptr, shape, strides in elements, dtype name without "torch."), taken from a live
+# torch.Tensor the caller keeps alive for the call. Matrices: unit column stride, any row stride >= row length.
+# Outputs: contiguous, caller-allocated, overlapping nothing else; written in place.
+TensorView = tuple[int, tuple[int, ...], tuple[int, ...], str]
+
+def fused_linear_cross_entropy(
+    hidden: TensorView,
+    weight: TensorView,
+    bias: TensorView | None,
+    targets: TensorView,
+    *,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    logits_bias: TensorView | None = None,
+    scale_multiply: float | None = None,
+    scale_divide: float | None = None,
+    softcap: float | None = None,
+    grad_scale: float | None = None,
+    row_scale: TensorView | None = None,
+    per_row_loss: TensorView | None = None,
+    d_hidden: TensorView | None = None,
+    d_weight: TensorView | None = None,
+    d_bias: TensorView | None = None,
+    chunk_budget_bytes: int | None = None,
+) -> tuple[float, int]:
+    """Fused linear + cross-entropy on CPU: (sum of per-row losses, non-ignored rows), gradients written in place.
+
+    hidden [N, H], weight [V, H], bias [V] (same float dtype: float32/bfloat16/float16/float64), targets int64 [N],
+    logits_bias float32 [V], row_scale float32 [N], per_row_loss float64 [N], d_* like their inputs. Gradients are
+    those of sum_i s_i * loss_i with s_i = row_scale[i], else grad_scale (default 1). Epilogue values of None or 0
+    are not applied. Runs with the GIL released, serially in a fork()ed child of a process that used the pool.
+    Raises LogitlessError (ValueError) / LogitlessTypeError (TypeError) on bad input, RuntimeError on a bug.
+    """
+
+# --- rewriter (crates/logitless-py/src/rewrite.rs) ----------------------------------------------------------------
+from typing import Any
+
+def rewrite_forward(source: str) -> dict[str, Any]:
+    """Rewrite one dedented ``def forward`` (decorators included); docs/design.md "Rewrite contract".
+
+    ``{"status": "patched", "source", "head", "hidden", "logits", "loss", "labels", "vocab", "epilogue":
+    [{"kind", "expr"}], "extra_loss_kwargs", "kwargs", "loss_form", "fused_guards", "line"}`` or
+    ``{"status": "refused", "code", "reason", "line"}``. Never raises for bad source (it is refused).
+    """
+
+def audit_tree(models_dir: str) -> list[dict[str, Any]]:
+    """One dict per ``*ForCausalLM`` / causal-loss ``*ForConditionalGeneration`` class under a transformers
+    ``models/`` directory: ``{"class", "module", "kind", "status", "head", "head_is_linear", "epilogue", "code",
+    "reason", "line", "loss_form", "forward_from"}``. Raises LogitlessError if the directory cannot be read.
+    """

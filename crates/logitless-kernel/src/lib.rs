@@ -12,6 +12,14 @@
 //! ```
 #![forbid(unsafe_op_in_unsafe_fn)]
 
+#[cfg(target_arch = "x86_64")]
+mod dpbf16;
+mod fused;
+pub mod isa;
+mod matmul;
+mod rowpass;
+mod storage;
+
 use half::{bf16, f16};
 
 /// The element types the kernel accepts. Math and accumulation are f32 for f32/bf16/f16 and f64 for f64.
@@ -165,6 +173,11 @@ pub enum KernelError {
 /// Loss (always) and the requested gradients, in one pass.
 ///
 /// `hidden`: N×H, `weight`: V×H, `bias`: V, `targets`: N, `per_row_loss`: N (written when given; ignored rows 0).
+///
+/// Every argument is checked before any work (targets first-bad-row first, then shapes and options); outputs are
+/// fully written (zeros where nothing contributes). Scratch memory: at most `options.chunk_budget_bytes`, but never
+/// less than one row's worth (`4·(V + 2H)` bytes for f32/bf16/f16, 8· for f64); for bf16/f16 with `d_weight`
+/// wanted, an f32 `V×H` accumulator on top, so the weight gradient is rounded once.
 #[allow(clippy::too_many_arguments)]
 pub fn fused_linear_cross_entropy<T: Element>(
     hidden: MatRef<'_, T>,
@@ -176,6 +189,144 @@ pub fn fused_linear_cross_entropy<T: Element>(
     per_row_loss: Option<&mut [f64]>,
     grads: Grads<'_, T>,
 ) -> Result<LossSummary, KernelError> {
-    let _ = (hidden, weight, bias, targets, options, grad_scale, per_row_loss, grads);
-    Err(KernelError::InvalidOption { what: "kernel", why: "not implemented yet".into() })
+    validate(&hidden, &weight, bias, targets, options, &grad_scale, per_row_loss.as_deref(), &grads)?;
+    match T::DTYPE {
+        DType::F32 => run_as::<T, f32>(hidden, weight, bias, targets, options, grad_scale, per_row_loss, grads),
+        DType::F64 => run_as::<T, f64>(hidden, weight, bias, targets, options, grad_scale, per_row_loss, grads),
+        DType::BF16 => run_as::<T, bf16>(hidden, weight, bias, targets, options, grad_scale, per_row_loss, grads),
+        DType::F16 => run_as::<T, f16>(hidden, weight, bias, targets, options, grad_scale, per_row_loss, grads),
+    }
+}
+
+/// Reinterprets the caller's `T` as the concrete storage type its `DTYPE` names (they are the same type for the
+/// four implementations here; an outside `Element` impl that lies about its DTYPE is refused, not transmuted).
+fn cast<T: 'static, S: 'static>(x: &[T]) -> Result<&[S], KernelError> {
+    if std::any::TypeId::of::<T>() != std::any::TypeId::of::<S>() {
+        return Err(KernelError::InvalidOption {
+            what: "element type",
+            why: "Element::DTYPE does not match the type (only f32, f64, bf16 and f16 are supported)".into(),
+        });
+    }
+    // SAFETY: T and S are the same type (checked above), so pointer, length and alignment carry over.
+    Ok(unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<S>(), x.len()) })
+}
+
+fn cast_mut<T: 'static, S: 'static>(x: Option<&mut [T]>) -> Result<Option<&mut [S]>, KernelError> {
+    match x {
+        None => Ok(None),
+        Some(x) => {
+            cast::<T, S>(&[])?;
+            // SAFETY: T and S are the same type (checked just above); the exclusive borrow moves into the result.
+            Ok(Some(unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast::<S>(), x.len()) }))
+        }
+    }
+}
+
+fn cast_mat<'a, T: 'static, S: 'static>(m: MatRef<'a, T>) -> Result<MatRef<'a, S>, KernelError> {
+    Ok(MatRef { data: cast(m.data)?, rows: m.rows, cols: m.cols, row_stride: m.row_stride })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_as<T: Element, S: storage::Storage>(
+    hidden: MatRef<'_, T>,
+    weight: MatRef<'_, T>,
+    bias: Option<&[T]>,
+    targets: &[i64],
+    options: &Options<'_>,
+    grad_scale: GradScale<'_>,
+    per_row_loss: Option<&mut [f64]>,
+    grads: Grads<'_, T>,
+) -> Result<LossSummary, KernelError> {
+    let job = fused::Job {
+        hidden: cast_mat::<T, S>(hidden)?,
+        weight: cast_mat::<T, S>(weight)?,
+        bias: bias.map(cast::<T, S>).transpose()?,
+        targets,
+        options,
+        grad_scale,
+    };
+    let grads = Grads {
+        d_hidden: cast_mut::<T, S>(grads.d_hidden)?,
+        d_weight: cast_mut::<T, S>(grads.d_weight)?,
+        d_bias: cast_mut::<T, S>(grads.d_bias)?,
+    };
+    Ok(fused::run(job, per_row_loss, grads))
+}
+
+fn check_len(what: &'static str, got: usize, expected: usize) -> Result<(), KernelError> {
+    if got == expected {
+        Ok(())
+    } else {
+        Err(KernelError::ShapeMismatch { what, expected: format!("length {expected}"), got: format!("length {got}") })
+    }
+}
+
+fn check_finite(what: &'static str, x: Option<f32>) -> Result<(), KernelError> {
+    match x {
+        Some(x) if !x.is_finite() => Err(KernelError::InvalidOption { what, why: format!("{x} is not finite") }),
+        _ => Ok(()),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn validate<T>(
+    hidden: &MatRef<'_, T>,
+    weight: &MatRef<'_, T>,
+    bias: Option<&[T]>,
+    targets: &[i64],
+    options: &Options<'_>,
+    grad_scale: &GradScale<'_>,
+    per_row_loss: Option<&[f64]>,
+    grads: &Grads<'_, T>,
+) -> Result<(), KernelError> {
+    let (n, h, v) = (hidden.rows(), hidden.cols(), weight.rows());
+    check_len("targets", targets.len(), n)?;
+    let ignore_index = options.ignore_index;
+    if let Some((row, &value)) =
+        targets.iter().enumerate().find(|&(_, &t)| t != ignore_index && (t < 0 || t as u64 >= v as u64))
+    {
+        return Err(KernelError::TargetOutOfRange { row, value, vocab: v, ignore_index });
+    }
+    if weight.cols() != h {
+        return Err(KernelError::ShapeMismatch {
+            what: "weight",
+            expected: format!("[V, {h}] (hidden is [{n}, {h}])"),
+            got: format!("[{v}, {}]", weight.cols()),
+        });
+    }
+    if let Some(b) = bias {
+        check_len("bias", b.len(), v)?;
+    }
+    if let Some(b) = options.epilogue.logits_bias {
+        check_len("logits_bias", b.len(), v)?;
+    }
+    if let GradScale::PerRow(s) = grad_scale {
+        check_len("grad_scale (per row)", s.len(), n)?;
+    }
+    if let Some(l) = per_row_loss {
+        check_len("per_row_loss", l.len(), n)?;
+    }
+    if let Some(g) = grads.d_hidden.as_deref() {
+        check_len("d_hidden", g.len(), n * h)?;
+    }
+    if let Some(g) = grads.d_weight.as_deref() {
+        check_len("d_weight", g.len(), v * h)?;
+    }
+    if let Some(g) = grads.d_bias.as_deref() {
+        check_len("d_bias", g.len(), v)?;
+    }
+    let eps = options.label_smoothing;
+    if !(0.0..=1.0).contains(&eps) {
+        return Err(KernelError::InvalidOption { what: "label_smoothing", why: format!("{eps} is not in [0, 1]") });
+    }
+    check_finite("z_loss", Some(options.z_loss))?;
+    check_finite("scale_multiply", options.epilogue.scale_multiply)?;
+    check_finite("scale_divide", options.epilogue.scale_divide)?;
+    check_finite("softcap", options.epilogue.softcap)?;
+    if let GradScale::Uniform(s) = grad_scale
+        && !s.is_finite()
+    {
+        return Err(KernelError::InvalidOption { what: "grad_scale", why: format!("{s} is not finite") });
+    }
+    Ok(())
 }

@@ -1,20 +1,153 @@
-//! Forward analysis and rewrite for transformers causal LMs (placeholder: owned by the rewriter work).
-//! See docs/design.md §"Rewrite contract" for what the emitted code calls.
+//! Rewrites a transformers causal-LM `forward` so its loss is computed without logits, and audits a
+//! transformers source tree. Pure Rust on ruff's parser; no Python needed.
+//!
+//! ```
+//! let source = r#"
+//! def forward(self, input_ids, labels=None, **kwargs):
+//!     hidden_states = self.model(input_ids).last_hidden_state
+//!     logits = self.lm_head(hidden_states)
+//!     loss = None
+//!     if labels is not None:
+//!         loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+//!     return loss, logits
+//! "#;
+//! let rewrite = logitless_rewrite::rewrite_forward(source, &Default::default()).unwrap();
+//! assert_eq!(rewrite.head, "lm_head");
+//! assert!(rewrite.source.contains("__logitless__.hf_loss(hidden_states, self.lm_head, labels"));
+//! ```
+//!
+//! - [`rewrite_forward`]: one `def forward` in, a [`Rewrite`] or a [`Refusal`] (reason code + message + line) out.
+//! - [`audit_tree`]: every `*ForCausalLM` and causal-loss `*ForConditionalGeneration` class under a `models/`
+//!   directory, scanned in parallel.
+//!
+//! The emitted code calls the `__logitless__` runtime object as fixed in docs/design.md.
 
-/// Why a forward was not rewritten.
+mod analysis;
+mod audit;
+mod emit;
+mod epilogue;
+mod refusal;
+mod source;
+
+use ruff_python_ast::Stmt;
+
+pub use analysis::LossForm;
+pub use audit::{AuditError, ClassKind, ClassReport, Outcome, audit_file, audit_tree};
+pub use epilogue::{EpilogueKind, EpilogueStep};
+pub use refusal::{ReasonCode, Refusal};
+
+/// Options for [`rewrite_forward`].
+#[derive(Debug, Clone)]
+pub struct RewriteOptions {
+    /// Drop documentation-only decorators (`@auto_docstring`, ...). Behavioural ones are always kept.
+    pub drop_doc_decorators: bool,
+}
+
+impl Default for RewriteOptions {
+    fn default() -> Self {
+        Self {
+            drop_doc_decorators: true,
+        }
+    }
+}
+
+/// A rewritten forward and what was recognised in it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
-    pub code: &'static str,
-    pub message: String,
+pub struct Rewrite {
+    /// The new `def forward` source (it parses; it calls `__logitless__`).
+    pub source: String,
+    /// The head attribute (`lm_head` for `self.lm_head`).
+    pub head: String,
+    /// The head's input expression, as written.
+    pub hidden: String,
+    pub logits: String,
+    pub loss: String,
+    pub labels: String,
+    /// The vocabulary size expression, when the loss call gives one.
+    pub vocab: Option<String>,
+    /// Epilogue steps in application order.
+    pub epilogue: Vec<EpilogueStep>,
+    /// Explicit keywords of the loss call passed through (name, expression), in source order.
+    pub extra_loss_kwargs: Vec<(String, String)>,
+    /// The `**kwargs` name passed to the loss, if any.
+    pub kwargs: Option<String>,
+    pub loss_form: LossForm,
+    /// Extra run-time conditions of the fused path (`not (<guard>)` of auxiliary terms that read the logits).
+    pub fused_guards: Vec<String>,
+    /// 1-based line of the head statement in the input.
     pub line: usize,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rewrite {
-    pub source: String,
+/// Rewrites one (dedented) `def forward`, decorators included.
+pub fn rewrite_forward(source: &str, options: &RewriteOptions) -> Result<Rewrite, Refusal> {
+    let parsed = ruff_python_parser::parse_module(source).map_err(|e| {
+        let src = source::Source::new(source);
+        Refusal::new(
+            ReasonCode::ParseError,
+            src.line_of(e.location.start().to_usize()),
+            e.error.to_string(),
+        )
+    })?;
+    let module = parsed.syntax();
+    let func = module
+        .body
+        .iter()
+        .find_map(|s| match s {
+            Stmt::FunctionDef(f) => Some(f),
+            _ => None,
+        })
+        .ok_or_else(|| {
+            Refusal::new(
+                ReasonCode::NoForward,
+                0,
+                "the source holds no function definition",
+            )
+        })?;
+    rewrite_function(&source::Source::new(source), func, options)
 }
 
-pub fn rewrite_forward(source: &str) -> Result<Rewrite, Refusal> {
-    let _ = source;
-    Err(Refusal { code: "not-implemented", message: "rewriter not implemented yet".into(), line: 0 })
+/// Rewrites a function already parsed from `source`.
+pub(crate) fn rewrite_function(
+    src: &source::Source<'_>,
+    func: &ruff_python_ast::StmtFunctionDef,
+    options: &RewriteOptions,
+) -> Result<Rewrite, Refusal> {
+    let plan = analysis::analyse(src, func)?;
+    let new_source = emit::emit(src, func, &plan, options.drop_doc_decorators);
+    // A method still indented inside its class (the audit) is checked inside a one-level block.
+    let reparse = if new_source.starts_with(|c: char| c == ' ') {
+        ruff_python_parser::parse_module(&format!("if True:\n{new_source}"))
+    } else {
+        ruff_python_parser::parse_module(&new_source)
+    };
+    if let Err(e) = reparse {
+        return Err(Refusal::new(
+            ReasonCode::ReparseFailed,
+            0,
+            format!("emitted code does not parse: {}", e.error),
+        ));
+    }
+    let mut extra = Vec::new();
+    let mut kwargs = None;
+    for (name, value) in &plan.loss_keywords {
+        match name {
+            Some(n) => extra.push((n.clone(), value.clone())),
+            None => kwargs = Some(value.clone()),
+        }
+    }
+    Ok(Rewrite {
+        source: new_source,
+        head: plan.head.clone(),
+        hidden: src.slice(plan.hidden).to_string(),
+        logits: plan.logits.clone(),
+        loss: plan.loss.clone(),
+        labels: plan.labels.clone(),
+        vocab: plan.vocab.clone(),
+        epilogue: plan.epilogue.clone(),
+        extra_loss_kwargs: extra,
+        kwargs,
+        loss_form: plan.form,
+        fused_guards: plan.fused_guards.clone(),
+        line: src.line(&func.body[plan.head_idx]),
+    })
 }

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Second CI leg: the newest transformers 4.x (whose forwards slice with `slice_indices`) in its own venv.
+# Runs the audit and the verified-coverage check there; exits non-zero on any mismatch or a verified count below
+# the floor. Reuses pip's cache, so torch is downloaded once per machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${LOGITLESS_TF4_VENV:-.venv-tf4}"
+TORCH="${LOGITLESS_TF4_TORCH:-torch==2.15.0}"
+TRANSFORMERS="${LOGITLESS_TF4_TRANSFORMERS:-transformers==4.57.6}"
+# Committed floor for this leg (issue 6: at least 120 verified, no mismatch).
+MIN_TOTAL="${LOGITLESS_TF4_MIN_VERIFIED:-120}"
+
+test -x "$VENV/bin/python" || python3 -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q "$TORCH" "$TRANSFORMERS" "maturin>=1.8,<2" pytest
+VIRTUAL_ENV="$(pwd)/$VENV" "$VENV/bin/maturin" develop --release -q
+"$VENV/bin/python" -c "import transformers, torch; print('transformers', transformers.__version__, 'torch', torch.__version__)"
+"$VENV/bin/python" -m logitless audit >/dev/null
+"$VENV/bin/python" -m logitless verify --quiet --min-total "$MIN_TOTAL" \
+    --json "${LOGITLESS_TF4_JSON:-/tmp/logitless-verify-tf4.json}" --markdown docs/coverage-transformers4.md

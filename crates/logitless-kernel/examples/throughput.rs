@@ -1,0 +1,206 @@
+//! Throughput of the fused forward+backward against a plain GEMM of the same size, in one run.
+//!
+//! `cargo run --release -p logitless-kernel --example throughput -- [N H V [dtype [reps [fused-only]]]]`
+//! (defaults 2048 1024 32000 f32 3; dtype f32 | bf16 | f16 | f64). Prints GFLOP/s of the fused call (6·N·H·V
+//! flops: forward, d_hidden, d_weight), the best GEMM rate of the engine the kernel runs on for this dtype
+//! (the three GEMM shapes the kernel performs, each timed at the full problem size), their ratio, and the peak
+//! memory the fused call allocated beyond its inputs and outputs.
+
+use half::{bf16, f16};
+use logitless_kernel::{Element, GradScale, Grads, MatRef, Options, fused_linear_cross_entropy};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+/// Counts live heap bytes and their high-water mark.
+struct Counting;
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards every call to the system allocator unchanged; only bookkeeping is added.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: same contract as the caller's.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            let now = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+trait Bench: Element {
+    fn make(x: f32) -> Self;
+    /// Seconds for the three GEMM shapes of the kernel with the engine it uses for this dtype.
+    fn gemm_seconds(n: usize, h: usize, v: usize, reps: usize) -> f64;
+}
+
+/// This process's user+system CPU seconds (Linux /proc; NaN elsewhere). On a shared machine, flops per CPU-second
+/// shows the kernel's own efficiency when other jobs steal cores from the wall-clock figure.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(f64::NAN);
+    // Fields 14 and 15 of stat (utime, stime) are 11 and 12 after the command name; 100 ticks per second.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
+    (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// The kernel's three products at full size: N×V = N×H·(V×H)ᵀ, N×H = N×V·V×H, V×H = (N×V)ᵀ·N×H.
+fn three_gemms_f32(n: usize, h: usize, v: usize, reps: usize) -> f64 {
+    let hid = vec![0.01f32; n * h];
+    let w = vec![0.01f32; v * h];
+    let mut logits = vec![0.0f32; n * v];
+    let mut dh = vec![0.0f32; n * h];
+    let mut dw = vec![0.0f32; v * h];
+    let par = gemm::Parallelism::Rayon(rayon::current_num_threads());
+    let mut total = 0.0;
+    // SAFETY (all three): every view stays inside its vector (shapes as allocated above); dst never aliases.
+    total += best_of(reps, || unsafe {
+        gemm::gemm(n, v, h, logits.as_mut_ptr(), 1, v as isize, false, hid.as_ptr(), 1, h as isize, w.as_ptr(),
+            h as isize, 1, 0.0f32, 1.0, false, false, false, par)
+    });
+    total += best_of(reps, || unsafe {
+        gemm::gemm(n, h, v, dh.as_mut_ptr(), 1, h as isize, false, logits.as_ptr(), 1, v as isize, w.as_ptr(),
+            1, h as isize, 0.0f32, 1.0, false, false, false, par)
+    });
+    total += best_of(reps, || unsafe {
+        gemm::gemm(v, h, n, dw.as_mut_ptr(), 1, h as isize, true, logits.as_ptr(), v as isize, 1, hid.as_ptr(),
+            1, h as isize, 1.0f32, 1.0, false, false, false, par)
+    });
+    total
+}
+
+impl Bench for f32 {
+    fn make(x: f32) -> Self {
+        x
+    }
+    fn gemm_seconds(n: usize, h: usize, v: usize, reps: usize) -> f64 {
+        three_gemms_f32(n, h, v, reps)
+    }
+}
+impl Bench for f64 {
+    fn make(x: f32) -> Self {
+        x as f64
+    }
+    fn gemm_seconds(n: usize, h: usize, v: usize, reps: usize) -> f64 {
+        let hid = vec![0.01f64; n * h];
+        let w = vec![0.01f64; v * h];
+        let mut logits = vec![0.0f64; n * v];
+        let par = gemm::Parallelism::Rayon(rayon::current_num_threads());
+        // SAFETY: views inside their vectors, as in three_gemms_f32.
+        3.0 * best_of(reps, || unsafe {
+            gemm::gemm(n, v, h, logits.as_mut_ptr(), 1, v as isize, false, hid.as_ptr(), 1, h as isize,
+                w.as_ptr(), h as isize, 1, 0.0f64, 1.0, false, false, false, par)
+        })
+    }
+}
+impl Bench for bf16 {
+    fn make(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+    fn gemm_seconds(n: usize, h: usize, v: usize, reps: usize) -> f64 {
+        // The portable bf16 path runs on the f32 engine (bf16 widened while packing): its rate is the f32 one.
+        three_gemms_f32(n, h, v, reps)
+    }
+}
+impl Bench for f16 {
+    fn make(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+    fn gemm_seconds(n: usize, h: usize, v: usize, reps: usize) -> f64 {
+        three_gemms_f32(n, h, v, reps)
+    }
+}
+
+fn run<T: Bench>(n: usize, h: usize, v: usize, reps: usize) {
+    // Deterministic, varied data (a cheap hash), scaled like a trained head.
+    let val = |i: usize, s: f32| T::make(((i.wrapping_mul(2654435761) % 1000) as f32 / 500.0 - 1.0) * s);
+    let hid: Vec<T> = (0..n * h).map(|i| val(i, 1.0)).collect();
+    let w: Vec<T> = (0..v * h).map(|i| val(i + 7, 0.05)).collect();
+    let targets: Vec<i64> = (0..n).map(|i| ((i * 7919) % v) as i64).collect();
+    let mut dh = vec![T::make(0.0); n * h];
+    let mut dw = vec![T::make(0.0); v * h];
+    // THROUGHPUT_BUDGET_MB overrides the default 32 MiB chunk budget.
+    let budget_mb: Option<usize> = std::env::var("THROUGHPUT_BUDGET_MB").ok().and_then(|s| s.parse().ok());
+    let options = Options { chunk_budget_bytes: budget_mb.map_or(32 << 20, |mb| mb << 20), ..Options::default() };
+    let flops = 6.0 * (n * h * v) as f64;
+    let mut best = f64::INFINITY;
+    let mut peak_extra = 0usize;
+    let mut loss = 0.0;
+    let mut best_cpu = f64::INFINITY;
+    for _ in 0..reps {
+        let cpu0 = cpu_seconds();
+        let base = LIVE.load(Ordering::Relaxed);
+        PEAK.store(base, Ordering::Relaxed);
+        let t = Instant::now();
+        let s = fused_linear_cross_entropy(
+            MatRef::new(&hid, n, h, h).expect("hidden"),
+            MatRef::new(&w, v, h, h).expect("weight"),
+            None,
+            &targets,
+            &options,
+            GradScale::Uniform(1.0 / n as f64),
+            None,
+            Grads { d_hidden: Some(&mut dh), d_weight: Some(&mut dw), d_bias: None },
+        )
+        .expect("kernel");
+        best = best.min(t.elapsed().as_secs_f64());
+        best_cpu = best_cpu.min(cpu_seconds() - cpu0);
+        peak_extra = peak_extra.max(PEAK.load(Ordering::Relaxed) - base);
+        loss = s.loss_sum / s.count as f64;
+    }
+    // `fused-only` as a 6th argument skips the GEMM reference (for profilers).
+    let gemm = if std::env::args().nth(6).as_deref() == Some("fused-only") {
+        f64::NAN
+    } else {
+        T::gemm_seconds(n, h, v, reps)
+    };
+    let dtype = format!("{:?}", T::DTYPE).to_lowercase();
+    println!(
+        "{dtype:>4} N={n} H={h} V={v} isa={:?}: fused fwd+bwd {:.3} s = {:.1} GFLOP/s | 3 GEMMs {:.3} s = {:.1} GFLOP/s | \
+         fused/3GEMM time ratio {:.2} (goal <= 1.25) | peak extra memory {:.1} MiB | fused {:.1} GFLOP per CPU-s on \
+         {} threads | loss {loss:.4}",
+        logitless_kernel::isa::current(),
+        best,
+        flops / best / 1e9,
+        gemm,
+        flops / gemm / 1e9,
+        best / gemm,
+        peak_extra as f64 / (1 << 20) as f64,
+        flops / best_cpu / 1e9,
+        rayon::current_num_threads(),
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let num = |i: usize, d: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
+    let (n, h, v) = (num(0, 2048), num(1, 1024), num(2, 32000));
+    let reps = num(4, 3);
+    match args.get(3).map(String::as_str).unwrap_or("f32") {
+        "f32" => run::<f32>(n, h, v, reps),
+        "f64" => run::<f64>(n, h, v, reps),
+        "bf16" => run::<bf16>(n, h, v, reps),
+        "f16" => run::<f16>(n, h, v, reps),
+        other => eprintln!("unknown dtype {other}: use f32, bf16, f16 or f64"),
+    }
+}

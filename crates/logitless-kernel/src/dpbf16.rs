@@ -1,0 +1,391 @@
+//! bf16 GEMMs on AVX512_BF16 (`vdpbf16ps`: 32 bf16 products per instruction, f32 accumulation), for the three
+//! products of the fused kernel. x86-64 only; used when `isa::current()` is `Avx512Bf16`.
+//!
+//! `vdpbf16ps` multiplies pairs of bf16 along k inside each 32-bit lane, so every operand is read as `u32` pairs
+//! `(x[k], x[k+1])`: the broadcast operand ("A", MR rows) either straight from bf16 rows whose k runs are
+//! contiguous, or packed `[kp][MR]`; the vector operand ("B") packed `[kp][32 lanes]` per panel of 32 columns.
+//! Operands that start as f32 (the logits gradient) are rounded to bf16 (nearest-even) while packing, as a stock
+//! bf16 backward does. Every packing pads with zeros, so tails need no special kernel.
+
+use half::bf16;
+use rayon::prelude::*;
+use std::arch::x86_64::*;
+
+/// Rows of the broadcast operand per micro-tile and lanes of the vector operand per panel: 12×32 accumulators
+/// use 24 of the 32 zmm registers.
+pub(crate) const MR: usize = 12;
+pub(crate) const NR: usize = 32;
+
+/// A raw pointer that threads may share because each writes a disjoint set of elements (argued at each use).
+#[derive(Clone, Copy)]
+pub(crate) struct SharedMut(pub *mut f32);
+// SAFETY: only used to let threads write disjoint elements of one buffer that outlives the parallel section.
+unsafe impl Send for SharedMut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedMut {}
+
+/// f32 → bf16 bits, round to nearest even (NaN stays NaN by keeping a mantissa bit).
+#[inline(always)]
+fn to_bf16_bits(x: f32) -> u32 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return (b >> 16) | 0x40;
+    }
+    (b.wrapping_add(0x7FFF + ((b >> 16) & 1))) >> 16
+}
+
+#[inline(always)]
+fn pair(lo: u32, hi: u32) -> u32 {
+    lo | (hi << 16)
+}
+
+/// The micro-kernel: `acc[i][j] = Σ_p A(i, p) · B(p, j)` over `kp` k-pairs, for i < MR, j < 32. A(i, p) is the
+/// u32 at `a + i·a_rs + p·a_ks`, B(p, ·) the 32 u32 at `b + 32·p`.
+///
+/// # Safety
+/// The CPU must support avx512f and avx512bf16, and every address above must be readable.
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+unsafe fn micro(kp: usize, a: *const u32, a_rs: usize, a_ks: usize, b: *const u32, out: &mut [f32; MR * NR]) {
+    let mut c = [[_mm512_setzero_ps(); 2]; MR];
+    for p in 0..kp {
+        // SAFETY: in bounds by the caller's contract; unaligned loads are allowed.
+        let (b0, b1) = unsafe {
+            (
+                _mm512_loadu_si512(b.add(p * NR).cast()),
+                _mm512_loadu_si512(b.add(p * NR + 16).cast()),
+            )
+        };
+        let b0: __m512bh = _mm512_castsi512_ph_bh(b0);
+        let b1: __m512bh = _mm512_castsi512_ph_bh(b1);
+        for (i, ci) in c.iter_mut().enumerate() {
+            // SAFETY: in bounds by the caller's contract.
+            let ai = unsafe { a.add(i * a_rs + p * a_ks).read_unaligned() };
+            let av: __m512bh = _mm512_castsi512_ph_bh(_mm512_set1_epi32(ai as i32));
+            ci[0] = _mm512_dpbf16_ps(ci[0], av, b0);
+            ci[1] = _mm512_dpbf16_ps(ci[1], av, b1);
+        }
+    }
+    for (i, ci) in c.iter().enumerate() {
+        // SAFETY: `out` holds MR·NR f32 and row i's 32 values are at i·NR.
+        unsafe {
+            _mm512_storeu_ps(out.as_mut_ptr().add(i * NR), ci[0]);
+            _mm512_storeu_ps(out.as_mut_ptr().add(i * NR + 16), ci[1]);
+        }
+    }
+}
+
+#[inline(always)]
+fn _mm512_castsi512_ph_bh(x: __m512i) -> __m512bh {
+    // SAFETY: both are plain 512-bit vectors; this only relabels the lanes.
+    unsafe { std::mem::transmute::<__m512i, __m512bh>(x) }
+}
+
+/// k-pairs per packed block of the GEMM whose k is the vocabulary (d_hidden): 128 pairs × 32 lanes × 4 bytes =
+/// 16 KiB per B micro-panel, which stays in L1 while a tile runs.
+const KP_BLOCK: usize = 128;
+
+fn ceil_div(a: usize, b: usize) -> usize {
+    a.div_ceil(b)
+}
+
+/// Runs `f(start, end)` over `[0, total)` split in `align`-multiples, one piece per rayon thread when `parallel`.
+fn split(parallel: bool, total: usize, align: usize, f: impl Fn(usize, usize) + Sync) {
+    let threads = if parallel { rayon::current_num_threads() } else { 1 };
+    let piece = ceil_div(ceil_div(total, threads.max(1)), align) * align;
+    if threads <= 1 || piece >= total {
+        f(0, total);
+        return;
+    }
+    let pieces = ceil_div(total, piece);
+    (0..pieces).into_par_iter().for_each(|t| f(t * piece, ((t + 1) * piece).min(total)));
+}
+
+/// `out[p·32 + j] = (rows[2p][c0 + j], rows[2p+1][c0 + j])` for one 32-column panel starting at `c0`, where
+/// `row(k)` is the k-th row (k-major operand); rows past `k_rows` and columns past `c_end` read as zero.
+#[inline(always)]
+fn pack_kmajor_panel<'a>(
+    row: &impl Fn(usize) -> &'a [bf16],
+    k_rows: usize,
+    c0: usize,
+    c_end: usize,
+    out: &mut [u32],
+) {
+    let kp = ceil_div(k_rows, 2);
+    let width = (c_end - c0).min(NR);
+    for p in 0..kp {
+        let lo = &row(2 * p)[c0..c0 + width];
+        let o = &mut out[p * NR..(p + 1) * NR];
+        if 2 * p + 1 < k_rows {
+            let hi = &row(2 * p + 1)[c0..c0 + width];
+            for j in 0..width {
+                o[j] = pair(lo[j].to_bits() as u32, hi[j].to_bits() as u32);
+            }
+        } else {
+            for j in 0..width {
+                o[j] = lo[j].to_bits() as u32;
+            }
+        }
+        o[width..].fill(0);
+    }
+}
+
+/// Packs a k-major bf16 operand (`k_rows` rows, columns `[c_start, c_end)`) as consecutive 32-column panels.
+/// Returns the u32 count per panel.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+fn pack_kmajor<'a>(
+    row: &impl Fn(usize) -> &'a [bf16],
+    k_rows: usize,
+    c_start: usize,
+    c_end: usize,
+    out: &mut Vec<u32>,
+) -> usize {
+    let per_panel = ceil_div(k_rows, 2) * NR;
+    let panels = ceil_div(c_end - c_start, NR);
+    out.clear();
+    out.resize(per_panel * panels, 0);
+    for q in 0..panels {
+        pack_kmajor_panel(row, k_rows, c_start + q * NR, c_end, &mut out[q * per_panel..(q + 1) * per_panel]);
+    }
+    per_panel
+}
+
+/// Packs the gathered hidden rows for the logits GEMM: panels of 32 rows, `[kp][32]` pairs along H (k-contiguous
+/// rows, so this is a transpose). Rows past `rows` are zero. `h` is even.
+pub(crate) fn pack_hidden_for_logits<'a>(row: impl Fn(usize) -> &'a [bf16], rows: usize, h: usize, out: &mut Vec<u32>) {
+    let kp = h / 2;
+    let panels = ceil_div(rows, NR);
+    out.clear();
+    out.resize(panels * kp * NR, 0);
+    for r in 0..rows {
+        let src = row(r);
+        let (q, j) = (r / NR, r % NR);
+        let panel = &mut out[q * kp * NR..(q + 1) * kp * NR];
+        for p in 0..kp {
+            panel[p * NR + j] = pair(src[2 * p].to_bits() as u32, src[2 * p + 1].to_bits() as u32);
+        }
+    }
+}
+
+/// Packs the gathered hidden rows for the weight-gradient GEMM: k = rows, panels of 32 columns of H.
+pub(crate) fn pack_hidden_for_dweight<'a>(row: impl Fn(usize) -> &'a [bf16], rows: usize, h: usize, out: &mut Vec<u32>) {
+    // SAFETY: this module is only reached when the CPU has AVX512_BF16 (and so avx512f/bw/vl).
+    unsafe {
+        pack_kmajor(&row, rows, 0, h, out);
+    }
+}
+
+/// Writes one micro-tile result into row-major `c` (`ldc` between rows), `rows × cols` of it, adding when asked.
+///
+/// # Safety
+/// `c + i·ldc + j` must be writable for i < rows, j < cols, and not written by another thread meanwhile.
+#[inline(always)]
+unsafe fn store_rows(out: &[f32; MR * NR], c: *mut f32, ldc: usize, rows: usize, cols: usize, add: bool) {
+    for i in 0..rows {
+        let src = &out[i * NR..i * NR + cols];
+        // SAFETY: by the function's contract, row i's `cols` elements are ours to write.
+        let dst = unsafe { std::slice::from_raw_parts_mut(c.add(i * ldc), cols) };
+        if add {
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d += s;
+            }
+        } else {
+            dst.copy_from_slice(src);
+        }
+    }
+}
+
+/// GEMM 1: `logits[j, v] = Σ_k hidden_j[k] · W[v, k]` for j < rows, with W read in place (`ws` between rows,
+/// even, as is `h`) and the hidden rows packed by [`pack_hidden_for_logits`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn logits(
+    w: &[bf16],
+    ws: usize,
+    v: usize,
+    h: usize,
+    hp: &[u32],
+    rows: usize,
+    out: &mut [f32],
+    parallel: bool,
+) {
+    let kp = h / 2;
+    let panels = ceil_div(rows, NR);
+    assert!(h % 2 == 0 && ws % 2 == 0 && ws >= h, "logits: layout");
+    assert!(v == 0 || w.len() >= (v - 1) * ws + h, "logits: weight");
+    assert!(hp.len() >= panels * kp * NR && out.len() >= rows * v, "logits: buffers");
+    let dst = SharedMut(out.as_mut_ptr());
+    split(parallel, v, MR, |v_start, v_end| {
+        let dst = dst;
+        let mut tail = vec![0u32; kp * MR];
+        let mut tile = [0f32; MR * NR];
+        for v0 in (v_start..v_end).step_by(MR) {
+            let mrows = MR.min(v_end - v0);
+            // Full tiles broadcast straight from W's rows; the last partial one from a zero-padded copy.
+            let (a, a_rs, a_ks) = if mrows == MR {
+                (w[v0 * ws..].as_ptr().cast::<u32>(), ws / 2, 1)
+            } else {
+                for p in 0..kp {
+                    for i in 0..MR {
+                        tail[p * MR + i] = if i < mrows {
+                            let r = &w[(v0 + i) * ws..];
+                            pair(r[2 * p].to_bits() as u32, r[2 * p + 1].to_bits() as u32)
+                        } else {
+                            0
+                        };
+                    }
+                }
+                (tail.as_ptr(), 1, MR)
+            };
+            for q in 0..panels {
+                // SAFETY: the CPU has AVX512_BF16 (module invariant); A reads stay in W's rows v0..v0+MR (full
+                // tile, checked by the asserts) or in `tail`; B reads stay in panel q of `hp`.
+                unsafe { micro(kp, a, a_rs, a_ks, hp[q * kp * NR..].as_ptr(), &mut tile) };
+                let ncols = NR.min(rows - q * NR);
+                for j in 0..ncols {
+                    for i in 0..mrows {
+                        // SAFETY: row q·32+j < rows and column v0+i < v, inside `out` (asserted); this thread
+                        // owns columns [v_start, v_end).
+                        unsafe { *dst.0.add((q * NR + j) * v + v0 + i) = tile[i * NR + j] };
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Rounds f32 rows to bf16 (nearest even) into `out` with row stride `ld` (>= cols, even); the padding column
+/// (if any) is zero, so k-pairs can be read straight from the rows.
+pub(crate) fn round_rows(g: &[f32], rows: usize, cols: usize, ld: usize, out: &mut [u16], parallel: bool) {
+    assert!(g.len() >= rows * cols && out.len() >= rows * ld && ld >= cols, "round_rows: buffers");
+    let work = |(src, dst): (&[f32], &mut [u16])| {
+        // SAFETY: the CPU has AVX512_BF16 and so avx512f/bw (module invariant).
+        unsafe { round_row(src, dst) }
+    };
+    if parallel {
+        g[..rows * cols].par_chunks(cols).zip(out[..rows * ld].par_chunks_mut(ld)).for_each(work);
+    } else {
+        g[..rows * cols].chunks(cols).zip(out[..rows * ld].chunks_mut(ld)).for_each(work);
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+fn round_row(src: &[f32], dst: &mut [u16]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = to_bf16_bits(s) as u16;
+    }
+    dst[src.len()..].fill(0);
+}
+
+/// GEMM 2: `dh[j, :] = Σ_v g[j, v] · W[v, :]` for j < rows, `g` already rounded to bf16 by [`round_rows`]
+/// (row stride `gs`, even).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn d_hidden(
+    g: &[u16],
+    gs: usize,
+    rows: usize,
+    w: &[bf16],
+    ws: usize,
+    v: usize,
+    h: usize,
+    dh: &mut [f32],
+    parallel: bool,
+) {
+    assert!(gs % 2 == 0 && gs >= v && g.len() >= rows * gs && dh.len() >= rows * h, "d_hidden: buffers");
+    assert!(v == 0 || w.len() >= (v - 1) * ws + h, "d_hidden: weight");
+    let dst = SharedMut(dh.as_mut_ptr());
+    let k_block = 2 * KP_BLOCK;
+    split(parallel, h, NR, |h_start, h_end| {
+        let dst = dst;
+        let mut bp = Vec::new();
+        let mut tail = vec![0u32; KP_BLOCK * MR];
+        let mut tile = [0f32; MR * NR];
+        for k0 in (0..v).step_by(k_block) {
+            let kc = k_block.min(v - k0);
+            let kp = ceil_div(kc, 2);
+            let wrow = |k: usize| &w[(k0 + k) * ws..(k0 + k) * ws + h];
+            // SAFETY: the CPU has AVX512_BF16 and so avx512f/bw/vl (module invariant).
+            let per_panel = unsafe { pack_kmajor(&wrow, kc, h_start, h_end, &mut bp) };
+            for r0 in (0..rows).step_by(MR) {
+                let mrows = MR.min(rows - r0);
+                // Pairs straight from the rounded rows (k0 is even, and an odd kc ends on the zero padding or
+                // on column v+.. of the padded row, which is zero); a partial tile from a zero-padded copy.
+                let (a, a_rs, a_ks) = if mrows == MR {
+                    (g[r0 * gs + k0..].as_ptr().cast::<u32>(), gs / 2, 1)
+                } else {
+                    for p in 0..kp {
+                        for i in 0..MR {
+                            tail[p * MR + i] = if i < mrows {
+                                let r = &g[(r0 + i) * gs + k0..];
+                                let hi = if 2 * p + 1 < kc { r[2 * p + 1] as u32 } else { 0 };
+                                pair(r[2 * p] as u32, hi)
+                            } else {
+                                0
+                            };
+                        }
+                    }
+                    (tail.as_ptr(), 1, MR)
+                };
+                for (q, h0) in (h_start..h_end).step_by(NR).enumerate() {
+                    // SAFETY: module invariant for the CPU; A reads rows r0..r0+MR of `g` up to column
+                    // k0 + 2·kp <= gs (full tile) or `tail`; B reads panel q of `bp`.
+                    unsafe { micro(kp, a, a_rs, a_ks, bp[q * per_panel..].as_ptr(), &mut tile) };
+                    // SAFETY: rows r0.. < rows and columns h0.. < h_end <= h lie in `dh`; this thread owns
+                    // columns [h_start, h_end).
+                    unsafe {
+                        store_rows(&tile, dst.0.add(r0 * h + h0), h, mrows, NR.min(h_end - h0), k0 > 0);
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// GEMM 3: `dw[v, :] += Σ_j g[j, v] · hidden_j`, `g` rounded by [`round_rows`] (row stride `gs`); hidden packed
+/// by [`pack_hidden_for_dweight`] from the same `rows` rows.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn d_weight(
+    g: &[u16],
+    gs: usize,
+    rows: usize,
+    v: usize,
+    h: usize,
+    hp: &[u32],
+    dw: &mut [f32],
+    parallel: bool,
+) {
+    let kp = rows / 2;
+    let per_panel = kp * NR;
+    let panels = ceil_div(h, NR);
+    assert!(gs >= v && g.len() >= rows * gs && dw.len() >= v * h && hp.len() >= panels * per_panel, "d_weight");
+    let dst = SharedMut(dw.as_mut_ptr());
+    split(parallel, v, MR, |v_start, v_end| {
+        let dst = dst;
+        let mut ap = vec![0u32; kp * MR];
+        let mut tile = [0f32; MR * NR];
+        for v0 in (v_start..v_end).step_by(MR) {
+            let mrows = MR.min(v_end - v0);
+            for p in 0..kp {
+                let lo = &g[2 * p * gs + v0..2 * p * gs + v0 + mrows];
+                let o = &mut ap[p * MR..(p + 1) * MR];
+                if 2 * p + 1 < rows {
+                    let hi = &g[(2 * p + 1) * gs + v0..(2 * p + 1) * gs + v0 + mrows];
+                    for i in 0..mrows {
+                        o[i] = pair(lo[i] as u32, hi[i] as u32);
+                    }
+                } else {
+                    for i in 0..mrows {
+                        o[i] = lo[i] as u32;
+                    }
+                }
+                o[mrows..].fill(0);
+            }
+            for q in 0..panels {
+                // SAFETY: module invariant for the CPU; A reads `ap`, B reads panel q of `hp`.
+                unsafe { micro(kp, ap.as_ptr(), 1, MR, hp[q * per_panel..].as_ptr(), &mut tile) };
+                let h0 = q * NR;
+                // SAFETY: rows v0.. < v_end <= v and columns h0.. < h lie in `dw`; this thread owns rows
+                // [v_start, v_end).
+                unsafe { store_rows(&tile, dst.0.add(v0 * h + h0), h, mrows, NR.min(h - h0), true) };
+            }
+        }
+    });
+}

@@ -1,0 +1,456 @@
+//! The driver: row blocks of non-ignored rows, each with its full `[rows, V]` logits block in scratch.
+//!
+//! Per block: logits = H_b·Wᵀ (GEMM 1), per-row epilogue/LSE/loss/gradient in place, d_hidden_b = G·W (GEMM 2,
+//! complete for the block), d_weight += Gᵀ·H_b (GEMM 3), d_bias += column sums of G. The GEMM engine splits each
+//! product across threads by output tiles, so threads never write the same element.
+//!
+//! Memory: the block's logits, gathered hidden rows and d_hidden rows (and, for bf16/f16, a converted chunk of
+//! W) fit in `chunk_budget_bytes`, with at least one row whatever the budget. For bf16/f16 weights with a
+//! wanted d_weight, a V×H f32 accumulator is added on top (the weight gradient is cast once at the end).
+
+use crate::isa::{self, Isa};
+use crate::matmul::{Layout, matmul};
+use crate::rowpass::{RowParams, process_row};
+use crate::storage::{Real, Storage};
+use crate::{GradScale, Grads, LossSummary, MatRef, Options};
+use rayon::prelude::*;
+use std::any::TypeId;
+
+pub(crate) struct Job<'a, S> {
+    pub hidden: MatRef<'a, S>,
+    pub weight: MatRef<'a, S>,
+    pub bias: Option<&'a [S]>,
+    pub targets: &'a [i64],
+    pub options: &'a Options<'a>,
+    pub grad_scale: GradScale<'a>,
+}
+
+/// `x` seen as the compute type, when storage and compute type are the same (f32, f64).
+fn as_compute<S: Storage>(x: &[S]) -> Option<&[S::C]> {
+    if TypeId::of::<S>() == TypeId::of::<S::C>() {
+        // SAFETY: S and S::C are the same type, so the pointer, length and alignment are valid for S::C.
+        Some(unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<S::C>(), x.len()) })
+    } else {
+        None
+    }
+}
+
+fn as_compute_mut<S: Storage>(x: &mut [S]) -> Option<&mut [S::C]> {
+    if TypeId::of::<S>() == TypeId::of::<S::C>() {
+        // SAFETY: S and S::C are the same type; the exclusive borrow moves into the returned slice.
+        Some(unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast::<S::C>(), x.len()) })
+    } else {
+        None
+    }
+}
+
+/// `x` as bf16, when the storage type is bf16.
+#[cfg(target_arch = "x86_64")]
+fn as_bf16<S: Storage>(x: &[S]) -> Option<&[half::bf16]> {
+    if TypeId::of::<S>() == TypeId::of::<half::bf16>() {
+        // SAFETY: S is bf16 (checked), so pointer, length and alignment carry over.
+        Some(unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<half::bf16>(), x.len()) })
+    } else {
+        None
+    }
+}
+
+/// Vocabulary columns per call of the f32/f64 engine in the logits GEMM (bounds the engine's packing buffer to
+/// about `H·ENGINE_COLUMNS` elements).
+const ENGINE_COLUMNS: usize = 2048;
+
+/// How the budget is split.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Plan {
+    /// Rows per block.
+    pub rows: usize,
+    /// W rows converted to the compute type at a time (bf16/f16 only; 0 for f32/f64).
+    pub w_chunk: usize,
+}
+
+pub(crate) fn plan<S: Storage>(
+    budget: usize,
+    v: usize,
+    h: usize,
+    active: usize,
+    want_dh: bool,
+    dpbf16: bool,
+) -> Plan {
+    let c = size_of::<S::C>();
+    let w_chunk = if S::NATIVE || dpbf16 { 0 } else { (budget / 4 / (h * c).max(1)).clamp(1, v.max(1)) };
+    // Per row: its logits, its hidden row (widened, or packed twice as bf16 pairs), its d_hidden row, and for
+    // the AVX512_BF16 path its gradient rounded to bf16.
+    let per_row = c * (v + h + if want_dh { h } else { 0 }) + if dpbf16 { 2 * (v + 1) } else { 0 };
+    // Fixed: bias and d_bias vectors, the widened W chunk, and the GEMM packing buffers (the bf16 path packs 256
+    // rows of W at a time).
+    // The f32/f64 engine packs up to about min(H, 512) × ENGINE_COLUMNS elements per call.
+    let engine = if dpbf16 { 256 * h * 2 } else { ENGINE_COLUMNS * h.min(512) * c };
+    let fixed = w_chunk * h * c + 2 * v * c + engine;
+    let left = budget.saturating_sub(fixed);
+    let rows = (left / per_row.max(1)).clamp(1, active.max(1));
+    Plan { rows, w_chunk }
+}
+
+pub(crate) fn run<S: Storage>(
+    job: Job<'_, S>,
+    mut per_row_loss: Option<&mut [f64]>,
+    grads: Grads<'_, S>,
+) -> LossSummary {
+    let Job { hidden, weight, bias, targets, options, grad_scale } = job;
+    let (n, h, v) = (hidden.rows(), hidden.cols(), weight.rows());
+    let isa = isa::current();
+    let parallel = options.parallel;
+    let ignore = options.ignore_index;
+    let Grads { mut d_hidden, mut d_weight, mut d_bias } = grads;
+    let (want_dh, want_dw, want_db) = (d_hidden.is_some(), d_weight.is_some(), d_bias.is_some());
+    let want_grad = want_dh || want_dw || want_db;
+
+    if let Some(l) = per_row_loss.as_deref_mut() {
+        l.fill(0.0);
+    }
+    for g in [d_hidden.as_deref_mut(), d_weight.as_deref_mut(), d_bias.as_deref_mut()].into_iter().flatten() {
+        fill(g, S::zero(), parallel);
+    }
+    let active = targets.iter().filter(|&&t| t != ignore).count();
+    if active == 0 {
+        return LossSummary { loss_sum: 0.0, count: 0 };
+    }
+
+    let ws = weight.row_stride();
+    // The AVX512_BF16 path reads W's bf16 pairs in place: it needs even H and row stride.
+    #[cfg(target_arch = "x86_64")]
+    let dp = match (isa, as_bf16(weight.data()), as_bf16(hidden.data())) {
+        (Isa::Avx512Bf16, Some(w), Some(x)) if h % 2 == 0 && ws % 2 == 0 && h > 0 => Some((w, x)),
+        _ => None,
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let dp: Option<((), ())> = None;
+    let plan = plan::<S>(options.chunk_budget_bytes, v, h, active, want_dh, dp.is_some());
+    let r_max = plan.rows;
+    let epi = &options.epilogue;
+    let nonzero = |x: Option<f32>| x.filter(|&x| x != 0.0).map(f64::from);
+    let scale = match (nonzero(epi.scale_multiply), nonzero(epi.scale_divide)) {
+        (None, None) => None,
+        (m, d) => Some(S::C::from_f64(m.unwrap_or(1.0) / d.unwrap_or(1.0))),
+    };
+    let bias_c: Option<Vec<S::C>> = bias.map(|b| {
+        let mut out = vec![S::C::ZERO; v];
+        S::load(b, &mut out);
+        out
+    });
+    let params = RowParams {
+        bias: bias_c.as_deref(),
+        logits_bias: epi.logits_bias,
+        scale,
+        softcap: nonzero(epi.softcap).map(S::C::from_f64),
+        smoothing: f64::from(options.label_smoothing),
+        z_loss: f64::from(options.z_loss),
+    };
+
+    let w_native = as_compute(weight.data());
+    let mut logits = vec![S::C::ZERO; r_max * v];
+    let mut hb = vec![S::C::ZERO; if dp.is_some() { 0 } else { r_max * h }];
+    let (mut hp1, mut hp3): (Vec<u32>, Vec<u32>) = (Vec::new(), Vec::new());
+    // bf16 copy of the logits gradient for the AVX512_BF16 GEMMs, rows padded to an even length.
+    let gs = v + v % 2;
+    let mut g16: Vec<u16> = vec![0; if dp.is_some() { r_max * gs } else { 0 }];
+    let mut dhb = if want_dh { vec![S::C::ZERO; r_max * h] } else { Vec::new() };
+    let mut wc = vec![S::C::ZERO; plan.w_chunk * h];
+    let mut db_acc = if want_db { vec![S::C::ZERO; v] } else { Vec::new() };
+    // The f32 weight-gradient accumulator exists only for bf16/f16 (documented above).
+    let mut dw_acc = if want_dw && w_native.is_none() { vec![S::C::ZERO; v * h] } else { Vec::new() };
+    let mut losses = vec![0.0f64; r_max];
+    let mut idx: Vec<usize> = Vec::with_capacity(r_max);
+
+    let mut loss_sum = 0.0f64;
+    let mut next = 0usize;
+    let mut prof = Profile::new();
+    loop {
+        idx.clear();
+        while idx.len() < r_max && next < n {
+            if targets[next] != ignore {
+                idx.push(next);
+            }
+            next += 1;
+        }
+        if idx.is_empty() {
+            break;
+        }
+        let r = idx.len();
+        if dp.is_none() {
+            for (j, &i) in idx.iter().enumerate() {
+                S::load(hidden.row(i), &mut hb[j * h..(j + 1) * h]);
+            }
+        }
+        let hb = &hb[..if dp.is_some() { 0 } else { r * h }];
+        let lg = &mut logits[..r * v];
+
+        // GEMM 1: logits = H_b · Wᵀ.
+        #[cfg(target_arch = "x86_64")]
+        if let Some((w16, x16)) = dp {
+            let hs = hidden.row_stride();
+            let row = |j: usize| &x16[idx[j] * hs..idx[j] * hs + h];
+            crate::dpbf16::pack_hidden_for_logits(row, r, h, &mut hp1);
+            // The compute type is f32 for bf16 storage; the casts cannot fail.
+            if let Some(out) = as_f32_mut(lg) {
+                crate::dpbf16::logits(w16, ws, v, h, &hp1, r, out, parallel);
+            }
+            if want_dw {
+                crate::dpbf16::pack_hidden_for_dweight(row, r, h, &mut hp3);
+            }
+        }
+        match w_native {
+            _ if dp.is_some() => {}
+            Some(w) => {
+                // In vocabulary slices: the engine packs its whole right operand (H × columns), which for all
+                // of V would be a second logits-sized buffer outside the budget.
+                for v0 in (0..v).step_by(ENGINE_COLUMNS) {
+                    let vc = ENGINE_COLUMNS.min(v - v0);
+                    matmul(
+                        (r, vc, h),
+                        &mut lg[v0..],
+                        Layout::row_major(v),
+                        false,
+                        hb,
+                        Layout::row_major(h),
+                        &w[v0 * ws..],
+                        Layout::transposed(ws),
+                        parallel,
+                    );
+                }
+            }
+            None => {
+                for v0 in (0..v).step_by(plan.w_chunk) {
+                    let vc = plan.w_chunk.min(v - v0);
+                    load_rows(&weight, v0, vc, &mut wc[..vc * h]);
+                    matmul(
+                        (r, vc, h),
+                        &mut lg[v0..],
+                        Layout::row_major(v),
+                        false,
+                        hb,
+                        Layout::row_major(h),
+                        &wc[..vc * h],
+                        Layout::transposed(h),
+                        parallel,
+                    );
+                }
+            }
+        }
+
+        prof.lap(0);
+        // Per-row epilogue, LSE, loss and (in place) the logits gradient.
+        let row_job = |(j, (row, loss)): (usize, (&mut [S::C], &mut f64))| {
+            let i = idx[j];
+            let s = match grad_scale {
+                GradScale::Uniform(s) => S::C::from_f64(s),
+                GradScale::PerRow(s) => S::C::from_f64(f64::from(s[i])),
+            };
+            // In range: validated before any work.
+            let t = targets[i] as usize;
+            *loss = process_row(isa, row, t, s, want_grad, &params).loss;
+        };
+        if parallel {
+            lg.par_chunks_mut(v).zip(losses[..r].par_iter_mut()).enumerate().for_each(row_job);
+        } else {
+            lg.chunks_mut(v).zip(losses[..r].iter_mut()).enumerate().for_each(row_job);
+        }
+        for (j, &i) in idx.iter().enumerate() {
+            loss_sum += losses[j];
+            if let Some(l) = per_row_loss.as_deref_mut() {
+                l[i] = losses[j];
+            }
+        }
+        if !want_grad {
+            prof.lap(1);
+            continue;
+        }
+        let lg = &logits[..r * v];
+        #[cfg(target_arch = "x86_64")]
+        if dp.is_some()
+            && (want_dh || want_dw)
+            && let Some(g) = as_f32(lg)
+        {
+            crate::dpbf16::round_rows(g, r, v, gs, &mut g16, parallel);
+        }
+        prof.lap(1);
+
+        if want_db {
+            for row in lg.chunks(v) {
+                for (a, &g) in db_acc.iter_mut().zip(row) {
+                    *a += g;
+                }
+            }
+        }
+
+        // GEMM 2: d_hidden_b = G · W, complete for the block.
+        if let Some(dh) = d_hidden.as_deref_mut() {
+            let dhb = &mut dhb[..r * h];
+            #[cfg(target_arch = "x86_64")]
+            if let Some((w16, _)) = dp {
+                if let Some(out) = as_f32_mut(dhb) {
+                    crate::dpbf16::d_hidden(&g16, gs, r, w16, ws, v, h, out, parallel);
+                }
+            }
+            match w_native {
+                _ if dp.is_some() => {}
+                Some(w) => {
+                    // In vocabulary slices, for the same reason as GEMM 1 (here the engine packs the left operand).
+                    for v0 in (0..v).step_by(ENGINE_COLUMNS) {
+                        let vc = ENGINE_COLUMNS.min(v - v0);
+                        matmul(
+                            (r, h, vc),
+                            dhb,
+                            Layout::row_major(h),
+                            v0 > 0,
+                            &lg[v0..],
+                            Layout::row_major(v),
+                            &w[v0 * ws..],
+                            Layout::row_major(ws),
+                            parallel,
+                        );
+                    }
+                }
+                None => {
+                    for v0 in (0..v).step_by(plan.w_chunk) {
+                        let vc = plan.w_chunk.min(v - v0);
+                        load_rows(&weight, v0, vc, &mut wc[..vc * h]);
+                        matmul(
+                            (r, h, vc),
+                            dhb,
+                            Layout::row_major(h),
+                            v0 > 0,
+                            &lg[v0..],
+                            Layout::row_major(v),
+                            &wc[..vc * h],
+                            Layout::row_major(h),
+                            parallel,
+                        );
+                    }
+                }
+            }
+            for (j, &i) in idx.iter().enumerate() {
+                S::store(&dhb[j * h..(j + 1) * h], &mut dh[i * h..(i + 1) * h]);
+            }
+        }
+
+        prof.lap(2);
+        // GEMM 3: d_weight += Gᵀ · H_b.
+        if let Some(dw) = d_weight.as_deref_mut() {
+            let dst: &mut [S::C] = match as_compute_mut(dw) {
+                Some(native) => native,
+                None => &mut dw_acc,
+            };
+            #[cfg(target_arch = "x86_64")]
+            if dp.is_some() {
+                // dw_acc is f32 here (bf16 storage); the cast cannot fail.
+                if let Some(acc) = as_f32_mut(dst) {
+                    crate::dpbf16::d_weight(&g16, gs, r, v, h, &hp3, acc, parallel);
+                }
+                prof.lap(3);
+                continue;
+            }
+            // In vocabulary slices: the engine packs G (as its right operand, after transposing the problem).
+            for v0 in (0..v).step_by(ENGINE_COLUMNS) {
+                let vc = ENGINE_COLUMNS.min(v - v0);
+                matmul(
+                    (vc, h, r),
+                    &mut dst[v0 * h..],
+                    Layout::row_major(h),
+                    true,
+                    &lg[v0..],
+                    Layout::transposed(v),
+                    hb,
+                    Layout::row_major(h),
+                    parallel,
+                );
+            }
+        }
+        prof.lap(3);
+    }
+
+    if let Some(db) = d_bias.as_deref_mut() {
+        S::store(&db_acc, db);
+    }
+    if let Some(dw) = d_weight.as_deref_mut()
+        && !dw_acc.is_empty()
+    {
+        // One cast at the end; rows are independent, so split them across threads when allowed.
+        let rows = h.max(1) * 4096;
+        if parallel {
+            dw.par_chunks_mut(rows).zip(dw_acc.par_chunks(rows)).for_each(|(d, a)| S::store(a, d));
+        } else {
+            S::store(&dw_acc, dw);
+        }
+    }
+    prof.lap(4);
+    prof.report(plan, isa);
+    LossSummary { loss_sum, count: active }
+}
+
+/// Seconds per phase, printed to stderr when `LOGITLESS_KERNEL_PROFILE` is set (for benchmarking only).
+struct Profile {
+    last: Option<std::time::Instant>,
+    secs: [f64; 5],
+}
+
+impl Profile {
+    fn new() -> Self {
+        let on = std::env::var_os("LOGITLESS_KERNEL_PROFILE").is_some();
+        Self { last: on.then(std::time::Instant::now), secs: [0.0; 5] }
+    }
+    fn lap(&mut self, phase: usize) {
+        if let Some(t) = self.last {
+            self.secs[phase] += t.elapsed().as_secs_f64();
+            self.last = Some(std::time::Instant::now());
+        }
+    }
+    fn report(&self, plan: Plan, isa: Isa) {
+        if self.last.is_some() {
+            let s = self.secs;
+            eprintln!(
+                "logitless-kernel profile ({isa:?}, {plan:?}): logits GEMM {:.3}s, rows {:.3}s, d_hidden GEMM \
+                 {:.3}s, d_weight GEMM {:.3}s, final cast {:.3}s",
+                s[0], s[1], s[2], s[3], s[4]
+            );
+        }
+    }
+}
+
+/// `x` as f32, when the compute type is f32.
+#[cfg(target_arch = "x86_64")]
+fn as_f32<C: 'static>(x: &[C]) -> Option<&[f32]> {
+    if TypeId::of::<C>() == TypeId::of::<f32>() {
+        // SAFETY: C is f32 (checked).
+        Some(unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<f32>(), x.len()) })
+    } else {
+        None
+    }
+}
+
+/// `x` as f32, when the compute type is f32.
+#[cfg(target_arch = "x86_64")]
+fn as_f32_mut<C: 'static>(x: &mut [C]) -> Option<&mut [f32]> {
+    if TypeId::of::<C>() == TypeId::of::<f32>() {
+        // SAFETY: C is f32 (checked); the exclusive borrow moves into the result.
+        Some(unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast::<f32>(), x.len()) })
+    } else {
+        None
+    }
+}
+
+fn load_rows<S: Storage>(m: &MatRef<'_, S>, first: usize, count: usize, out: &mut [S::C]) {
+    let h = m.cols();
+    for j in 0..count {
+        S::load(m.row(first + j), &mut out[j * h..(j + 1) * h]);
+    }
+}
+
+fn fill<S: Storage>(x: &mut [S], value: S, parallel: bool) {
+    if parallel && x.len() > 1 << 20 {
+        x.par_chunks_mut(1 << 16).for_each(|c| c.fill(value));
+    } else {
+        x.fill(value);
+    }
+}
+

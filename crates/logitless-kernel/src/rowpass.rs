@@ -1,0 +1,169 @@
+//! The per-row work between the two GEMMs: epilogue, log-sum-exp, loss, and the logits gradient written in place.
+//!
+//! For one row with pre-epilogue logits `y` (already `h·Wᵀ`), `z = epilogue(y + b)`, `p = softmax(z)`:
+//! `dl/dz_j = p_j·(1 + 2·z_loss·lse) - ε/V - (1-ε)·[j = t]`, and the chain rule through the epilogue gives
+//! `dl/dy_j = dl/dz_j · k · (1 - (z_j/c)²)` (`k` = multiply/divide factor, the last factor only with softcap).
+
+use crate::isa::Isa;
+use crate::storage::Real;
+
+/// Lanes of the reductions: enough independent accumulators for 512-bit vectors of f32.
+const LANES: usize = 16;
+
+/// Epilogue and loss constants shared by every row of a call.
+pub(crate) struct RowParams<'a, C> {
+    /// lm_head bias, converted to the compute type.
+    pub bias: Option<&'a [C]>,
+    pub logits_bias: Option<&'a [f32]>,
+    /// `multiply / divide`, when either is set.
+    pub scale: Option<C>,
+    pub softcap: Option<C>,
+    pub smoothing: f64,
+    pub z_loss: f64,
+}
+
+/// What one row contributes.
+pub(crate) struct RowResult {
+    pub loss: f64,
+}
+
+/// Turns `row` (pre-epilogue logits) into the gradient of `s·l` with respect to them when `grad` is set (left as
+/// the epilogue's output otherwise) and returns the row's loss. `target` is in range (checked by the caller).
+pub(crate) fn process_row<C: Real>(
+    isa: Isa,
+    row: &mut [C],
+    target: usize,
+    s: C,
+    grad: bool,
+    p: &RowParams<'_, C>,
+) -> RowResult {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 | Isa::Avx512Bf16 => {
+            // SAFETY: `isa::current()` only returns an AVX-512 level when the CPU reports avx512f/bw/vl/dq.
+            unsafe { row_avx512(row, target, s, grad, p) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            // SAFETY: `isa::current()` only returns Avx2 when the CPU reports avx2 and fma.
+            unsafe { row_avx2(row, target, s, grad, p) }
+        }
+        _ => row_body(row, target, s, grad, p),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+fn row_avx512<C: Real>(row: &mut [C], target: usize, s: C, grad: bool, p: &RowParams<'_, C>) -> RowResult {
+    row_body(row, target, s, grad, p)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn row_avx2<C: Real>(row: &mut [C], target: usize, s: C, grad: bool, p: &RowParams<'_, C>) -> RowResult {
+    row_body(row, target, s, grad, p)
+}
+
+/// Σ f(x) with LANES independent accumulators (a plain running sum would not vectorise: float addition is not
+/// reassociated by the compiler).
+#[inline(always)]
+fn lane_sum<C: Real>(xs: &[C], f: impl Fn(C) -> C) -> C {
+    let (chunks, rest) = xs.as_chunks::<LANES>();
+    let mut acc = [C::ZERO; LANES];
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] += f(c[l]);
+        }
+    }
+    let mut total = C::ZERO;
+    for &x in rest {
+        total += f(x);
+    }
+    for a in acc {
+        total += a;
+    }
+    total
+}
+
+#[inline(always)]
+fn lane_max<C: Real>(xs: &[C]) -> C {
+    let (chunks, rest) = xs.as_chunks::<LANES>();
+    let first = xs.first().copied().unwrap_or(C::ZERO);
+    let mut acc = [first; LANES];
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] = acc[l].max(c[l]);
+        }
+    }
+    let mut m = first;
+    for &x in rest {
+        m = m.max(x);
+    }
+    for a in acc {
+        m = m.max(a);
+    }
+    m
+}
+
+#[inline(always)]
+fn row_body<C: Real>(row: &mut [C], target: usize, s: C, grad: bool, p: &RowParams<'_, C>) -> RowResult {
+    let v = row.len();
+    // Epilogue, one vectorisable loop per step, in the spec's order.
+    if let Some(b) = p.bias {
+        for (z, &b) in row.iter_mut().zip(b) {
+            *z += b;
+        }
+    }
+    if let Some(lb) = p.logits_bias {
+        for (z, &b) in row.iter_mut().zip(lb) {
+            *z += C::from_f64(b as f64);
+        }
+    }
+    if let Some(k) = p.scale {
+        for z in row.iter_mut() {
+            *z = *z * k;
+        }
+    }
+    if let Some(c) = p.softcap {
+        let inv = C::ONE / c;
+        for z in row.iter_mut() {
+            *z = c * (*z * inv).tanh();
+        }
+    }
+    let max = lane_max(row);
+    let sum_exp = lane_sum(row, |z| (z - max).exp());
+    let lse = max.to_f64() + sum_exp.to_f64().ln();
+    let z_t = row[target];
+    let eps = p.smoothing;
+    let mut loss = (1.0 - eps) * (lse - z_t.to_f64()) + p.z_loss * lse * lse;
+    if eps != 0.0 {
+        let mean = lane_sum(row, |z| z).to_f64() / v as f64;
+        loss += eps * (lse - mean);
+    }
+    if grad {
+        // p_j = exp(z_j - max) / Σ: z_j - max is exact near the top, where rounding lse to C would not be.
+        let a = s * C::from_f64((1.0 + 1.0 * p.z_loss * lse) / sum_exp.to_f64());
+        let base = s * C::from_f64(eps / v as f64);
+        let onehot = s * C::from_f64(1.0 - eps);
+        match p.softcap {
+            Some(c) => {
+                // dz/dy = k·(1 - tanh²) = k·(1 - (z/c)²), from z itself, before it is overwritten.
+                let k = p.scale.unwrap_or(C::ONE);
+                let inv = C::ONE / c;
+                let fac = |z: C| k * (C::ONE - (z * inv) * (z * inv));
+                for z in row.iter_mut() {
+                    *z = (a * (*z - max).exp() - base) * fac(*z);
+                }
+                row[target] = row[target] - onehot * fac(z_t);
+            }
+            None => {
+                let k = p.scale.unwrap_or(C::ONE);
+                for z in row.iter_mut() {
+                    *z = (a * (*z - max).exp() - base) * k;
+                }
+                row[target] = row[target] - onehot * k;
+            }
+        }
+    }
+    RowResult { loss }
+}

@@ -1,0 +1,165 @@
+//! The kernel against the naive float64 reference in `common`, over shapes, options and dtypes.
+
+mod common;
+
+use common::{Case, Rng, Want, check, check_all};
+use half::{bf16, f16};
+
+#[test]
+fn shapes_all_dtypes() {
+    let mut rng = Rng::new(1);
+    // V not a multiple of any tile (1, 5, 17, 101, 1000), N = 1, H odd, H = 1.
+    for &(n, h, v) in &[(1, 1, 1), (1, 7, 5), (3, 5, 17), (2, 1, 3), (17, 33, 101), (40, 48, 257), (5, 3, 1000)] {
+        let case = Case::random(&mut rng, n, h, v, 0.25);
+        check_all(&case, Want::default());
+        check_all(&case, Want { parallel: false, ..Want::default() });
+    }
+}
+
+#[test]
+fn bias_and_uniform_scale() {
+    let mut rng = Rng::new(2);
+    let mut case = Case::random(&mut rng, 9, 16, 70, 0.2);
+    case.bias = Some(rng.vec(70, 2.0));
+    case.uniform_scale = 1.0 / 7.0;
+    check_all(&case, Want::default());
+}
+
+#[test]
+fn each_epilogue_step_alone() {
+    let mut rng = Rng::new(3);
+    let base = Case::random(&mut rng, 11, 12, 53, 0.2);
+    let lb: Vec<f32> = rng.vec(53, 3.0).iter().map(|&x| x as f32).collect();
+    let variants: Vec<Case> = vec![
+        Case { logits_bias: Some(lb.clone()), ..base.clone() },
+        Case { multiply: Some(2.5), ..base.clone() },
+        Case { divide: Some(0.3), ..base.clone() },
+        Case { softcap: Some(1.5), ..base.clone() },
+        // Zero means "not set" (spec 1.2: each step only when set and non-zero).
+        Case { multiply: Some(0.0), divide: Some(0.0), softcap: Some(0.0), ..base.clone() },
+        Case { smoothing: 0.3, ..base.clone() },
+        Case { z_loss: 1e-2, ..base.clone() },
+    ];
+    for case in &variants {
+        check_all(case, Want::default());
+    }
+}
+
+#[test]
+fn everything_together() {
+    let mut rng = Rng::new(4);
+    let mut case = Case::random(&mut rng, 23, 19, 131, 0.3);
+    case.bias = Some(rng.vec(131, 1.0));
+    case.logits_bias = Some(rng.vec(131, 1.0).iter().map(|&x| x as f32).collect());
+    case.multiply = Some(3.0);
+    case.divide = Some(1.7);
+    case.softcap = Some(2.0);
+    case.smoothing = 0.1;
+    case.z_loss = 1e-3;
+    case.row_scale = Some(rng.vec(23, 2.0).iter().map(|&x| x as f32).collect());
+    check_all(&case, Want::default());
+    check_all(&case, Want { parallel: false, budget: 1, ..Want::default() });
+}
+
+#[test]
+fn all_targets_ignored() {
+    let mut rng = Rng::new(5);
+    let mut case = Case::random(&mut rng, 6, 8, 30, 0.0);
+    case.targets = vec![-100; 6];
+    check_all(&case, Want::default());
+    let got = common::run::<f32>(&case, Want::default());
+    assert_eq!(got.summary.loss_sum, 0.0);
+    assert_eq!(got.summary.count, 0);
+    for g in [got.d_hidden, got.d_weight, got.d_bias, got.per_row].into_iter().flatten() {
+        assert!(g.iter().all(|&x| x == 0.0));
+    }
+}
+
+#[test]
+fn custom_ignore_index_and_negative_targets_ignored() {
+    let mut rng = Rng::new(6);
+    let mut case = Case::random(&mut rng, 8, 8, 20, 0.0);
+    case.ignore_index = 3;
+    case.targets[2] = 3;
+    case.targets[5] = 3;
+    check_all(&case, Want::default());
+}
+
+#[test]
+fn huge_logits_do_not_overflow() {
+    let mut rng = Rng::new(7);
+    let mut case = Case::random(&mut rng, 7, 16, 90, 0.0);
+    case.hidden.iter_mut().for_each(|x| *x *= 1e4);
+    let got = common::run::<f32>(&case, Want::default());
+    assert!(got.summary.loss_sum.is_finite());
+    for g in [&got.d_hidden, &got.d_weight, &got.d_bias].into_iter().flatten() {
+        assert!(g.iter().all(|x| x.is_finite()));
+    }
+    check::<f64>(&case, Want::default());
+    check::<f32>(&case, Want::default());
+    check::<bf16>(&case, Want::default());
+    // With softcap the logits saturate at ±30 and the gradient is a sliver of 1 - tanh² that f32 cannot resolve
+    // relative to itself; f64 must still match tightly, f32 to 1e-3 of the unsaturated gradient size.
+    let capped = Case { softcap: Some(30.0), ..case };
+    check::<f64>(&capped, Want::default());
+    let got = common::run::<f32>(&capped, Want::default());
+    let want = common::reference(&capped.clone().rounded::<f32>());
+    common::assert_close("capped d_hidden", &got.d_hidden.unwrap_or_default(), &want.d_hidden, 1e-3, 1.0);
+    common::assert_close("capped per_row", &got.per_row.unwrap_or_default(), &want.per_row, 1e-5, 100.0);
+}
+
+#[test]
+fn frozen_weight_and_every_grad_subset() {
+    let mut rng = Rng::new(8);
+    let mut case = Case::random(&mut rng, 10, 9, 41, 0.3);
+    case.bias = Some(rng.vec(41, 1.0));
+    for mask in 0..16u32 {
+        let w = Want {
+            d_hidden: mask & 1 != 0,
+            d_weight: mask & 2 != 0,
+            d_bias: mask & 4 != 0,
+            per_row: mask & 8 != 0,
+            ..Want::default()
+        };
+        check::<f32>(&case, w);
+        check::<bf16>(&case, w);
+        check::<f64>(&case, w);
+    }
+}
+
+#[test]
+fn strided_inputs() {
+    let mut rng = Rng::new(9);
+    let case = Case::random(&mut rng, 13, 10, 37, 0.2);
+    for (ph, pw) in [(3, 0), (0, 5), (7, 11)] {
+        let w = Want { pad_hidden: ph, pad_weight: pw, ..Want::default() };
+        check_all(&case, w);
+        check_all(&case, Want { parallel: false, ..w });
+    }
+}
+
+#[test]
+fn small_budgets_force_many_blocks_and_chunks() {
+    let mut rng = Rng::new(10);
+    let mut case = Case::random(&mut rng, 37, 24, 203, 0.3);
+    case.bias = Some(rng.vec(203, 1.0));
+    case.softcap = Some(4.0);
+    case.smoothing = 0.05;
+    // 1 byte: one row per block, one W row per converted chunk; the others land in between.
+    for budget in [1, 4 * 203 * 3, 20_000, 100_000] {
+        check_all(&case, Want { budget, ..Want::default() });
+        check_all(&case, Want { budget, parallel: false, ..Want::default() });
+    }
+}
+
+#[test]
+fn larger_shape_crossing_gemm_tiles() {
+    let mut rng = Rng::new(11);
+    let mut case = Case::random(&mut rng, 70, 130, 515, 0.3);
+    case.hidden.iter_mut().for_each(|x| *x *= 0.3);
+    check::<f32>(&case, Want::default());
+    check::<bf16>(&case, Want::default());
+    check::<f16>(&case, Want { budget: 200_000, ..Want::default() });
+    check::<f64>(&case, Want { budget: 200_000, ..Want::default() });
+}
+

@@ -1,0 +1,405 @@
+//! Test support: a naive float64 reference (materialised logits, written plainly and independently of the
+//! kernel), a small deterministic RNG, and a driver that runs the kernel for any dtype and compares.
+#![allow(dead_code)]
+
+use half::{bf16, f16};
+use logitless_kernel::{
+    Element, Epilogue, GradScale, Grads, LossSummary, MatRef, Options, fused_linear_cross_entropy,
+};
+
+/// Conversions the tests need for each element type.
+pub trait TestElement: Element + std::fmt::Debug {
+    fn from_f64(x: f64) -> Self;
+    fn to_f64(self) -> f64;
+    /// Relative tolerance for losses (computed in f32/f64 from exactly represented inputs).
+    const LOSS_TOL: f64;
+    /// Tolerance for gradients, relative to the largest reference magnitude (outputs are rounded to the dtype).
+    const GRAD_TOL: f64;
+}
+impl TestElement for f64 {
+    fn from_f64(x: f64) -> Self {
+        x
+    }
+    fn to_f64(self) -> f64 {
+        self
+    }
+    const LOSS_TOL: f64 = 1e-10;
+    const GRAD_TOL: f64 = 1e-10;
+}
+impl TestElement for f32 {
+    fn from_f64(x: f64) -> Self {
+        x as f32
+    }
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    const LOSS_TOL: f64 = 2e-5;
+    const GRAD_TOL: f64 = 2e-4;
+}
+impl TestElement for bf16 {
+    fn from_f64(x: f64) -> Self {
+        bf16::from_f64(x)
+    }
+    fn to_f64(self) -> f64 {
+        bf16::to_f64(self)
+    }
+    const LOSS_TOL: f64 = 1e-3;
+    const GRAD_TOL: f64 = 2e-2;
+}
+impl TestElement for f16 {
+    fn from_f64(x: f64) -> Self {
+        f16::from_f64(x)
+    }
+    fn to_f64(self) -> f64 {
+        f16::to_f64(self)
+    }
+    const LOSS_TOL: f64 = 2e-5;
+    const GRAD_TOL: f64 = 4e-3;
+}
+
+/// xorshift64*: deterministic test data without a dependency.
+pub struct Rng(u64);
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform in [-1, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 52) as f64 - 1.0
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+    pub fn vec(&mut self, n: usize, scale: f64) -> Vec<f64> {
+        (0..n).map(|_| self.uniform() * scale).collect()
+    }
+}
+
+/// Everything one call needs, in f64 (values already representable in the dtype under test).
+#[derive(Clone, Debug)]
+pub struct Case {
+    pub n: usize,
+    pub h: usize,
+    pub v: usize,
+    pub hidden: Vec<f64>,
+    pub weight: Vec<f64>,
+    pub bias: Option<Vec<f64>>,
+    pub targets: Vec<i64>,
+    pub ignore_index: i64,
+    pub smoothing: f64,
+    pub z_loss: f64,
+    pub logits_bias: Option<Vec<f32>>,
+    pub multiply: Option<f32>,
+    pub divide: Option<f32>,
+    pub softcap: Option<f32>,
+    /// Per-row scale (GradScale::PerRow) or one uniform scale.
+    pub row_scale: Option<Vec<f32>>,
+    pub uniform_scale: f64,
+}
+
+impl Case {
+    /// Random data; about `ignored_frac` of targets are ignore_index.
+    pub fn random(rng: &mut Rng, n: usize, h: usize, v: usize, ignored_frac: f64) -> Self {
+        let hidden = rng.vec(n * h, 1.0);
+        let weight = rng.vec(v * h, 1.0);
+        let targets = (0..n)
+            .map(|_| if (rng.uniform() + 1.0) / 2.0 < ignored_frac { -100 } else { rng.below(v) as i64 })
+            .collect();
+        Self {
+            n,
+            h,
+            v,
+            hidden,
+            weight,
+            bias: None,
+            targets,
+            ignore_index: -100,
+            smoothing: 0.0,
+            z_loss: 0.0,
+            logits_bias: None,
+            multiply: None,
+            divide: None,
+            softcap: None,
+            row_scale: None,
+            uniform_scale: 1.0,
+        }
+    }
+
+    /// Rounds every input to what `T` can hold, so the reference sees exactly the kernel's inputs.
+    pub fn rounded<T: TestElement>(mut self) -> Self {
+        let r = |x: &mut f64| *x = T::from_f64(*x).to_f64();
+        self.hidden.iter_mut().for_each(r);
+        self.weight.iter_mut().for_each(r);
+        if let Some(b) = self.bias.as_mut() {
+            b.iter_mut().for_each(r);
+        }
+        self
+    }
+
+    pub fn scale_of(&self, i: usize) -> f64 {
+        match &self.row_scale {
+            Some(s) => s[i] as f64,
+            None => self.uniform_scale,
+        }
+    }
+}
+
+/// Reference results.
+#[derive(Clone, Debug)]
+pub struct Out {
+    pub loss_sum: f64,
+    pub count: usize,
+    pub per_row: Vec<f64>,
+    pub d_hidden: Vec<f64>,
+    pub d_weight: Vec<f64>,
+    pub d_bias: Vec<f64>,
+}
+
+/// The naive reference: the full logits matrix in f64, loss and gradients written out term by term.
+pub fn reference(c: &Case) -> Out {
+    let (n, h, v) = (c.n, c.h, c.v);
+    let mut out = Out {
+        loss_sum: 0.0,
+        count: 0,
+        per_row: vec![0.0; n],
+        d_hidden: vec![0.0; n * h],
+        d_weight: vec![0.0; v * h],
+        d_bias: vec![0.0; v],
+    };
+    let nz = |x: Option<f32>| x.filter(|&x| x != 0.0).map(|x| x as f64);
+    for i in 0..n {
+        if c.targets[i] == c.ignore_index {
+            continue;
+        }
+        let t = c.targets[i] as usize;
+        // Materialised logits through the epilogue, keeping u (pre-softcap) for the derivative.
+        let mut z = vec![0.0f64; v];
+        let mut u = vec![0.0f64; v];
+        for j in 0..v {
+            let mut y = 0.0;
+            for k in 0..h {
+                y += c.hidden[i * h + k] * c.weight[j * h + k];
+            }
+            if let Some(b) = &c.bias {
+                y += b[j];
+            }
+            if let Some(lb) = &c.logits_bias {
+                y += lb[j] as f64;
+            }
+            if let Some(m) = nz(c.multiply) {
+                y *= m;
+            }
+            if let Some(d) = nz(c.divide) {
+                y /= d;
+            }
+            u[j] = y;
+            z[j] = match nz(c.softcap) {
+                Some(cap) => cap * (y / cap).tanh(),
+                None => y,
+            };
+        }
+        let max = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let lse = max + z.iter().map(|&x| (x - max).exp()).sum::<f64>().ln();
+        let mean = z.iter().sum::<f64>() / v as f64;
+        // The kernel takes these options as f32: use exactly those values.
+        let eps = c.smoothing as f32 as f64;
+        let zl = c.z_loss as f32 as f64;
+        let loss = (1.0 - eps) * (lse - z[t]) + eps * (lse - mean) + zl * lse * lse;
+        out.per_row[i] = loss;
+        out.loss_sum += loss;
+        out.count += 1;
+        let s = c.scale_of(i);
+        for j in 0..v {
+            let p = (z[j] - lse).exp();
+            let mut dz = p * (1.0 + 2.0 * zl * lse) - eps / v as f64;
+            if j == t {
+                dz -= 1.0 - eps;
+            }
+            let mut dy = dz;
+            if let Some(cap) = nz(c.softcap) {
+                let th = (u[j] / cap).tanh();
+                dy *= 1.0 - th * th;
+            }
+            if let Some(d) = nz(c.divide) {
+                dy /= d;
+            }
+            if let Some(m) = nz(c.multiply) {
+                dy *= m;
+            }
+            dy *= s;
+            out.d_bias[j] += dy;
+            for k in 0..h {
+                out.d_hidden[i * h + k] += dy * c.weight[j * h + k];
+                out.d_weight[j * h + k] += dy * c.hidden[i * h + k];
+            }
+        }
+    }
+    out
+}
+
+/// Which outputs to ask the kernel for, and how.
+#[derive(Clone, Copy, Debug)]
+pub struct Want {
+    pub d_hidden: bool,
+    pub d_weight: bool,
+    pub d_bias: bool,
+    pub per_row: bool,
+    pub parallel: bool,
+    pub budget: usize,
+    /// Extra elements between rows of hidden / weight (strided views).
+    pub pad_hidden: usize,
+    pub pad_weight: usize,
+}
+
+impl Default for Want {
+    fn default() -> Self {
+        Self {
+            d_hidden: true,
+            d_weight: true,
+            d_bias: true,
+            per_row: true,
+            parallel: true,
+            budget: 32 << 20,
+            pad_hidden: 0,
+            pad_weight: 0,
+        }
+    }
+}
+
+/// Kernel results, converted to f64; gradients not asked for are None.
+pub struct Got {
+    pub summary: LossSummary,
+    pub per_row: Option<Vec<f64>>,
+    pub d_hidden: Option<Vec<f64>>,
+    pub d_weight: Option<Vec<f64>>,
+    pub d_bias: Option<Vec<f64>>,
+}
+
+fn strided<T: TestElement>(x: &[f64], rows: usize, cols: usize, pad: usize) -> Vec<T> {
+    let stride = cols + pad;
+    let mut out = vec![T::from_f64(f64::NAN); rows * stride];
+    for i in 0..rows {
+        for j in 0..cols {
+            out[i * stride + j] = T::from_f64(x[i * cols + j]);
+        }
+    }
+    out
+}
+
+pub fn run<T: TestElement>(c: &Case, w: Want) -> Got {
+    let (n, h, v) = (c.n, c.h, c.v);
+    let hid = strided::<T>(&c.hidden, n, h, w.pad_hidden);
+    let wt = strided::<T>(&c.weight, v, h, w.pad_weight);
+    let bias: Option<Vec<T>> = c.bias.as_ref().map(|b| b.iter().map(|&x| T::from_f64(x)).collect());
+    let hidden = MatRef::new(&hid, n, h, h + w.pad_hidden).expect("hidden view");
+    let weight = MatRef::new(&wt, v, h, h + w.pad_weight).expect("weight view");
+    let options = Options {
+        ignore_index: c.ignore_index,
+        label_smoothing: c.smoothing as f32,
+        z_loss: c.z_loss as f32,
+        epilogue: Epilogue {
+            logits_bias: c.logits_bias.as_deref(),
+            scale_multiply: c.multiply,
+            scale_divide: c.divide,
+            softcap: c.softcap,
+        },
+        chunk_budget_bytes: w.budget,
+        parallel: w.parallel,
+    };
+    // Garbage in the output buffers: the kernel must overwrite all of it.
+    let junk = T::from_f64(7.0);
+    let mut dh = vec![junk; n * h];
+    let mut dw = vec![junk; v * h];
+    let mut db = vec![junk; v];
+    let mut pr = vec![7.0f64; n];
+    let scale = match &c.row_scale {
+        Some(s) => GradScale::PerRow(s),
+        None => GradScale::Uniform(c.uniform_scale),
+    };
+    let grads = Grads {
+        d_hidden: w.d_hidden.then_some(&mut dh[..]),
+        d_weight: w.d_weight.then_some(&mut dw[..]),
+        d_bias: w.d_bias.then_some(&mut db[..]),
+    };
+    let summary = fused_linear_cross_entropy(
+        hidden,
+        weight,
+        bias.as_deref(),
+        &c.targets,
+        &options,
+        scale,
+        w.per_row.then_some(&mut pr[..]),
+        grads,
+    )
+    .expect("kernel call");
+    let f = |x: &[T]| x.iter().map(|&y| y.to_f64()).collect::<Vec<f64>>();
+    Got {
+        summary,
+        per_row: w.per_row.then_some(pr),
+        d_hidden: w.d_hidden.then(|| f(&dh)),
+        d_weight: w.d_weight.then(|| f(&dw)),
+        d_bias: w.d_bias.then(|| f(&db)),
+    }
+}
+
+/// max |a - b| <= tol · max(max |b|, floor).
+pub fn assert_close(what: &str, got: &[f64], want: &[f64], tol: f64, floor: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(floor, |m, x| m.max(x.abs()));
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (a - b).abs() <= tol * scale,
+            "{what}[{i}]: got {a}, want {b} (tol {tol} x scale {scale})"
+        );
+    }
+}
+
+/// Runs the kernel for `T` on `case` (rounded to `T`) and checks every output against the reference.
+pub fn check<T: TestElement>(case: &Case, w: Want) {
+    let case = case.clone().rounded::<T>();
+    let want = reference(&case);
+    let got = run::<T>(&case, w);
+    let ctx = format!("{} n={} h={} v={} {:?}", std::any::type_name::<T>(), case.n, case.h, case.v, w);
+    assert_eq!(got.summary.count, want.count, "{ctx}: count");
+    let lt = T::LOSS_TOL;
+    assert!(
+        (got.summary.loss_sum - want.loss_sum).abs() <= lt * (want.loss_sum.abs() + 1.0),
+        "{ctx}: loss_sum {} vs {}",
+        got.summary.loss_sum,
+        want.loss_sum
+    );
+    if let Some(pr) = &got.per_row {
+        let scale = want.per_row.iter().fold(1.0f64, |m, x| m.max(x.abs()));
+        assert_close(&format!("{ctx}: per_row"), pr, &want.per_row, lt, scale);
+    }
+    let gt = T::GRAD_TOL;
+    if let Some(g) = &got.d_hidden {
+        assert_close(&format!("{ctx}: d_hidden"), g, &want.d_hidden, gt, 1e-6);
+        // Ignored rows are exactly zero, not merely small.
+        for (i, &t) in case.targets.iter().enumerate() {
+            if t == case.ignore_index {
+                assert!(g[i * case.h..(i + 1) * case.h].iter().all(|&x| x == 0.0), "{ctx}: ignored row {i}");
+            }
+        }
+    }
+    if let Some(g) = &got.d_weight {
+        assert_close(&format!("{ctx}: d_weight"), g, &want.d_weight, gt, 1e-6);
+    }
+    if let Some(g) = &got.d_bias {
+        assert_close(&format!("{ctx}: d_bias"), g, &want.d_bias, gt, 1e-6);
+    }
+}
+
+/// The same check for all four dtypes.
+pub fn check_all(case: &Case, w: Want) {
+    check::<f64>(case, w);
+    check::<f32>(case, w);
+    check::<bf16>(case, w);
+    check::<f16>(case, w);
+}

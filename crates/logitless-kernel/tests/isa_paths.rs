@@ -1,0 +1,40 @@
+//! The same reference checks on every instruction-set path this machine can run (portable always), so a
+//! fallback that is never picked here still gets tested. One test: the override is process-wide.
+
+mod common;
+
+use common::{Case, Rng, Want, check, check_all};
+use half::bf16;
+use logitless_kernel::isa::{self, Isa};
+
+#[test]
+fn every_path_matches_the_reference() {
+    let best = isa::detected();
+    let mut paths = vec![Isa::Portable];
+    for p in [Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16] {
+        let rank = |i: Isa| [Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16].iter().position(|&x| x == i);
+        if rank(p) <= rank(best) {
+            paths.push(p);
+        }
+    }
+    let mut rng = Rng::new(31);
+    let mut full = Case::random(&mut rng, 29, 34, 157, 0.3);
+    full.bias = Some(rng.vec(157, 1.0));
+    full.logits_bias = Some(rng.vec(157, 1.0).iter().map(|&x| x as f32).collect());
+    full.multiply = Some(1.25);
+    full.softcap = Some(3.0);
+    full.smoothing = 0.1;
+    full.z_loss = 1e-3;
+    let plain = Case::random(&mut rng, 45, 64, 300, 0.2);
+    for &p in &paths {
+        isa::set_override(Some(p));
+        assert_eq!(isa::current(), p);
+        for case in [&full, &plain] {
+            check_all(case, Want::default());
+            check_all(case, Want { parallel: false, budget: 3000, ..Want::default() });
+            check::<bf16>(case, Want { pad_hidden: 2, pad_weight: 4, budget: 9000, ..Want::default() });
+        }
+    }
+    isa::set_override(None);
+    assert_eq!(isa::current(), best);
+}

@@ -1,0 +1,455 @@
+//! Auditing a transformers `models/` tree: which causal LMs the rewriter patches, and why not.
+
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use ruff_python_ast::{Expr, Stmt, StmtClassDef, StmtFunctionDef};
+
+use crate::epilogue::EpilogueStep;
+use crate::refusal::{ReasonCode, Refusal};
+use crate::source::{Source, dotted};
+use crate::{LossForm, RewriteOptions, rewrite_function};
+
+/// Errors reading the tree (a file that does not parse is reported per class, not as an error).
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0} is not a directory")]
+    NotADirectory(PathBuf),
+}
+
+/// Which family a class belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClassKind {
+    CausalLm,
+    ConditionalGeneration,
+}
+
+impl ClassKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::CausalLm => "causal-lm",
+            Self::ConditionalGeneration => "conditional-generation",
+        }
+    }
+}
+
+/// The verdict on one class.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Patched,
+    Refused(Refusal),
+}
+
+/// One audited class.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClassReport {
+    pub class: String,
+    /// Dotted module, e.g. `transformers.models.llama.modeling_llama`.
+    pub module: String,
+    pub kind: ClassKind,
+    pub outcome: Outcome,
+    /// The head attribute when the forward was understood.
+    pub head: Option<String>,
+    /// Whether `__init__` builds the head as `nn.Linear` (None: construction not found in this file).
+    pub head_is_linear: Option<bool>,
+    pub epilogue: Vec<EpilogueStep>,
+    pub loss_form: Option<LossForm>,
+    /// The class in this file whose `forward` was analysed, when it is inherited.
+    pub forward_from: Option<String>,
+    /// 1-based line in the file (of the refusal, or of the head statement).
+    pub line: usize,
+}
+
+/// Audits every `models/<name>/modeling_*.py` under `models_dir`, in parallel; sorted by class name.
+pub fn audit_tree(models_dir: &Path) -> Result<Vec<ClassReport>, AuditError> {
+    if !models_dir.is_dir() {
+        return Err(AuditError::NotADirectory(models_dir.to_path_buf()));
+    }
+    fn io(path: &Path) -> impl Fn(std::io::Error) -> AuditError + '_ {
+        move |source| AuditError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(models_dir).map_err(io(models_dir))? {
+        let dir = entry.map_err(io(models_dir))?.path();
+        if !dir.is_dir() {
+            continue;
+        }
+        for file in std::fs::read_dir(&dir).map_err(io(&dir))? {
+            let path = file.map_err(io(&dir))?.path();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            // TensorFlow and Flax ports (transformers 4.x) are not torch modules.
+            let torch_module =
+                !name.starts_with("modeling_tf_") && !name.starts_with("modeling_flax_");
+            if name.starts_with("modeling_") && name.ends_with(".py") && torch_module {
+                files.push(path);
+            }
+        }
+    }
+    let per_file: Result<Vec<Vec<ClassReport>>, AuditError> = files
+        .par_iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(path).map_err(io(path))?;
+            let package = path
+                .parent()
+                .and_then(|p| p.file_name())
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            let stem = path
+                .file_stem()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            Ok(audit_file(
+                &text,
+                &format!("transformers.models.{package}.{stem}"),
+            ))
+        })
+        .collect();
+    let mut reports: Vec<ClassReport> = per_file?.into_iter().flatten().collect();
+    reports.sort_by(|a, b| a.class.cmp(&b.class).then_with(|| a.module.cmp(&b.module)));
+    Ok(reports)
+}
+
+fn kind_of(name: &str) -> Option<ClassKind> {
+    if name.ends_with("ForCausalLM") {
+        Some(ClassKind::CausalLm)
+    } else if name.ends_with("ForConditionalGeneration") {
+        Some(ClassKind::ConditionalGeneration)
+    } else {
+        None
+    }
+}
+
+/// Audits one modeling file's text.
+pub fn audit_file(text: &str, module: &str) -> Vec<ClassReport> {
+    // Cheap pre-check: most modeling files define no class we report.
+    if !text.contains("ForCausalLM") && !text.contains("ForConditionalGeneration") {
+        return Vec::new();
+    }
+    // Parse only the classes we report and their bases: the rest of the file is blanked to newlines (line
+    // numbers are kept). A cut that lands in a column-0 string fails to parse; then the whole file is parsed.
+    let compact = compact_text(text);
+    let (text, parsed) = match ruff_python_parser::parse_module(&compact) {
+        Ok(p) => (compact.as_str(), Ok(p)),
+        Err(_) => (text, ruff_python_parser::parse_module(text)),
+    };
+    let src = Source::new(text);
+    let parsed = match parsed {
+        Ok(p) => p,
+        Err(e) => {
+            let line = src.line_of(e.location.start().to_usize());
+            return candidate_names(text)
+                .into_iter()
+                .map(|(class, kind)| ClassReport {
+                    class,
+                    module: module.to_string(),
+                    kind,
+                    outcome: Outcome::Refused(Refusal::new(
+                        ReasonCode::ParseError,
+                        line,
+                        e.error.to_string(),
+                    )),
+                    head: None,
+                    head_is_linear: None,
+                    epilogue: Vec::new(),
+                    loss_form: None,
+                    forward_from: None,
+                    line,
+                })
+                .collect();
+        }
+    };
+    let classes: Vec<&StmtClassDef> = parsed
+        .syntax()
+        .body
+        .iter()
+        .filter_map(|s| match s {
+            Stmt::ClassDef(c) => Some(c),
+            _ => None,
+        })
+        .collect();
+    let mut out = Vec::new();
+    for class in &classes {
+        let Some(kind) = kind_of(class.name.id.as_str()) else {
+            continue;
+        };
+        let forward = find_method(&classes, class, "forward");
+        if kind == ClassKind::ConditionalGeneration {
+            // Only those whose labels branch uses transformers' loss_function (the causal-LM loss).
+            let uses_loss_function =
+                forward.is_some_and(|(_, f)| src.slice(f).contains("self.loss_function("));
+            if !uses_loss_function {
+                continue;
+            }
+        }
+        out.push(audit_class(&src, &classes, class, kind, forward, module));
+    }
+    out
+}
+
+/// Byte spans of top-level classes: from a `class` line to the next column-0 statement.
+fn class_spans(text: &str) -> Vec<(&str, usize, usize)> {
+    let mut spans: Vec<(&str, usize, usize)> = Vec::new();
+    let mut open: Option<(&str, usize)> = None;
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let starts_statement =
+            line.starts_with(|c: char| !c.is_whitespace() && c != '#' && c != ')' && c != ']');
+        if starts_statement {
+            if let Some((name, start)) = open.take() {
+                spans.push((name, start, offset));
+            }
+            if let Some(rest) = line.strip_prefix("class ") {
+                let len = rest
+                    .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+                    .unwrap_or(rest.len());
+                open = Some((&rest[..len], offset));
+            }
+        }
+        offset += line.len();
+    }
+    if let Some((name, start)) = open {
+        spans.push((name, start, text.len()));
+    }
+    spans
+}
+
+/// Base class names written on a class's first line.
+fn base_names(class_line: &str) -> Vec<&str> {
+    let Some(open) = class_line.find('(') else {
+        return Vec::new();
+    };
+    let inner = &class_line[open + 1..];
+    let inner = &inner[..inner.find(')').unwrap_or(inner.len())];
+    inner
+        .split(',')
+        .map(str::trim)
+        .filter(|b| !b.is_empty())
+        .collect()
+}
+
+/// The file with every line outside the reported classes (and their in-file bases) emptied.
+fn compact_text(text: &str) -> String {
+    let spans = class_spans(text);
+    let mut keep = vec![false; spans.len()];
+    let mut stack: Vec<usize> = (0..spans.len())
+        .filter(|&i| kind_of(spans[i].0).is_some())
+        .collect();
+    while let Some(i) = stack.pop() {
+        if keep[i] {
+            continue;
+        }
+        keep[i] = true;
+        let (_, start, end) = spans[i];
+        let first_line = text[start..end].lines().next().unwrap_or_default();
+        for base in base_names(first_line) {
+            stack.extend((0..spans.len()).filter(|&j| spans[j].0 == base && !keep[j]));
+        }
+    }
+    let mut out = String::with_capacity(text.len() / 4);
+    let mut at = 0;
+    for (i, &(_, start, end)) in spans.iter().enumerate() {
+        if !keep[i] {
+            continue;
+        }
+        out.extend(std::iter::repeat_n(
+            '\n',
+            text[at..start].matches('\n').count(),
+        ));
+        out.push_str(&text[start..end]);
+        at = end;
+    }
+    out.extend(std::iter::repeat_n('\n', text[at..].matches('\n').count()));
+    out
+}
+
+fn candidate_names(text: &str) -> Vec<(String, ClassKind)> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("class "))
+        .filter_map(|rest| {
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect();
+            kind_of(&name).map(|k| (name, k))
+        })
+        .filter(|(_, k)| *k == ClassKind::CausalLm)
+        .collect()
+}
+
+/// The method `name` of `class`, or of a base class defined in the same file (first base first).
+fn find_method<'a>(
+    classes: &[&'a StmtClassDef],
+    class: &'a StmtClassDef,
+    name: &str,
+) -> Option<(&'a StmtClassDef, &'a StmtFunctionDef)> {
+    let mut current = class;
+    for _ in 0..8 {
+        let own = current.body.iter().find_map(|s| match s {
+            Stmt::FunctionDef(f) if f.name.id.as_str() == name => Some(f),
+            _ => None,
+        });
+        if let Some(f) = own {
+            return Some((current, f));
+        }
+        let bases = current
+            .arguments
+            .as_ref()
+            .map(|a| a.args.as_ref())
+            .unwrap_or_default();
+        current = bases.iter().find_map(|b| {
+            let base = dotted(b)?;
+            classes.iter().find(|c| c.name.id.as_str() == base).copied()
+        })?;
+    }
+    None
+}
+
+/// What `__init__` (of the class or a base in this file) assigns to `self.<attr>`.
+fn head_is_linear(classes: &[&StmtClassDef], class: &StmtClassDef, attr: &str) -> Option<bool> {
+    let mut current = Some(class);
+    for _ in 0..8 {
+        let c = current?;
+        let (owner, init) = find_method(classes, c, "__init__")?;
+        let mut values = Vec::new();
+        collect_self_assignments(&init.body, attr, &mut values);
+        if !values.is_empty() {
+            return Some(values.iter().all(|v| is_linear_constructor(v)));
+        }
+        // Not set here: look in the base class's __init__ (super().__init__ chain within this file).
+        let bases = owner
+            .arguments
+            .as_ref()
+            .map(|a| a.args.as_ref())
+            .unwrap_or_default();
+        current = bases.iter().find_map(|b| {
+            let base = dotted(b)?;
+            classes.iter().find(|c| c.name.id.as_str() == base).copied()
+        });
+    }
+    None
+}
+
+fn is_linear_constructor(expr: &Expr) -> bool {
+    let Expr::Call(call) = expr else { return false };
+    dotted(&call.func)
+        .is_some_and(|d| matches!(d.as_str(), "nn.Linear" | "torch.nn.Linear" | "Linear"))
+}
+
+fn collect_self_assignments<'a>(body: &'a [Stmt], attr: &str, out: &mut Vec<&'a Expr>) {
+    for stmt in body {
+        match stmt {
+            Stmt::Assign(a) => {
+                let hit = a.targets.iter().any(|t| matches!(t, Expr::Attribute(at) if at.attr.id.as_str() == attr && dotted(&at.value).as_deref() == Some("self")));
+                if hit {
+                    out.push(&a.value);
+                }
+            }
+            Stmt::AnnAssign(a) => {
+                if let (Expr::Attribute(at), Some(v)) = (a.target.as_ref(), a.value.as_deref()) {
+                    if at.attr.id.as_str() == attr && dotted(&at.value).as_deref() == Some("self") {
+                        out.push(v);
+                    }
+                }
+            }
+            Stmt::If(s) => {
+                collect_self_assignments(&s.body, attr, out);
+                for clause in &s.elif_else_clauses {
+                    collect_self_assignments(&clause.body, attr, out);
+                }
+            }
+            Stmt::With(w) => collect_self_assignments(&w.body, attr, out),
+            Stmt::Try(t) => {
+                collect_self_assignments(&t.body, attr, out);
+                collect_self_assignments(&t.orelse, attr, out);
+                collect_self_assignments(&t.finalbody, attr, out);
+            }
+            _ => {}
+        }
+    }
+}
+
+fn audit_class(
+    src: &Source<'_>,
+    classes: &[&StmtClassDef],
+    class: &StmtClassDef,
+    kind: ClassKind,
+    forward: Option<(&StmtClassDef, &StmtFunctionDef)>,
+    module: &str,
+) -> ClassReport {
+    let mut report = ClassReport {
+        class: class.name.id.to_string(),
+        module: module.to_string(),
+        kind,
+        outcome: Outcome::Patched,
+        head: None,
+        head_is_linear: None,
+        epilogue: Vec::new(),
+        loss_form: None,
+        forward_from: None,
+        line: src.line(class),
+    };
+    let Some((owner, func)) = forward else {
+        let bases: Vec<String> = class
+            .arguments
+            .iter()
+            .flat_map(|a| a.args.iter())
+            .map(|b| src.slice(b).to_string())
+            .collect();
+        report.outcome = Outcome::Refused(Refusal::new(
+            ReasonCode::NoForward,
+            report.line,
+            format!(
+                "no forward in this file (inherited from {})",
+                bases.join(", ")
+            ),
+        ));
+        return report;
+    };
+    if owner.name.id != class.name.id {
+        report.forward_from = Some(owner.name.id.to_string());
+    }
+    match rewrite_function(src, func, &RewriteOptions::default()) {
+        Err(refusal) => {
+            report.line = refusal.line;
+            report.outcome = Outcome::Refused(refusal);
+        }
+        Ok(rewrite) => {
+            report.line = rewrite.line;
+            report.head_is_linear = head_is_linear(classes, class, &rewrite.head);
+            report.epilogue = rewrite.epilogue;
+            report.loss_form = Some(rewrite.loss_form);
+            report.outcome = match report.head_is_linear {
+                Some(true) => Outcome::Patched,
+                Some(false) => Outcome::Refused(Refusal::new(
+                    ReasonCode::HeadNotLinear,
+                    report.line,
+                    format!(
+                        "`self.{}` is not built as nn.Linear in __init__",
+                        rewrite.head
+                    ),
+                )),
+                None => Outcome::Refused(Refusal::new(
+                    ReasonCode::HeadUnresolved,
+                    report.line,
+                    format!(
+                        "`self.{}` is not assigned in an __init__ found in this file",
+                        rewrite.head
+                    ),
+                )),
+            };
+            report.head = Some(rewrite.head);
+        }
+    }
+    report
+}

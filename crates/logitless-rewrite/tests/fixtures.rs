@@ -1,0 +1,74 @@
+//! One fixture per accepted or refused shape (tests/fixtures/*.py, written in the shape of transformers'
+//! forwards). Each file's first line states the expected outcome by hand (`# expect: patched` or
+//! `# expect: refused <code>`); the full result is an insta snapshot under tests/snapshots/.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use logitless_rewrite::{Rewrite, RewriteOptions, rewrite_forward};
+
+fn render(r: &Rewrite) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "head: {}\nhidden: {}\nlogits: {}\nloss: {}\nlabels: {}",
+        r.head, r.hidden, r.logits, r.loss, r.labels
+    );
+    let _ = writeln!(
+        out,
+        "vocab: {:?}\nloss_form: {}\nkwargs: {:?}",
+        r.vocab,
+        r.loss_form.as_str(),
+        r.kwargs
+    );
+    for step in &r.epilogue {
+        let _ = writeln!(out, "epilogue: {} = {}", step.kind.as_str(), step.expr);
+    }
+    for (name, expr) in &r.extra_loss_kwargs {
+        let _ = writeln!(out, "extra: {name} = {expr}");
+    }
+    for guard in &r.fused_guards {
+        let _ = writeln!(out, "fused guard: {guard}");
+    }
+    let _ = write!(out, "---\n{}", r.source);
+    out
+}
+
+#[test]
+fn fixtures_match_expectations_and_snapshots() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let mut names: Vec<_> = std::fs::read_dir(&dir)
+        .expect("fixtures dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "py"))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 40, "fixtures missing: {}", names.len());
+    let mut failures = Vec::new();
+    for path in names {
+        let name = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .expect("name")
+            .to_string();
+        let text = std::fs::read_to_string(&path).expect("read fixture");
+        let expect = text
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("# expect: "))
+            .expect("expect line")
+            .trim();
+        let result = rewrite_forward(&text, &RewriteOptions::default());
+        let (got, snapshot) = match &result {
+            Ok(r) => ("patched".to_string(), render(r)),
+            Err(refusal) => (format!("refused {}", refusal.code), format!("{refusal}\n")),
+        };
+        if got != expect {
+            failures.push(format!(
+                "{name}: expected `{expect}`, got `{got}`: {snapshot}"
+            ));
+        }
+        insta::assert_snapshot!(name, snapshot);
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

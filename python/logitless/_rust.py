@@ -1,0 +1,99 @@
+"""Python side of the Rust kernel binding: lays tensors out the way ``_core.fused_linear_cross_entropy`` takes them.
+
+Tensors cross zero-copy as ``(data_ptr, shape, strides, dtype-name)``; the caller keeps them alive for the call.
+Matrices may have any row stride but need unit column stride (a tensor without one is copied here). Output buffers
+are allocated here, zero-filled and contiguous, and written in place by the kernel.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from logitless import _core
+from logitless.torch_path import Epilogue, Result
+
+TensorView = tuple[int, tuple[int, ...], tuple[int, ...], str]
+
+
+def _view(t: torch.Tensor) -> TensorView:
+    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), str(t.dtype).removeprefix("torch."))
+
+
+def _unit_columns(m: torch.Tensor) -> torch.Tensor:
+    """``m`` itself when its rows are unit-stride and do not overlap, else a contiguous copy."""
+    rows, cols = m.shape
+    if (cols <= 1 or m.stride(1) == 1) and (rows <= 1 or m.stride(0) >= cols):
+        return m
+    return m.contiguous()
+
+
+def _budget() -> int | None:
+    # LOGITLESS_CHUNK_MB bounds both paths; unset leaves the kernel's own default.
+    if not os.environ.get("LOGITLESS_CHUNK_MB", "").strip():
+        return None
+    from logitless.torch_path import chunk_budget_bytes
+
+    return chunk_budget_bytes()
+
+
+def fused_lce(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    epilogue: Epilogue,
+    grad_scale: torch.Tensor | None,
+    row_scale: torch.Tensor | None,
+    want_per_row: bool,
+    need_d_hidden: bool,
+    need_d_weight: bool,
+    need_d_bias: bool,
+) -> Result:
+    """Same contract as ``torch_path.fused_lce`` (CPU tensors; targets already validated)."""
+    hidden = _unit_columns(hidden)
+    weight = _unit_columns(weight)
+    bias = bias.contiguous() if bias is not None else None
+    targets = targets.contiguous()
+    n = hidden.shape[0]
+    d_hidden = torch.zeros(hidden.shape, dtype=hidden.dtype) if need_d_hidden else None
+    d_weight = torch.zeros(weight.shape, dtype=weight.dtype) if need_d_weight else None
+    d_bias = torch.zeros(weight.shape[0], dtype=hidden.dtype) if need_d_bias and bias is not None else None
+    per_row = torch.zeros(n, dtype=torch.float64) if want_per_row else None
+    logits_bias = epilogue.logits_bias.contiguous() if epilogue.logits_bias is not None else None
+    row_scale = row_scale.to(torch.float32).contiguous() if row_scale is not None else None
+
+    loss_sum, count = _core.fused_linear_cross_entropy(
+        _view(hidden),
+        _view(weight),
+        _view(bias) if bias is not None else None,
+        _view(targets),
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        logits_bias=_view(logits_bias) if logits_bias is not None else None,
+        scale_multiply=epilogue.multiply,
+        scale_divide=epilogue.divide,
+        softcap=epilogue.softcap,
+        grad_scale=float(grad_scale) if grad_scale is not None else None,
+        row_scale=_view(row_scale) if row_scale is not None else None,
+        per_row_loss=_view(per_row) if per_row is not None else None,
+        d_hidden=_view(d_hidden) if d_hidden is not None else None,
+        d_weight=_view(d_weight) if d_weight is not None else None,
+        d_bias=_view(d_bias) if d_bias is not None else None,
+        chunk_budget_bytes=_budget(),
+    )
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    return Result(
+        loss_sum=torch.tensor(loss_sum, dtype=acc),
+        count=torch.tensor(count, dtype=torch.int64),
+        per_row=per_row.to(acc) if per_row is not None else None,
+        d_hidden=d_hidden,
+        d_weight=d_weight,
+        d_bias=d_bias,
+    )

@@ -1,0 +1,252 @@
+"""One class, stock against installed, on identical weights and inputs.
+
+Runs in a worker process (torch and transformers imported there). The same model instance is used for both sides:
+stock results are taken first, then logitless patches the class, the gradients are zeroed and everything is run
+again. Three runs per side: labels with ignored positions (mean loss), the same with ``num_items_in_batch``
+(sum / count, gradient-accumulation semantics), and a forward without labels (logits, which must be bit-identical).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from logitless._verify import inputs as inputs_mod
+from logitless._verify import tiny
+from logitless._verify.installer import Installer
+from logitless._verify.overrides import OVERRIDES, Override
+
+VERIFIED = "verified"
+REFUSED = "refused"
+NOT_BUILT = "not-built"
+MISMATCH = "MISMATCH"
+UNFUSED = "unfused"
+
+LOSS_RTOL = 1e-5
+GRAD_RTOL = 1e-5  # of the largest stock gradient entry of the whole model
+
+
+@dataclass
+class Side:
+    loss: float | None = None
+    loss_n: float | None = None
+    grads: dict[str, torch.Tensor] = field(default_factory=dict)
+    grads_n: dict[str, torch.Tensor] = field(default_factory=dict)
+    logits: torch.Tensor | None = None
+    fused: bool | None = None
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+def _short(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    return text[:300]
+
+
+def build(module_name: str, cls_name: str) -> tuple[torch.nn.Module, Any, Override]:
+    module = importlib.import_module(module_name)
+    model_cls = getattr(module, cls_name)
+    override = OVERRIDES.get(cls_name, Override())
+    if override.skip:
+        raise NotBuilt(override.skip)
+    config_cls = getattr(model_cls, "config_class", None)
+    if config_cls is None:
+        raise NotBuilt("class has no config_class (not a model)")
+    try:
+        d = config_cls().to_dict()
+    except Exception as exc:  # noqa: BLE001 - any failure is reported per class
+        raise NotBuilt(f"default config: {_short(exc)}") from exc
+    d = tiny.remap_special_tokens(tiny.shrink_dict(d))
+    if override.config:
+        override.config(d)
+    try:
+        config = config_cls.from_dict(d)
+    except Exception as exc:  # noqa: BLE001
+        raise NotBuilt(f"tiny config: {_short(exc)}") from exc
+    tiny.fix_mrope(config, force="mrope_section" in inspect.getsource(module))
+    torch.manual_seed(0)
+    try:
+        model = model_cls(config)
+    except Exception as exc:  # noqa: BLE001
+        raise NotBuilt(f"model init: {_short(exc)}") from exc
+    model = model.to(torch.float32)
+    # Initialisers leave some parameters at exact zeros/ones (biases, norms); gradients of those can hide a
+    # wrong formula, so every parameter gets a small random perturbation from a fixed seed.
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.02)
+    model.train()
+    return model, config, override
+
+
+class NotBuilt(Exception):
+    """The tiny model or its inputs could not be made; carries the reason."""
+
+
+def _run(model: torch.nn.Module, feed: dict[str, Any]) -> Any:
+    torch.manual_seed(1234)
+    return model(**feed)
+
+
+def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _side(model: torch.nn.Module, feeds: inputs_mod.Feeds, need: Side | None) -> Side:
+    """Run the three cases. ``need`` (the stock side) says which cases worked stock, so only those are required."""
+    side = Side()
+    cases: list[tuple[str, Callable[[], None]]] = []
+
+    def with_labels(extra: dict[str, Any], tag: str) -> None:
+        model.zero_grad(set_to_none=True)
+        out = _run(model, {**feeds.base, "labels": feeds.labels, **extra})
+        loss = out.loss if hasattr(out, "loss") else out[0]
+        if loss is None:
+            raise RuntimeError("forward with labels returned no loss")
+        loss.backward()
+        logits = getattr(out, "logits", None)
+        if tag == "mean":
+            side.loss, side.grads = float(loss.detach()), _grads(model)
+            side.fused = logits is not None and logits.numel() == 0
+        else:
+            side.loss_n, side.grads_n = float(loss.detach()), _grads(model)
+
+    def no_labels() -> None:
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            out = _run(model, dict(feeds.base))
+        side.logits = out.logits.detach().clone()
+
+    cases.append(("mean", lambda: with_labels({}, "mean")))
+    cases.append(("num_items", lambda: with_labels({"num_items_in_batch": feeds.num_items}, "num_items")))
+    cases.append(("logits", no_labels))
+    for name, fn in cases:
+        if need is not None and name in need.errors:
+            continue
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001
+            side.errors[name] = _short(exc)
+    model.zero_grad(set_to_none=True)
+    return side
+
+
+def _grad_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, float, list[str]]:
+    """(max abs diff, that divided by the largest stock gradient entry, problems).
+
+    Tolerance: every entry within ``GRAD_RTOL`` times the largest stock gradient entry of the model (an ``atol``
+    on the gradient's own scale). A per-parameter relative bound would flag float32 noise: parameters with tiny
+    gradients behind chaotic ops (DiffLlama's lambdas, linear-attention decays) amplify the ~1e-7 rounding
+    difference of the fused head into a ~1e-5 relative one; a real bug is off by O(1), far above either.
+    """
+    problems: list[str] = []
+    if set(a) != set(b):
+        missing = sorted(set(a) ^ set(b))
+        problems.append(f"gradient sets differ: {missing[:3]}")
+    common = sorted(set(a) & set(b))
+    scale = max((float(a[n].abs().max()) for n in common if a[n].numel()), default=0.0)
+    max_abs = 0.0
+    for name in common:
+        ga, gb = a[name], b[name]
+        if ga.shape != gb.shape:
+            problems.append(f"{name}: shape {tuple(gb.shape)} != {tuple(ga.shape)}")
+            continue
+        if not ga.numel():
+            continue
+        if not torch.isfinite(gb).all() and torch.isfinite(ga).all():
+            problems.append(f"{name}: non-finite gradient")
+            continue
+        diff = float((ga - gb).abs().max())
+        max_abs = max(max_abs, diff)
+        if diff > GRAD_RTOL * scale:
+            problems.append(f"{name}: grad diff {diff:.3g} (largest stock grad entry {scale:.3g})")
+    rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+    return max_abs, rel, problems
+
+
+def _loss_diff(a: float, b: float) -> tuple[float, float, bool]:
+    diff = abs(a - b)
+    rel = diff / abs(a) if a != 0 else diff
+    ok = diff <= LOSS_RTOL * max(abs(a), 1e-6)
+    return diff, rel, ok
+
+
+def compare(stock: Side, patched: Side) -> tuple[dict[str, Any], list[str]]:
+    numbers: dict[str, Any] = {}
+    problems: list[str] = []
+    for case in patched.errors.keys() - stock.errors.keys():
+        problems.append(f"{case}: fails only with logitless: {patched.errors[case]}")
+    for tag, la, lb, ga, gb in (
+        ("mean", stock.loss, patched.loss, stock.grads, patched.grads),
+        ("num_items", stock.loss_n, patched.loss_n, stock.grads_n, patched.grads_n),
+    ):
+        if la is None or lb is None:
+            continue
+        diff, rel, ok = _loss_diff(la, lb)
+        numbers[f"loss_{tag}"] = la
+        numbers[f"loss_{tag}_abs"] = diff
+        numbers[f"loss_{tag}_rel"] = rel
+        if not ok:
+            problems.append(f"{tag}: loss {lb!r} != stock {la!r} (rel {rel:.3g})")
+        gabs, grel, gprob = _grad_diff(ga, gb)
+        numbers[f"grad_{tag}_abs"] = gabs
+        numbers[f"grad_{tag}_rel"] = grel
+        numbers[f"grad_{tag}_count"] = len(ga)
+        problems += [f"{tag}: {p}" for p in gprob[:5]]
+    if stock.logits is not None and patched.logits is not None:
+        same = stock.logits.shape == patched.logits.shape and torch.equal(stock.logits, patched.logits)
+        numbers["logits_identical"] = bool(same)
+        if not same:
+            if stock.logits.shape == patched.logits.shape:
+                numbers["logits_abs"] = float((stock.logits - patched.logits).abs().max())
+            problems.append("logits without labels are not bit-identical")
+    return numbers, problems
+
+
+def run_case(module_name: str, cls_name: str, kind: str, installer: Installer) -> dict[str, Any]:
+    started = time.perf_counter()
+    result: dict[str, Any] = {"class": cls_name, "module": module_name, "kind": kind}
+    try:
+        result.update(_run_case(module_name, cls_name, installer))
+    except NotBuilt as exc:
+        result.update(status=NOT_BUILT, reason=str(exc))
+    except Exception as exc:  # noqa: BLE001 - one broken class never stops the run
+        result.update(status=NOT_BUILT, reason=f"harness: {_short(exc)}", trace=traceback.format_exc()[-2000:])
+    finally:
+        installer.restore()
+    result["seconds"] = round(time.perf_counter() - started, 2)
+    return result
+
+
+def _run_case(module_name: str, cls_name: str, installer: Installer) -> dict[str, Any]:
+    model, config, override = build(module_name, cls_name)
+    try:
+        feeds = inputs_mod.make_feeds(model, config, override)
+    except NotImplementedError as exc:
+        raise NotBuilt(f"inputs: {exc}") from exc
+    stock = _side(model, feeds, None)
+    if "mean" in stock.errors:
+        raise NotBuilt(f"stock forward failed: {stock.errors['mean']}")
+    audit = installer.apply(model)
+    params = sum(p.numel() for p in model.parameters())
+    out: dict[str, Any] = {"audit": audit, "inputs": feeds.description, "params": params}
+    patched = _side(model, feeds, stock)
+    numbers, problems = compare(stock, patched)
+    out["numbers"] = numbers
+    out["stock_errors"] = stock.errors
+    if problems:
+        out.update(status=MISMATCH, reason="; ".join(problems)[:1000])
+    elif audit.get("status") != "patched":
+        out.update(status=REFUSED, reason=audit.get("reason") or audit.get("status", "not patched"))
+    elif not patched.fused:
+        out.update(status=UNFUSED, reason="patched, but the forward with labels returned real logits")
+    else:
+        out.update(status=VERIFIED, reason="")
+    return out

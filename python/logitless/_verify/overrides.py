@@ -1,0 +1,49 @@
+"""Per-model exceptions to the generic tiny config, kept short: each entry says why it is needed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from logitless._verify.inputs import Feeds
+
+
+@dataclass(frozen=True)
+class Override:
+    # Edits the shrunk config dict in place before the config is built.
+    config: Callable[[dict[str, Any]], None] | None = None
+    # Adds model-specific inputs (images, token types) to the feeds.
+    inputs: Callable[[Any, Any, Feeds], None] | None = None
+    # Non-empty: do not build; the text is the reason shown in the report.
+    skip: str = ""
+
+
+def _text(d: dict[str, Any]) -> dict[str, Any]:
+    return d["text_config"] if isinstance(d.get("text_config"), dict) else d
+
+
+def _set(**values: Any) -> Callable[[dict[str, Any]], None]:
+    """Set fields on the text config (or the config itself when it has no text sub-config)."""
+
+    def apply(d: dict[str, Any]) -> None:
+        _text(d).update(values)
+
+    return apply
+
+
+# Qwen4-Exp's default config leaves its sparse-attention indexer unset, and the model cannot be built without it.
+_QWEN4_QSA = _set(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8,
+                  indexer_compress_ratio=4)
+
+OVERRIDES: dict[str, Override] = {
+    "AutoModelForCausalLM": Override(skip="auto factory, not a model class"),
+    # Default layer_types is None, but the model indexes it per layer.
+    "Lfm2MoeForCausalLM": Override(config=_set(layer_types=["conv", "full_attention"])),
+    # Adapters are chosen per language; without a default the forward refuses to run.
+    "XmodForCausalLM": Override(config=_set(default_language="en_XX")),
+    "Qwen4ExpForCausalLM": Override(config=_QWEN4_QSA),
+    "Qwen4ExpForConditionalGeneration": Override(config=_QWEN4_QSA),
+    # Zamba2's shared attention block works on [hidden, hidden] concatenated and its mamba head dim is separate.
+    "Zamba2ForCausalLM": Override(config=_set(attention_hidden_size=128, mamba_headdim=16, hybrid_layer_ids=[1])),
+}

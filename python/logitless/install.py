@@ -1,0 +1,306 @@
+"""Opt-in patching of transformers' causal LMs (spec §3).
+
+``install()`` puts an import hook on ``sys.meta_path`` and patches the ``*ForCausalLM`` (and causal-loss
+``*ForConditionalGeneration``) classes of every ``transformers.models.*.modeling_*`` module, already imported or
+imported later. For each class's ``forward``:
+
+* tier 1: if the sha256 of its dedented source (see ``canonical_hash``) was registered with ``register_canonical``,
+  the registered hand-written forward replaces it;
+* tier 2: otherwise the Rust rewriter (``logitless._core.rewrite_forward``) rewrites the source and the result is
+  compiled against the original's globals and closure (``logitless._patching``).
+
+A class the rewriter refuses, or whose rewrite cannot be used, keeps its stock forward; ``audit()`` says why.
+``uninstall()`` restores every original forward object and removes the hook.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+import os
+import re
+import sys
+import threading
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, TypeVar
+
+from logitless import _runtime
+from logitless._hook import MODELING_MODULE, ModelingImportHook
+from logitless._patching import PatchError, build_forward, forget_source, forward_hash, forward_source
+
+__all__ = ["audit", "canonical_hash", "install", "patch", "register_canonical", "uninstall"]
+
+MIN_TRANSFORMERS = (4, 56)
+_CAUSAL_CLASS = re.compile(r"\w+(ForCausalLM|ForConditionalGeneration)$")
+_HASH = re.compile(r"^[0-9a-f]{64}$")
+_TRUTHY = {"1", "true", "yes", "on"}
+
+ModelT = TypeVar("ModelT")
+
+
+@dataclass
+class _Canonical:
+    forward: Callable[..., Any]
+    head: str
+    epilogue: list[dict[str, str]]
+
+
+@dataclass
+class _Patch:
+    original: Callable[..., Any]
+    forward: Callable[..., Any]
+    filename: str | None = None
+    added_globals: list[str] = field(default_factory=list)
+
+
+# One re-entrant lock guards all state: the import hook calls back into _patch_module while install() may be
+# patching already-imported modules on another thread.
+_LOCK = threading.RLock()
+_hook: ModelingImportHook | None = None
+_patched: dict[type, _Patch] = {}
+_records: dict[str, dict[str, Any]] = {}
+_hashes: dict[type, str] = {}
+_canonical: dict[str, _Canonical] = {}
+
+canonical_hash = forward_hash
+
+
+def _transformers_version() -> tuple[int, int] | None:
+    try:
+        version = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def _supported() -> bool:
+    version = _transformers_version()
+    if version is not None and version < MIN_TRANSFORMERS:
+        warnings.warn(
+            f"logitless supports transformers >= {'.'.join(map(str, MIN_TRANSFORMERS))}; found "
+            f"{importlib.metadata.version('transformers')}: nothing is patched",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    return True
+
+
+def install(return_logits: bool = False) -> None:
+    """Patch transformers' causal LMs now and on import. Idempotent; thread-safe.
+
+    ``return_logits=True`` (or ``LOGITLESS_RETURN_LOGITS=1``) keeps real logits in the outputs of fused forwards
+    (the loss is still fused).
+    """
+    global _hook
+    env = os.environ.get("LOGITLESS_RETURN_LOGITS", "").strip().lower() in _TRUTHY
+    with _LOCK:
+        _runtime.set_return_logits(return_logits or env)
+        if _hook is not None:
+            return
+        if not _supported():
+            return
+        _runtime.set_enabled(True)
+        _hook = ModelingImportHook(_on_module_loaded)
+        _hook.insert()
+        for name, module in list(sys.modules.items()):
+            if module is not None and MODELING_MODULE.match(name) and not _initializing(module):
+                _patch_module(module)
+
+
+def uninstall() -> None:
+    """Remove the hook and put every original ``forward`` object back, exactly."""
+    global _hook
+    with _LOCK:
+        if _hook is not None:
+            _hook.remove()
+            _hook = None
+        _runtime.set_enabled(False)
+        for cls, record in _patched.items():
+            # Someone may have replaced our forward since; theirs is left alone rather than clobbered.
+            if cls.__dict__.get("forward") is record.forward:
+                setattr(cls, "forward", record.original)
+            if record.filename is not None:
+                forget_source(record.filename)
+            namespace = getattr(inspect.unwrap(record.original), "__globals__", {})
+            for name in record.added_globals:
+                namespace.pop(name, None)
+        _patched.clear()
+        _records.clear()
+        _hashes.clear()
+
+
+def patch(model: ModelT) -> ModelT:
+    """Patch the class(es) of an already built model (and of its PEFT base model) and return the model."""
+    with _LOCK:
+        if not _supported():
+            return model
+        _runtime.set_enabled(True)
+        targets: list[Any] = [model]
+        get_base_model = getattr(model, "get_base_model", None)
+        if callable(get_base_model):
+            targets.append(get_base_model())
+        for target in targets:
+            for cls in type(target).__mro__:
+                if "forward" in cls.__dict__ and _CAUSAL_CLASS.match(cls.__name__):
+                    _patch_class(cls)
+    return model
+
+
+def register_canonical(
+    hash: str,  # noqa: A002 - the public name in spec §3
+    forward: Callable[..., Any],
+    *,
+    head: str = "lm_head",
+    epilogue: list[dict[str, str]] | None = None,
+) -> None:
+    """Tier 1: use ``forward`` for every class whose stock forward has source hash ``hash``
+    (``canonical_hash(cls.forward)``: sha256 hex of the dedented ``inspect.getsource``, decorators included).
+
+    ``head`` and ``epilogue`` only feed ``audit()``. Classes already seen and not yet patched are retried.
+    """
+    if not isinstance(hash, str) or not _HASH.match(hash):
+        raise ValueError(f"hash must be a lowercase sha256 hex digest, got {hash!r}")
+    if not callable(forward):
+        raise TypeError(f"forward must be callable, got {type(forward).__name__}")
+    with _LOCK:
+        _canonical[hash] = _Canonical(forward, head, list(epilogue or []))
+        for cls, seen_hash in list(_hashes.items()):
+            if seen_hash == hash and cls not in _patched:
+                _patch_class(cls)
+
+
+def audit() -> dict[str, Any]:
+    """A JSON-safe report: ``{"installed", "return_logits", "transformers", "counts", "classes"}``.
+
+    ``classes`` maps ``"module.Class"`` to ``{"status": "patched", "tier", "head", "epilogue", ...}``,
+    ``{"status": "refused", "code", "reason", ...}``, ``{"status": "failed", "code", "error"}`` or
+    ``{"status": "inherited", "from"}`` (the class uses a parent's forward).
+    """
+    with _LOCK:
+        classes = {key: _json_safe(value) for key, value in sorted(_records.items())}
+        counts: dict[str, int] = {}
+        for record in classes.values():
+            counts[record["status"]] = counts.get(record["status"], 0) + 1
+        version = _transformers_version()
+        return {
+            "installed": _hook is not None,
+            "return_logits": _runtime.return_logits(),
+            "transformers": ".".join(map(str, version)) if version else None,
+            "counts": counts,
+            "classes": classes,
+        }
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def _initializing(module: ModuleType) -> bool:
+    # A module another thread is still executing: the hook patches it when it finishes.
+    return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
+
+
+def _on_module_loaded(module: ModuleType) -> None:
+    with _LOCK:
+        if _hook is not None:
+            _patch_module(module)
+
+
+def _patch_module(module: ModuleType) -> None:
+    for value in list(vars(module).values()):
+        if isinstance(value, type) and value.__module__ == module.__name__ and _CAUSAL_CLASS.match(value.__name__):
+            _patch_class(value)
+
+
+def _rewrite(source: str) -> dict[str, Any]:
+    """The Rust rewriter (docs/design.md, "Rewrite contract"); a seam for tests that simulate a broken rewrite."""
+    from logitless import _core
+
+    rewrite_forward = getattr(_core, "rewrite_forward", None)
+    if rewrite_forward is None:
+        return {"status": "refused", "code": "rewriter-unavailable", "reason": "_core has no rewrite_forward", "line": 0}
+    return dict(rewrite_forward(source))
+
+
+def _patch_class(cls: type) -> None:
+    """Patch one class, recording the outcome. Never raises: a failure here must not break an import."""
+    key = f"{cls.__module__}.{cls.__qualname__}"
+    if cls in _patched:
+        return
+    if "forward" not in cls.__dict__:
+        owner = next((c for c in cls.__mro__ if "forward" in c.__dict__), None)
+        # Auto classes and the like have no causal forward of their own: nothing to report.
+        if owner is not None and _CAUSAL_CLASS.match(owner.__name__):
+            _records[key] = {"status": "inherited", "from": f"{owner.__module__}.{owner.__qualname__}"}
+        return
+    original = cls.__dict__["forward"]
+    try:
+        _records[key] = _try_patch(cls, original)
+    except PatchError as exc:
+        _records[key] = {"status": "failed", "code": exc.code, "error": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - recorded for audit(); the stock forward stays
+        _records[key] = {"status": "failed", "code": "internal", "error": f"{type(exc).__name__}: {exc}"}
+
+
+def _try_patch(cls: type, original: Callable[..., Any]) -> dict[str, Any]:
+    try:
+        digest = forward_hash(original)
+    except (OSError, TypeError) as exc:
+        return {"status": "refused", "code": "no-source", "reason": f"source unavailable: {exc}"}
+    _hashes[cls] = digest
+    canonical = _canonical.get(digest)
+    if canonical is not None:
+        _check_signature(canonical.forward, original)
+        setattr(cls, "forward", canonical.forward)
+        _patched[cls] = _Patch(original=original, forward=canonical.forward)
+        return {"status": "patched", "tier": 1, "head": canonical.head, "epilogue": canonical.epilogue, "hash": digest}
+
+    result = _rewrite(forward_source(original))
+    if result.get("status") != "patched":
+        return {
+            "status": "refused",
+            "code": result.get("code", "unknown"),
+            "reason": result.get("reason", ""),
+            "line": result.get("line"),
+        }
+    forward, filename, added = build_forward(cls, original, result["source"])
+    setattr(cls, "forward", forward)
+    _patched[cls] = _Patch(original=original, forward=forward, filename=filename, added_globals=added)
+    return {
+        "status": "patched",
+        "tier": 2,
+        "head": result.get("head"),
+        "epilogue": result.get("epilogue", []),
+        "loss_form": result.get("loss_form"),
+        "source_file": filename,
+        "hash": digest,
+    }
+
+
+def _check_signature(forward: Callable[..., Any], original: Callable[..., Any]) -> None:
+    new, old = inspect.signature(forward), inspect.signature(original)
+    if [(p.name, p.kind) for p in new.parameters.values()] != [(p.name, p.kind) for p in old.parameters.values()]:
+        raise PatchError("signature-mismatch", f"registered forward{new} does not match the stock forward{old}")
+
+
+class _CallableModule(ModuleType):
+    """``logitless.install`` names both this module and the ``install()`` function: importing the submodule makes
+    the import system bind the package attribute to the module (after ``logitless/__init__.py`` may already have
+    bound the function), so ``logitless.install()`` could hit either. Calling the module calls ``install()``."""
+
+    def __call__(self, return_logits: bool = False) -> None:
+        install(return_logits=return_logits)
+
+
+sys.modules[__name__].__class__ = _CallableModule

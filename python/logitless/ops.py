@@ -1,0 +1,527 @@
+"""``linear_cross_entropy``: the fused op as PyTorch sees it (spec.md §1).
+
+Layers, outermost first:
+
+* ``linear_cross_entropy``: validates, shifts the labels, flattens to ``[N, H]`` and picks the implementation.
+* ``logitless::linear_cross_entropy`` (a ``torch.library`` custom op with a fake implementation and a registered
+  autograd formula, so a caller compiles with ``torch.compile(fullgraph=True)``). The forward computes the loss and,
+  when they are needed, the gradients already scaled by ``1/normaliser``; backward only multiplies them by
+  ``grad_output``. For ``reduction="none"`` the forward computes losses only, and backward re-runs the fused pass
+  with the incoming per-row gradient as row weights (``logitless::linear_cross_entropy_rows_backward``).
+* the Rust kernel (``_core.fused_linear_cross_entropy``, CPU) or ``torch_path.fused_lce`` (any device).
+
+Double backward (``create_graph=True``) raises: the saved gradients are constants to autograd, so a second-order
+derivative would silently be wrong.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from logitless import torch_path
+
+__all__ = ["linear_cross_entropy"]
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_REDUCTIONS = ("mean", "sum", "none")
+_IMPLS = ("auto", "rust", "torch")
+_EMPTY_GRAD = (0,)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public entry point: validation and shaping
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor | None,
+    *,
+    bias: torch.Tensor | None = None,
+    shift: bool = True,
+    shift_labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_scale_multiply: float | None = None,
+    logit_scale_divide: float | None = None,
+    logit_softcapping: float | None = None,
+    logits_bias: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """``ForCausalLMLoss(epilogue(F.linear(hidden, weight, bias)), labels, V, ...)`` without materialising logits.
+
+    ``hidden`` is ``[B, T, H]`` or ``[N, H]`` with ``labels`` of shape ``hidden.shape[:-1]``. With ``shift=True``
+    position ``t`` is scored against ``labels[..., t+1]`` (the last position is ignored), exactly as transformers'
+    ``ForCausalLMLoss``; ``shift_labels`` (already shifted) replaces that. ``reduction="mean"`` divides the summed
+    loss by the number of non-ignored targets, or by ``num_items_in_batch`` when given; ``"none"`` returns the
+    per-position losses with shape ``hidden.shape[:-1]`` (0 where ignored). The loss is float32 (float64 for float64
+    inputs). A batch whose targets are all ignored has loss 0 and zero gradients.
+    """
+    if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError("hidden and weight must be torch.Tensor")
+    if hidden.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"hidden: expected float32, bfloat16, float16 or float64, got {hidden.dtype}")
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden: expected [B, T, H] or [N, H], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight: expected [V, {hidden.shape[-1]}] (hidden size {hidden.shape[-1]}), got {tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight: expected dtype {hidden.dtype} (the dtype of hidden), got {weight.dtype}")
+    vocab = weight.shape[0]
+    if vocab == 0:
+        raise ValueError("weight: expected at least one row (the vocabulary is empty)")
+    device = hidden.device
+    if weight.device != device:
+        raise ValueError(f"weight: expected device {device} (the device of hidden), got {weight.device}")
+    if bias is not None:
+        if bias.shape != (vocab,):
+            raise ValueError(f"bias: expected shape ({vocab},), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias: expected dtype {hidden.dtype} (the dtype of hidden), got {bias.dtype}")
+        if bias.device != device:
+            raise ValueError(f"bias: expected device {device} (the device of hidden), got {bias.device}")
+    if logits_bias is not None:
+        if logits_bias.shape != (vocab,) or not logits_bias.is_floating_point():
+            raise ValueError(f"logits_bias: expected a float tensor of shape ({vocab},), got {tuple(logits_bias.shape)}")
+        if logits_bias.device != device:
+            raise ValueError(f"logits_bias: expected device {device} (the device of hidden), got {logits_bias.device}")
+        # Spec §1.2: the logits bias receives no gradient.
+        logits_bias = logits_bias.detach().to(torch.float32).contiguous()
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
+    if impl not in _IMPLS:
+        raise ValueError(f"impl: expected one of {_IMPLS}, got {impl!r}")
+    if num_items_in_batch is not None and reduction != "mean":
+        raise ValueError('num_items_in_batch: only meaningful with reduction="mean" (sum / num_items_in_batch)')
+    label_smoothing = float(label_smoothing)
+    z_loss = float(z_loss)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing: expected a value in [0, 1], got {label_smoothing}")
+    if not z_loss >= 0.0:
+        raise ValueError(f"z_loss: expected a value >= 0, got {z_loss}")
+
+    targets = _targets(hidden, labels, shift, shift_labels, ignore_index, device)
+    num_items = _num_items(num_items_in_batch)
+    if impl == "auto":
+        impl = "rust" if device.type == "cpu" else "torch"
+    if impl == "rust" and device.type != "cpu":
+        raise ValueError(f'impl="rust": expected CPU tensors, got device {device}; use impl="torch" or "auto"')
+
+    grad_on = torch.is_grad_enabled()
+    need_dh = grad_on and hidden.requires_grad
+    need_dw = grad_on and weight.requires_grad
+    need_db = grad_on and bias is not None and bias.requires_grad
+
+    lead_shape = hidden.shape[:-1]
+    rows = math.prod(lead_shape)  # not reshape(-1, H): ambiguous when H == 0
+    loss, _, _, _ = torch.ops.logitless.linear_cross_entropy(
+        hidden.reshape(rows, hidden.shape[-1]),
+        weight,
+        bias,
+        targets.reshape(rows),
+        logits_bias,
+        num_items,
+        int(ignore_index),
+        label_smoothing,
+        z_loss,
+        _epilogue_value(logit_scale_multiply, "logit_scale_multiply"),
+        _epilogue_value(logit_scale_divide, "logit_scale_divide"),
+        _epilogue_value(logit_softcapping, "logit_softcapping"),
+        reduction,
+        impl,
+        need_dh,
+        need_dw,
+        need_db,
+    )
+    if reduction == "none":
+        loss = loss.reshape(lead_shape)
+    return loss
+
+
+def _targets(
+    hidden: torch.Tensor,
+    labels: torch.Tensor | None,
+    shift: bool,
+    shift_labels: torch.Tensor | None,
+    ignore_index: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """The (shifted) int64 target of every row, on ``device``, shaped ``hidden.shape[:-1]``."""
+    expected = tuple(hidden.shape[:-1])
+    if shift_labels is not None:
+        what, source = "shift_labels", shift_labels
+    elif labels is not None:
+        what, source = "labels", labels
+    else:
+        raise ValueError("labels: expected a tensor (or shift_labels), got None")
+    if not isinstance(source, torch.Tensor):
+        raise TypeError(f"{what}: expected an integer torch.Tensor, got {type(source).__name__}")
+    if source.is_floating_point() or source.is_complex() or source.dtype == torch.bool:
+        raise TypeError(f"{what}: expected an integer dtype (int64), got {source.dtype}")
+    if tuple(source.shape) != expected:
+        raise ValueError(f"{what}: expected shape {expected} (hidden's leading dims), got {tuple(source.shape)}")
+    # Like transformers' ForCausalLMLoss, labels follow the logits' device.
+    targets = source.to(device=device, dtype=torch.int64)
+    if shift_labels is None and shift:
+        targets = torch.nn.functional.pad(targets, (0, 1), value=ignore_index)[..., 1:]
+    return targets
+
+
+def _num_items(num_items_in_batch: int | torch.Tensor | None) -> torch.Tensor | None:
+    if num_items_in_batch is None:
+        return None
+    if isinstance(num_items_in_batch, torch.Tensor):
+        if num_items_in_batch.numel() != 1:
+            raise ValueError(
+                f"num_items_in_batch: expected an int or a 0-d tensor, got shape {tuple(num_items_in_batch.shape)}"
+            )
+        return num_items_in_batch.detach().reshape(())
+    if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)):
+        raise TypeError(f"num_items_in_batch: expected an int or a 0-d tensor, got {type(num_items_in_batch).__name__}")
+    return torch.tensor(float(num_items_in_batch), dtype=torch.float64)
+
+
+def _epilogue_value(value: float | torch.Tensor | None, what: str) -> float:
+    """0.0 stands for "not set" in the custom op's schema (spec §1.2: each step only when set and non-zero)."""
+    if value is None:
+        return 0.0
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{what}: expected a number, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    try:
+        return float(value)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{what}: expected a number, got {type(value).__name__}") from e
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The custom ops
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_targets_cpu(targets: torch.Tensor, vocab: int, ignore_index: int) -> int:
+    """Raises ValueError naming the first target outside [0, vocab) that is not ignore_index; returns the count."""
+    valid = targets != ignore_index
+    bad = valid & ((targets < 0) | (targets >= vocab))
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        value = int(targets[row])
+        raise ValueError(
+            f"labels: target {value} (row {row} after shifting) is outside [0, {vocab}) "
+            f"and is not ignore_index ({ignore_index})"
+        )
+    return int(valid.sum())
+
+
+def _epilogue(logits_bias: torch.Tensor | None, multiply: float, divide: float, softcap: float) -> torch_path.Epilogue:
+    return torch_path.Epilogue(
+        logits_bias=logits_bias,
+        multiply=multiply or None,
+        divide=divide or None,
+        softcap=softcap or None,
+    )
+
+
+def _run(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    logits_bias: torch.Tensor | None,
+    *,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    multiply: float,
+    divide: float,
+    softcap: float,
+    impl: str,
+    grad_scale: torch.Tensor | None,
+    row_scale: torch.Tensor | None,
+    want_per_row: bool,
+    need: tuple[bool, bool, bool],
+) -> torch_path.Result:
+    """One fused pass through the chosen implementation."""
+    if impl == "rust":
+        from logitless import _rust
+
+        return _rust.fused_lce(
+            hidden,
+            weight,
+            bias,
+            targets,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            epilogue=_epilogue(logits_bias, multiply, divide, softcap),
+            grad_scale=grad_scale,
+            row_scale=row_scale,
+            want_per_row=want_per_row,
+            need_d_hidden=need[0],
+            need_d_weight=need[1],
+            need_d_bias=need[2],
+        )
+    return torch_path.fused_lce(
+        hidden,
+        weight,
+        bias,
+        targets,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        epilogue=_epilogue(logits_bias, multiply, divide, softcap),
+        grad_scale=grad_scale,
+        row_scale=row_scale,
+        want_per_row=want_per_row,
+        need_d_hidden=need[0],
+        need_d_weight=need[1],
+        need_d_bias=need[2],
+        compact=hidden.device.type == "cpu",
+    )
+
+
+@torch.library.custom_op("logitless::linear_cross_entropy", mutates_args=())
+def _lce_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],  # noqa: UP045 - torch.library parses the annotation
+    targets: torch.Tensor,
+    logits_bias: Optional[torch.Tensor],  # noqa: UP045
+    num_items: Optional[torch.Tensor],  # noqa: UP045
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    multiply: float,
+    divide: float,
+    softcap: float,
+    reduction: str,
+    impl: str,
+    need_d_hidden: bool,
+    need_d_weight: bool,
+    need_d_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, d_hidden, d_weight, d_bias); the gradients are those of the returned loss, empty when not needed."""
+    acc = _acc_dtype(hidden.dtype)
+    device = hidden.device
+    count_host = None
+    if device.type == "cpu":
+        count_host = _check_targets_cpu(targets, weight.shape[0], ignore_index)
+    per_row = reduction == "none"
+    need = (need_d_hidden, need_d_weight, need_d_bias) if not per_row else (False, False, False)
+
+    # The normaliser, as a device tensor so that the accelerator path never syncs.
+    if reduction == "mean":
+        if num_items is not None:
+            normaliser = num_items.to(device=device, dtype=acc)
+        elif count_host is not None:
+            normaliser = torch.tensor(float(max(count_host, 1)), dtype=acc, device=device)
+        else:
+            normaliser = (targets != ignore_index).sum().clamp(min=1).to(acc)
+        grad_scale = normaliser.reciprocal()
+    else:
+        normaliser = None
+        grad_scale = torch.ones((), dtype=acc, device=device)
+
+    res = _run(
+        hidden,
+        weight,
+        bias,
+        targets,
+        logits_bias,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        multiply=multiply,
+        divide=divide,
+        softcap=softcap,
+        impl=impl,
+        grad_scale=grad_scale,
+        row_scale=None,
+        want_per_row=per_row,
+        need=need,
+    )
+    if per_row:
+        assert res.per_row is not None
+        loss = res.per_row.to(acc)
+    elif normaliser is not None:
+        loss = (res.loss_sum.to(acc) / normaliser).to(acc)
+    else:
+        loss = res.loss_sum.to(acc)
+    return (
+        loss,
+        res.d_hidden if res.d_hidden is not None else hidden.new_empty(_EMPTY_GRAD),
+        res.d_weight if res.d_weight is not None else weight.new_empty(_EMPTY_GRAD),
+        res.d_bias if res.d_bias is not None else hidden.new_empty(_EMPTY_GRAD),
+    )
+
+
+@_lce_op.register_fake
+def _lce_fake(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    logits_bias: torch.Tensor | None,
+    num_items: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    multiply: float,
+    divide: float,
+    softcap: float,
+    reduction: str,
+    impl: str,
+    need_d_hidden: bool,
+    need_d_weight: bool,
+    need_d_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    acc = _acc_dtype(hidden.dtype)
+    per_row = reduction == "none"
+    loss = hidden.new_empty((hidden.shape[0],) if per_row else (), dtype=acc)
+    grads = not per_row
+    return (
+        loss,
+        hidden.new_empty(hidden.shape if grads and need_d_hidden else _EMPTY_GRAD),
+        weight.new_empty(weight.shape if grads and need_d_weight else _EMPTY_GRAD),
+        hidden.new_empty((weight.shape[0],) if grads and need_d_bias and bias is not None else _EMPTY_GRAD),
+    )
+
+
+@torch.library.custom_op("logitless::linear_cross_entropy_rows_backward", mutates_args=())
+def _rows_backward_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],  # noqa: UP045
+    targets: torch.Tensor,
+    logits_bias: Optional[torch.Tensor],  # noqa: UP045
+    grad_rows: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    multiply: float,
+    divide: float,
+    softcap: float,
+    impl: str,
+    need_d_hidden: bool,
+    need_d_weight: bool,
+    need_d_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``Σ_i grad_rows[i] · l_i`` (reduction="none"): a second fused pass, no logits were kept."""
+    res = _run(
+        hidden,
+        weight,
+        bias,
+        targets,
+        logits_bias,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        multiply=multiply,
+        divide=divide,
+        softcap=softcap,
+        impl=impl,
+        grad_scale=None,
+        row_scale=grad_rows.to(torch.float32).contiguous(),
+        want_per_row=False,
+        need=(need_d_hidden, need_d_weight, need_d_bias),
+    )
+    return (
+        res.d_hidden if res.d_hidden is not None else hidden.new_empty(_EMPTY_GRAD),
+        res.d_weight if res.d_weight is not None else weight.new_empty(_EMPTY_GRAD),
+        res.d_bias if res.d_bias is not None else hidden.new_empty(_EMPTY_GRAD),
+    )
+
+
+@_rows_backward_op.register_fake
+def _rows_backward_fake(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    logits_bias: torch.Tensor | None,
+    grad_rows: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    multiply: float,
+    divide: float,
+    softcap: float,
+    impl: str,
+    need_d_hidden: bool,
+    need_d_weight: bool,
+    need_d_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (
+        hidden.new_empty(hidden.shape if need_d_hidden else _EMPTY_GRAD),
+        weight.new_empty(weight.shape if need_d_weight else _EMPTY_GRAD),
+        hidden.new_empty((weight.shape[0],) if need_d_bias and bias is not None else _EMPTY_GRAD),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Autograd
+# ---------------------------------------------------------------------------------------------------------------
+
+# Positions of the custom op's arguments (its schema above).
+_N_INPUTS = 17
+_HIDDEN, _WEIGHT, _BIAS = 0, 1, 2
+
+
+def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
+    (hidden, weight, bias, targets, logits_bias, _num_items, ignore_index, label_smoothing, z_loss, multiply,
+     divide, softcap, reduction, impl, need_dh, need_dw, need_db) = inputs  # fmt: skip
+    ctx.reduction = reduction
+    ctx.need = (need_dh, need_dw, need_db)
+    if reduction == "none":
+        ctx.save_for_backward(hidden, weight, bias, targets, logits_bias)
+        ctx.options = (ignore_index, label_smoothing, z_loss, multiply, divide, softcap, impl)
+    else:
+        _, d_hidden, d_weight, d_bias = output
+        ctx.save_for_backward(d_hidden, d_weight, d_bias)
+
+
+def _backward(
+    ctx: torch.autograd.function.FunctionCtx,
+    grad_loss: torch.Tensor,
+    *_unused: torch.Tensor,
+) -> tuple[torch.Tensor | None, ...]:
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            "logitless.linear_cross_entropy does not support double backward (create_graph=True): its gradients "
+            "are computed in the forward pass and are constants to autograd"
+        )
+    grads: list[torch.Tensor | None] = [None] * _N_INPUTS
+    if ctx.reduction == "none":
+        hidden, weight, bias, targets, logits_bias = ctx.saved_tensors
+        ignore_index, label_smoothing, z_loss, multiply, divide, softcap, impl = ctx.options
+        d_hidden, d_weight, d_bias = torch.ops.logitless.linear_cross_entropy_rows_backward(
+            hidden, weight, bias, targets, logits_bias, grad_loss, ignore_index, label_smoothing, z_loss,
+            multiply, divide, softcap, impl, *ctx.need,
+        )  # fmt: skip
+    else:
+        d_hidden, d_weight, d_bias = ctx.saved_tensors
+        # A 0-d float32 factor keeps each gradient's dtype; the product is formed in float32 (torch's opmath).
+        d_hidden = d_hidden * grad_loss
+        d_weight = d_weight * grad_loss
+        d_bias = d_bias * grad_loss
+    for pos, needed, grad in zip((_HIDDEN, _WEIGHT, _BIAS), ctx.need, (d_hidden, d_weight, d_bias)):
+        if needed:
+            grads[pos] = grad
+    return tuple(grads)
+
+
+_lce_op.register_autograd(_backward, setup_context=_setup_context)

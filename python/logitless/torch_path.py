@@ -1,0 +1,228 @@
+"""The fused op written with torch ops, chunk by chunk over rows (used off-CPU and for ``impl="torch"``).
+
+Same maths as the Rust kernel (docs/design.md, "Kernel contract"): for each chunk of rows the logits
+``epilogue(h · Wᵀ + b)`` are formed in float32, the per-row loss and ``d loss / d logits`` are computed, and the
+chunk's contribution to every requested gradient is accumulated; the chunk is then dropped. Scratch memory is bounded
+by ``LOGITLESS_CHUNK_MB`` (default 64 MiB), independent of the number of rows.
+
+Two modes:
+
+* ``compact=True`` (CPU): ignored rows are dropped before any GEMM. Finding them needs their count on the host,
+  which is free on CPU.
+* ``compact=False`` (accelerators): every row enters the GEMMs and ignored rows are masked, so the call never waits
+  for the device. Out-of-range targets cannot raise a Python error without a sync; instead they are clamped, the
+  loss becomes NaN and ``torch._assert_async`` fires a device-side assert (the behaviour of torch's own
+  ``cross_entropy`` on CUDA).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+_DEFAULT_CHUNK_MB = 64
+# float32 temporaries alive per chunk row, in units of V: logits, probabilities / d_logits, and a low-precision
+# copy of d_logits for the GEMMs.
+_TEMPS_PER_ROW = 3
+
+
+def chunk_budget_bytes() -> int:
+    """The scratch budget from ``LOGITLESS_CHUNK_MB`` (MiB), read on every call so tests can change it."""
+    raw = os.environ.get("LOGITLESS_CHUNK_MB", "").strip()
+    if not raw:
+        return _DEFAULT_CHUNK_MB << 20
+    try:
+        mb = float(raw)
+    except ValueError as e:
+        raise ValueError(f"LOGITLESS_CHUNK_MB must be a positive number of MiB, got {raw!r}") from e
+    if not mb > 0:
+        raise ValueError(f"LOGITLESS_CHUNK_MB must be a positive number of MiB, got {raw!r}")
+    return int(mb * (1 << 20))
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """What is done to the logits between the head and the loss; ``None`` = not set."""
+
+    logits_bias: torch.Tensor | None = None
+    multiply: float | None = None
+    divide: float | None = None
+    softcap: float | None = None
+
+
+@dataclass
+class Result:
+    loss_sum: torch.Tensor  # 0-d, float32 (float64 for float64 inputs)
+    count: torch.Tensor  # 0-d int64: non-ignored rows
+    per_row: torch.Tensor | None  # [N] loss per row (0 where ignored), when asked for
+    d_hidden: torch.Tensor | None
+    d_weight: torch.Tensor | None
+    d_bias: torch.Tensor | None
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """``a @ b`` returned in the accumulation dtype."""
+    if a.dtype == acc:
+        return a @ b
+    if a.device.type == "cuda":
+        # fp32 output straight from the bf16/f16 GEMM: more accurate than stock, which rounds the logits.
+        return torch.mm(a, b, out_dtype=acc)
+    # No mixed-precision mm on this backend: round like stock's ``lm_head`` does, then upcast.
+    return (a @ b).to(acc)
+
+
+def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor:
+    """``h · Wᵀ + b`` in the accumulation dtype."""
+    z = _mm(h, weight.T, acc)
+    if bias is not None:
+        z += bias.to(acc)
+    return z
+
+
+def fused_lce(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    epilogue: Epilogue,
+    grad_scale: torch.Tensor | None,
+    row_scale: torch.Tensor | None,
+    want_per_row: bool,
+    need_d_hidden: bool,
+    need_d_weight: bool,
+    need_d_bias: bool,
+    compact: bool,
+    budget_bytes: int | None = None,
+) -> Result:
+    """Loss and requested gradients of ``Σ_i s_i · l_i`` for ``hidden`` [N, H], ``weight`` [V, H], ``targets`` [N].
+
+    ``s_i`` is ``grad_scale`` (0-d tensor) or ``row_scale[i]`` ([N]). Targets must already be validated when
+    ``compact`` is True; otherwise out-of-range ones poison the loss (see the module docstring).
+    """
+    n, h_dim = hidden.shape
+    v = weight.shape[0]
+    acc = _acc_dtype(hidden.dtype)
+    dev = hidden.device
+    budget = chunk_budget_bytes() if budget_bytes is None else budget_bytes
+    rows_per_chunk = max(1, budget // max(1, v * _TEMPS_PER_ROW * torch.finfo(acc).bits // 8))
+
+    valid = targets != ignore_index
+    count = valid.sum()
+    bad = None
+    if compact:
+        rows = valid.nonzero().squeeze(1)
+    else:
+        in_range = (targets >= 0) & (targets < v)
+        bad = (valid & ~in_range).any()
+        torch._assert_async(~bad, "logitless: a target is outside [0, vocab) and is not ignore_index")
+        rows = None
+
+    per_row = torch.zeros(n, dtype=acc, device=dev) if want_per_row else None
+    d_hidden = torch.zeros_like(hidden) if need_d_hidden else None
+    # Accumulating the head's gradient over chunks in low precision would lose bits at every chunk.
+    d_weight_acc = torch.zeros(v, h_dim, dtype=acc, device=dev) if need_d_weight else None
+    d_bias_acc = torch.zeros(v, dtype=acc, device=dev) if need_d_bias else None
+    loss_sum = torch.zeros((), dtype=acc, device=dev)
+    any_grad = need_d_hidden or need_d_weight or need_d_bias
+
+    total = int(rows.numel()) if rows is not None else n
+    for start in range(0, total, rows_per_chunk):
+        stop = min(total, start + rows_per_chunk)
+        if rows is not None:
+            idx = rows[start:stop]
+            h = hidden.index_select(0, idx)
+            t = targets.index_select(0, idx)
+            mask = None
+        else:
+            idx = None
+            h = hidden[start:stop]
+            t = targets[start:stop]
+            mask = valid[start:stop]
+            t = torch.where(mask, t, 0).clamp(0, max(v - 1, 0))
+
+        z = _logits(h, weight, bias, acc)
+        if epilogue.logits_bias is not None:
+            z += epilogue.logits_bias.to(acc)
+        if epilogue.multiply is not None:
+            z *= epilogue.multiply
+        if epilogue.divide is not None:
+            z /= epilogue.divide
+        capped = None
+        if epilogue.softcap is not None:
+            capped = torch.tanh(z / epilogue.softcap)
+            z = capped * epilogue.softcap
+
+        lse = torch.logsumexp(z, dim=1)
+        z_t = z.gather(1, t.unsqueeze(1)).squeeze(1)
+        loss = (1.0 - label_smoothing) * (lse - z_t)
+        if label_smoothing:
+            loss = loss + label_smoothing * (lse - z.mean(dim=1))
+        if z_loss:
+            loss = loss + z_loss * lse * lse
+        if mask is not None:
+            loss = torch.where(mask, loss, 0.0)
+        loss_sum += loss.sum()
+        if per_row is not None:
+            if idx is not None:
+                per_row.index_copy_(0, idx, loss)
+            else:
+                per_row[start:stop] = loss
+
+        if not any_grad:
+            continue
+        # d l_i / d z = p·(1 + 2·z_loss·lse) - (1-ε)·onehot(t) - ε/V, reusing z's storage for p.
+        g = z.sub_(lse.unsqueeze(1)).exp_()
+        if z_loss:
+            g *= (1.0 + 2.0 * z_loss * lse).unsqueeze(1)
+        if label_smoothing:
+            g -= label_smoothing / v
+        g.scatter_add_(1, t.unsqueeze(1), torch.full_like(z_t, label_smoothing - 1.0).unsqueeze(1))
+        if row_scale is not None:
+            s = row_scale.index_select(0, idx) if idx is not None else row_scale[start:stop]
+            g *= s.to(acc).unsqueeze(1)
+        elif grad_scale is not None:
+            g *= grad_scale.to(acc)
+        if mask is not None:
+            g *= mask.unsqueeze(1)
+        # Back through the epilogue, last step first.
+        if capped is not None:
+            g *= 1.0 - capped * capped
+        if epilogue.divide is not None:
+            g /= epilogue.divide
+        if epilogue.multiply is not None:
+            g *= epilogue.multiply
+
+        g_lp = g.to(hidden.dtype)
+        if d_hidden is not None:
+            dh = g_lp @ weight
+            if idx is not None:
+                d_hidden.index_copy_(0, idx, dh)
+            else:
+                d_hidden[start:stop] = dh
+        if d_weight_acc is not None:
+            d_weight_acc += _mm(g_lp.T, h, acc)
+        if d_bias_acc is not None:
+            d_bias_acc += g.sum(dim=0)
+
+    if bad is not None:
+        loss_sum = torch.where(bad, torch.nan, loss_sum)
+        if per_row is not None:
+            per_row = torch.where(bad, torch.nan, per_row)
+    return Result(
+        loss_sum=loss_sum,
+        count=count,
+        per_row=per_row,
+        d_hidden=d_hidden,
+        d_weight=d_weight_acc.to(weight.dtype) if d_weight_acc is not None else None,
+        d_bias=d_bias_acc.to(bias.dtype) if d_bias_acc is not None and bias is not None else None,
+    )

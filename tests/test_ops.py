@@ -1,0 +1,397 @@
+"""linear_cross_entropy against stock transformers on materialised float64 logits (spec §1): options, dtypes, layouts.
+
+Both implementations run every test: ``impl="rust"`` (the kernel; a kernel error fails the test) and
+``impl="torch"`` (the chunked torch-ops path used off-CPU).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from ops_reference import TOLERANCES, assert_close, reference
+
+from logitless import _rust, torch_path
+from logitless.ops import linear_cross_entropy
+
+IMPLS = ["rust", "torch"]
+B, T, H, V = 2, 9, 16, 37
+
+
+def make(
+    dtype: torch.dtype = torch.float32,
+    *,
+    three_d: bool = True,
+    with_bias: bool = False,
+    ignore_frac: float = 0.25,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shape = (B, T) if three_d else (B * T,)
+    hidden = torch.randn(*shape, H, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(V, H, generator=g) / H**0.5 * 3).to(dtype).requires_grad_()
+    bias = torch.randn(V, generator=g).to(dtype).requires_grad_() if with_bias else None
+    labels = torch.randint(0, V, shape, generator=g)
+    labels[torch.rand(shape, generator=g) < ignore_frac] = -100
+    return hidden, weight, bias, labels
+
+
+def check(
+    impl: str,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    grad_output: torch.Tensor | float = 1.0,
+    **opts: Any,
+) -> torch.Tensor:
+    """Runs the op, backpropagates ``grad_output`` and compares loss and every gradient with the reference."""
+    for t in (hidden, weight, bias):
+        if t is not None:
+            t.grad = None
+    loss = linear_cross_entropy(hidden, weight, labels, bias=bias, impl=impl, **opts)
+    ref = reference(hidden, weight, labels, bias=bias, grad_output=grad_output, **opts)
+    expected_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    assert loss.dtype == expected_dtype
+    tol_loss, tol_grad = TOLERANCES[hidden.dtype]
+    assert_close(loss, ref.loss, tol_loss, "loss")
+    if loss.requires_grad:
+        go = grad_output if isinstance(grad_output, torch.Tensor) else torch.tensor(float(grad_output))
+        (loss * go.to(loss.dtype)).sum().backward()
+    for name, t, r in (("hidden", hidden, ref.d_hidden), ("weight", weight, ref.d_weight), ("bias", bias, ref.d_bias)):
+        if t is None:
+            continue
+        if r is None:
+            assert t.grad is None, f"d_{name} computed though {name} does not require grad"
+        else:
+            assert t.grad is not None and t.grad.dtype == t.dtype and t.grad.shape == t.shape
+            assert_close(t.grad, r, tol_grad, f"d_{name}")
+    return loss
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("three_d", [True, False])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matches_stock_loss(impl: str, dtype: torch.dtype, three_d: bool, with_bias: bool) -> None:
+    hidden, weight, bias, labels = make(dtype, three_d=three_d, with_bias=with_bias)
+    check(impl, hidden, weight, bias, labels)
+
+
+OPTION_SETS: list[dict[str, Any]] = [
+    {"label_smoothing": 0.1},
+    {"z_loss": 1e-3},
+    {"label_smoothing": 0.2, "z_loss": 1e-2},
+    {"logit_scale_multiply": 0.625},
+    {"logit_scale_divide": 1.6},
+    {"logit_softcapping": 2.5},
+    {"logits_bias": "random"},
+    {"logits_bias": "random", "logit_scale_multiply": 1.5, "logit_scale_divide": 2.0, "logit_softcapping": 3.0},
+    {"logit_scale_multiply": None, "logit_scale_divide": 0.0, "logit_softcapping": None},
+    {"num_items_in_batch": 11},
+    {"num_items_in_batch": "tensor"},
+    {"reduction": "sum"},
+    {"reduction": "none"},
+    {"shift": False},
+    {"shift_labels": "given"},
+    {"ignore_index": 3},
+    {"reduction": "sum", "label_smoothing": 0.1, "z_loss": 1e-3, "logit_softcapping": 4.0},
+    {"reduction": "none", "label_smoothing": 0.1, "z_loss": 1e-3, "logits_bias": "random", "logit_scale_divide": 3.0},
+    {
+        "num_items_in_batch": "tensor",
+        "label_smoothing": 0.05,
+        "z_loss": 1e-4,
+        "logits_bias": "random",
+        "logit_scale_multiply": 2.0,
+        "logit_scale_divide": 1.25,
+        "logit_softcapping": 5.0,
+        "ignore_index": 0,
+    },
+]
+
+
+def resolve(opts: dict[str, Any], labels: torch.Tensor) -> dict[str, Any]:
+    out = dict(opts)
+    g = torch.Generator().manual_seed(7)
+    if out.get("logits_bias") == "random":
+        out["logits_bias"] = torch.randn(V, generator=g)
+    if out.get("num_items_in_batch") == "tensor":
+        out["num_items_in_batch"] = torch.tensor(13)
+    if out.get("shift_labels") == "given":
+        out["shift_labels"] = torch.randint(0, V, labels.shape, generator=g)
+        out["shift_labels"][..., ::3] = -100
+    if "ignore_index" in out:
+        labels[labels == -100] = out["ignore_index"]
+    return out
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("opts", OPTION_SETS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_options(impl: str, opts: dict[str, Any]) -> None:
+    hidden, weight, bias, labels = make(torch.float32, with_bias=True)
+    opts = resolve(opts, labels)
+    grad_output = torch.rand(B, T) if opts.get("reduction") == "none" else 1.0
+    check(impl, hidden, weight, bias, labels, grad_output=grad_output, **opts)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_options_low_precision(impl: str, dtype: torch.dtype) -> None:
+    hidden, weight, bias, labels = make(dtype, with_bias=True)
+    opts = resolve(OPTION_SETS[-1], labels)
+    check(impl, hidden, weight, bias, labels, **opts)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_grad_output_scales_gradients(impl: str) -> None:
+    hidden, weight, bias, labels = make(with_bias=True)
+    check(impl, hidden, weight, bias, labels, grad_output=-3.75)
+    check(impl, hidden, weight, bias, labels, grad_output=torch.rand(B, T) - 0.5, reduction="none")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_non_contiguous_and_transposed_inputs(impl: str) -> None:
+    g = torch.Generator().manual_seed(3)
+    # hidden laid out [T, B, H] and viewed as [B, T, H]: not reshape-able without a copy.
+    hidden = torch.randn(T, B, H, generator=g).transpose(0, 1).requires_grad_()
+    # weight as the transpose of an [H, V] tensor: column stride V, must be copied before the kernel.
+    weight_t = torch.randn(H, V, generator=g).t().requires_grad_()
+    labels = torch.randint(0, V, (T, B), generator=g).t()
+    check(impl, hidden, weight_t, None, labels)
+    # Row-strided views (every other row, or a column slice): usable in place.
+    big = torch.randn(2 * B * T, H + 5, generator=g)
+    hidden2 = big[::2, :H].detach().requires_grad_()
+    weight2 = torch.randn(V, H + 3, generator=g)[:, 1 : H + 1].detach().requires_grad_()
+    bias2 = torch.randn(2 * V, generator=g)[::2].detach().requires_grad_()
+    labels2 = torch.randint(0, V, (B * T, 2), generator=g)[:, 1]
+    assert not hidden2.is_contiguous() and not weight2.is_contiguous() and not labels2.is_contiguous()
+    check(impl, hidden2, weight2, bias2, labels2)
+    # Gradients through a non-leaf view land on the base tensor.
+    base = torch.randn(B, H, T, generator=g, requires_grad=True)
+    loss = linear_cross_entropy(base.transpose(1, 2), weight2.detach(), labels.reshape(B, T), impl=impl)
+    loss.backward()
+    ref = reference(base.detach().transpose(1, 2).requires_grad_(), weight2.detach(), labels.reshape(B, T))
+    assert base.grad is not None
+    assert_close(base.grad.transpose(1, 2), ref.d_hidden, 2e-5, "d_hidden through a view")
+
+
+class Spy:
+    """Records the keyword arguments of every call to an implementation, then forwards it."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.calls: list[dict[str, Any]] = []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls.append(kwargs)
+        return self.fn(*args, **kwargs)
+
+
+def spy_on(monkeypatch: pytest.MonkeyPatch, impl: str) -> Spy:
+    module = _rust if impl == "rust" else torch_path
+    spy = Spy(module.fused_lce)
+    monkeypatch.setattr(module, "fused_lce", spy)
+    return spy
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_frozen_weight_computes_no_weight_gradient(impl: str, reduction: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    hidden, weight, bias, labels = make(with_bias=True)
+    weight.requires_grad_(False)
+    spy = spy_on(monkeypatch, impl)
+    grad_output = torch.rand(B, T) if reduction == "none" else 1.0
+    check(impl, hidden, weight, bias, labels, grad_output=grad_output, reduction=reduction)
+    assert weight.grad is None and hidden.grad is not None and bias is not None and bias.grad is not None
+    assert spy.calls, "the implementation was not called"
+    assert all(not c["need_d_weight"] for c in spy.calls)
+    assert any(c["need_d_hidden"] for c in spy.calls)
+
+
+def test_frozen_weight_passes_no_weight_buffer_to_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    from logitless import _core
+
+    spy = Spy(_core.fused_linear_cross_entropy)
+    monkeypatch.setattr(_core, "fused_linear_cross_entropy", spy)
+    hidden, weight, _, labels = make()
+    weight.requires_grad_(False)
+    linear_cross_entropy(hidden, weight, labels, impl="rust").backward()
+    assert len(spy.calls) == 1
+    assert spy.calls[0]["d_weight"] is None and spy.calls[0]["d_hidden"] is not None
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_grad_computes_loss_only(impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    hidden, weight, bias, labels = make(with_bias=True)
+    spy = spy_on(monkeypatch, impl)
+    with torch.no_grad():
+        loss = linear_cross_entropy(hidden, weight, labels, bias=bias, impl=impl)
+    assert not loss.requires_grad
+    assert_close(loss, reference(hidden, weight, labels, bias=bias).loss, 2e-5, "loss")
+    (call,) = spy.calls
+    assert not (call["need_d_hidden"] or call["need_d_weight"] or call["need_d_bias"])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_gradient_accumulation_with_num_items(impl: str, as_tensor: bool) -> None:
+    """Two micro-batches, each divided by the whole batch's target count, add up to the full batch's mean."""
+    hidden, weight, bias, labels = make(with_bias=True)
+    ref = reference(hidden, weight, labels, bias=bias)
+    n_items = int((labels[:, 1:] != -100).sum())
+    num_items = torch.tensor(n_items) if as_tensor else n_items
+    total = 0.0
+    for i in range(B):
+        h = hidden[i : i + 1]
+        loss = linear_cross_entropy(h, weight, labels[i : i + 1], bias=bias, num_items_in_batch=num_items, impl=impl)
+        loss.backward()
+        total += float(loss.detach())
+    assert_close(torch.tensor(total), ref.loss, 2e-5, "accumulated loss")
+    assert hidden.grad is not None and weight.grad is not None and bias is not None and bias.grad is not None
+    assert_close(hidden.grad, ref.d_hidden, 2e-5, "d_hidden")
+    assert_close(weight.grad, ref.d_weight, 2e-5, "d_weight")
+    assert_close(bias.grad, ref.d_bias, 2e-5, "d_bias")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_gives_zero_loss_and_zero_gradients(impl: str, reduction: str) -> None:
+    hidden, weight, bias, labels = make(with_bias=True)
+    labels.fill_(-100)
+    loss = linear_cross_entropy(hidden, weight, labels, bias=bias, reduction=reduction, impl=impl)
+    assert torch.equal(loss, torch.zeros_like(loss))
+    loss.sum().backward()
+    for t in (hidden, weight, bias):
+        assert t is not None and t.grad is not None and torch.equal(t.grad, torch.zeros_like(t))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_small_chunk_budget_still_exact(impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A budget below one row's logits forces one row per chunk (and many chunks).
+    monkeypatch.setenv("LOGITLESS_CHUNK_MB", "0.0001")
+    hidden, weight, bias, labels = make(with_bias=True)
+    check(impl, hidden, weight, bias, labels, label_smoothing=0.1, logit_softcapping=3.0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_retain_graph_backward_twice_accumulates(impl: str) -> None:
+    hidden, weight, _, labels = make()
+    loss = linear_cross_entropy(hidden, weight, labels, impl=impl)
+    loss.backward(retain_graph=True)
+    assert hidden.grad is not None
+    first = hidden.grad.clone()
+    loss.backward()
+    assert_close(hidden.grad, 2 * first, 1e-6, "d_hidden after two backwards")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_double_backward_raises(impl: str) -> None:
+    hidden, weight, _, labels = make()
+    loss = linear_cross_entropy(hidden, weight, labels, impl=impl)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, hidden, create_graph=True)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_nan_in_hidden_gives_nan_loss(impl: str) -> None:
+    hidden, weight, _, labels = make()
+    labels[0, 3] = 5
+    with torch.no_grad():
+        hidden[0, 2, 1] = float("nan")
+    loss = linear_cross_entropy(hidden, weight, labels, impl=impl)
+    assert torch.isnan(loss)
+    loss.backward()
+    per_row = linear_cross_entropy(hidden, weight, labels, reduction="none", impl=impl)
+    assert torch.isnan(per_row[0, 2]) and torch.isfinite(per_row[1]).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_inputs(impl: str) -> None:
+    hidden = torch.randn(0, H, requires_grad=True)
+    weight = torch.randn(V, H, requires_grad=True)
+    loss = linear_cross_entropy(hidden, weight, torch.zeros(0, dtype=torch.long), impl=impl)
+    assert float(loss.detach()) == 0.0
+    loss.backward()
+    assert weight.grad is not None and torch.equal(weight.grad, torch.zeros_like(weight))
+    # Zero-width hidden states: logits are the bias alone.
+    hidden0 = torch.randn(B, T, 0, requires_grad=True)
+    bias = torch.randn(V, requires_grad=True)
+    _, _, _, labels = make()
+    check(impl, hidden0, torch.randn(V, 0, requires_grad=True), bias, labels)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_float64_gradcheck(impl: str) -> None:
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([[1, 5, 0], [2, -100, 4]])
+    logits_bias = torch.randn(6, generator=g)
+
+    def mean(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return linear_cross_entropy(
+            h, w, labels, bias=b, impl=impl, label_smoothing=0.1, z_loss=0.01, logits_bias=logits_bias,
+            logit_scale_multiply=1.5, logit_scale_divide=1.2, logit_softcapping=2.0,
+        )  # fmt: skip
+
+    def none(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return linear_cross_entropy(h, w, labels, bias=b, impl=impl, reduction="none", label_smoothing=0.1)
+
+    assert torch.autograd.gradcheck(mean, (hidden, weight, bias))
+    assert torch.autograd.gradcheck(none, (hidden, weight, bias))
+
+
+def test_torch_path_sync_free_mode_matches_reference() -> None:
+    """The accelerator mode of the torch path (no compaction, masked rows) run on CPU, with several chunks."""
+    hidden, weight, bias, labels = make(with_bias=True, three_d=False)
+    targets = torch.full_like(labels, -100)
+    targets[:-1] = labels[1:]
+    n = int((targets != -100).sum())
+    res = torch_path.fused_lce(
+        hidden.detach(), weight.detach(), bias.detach() if bias is not None else None, targets,
+        ignore_index=-100, label_smoothing=0.1, z_loss=1e-3,
+        epilogue=torch_path.Epilogue(multiply=0.5, softcap=4.0), grad_scale=torch.tensor(1.0 / n),
+        row_scale=None, want_per_row=True, need_d_hidden=True, need_d_weight=True, need_d_bias=True,
+        compact=False, budget_bytes=V * 4 * 3 * 5,
+    )  # fmt: skip
+    ref = reference(
+        hidden, weight, targets, bias=bias, shift=False, label_smoothing=0.1, z_loss=1e-3,
+        logit_scale_multiply=0.5, logit_softcapping=4.0,
+    )  # fmt: skip
+    assert int(res.count) == n
+    assert_close(res.loss_sum / n, ref.loss, 2e-5, "loss")
+    assert res.d_hidden is not None and res.d_weight is not None and res.d_bias is not None
+    assert_close(res.d_hidden, ref.d_hidden, 2e-5, "d_hidden")
+    assert_close(res.d_weight, ref.d_weight, 2e-5, "d_weight")
+    assert_close(res.d_bias, ref.d_bias, 2e-5, "d_bias")
+
+
+def test_torch_path_sync_free_mode_poisons_out_of_range_targets() -> None:
+    """Off-CPU an out-of-range target cannot raise without a sync: the loss turns NaN and a device assert fires
+    (on CPU ``torch._assert_async`` raises at once)."""
+    hidden, weight, _, labels = make(three_d=False)
+    labels[4] = V + 2
+    with pytest.raises(RuntimeError, match="outside"):
+        torch_path.fused_lce(
+            hidden.detach(), weight.detach(), None, labels, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+            epilogue=torch_path.Epilogue(), grad_scale=None, row_scale=None, want_per_row=False,
+            need_d_hidden=False, need_d_weight=False, need_d_bias=False, compact=False,
+        )  # fmt: skip
+
+
+def test_torch_path_sync_free_mode_nan_without_assert(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even where the device assert is not yet reported, the loss is NaN, never a finite number."""
+    asserts: list[torch.Tensor] = []
+    monkeypatch.setattr(torch, "_assert_async", lambda cond, msg: asserts.append(cond))
+    hidden, weight, _, labels = make(three_d=False)
+    labels[4] = -7
+    res = torch_path.fused_lce(
+        hidden.detach(), weight.detach(), None, labels, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+        epilogue=torch_path.Epilogue(), grad_scale=None, row_scale=None, want_per_row=True,
+        need_d_hidden=False, need_d_weight=False, need_d_bias=False, compact=False,
+    )  # fmt: skip
+    assert len(asserts) == 1 and not bool(asserts[0])
+    assert torch.isnan(res.loss_sum)
+    assert res.per_row is not None and torch.isnan(res.per_row).all()

@@ -1,0 +1,148 @@
+"""Bad input to linear_cross_entropy and to the kernel binding: clear Python errors, never a crash (spec §1.1)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from logitless import _core
+from logitless.ops import linear_cross_entropy
+
+IMPLS = ["rust", "torch"]
+N, H, V = 6, 8, 11
+
+
+def inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(N, H, generator=g), torch.randn(V, H, generator=g), torch.randint(0, V, (N,), generator=g)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("bad", [V, V + 100, -1, -101])
+def test_out_of_range_label_names_the_value(impl: str, bad: int) -> None:
+    hidden, weight, labels = inputs()
+    labels[3] = bad
+    labels[5] = V + 7  # also bad, but after the first one
+    with pytest.raises(ValueError, match=rf"target {bad} \(row 2 after shifting\) is outside \[0, {V}\)"):
+        linear_cross_entropy(hidden, weight, labels, impl=impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_out_of_range_label_in_last_position_is_dropped_by_the_shift(impl: str) -> None:
+    # As in stock: the first label is never a target after the shift, so an odd value there is harmless.
+    hidden, weight, labels = inputs()
+    labels[0] = V + 5
+    assert torch.isfinite(linear_cross_entropy(hidden, weight, labels, impl=impl))
+    with pytest.raises(ValueError, match=f"target {V + 5}"):
+        linear_cross_entropy(hidden, weight, labels, shift=False, impl=impl)
+
+
+CASES: list[tuple[str, type[Exception], str, dict[str, Any]]] = [
+    ("hidden 1-d", ValueError, r"hidden: expected \[B, T, H\] or \[N, H\]", {"hidden": torch.randn(H)}),
+    ("hidden int", TypeError, "hidden: expected float32", {"hidden": torch.ones(N, H, dtype=torch.int64)}),
+    ("weight H", ValueError, rf"weight: expected \[V, {H}\]", {"weight": torch.randn(V, H + 1)}),
+    ("weight dtype", TypeError, "weight: expected dtype torch.float32", {"weight": torch.randn(V, H).double()}),
+    ("weight empty", ValueError, "at least one row", {"weight": torch.randn(0, H)}),
+    ("weight device", ValueError, "weight: expected device cpu", {"weight": torch.randn(V, H, device="meta")}),
+    ("bias shape", ValueError, rf"bias: expected shape \({V},\)", {"bias": torch.randn(V + 1)}),
+    ("bias dtype", TypeError, "bias: expected dtype", {"bias": torch.randn(V).half()}),
+    ("labels shape", ValueError, r"labels: expected shape \(6,\)", {"labels": torch.zeros(N + 1, dtype=torch.long)}),
+    ("labels float", TypeError, "labels: expected an integer dtype", {"labels": torch.zeros(N)}),
+    ("labels None", ValueError, "labels: expected a tensor", {"labels": None}),
+    ("shift_labels shape", ValueError, "shift_labels: expected shape", {"shift_labels": torch.zeros(2, 3).long()}),
+    ("logits_bias shape", ValueError, "logits_bias: expected", {"logits_bias": torch.randn(3)}),
+    ("reduction", ValueError, "reduction: expected one of", {"reduction": "avg"}),
+    ("impl", ValueError, "impl: expected one of", {"impl": "cuda"}),
+    ("num_items sum", ValueError, "only meaningful", {"reduction": "sum", "num_items_in_batch": 3}),
+    ("num_items shape", ValueError, "num_items_in_batch: expected", {"num_items_in_batch": torch.ones(2)}),
+    ("num_items type", TypeError, "num_items_in_batch: expected", {"num_items_in_batch": "3"}),
+    ("label_smoothing", ValueError, "label_smoothing: expected", {"label_smoothing": 1.5}),
+    ("z_loss", ValueError, "z_loss: expected", {"z_loss": -1.0}),
+    ("softcap type", TypeError, "logit_softcapping: expected a number", {"logit_softcapping": "big"}),
+]
+
+
+@pytest.mark.parametrize(("case", "exc", "match", "override"), CASES, ids=[c[0] for c in CASES])
+def test_bad_arguments(case: str, exc: type[Exception], match: str, override: dict[str, Any]) -> None:
+    hidden, weight, labels = inputs()
+    args: dict[str, Any] = {"hidden": hidden, "weight": weight, "labels": labels}
+    args.update(override)
+    with pytest.raises(exc, match=match):
+        linear_cross_entropy(args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args)
+
+
+def test_rust_impl_refuses_non_cpu_tensors() -> None:
+    hidden = torch.randn(N, H, device="meta")
+    weight = torch.randn(V, H, device="meta")
+    with pytest.raises(ValueError, match='impl="rust": expected CPU tensors'):
+        linear_cross_entropy(hidden, weight, torch.zeros(N, dtype=torch.long, device="meta"), impl="rust")
+
+
+def view(t: torch.Tensor) -> tuple[int, tuple[int, ...], tuple[int, ...], str]:
+    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), str(t.dtype).removeprefix("torch."))
+
+
+def call_core(**override: Any) -> tuple[float, int]:
+    hidden, weight, labels = inputs()
+    keep = [hidden, weight, labels]  # alive for the call: the binding borrows their memory
+    args: dict[str, Any] = {
+        "hidden": view(hidden),
+        "weight": view(weight),
+        "bias": None,
+        "targets": view(labels),
+        "ignore_index": -100,
+        "label_smoothing": 0.0,
+        "z_loss": 0.0,
+    }
+    for k, v in override.items():
+        if isinstance(v, torch.Tensor):
+            keep.append(v)
+            v = view(v)
+        args[k] = v
+    out = _core.fused_linear_cross_entropy(
+        args.pop("hidden"), args.pop("weight"), args.pop("bias"), args.pop("targets"), **args
+    )
+    del keep
+    return out
+
+
+BINDING_CASES: list[tuple[str, type[Exception], str, dict[str, Any]]] = [
+    ("dtype name", TypeError, "hidden: expected dtype", {"hidden": (0, (N, H), (H, 1), "complex64")}),
+    ("ndim", ValueError, "hidden: expected a 2-d tensor", {"hidden": (0, (N,), (1,), "float32")}),
+    ("negative stride", ValueError, "non-negative strides", {"hidden": (64, (N, H), (-H, 1), "float32")}),
+    ("column stride", ValueError, "unit column stride", {"weight": torch.randn(H, V).t()}),
+    ("misaligned", ValueError, "not aligned", {"hidden": (3, (N, H), (H, 1), "float32")}),
+    ("null", ValueError, "null", {"hidden": (0, (N, H), (H, 1), "float32")}),
+    ("weight dtype", TypeError, "weight: expected dtype float32", {"weight": torch.randn(V, H).double()}),
+    ("weight cols", ValueError, "weight: expected shape", {"weight": torch.randn(V, H + 1)}),
+    ("targets dtype", TypeError, "targets: expected dtype.*got int32", {"targets": torch.zeros(N, dtype=torch.int32)}),
+    ("targets len", ValueError, "targets: expected shape", {"targets": torch.zeros(N + 1, dtype=torch.long)}),
+    ("d_hidden strided", ValueError, "d_hidden: expected a contiguous", {"d_hidden": torch.zeros(N, 2 * H)[:, :H]}),
+    ("d_weight shape", ValueError, "d_weight: expected shape", {"d_weight": torch.zeros(V + 1, H)}),
+    ("per_row dtype", TypeError, "per_row_loss: expected dtype float64", {"per_row_loss": torch.zeros(N)}),
+    ("both scales", ValueError, "at most one", {"grad_scale": 1.0, "row_scale": torch.ones(N)}),
+    ("logits_bias len", ValueError, "logits_bias: expected shape", {"logits_bias": torch.zeros(V - 1)}),
+    ("bad target", ValueError, "target 99", {"targets": torch.tensor([0, 1, 99, 2, 3, 4])}),
+]
+
+
+@pytest.mark.parametrize(("case", "exc", "match", "override"), BINDING_CASES, ids=[c[0] for c in BINDING_CASES])
+def test_binding_validates_everything(case: str, exc: type[Exception], match: str, override: dict[str, Any]) -> None:
+    with pytest.raises(exc, match=match):
+        call_core(**override)
+
+
+def test_binding_errors_are_value_and_type_error_subclasses() -> None:
+    assert issubclass(_core.LogitlessError, ValueError)
+    assert issubclass(_core.LogitlessTypeError, TypeError)
+
+
+def test_binding_refuses_output_overlapping_an_input() -> None:
+    hidden, weight, labels = inputs()
+    with pytest.raises(ValueError, match="d_hidden: output buffer overlaps hidden"):
+        _core.fused_linear_cross_entropy(
+            view(hidden), view(weight), None, view(labels), ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+            d_hidden=view(hidden),
+        )  # fmt: skip
