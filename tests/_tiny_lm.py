@@ -35,7 +35,10 @@ def _configs() -> dict[str, tuple[type, transformers.PretrainedConfig]]:
     return {
         "llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig(**_COMMON)),
         "qwen3": (transformers.Qwen3ForCausalLM, transformers.Qwen3Config(head_dim=8, **_COMMON)),
-        "mistral": (transformers.MistralForCausalLM, transformers.MistralConfig(head_dim=8, sliding_window=None, **_COMMON)),
+        "mistral": (
+            transformers.MistralForCausalLM,
+            transformers.MistralConfig(head_dim=8, sliding_window=None, **_COMMON),
+        ),
         "gemma3": (
             transformers.Gemma3ForCausalLM,
             transformers.Gemma3TextConfig(head_dim=8, final_logit_softcapping=2.0, sliding_window=8, **_COMMON),

@@ -238,6 +238,17 @@ def test_patch_built_model(monkeypatch: pytest.MonkeyPatch) -> None:
     assert model(**_batch()).logits.shape[-1] == 0 and counter.calls == 1
 
 
+def test_patch_peft_model_patches_its_base_class(monkeypatch: pytest.MonkeyPatch) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    logitless.register_canonical(li.canonical_hash(STOCK_LLAMA_FORWARD), fused_llama_forward)
+    peft_model = get_peft_model(tiny.build("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
+    assert logitless.patch(peft_model) is peft_model
+    assert logitless.audit()["classes"][LLAMA_KEY]["status"] == "patched"
+    counter = tiny.fused_forward_counter(monkeypatch)
+    assert peft_model(**_batch()).logits.shape[-1] == 0 and counter.calls == 1
+
+
 def test_old_transformers_warns_and_patches_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(li, "_transformers_version", lambda: (4, 55))
     with pytest.warns(RuntimeWarning, match="4.56"):
@@ -334,7 +345,8 @@ def test_env_return_logits_and_json_safe_audit(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_refusal_is_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
-    refusal = {"status": "refused", "code": "aux-loss", "reason": "labels branch computes more than the loss", "line": 7}
+    reason = "labels branch computes more than the loss"
+    refusal = {"status": "refused", "code": "aux-loss", "reason": reason, "line": 7}
     monkeypatch.setattr(li, "_rewrite", lambda source: dict(refusal))
     logitless.install()
     record = logitless.audit()["classes"][LLAMA_KEY]
@@ -418,6 +430,17 @@ def test_unbound_closure_is_refused() -> None:
     assert excinfo.value.code == "closure"
 
 
+def test_env_install_imports_neither_torch_nor_transformers() -> None:
+    script = (
+        "import sys, logitless; assert logitless.audit()['installed']; "
+        "print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    )
+    env = {**os.environ, "LOGITLESS": "1"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[]"
+
+
 @needs_rewriter
 def test_hook_patches_modules_imported_later() -> None:
     # A fresh interpreter: LOGITLESS=1 installs at import; Qwen2 is reached only through transformers' lazy Auto path.
@@ -432,6 +455,8 @@ def test_hook_patches_modules_imported_later() -> None:
         model = transformers.AutoModelForCausalLM.from_config(config)
         ids = torch.randint(0, 128, (1, 8))
         out = model(input_ids=ids, labels=ids)
+        import inspect
+        assert "class Qwen2Model" in inspect.getsource(sys.modules[name].Qwen2Model)  # loader wrapper delegates
         print(json.dumps({"audit": logitless.audit(), "logits": list(out.logits.shape), "loss": out.loss.item(),
                           "loader": type(sys.modules[name].__spec__.loader).__name__}))
         """

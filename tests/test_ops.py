@@ -395,3 +395,24 @@ def test_torch_path_sync_free_mode_nan_without_assert(monkeypatch: pytest.Monkey
     assert len(asserts) == 1 and not bool(asserts[0])
     assert torch.isnan(res.loss_sum)
     assert res.per_row is not None and torch.isnan(res.per_row).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_autocast_runs_in_the_autocast_dtype_like_stock(impl: str) -> None:
+    """fp32 parameters, bf16 hidden states under autocast: stock's lm_head computes in bf16 (no dtype error); so does
+    the op, and the parameters' gradients land in fp32."""
+    hidden, weight, bias, labels = make(torch.float32, with_bias=True)
+    hidden = hidden.detach().bfloat16().requires_grad_()
+    with pytest.raises(TypeError, match="weight: expected dtype torch.bfloat16"):
+        linear_cross_entropy(hidden, weight, labels, bias=bias, impl=impl)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(hidden, weight, labels, bias=bias, impl=impl)
+    loss.backward()
+    rounded = [t.detach().bfloat16().requires_grad_() for t in (hidden, weight, bias)]
+    ref = reference(rounded[0], rounded[1], labels, bias=rounded[2])
+    tol_loss, tol_grad = TOLERANCES[torch.bfloat16]
+    assert loss.dtype == torch.float32
+    assert_close(loss, ref.loss, tol_loss, "loss")
+    for t, r in zip((hidden, weight, bias), (ref.d_hidden, ref.d_weight, ref.d_bias)):
+        assert t is not None and t.grad is not None and t.grad.dtype == t.dtype
+        assert_close(t.grad, r, tol_grad, "grad under autocast")

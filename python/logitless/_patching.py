@@ -172,7 +172,9 @@ def build_forward(cls: type, original: Callable[..., Any], source: str) -> tuple
     names, runtime_attrs = _loaded_globals(code)
     unknown_api = sorted(runtime_attrs - _RUNTIME_API)
     if unknown_api:
-        raise PatchError("unresolved-global", f"rewritten forward uses unknown {RUNTIME_NAME} attribute(s): {unknown_api}")
+        raise PatchError(
+            "unresolved-global", f"rewritten forward uses unknown {RUNTIME_NAME} attribute(s): {unknown_api}"
+        )
     supplied = _supply_missing(names, namespace)
     existing = namespace.get(RUNTIME_NAME, _runtime)
     if existing is not _runtime:

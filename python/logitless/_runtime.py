@@ -9,10 +9,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    import torch
 
 __all__ = ["fusable", "hf_loss", "no_logits", "return_logits", "set_enabled", "set_return_logits"]
 
@@ -22,7 +20,9 @@ _TRUTHY = {"1", "true", "yes", "on"}
 # back to the stock statements rather than keep fusing.
 _enabled = False
 _return_logits = os.environ.get("LOGITLESS_RETURN_LOGITS", "").strip().lower() in _TRUTHY
-_stock_loss: Callable[..., Any] | None = None
+# (nn.Linear, ForCausalLMLoss), resolved on the first fused forward: `LOGITLESS=1 python -m logitless audit`
+# installs the hook but must not import torch or transformers.
+_stock: tuple[type, Any] | None = None
 
 
 def set_enabled(value: bool) -> None:
@@ -35,14 +35,14 @@ def set_return_logits(value: bool) -> None:
     _return_logits = bool(value)
 
 
-def _stock_causal_lm_loss() -> Callable[..., Any]:
-    # Imported on first use: this module is loaded while a transformers modeling module is still executing.
-    global _stock_loss
-    if _stock_loss is None:
+def _stock_types() -> tuple[type, Any]:
+    global _stock
+    if _stock is None:
+        from torch.nn import Linear
         from transformers.loss.loss_utils import ForCausalLMLoss
 
-        _stock_loss = ForCausalLMLoss
-    return _stock_loss
+        _stock = (Linear, ForCausalLMLoss)
+    return _stock
 
 
 def fusable(model: Any, head: Any) -> bool:
@@ -54,13 +54,16 @@ def fusable(model: Any, head: Any) -> bool:
     The head must be exactly ``nn.Linear``: subclasses and PEFT/quantised wrappers may change what ``head(x)``
     computes, so they are never reduced to ``x @ head.weight.T + head.bias``.
     """
-    if not _enabled or type(head) is not torch.nn.Linear:
+    if not _enabled:
+        return False
+    linear, stock_loss = _stock_types()
+    if type(head) is not linear:
         return False
     try:
         loss_function = model.loss_function
     except AttributeError:
         return False
-    return loss_function is _stock_causal_lm_loss()
+    return loss_function is stock_loss
 
 
 def no_logits(hidden: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:

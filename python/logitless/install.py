@@ -229,7 +229,8 @@ def _rewrite(source: str) -> dict[str, Any]:
 
     rewrite_forward = getattr(_core, "rewrite_forward", None)
     if rewrite_forward is None:
-        return {"status": "refused", "code": "rewriter-unavailable", "reason": "_core has no rewrite_forward", "line": 0}
+        reason = "this build of logitless._core has no rewrite_forward"
+        return {"status": "refused", "code": "rewriter-unavailable", "reason": reason, "line": 0}
     return dict(rewrite_forward(source))
 
 

@@ -16,6 +16,7 @@ derivative would silently be wrong.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -33,6 +34,11 @@ _EMPTY_GRAD = (0,)
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _autocast_on(device_type: str) -> bool:
+    # torch raises for device types without autocast (e.g. "meta") rather than answering False.
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -78,6 +84,12 @@ def linear_cross_entropy(
         raise ValueError(
             f"weight: expected [V, {hidden.shape[-1]}] (hidden size {hidden.shape[-1]}), got {tuple(weight.shape)}"
         )
+    if _autocast_on(hidden.device.type) and hidden.dtype != torch.float64:
+        # Under autocast, stock's lm_head (F.linear) runs in the autocast dtype whatever the parameters' dtype;
+        # do the same so mixed-precision training (fp32 master weights) behaves as stock.
+        amp = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(amp), weight.to(amp)
+        bias = bias.to(amp) if bias is not None else None
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight: expected dtype {hidden.dtype} (the dtype of hidden), got {weight.dtype}")
     vocab = weight.shape[0]
@@ -256,42 +268,53 @@ def _run(
     need: tuple[bool, bool, bool],
 ) -> torch_path.Result:
     """One fused pass through the chosen implementation."""
-    if impl == "rust":
-        from logitless import _rust
+    # The op's inputs are already in their final dtype; autocast must not recast the torch path's matmuls.
+    device_type = hidden.device.type
+    guard = torch.autocast(device_type, enabled=False) if _autocast_on(device_type) else contextlib.nullcontext()
+    with guard:
+        return _run_impl(
+            hidden, weight, bias, targets, logits_bias, ignore_index=ignore_index, label_smoothing=label_smoothing,
+            z_loss=z_loss, multiply=multiply, divide=divide, softcap=softcap, impl=impl, grad_scale=grad_scale,
+            row_scale=row_scale, want_per_row=want_per_row, need=need,
+        )  # fmt: skip
 
-        return _rust.fused_lce(
-            hidden,
-            weight,
-            bias,
-            targets,
-            ignore_index=ignore_index,
-            label_smoothing=label_smoothing,
-            z_loss=z_loss,
-            epilogue=_epilogue(logits_bias, multiply, divide, softcap),
-            grad_scale=grad_scale,
-            row_scale=row_scale,
-            want_per_row=want_per_row,
-            need_d_hidden=need[0],
-            need_d_weight=need[1],
-            need_d_bias=need[2],
-        )
-    return torch_path.fused_lce(
-        hidden,
-        weight,
-        bias,
-        targets,
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        epilogue=_epilogue(logits_bias, multiply, divide, softcap),
-        grad_scale=grad_scale,
-        row_scale=row_scale,
-        want_per_row=want_per_row,
-        need_d_hidden=need[0],
-        need_d_weight=need[1],
-        need_d_bias=need[2],
-        compact=hidden.device.type == "cpu",
-    )
+
+def _run_impl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    logits_bias: torch.Tensor | None,
+    *,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    multiply: float,
+    divide: float,
+    softcap: float,
+    impl: str,
+    grad_scale: torch.Tensor | None,
+    row_scale: torch.Tensor | None,
+    want_per_row: bool,
+    need: tuple[bool, bool, bool],
+) -> torch_path.Result:
+    common = {
+        "ignore_index": ignore_index,
+        "label_smoothing": label_smoothing,
+        "z_loss": z_loss,
+        "epilogue": _epilogue(logits_bias, multiply, divide, softcap),
+        "grad_scale": grad_scale,
+        "row_scale": row_scale,
+        "want_per_row": want_per_row,
+        "need_d_hidden": need[0],
+        "need_d_weight": need[1],
+        "need_d_bias": need[2],
+    }
+    if impl == "rust":
+        from logitless import _rust  # imports the extension: only when the Rust kernel is wanted
+
+        return _rust.fused_lce(hidden, weight, bias, targets, **common)
+    return torch_path.fused_lce(hidden, weight, bias, targets, compact=hidden.device.type == "cpu", **common)
 
 
 @torch.library.custom_op("logitless::linear_cross_entropy", mutates_args=())

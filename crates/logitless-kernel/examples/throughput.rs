@@ -48,8 +48,18 @@ trait Bench: Element {
 /// shows the kernel's own efficiency when other jobs steal cores from the wall-clock figure.
 fn cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(f64::NAN);
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|x| x.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
     // Fields 14 and 15 of stat (utime, stime) are 11 and 12 after the command name; 100 ticks per second.
     (ticks(11) + ticks(12)) / 100.0
 }
@@ -64,29 +74,108 @@ fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
-/// The kernel's three products at full size: N×V = N×H·(V×H)ᵀ, N×H = N×V·V×H, V×H = (N×V)ᵀ·N×H.
-fn three_gemms_f32(n: usize, h: usize, v: usize, reps: usize) -> f64 {
-    let hid = vec![0.01f32; n * h];
-    let w = vec![0.01f32; v * h];
-    let mut logits = vec![0.0f32; n * v];
-    let mut dh = vec![0.0f32; n * h];
-    let mut dw = vec![0.0f32; v * h];
+/// `dst = lhs·rhs` on the f32/f64 engine (strides in elements, as the `gemm` crate takes them).
+#[allow(clippy::too_many_arguments)]
+fn engine<T: 'static + Copy>(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [T],
+    (dst_rs, dst_cs): (usize, usize),
+    lhs: &[T],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[T],
+    (rhs_rs, rhs_cs): (usize, usize),
+    zero: T,
+    one: T,
+) {
+    let end = |r: usize, c: usize, rs: usize, cs: usize| (r - 1) * rs + (c - 1) * cs + 1;
+    assert!(dst.len() >= end(m, n, dst_rs, dst_cs) && lhs.len() >= end(m, k, lhs_rs, lhs_cs));
+    assert!(rhs.len() >= end(k, n, rhs_rs, rhs_cs));
     let par = gemm::Parallelism::Rayon(rayon::current_num_threads());
-    let mut total = 0.0;
-    // SAFETY (all three): every view stays inside its vector (shapes as allocated above); dst never aliases.
-    total += best_of(reps, || unsafe {
-        gemm::gemm(n, v, h, logits.as_mut_ptr(), 1, v as isize, false, hid.as_ptr(), 1, h as isize, w.as_ptr(),
-            h as isize, 1, 0.0f32, 1.0, false, false, false, par)
-    });
-    total += best_of(reps, || unsafe {
-        gemm::gemm(n, h, v, dh.as_mut_ptr(), 1, h as isize, false, logits.as_ptr(), 1, v as isize, w.as_ptr(),
-            1, h as isize, 0.0f32, 1.0, false, false, false, par)
-    });
-    total += best_of(reps, || unsafe {
-        gemm::gemm(v, h, n, dw.as_mut_ptr(), 1, h as isize, true, logits.as_ptr(), v as isize, 1, hid.as_ptr(),
-            1, h as isize, 1.0f32, 1.0, false, false, false, par)
-    });
-    total
+    let s = |x: usize| x as isize;
+    // SAFETY: the asserts keep every addressed element inside its slice; dst is exclusively borrowed; T is f32
+    // or f64 at every call site.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            s(dst_cs),
+            s(dst_rs),
+            false,
+            lhs.as_ptr(),
+            s(lhs_cs),
+            s(lhs_rs),
+            rhs.as_ptr(),
+            s(rhs_cs),
+            s(rhs_rs),
+            zero,
+            one,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// Seconds of the kernel's three products at full size on the f32/f64 engine: N×V = N×H·(V×H)ᵀ,
+/// N×H = N×V·V×H, V×H = (N×V)ᵀ·N×H.
+fn three_gemms<T: 'static + Copy + Send + Sync>(
+    n: usize,
+    h: usize,
+    v: usize,
+    reps: usize,
+    zero: T,
+    one: T,
+    x: T,
+) -> f64 {
+    let hid = vec![x; n * h];
+    let w = vec![x; v * h];
+    let mut logits = vec![zero; n * v];
+    let mut dh = vec![zero; n * h];
+    let mut dw = vec![zero; v * h];
+    best_of(reps, || {
+        engine(
+            (n, v, h),
+            &mut logits,
+            (v, 1),
+            &hid,
+            (h, 1),
+            &w,
+            (1, h),
+            zero,
+            one,
+        )
+    }) + best_of(reps, || {
+        engine(
+            (n, h, v),
+            &mut dh,
+            (h, 1),
+            &logits,
+            (v, 1),
+            &w,
+            (h, 1),
+            zero,
+            one,
+        )
+    }) + best_of(reps, || {
+        engine(
+            (v, h, n),
+            &mut dw,
+            (h, 1),
+            &logits,
+            (1, v),
+            &hid,
+            (h, 1),
+            zero,
+            one,
+        )
+    })
+}
+
+fn three_gemms_f32(n: usize, h: usize, v: usize, reps: usize) -> f64 {
+    three_gemms(n, h, v, reps, 0.0f32, 1.0, 0.01)
 }
 
 impl Bench for f32 {
@@ -102,15 +191,7 @@ impl Bench for f64 {
         x as f64
     }
     fn gemm_seconds(n: usize, h: usize, v: usize, reps: usize) -> f64 {
-        let hid = vec![0.01f64; n * h];
-        let w = vec![0.01f64; v * h];
-        let mut logits = vec![0.0f64; n * v];
-        let par = gemm::Parallelism::Rayon(rayon::current_num_threads());
-        // SAFETY: views inside their vectors, as in three_gemms_f32.
-        3.0 * best_of(reps, || unsafe {
-            gemm::gemm(n, v, h, logits.as_mut_ptr(), 1, v as isize, false, hid.as_ptr(), 1, h as isize,
-                w.as_ptr(), h as isize, 1, 0.0f64, 1.0, false, false, false, par)
-        })
+        three_gemms(n, h, v, reps, 0.0f64, 1.0, 0.01)
     }
 }
 impl Bench for bf16 {
@@ -118,8 +199,11 @@ impl Bench for bf16 {
         bf16::from_f32(x)
     }
     fn gemm_seconds(n: usize, h: usize, v: usize, reps: usize) -> f64 {
-        // The portable bf16 path runs on the f32 engine (bf16 widened while packing): its rate is the f32 one.
-        three_gemms_f32(n, h, v, reps)
+        // The AVX512_BF16 engine's own GEMMs where the kernel uses it; elsewhere bf16 runs on the f32 engine.
+        match logitless_kernel::bench_support::bf16_gemm_seconds(n, h, v, reps) {
+            Some(t) => t.iter().sum(),
+            None => three_gemms_f32(n, h, v, reps),
+        }
     }
 }
 impl Bench for f16 {
@@ -133,15 +217,21 @@ impl Bench for f16 {
 
 fn run<T: Bench>(n: usize, h: usize, v: usize, reps: usize) {
     // Deterministic, varied data (a cheap hash), scaled like a trained head.
-    let val = |i: usize, s: f32| T::make(((i.wrapping_mul(2654435761) % 1000) as f32 / 500.0 - 1.0) * s);
+    let val =
+        |i: usize, s: f32| T::make(((i.wrapping_mul(2654435761) % 1000) as f32 / 500.0 - 1.0) * s);
     let hid: Vec<T> = (0..n * h).map(|i| val(i, 1.0)).collect();
     let w: Vec<T> = (0..v * h).map(|i| val(i + 7, 0.05)).collect();
     let targets: Vec<i64> = (0..n).map(|i| ((i * 7919) % v) as i64).collect();
     let mut dh = vec![T::make(0.0); n * h];
     let mut dw = vec![T::make(0.0); v * h];
     // THROUGHPUT_BUDGET_MB overrides the default 32 MiB chunk budget.
-    let budget_mb: Option<usize> = std::env::var("THROUGHPUT_BUDGET_MB").ok().and_then(|s| s.parse().ok());
-    let options = Options { chunk_budget_bytes: budget_mb.map_or(32 << 20, |mb| mb << 20), ..Options::default() };
+    let budget_mb: Option<usize> = std::env::var("THROUGHPUT_BUDGET_MB")
+        .ok()
+        .and_then(|s| s.parse().ok());
+    let options = Options {
+        chunk_budget_bytes: budget_mb.map_or(32 << 20, |mb| mb << 20),
+        ..Options::default()
+    };
     let flops = 6.0 * (n * h * v) as f64;
     let mut best = f64::INFINITY;
     let mut peak_extra = 0usize;
@@ -160,7 +250,11 @@ fn run<T: Bench>(n: usize, h: usize, v: usize, reps: usize) {
             &options,
             GradScale::Uniform(1.0 / n as f64),
             None,
-            Grads { d_hidden: Some(&mut dh), d_weight: Some(&mut dw), d_bias: None },
+            Grads {
+                d_hidden: Some(&mut dh),
+                d_weight: Some(&mut dw),
+                d_bias: None,
+            },
         )
         .expect("kernel");
         best = best.min(t.elapsed().as_secs_f64());
@@ -172,7 +266,9 @@ fn run<T: Bench>(n: usize, h: usize, v: usize, reps: usize) {
     let gemm = if std::env::args().nth(6).as_deref() == Some("fused-only") {
         f64::NAN
     } else {
-        T::gemm_seconds(n, h, v, reps)
+        // The reference GEMMs materialise N×V: at most 2048 rows of it (rates per flop do not depend on N here).
+        let n_ref = n.min(2048);
+        T::gemm_seconds(n_ref, h, v, reps) * n as f64 / n_ref as f64
     };
     let dtype = format!("{:?}", T::DTYPE).to_lowercase();
     println!(

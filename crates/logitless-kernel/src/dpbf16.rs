@@ -24,6 +24,13 @@ unsafe impl Send for SharedMut {}
 // SAFETY: as above.
 unsafe impl Sync for SharedMut {}
 
+impl SharedMut {
+    /// The element `offset` places on (a method, so closures capture the whole `Sync` wrapper, not the pointer).
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
 /// f32 → bf16 bits, round to nearest even (NaN stays NaN by keeping a mantissa bit).
 #[inline(always)]
 fn to_bf16_bits(x: f32) -> u32 {
@@ -45,7 +52,14 @@ fn pair(lo: u32, hi: u32) -> u32 {
 /// # Safety
 /// The CPU must support avx512f and avx512bf16, and every address above must be readable.
 #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
-unsafe fn micro(kp: usize, a: *const u32, a_rs: usize, a_ks: usize, b: *const u32, out: &mut [f32; MR * NR]) {
+unsafe fn micro(
+    kp: usize,
+    a: *const u32,
+    a_rs: usize,
+    a_ks: usize,
+    b: *const u32,
+    out: &mut [f32; MR * NR],
+) {
     let mut c = [[_mm512_setzero_ps(); 2]; MR];
     for p in 0..kp {
         // SAFETY: in bounds by the caller's contract; unaligned loads are allowed.
@@ -90,47 +104,26 @@ fn ceil_div(a: usize, b: usize) -> usize {
 
 /// Runs `f(start, end)` over `[0, total)` split in `align`-multiples, one piece per rayon thread when `parallel`.
 fn split(parallel: bool, total: usize, align: usize, f: impl Fn(usize, usize) + Sync) {
-    let threads = if parallel { rayon::current_num_threads() } else { 1 };
+    let threads = if parallel {
+        rayon::current_num_threads()
+    } else {
+        1
+    };
     let piece = ceil_div(ceil_div(total, threads.max(1)), align) * align;
     if threads <= 1 || piece >= total {
         f(0, total);
         return;
     }
     let pieces = ceil_div(total, piece);
-    (0..pieces).into_par_iter().for_each(|t| f(t * piece, ((t + 1) * piece).min(total)));
+    (0..pieces)
+        .into_par_iter()
+        .for_each(|t| f(t * piece, ((t + 1) * piece).min(total)));
 }
 
-/// `out[p·32 + j] = (rows[2p][c0 + j], rows[2p+1][c0 + j])` for one 32-column panel starting at `c0`, where
-/// `row(k)` is the k-th row (k-major operand); rows past `k_rows` and columns past `c_end` read as zero.
-#[inline(always)]
-fn pack_kmajor_panel<'a>(
-    row: &impl Fn(usize) -> &'a [bf16],
-    k_rows: usize,
-    c0: usize,
-    c_end: usize,
-    out: &mut [u32],
-) {
-    let kp = ceil_div(k_rows, 2);
-    let width = (c_end - c0).min(NR);
-    for p in 0..kp {
-        let lo = &row(2 * p)[c0..c0 + width];
-        let o = &mut out[p * NR..(p + 1) * NR];
-        if 2 * p + 1 < k_rows {
-            let hi = &row(2 * p + 1)[c0..c0 + width];
-            for j in 0..width {
-                o[j] = pair(lo[j].to_bits() as u32, hi[j].to_bits() as u32);
-            }
-        } else {
-            for j in 0..width {
-                o[j] = lo[j].to_bits() as u32;
-            }
-        }
-        o[width..].fill(0);
-    }
-}
-
-/// Packs a k-major bf16 operand (`k_rows` rows, columns `[c_start, c_end)`) as consecutive 32-column panels.
-/// Returns the u32 count per panel.
+/// Packs a k-major bf16 operand (`row(k)` is its k-th row, `k_rows` of them; columns `[c_start, c_end)`) as
+/// consecutive 32-column panels, each `[kp][32]` pairs `(row 2p, row 2p+1)`; missing rows and columns are zero.
+/// Rows are walked in order (each read once, front to back), panels written side by side. Returns the u32
+/// count per panel.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 fn pack_kmajor<'a>(
     row: &impl Fn(usize) -> &'a [bf16],
@@ -139,19 +132,43 @@ fn pack_kmajor<'a>(
     c_end: usize,
     out: &mut Vec<u32>,
 ) -> usize {
-    let per_panel = ceil_div(k_rows, 2) * NR;
+    let kp = ceil_div(k_rows, 2);
+    let per_panel = kp * NR;
     let panels = ceil_div(c_end - c_start, NR);
     out.clear();
     out.resize(per_panel * panels, 0);
-    for q in 0..panels {
-        pack_kmajor_panel(row, k_rows, c_start + q * NR, c_end, &mut out[q * per_panel..(q + 1) * per_panel]);
+    for p in 0..kp {
+        let lo = &row(2 * p)[c_start..c_end];
+        let hi = (2 * p + 1 < k_rows).then(|| &row(2 * p + 1)[c_start..c_end]);
+        for q in 0..panels {
+            let (c0, width) = (q * NR, NR.min(c_end - c_start - q * NR));
+            let o = &mut out[q * per_panel + p * NR..q * per_panel + p * NR + width];
+            let lo = &lo[c0..c0 + width];
+            match hi {
+                Some(hi) => {
+                    for ((o, l), h) in o.iter_mut().zip(lo).zip(&hi[c0..c0 + width]) {
+                        *o = pair(l.to_bits() as u32, h.to_bits() as u32);
+                    }
+                }
+                None => {
+                    for (o, l) in o.iter_mut().zip(lo) {
+                        *o = l.to_bits() as u32;
+                    }
+                }
+            }
+        }
     }
     per_panel
 }
 
 /// Packs the gathered hidden rows for the logits GEMM: panels of 32 rows, `[kp][32]` pairs along H (k-contiguous
 /// rows, so this is a transpose). Rows past `rows` are zero. `h` is even.
-pub(crate) fn pack_hidden_for_logits<'a>(row: impl Fn(usize) -> &'a [bf16], rows: usize, h: usize, out: &mut Vec<u32>) {
+pub(crate) fn pack_hidden_for_logits<'a>(
+    row: impl Fn(usize) -> &'a [bf16],
+    rows: usize,
+    h: usize,
+    out: &mut Vec<u32>,
+) {
     let kp = h / 2;
     let panels = ceil_div(rows, NR);
     out.clear();
@@ -167,7 +184,12 @@ pub(crate) fn pack_hidden_for_logits<'a>(row: impl Fn(usize) -> &'a [bf16], rows
 }
 
 /// Packs the gathered hidden rows for the weight-gradient GEMM: k = rows, panels of 32 columns of H.
-pub(crate) fn pack_hidden_for_dweight<'a>(row: impl Fn(usize) -> &'a [bf16], rows: usize, h: usize, out: &mut Vec<u32>) {
+pub(crate) fn pack_hidden_for_dweight<'a>(
+    row: impl Fn(usize) -> &'a [bf16],
+    rows: usize,
+    h: usize,
+    out: &mut Vec<u32>,
+) {
     // SAFETY: this module is only reached when the CPU has AVX512_BF16 (and so avx512f/bw/vl).
     unsafe {
         pack_kmajor(&row, rows, 0, h, out);
@@ -179,7 +201,14 @@ pub(crate) fn pack_hidden_for_dweight<'a>(row: impl Fn(usize) -> &'a [bf16], row
 /// # Safety
 /// `c + i·ldc + j` must be writable for i < rows, j < cols, and not written by another thread meanwhile.
 #[inline(always)]
-unsafe fn store_rows(out: &[f32; MR * NR], c: *mut f32, ldc: usize, rows: usize, cols: usize, add: bool) {
+unsafe fn store_rows(
+    out: &[f32; MR * NR],
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    add: bool,
+) {
     for i in 0..rows {
         let src = &out[i * NR..i * NR + cols];
         // SAFETY: by the function's contract, row i's `cols` elements are ours to write.
@@ -209,12 +238,17 @@ pub(crate) fn logits(
 ) {
     let kp = h / 2;
     let panels = ceil_div(rows, NR);
-    assert!(h % 2 == 0 && ws % 2 == 0 && ws >= h, "logits: layout");
+    assert!(
+        h.is_multiple_of(2) && ws.is_multiple_of(2) && ws >= h,
+        "logits: layout"
+    );
     assert!(v == 0 || w.len() >= (v - 1) * ws + h, "logits: weight");
-    assert!(hp.len() >= panels * kp * NR && out.len() >= rows * v, "logits: buffers");
+    assert!(
+        hp.len() >= panels * kp * NR && out.len() >= rows * v,
+        "logits: buffers"
+    );
     let dst = SharedMut(out.as_mut_ptr());
     split(parallel, v, MR, |v_start, v_end| {
-        let dst = dst;
         let mut tail = vec![0u32; kp * MR];
         let mut tile = [0f32; MR * NR];
         for v0 in (v_start..v_end).step_by(MR) {
@@ -244,7 +278,7 @@ pub(crate) fn logits(
                     for i in 0..mrows {
                         // SAFETY: row q·32+j < rows and column v0+i < v, inside `out` (asserted); this thread
                         // owns columns [v_start, v_end).
-                        unsafe { *dst.0.add((q * NR + j) * v + v0 + i) = tile[i * NR + j] };
+                        unsafe { *dst.at((q * NR + j) * v + v0 + i) = tile[i * NR + j] };
                     }
                 }
             }
@@ -254,16 +288,32 @@ pub(crate) fn logits(
 
 /// Rounds f32 rows to bf16 (nearest even) into `out` with row stride `ld` (>= cols, even); the padding column
 /// (if any) is zero, so k-pairs can be read straight from the rows.
-pub(crate) fn round_rows(g: &[f32], rows: usize, cols: usize, ld: usize, out: &mut [u16], parallel: bool) {
-    assert!(g.len() >= rows * cols && out.len() >= rows * ld && ld >= cols, "round_rows: buffers");
+pub(crate) fn round_rows(
+    g: &[f32],
+    rows: usize,
+    cols: usize,
+    ld: usize,
+    out: &mut [u16],
+    parallel: bool,
+) {
+    assert!(
+        g.len() >= rows * cols && out.len() >= rows * ld && ld >= cols,
+        "round_rows: buffers"
+    );
     let work = |(src, dst): (&[f32], &mut [u16])| {
         // SAFETY: the CPU has AVX512_BF16 and so avx512f/bw (module invariant).
         unsafe { round_row(src, dst) }
     };
     if parallel {
-        g[..rows * cols].par_chunks(cols).zip(out[..rows * ld].par_chunks_mut(ld)).for_each(work);
+        g[..rows * cols]
+            .par_chunks(cols)
+            .zip(out[..rows * ld].par_chunks_mut(ld))
+            .for_each(work);
     } else {
-        g[..rows * cols].chunks(cols).zip(out[..rows * ld].chunks_mut(ld)).for_each(work);
+        g[..rows * cols]
+            .chunks(cols)
+            .zip(out[..rows * ld].chunks_mut(ld))
+            .for_each(work);
     }
 }
 
@@ -289,12 +339,14 @@ pub(crate) fn d_hidden(
     dh: &mut [f32],
     parallel: bool,
 ) {
-    assert!(gs % 2 == 0 && gs >= v && g.len() >= rows * gs && dh.len() >= rows * h, "d_hidden: buffers");
+    assert!(
+        gs.is_multiple_of(2) && gs >= v && g.len() >= rows * gs && dh.len() >= rows * h,
+        "d_hidden: buffers"
+    );
     assert!(v == 0 || w.len() >= (v - 1) * ws + h, "d_hidden: weight");
     let dst = SharedMut(dh.as_mut_ptr());
     let k_block = 2 * KP_BLOCK;
     split(parallel, h, NR, |h_start, h_end| {
-        let dst = dst;
         let mut bp = Vec::new();
         let mut tail = vec![0u32; KP_BLOCK * MR];
         let mut tile = [0f32; MR * NR];
@@ -315,7 +367,11 @@ pub(crate) fn d_hidden(
                         for i in 0..MR {
                             tail[p * MR + i] = if i < mrows {
                                 let r = &g[(r0 + i) * gs + k0..];
-                                let hi = if 2 * p + 1 < kc { r[2 * p + 1] as u32 } else { 0 };
+                                let hi = if 2 * p + 1 < kc {
+                                    r[2 * p + 1] as u32
+                                } else {
+                                    0
+                                };
                                 pair(r[2 * p] as u32, hi)
                             } else {
                                 0
@@ -331,7 +387,14 @@ pub(crate) fn d_hidden(
                     // SAFETY: rows r0.. < rows and columns h0.. < h_end <= h lie in `dh`; this thread owns
                     // columns [h_start, h_end).
                     unsafe {
-                        store_rows(&tile, dst.0.add(r0 * h + h0), h, mrows, NR.min(h_end - h0), k0 > 0);
+                        store_rows(
+                            &tile,
+                            dst.at(r0 * h + h0),
+                            h,
+                            mrows,
+                            NR.min(h_end - h0),
+                            k0 > 0,
+                        );
                     }
                 }
             }
@@ -352,13 +415,15 @@ pub(crate) fn d_weight(
     dw: &mut [f32],
     parallel: bool,
 ) {
-    let kp = rows / 2;
+    let kp = ceil_div(rows, 2);
     let per_panel = kp * NR;
     let panels = ceil_div(h, NR);
-    assert!(gs >= v && g.len() >= rows * gs && dw.len() >= v * h && hp.len() >= panels * per_panel, "d_weight");
+    assert!(
+        gs >= v && g.len() >= rows * gs && dw.len() >= v * h && hp.len() >= panels * per_panel,
+        "d_weight"
+    );
     let dst = SharedMut(dw.as_mut_ptr());
     split(parallel, v, MR, |v_start, v_end| {
-        let dst = dst;
         let mut ap = vec![0u32; kp * MR];
         let mut tile = [0f32; MR * NR];
         for v0 in (v_start..v_end).step_by(MR) {
@@ -380,12 +445,59 @@ pub(crate) fn d_weight(
             }
             for q in 0..panels {
                 // SAFETY: module invariant for the CPU; A reads `ap`, B reads panel q of `hp`.
-                unsafe { micro(kp, ap.as_ptr(), 1, MR, hp[q * per_panel..].as_ptr(), &mut tile) };
+                unsafe {
+                    micro(
+                        kp,
+                        ap.as_ptr(),
+                        1,
+                        MR,
+                        hp[q * per_panel..].as_ptr(),
+                        &mut tile,
+                    )
+                };
                 let h0 = q * NR;
                 // SAFETY: rows v0.. < v_end <= v and columns h0.. < h lie in `dw`; this thread owns rows
                 // [v_start, v_end).
-                unsafe { store_rows(&tile, dst.0.add(v0 * h + h0), h, mrows, NR.min(h - h0), true) };
+                unsafe { store_rows(&tile, dst.at(v0 * h + h0), h, mrows, NR.min(h - h0), true) };
             }
         }
     });
+}
+
+/// Best-of-`reps` seconds of each of the three GEMMs above at full size (`n` rows at once, no blocking), on
+/// synthetic data: the bf16 engine's own rate, for the throughput benchmark's ratio.
+pub(crate) fn time_three(n: usize, h: usize, v: usize, reps: usize) -> [f64; 3] {
+    let x: Vec<bf16> = (0..n * h)
+        .map(|i| bf16::from_f32(((i % 97) as f32 - 48.0) / 64.0))
+        .collect();
+    let w: Vec<bf16> = (0..v * h)
+        .map(|i| bf16::from_f32(((i % 89) as f32 - 44.0) / 512.0))
+        .collect();
+    let mut logits_out = vec![0.0f32; n * v];
+    let gs = v + v % 2;
+    let mut g16 = vec![0u16; n * gs];
+    let mut dh = vec![0.0f32; n * h];
+    let mut dw = vec![0.0f32; v * h];
+    let (mut hp1, mut hp3) = (Vec::new(), Vec::new());
+    let row = |j: usize| &x[j * h..(j + 1) * h];
+    let best = |f: &mut dyn FnMut()| {
+        (0..reps.max(1))
+            .map(|_| {
+                let t = std::time::Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min)
+    };
+    let t1 = best(&mut || {
+        pack_hidden_for_logits(row, n, h, &mut hp1);
+        logits(&w, h, v, h, &hp1, n, &mut logits_out, true);
+    });
+    round_rows(&logits_out, n, v, gs, &mut g16, true);
+    let t2 = best(&mut || d_hidden(&g16, gs, n, &w, h, v, h, &mut dh, true));
+    let t3 = best(&mut || {
+        pack_hidden_for_dweight(row, n, h, &mut hp3);
+        d_weight(&g16, gs, n, v, h, &hp3, &mut dw, true);
+    });
+    [t1, t2, t3]
 }

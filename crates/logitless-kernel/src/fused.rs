@@ -77,17 +77,29 @@ pub(crate) fn plan<S: Storage>(
     dpbf16: bool,
 ) -> Plan {
     let c = size_of::<S::C>();
-    let w_chunk = if S::NATIVE || dpbf16 { 0 } else { (budget / 4 / (h * c).max(1)).clamp(1, v.max(1)) };
+    let w_chunk = if S::NATIVE || dpbf16 {
+        0
+    } else {
+        (budget / 4 / (h * c).max(1)).clamp(1, v.max(1))
+    };
     // Per row: its logits, its hidden row (widened, or packed twice as bf16 pairs), its d_hidden row, and for
     // the AVX512_BF16 path its gradient rounded to bf16.
     let per_row = c * (v + h + if want_dh { h } else { 0 }) + if dpbf16 { 2 * (v + 1) } else { 0 };
     // Fixed: bias and d_bias vectors, the widened W chunk, and the GEMM packing buffers (the bf16 path packs 256
     // rows of W at a time).
     // The f32/f64 engine packs up to about min(H, 512) × ENGINE_COLUMNS elements per call.
-    let engine = if dpbf16 { 256 * h * 2 } else { ENGINE_COLUMNS * h.min(512) * c };
+    let engine = if dpbf16 {
+        256 * h * 2
+    } else {
+        ENGINE_COLUMNS * h.min(512) * c
+    };
     let fixed = w_chunk * h * c + 2 * v * c + engine;
     let left = budget.saturating_sub(fixed);
-    let rows = (left / per_row.max(1)).clamp(1, active.max(1));
+    let mut rows = (left / per_row.max(1)).clamp(1, active.max(1));
+    // The bf16 engine's logits GEMM puts 32 rows in each vector panel: a partial last panel wastes its lanes.
+    if dpbf16 && rows >= 32 && rows < active {
+        rows -= rows % 32;
+    }
     Plan { rows, w_chunk }
 }
 
@@ -96,36 +108,66 @@ pub(crate) fn run<S: Storage>(
     mut per_row_loss: Option<&mut [f64]>,
     grads: Grads<'_, S>,
 ) -> LossSummary {
-    let Job { hidden, weight, bias, targets, options, grad_scale } = job;
+    let Job {
+        hidden,
+        weight,
+        bias,
+        targets,
+        options,
+        grad_scale,
+    } = job;
     let (n, h, v) = (hidden.rows(), hidden.cols(), weight.rows());
     let isa = isa::current();
     let parallel = options.parallel;
     let ignore = options.ignore_index;
-    let Grads { mut d_hidden, mut d_weight, mut d_bias } = grads;
+    let Grads {
+        mut d_hidden,
+        mut d_weight,
+        mut d_bias,
+    } = grads;
     let (want_dh, want_dw, want_db) = (d_hidden.is_some(), d_weight.is_some(), d_bias.is_some());
     let want_grad = want_dh || want_dw || want_db;
 
     if let Some(l) = per_row_loss.as_deref_mut() {
         l.fill(0.0);
     }
-    for g in [d_hidden.as_deref_mut(), d_weight.as_deref_mut(), d_bias.as_deref_mut()].into_iter().flatten() {
+    for g in [
+        d_hidden.as_deref_mut(),
+        d_weight.as_deref_mut(),
+        d_bias.as_deref_mut(),
+    ]
+    .into_iter()
+    .flatten()
+    {
         fill(g, S::zero(), parallel);
     }
     let active = targets.iter().filter(|&&t| t != ignore).count();
     if active == 0 {
-        return LossSummary { loss_sum: 0.0, count: 0 };
+        return LossSummary {
+            loss_sum: 0.0,
+            count: 0,
+        };
     }
 
     let ws = weight.row_stride();
     // The AVX512_BF16 path reads W's bf16 pairs in place: it needs even H and row stride.
     #[cfg(target_arch = "x86_64")]
     let dp = match (isa, as_bf16(weight.data()), as_bf16(hidden.data())) {
-        (Isa::Avx512Bf16, Some(w), Some(x)) if h % 2 == 0 && ws % 2 == 0 && h > 0 => Some((w, x)),
+        (Isa::Avx512Bf16, Some(w), Some(x)) if h % 2 == 0 && ws % 2 == 0 && ws >= h && h > 0 => {
+            Some((w, x))
+        }
         _ => None,
     };
     #[cfg(not(target_arch = "x86_64"))]
     let dp: Option<((), ())> = None;
-    let plan = plan::<S>(options.chunk_budget_bytes, v, h, active, want_dh, dp.is_some());
+    let plan = plan::<S>(
+        options.chunk_budget_bytes,
+        v,
+        h,
+        active,
+        want_dh,
+        dp.is_some(),
+    );
     let r_max = plan.rows;
     let epi = &options.epilogue;
     let nonzero = |x: Option<f32>| x.filter(|&x| x != 0.0).map(f64::from);
@@ -154,11 +196,23 @@ pub(crate) fn run<S: Storage>(
     // bf16 copy of the logits gradient for the AVX512_BF16 GEMMs, rows padded to an even length.
     let gs = v + v % 2;
     let mut g16: Vec<u16> = vec![0; if dp.is_some() { r_max * gs } else { 0 }];
-    let mut dhb = if want_dh { vec![S::C::ZERO; r_max * h] } else { Vec::new() };
+    let mut dhb = if want_dh {
+        vec![S::C::ZERO; r_max * h]
+    } else {
+        Vec::new()
+    };
     let mut wc = vec![S::C::ZERO; plan.w_chunk * h];
-    let mut db_acc = if want_db { vec![S::C::ZERO; v] } else { Vec::new() };
+    let mut db_acc = if want_db {
+        vec![S::C::ZERO; v]
+    } else {
+        Vec::new()
+    };
     // The f32 weight-gradient accumulator exists only for bf16/f16 (documented above).
-    let mut dw_acc = if want_dw && w_native.is_none() { vec![S::C::ZERO; v * h] } else { Vec::new() };
+    let mut dw_acc = if want_dw && w_native.is_none() {
+        vec![S::C::ZERO; v * h]
+    } else {
+        Vec::new()
+    };
     let mut losses = vec![0.0f64; r_max];
     let mut idx: Vec<usize> = Vec::with_capacity(r_max);
 
@@ -251,9 +305,15 @@ pub(crate) fn run<S: Storage>(
             *loss = process_row(isa, row, t, s, want_grad, &params).loss;
         };
         if parallel {
-            lg.par_chunks_mut(v).zip(losses[..r].par_iter_mut()).enumerate().for_each(row_job);
+            lg.par_chunks_mut(v)
+                .zip(losses[..r].par_iter_mut())
+                .enumerate()
+                .for_each(row_job);
         } else {
-            lg.chunks_mut(v).zip(losses[..r].iter_mut()).enumerate().for_each(row_job);
+            lg.chunks_mut(v)
+                .zip(losses[..r].iter_mut())
+                .enumerate()
+                .for_each(row_job);
         }
         for (j, &i) in idx.iter().enumerate() {
             loss_sum += losses[j];
@@ -287,10 +347,10 @@ pub(crate) fn run<S: Storage>(
         if let Some(dh) = d_hidden.as_deref_mut() {
             let dhb = &mut dhb[..r * h];
             #[cfg(target_arch = "x86_64")]
-            if let Some((w16, _)) = dp {
-                if let Some(out) = as_f32_mut(dhb) {
-                    crate::dpbf16::d_hidden(&g16, gs, r, w16, ws, v, h, out, parallel);
-                }
+            if let Some((w16, _)) = dp
+                && let Some(out) = as_f32_mut(dhb)
+            {
+                crate::dpbf16::d_hidden(&g16, gs, r, w16, ws, v, h, out, parallel);
             }
             match w_native {
                 _ if dp.is_some() => {}
@@ -369,23 +429,28 @@ pub(crate) fn run<S: Storage>(
         prof.lap(3);
     }
 
-    if let Some(db) = d_bias.as_deref_mut() {
+    if let Some(db) = d_bias {
         S::store(&db_acc, db);
     }
-    if let Some(dw) = d_weight.as_deref_mut()
+    if let Some(dw) = d_weight
         && !dw_acc.is_empty()
     {
         // One cast at the end; rows are independent, so split them across threads when allowed.
         let rows = h.max(1) * 4096;
         if parallel {
-            dw.par_chunks_mut(rows).zip(dw_acc.par_chunks(rows)).for_each(|(d, a)| S::store(a, d));
+            dw.par_chunks_mut(rows)
+                .zip(dw_acc.par_chunks(rows))
+                .for_each(|(d, a)| S::store(a, d));
         } else {
             S::store(&dw_acc, dw);
         }
     }
     prof.lap(4);
     prof.report(plan, isa);
-    LossSummary { loss_sum, count: active }
+    LossSummary {
+        loss_sum,
+        count: active,
+    }
 }
 
 /// Seconds per phase, printed to stderr when `LOGITLESS_KERNEL_PROFILE` is set (for benchmarking only).
@@ -397,7 +462,10 @@ struct Profile {
 impl Profile {
     fn new() -> Self {
         let on = std::env::var_os("LOGITLESS_KERNEL_PROFILE").is_some();
-        Self { last: on.then(std::time::Instant::now), secs: [0.0; 5] }
+        Self {
+            last: on.then(std::time::Instant::now),
+            secs: [0.0; 5],
+        }
     }
     fn lap(&mut self, phase: usize) {
         if let Some(t) = self.last {
@@ -453,4 +521,3 @@ fn fill<S: Storage>(x: &mut [S], value: S, parallel: bool) {
         x.fill(value);
     }
 }
-

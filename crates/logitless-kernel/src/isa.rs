@@ -52,7 +52,8 @@ pub fn detected() -> Isa {
             }
             return Isa::Avx512;
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
             return Isa::Avx2;
         }
     }
@@ -70,12 +71,14 @@ pub fn set_override(isa: Option<Isa>) {
 pub fn current() -> Isa {
     let best = detected();
     let wanted = decode(OVERRIDE.load(Ordering::Relaxed)).or_else(|| {
-        std::env::var("LOGITLESS_KERNEL_ISA").ok().and_then(|v| match v.to_ascii_lowercase().as_str() {
-            "portable" => Some(Isa::Portable),
-            "avx2" => Some(Isa::Avx2),
-            "avx512" => Some(Isa::Avx512),
-            "avx512bf16" => Some(Isa::Avx512Bf16),
-            _ => None,
+        std::env::var("LOGITLESS_KERNEL_ISA").ok().and_then(|v| {
+            match v.to_ascii_lowercase().as_str() {
+                "portable" => Some(Isa::Portable),
+                "avx2" => Some(Isa::Avx2),
+                "avx512" => Some(Isa::Avx512),
+                "avx512bf16" => Some(Isa::Avx512Bf16),
+                _ => None,
+            }
         })
     });
     match wanted {

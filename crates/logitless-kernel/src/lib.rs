@@ -10,6 +10,24 @@
 //! ignored rows: l_i = 0 and contribute nothing to any gradient.
 //! gradients are those of  L = Σ_i s_i · l_i  where s_i comes from `GradScale`.
 //! ```
+//!
+//! How it runs (see `fused.rs`): the non-ignored rows are taken in blocks whose full `[rows, V]` f32 logits fit
+//! in `Options::chunk_budget_bytes`. Per block: logits = H·Wᵀ (GEMM), epilogue + log-sum-exp + loss + the
+//! logits gradient in place (`rowpass.rs`), d_hidden = G·W (GEMM, complete for the block), d_weight += Gᵀ·H
+//! (GEMM), d_bias += Σ G. Three GEMMs' worth of flops, no recomputation.
+//!
+//! Engines, chosen at run time (never `target-cpu=native`; [`isa::current`], capped by [`isa::set_override`] or
+//! `LOGITLESS_KERNEL_ISA=portable|avx2|avx512|avx512bf16`):
+//! - f32 / f64: the `gemm` crate (its own runtime dispatch: AVX-512, AVX2+FMA, NEON, scalar) on the caller's
+//!   buffers, called in vocabulary slices so its packing buffers stay small;
+//! - bf16 with AVX512_BF16 (and even H and row strides): `dpbf16.rs`, `vdpbf16ps` micro-kernels reading bf16
+//!   directly, f32 accumulation; the logits gradient is rounded to bf16 for the two backward GEMMs (as a stock
+//!   bf16 backward does);
+//! - bf16 elsewhere, and f16: rows widened to f32 in chunks, then the f32 engine.
+//!
+//! The row pass has AVX-512, AVX2+FMA and portable builds of one generic body; the tests run every path.
+//! `parallel: false` uses no rayon at all (safe in a `fork()`ed child whose parent started a pool).
+//! `LOGITLESS_KERNEL_PROFILE=1` prints seconds per phase to stderr (benchmarking aid).
 #![forbid(unsafe_op_in_unsafe_fn)]
 
 #[cfg(target_arch = "x86_64")]
@@ -58,15 +76,37 @@ pub struct MatRef<'a, T> {
 
 impl<'a, T> MatRef<'a, T> {
     /// Checks that `data` holds every element the view addresses.
-    pub fn new(data: &'a [T], rows: usize, cols: usize, row_stride: usize) -> Result<Self, KernelError> {
-        let needed = if rows == 0 || cols == 0 { 0 } else { (rows - 1) * row_stride + cols };
+    pub fn new(
+        data: &'a [T],
+        rows: usize,
+        cols: usize,
+        row_stride: usize,
+    ) -> Result<Self, KernelError> {
+        let needed = if rows == 0 || cols == 0 {
+            0
+        } else {
+            (rows - 1) * row_stride + cols
+        };
         if rows > 1 && row_stride < cols {
-            return Err(KernelError::InvalidStride { what: "matrix", row_stride, cols });
+            return Err(KernelError::InvalidStride {
+                what: "matrix",
+                row_stride,
+                cols,
+            });
         }
         if data.len() < needed {
-            return Err(KernelError::BufferTooSmall { what: "matrix", needed, got: data.len() });
+            return Err(KernelError::BufferTooSmall {
+                what: "matrix",
+                needed,
+                got: data.len(),
+            });
         }
-        Ok(Self { data, rows, cols, row_stride })
+        Ok(Self {
+            data,
+            rows,
+            cols,
+            row_stride,
+        })
     }
     pub fn rows(&self) -> usize {
         self.rows
@@ -144,7 +184,11 @@ pub struct Grads<'a, T> {
 
 impl<T> Default for Grads<'_, T> {
     fn default() -> Self {
-        Self { d_hidden: None, d_weight: None, d_bias: None }
+        Self {
+            d_hidden: None,
+            d_weight: None,
+            d_bias: None,
+        }
     }
 }
 
@@ -158,16 +202,50 @@ pub struct LossSummary {
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum KernelError {
-    #[error("target {value} at row {row} is outside [0, {vocab}) and is not ignore_index ({ignore_index})")]
-    TargetOutOfRange { row: usize, value: i64, vocab: usize, ignore_index: i64 },
+    #[error(
+        "target {value} at row {row} is outside [0, {vocab}) and is not ignore_index ({ignore_index})"
+    )]
+    TargetOutOfRange {
+        row: usize,
+        value: i64,
+        vocab: usize,
+        ignore_index: i64,
+    },
     #[error("{what}: expected {expected}, got {got}")]
-    ShapeMismatch { what: &'static str, expected: String, got: String },
+    ShapeMismatch {
+        what: &'static str,
+        expected: String,
+        got: String,
+    },
     #[error("{what}: row stride {row_stride} is smaller than the row length {cols}")]
-    InvalidStride { what: &'static str, row_stride: usize, cols: usize },
+    InvalidStride {
+        what: &'static str,
+        row_stride: usize,
+        cols: usize,
+    },
     #[error("{what}: buffer holds {got} elements, the view needs {needed}")]
-    BufferTooSmall { what: &'static str, needed: usize, got: usize },
+    BufferTooSmall {
+        what: &'static str,
+        needed: usize,
+        got: usize,
+    },
     #[error("invalid option {what}: {why}")]
     InvalidOption { what: &'static str, why: String },
+}
+
+/// Benchmark support (not part of the API): the bf16 engine's GEMMs timed alone.
+#[doc(hidden)]
+pub mod bench_support {
+    /// Best-of-`reps` seconds of the three bf16 GEMMs (logits, d_hidden, d_weight) at full size on the
+    /// AVX512_BF16 engine, or `None` where that engine is not used (no AVX512_BF16, or odd `h`).
+    pub fn bf16_gemm_seconds(n: usize, h: usize, v: usize, reps: usize) -> Option<[f64; 3]> {
+        #[cfg(target_arch = "x86_64")]
+        if crate::isa::current() == crate::isa::Isa::Avx512Bf16 && h.is_multiple_of(2) {
+            return Some(crate::dpbf16::time_three(n, h, v, reps));
+        }
+        let _ = (n, h, v, reps);
+        None
+    }
 }
 
 /// Loss (always) and the requested gradients, in one pass.
@@ -189,12 +267,57 @@ pub fn fused_linear_cross_entropy<T: Element>(
     per_row_loss: Option<&mut [f64]>,
     grads: Grads<'_, T>,
 ) -> Result<LossSummary, KernelError> {
-    validate(&hidden, &weight, bias, targets, options, &grad_scale, per_row_loss.as_deref(), &grads)?;
+    validate(
+        &hidden,
+        &weight,
+        bias,
+        targets,
+        options,
+        &grad_scale,
+        per_row_loss.as_deref(),
+        &grads,
+    )?;
     match T::DTYPE {
-        DType::F32 => run_as::<T, f32>(hidden, weight, bias, targets, options, grad_scale, per_row_loss, grads),
-        DType::F64 => run_as::<T, f64>(hidden, weight, bias, targets, options, grad_scale, per_row_loss, grads),
-        DType::BF16 => run_as::<T, bf16>(hidden, weight, bias, targets, options, grad_scale, per_row_loss, grads),
-        DType::F16 => run_as::<T, f16>(hidden, weight, bias, targets, options, grad_scale, per_row_loss, grads),
+        DType::F32 => run_as::<T, f32>(
+            hidden,
+            weight,
+            bias,
+            targets,
+            options,
+            grad_scale,
+            per_row_loss,
+            grads,
+        ),
+        DType::F64 => run_as::<T, f64>(
+            hidden,
+            weight,
+            bias,
+            targets,
+            options,
+            grad_scale,
+            per_row_loss,
+            grads,
+        ),
+        DType::BF16 => run_as::<T, bf16>(
+            hidden,
+            weight,
+            bias,
+            targets,
+            options,
+            grad_scale,
+            per_row_loss,
+            grads,
+        ),
+        DType::F16 => run_as::<T, f16>(
+            hidden,
+            weight,
+            bias,
+            targets,
+            options,
+            grad_scale,
+            per_row_loss,
+            grads,
+        ),
     }
 }
 
@@ -204,7 +327,9 @@ fn cast<T: 'static, S: 'static>(x: &[T]) -> Result<&[S], KernelError> {
     if std::any::TypeId::of::<T>() != std::any::TypeId::of::<S>() {
         return Err(KernelError::InvalidOption {
             what: "element type",
-            why: "Element::DTYPE does not match the type (only f32, f64, bf16 and f16 are supported)".into(),
+            why:
+                "Element::DTYPE does not match the type (only f32, f64, bf16 and f16 are supported)"
+                    .into(),
         });
     }
     // SAFETY: T and S are the same type (checked above), so pointer, length and alignment carry over.
@@ -217,13 +342,20 @@ fn cast_mut<T: 'static, S: 'static>(x: Option<&mut [T]>) -> Result<Option<&mut [
         Some(x) => {
             cast::<T, S>(&[])?;
             // SAFETY: T and S are the same type (checked just above); the exclusive borrow moves into the result.
-            Ok(Some(unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast::<S>(), x.len()) }))
+            Ok(Some(unsafe {
+                std::slice::from_raw_parts_mut(x.as_mut_ptr().cast::<S>(), x.len())
+            }))
         }
     }
 }
 
 fn cast_mat<'a, T: 'static, S: 'static>(m: MatRef<'a, T>) -> Result<MatRef<'a, S>, KernelError> {
-    Ok(MatRef { data: cast(m.data)?, rows: m.rows, cols: m.cols, row_stride: m.row_stride })
+    Ok(MatRef {
+        data: cast(m.data)?,
+        rows: m.rows,
+        cols: m.cols,
+        row_stride: m.row_stride,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -257,13 +389,20 @@ fn check_len(what: &'static str, got: usize, expected: usize) -> Result<(), Kern
     if got == expected {
         Ok(())
     } else {
-        Err(KernelError::ShapeMismatch { what, expected: format!("length {expected}"), got: format!("length {got}") })
+        Err(KernelError::ShapeMismatch {
+            what,
+            expected: format!("length {expected}"),
+            got: format!("length {got}"),
+        })
     }
 }
 
 fn check_finite(what: &'static str, x: Option<f32>) -> Result<(), KernelError> {
     match x {
-        Some(x) if !x.is_finite() => Err(KernelError::InvalidOption { what, why: format!("{x} is not finite") }),
+        Some(x) if !x.is_finite() => Err(KernelError::InvalidOption {
+            what,
+            why: format!("{x} is not finite"),
+        }),
         _ => Ok(()),
     }
 }
@@ -282,10 +421,17 @@ fn validate<T>(
     let (n, h, v) = (hidden.rows(), hidden.cols(), weight.rows());
     check_len("targets", targets.len(), n)?;
     let ignore_index = options.ignore_index;
-    if let Some((row, &value)) =
-        targets.iter().enumerate().find(|&(_, &t)| t != ignore_index && (t < 0 || t as u64 >= v as u64))
+    if let Some((row, &value)) = targets
+        .iter()
+        .enumerate()
+        .find(|&(_, &t)| t != ignore_index && (t < 0 || t as u64 >= v as u64))
     {
-        return Err(KernelError::TargetOutOfRange { row, value, vocab: v, ignore_index });
+        return Err(KernelError::TargetOutOfRange {
+            row,
+            value,
+            vocab: v,
+            ignore_index,
+        });
     }
     if weight.cols() != h {
         return Err(KernelError::ShapeMismatch {
@@ -317,7 +463,10 @@ fn validate<T>(
     }
     let eps = options.label_smoothing;
     if !(0.0..=1.0).contains(&eps) {
-        return Err(KernelError::InvalidOption { what: "label_smoothing", why: format!("{eps} is not in [0, 1]") });
+        return Err(KernelError::InvalidOption {
+            what: "label_smoothing",
+            why: format!("{eps} is not in [0, 1]"),
+        });
     }
     check_finite("z_loss", Some(options.z_loss))?;
     check_finite("scale_multiply", options.epilogue.scale_multiply)?;
@@ -326,7 +475,10 @@ fn validate<T>(
     if let GradScale::Uniform(s) = grad_scale
         && !s.is_finite()
     {
-        return Err(KernelError::InvalidOption { what: "grad_scale", why: format!("{s} is not finite") });
+        return Err(KernelError::InvalidOption {
+            what: "grad_scale",
+            why: format!("{s} is not finite"),
+        });
     }
     Ok(())
 }

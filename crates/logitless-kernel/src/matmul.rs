@@ -11,14 +11,24 @@ pub(crate) struct Layout {
 
 impl Layout {
     pub const fn row_major(row_stride: usize) -> Self {
-        Self { rs: row_stride, cs: 1 }
+        Self {
+            rs: row_stride,
+            cs: 1,
+        }
     }
     /// The transpose of a row-major view with this row stride.
     pub const fn transposed(row_stride: usize) -> Self {
-        Self { rs: 1, cs: row_stride }
+        Self {
+            rs: 1,
+            cs: row_stride,
+        }
     }
     fn extent(self, rows: usize, cols: usize) -> usize {
-        if rows == 0 || cols == 0 { 0 } else { (rows - 1) * self.rs + (cols - 1) * self.cs + 1 }
+        if rows == 0 || cols == 0 {
+            0
+        } else {
+            (rows - 1) * self.rs + (cols - 1) * self.cs + 1
+        }
     }
 }
 
@@ -36,9 +46,18 @@ pub(crate) fn matmul<C: Real>(
     rl: Layout,
     parallel: bool,
 ) {
-    assert!(dst.len() >= dl.extent(m, n), "matmul: dst view out of bounds");
-    assert!(lhs.len() >= ll.extent(m, k), "matmul: lhs view out of bounds");
-    assert!(rhs.len() >= rl.extent(k, n), "matmul: rhs view out of bounds");
+    assert!(
+        dst.len() >= dl.extent(m, n),
+        "matmul: dst view out of bounds"
+    );
+    assert!(
+        lhs.len() >= ll.extent(m, k),
+        "matmul: lhs view out of bounds"
+    );
+    assert!(
+        rhs.len() >= rl.extent(k, n),
+        "matmul: rhs view out of bounds"
+    );
     assert!(dl.rs != 0 || m <= 1, "matmul: aliased dst rows");
     if m == 0 || n == 0 {
         return;

@@ -54,13 +54,25 @@ pub(crate) fn process_row<C: Real>(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
-fn row_avx512<C: Real>(row: &mut [C], target: usize, s: C, grad: bool, p: &RowParams<'_, C>) -> RowResult {
+fn row_avx512<C: Real>(
+    row: &mut [C],
+    target: usize,
+    s: C,
+    grad: bool,
+    p: &RowParams<'_, C>,
+) -> RowResult {
     row_body(row, target, s, grad, p)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn row_avx2<C: Real>(row: &mut [C], target: usize, s: C, grad: bool, p: &RowParams<'_, C>) -> RowResult {
+fn row_avx2<C: Real>(
+    row: &mut [C],
+    target: usize,
+    s: C,
+    grad: bool,
+    p: &RowParams<'_, C>,
+) -> RowResult {
     row_body(row, target, s, grad, p)
 }
 
@@ -106,7 +118,13 @@ fn lane_max<C: Real>(xs: &[C]) -> C {
 }
 
 #[inline(always)]
-fn row_body<C: Real>(row: &mut [C], target: usize, s: C, grad: bool, p: &RowParams<'_, C>) -> RowResult {
+fn row_body<C: Real>(
+    row: &mut [C],
+    target: usize,
+    s: C,
+    grad: bool,
+    p: &RowParams<'_, C>,
+) -> RowResult {
     let v = row.len();
     // Epilogue, one vectorisable loop per step, in the spec's order.
     if let Some(b) = p.bias {
@@ -142,7 +160,7 @@ fn row_body<C: Real>(row: &mut [C], target: usize, s: C, grad: bool, p: &RowPara
     }
     if grad {
         // p_j = exp(z_j - max) / Σ: z_j - max is exact near the top, where rounding lse to C would not be.
-        let a = s * C::from_f64((1.0 + 1.0 * p.z_loss * lse) / sum_exp.to_f64());
+        let a = s * C::from_f64((1.0 + 2.0 * p.z_loss * lse) / sum_exp.to_f64());
         let base = s * C::from_f64(eps / v as f64);
         let onehot = s * C::from_f64(1.0 - eps);
         match p.softcap {

@@ -9,10 +9,24 @@ use half::{bf16, f16};
 fn shapes_all_dtypes() {
     let mut rng = Rng::new(1);
     // V not a multiple of any tile (1, 5, 17, 101, 1000), N = 1, H odd, H = 1.
-    for &(n, h, v) in &[(1, 1, 1), (1, 7, 5), (3, 5, 17), (2, 1, 3), (17, 33, 101), (40, 48, 257), (5, 3, 1000)] {
+    for &(n, h, v) in &[
+        (1, 1, 1),
+        (1, 7, 5),
+        (3, 5, 17),
+        (2, 1, 3),
+        (17, 33, 101),
+        (40, 48, 257),
+        (5, 3, 1000),
+    ] {
         let case = Case::random(&mut rng, n, h, v, 0.25);
         check_all(&case, Want::default());
-        check_all(&case, Want { parallel: false, ..Want::default() });
+        check_all(
+            &case,
+            Want {
+                parallel: false,
+                ..Want::default()
+            },
+        );
     }
 }
 
@@ -31,14 +45,37 @@ fn each_epilogue_step_alone() {
     let base = Case::random(&mut rng, 11, 12, 53, 0.2);
     let lb: Vec<f32> = rng.vec(53, 3.0).iter().map(|&x| x as f32).collect();
     let variants: Vec<Case> = vec![
-        Case { logits_bias: Some(lb.clone()), ..base.clone() },
-        Case { multiply: Some(2.5), ..base.clone() },
-        Case { divide: Some(0.3), ..base.clone() },
-        Case { softcap: Some(1.5), ..base.clone() },
+        Case {
+            logits_bias: Some(lb.clone()),
+            ..base.clone()
+        },
+        Case {
+            multiply: Some(2.5),
+            ..base.clone()
+        },
+        Case {
+            divide: Some(0.3),
+            ..base.clone()
+        },
+        Case {
+            softcap: Some(1.5),
+            ..base.clone()
+        },
         // Zero means "not set" (spec 1.2: each step only when set and non-zero).
-        Case { multiply: Some(0.0), divide: Some(0.0), softcap: Some(0.0), ..base.clone() },
-        Case { smoothing: 0.3, ..base.clone() },
-        Case { z_loss: 1e-2, ..base.clone() },
+        Case {
+            multiply: Some(0.0),
+            divide: Some(0.0),
+            softcap: Some(0.0),
+            ..base.clone()
+        },
+        Case {
+            smoothing: 0.3,
+            ..base.clone()
+        },
+        Case {
+            z_loss: 1e-2,
+            ..base.clone()
+        },
     ];
     for case in &variants {
         check_all(case, Want::default());
@@ -58,7 +95,14 @@ fn everything_together() {
     case.z_loss = 1e-3;
     case.row_scale = Some(rng.vec(23, 2.0).iter().map(|&x| x as f32).collect());
     check_all(&case, Want::default());
-    check_all(&case, Want { parallel: false, budget: 1, ..Want::default() });
+    check_all(
+        &case,
+        Want {
+            parallel: false,
+            budget: 1,
+            ..Want::default()
+        },
+    );
 }
 
 #[test]
@@ -70,7 +114,10 @@ fn all_targets_ignored() {
     let got = common::run::<f32>(&case, Want::default());
     assert_eq!(got.summary.loss_sum, 0.0);
     assert_eq!(got.summary.count, 0);
-    for g in [got.d_hidden, got.d_weight, got.d_bias, got.per_row].into_iter().flatten() {
+    for g in [got.d_hidden, got.d_weight, got.d_bias, got.per_row]
+        .into_iter()
+        .flatten()
+    {
         assert!(g.iter().all(|&x| x == 0.0));
     }
 }
@@ -92,7 +139,10 @@ fn huge_logits_do_not_overflow() {
     case.hidden.iter_mut().for_each(|x| *x *= 1e4);
     let got = common::run::<f32>(&case, Want::default());
     assert!(got.summary.loss_sum.is_finite());
-    for g in [&got.d_hidden, &got.d_weight, &got.d_bias].into_iter().flatten() {
+    for g in [&got.d_hidden, &got.d_weight, &got.d_bias]
+        .into_iter()
+        .flatten()
+    {
         assert!(g.iter().all(|x| x.is_finite()));
     }
     check::<f64>(&case, Want::default());
@@ -100,12 +150,27 @@ fn huge_logits_do_not_overflow() {
     check::<bf16>(&case, Want::default());
     // With softcap the logits saturate at ±30 and the gradient is a sliver of 1 - tanh² that f32 cannot resolve
     // relative to itself; f64 must still match tightly, f32 to 1e-3 of the unsaturated gradient size.
-    let capped = Case { softcap: Some(30.0), ..case };
+    let capped = Case {
+        softcap: Some(30.0),
+        ..case
+    };
     check::<f64>(&capped, Want::default());
     let got = common::run::<f32>(&capped, Want::default());
     let want = common::reference(&capped.clone().rounded::<f32>());
-    common::assert_close("capped d_hidden", &got.d_hidden.unwrap_or_default(), &want.d_hidden, 1e-3, 1.0);
-    common::assert_close("capped per_row", &got.per_row.unwrap_or_default(), &want.per_row, 1e-5, 100.0);
+    common::assert_close(
+        "capped d_hidden",
+        &got.d_hidden.unwrap_or_default(),
+        &want.d_hidden,
+        1e-3,
+        1.0,
+    );
+    common::assert_close(
+        "capped per_row",
+        &got.per_row.unwrap_or_default(),
+        &want.per_row,
+        1e-5,
+        100.0,
+    );
 }
 
 #[test]
@@ -132,9 +197,19 @@ fn strided_inputs() {
     let mut rng = Rng::new(9);
     let case = Case::random(&mut rng, 13, 10, 37, 0.2);
     for (ph, pw) in [(3, 0), (0, 5), (7, 11)] {
-        let w = Want { pad_hidden: ph, pad_weight: pw, ..Want::default() };
+        let w = Want {
+            pad_hidden: ph,
+            pad_weight: pw,
+            ..Want::default()
+        };
         check_all(&case, w);
-        check_all(&case, Want { parallel: false, ..w });
+        check_all(
+            &case,
+            Want {
+                parallel: false,
+                ..w
+            },
+        );
     }
 }
 
@@ -147,8 +222,21 @@ fn small_budgets_force_many_blocks_and_chunks() {
     case.smoothing = 0.05;
     // 1 byte: one row per block, one W row per converted chunk; the others land in between.
     for budget in [1, 4 * 203 * 3, 20_000, 100_000] {
-        check_all(&case, Want { budget, ..Want::default() });
-        check_all(&case, Want { budget, parallel: false, ..Want::default() });
+        check_all(
+            &case,
+            Want {
+                budget,
+                ..Want::default()
+            },
+        );
+        check_all(
+            &case,
+            Want {
+                budget,
+                parallel: false,
+                ..Want::default()
+            },
+        );
     }
 }
 
@@ -159,7 +247,79 @@ fn larger_shape_crossing_gemm_tiles() {
     case.hidden.iter_mut().for_each(|x| *x *= 0.3);
     check::<f32>(&case, Want::default());
     check::<bf16>(&case, Want::default());
-    check::<f16>(&case, Want { budget: 200_000, ..Want::default() });
-    check::<f64>(&case, Want { budget: 200_000, ..Want::default() });
+    check::<f16>(
+        &case,
+        Want {
+            budget: 200_000,
+            ..Want::default()
+        },
+    );
+    check::<f64>(
+        &case,
+        Want {
+            budget: 200_000,
+            ..Want::default()
+        },
+    );
 }
 
+#[test]
+fn bf16_blocks_rounded_to_32_rows_and_partial_tiles() {
+    // About 40 rows fit this budget on the AVX512_BF16 path (rounded down to 32): blocks of 32, 32, 32 and 4,
+    // partial micro-tiles in every GEMM; the same budget exercises other splits on the other paths.
+    let mut rng = Rng::new(12);
+    let mut case = Case::random(&mut rng, 100, 64, 300, 0.0);
+    case.hidden.iter_mut().for_each(|x| *x *= 0.5);
+    case.bias = Some(rng.vec(300, 1.0));
+    for budget in [127_728, 60_000] {
+        check::<bf16>(
+            &case,
+            Want {
+                budget,
+                ..Want::default()
+            },
+        );
+        check::<bf16>(
+            &case,
+            Want {
+                budget,
+                parallel: false,
+                pad_hidden: 2,
+                pad_weight: 6,
+                ..Want::default()
+            },
+        );
+    }
+}
+
+#[test]
+fn single_row_views_may_have_short_strides() {
+    // MatRef accepts row_stride < cols when there is one row; V = 1 gives lse = z_0, so the loss is exactly
+    // ε·0 + (1-ε)·0 = 0 without z_loss, and every gradient is 0.
+    use logitless_kernel::{GradScale, Grads, MatRef, Options, fused_linear_cross_entropy};
+    let x = [bf16::from_f32(0.5); 8];
+    let w = [bf16::from_f32(0.25); 4];
+    let mut dh = [bf16::from_f32(9.0); 8];
+    let mut dw = [bf16::from_f32(9.0); 4];
+    let s = fused_linear_cross_entropy(
+        MatRef::new(&x, 2, 4, 4).expect("hidden"),
+        MatRef::new(&w, 1, 4, 0).expect("weight"),
+        None,
+        &[0, 0],
+        &Options {
+            label_smoothing: 0.3,
+            ..Options::default()
+        },
+        GradScale::Uniform(1.0),
+        None,
+        Grads {
+            d_hidden: Some(&mut dh),
+            d_weight: Some(&mut dw),
+            d_bias: None,
+        },
+    )
+    .expect("kernel");
+    assert_eq!(s.count, 2);
+    assert!(s.loss_sum.abs() < 1e-6, "{}", s.loss_sum);
+    assert!(dh.iter().chain(dw.iter()).all(|g| g.to_f32().abs() < 1e-6));
+}

@@ -24,7 +24,10 @@ fn call(
         options,
         GradScale::Uniform(1.0),
         None,
-        Grads { d_hidden: Some(&mut dh), ..Grads::default() },
+        Grads {
+            d_hidden: Some(&mut dh),
+            ..Grads::default()
+        },
     );
     // Nothing is written when the call is refused.
     if r.is_err() {
@@ -36,23 +39,62 @@ fn call(
 #[test]
 fn target_out_of_range_names_row_and_value() {
     let o = Options::default();
-    let e = call(4, 3, 10, &[1, -100, 10, 3], &o, 12).unwrap_err();
-    assert_eq!(e, KernelError::TargetOutOfRange { row: 2, value: 10, vocab: 10, ignore_index: -100 });
+    let e = call(4, 3, 10, &[1, -100, 10, 3], &o, 12).expect_err("must be refused");
+    assert_eq!(
+        e,
+        KernelError::TargetOutOfRange {
+            row: 2,
+            value: 10,
+            vocab: 10,
+            ignore_index: -100
+        }
+    );
     assert!(e.to_string().contains("target 10 at row 2"), "{e}");
-    let e = call(3, 3, 10, &[0, -1, -7], &o, 9).unwrap_err();
-    assert_eq!(e, KernelError::TargetOutOfRange { row: 1, value: -1, vocab: 10, ignore_index: -100 });
+    let e = call(3, 3, 10, &[0, -1, -7], &o, 9).expect_err("must be refused");
+    assert_eq!(
+        e,
+        KernelError::TargetOutOfRange {
+            row: 1,
+            value: -1,
+            vocab: 10,
+            ignore_index: -100
+        }
+    );
     // -100 is fine by default but not when another ignore_index is chosen.
-    let o = Options { ignore_index: -1, ..Options::default() };
-    let e = call(2, 3, 10, &[-1, -100], &o, 6).unwrap_err();
-    assert_eq!(e, KernelError::TargetOutOfRange { row: 1, value: -100, vocab: 10, ignore_index: -1 });
+    let o = Options {
+        ignore_index: -1,
+        ..Options::default()
+    };
+    let e = call(2, 3, 10, &[-1, -100], &o, 6).expect_err("must be refused");
+    assert_eq!(
+        e,
+        KernelError::TargetOutOfRange {
+            row: 1,
+            value: -100,
+            vocab: 10,
+            ignore_index: -1
+        }
+    );
     assert!(call(2, 3, 10, &[-1, 9], &o, 6).is_ok());
 }
 
 #[test]
 fn shape_mismatches() {
     let o = Options::default();
-    assert!(matches!(call(4, 3, 10, &[1, 2, 3], &o, 12), Err(KernelError::ShapeMismatch { what: "targets", .. })));
-    assert!(matches!(call(2, 3, 10, &[1, 2], &o, 5), Err(KernelError::ShapeMismatch { what: "d_hidden", .. })));
+    assert!(matches!(
+        call(4, 3, 10, &[1, 2, 3], &o, 12),
+        Err(KernelError::ShapeMismatch {
+            what: "targets",
+            ..
+        })
+    ));
+    assert!(matches!(
+        call(2, 3, 10, &[1, 2], &o, 5),
+        Err(KernelError::ShapeMismatch {
+            what: "d_hidden",
+            ..
+        })
+    ));
 
     let x = vec![1.0f32; 6];
     let w = vec![1.0f32; 40];
@@ -68,7 +110,10 @@ fn shape_mismatches() {
         None,
         Grads::<f32>::default(),
     );
-    assert!(matches!(r, Err(KernelError::ShapeMismatch { what: "weight", .. })), "{r:?}");
+    assert!(
+        matches!(r, Err(KernelError::ShapeMismatch { what: "weight", .. })),
+        "{r:?}"
+    );
 
     let weight = MatRef::new(&w[..30], 10, 3, 3).expect("view");
     let bias = vec![0.0f32; 9];
@@ -77,19 +122,96 @@ fn shape_mismatches() {
     let mut dw = vec![0.0f32; 29];
     let mut db = vec![0.0f32; 11];
     let cases: Vec<(&str, Result<_, _>)> = vec![
-        ("bias", fused_linear_cross_entropy(hidden, weight, Some(&bias), &[0, 1], &o, GradScale::Uniform(1.0), None,
-            Grads::default())),
-        ("logits_bias", fused_linear_cross_entropy(hidden, weight, None, &[0, 1],
-            &Options { epilogue: Epilogue { logits_bias: Some(&lb), ..Epilogue::default() }, ..o },
-            GradScale::Uniform(1.0), None, Grads::default())),
-        ("grad_scale (per row)", fused_linear_cross_entropy(hidden, weight, None, &[0, 1], &o,
-            GradScale::PerRow(&[1.0]), None, Grads::default())),
-        ("per_row_loss", fused_linear_cross_entropy(hidden, weight, None, &[0, 1], &o, GradScale::Uniform(1.0),
-            Some(&mut loss), Grads::default())),
-        ("d_weight", fused_linear_cross_entropy(hidden, weight, None, &[0, 1], &o, GradScale::Uniform(1.0), None,
-            Grads { d_weight: Some(&mut dw), ..Grads::default() })),
-        ("d_bias", fused_linear_cross_entropy(hidden, weight, None, &[0, 1], &o, GradScale::Uniform(1.0), None,
-            Grads { d_bias: Some(&mut db), ..Grads::default() })),
+        (
+            "bias",
+            fused_linear_cross_entropy(
+                hidden,
+                weight,
+                Some(&bias),
+                &[0, 1],
+                &o,
+                GradScale::Uniform(1.0),
+                None,
+                Grads::default(),
+            ),
+        ),
+        (
+            "logits_bias",
+            fused_linear_cross_entropy(
+                hidden,
+                weight,
+                None,
+                &[0, 1],
+                &Options {
+                    epilogue: Epilogue {
+                        logits_bias: Some(&lb),
+                        ..Epilogue::default()
+                    },
+                    ..o
+                },
+                GradScale::Uniform(1.0),
+                None,
+                Grads::default(),
+            ),
+        ),
+        (
+            "grad_scale (per row)",
+            fused_linear_cross_entropy(
+                hidden,
+                weight,
+                None,
+                &[0, 1],
+                &o,
+                GradScale::PerRow(&[1.0]),
+                None,
+                Grads::default(),
+            ),
+        ),
+        (
+            "per_row_loss",
+            fused_linear_cross_entropy(
+                hidden,
+                weight,
+                None,
+                &[0, 1],
+                &o,
+                GradScale::Uniform(1.0),
+                Some(&mut loss),
+                Grads::default(),
+            ),
+        ),
+        (
+            "d_weight",
+            fused_linear_cross_entropy(
+                hidden,
+                weight,
+                None,
+                &[0, 1],
+                &o,
+                GradScale::Uniform(1.0),
+                None,
+                Grads {
+                    d_weight: Some(&mut dw),
+                    ..Grads::default()
+                },
+            ),
+        ),
+        (
+            "d_bias",
+            fused_linear_cross_entropy(
+                hidden,
+                weight,
+                None,
+                &[0, 1],
+                &o,
+                GradScale::Uniform(1.0),
+                None,
+                Grads {
+                    d_bias: Some(&mut db),
+                    ..Grads::default()
+                },
+            ),
+        ),
     ];
     for (what, r) in cases {
         match r {
@@ -102,8 +224,22 @@ fn shape_mismatches() {
 #[test]
 fn bad_views() {
     let x = vec![bf16::ZERO; 10];
-    assert!(matches!(MatRef::new(&x, 3, 4, 3), Err(KernelError::InvalidStride { row_stride: 3, cols: 4, .. })));
-    assert!(matches!(MatRef::new(&x, 3, 4, 4), Err(KernelError::BufferTooSmall { needed: 12, got: 10, .. })));
+    assert!(matches!(
+        MatRef::new(&x, 3, 4, 3),
+        Err(KernelError::InvalidStride {
+            row_stride: 3,
+            cols: 4,
+            ..
+        })
+    ));
+    assert!(matches!(
+        MatRef::new(&x, 3, 4, 4),
+        Err(KernelError::BufferTooSmall {
+            needed: 12,
+            got: 10,
+            ..
+        })
+    ));
     // Strided: the last row needs only `cols` elements.
     assert!(MatRef::new(&x, 2, 4, 6).is_ok());
     assert!(MatRef::new(&x, 0, 4, 4).is_ok());
@@ -112,15 +248,45 @@ fn bad_views() {
 #[test]
 fn invalid_options() {
     let bad = [
-        Options { label_smoothing: 1.5, ..Options::default() },
-        Options { label_smoothing: -0.1, ..Options::default() },
-        Options { label_smoothing: f32::NAN, ..Options::default() },
-        Options { z_loss: f32::INFINITY, ..Options::default() },
-        Options { epilogue: Epilogue { softcap: Some(f32::NAN), ..Epilogue::default() }, ..Options::default() },
-        Options { epilogue: Epilogue { scale_divide: Some(f32::INFINITY), ..Epilogue::default() }, ..Options::default() },
+        Options {
+            label_smoothing: 1.5,
+            ..Options::default()
+        },
+        Options {
+            label_smoothing: -0.1,
+            ..Options::default()
+        },
+        Options {
+            label_smoothing: f32::NAN,
+            ..Options::default()
+        },
+        Options {
+            z_loss: f32::INFINITY,
+            ..Options::default()
+        },
+        Options {
+            epilogue: Epilogue {
+                softcap: Some(f32::NAN),
+                ..Epilogue::default()
+            },
+            ..Options::default()
+        },
+        Options {
+            epilogue: Epilogue {
+                scale_divide: Some(f32::INFINITY),
+                ..Epilogue::default()
+            },
+            ..Options::default()
+        },
     ];
     for o in &bad {
-        assert!(matches!(call(2, 3, 5, &[0, 1], o, 6), Err(KernelError::InvalidOption { .. })), "{o:?}");
+        assert!(
+            matches!(
+                call(2, 3, 5, &[0, 1], o, 6),
+                Err(KernelError::InvalidOption { .. })
+            ),
+            "{o:?}"
+        );
     }
     let x = vec![1.0f32; 6];
     let w = vec![1.0f32; 15];
@@ -134,7 +300,13 @@ fn invalid_options() {
         None,
         Grads::<f32>::default(),
     );
-    assert!(matches!(r, Err(KernelError::InvalidOption { what: "grad_scale", .. })));
+    assert!(matches!(
+        r,
+        Err(KernelError::InvalidOption {
+            what: "grad_scale",
+            ..
+        })
+    ));
 }
 
 #[test]
@@ -143,5 +315,8 @@ fn empty_inputs() {
     let o = Options::default();
     assert!(call(0, 3, 5, &[], &o, 0).is_ok());
     assert!(call(2, 3, 0, &[-100, -100], &o, 6).is_ok());
-    assert!(matches!(call(1, 3, 0, &[0], &o, 3), Err(KernelError::TargetOutOfRange { .. })));
+    assert!(matches!(
+        call(1, 3, 0, &[0], &o, 3),
+        Err(KernelError::TargetOutOfRange { .. })
+    ));
 }

@@ -7,14 +7,30 @@ use common::{Case, Rng, Want};
 
 /// Σ_i s_i·l_i as the kernel computes it (per-row losses, weighted in f64 here).
 fn weighted_loss(c: &Case) -> f64 {
-    let got = common::run::<f64>(c, Want { d_hidden: false, d_weight: false, d_bias: false, ..Want::default() });
+    let got = common::run::<f64>(
+        c,
+        Want {
+            d_hidden: false,
+            d_weight: false,
+            d_bias: false,
+            ..Want::default()
+        },
+    );
     let per_row = got.per_row.unwrap_or_default();
-    per_row.iter().enumerate().map(|(i, l)| c.scale_of(i) * l).sum()
+    per_row
+        .iter()
+        .enumerate()
+        .map(|(i, l)| c.scale_of(i) * l)
+        .sum()
 }
 
 fn check_fd(case: &Case, seed: u64) {
     let got = common::run::<f64>(case, Want::default());
-    let (dh, dw, db) = (got.d_hidden.unwrap_or_default(), got.d_weight.unwrap_or_default(), got.d_bias.unwrap_or_default());
+    let (dh, dw, db) = (
+        got.d_hidden.unwrap_or_default(),
+        got.d_weight.unwrap_or_default(),
+        got.d_bias.unwrap_or_default(),
+    );
     let mut rng = Rng::new(seed);
     let step = 1e-6;
     // A handful of coordinates of each gradient (all of them would be slow and add nothing).
@@ -24,22 +40,38 @@ fn check_fd(case: &Case, seed: u64) {
         plus.hidden[k] += step;
         minus.hidden[k] -= step;
         let fd = (weighted_loss(&plus) - weighted_loss(&minus)) / (2.0 * step);
-        assert!((fd - dh[k]).abs() <= 1e-6 * (1.0 + fd.abs()), "d_hidden[{k}]: fd {fd} vs {}", dh[k]);
+        assert!(
+            (fd - dh[k]).abs() <= 1e-6 * (1.0 + fd.abs()),
+            "d_hidden[{k}]: fd {fd} vs {}",
+            dh[k]
+        );
 
         let k = rng.below(case.weight.len());
         let (mut plus, mut minus) = (case.clone(), case.clone());
         plus.weight[k] += step;
         minus.weight[k] -= step;
         let fd = (weighted_loss(&plus) - weighted_loss(&minus)) / (2.0 * step);
-        assert!((fd - dw[k]).abs() <= 1e-6 * (1.0 + fd.abs()), "d_weight[{k}]: fd {fd} vs {}", dw[k]);
+        assert!(
+            (fd - dw[k]).abs() <= 1e-6 * (1.0 + fd.abs()),
+            "d_weight[{k}]: fd {fd} vs {}",
+            dw[k]
+        );
 
         if let Some(b) = &case.bias {
             let k = rng.below(b.len());
             let (mut plus, mut minus) = (case.clone(), case.clone());
-            plus.bias.as_mut().map(|b| b[k] += step);
-            minus.bias.as_mut().map(|b| b[k] -= step);
+            let mut pb = b.clone();
+            let mut mb = b.clone();
+            pb[k] += step;
+            mb[k] -= step;
+            plus.bias = Some(pb);
+            minus.bias = Some(mb);
             let fd = (weighted_loss(&plus) - weighted_loss(&minus)) / (2.0 * step);
-            assert!((fd - db[k]).abs() <= 1e-6 * (1.0 + fd.abs()), "d_bias[{k}]: fd {fd} vs {}", db[k]);
+            assert!(
+                (fd - db[k]).abs() <= 1e-6 * (1.0 + fd.abs()),
+                "d_bias[{k}]: fd {fd} vs {}",
+                db[k]
+            );
         }
     }
 }
@@ -72,10 +104,21 @@ fn budget_forcing_one_row_blocks() {
     let mut case = Case::random(&mut rng, 5, 4, 17, 0.0);
     case.softcap = Some(3.0);
     case.smoothing = 0.1;
-    let got = common::run::<f64>(&case, Want { budget: 1, ..Want::default() });
+    let got = common::run::<f64>(
+        &case,
+        Want {
+            budget: 1,
+            ..Want::default()
+        },
+    );
     let full = common::run::<f64>(&case, Want::default());
     // The split into blocks must not change f64 results beyond rounding.
-    for (a, b) in got.d_weight.unwrap_or_default().iter().zip(full.d_weight.unwrap_or_default().iter()) {
+    for (a, b) in got
+        .d_weight
+        .unwrap_or_default()
+        .iter()
+        .zip(full.d_weight.unwrap_or_default().iter())
+    {
         assert!((a - b).abs() <= 1e-12 * (1.0 + b.abs()));
     }
     check_fd(&case, 3);

@@ -12,7 +12,11 @@ fn every_path_matches_the_reference() {
     let best = isa::detected();
     let mut paths = vec![Isa::Portable];
     for p in [Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16] {
-        let rank = |i: Isa| [Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16].iter().position(|&x| x == i);
+        let rank = |i: Isa| {
+            [Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16]
+                .iter()
+                .position(|&x| x == i)
+        };
         if rank(p) <= rank(best) {
             paths.push(p);
         }
@@ -31,8 +35,23 @@ fn every_path_matches_the_reference() {
         assert_eq!(isa::current(), p);
         for case in [&full, &plain] {
             check_all(case, Want::default());
-            check_all(case, Want { parallel: false, budget: 3000, ..Want::default() });
-            check::<bf16>(case, Want { pad_hidden: 2, pad_weight: 4, budget: 9000, ..Want::default() });
+            check_all(
+                case,
+                Want {
+                    parallel: false,
+                    budget: 3000,
+                    ..Want::default()
+                },
+            );
+            check::<bf16>(
+                case,
+                Want {
+                    pad_hidden: 2,
+                    pad_weight: 4,
+                    budget: 9000,
+                    ..Want::default()
+                },
+            );
         }
     }
     isa::set_override(None);

@@ -4,39 +4,19 @@
 //! epilogue statements on the logits (possibly under a guard), statements that do not touch the logits
 //! ("setup", kept verbatim), and finally the head call `logits = self.<head>(hidden)`. Everything else refuses.
 
-use ruff_python_ast::{CmpOp, Expr, Stmt, StmtFunctionDef, StmtIf};
+use ruff_python_ast::{Expr, Stmt, StmtFunctionDef, StmtIf};
 use ruff_text_size::Ranged;
 
 use crate::epilogue::{
-    EpilogueKind, EpilogueStep, HeadProblem, Op, is_minus_one, parse_epilogue, parse_head,
+    EpilogueStep, HeadProblem, Op, epilogue_walrus_names, merge_epilogue, parse_epilogue,
+    parse_head,
 };
+use crate::loss::{LossCall, LossForm, find_loss_call, labels_test};
 use crate::refusal::{ReasonCode as R, Refusal};
 use crate::source::{
-    Source, atom_text, bound_names, dotted, expr_reads, has_call, is_name, stmt_binds, stmt_reads,
+    Source, bound_names, expr_reads, has_call, is_name, mutates_in_place, refuse, simple_assign,
+    stmt_binds, stmt_reads,
 };
-
-/// How the loss is computed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LossForm {
-    /// `self.loss_function(logits, labels, vocab_size, ...)`.
-    LossFunction,
-    /// `CrossEntropyLoss()(logits.view(-1, V), labels.view(-1))`: token-level CE on already-aligned labels,
-    /// fused as `shift_labels=labels` (no shift, mean over non-ignored tokens).
-    CrossEntropy,
-    /// `CrossEntropyLoss()` on `logits[..., :-1, :]` and `labels[..., 1:]` (the 4.x manual shift): the causal
-    /// loss with its mean, fused as `hf_loss(..., labels)` without `**kwargs`.
-    ShiftedCrossEntropy,
-}
-
-impl LossForm {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::LossFunction => "loss_function",
-            Self::CrossEntropy => "cross_entropy",
-            Self::ShiftedCrossEntropy => "shifted_cross_entropy",
-        }
-    }
-}
 
 /// Everything the emitter needs, borrowed from the parsed forward.
 pub(crate) struct Plan<'a> {
@@ -74,332 +54,6 @@ enum Item<'a> {
     Setup(&'a Stmt),
 }
 
-fn refuse(code: R, src: &Source<'_>, node: &impl Ranged, message: impl Into<String>) -> Refusal {
-    Refusal::new(code, src.line(node), message)
-}
-
-/// `<name> = <value>` or `<name>: T = <value>` with a single plain-name target.
-fn simple_assign(stmt: &Stmt) -> Option<(&str, &Expr)> {
-    match stmt {
-        Stmt::Assign(a) => match a.targets.as_slice() {
-            [Expr::Name(n)] => Some((n.id.as_str(), &a.value)),
-            _ => None,
-        },
-        Stmt::AnnAssign(a) => match (a.target.as_ref(), a.value.as_deref()) {
-            (Expr::Name(n), Some(v)) => Some((n.id.as_str(), v)),
-            _ => None,
-        },
-        _ => None,
-    }
-}
-
-/// `if <name> is not None:` → `<name>`.
-fn labels_test(stmt: &Stmt) -> Option<(&StmtIf, &str)> {
-    let Stmt::If(s) = stmt else { return None };
-    let Expr::Compare(cmp) = s.test.as_ref() else {
-        return None;
-    };
-    match (
-        cmp.left.as_ref(),
-        cmp.ops.as_ref(),
-        cmp.comparators.as_ref(),
-    ) {
-        (Expr::Name(n), [CmpOp::IsNot], [Expr::NoneLiteral(_)]) if n.id.as_str() == "labels" => {
-            Some((s, n.id.as_str()))
-        }
-        _ => None,
-    }
-}
-
-/// The first argument of the loss call: the name of the logits it consumes.
-struct LossCall<'a> {
-    stmt_idx: usize,
-    loss: String,
-    logits: &'a Expr,
-    labels: &'a Expr,
-    vocab: Option<&'a Expr>,
-    keywords: Vec<(Option<String>, &'a Expr)>,
-    form: LossForm,
-    /// Statements of the branch that only prepare the loss's arguments (shift, view, device move, the
-    /// `CrossEntropyLoss()` object): replaced by the fused call.
-    consumed: Vec<usize>,
-}
-
-/// Where a cross-entropy argument comes from, followed back through the branch.
-struct Traced<'a> {
-    origin: &'a Expr,
-    shifted: bool,
-    vocab: Option<&'a Expr>,
-    consumed: Vec<usize>,
-}
-
-/// Follows a cross-entropy argument back through `body[..upto]`: `.view(-1[, V])`, `.contiguous()`, `.to(...)`,
-/// at most one causal shift slice (`[..., :-1, :]` for logits, `[..., 1:]` for labels), and renames.
-fn trace<'a>(
-    src: &Source<'a>,
-    body: &'a [Stmt],
-    mut upto: usize,
-    arg: &'a Expr,
-    logits_side: bool,
-) -> Option<Traced<'a>> {
-    let mut t = Traced {
-        origin: arg,
-        shifted: false,
-        vocab: None,
-        consumed: Vec::new(),
-    };
-    let mut e = arg;
-    loop {
-        if let Some((base, v)) = view_call(e) {
-            match (logits_side, v) {
-                (true, Some(v)) if t.vocab.is_none() => t.vocab = Some(v),
-                (false, None) => {}
-                _ => return None,
-            }
-            e = base;
-        } else if let Some(inner) = crate::epilogue::strip_wrap(e) {
-            e = inner;
-        } else if let Expr::Subscript(sub) = e {
-            let slice: String = src
-                .slice(&*sub.slice)
-                .chars()
-                .filter(|c| !c.is_whitespace())
-                .collect();
-            let allowed: &[&str] = if logits_side {
-                &["...,:-1,:", ":,:-1,:"]
-            } else {
-                &["...,1:", ":,1:"]
-            };
-            if t.shifted || !allowed.contains(&slice.as_str()) {
-                return None;
-            }
-            t.shifted = true;
-            e = &sub.value;
-        } else if let Expr::Name(n) = e {
-            let def = body[..upto]
-                .iter()
-                .rposition(|s| simple_assign(s).is_some_and(|(target, _)| target == n.id.as_str()));
-            match def {
-                Some(j) => {
-                    t.consumed.push(j);
-                    upto = j;
-                    e = simple_assign(&body[j]).map(|(_, v)| v)?;
-                }
-                None => {
-                    t.origin = e;
-                    return Some(t);
-                }
-            }
-        } else {
-            return None;
-        }
-    }
-}
-
-fn is_ce_constructor(expr: &Expr) -> bool {
-    let Expr::Call(call) = expr else { return false };
-    let named = dotted(&call.func).is_some_and(|d| {
-        matches!(
-            d.as_str(),
-            "CrossEntropyLoss" | "nn.CrossEntropyLoss" | "torch.nn.CrossEntropyLoss"
-        )
-    });
-    named && call.arguments.args.is_empty() && call.arguments.keywords.is_empty()
-}
-
-/// `x.view(-1, V)` → (x, V); `x.view(-1)` → (x, None).
-fn view_call(expr: &Expr) -> Option<(&Expr, Option<&Expr>)> {
-    let Expr::Call(call) = expr else { return None };
-    let Expr::Attribute(attr) = call.func.as_ref() else {
-        return None;
-    };
-    if attr.attr.id.as_str() != "view" || !call.arguments.keywords.is_empty() {
-        return None;
-    }
-    match call.arguments.args.as_ref() {
-        [m] if is_minus_one(m) => Some((&attr.value, None)),
-        [m, v] if is_minus_one(m) && !v.is_starred_expr() => Some((&attr.value, Some(v))),
-        _ => None,
-    }
-}
-
-/// Finds the loss call in a labels branch.
-fn find_loss_call<'a>(src: &Source<'a>, branch: &'a StmtIf) -> Result<LossCall<'a>, Refusal> {
-    let mut ce_names: Vec<&str> = Vec::new();
-    for (i, stmt) in branch.body.iter().enumerate() {
-        let Some((target, value)) = simple_assign(stmt) else {
-            continue;
-        };
-        if is_ce_constructor(value) {
-            ce_names.push(target);
-            continue;
-        }
-        let Expr::Call(call) = value else { continue };
-        let func = dotted(&call.func);
-        if func.as_deref() == Some("self.loss_function") {
-            let mut logits = None;
-            let mut labels = None;
-            let mut vocab = None;
-            let mut keywords = Vec::new();
-            for (pos, arg) in call.arguments.args.iter().enumerate() {
-                let slot = match pos {
-                    0 => &mut logits,
-                    1 => &mut labels,
-                    2 => &mut vocab,
-                    _ => {
-                        return Err(refuse(
-                            R::UnsupportedLoss,
-                            src,
-                            arg,
-                            "loss_function called with more than three positional arguments",
-                        ));
-                    }
-                };
-                if arg.is_starred_expr() {
-                    return Err(refuse(
-                        R::UnsupportedLoss,
-                        src,
-                        arg,
-                        "starred argument in the loss call",
-                    ));
-                }
-                *slot = Some(arg);
-            }
-            for kw in &call.arguments.keywords {
-                match kw.arg.as_ref().map(|a| a.id.as_str()) {
-                    Some("logits") => logits = Some(&kw.value),
-                    Some("labels") => labels = Some(&kw.value),
-                    Some("vocab_size") => vocab = Some(&kw.value),
-                    Some(name) => keywords.push((Some(name.to_string()), &kw.value)),
-                    None if matches!(kw.value, Expr::Name(_)) => keywords.push((None, &kw.value)),
-                    None => {
-                        return Err(refuse(
-                            R::UnsupportedLoss,
-                            src,
-                            kw,
-                            "`**` of something other than a name in the loss call",
-                        ));
-                    }
-                }
-            }
-            let (Some(logits), Some(labels)) = (logits, labels) else {
-                return Err(refuse(
-                    R::UnsupportedLoss,
-                    src,
-                    stmt,
-                    "loss_function call without logits and labels",
-                ));
-            };
-            return Ok(LossCall {
-                stmt_idx: i,
-                loss: target.to_string(),
-                logits,
-                labels,
-                vocab,
-                keywords,
-                form: LossForm::LossFunction,
-                consumed: Vec::new(),
-            });
-        }
-        if func.as_deref().is_some_and(|f| ce_names.contains(&f)) {
-            let args = call.arguments.args.as_ref();
-            let ([logits_view, labels_view], true) = (args, call.arguments.keywords.is_empty())
-            else {
-                return Err(refuse(
-                    R::UnsupportedLoss,
-                    src,
-                    stmt,
-                    "cross-entropy call with unexpected arguments",
-                ));
-            };
-            let body = branch.body.as_slice();
-            let traced =
-                trace(src, body, i, logits_view, true).zip(trace(src, body, i, labels_view, false));
-            let Some((lt, bt)) =
-                traced.filter(|(lt, bt)| lt.shifted == bt.shifted && lt.vocab.is_some())
-            else {
-                return Err(refuse(
-                    R::UnsupportedLoss,
-                    src,
-                    stmt,
-                    "cross-entropy not of the form `loss_fct(logits.view(-1, V), labels.view(-1))`, shifted or not",
-                ));
-            };
-            let ce_def = body[..i].iter().rposition(|s| {
-                simple_assign(s)
-                    .is_some_and(|(t, v)| Some(t) == func.as_deref() && is_ce_constructor(v))
-            });
-            let mut consumed: Vec<usize> = lt
-                .consumed
-                .iter()
-                .chain(bt.consumed.iter())
-                .copied()
-                .chain(ce_def)
-                .collect();
-            consumed.sort_unstable();
-            consumed.dedup();
-            // V is kept only when it is computed from neither the logits nor a name the fused path drops.
-            let dropped_names: Vec<String> = consumed
-                .iter()
-                .flat_map(|&j| bound_names(&body[j]))
-                .collect();
-            let vocab = lt.vocab.filter(|v| {
-                !expr_reads(v, logits_name(lt.origin))
-                    && !dropped_names.iter().any(|n| expr_reads(v, n))
-            });
-            let form = if lt.shifted {
-                LossForm::ShiftedCrossEntropy
-            } else {
-                LossForm::CrossEntropy
-            };
-            return Ok(LossCall {
-                stmt_idx: i,
-                loss: target.to_string(),
-                logits: lt.origin,
-                labels: bt.origin,
-                vocab,
-                keywords: Vec::new(),
-                form,
-                consumed,
-            });
-        }
-    }
-    Err(refuse(
-        R::UnsupportedLoss,
-        src,
-        branch,
-        "the labels branch computes no `self.loss_function(...)` or `CrossEntropyLoss()` loss",
-    ))
-}
-
-fn logits_name(expr: &Expr) -> &str {
-    match expr {
-        Expr::Name(n) => n.id.as_str(),
-        _ => "",
-    }
-}
-
-/// Whether `stmt` changes `name`'s tensor in place: `name[...] = `, `name += `, `name.op_(...)`.
-fn mutates_in_place(stmt: &Stmt, name: &str) -> bool {
-    let root_is = |e: &Expr| match e {
-        Expr::Subscript(s) => is_name(&s.value, name),
-        Expr::Attribute(a) => is_name(&a.value, name),
-        _ => false,
-    };
-    match stmt {
-        Stmt::Assign(a) => a.targets.iter().any(root_is),
-        Stmt::AugAssign(a) => is_name(&a.target, name) || root_is(&a.target),
-        Stmt::Expr(e) => match e.value.as_ref() {
-            Expr::Call(c) => match c.func.as_ref() {
-                Expr::Attribute(a) => is_name(&a.value, name) && a.attr.id.as_str().ends_with('_'),
-                _ => false,
-            },
-            _ => false,
-        },
-        _ => false,
-    }
-}
-
 /// `labels = labels.to(...)`: a device move, dropped on the fused path.
 fn is_labels_move(stmt: &Stmt, labels: &str) -> bool {
     let Some((target, value)) = simple_assign(stmt) else {
@@ -417,113 +71,40 @@ fn is_labels_move(stmt: &Stmt, labels: &str) -> bool {
         && call.arguments.args.len() == 1
 }
 
-pub(crate) fn analyse<'a>(
+/// The labels branch split around the loss call.
+struct BranchParts<'a> {
+    /// Kept on the fused path before / after the loss.
+    pre: Vec<&'a Stmt>,
+    post: Vec<&'a Stmt>,
+    /// Names the fused path leaves unbound (consumed or skipped statements).
+    dropped: Vec<String>,
+    fused_guards: Vec<String>,
+    /// `logits = logits.float()` / `.to(...)` inside the branch: only the returned logits see them, so they are
+    /// replayed with the head when real logits are asked for.
+    wraps: Vec<&'a Stmt>,
+}
+
+/// `logits = logits.float()` and the like: a rebind that changes nothing the fused loss depends on.
+fn is_wrap_rebind(src: &Source<'_>, stmt: &Stmt, logits: &str) -> bool {
+    simple_assign(stmt).is_some_and(|(t, v)| {
+        t == logits
+            && parse_epilogue(v, logits, &|e: &Expr| src.slice(e))
+                .is_some_and(|ops| ops.iter().all(|o| matches!(o, Op::Wrap)))
+    })
+}
+
+fn split_branch<'a>(
     src: &Source<'a>,
-    func: &'a StmtFunctionDef,
-) -> Result<Plan<'a>, Refusal> {
-    let body = func.body.as_slice();
-
-    // 1. The labels branch: the first top-level `if labels is not None:` that computes a loss.
-    let candidates: Vec<(usize, &StmtIf, &str)> = body
-        .iter()
-        .enumerate()
-        .filter_map(|(i, s)| labels_test(s).map(|(b, n)| (i, b, n)))
-        .collect();
-    let Some(&(last_idx, last_branch, _)) = candidates.last() else {
-        return Err(Refusal::new(
-            R::NoLabelsBranch,
-            src.line(func),
-            "no top-level `if labels is not None:` branch",
-        ));
-    };
-    let mut found = None;
-    for &(i, branch, name) in &candidates {
-        if let Ok(call) = find_loss_call(src, branch) {
-            found = Some((i, branch, name, call));
-            break;
-        }
-    }
-    let (labels_idx, branch, labels, call) = match found {
-        Some(f) => f,
-        None => {
-            // A head problem explains the odd loss better than the loss does (e.g. one head per codebook).
-            for s in &body[..last_idx] {
-                if let Some((_, value)) = simple_assign(s) {
-                    if let Err(HeadProblem::Stacked) = parse_head(value, "") {
-                        return Err(refuse(R::StackedHeads, src, s, "several heads are stacked"));
-                    }
-                }
-            }
-            return Err(find_loss_call(src, last_branch).err().unwrap_or_else(|| {
-                refuse(R::UnsupportedLoss, src, &body[last_idx], "no loss call")
-            }));
-        }
-    };
-    if !branch.elif_else_clauses.is_empty() {
-        return Err(refuse(
-            R::NonEmptyElse,
-            src,
-            branch,
-            "the labels branch has an `elif`/`else`",
-        ));
-    }
-    let Expr::Name(logits_expr) = call.logits else {
-        return Err(refuse(
-            R::LossInputNotLogits,
-            src,
-            call.logits,
-            format!(
-                "the loss consumes `{}`, not a logits variable",
-                src.slice(call.logits)
-            ),
-        ));
-    };
-    let logits = logits_expr.id.as_str();
-    let is_wrap_rebind = |s: &Stmt| {
-        simple_assign(s).is_some_and(|(t, v)| {
-            t == logits
-                && parse_epilogue(v, logits, &|e: &Expr| src.slice(e))
-                    .is_some_and(|ops| ops.iter().all(|o| matches!(o, Op::Wrap)))
-        })
-    };
-    let unconsumed = |j: &usize| !call.consumed.contains(j);
-    if let Some(s) = branch.body[..call.stmt_idx]
-        .iter()
-        .enumerate()
-        .filter(|(j, _)| unconsumed(j))
-        .map(|(_, s)| s)
-        .find(|s| stmt_binds(s, logits) && !is_wrap_rebind(s))
-    {
-        return Err(refuse(
-            R::LossInputNotLogits,
-            src,
-            s,
-            format!(
-                "the loss consumes `{logits}`, computed inside the labels branch (shifted or sliced logits)"
-            ),
-        ));
-    }
-    let labels_arg_ok = is_name(call.labels, labels) || call.labels.is_none_literal_expr();
-    if !labels_arg_ok {
-        return Err(refuse(
-            R::LabelsMutated,
-            src,
-            call.labels,
-            format!(
-                "the loss is given `{}` instead of `{labels}`",
-                src.slice(call.labels)
-            ),
-        ));
-    }
-
-    // 2. The labels branch around the loss call.
+    branch: &'a StmtIf,
+    call: &LossCall<'a>,
+    logits: &str,
+    labels: &str,
+) -> Result<BranchParts<'a>, Refusal> {
     let mut dropped: Vec<String> = Vec::new();
     let mut pre = Vec::new();
     let mut post = Vec::new();
     let mut fused_guards = Vec::new();
-    // `logits = logits.float()` / `.to(...)` inside the branch: only the returned logits see them, so they are
-    // replayed with the head when real logits are asked for.
-    let mut branch_wraps: Vec<&Stmt> = Vec::new();
+    let mut wraps: Vec<&Stmt> = Vec::new();
     for (i, stmt) in branch.body.iter().enumerate() {
         if i == call.stmt_idx {
             continue;
@@ -532,8 +113,8 @@ pub(crate) fn analyse<'a>(
             dropped.extend(bound_names(stmt));
             continue;
         }
-        if is_wrap_rebind(stmt) {
-            branch_wraps.push(stmt);
+        if is_wrap_rebind(src, stmt, logits) {
+            wraps.push(stmt);
             continue;
         }
         if i < call.stmt_idx {
@@ -589,7 +170,24 @@ pub(crate) fn analyse<'a>(
         }
     }
 
-    // 3. Backwards from the labels branch to the head call.
+    Ok(BranchParts {
+        pre,
+        post,
+        dropped,
+        fused_guards,
+        wraps,
+    })
+}
+
+/// Reads the function body backwards from the labels branch to the head statement.
+fn walk_region<'a>(
+    src: &Source<'a>,
+    body: &'a [Stmt],
+    labels_idx: usize,
+    logits: &str,
+    labels: &str,
+    loss: &str,
+) -> Result<(usize, Vec<Item<'a>>), Refusal> {
     let mut items: Vec<Item<'a>> = Vec::new();
     let mut head_idx = None;
     let text = |e: &Expr| -> &'a str { src.slice(e) };
@@ -674,7 +272,7 @@ pub(crate) fn analyse<'a>(
                     }
                 }
             }
-            if target == call.loss && value.is_none_literal_expr() {
+            if target == loss && value.is_none_literal_expr() {
                 items.push(Item::LossInit);
                 continue;
             }
@@ -760,6 +358,112 @@ pub(crate) fn analyse<'a>(
         ));
     };
     items.reverse();
+    Ok((head_idx, items))
+}
+
+pub(crate) fn analyse<'a>(
+    src: &Source<'a>,
+    func: &'a StmtFunctionDef,
+) -> Result<Plan<'a>, Refusal> {
+    let body = func.body.as_slice();
+
+    // 1. The labels branch: the first top-level `if labels is not None:` that computes a loss.
+    let candidates: Vec<(usize, &StmtIf, &str)> = body
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| labels_test(s).map(|(b, n)| (i, b, n)))
+        .collect();
+    let Some(&(last_idx, last_branch, _)) = candidates.last() else {
+        return Err(Refusal::new(
+            R::NoLabelsBranch,
+            src.line(func),
+            "no top-level `if labels is not None:` branch",
+        ));
+    };
+    let mut found = None;
+    for &(i, branch, name) in &candidates {
+        if let Ok(call) = find_loss_call(src, branch) {
+            found = Some((i, branch, name, call));
+            break;
+        }
+    }
+    let (labels_idx, branch, labels, call) = match found {
+        Some(f) => f,
+        None => {
+            // A head problem explains the odd loss better than the loss does (e.g. one head per codebook).
+            for s in &body[..last_idx] {
+                if let Some((_, value)) = simple_assign(s) {
+                    if let Err(HeadProblem::Stacked) = parse_head(value, "") {
+                        return Err(refuse(R::StackedHeads, src, s, "several heads are stacked"));
+                    }
+                }
+            }
+            return Err(find_loss_call(src, last_branch).err().unwrap_or_else(|| {
+                refuse(R::UnsupportedLoss, src, &body[last_idx], "no loss call")
+            }));
+        }
+    };
+    if !branch.elif_else_clauses.is_empty() {
+        return Err(refuse(
+            R::NonEmptyElse,
+            src,
+            branch,
+            "the labels branch has an `elif`/`else`",
+        ));
+    }
+    let Expr::Name(logits_expr) = call.logits else {
+        return Err(refuse(
+            R::LossInputNotLogits,
+            src,
+            call.logits,
+            format!(
+                "the loss consumes `{}`, not a logits variable",
+                src.slice(call.logits)
+            ),
+        ));
+    };
+    let logits = logits_expr.id.as_str();
+    let unconsumed = |j: &usize| !call.consumed.contains(j);
+    if let Some(s) = branch.body[..call.stmt_idx]
+        .iter()
+        .enumerate()
+        .filter(|(j, _)| unconsumed(j))
+        .map(|(_, s)| s)
+        .find(|s| stmt_binds(s, logits) && !is_wrap_rebind(src, s, logits))
+    {
+        return Err(refuse(
+            R::LossInputNotLogits,
+            src,
+            s,
+            format!(
+                "the loss consumes `{logits}`, computed inside the labels branch (shifted or sliced logits)"
+            ),
+        ));
+    }
+    let labels_arg_ok = is_name(call.labels, labels) || call.labels.is_none_literal_expr();
+    if !labels_arg_ok {
+        return Err(refuse(
+            R::LabelsMutated,
+            src,
+            call.labels,
+            format!(
+                "the loss is given `{}` instead of `{labels}`",
+                src.slice(call.labels)
+            ),
+        ));
+    }
+
+    // 2. The labels branch around the loss call.
+    let BranchParts {
+        pre,
+        post,
+        dropped,
+        fused_guards,
+        wraps: branch_wraps,
+    } = split_branch(src, branch, &call, logits, labels)?;
+
+    // 3. Backwards from the labels branch to the head call.
+    let (head_idx, items) = walk_region(src, body, labels_idx, logits, labels, &call.loss)?;
 
     // The head statement again, now for its parts.
     let Item::Head(head_stmt) = items[0] else {
@@ -941,7 +645,7 @@ pub(crate) fn analyse<'a>(
     ));
     if region_text
         .lines()
-        .any(|l| l.starts_with(|c: char| c == '\t') || l.contains("\n\t"))
+        .any(|l| l.trim_start_matches(' ').starts_with('\t'))
     {
         return Err(refuse(
             R::UnsupportedFormatting,
@@ -985,149 +689,6 @@ pub(crate) fn analyse<'a>(
         post,
         fused_guards,
     })
-}
-
-/// Walrus targets in epilogue guards: the emitted keyword re-binds them, so they stay bound on the fused path.
-fn epilogue_walrus_names(ops: &[(Op<'_>, Option<&Expr>, &Stmt)]) -> Vec<String> {
-    ops.iter()
-        .filter_map(|(_, g, _)| *g)
-        .filter_map(|g| walrus_in_guard(g).map(|(n, _)| n.to_string()))
-        .collect()
-}
-
-/// `(name := value) is not None` → (name, whole walrus expression).
-fn walrus_in_guard(guard: &Expr) -> Option<(&str, &Expr)> {
-    let Expr::Compare(cmp) = guard else {
-        return None;
-    };
-    match (
-        cmp.left.as_ref(),
-        cmp.ops.as_ref(),
-        cmp.comparators.as_ref(),
-    ) {
-        (Expr::Named(named), [CmpOp::IsNot], [Expr::NoneLiteral(_)]) => match named.target.as_ref()
-        {
-            Expr::Name(n) => Some((n.id.as_str(), cmp.left.as_ref())),
-            _ => None,
-        },
-        _ => None,
-    }
-}
-
-/// The expression passed to hf_loss for a step valued `value` under `guard`, so that `None` means "not applied"
-/// exactly when the original skips the step.
-fn guarded_value(
-    src: &Source<'_>,
-    value: &Expr,
-    guard: Option<&Expr>,
-    walrus_emitted: &mut Vec<String>,
-) -> String {
-    let v = src.slice(value);
-    let Some(guard) = guard else {
-        return atom_text(src, value);
-    };
-    if let Some((name, walrus)) = walrus_in_guard(guard) {
-        if v == name {
-            if walrus_emitted.iter().any(|n| n == name) {
-                return name.to_string();
-            }
-            walrus_emitted.push(name.to_string());
-            return format!("({})", src.slice(walrus));
-        }
-    }
-    if let Expr::Compare(cmp) = guard {
-        if let ([CmpOp::IsNot], [Expr::NoneLiteral(_)]) =
-            (cmp.ops.as_ref(), cmp.comparators.as_ref())
-        {
-            if src.slice(&*cmp.left) == v {
-                // `None` skips in both; 0 would divide by zero in the original (degenerate), hf_loss skips it.
-                return atom_text(src, value);
-            }
-        }
-    }
-    if src.slice(guard) == v {
-        // Truthiness: None and 0 skip in both.
-        return atom_text(src, value);
-    }
-    format!("({} if {} else None)", v, src.slice(guard))
-}
-
-fn merge_epilogue(
-    src: &Source<'_>,
-    ops: &[(Op<'_>, Option<&Expr>, &Stmt)],
-) -> Result<Vec<EpilogueStep>, Refusal> {
-    let real: Vec<&(Op<'_>, Option<&Expr>, &Stmt)> = ops
-        .iter()
-        .filter(|(o, _, _)| !matches!(o, Op::Wrap))
-        .collect();
-    let same_guard = |a: Option<&Expr>, b: Option<&Expr>| match (a, b) {
-        (None, None) => true,
-        (Some(x), Some(y)) => std::ptr::eq(x, y),
-        _ => false,
-    };
-    let mut steps: Vec<(EpilogueKind, &Expr, Option<&Expr>, &Stmt)> = Vec::new();
-    let mut i = 0;
-    while i < real.len() {
-        let (op, guard, stmt) = *real[i];
-        match op {
-            Op::Div(c) => {
-                let triple =
-                    real.get(i + 1)
-                        .zip(real.get(i + 2))
-                        .and_then(|(t, m)| match (t.0, m.0) {
-                            (Op::Tanh, Op::Mul(c2))
-                                if src.slice(c) == src.slice(c2)
-                                    && same_guard(guard, t.1)
-                                    && same_guard(guard, m.1) =>
-                            {
-                                Some(())
-                            }
-                            _ => None,
-                        });
-                if triple.is_some() {
-                    steps.push((EpilogueKind::Softcap, c, guard, stmt));
-                    i += 3;
-                    continue;
-                }
-                steps.push((EpilogueKind::Divide, c, guard, stmt));
-            }
-            Op::Mul(c) => steps.push((EpilogueKind::Multiply, c, guard, stmt)),
-            Op::Add(c) => steps.push((EpilogueKind::LogitsBias, c, guard, stmt)),
-            Op::Softcap(c) => steps.push((EpilogueKind::Softcap, c, guard, stmt)),
-            Op::Tanh => {
-                return Err(refuse(
-                    R::LogitsRebound,
-                    src,
-                    stmt,
-                    "`tanh` of the logits that is not part of a softcap",
-                ));
-            }
-            Op::Wrap => {}
-        }
-        i += 1;
-    }
-    for pair in steps.windows(2) {
-        if pair[1].0 <= pair[0].0 {
-            return Err(refuse(
-                R::EpilogueOrder,
-                src,
-                pair[1].3,
-                format!(
-                    "epilogue `{}` after `{}`: the fused op applies bias, multiply, divide, softcap once each in that order",
-                    pair[1].0.as_str(),
-                    pair[0].0.as_str()
-                ),
-            ));
-        }
-    }
-    let mut walrus = Vec::new();
-    Ok(steps
-        .into_iter()
-        .map(|(kind, value, guard, _)| EpilogueStep {
-            kind,
-            expr: guarded_value(src, value, guard, &mut walrus),
-        })
-        .collect())
 }
 
 /// The first read of `logits` after the loss that is not just handing it back (keyword, tuple/list element,

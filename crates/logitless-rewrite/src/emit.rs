@@ -3,7 +3,8 @@
 use ruff_python_ast::{Expr, Stmt, StmtFunctionDef};
 use ruff_text_size::{Ranged, TextRange};
 
-use crate::analysis::{LossForm, Plan};
+use crate::analysis::Plan;
+use crate::loss::LossForm;
 use crate::source::{Source, atom_text, dotted, has_call, reindent};
 
 /// Name of the temporary holding a hidden expression that contains a call (so it is evaluated once).

@@ -1,8 +1,9 @@
 //! Recognising what a forward does to its logits between the head and the loss (spec §1.2).
 
-use ruff_python_ast::{Expr, Operator, UnaryOp};
+use ruff_python_ast::{CmpOp, Expr, Operator, Stmt, UnaryOp};
 
-use crate::source::{dotted, expr_reads, is_name};
+use crate::refusal::{ReasonCode as R, Refusal};
+use crate::source::{Source, atom_text, dotted, expr_reads, is_name, refuse};
 
 /// One epilogue step, in the order the fused op applies them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -130,9 +131,12 @@ fn softcap_one_liner<'a>(
 }
 
 /// `bias.to(logits.device)` → `bias`; anything else that reads the logits → None.
+/// Only module attributes qualify: a per-batch tensor added to the logits (a mask) is not the `[V]` bias the
+/// fused op applies.
 fn bias_operand<'a>(expr: &'a Expr, logits: &str) -> Option<&'a Expr> {
+    let module_attr = |e: &Expr| dotted(e).is_some_and(|d| d.starts_with("self."));
     if !expr_reads(expr, logits) {
-        return Some(expr);
+        return module_attr(expr).then_some(expr);
     }
     let Expr::Call(call) = expr else { return None };
     let Expr::Attribute(attr) = call.func.as_ref() else {
@@ -142,7 +146,7 @@ fn bias_operand<'a>(expr: &'a Expr, logits: &str) -> Option<&'a Expr> {
         (call.arguments.args.as_ref(), call.arguments.keywords.is_empty()),
         ([Expr::Attribute(dev)], true) if dev.attr.id.as_str() == "device" && is_name(&dev.value, logits)
     );
-    (attr.attr.id.as_str() == "to" && device_of_logits && !expr_reads(&attr.value, logits))
+    (attr.attr.id.as_str() == "to" && device_of_logits && module_attr(&attr.value))
         .then_some(&*attr.value)
 }
 
@@ -220,6 +224,10 @@ fn is_self_call(expr: &Expr) -> bool {
     }
 }
 
+fn is_module_attr(expr: &Expr) -> bool {
+    dotted(expr).is_some_and(|d| d.starts_with("self."))
+}
+
 /// Composite heads transformers builds that are known not to be a plain linear layer.
 const KNOWN_COMPOSITE_HEADS: &[&str] = &["cls"];
 
@@ -243,8 +251,8 @@ pub(crate) fn parse_head<'a>(value: &'a Expr, logits: &str) -> Result<HeadCall<'
                     Some((r, Op::Mul(l)))
                 }
                 Operator::Div if is_self_call(l) && !expr_reads(r, logits) => Some((l, Op::Div(r))),
-                Operator::Add if is_self_call(l) && !expr_reads(r, logits) => Some((l, Op::Add(r))),
-                Operator::Add if is_self_call(r) && !expr_reads(l, logits) => Some((r, Op::Add(l))),
+                Operator::Add if is_self_call(l) && is_module_attr(r) => Some((l, Op::Add(r))),
+                Operator::Add if is_self_call(r) && is_module_attr(l) => Some((r, Op::Add(l))),
                 _ => None,
             };
             if let Some((inner, op)) = step {
@@ -305,4 +313,149 @@ pub(crate) fn is_minus_one(expr: &Expr) -> bool {
         }
         _ => false,
     }
+}
+
+// --- merging raw operations into steps, and the value each step passes to hf_loss ---
+
+/// Walrus targets in epilogue guards: the emitted keyword re-binds them, so they stay bound on the fused path.
+pub(crate) fn epilogue_walrus_names(ops: &[(Op<'_>, Option<&Expr>, &Stmt)]) -> Vec<String> {
+    ops.iter()
+        .filter_map(|(_, g, _)| *g)
+        .filter_map(|g| walrus_in_guard(g).map(|(n, _)| n.to_string()))
+        .collect()
+}
+
+/// `(name := value) is not None` → (name, whole walrus expression).
+fn walrus_in_guard(guard: &Expr) -> Option<(&str, &Expr)> {
+    let Expr::Compare(cmp) = guard else {
+        return None;
+    };
+    match (
+        cmp.left.as_ref(),
+        cmp.ops.as_ref(),
+        cmp.comparators.as_ref(),
+    ) {
+        (Expr::Named(named), [CmpOp::IsNot], [Expr::NoneLiteral(_)]) => match named.target.as_ref()
+        {
+            Expr::Name(n) => Some((n.id.as_str(), cmp.left.as_ref())),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The expression passed to hf_loss for a step valued `value` under `guard`, so that `None` means "not applied"
+/// exactly when the original skips the step.
+fn guarded_value(
+    src: &Source<'_>,
+    value: &Expr,
+    guard: Option<&Expr>,
+    walrus_emitted: &mut Vec<String>,
+) -> String {
+    let v = src.slice(value);
+    let Some(guard) = guard else {
+        return atom_text(src, value);
+    };
+    if let Some((name, walrus)) = walrus_in_guard(guard) {
+        if v == name {
+            if walrus_emitted.iter().any(|n| n == name) {
+                return name.to_string();
+            }
+            walrus_emitted.push(name.to_string());
+            return format!("({})", src.slice(walrus));
+        }
+    }
+    if let Expr::Compare(cmp) = guard {
+        if let ([CmpOp::IsNot], [Expr::NoneLiteral(_)]) =
+            (cmp.ops.as_ref(), cmp.comparators.as_ref())
+        {
+            if src.slice(&*cmp.left) == v {
+                // `None` skips in both; 0 would divide by zero in the original (degenerate), hf_loss skips it.
+                return atom_text(src, value);
+            }
+        }
+    }
+    if src.slice(guard) == v {
+        // Truthiness: None and 0 skip in both.
+        return atom_text(src, value);
+    }
+    format!("({} if {} else None)", v, src.slice(guard))
+}
+
+pub(crate) fn merge_epilogue(
+    src: &Source<'_>,
+    ops: &[(Op<'_>, Option<&Expr>, &Stmt)],
+) -> Result<Vec<EpilogueStep>, Refusal> {
+    let real: Vec<&(Op<'_>, Option<&Expr>, &Stmt)> = ops
+        .iter()
+        .filter(|(o, _, _)| !matches!(o, Op::Wrap))
+        .collect();
+    let same_guard = |a: Option<&Expr>, b: Option<&Expr>| match (a, b) {
+        (None, None) => true,
+        (Some(x), Some(y)) => std::ptr::eq(x, y),
+        _ => false,
+    };
+    let mut steps: Vec<(EpilogueKind, &Expr, Option<&Expr>, &Stmt)> = Vec::new();
+    let mut i = 0;
+    while i < real.len() {
+        let (op, guard, stmt) = *real[i];
+        match op {
+            Op::Div(c) => {
+                let triple =
+                    real.get(i + 1)
+                        .zip(real.get(i + 2))
+                        .and_then(|(t, m)| match (t.0, m.0) {
+                            (Op::Tanh, Op::Mul(c2))
+                                if src.slice(c) == src.slice(c2)
+                                    && same_guard(guard, t.1)
+                                    && same_guard(guard, m.1) =>
+                            {
+                                Some(())
+                            }
+                            _ => None,
+                        });
+                if triple.is_some() {
+                    steps.push((EpilogueKind::Softcap, c, guard, stmt));
+                    i += 3;
+                    continue;
+                }
+                steps.push((EpilogueKind::Divide, c, guard, stmt));
+            }
+            Op::Mul(c) => steps.push((EpilogueKind::Multiply, c, guard, stmt)),
+            Op::Add(c) => steps.push((EpilogueKind::LogitsBias, c, guard, stmt)),
+            Op::Softcap(c) => steps.push((EpilogueKind::Softcap, c, guard, stmt)),
+            Op::Tanh => {
+                return Err(refuse(
+                    R::LogitsRebound,
+                    src,
+                    stmt,
+                    "`tanh` of the logits that is not part of a softcap",
+                ));
+            }
+            Op::Wrap => {}
+        }
+        i += 1;
+    }
+    for pair in steps.windows(2) {
+        if pair[1].0 <= pair[0].0 {
+            return Err(refuse(
+                R::EpilogueOrder,
+                src,
+                pair[1].3,
+                format!(
+                    "epilogue `{}` after `{}`: the fused op applies bias, multiply, divide, softcap once each in that order",
+                    pair[1].0.as_str(),
+                    pair[0].0.as_str()
+                ),
+            ));
+        }
+    }
+    let mut walrus = Vec::new();
+    Ok(steps
+        .into_iter()
+        .map(|(kind, value, guard, _)| EpilogueStep {
+            kind,
+            expr: guarded_value(src, value, guard, &mut walrus),
+        })
+        .collect())
 }

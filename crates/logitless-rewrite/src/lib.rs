@@ -26,14 +26,15 @@ mod analysis;
 mod audit;
 mod emit;
 mod epilogue;
+mod loss;
 mod refusal;
 mod source;
 
 use ruff_python_ast::Stmt;
 
-pub use analysis::LossForm;
 pub use audit::{AuditError, ClassKind, ClassReport, Outcome, audit_file, audit_tree};
 pub use epilogue::{EpilogueKind, EpilogueStep};
+pub use loss::LossForm;
 pub use refusal::{ReasonCode, Refusal};
 
 /// Options for [`rewrite_forward`].
@@ -115,7 +116,7 @@ pub(crate) fn rewrite_function(
     let plan = analysis::analyse(src, func)?;
     let new_source = emit::emit(src, func, &plan, options.drop_doc_decorators);
     // A method still indented inside its class (the audit) is checked inside a one-level block.
-    let reparse = if new_source.starts_with(|c: char| c == ' ') {
+    let reparse = if new_source.starts_with(' ') {
         ruff_python_parser::parse_module(&format!("if True:\n{new_source}"))
     } else {
         ruff_python_parser::parse_module(&new_source)

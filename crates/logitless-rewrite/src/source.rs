@@ -4,6 +4,8 @@ use ruff_python_ast::visitor::{self, Visitor};
 use ruff_python_ast::{Expr, ExprContext, Stmt};
 use ruff_text_size::{Ranged, TextRange};
 
+use crate::refusal::{ReasonCode as R, Refusal};
+
 /// The analysed text with a line index.
 pub(crate) struct Source<'a> {
     pub text: &'a str,
@@ -229,4 +231,50 @@ pub(crate) fn dotted(expr: &Expr) -> Option<String> {
 /// Whether `expr` is exactly the name `name`.
 pub(crate) fn is_name(expr: &Expr, name: &str) -> bool {
     matches!(expr, Expr::Name(n) if n.id.as_str() == name)
+}
+
+/// A refusal located at `node`.
+pub(crate) fn refuse(
+    code: R,
+    src: &Source<'_>,
+    node: &impl Ranged,
+    message: impl Into<String>,
+) -> Refusal {
+    Refusal::new(code, src.line(node), message)
+}
+
+/// `<name> = <value>` or `<name>: T = <value>` with a single plain-name target.
+pub(crate) fn simple_assign(stmt: &Stmt) -> Option<(&str, &Expr)> {
+    match stmt {
+        Stmt::Assign(a) => match a.targets.as_slice() {
+            [Expr::Name(n)] => Some((n.id.as_str(), &a.value)),
+            _ => None,
+        },
+        Stmt::AnnAssign(a) => match (a.target.as_ref(), a.value.as_deref()) {
+            (Expr::Name(n), Some(v)) => Some((n.id.as_str(), v)),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Whether `stmt` changes `name`'s tensor in place: `name[...] = `, `name += `, `name.op_(...)`.
+pub(crate) fn mutates_in_place(stmt: &Stmt, name: &str) -> bool {
+    let root_is = |e: &Expr| match e {
+        Expr::Subscript(s) => is_name(&s.value, name),
+        Expr::Attribute(a) => is_name(&a.value, name),
+        _ => false,
+    };
+    match stmt {
+        Stmt::Assign(a) => a.targets.iter().any(root_is),
+        Stmt::AugAssign(a) => is_name(&a.target, name) || root_is(&a.target),
+        Stmt::Expr(e) => match e.value.as_ref() {
+            Expr::Call(c) => match c.func.as_ref() {
+                Expr::Attribute(a) => is_name(&a.value, name) && a.attr.id.as_str().ends_with('_'),
+                _ => false,
+            },
+            _ => false,
+        },
+        _ => false,
+    }
 }

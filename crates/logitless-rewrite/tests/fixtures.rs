@@ -72,3 +72,23 @@ fn fixtures_match_expectations_and_snapshots() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// The `--unreferenced reject` check without cargo-insta: every snapshot belongs to a fixture that still exists.
+#[test]
+fn no_snapshot_outlives_its_fixture() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
+    let stale: Vec<String> = std::fs::read_dir(root.join("snapshots"))
+        .expect("snapshots dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|name| {
+            let fixture = name
+                .strip_prefix("fixtures__")
+                .and_then(|n| n.strip_suffix(".snap"));
+            !fixture.is_some_and(|f| root.join("fixtures").join(format!("{f}.py")).is_file())
+        })
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "snapshots without a fixture (or pending files): {stale:?}"
+    );
+}

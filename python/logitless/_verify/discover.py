@@ -44,6 +44,9 @@ def discover(root: pathlib.Path | None = None) -> list[Candidate]:
     root = root or models_dir()
     found: list[Candidate] = []
     for path in sorted(root.glob("*/modeling_*.py")):
+        if path.stem.startswith(("modeling_tf_", "modeling_flax_")):
+            # transformers 4.x still ships TensorFlow/Flax ports; logitless patches PyTorch models only.
+            continue
         source = path.read_text(encoding="utf-8")
         try:
             tree = ast.parse(source)

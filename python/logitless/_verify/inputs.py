@@ -111,11 +111,21 @@ def add_image(model: torch.nn.Module, config: Any, feeds: Feeds) -> str:
     if token is None or "pixel_values" not in params or getattr(config, "vision_config", None) is None:
         raise NotImplementedError("no image token, pixel_values argument or vision config")
     kinds = ["grid"] if "image_grid_thw" in params else ["image", "images"]
+    # image_sizes: LLaVA-NeXT needs it; plain LLaVA accepts it but then takes a Pixtral-only path.
+    layouts = [(k, s) for k in kinds for s in ((False, True) if "image_sizes" in params else (False,))]
     last = ""
-    for kind in kinds:
+    for kind, sizes in layouts:
         pixels = _pixels(model, config, kind)
-        count = 1
-        for _ in range(3):
+        if sizes:
+            side = pixels["pixel_values"].shape[-1]
+            pixels["image_sizes"] = torch.tensor([[side, side]] * BATCH)
+        counts = [1]
+        tried: set[int] = set()
+        while counts:
+            count = counts.pop(0)
+            if count in tried or count > 512:
+                continue
+            tried.add(count)
             trial = _with_image_tokens(feeds, token, count, pixels, params, config)
             try:
                 with torch.no_grad():
@@ -123,9 +133,12 @@ def add_image(model: torch.nn.Module, config: Any, feeds: Feeds) -> str:
             except Exception as exc:  # noqa: BLE001 - the message carries the expected count
                 last = f"{type(exc).__name__}: {exc}"[:200]
                 match = _FEATURES.search(str(exc))
-                if match is None or int(match.group(1)) % BATCH:
-                    break
-                count = int(match.group(1)) // BATCH
+                if match is None:
+                    continue
+                # Models report features either as a token count or as a numel (tokens x hidden size).
+                features = int(match.group(1))
+                hidden = getattr(config.get_text_config(), "hidden_size", 0) or 1
+                counts = sorted({*counts, features // BATCH, features // (BATCH * hidden)} - {0})
                 continue
             feeds.base, feeds.labels, feeds.num_items = trial.base, trial.labels, trial.num_items
             return f"text + {BATCH} images ({count} image tokens each, pixel_values {tuple(pixels['pixel_values'].shape)})"

@@ -17,6 +17,8 @@ class Override:
     inputs: Callable[[Any, Any, Feeds], None] | None = None
     # Non-empty: do not build; the text is the reason shown in the report.
     skip: str = ""
+    # Keyword arguments for the config class when its bare defaults do not validate.
+    defaults: dict[str, Any] | None = None
 
 
 def _text(d: dict[str, Any]) -> dict[str, Any]:
@@ -46,4 +48,16 @@ OVERRIDES: dict[str, Override] = {
     "Qwen4ExpForConditionalGeneration": Override(config=_QWEN4_QSA),
     # Zamba2's shared attention block works on [hidden, hidden] concatenated and its mamba head dim is separate.
     "Zamba2ForCausalLM": Override(config=_set(attention_hidden_size=128, mamba_headdim=16, hybrid_layer_ids=[1])),
+    # Its default layer pattern leaves sliding layers without a window.
+    "Step3p7ForConditionalGeneration": Override(config=_set(sliding_window=8)),
+    # Both tiny layers come out dense, and the aux-loss code indexes the (empty) router logits.
+    "FlintForCausalLM": Override(config=_set(output_router_logits=False)),
+    # The assistant's default text config fails its own validation (it must have no per-layer inputs or MoE).
+    "Gemma4AssistantForCausalLM": Override(
+        defaults={"text_config": {"hidden_size_per_layer_input": 0, "enable_moe_block": False}}
+    ),
+    # transformers 4.x: attention_types must describe exactly num_layers layers.
+    "GPTNeoForCausalLM": Override(config=_set(attention_types=[[["global", "local"], 1]], attention_layers=["global", "local"])),
+    # transformers 4.x: layer_types defaults to None but is indexed per layer.
+    "GraniteMoeHybridForCausalLM": Override(config=_set(layer_types=["mamba", "attention"])),
 }

@@ -99,10 +99,10 @@ def run_all(
                     except (EOFError, OSError):
                         code = slot.proc.exitcode
                         replace(slot)
-                        finish_task(task, f"worker died (exit code {code})", results, on_result)
+                        finish(slot, _abandoned(task, f"worker died (exit code {code})"))
                 elif time.monotonic() > slot.deadline:
                     replace(slot)
-                    finish_task(task, f"timed out after {timeout:.0f}s", results, on_result)
+                    finish(slot, _abandoned(task, f"timed out after {timeout:.0f}s"))
     finally:
         for slot in slots:
             try:
@@ -113,8 +113,5 @@ def run_all(
     return results
 
 
-def finish_task(task: Candidate, reason: str, results: list[dict[str, Any]], on_result: Callable) -> None:
-    result = {**task.to_dict(), "class": task.cls, "status": "not-built", "reason": reason}
-    result.pop("cls", None)
-    results.append(result)
-    on_result(result)
+def _abandoned(task: Candidate, reason: str) -> dict[str, Any]:
+    return {"class": task.cls, "module": task.module, "kind": task.kind, "status": "not-built", "reason": reason}

@@ -22,6 +22,11 @@ def _fmt(x: Any) -> str:
     return "" if x is None else f"{x:.1e}" if isinstance(x, float) else str(x)
 
 
+def _inputs(result: dict[str, Any]) -> str:
+    text = str(result.get("inputs", ""))
+    return "" if not text else "text+image" if "images" in text else "text"
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")[:160]
 
@@ -50,15 +55,19 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         lines.append(f"| {kind} | " + " | ".join(str(c[s]) for s in STATUSES) + f" | {c['total']} |")
     lines += [
         "",
-        "| class | kind | status | loss rel | grad rel | loss rel (num_items) | grad rel (num_items) | logits identical | detail |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- |",
+        "Columns: relative loss difference and largest gradient difference (relative to the largest stock gradient",
+        "entry) for the mean loss and the `num_items_in_batch` loss; inputs: `text`, or `text+image` when the model",
+        "was also fed pixel values and image tokens.",
+        "",
+        "| class | kind | status | loss rel | grad rel | loss rel (num_items) | grad rel (num_items) | logits identical | inputs | detail |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- | --- |",
     ]
     for r in sorted(results, key=lambda r: (r["kind"], r["class"])):
         n = r.get("numbers", {})
         lines.append(
             f"| {r['class']} | {r['kind']} | {r['status']} | {_fmt(n.get('loss_mean_rel'))} | "
             f"{_fmt(n.get('grad_mean_rel'))} | {_fmt(n.get('loss_num_items_rel'))} | "
-            f"{_fmt(n.get('grad_num_items_rel'))} | {_fmt(n.get('logits_identical'))} | "
+            f"{_fmt(n.get('grad_num_items_rel'))} | {_fmt(n.get('logits_identical'))} | {_inputs(r)} | "
             f"{_cell(r.get('reason', ''))} |"
         )
     return "\n".join(lines) + "\n"

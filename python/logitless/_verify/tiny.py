@@ -31,7 +31,7 @@ SIZES: dict[str, int] = {
          "vision_hidden_size", "out_hidden_size", "projection_dim", "projector_hidden_size", "proj_dim",
          "hidden_size_per_layer_input", "vision_embed_dim", "text_embed_dim", "output_size", "width",
          "mm_hidden_size", "projector_dim", "merger_hidden_size", "llm_hidden_size", "adapter_hidden_size",
-         "encoder_hidden_size", "out_dim", "vision_output_dim", "text_hidden_dim", "output_dim", "embedding_dim"],
+         "encoder_hidden_size", "backbone_hidden_size", "out_dim", "vision_output_dim", "text_hidden_dim", "output_dim", "embedding_dim"],
         HIDDEN,
     ),
     **dict.fromkeys(
@@ -76,6 +76,8 @@ SIZES: dict[str, int] = {
     **dict.fromkeys(["n_groups", "mamba_n_groups", "ssm_n_groups"], 1),
     **dict.fromkeys(["chunk_size", "mamba_chunk_size"], 8),
     "laurel_rank": 8,
+    # Gemma3 pools the patch grid down to this many image tokens (a square): 2x2 from a 4x4 grid.
+    "mm_tokens_per_image": 4,
     "altup_num_inputs": 2,
     "time_step_rank": 8,
     # Vision towers: 32x32 images, 8x8 patches.
@@ -180,6 +182,9 @@ def shrink_dict(d: dict[str, Any]) -> dict[str, Any]:
     if _is_size(d.get("head_dim")) and _is_size(original.get("qk_rope_head_dim")) and original.get("head_dim") == original["qk_rope_head_dim"]:
         # MLA configs that derive head_dim (the rotary width) from qk_rope_head_dim.
         d["head_dim"] = d["qk_rope_head_dim"]
+    if isinstance(d.get("image_grid_pinpoints"), list):
+        # LLaVA-NeXT tiles images on these resolutions; one tile of the tiny image size.
+        d["image_grid_pinpoints"] = [[SIZES["image_size"], SIZES["image_size"]]]
     if isinstance(d.get("depths"), list) and all(_is_size(v) for v in d["depths"]):
         d["depths"] = [1] * len(d["depths"])
     types = d.get("layer_types")
@@ -205,6 +210,9 @@ def shrink_dict(d: dict[str, Any]) -> dict[str, Any]:
                        ("logit_scale", 0.25), ("output_logits_scaling", 2.5), ("logit_softcapping", 5.0)):
         if isinstance(d.get(key), (int, float)) and not isinstance(d.get(key), bool):
             d[key] = value
+    if d.get("use_mamba_kernels") is True:
+        # The fused mamba kernels are CUDA-only; the reference torch path is what runs on CPU.
+        d["use_mamba_kernels"] = False
     if "output_router_logits" in d:
         # Exercise the aux-loss branch next to the loss call: a rewrite must keep it exactly.
         d["output_router_logits"] = True
@@ -293,7 +301,12 @@ def fix_mrope(config: Any, force: bool = False) -> None:
         declared = "mrope_section" in (getattr(type(cfg), "ignore_keys_at_rope_validation", None) or ())
         if not declared and not (force and hasattr(cfg, "vocab_size")):
             continue
-        rope = getattr(cfg, "rope_parameters", None)
+        # transformers 5.x: rope_parameters; 4.x: rope_scaling, None when the model falls back to its default.
+        attr = "rope_parameters" if hasattr(cfg, "rope_parameters") else "rope_scaling"
+        rope = getattr(cfg, attr, None)
+        if rope is None and attr == "rope_scaling" and hasattr(cfg, "vocab_size"):
+            rope = {"rope_type": "default", "type": "mrope"}
+            setattr(cfg, attr, rope)
         if not isinstance(rope, dict):
             continue
         heads = getattr(cfg, "num_attention_heads", None) or HEADS

@@ -60,13 +60,14 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.seq_len < 2 or args.batch_size < 1:
         print("error: --steps and --batch-size must be >= 1 and --seq-len >= 2", file=sys.stderr)
         return 2
-    started = time.perf_counter()
+    started, load = time.perf_counter(), os.getloadavg()[0]
     corpus = tokenize_corpus(args.vocab)
     print(
         f"logitless demo: {args.model}, vocab {args.vocab}, {args.steps} steps x {args.batch_size} x {args.seq_len} "
         f"tokens, seed {args.seed}\n"
         f"corpus: {corpus.n_documents} public-domain texts shipped in the package, {corpus.n_bytes / 1024:.0f} KiB, "
-        f"{len(corpus.ids)} tokens\ntokenizer: {corpus.description}",
+        f"{len(corpus.ids)} tokens\ntokenizer: {corpus.description}\n"
+        f"machine: {os.cpu_count()} CPUs, load average {load:.1f} at start (timings are wall-clock)",
         flush=True,
     )
     results: dict[str, dict[str, Any]] = {}
@@ -95,6 +96,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "runs": results,
         "comparison": comparison,
         "wall_seconds": time.perf_counter() - started,
+        "load_average_at_start": load,
     }
     print_report(summary)
     if "error" not in results["stock"] or "error" not in results["logitless"]:

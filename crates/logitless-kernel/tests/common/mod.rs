@@ -109,7 +109,13 @@ impl Case {
         let hidden = rng.vec(n * h, 1.0);
         let weight = rng.vec(v * h, 1.0);
         let targets = (0..n)
-            .map(|_| if (rng.uniform() + 1.0) / 2.0 < ignored_frac { -100 } else { rng.below(v) as i64 })
+            .map(|_| {
+                if (rng.uniform() + 1.0) / 2.0 < ignored_frac {
+                    -100
+                } else {
+                    rng.below(v) as i64
+                }
+            })
             .collect();
         Self {
             n,
@@ -296,7 +302,10 @@ pub fn run<T: TestElement>(c: &Case, w: Want) -> Got {
     let (n, h, v) = (c.n, c.h, c.v);
     let hid = strided::<T>(&c.hidden, n, h, w.pad_hidden);
     let wt = strided::<T>(&c.weight, v, h, w.pad_weight);
-    let bias: Option<Vec<T>> = c.bias.as_ref().map(|b| b.iter().map(|&x| T::from_f64(x)).collect());
+    let bias: Option<Vec<T>> = c
+        .bias
+        .as_ref()
+        .map(|b| b.iter().map(|&x| T::from_f64(x)).collect());
     let hidden = MatRef::new(&hid, n, h, h + w.pad_hidden).expect("hidden view");
     let weight = MatRef::new(&wt, v, h, h + w.pad_weight).expect("weight view");
     let options = Options {
@@ -365,7 +374,14 @@ pub fn check<T: TestElement>(case: &Case, w: Want) {
     let case = case.clone().rounded::<T>();
     let want = reference(&case);
     let got = run::<T>(&case, w);
-    let ctx = format!("{} n={} h={} v={} {:?}", std::any::type_name::<T>(), case.n, case.h, case.v, w);
+    let ctx = format!(
+        "{} n={} h={} v={} {:?}",
+        std::any::type_name::<T>(),
+        case.n,
+        case.h,
+        case.v,
+        w
+    );
     assert_eq!(got.summary.count, want.count, "{ctx}: count");
     let lt = T::LOSS_TOL;
     assert!(
@@ -384,7 +400,10 @@ pub fn check<T: TestElement>(case: &Case, w: Want) {
         // Ignored rows are exactly zero, not merely small.
         for (i, &t) in case.targets.iter().enumerate() {
             if t == case.ignore_index {
-                assert!(g[i * case.h..(i + 1) * case.h].iter().all(|&x| x == 0.0), "{ctx}: ignored row {i}");
+                assert!(
+                    g[i * case.h..(i + 1) * case.h].iter().all(|&x| x == 0.0),
+                    "{ctx}: ignored row {i}"
+                );
             }
         }
     }
