@@ -131,3 +131,24 @@ def test_cli_table_and_explicit_dir() -> None:
         check=True,
     ).stdout
     assert "LlamaForCausalLM" in out and "causal-lm:" in out
+
+
+FORK_PROBE = """
+import os, sys
+from logitless import _core
+from logitless.audit_cli import find_transformers
+models = str(find_transformers() / "models")
+n = len(_core.audit_tree(models))
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if len(_core.audit_tree(models)) == n else 3)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork()")
+def test_audit_still_works_in_a_forked_child() -> None:
+    # A child forked after the parent ran the parallel scan (DataLoader workers do this) must not wait forever on
+    # pool threads that only exist in the parent.
+    subprocess.run([sys.executable, "-c", FORK_PROBE], timeout=60, check=True)

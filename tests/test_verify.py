@@ -60,6 +60,8 @@ def test_quick_classes_are_verified(tmp_path: pathlib.Path) -> None:
         assert numbers["loss_num_items_rel"] <= compare.LOSS_RTOL
         assert numbers["grad_mean_count"] > 0 and numbers["grad_num_items_count"] > 0
         assert numbers["logits_identical"] is True
+    # The VLM case really fed an image (pixel values and image tokens), not only text.
+    assert "images" in by_class["LlavaForConditionalGeneration"]["inputs"]
     assert code == 0, output
 
 

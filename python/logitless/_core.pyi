@@ -1,5 +1,7 @@
 """Type stubs for the Rust extension ``logitless._core`` (kept in step with crates/logitless-py)."""
 
+from typing import Any
+
 __version__: str
 
 class LogitlessError(ValueError): ...
@@ -42,8 +44,6 @@ def fused_linear_cross_entropy(
     """
 
 # --- rewriter (crates/logitless-py/src/rewrite.rs) ----------------------------------------------------------------
-from typing import Any
-
 def rewrite_forward(source: str) -> dict[str, Any]:
     """Rewrite one dedented ``def forward`` (decorators included); docs/design.md "Rewrite contract".
 

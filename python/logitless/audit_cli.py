@@ -96,16 +96,24 @@ def add_rewrite_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _forward_source(text: str, class_name: str) -> str | None:
-    """The dedented ``forward`` of ``class_name`` in ``text`` (decorators included), as inspect would give it."""
+    """The dedented ``forward`` of ``class_name`` in ``text`` (decorators included), as inspect would give it.
+
+    A class without its own forward uses its first base class defined in the same file that has one.
+    """
     tree = ast.parse(text)
     lines = text.splitlines(keepends=True)
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == class_name:
-            for item in node.body:
-                if isinstance(item, ast.FunctionDef) and item.name == "forward":
-                    first = min([item.lineno] + [d.lineno for d in item.decorator_list])
-                    end = item.end_lineno or item.lineno
-                    return textwrap.dedent("".join(lines[first - 1 : end]))
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    seen: set[str] = set()
+    name: str | None = class_name
+    while name in classes and name not in seen:
+        seen.add(name)
+        node = classes[name]
+        for item in node.body:
+            if isinstance(item, ast.FunctionDef) and item.name == "forward":
+                first = min([item.lineno] + [d.lineno for d in item.decorator_list])
+                end = item.end_lineno or item.lineno
+                return textwrap.dedent("".join(lines[first - 1 : end]))
+        name = next((b.id for b in node.bases if isinstance(b, ast.Name) and b.id in classes), None)
     return None
 
 

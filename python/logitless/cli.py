@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
 
 # command -> (module, one-line help). Each module exposes ``add_arguments(parser)`` and ``run(args) -> int``.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -24,10 +25,18 @@ def main(argv: list[str] | None = None) -> int:
         # Only the chosen command's module is imported, so `audit` never pays for torch.
         if (argv if argv is not None else sys.argv[1:])[:1] == [name]:
             mod = importlib.import_module(module)
-            getattr(mod, f"add_{name}_arguments", mod.add_arguments)(p)
+            _hook(mod, f"add_{name}_arguments", "add_arguments")(p)
     args = parser.parse_args(argv)
     mod = importlib.import_module(args._module)
-    return int(getattr(mod, f"run_{args.command}", mod.run)(args) or 0)
+    return int(_hook(mod, f"run_{args.command}", "run")(args) or 0)
+
+
+def _hook(module: object, specific: str, generic: str) -> Callable[..., object]:
+    """A command module names its hooks after the command (``run_audit``) or generically (``run``)."""
+    hook = getattr(module, specific, None) or getattr(module, generic, None)
+    if hook is None:
+        raise AttributeError(f"{module!r} defines neither {specific}() nor {generic}()")
+    return hook
 
 
 if __name__ == "__main__":

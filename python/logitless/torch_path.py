@@ -72,7 +72,10 @@ def _mm(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
         return a @ b
     if a.device.type == "cuda":
         # fp32 output straight from the bf16/f16 GEMM: more accurate than stock, which rounds the logits.
-        return torch.mm(a, b, out_dtype=acc)
+        try:
+            return torch.mm(a, b, out_dtype=acc)
+        except (RuntimeError, NotImplementedError):
+            pass  # a GPU / build without the mixed-precision GEMM: round as below
     # No mixed-precision mm on this backend: round like stock's ``lm_head`` does, then upcast.
     return (a @ b).to(acc)
 
@@ -210,7 +213,11 @@ def fused_lce(
             else:
                 d_hidden[start:stop] = dh
         if d_weight_acc is not None:
-            d_weight_acc += _mm(g_lp.T, h, acc)
+            if h.dtype == acc or h.device.type != "cuda":
+                # In place into the accumulator: no [V, H] temporary per chunk (the chunk's h is small to upcast).
+                d_weight_acc.addmm_(g.T, h.to(acc))
+            else:
+                d_weight_acc += _mm(g_lp.T, h, acc)
         if d_bias_acc is not None:
             d_bias_acc += g.sum(dim=0)
 

@@ -26,7 +26,7 @@ unsafe impl Sync for SharedMut {}
 
 impl SharedMut {
     /// The element `offset` places on (a method, so closures capture the whole `Sync` wrapper, not the pointer).
-    fn at(self, offset: usize) -> *mut f32 {
+    pub(crate) fn at(self, offset: usize) -> *mut f32 {
         self.0.wrapping_add(offset)
     }
 }
@@ -98,12 +98,12 @@ fn _mm512_castsi512_ph_bh(x: __m512i) -> __m512bh {
 /// 16 KiB per B micro-panel, which stays in L1 while a tile runs.
 const KP_BLOCK: usize = 128;
 
-fn ceil_div(a: usize, b: usize) -> usize {
+pub(crate) fn ceil_div(a: usize, b: usize) -> usize {
     a.div_ceil(b)
 }
 
 /// Runs `f(start, end)` over `[0, total)` split in `align`-multiples, one piece per rayon thread when `parallel`.
-fn split(parallel: bool, total: usize, align: usize, f: impl Fn(usize, usize) + Sync) {
+pub(crate) fn split(parallel: bool, total: usize, align: usize, f: impl Fn(usize, usize) + Sync) {
     let threads = if parallel {
         rayon::current_num_threads()
     } else {
@@ -201,7 +201,7 @@ pub(crate) fn pack_hidden_for_dweight<'a>(
 /// # Safety
 /// `c + i·ldc + j` must be writable for i < rows, j < cols, and not written by another thread meanwhile.
 #[inline(always)]
-unsafe fn store_rows(
+pub(crate) unsafe fn store_rows(
     out: &[f32; MR * NR],
     c: *mut f32,
     ldc: usize,
@@ -500,4 +500,39 @@ pub(crate) fn time_three(n: usize, h: usize, v: usize, reps: usize) -> [f64; 3] 
         d_weight(&g16, gs, n, v, h, &hp3, &mut dw, true);
     });
     [t1, t2, t3]
+}
+
+/// Rounds the first `rows` f32 rows of `buf` (`cols` apart) to bf16 in place, as rows `ld` u16 apart (`ld` is
+/// `cols` or `cols + 1`; the padding column is zero), and returns them: the logits block doubles as the bf16
+/// gradient, so that copy costs no memory.
+pub(crate) fn round_rows_in_place(buf: &mut [f32], rows: usize, cols: usize, ld: usize) -> &[u16] {
+    const CHUNK: usize = 16;
+    assert!(cols >= 1 && (ld == cols || ld == cols + 1) && buf.len() >= rows * cols, "round_rows_in_place");
+    let base = buf.as_mut_ptr();
+    let out = base.cast::<u16>();
+    for j in 0..rows {
+        let mut k = 0;
+        while k < cols {
+            let n = CHUNK.min(cols - k);
+            let mut tmp = [0f32; CHUNK];
+            // SAFETY (read, then write): f32 element j·cols + k + t is read before any u16 is written at
+            // j·ld + k + t'. The writes of this chunk end at byte 2(j·ld + k + 16) <= 4(j·cols + k + 16), where the
+            // unread f32 data starts (j·ld <= 2j·cols since ld <= cols + 1 <= 2·cols), so nothing unread is
+            // overwritten; rows * ld u16 fit in the rows * cols f32 the assert guarantees. Only raw pointers from
+            // `base` touch the buffer while this runs.
+            unsafe {
+                std::ptr::copy_nonoverlapping(base.add(j * cols + k), tmp.as_mut_ptr(), n);
+                for (t, &x) in tmp[..n].iter().enumerate() {
+                    out.add(j * ld + k + t).write(to_bf16_bits(x) as u16);
+                }
+            }
+            k += n;
+        }
+        if ld > cols {
+            // SAFETY: byte 2(j·ld + cols) + 2 <= 4(j + 1)·cols (cols >= 1), where row j + 1's unread f32 begin.
+            unsafe { out.add(j * ld + cols).write(0) };
+        }
+    }
+    // SAFETY: the first rows·ld u16 were all written above; `buf` stays exclusively borrowed for the result's life.
+    unsafe { std::slice::from_raw_parts(out, rows * ld) }
 }

@@ -75,6 +75,7 @@ pub(crate) fn plan<S: Storage>(
     active: usize,
     want_dh: bool,
     dpbf16: bool,
+    fma32: bool,
 ) -> Plan {
     let c = size_of::<S::C>();
     let w_chunk = if S::NATIVE || dpbf16 {
@@ -82,22 +83,26 @@ pub(crate) fn plan<S: Storage>(
     } else {
         (budget / 4 / (h * c).max(1)).clamp(1, v.max(1))
     };
-    // Per row: its logits, its hidden row (widened, or packed twice as bf16 pairs), its d_hidden row, and for
-    // the AVX512_BF16 path its gradient rounded to bf16.
-    let per_row = c * (v + h + if want_dh { h } else { 0 }) + if dpbf16 { 2 * (v + 1) } else { 0 };
+    // Per row: its logits (rounded to bf16 in place for the AVX512_BF16 GEMMs), its hidden row (widened, packed
+    // for the FMA engine, or packed twice as bf16 pairs), its d_hidden row.
+    let per_row = c * (v + h + if want_dh { h } else { 0 }) + if fma32 { c * h } else { 0 };
     // Fixed: bias and d_bias vectors, the widened W chunk, and the GEMM packing buffers (the bf16 path packs 256
     // rows of W at a time).
     // The f32/f64 engine packs up to about min(H, 512) × ENGINE_COLUMNS elements per call.
     let engine = if dpbf16 {
         256 * h * 2
+    } else if fma32 {
+        0
     } else {
         ENGINE_COLUMNS * h.min(512) * c
     };
     let fixed = w_chunk * h * c + 2 * v * c + engine;
     let left = budget.saturating_sub(fixed);
     let mut rows = (left / per_row.max(1)).clamp(1, active.max(1));
-    // The bf16 engine's logits GEMM puts 32 rows in each vector panel: a partial last panel wastes its lanes.
-    if dpbf16 && rows >= 32 && rows < active {
+    // The AVX-512 engines' logits GEMM puts 32 rows in each vector panel: a partial last panel wastes lanes.
+    // Round down to whole panels unless that gives up more than an eighth of the rows (each block re-reads W
+    // and d_weight, so fewer rows cost memory traffic).
+    if (dpbf16 || fma32) && rows >= 32 && rows < active && (rows - rows % 32) * 8 >= rows * 7 {
         rows -= rows % 32;
     }
     Plan { rows, w_chunk }
@@ -160,6 +165,14 @@ pub(crate) fn run<S: Storage>(
     };
     #[cfg(not(target_arch = "x86_64"))]
     let dp: Option<((), ())> = None;
+    // f32 on AVX-512: our FMA engine, which reads W and the gradient in place.
+    #[cfg(target_arch = "x86_64")]
+    let fma: Option<&[f32]> = match isa {
+        Isa::Avx512 | Isa::Avx512Bf16 if ws >= h => as_f32(weight.data()),
+        _ => None,
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let fma: Option<()> = None;
     let plan = plan::<S>(
         options.chunk_budget_bytes,
         v,
@@ -167,6 +180,7 @@ pub(crate) fn run<S: Storage>(
         active,
         want_dh,
         dp.is_some(),
+        fma.is_some(),
     );
     let r_max = plan.rows;
     let epi = &options.epilogue;
@@ -193,9 +207,9 @@ pub(crate) fn run<S: Storage>(
     let mut logits = vec![S::C::ZERO; r_max * v];
     let mut hb = vec![S::C::ZERO; if dp.is_some() { 0 } else { r_max * h }];
     let (mut hp1, mut hp3): (Vec<u32>, Vec<u32>) = (Vec::new(), Vec::new());
-    // bf16 copy of the logits gradient for the AVX512_BF16 GEMMs, rows padded to an even length.
+    let mut hpf: Vec<f32> = Vec::new();
+    // Row stride of the bf16 gradient for the AVX512_BF16 GEMMs (even, so k-pairs are whole u32).
     let gs = v + v % 2;
-    let mut g16: Vec<u16> = vec![0; if dp.is_some() { r_max * gs } else { 0 }];
     let mut dhb = if want_dh {
         vec![S::C::ZERO; r_max * h]
     } else {
@@ -253,8 +267,15 @@ pub(crate) fn run<S: Storage>(
                 crate::dpbf16::pack_hidden_for_dweight(row, r, h, &mut hp3);
             }
         }
+        #[cfg(target_arch = "x86_64")]
+        if let Some(w) = fma
+            && let (Some(x), Some(out)) = (as_f32(hb), as_f32_mut(lg))
+        {
+            crate::fma32::pack_hidden_for_logits(|j| &x[j * h..(j + 1) * h], r, h, &mut hpf);
+            crate::fma32::logits(w, ws, v, h, &hpf, r, out, parallel);
+        }
         match w_native {
-            _ if dp.is_some() => {}
+            _ if dp.is_some() || fma.is_some() => {}
             Some(w) => {
                 // In vocabulary slices: the engine packs its whole right operand (H × columns), which for all
                 // of V would be a second logits-sized buffer outside the budget.
@@ -325,23 +346,22 @@ pub(crate) fn run<S: Storage>(
             prof.lap(1);
             continue;
         }
-        let lg = &logits[..r * v];
-        #[cfg(target_arch = "x86_64")]
-        if dp.is_some()
-            && (want_dh || want_dw)
-            && let Some(g) = as_f32(lg)
-        {
-            crate::dpbf16::round_rows(g, r, v, gs, &mut g16, parallel);
-        }
-        prof.lap(1);
-
         if want_db {
-            for row in lg.chunks(v) {
+            for row in logits[..r * v].chunks(v) {
                 for (a, &g) in db_acc.iter_mut().zip(row) {
                     *a += g;
                 }
             }
         }
+        // The AVX512_BF16 GEMMs read the gradient as bf16, rounded in place (the f32 values are done with).
+        #[cfg(target_arch = "x86_64")]
+        let g16: &[u16] = match (dp.is_some(), as_f32_mut(&mut logits[..r * v])) {
+            (true, Some(g)) => crate::dpbf16::round_rows_in_place(g, r, v, gs),
+            _ => &[],
+        };
+        let lg = &logits[..r * v];
+        prof.lap(1);
+
 
         // GEMM 2: d_hidden_b = G · W, complete for the block.
         if let Some(dh) = d_hidden.as_deref_mut() {
@@ -350,10 +370,16 @@ pub(crate) fn run<S: Storage>(
             if let Some((w16, _)) = dp
                 && let Some(out) = as_f32_mut(dhb)
             {
-                crate::dpbf16::d_hidden(&g16, gs, r, w16, ws, v, h, out, parallel);
+                crate::dpbf16::d_hidden(g16, gs, r, w16, ws, v, h, out, parallel);
+            }
+            #[cfg(target_arch = "x86_64")]
+            if let Some(w) = fma
+                && let (Some(g), Some(out)) = (as_f32(lg), as_f32_mut(dhb))
+            {
+                crate::fma32::d_hidden(g, r, w, ws, v, h, out, parallel);
             }
             match w_native {
-                _ if dp.is_some() => {}
+                _ if dp.is_some() || fma.is_some() => {}
                 Some(w) => {
                     // In vocabulary slices, for the same reason as GEMM 1 (here the engine packs the left operand).
                     for v0 in (0..v).step_by(ENGINE_COLUMNS) {
@@ -402,10 +428,18 @@ pub(crate) fn run<S: Storage>(
                 None => &mut dw_acc,
             };
             #[cfg(target_arch = "x86_64")]
+            if fma.is_some()
+                && let (Some(g), Some(x), Some(acc)) = (as_f32(lg), as_f32(hb), as_f32_mut(dst))
+            {
+                crate::fma32::d_weight(g, r, v, h, x, acc, parallel);
+                prof.lap(3);
+                continue;
+            }
+            #[cfg(target_arch = "x86_64")]
             if dp.is_some() {
                 // dw_acc is f32 here (bf16 storage); the cast cannot fail.
                 if let Some(acc) = as_f32_mut(dst) {
-                    crate::dpbf16::d_weight(&g16, gs, r, v, h, &hp3, acc, parallel);
+                    crate::dpbf16::d_weight(g16, gs, r, v, h, &hp3, acc, parallel);
                 }
                 prof.lap(3);
                 continue;

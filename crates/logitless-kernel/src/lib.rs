@@ -18,8 +18,9 @@
 //!
 //! Engines, chosen at run time (never `target-cpu=native`; [`isa::current`], capped by [`isa::set_override`] or
 //! `LOGITLESS_KERNEL_ISA=portable|avx2|avx512|avx512bf16`):
-//! - f32 / f64: the `gemm` crate (its own runtime dispatch: AVX-512, AVX2+FMA, NEON, scalar) on the caller's
-//!   buffers, called in vocabulary slices so its packing buffers stay small;
+//! - f32 on AVX-512: `fma32.rs`, 12×32 FMA micro-kernels reading W, the gradient and the hidden rows in place;
+//! - f64, and f32 without AVX-512: the `gemm` crate (its own runtime dispatch: AVX-512, AVX2+FMA, NEON, scalar)
+//!   on the caller's buffers, called in vocabulary slices so its packing buffers stay small;
 //! - bf16 with AVX512_BF16 (and even H and row strides): `dpbf16.rs`, `vdpbf16ps` micro-kernels reading bf16
 //!   directly, f32 accumulation; the logits gradient is rounded to bf16 for the two backward GEMMs (as a stock
 //!   bf16 backward does);
@@ -32,6 +33,8 @@
 
 #[cfg(target_arch = "x86_64")]
 mod dpbf16;
+#[cfg(target_arch = "x86_64")]
+mod fma32;
 mod fused;
 pub mod isa;
 mod matmul;
@@ -242,6 +245,19 @@ pub mod bench_support {
         #[cfg(target_arch = "x86_64")]
         if crate::isa::current() == crate::isa::Isa::Avx512Bf16 && h.is_multiple_of(2) {
             return Some(crate::dpbf16::time_three(n, h, v, reps));
+        }
+        let _ = (n, h, v, reps);
+        None
+    }
+
+    /// The same for f32 on the AVX-512 FMA engine, or `None` where the kernel uses the `gemm` crate for f32.
+    pub fn f32_gemm_seconds(n: usize, h: usize, v: usize, reps: usize) -> Option<[f64; 3]> {
+        #[cfg(target_arch = "x86_64")]
+        if matches!(
+            crate::isa::current(),
+            crate::isa::Isa::Avx512 | crate::isa::Isa::Avx512Bf16
+        ) {
+            return Some(crate::fma32::time_three(n, h, v, reps));
         }
         let _ = (n, h, v, reps);
         None

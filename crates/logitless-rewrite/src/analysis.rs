@@ -141,6 +141,15 @@ fn split_branch<'a>(
                     stmt,
                     "the labels branch reads the logits before the loss",
                 ));
+            } else if let Some(name) = dropped.iter().find(|n| stmt_reads(stmt, n)) {
+                return Err(refuse(
+                    R::DroppedNameUsed,
+                    src,
+                    stmt,
+                    format!(
+                        "`{name}` is read in the labels branch but not bound on the fused path"
+                    ),
+                ));
             } else {
                 pre.push(stmt);
             }
@@ -546,14 +555,21 @@ pub(crate) fn analyse<'a>(
 
     let check_free = |e: &Expr, what: &str| {
         if expr_reads(e, logits) {
-            Err(refuse(
+            return Err(refuse(
                 R::LossArgsReadLogits,
                 src,
                 e,
                 format!("the {what} reads `{logits}`"),
-            ))
-        } else {
-            Ok(())
+            ));
+        }
+        match dropped.iter().find(|n| expr_reads(e, n)) {
+            Some(n) => Err(refuse(
+                R::DroppedNameUsed,
+                src,
+                e,
+                format!("the {what} reads `{n}`, which the fused path does not bind"),
+            )),
+            None => Ok(()),
         }
     };
     if let Some(v) = call.vocab {

@@ -96,28 +96,36 @@ pub fn audit_tree(models_dir: &Path) -> Result<Vec<ClassReport>, AuditError> {
             }
         }
     }
-    let per_file: Result<Vec<Vec<ClassReport>>, AuditError> = files
-        .par_iter()
-        .map(|path| {
-            let text = std::fs::read_to_string(path).map_err(io(path))?;
-            let package = path
-                .parent()
-                .and_then(|p| p.file_name())
-                .and_then(|n| n.to_str())
-                .unwrap_or_default();
-            let stem = path
-                .file_stem()
-                .and_then(|n| n.to_str())
-                .unwrap_or_default();
-            Ok(audit_file(
-                &text,
-                &format!("transformers.models.{package}.{stem}"),
-            ))
-        })
-        .collect();
+    // A pool of our own per call, not rayon's global one: a process that forked (DataLoader workers) after the
+    // global pool started has no pool threads in the child, and would wait on them forever.
+    let per_file: Result<Vec<Vec<ClassReport>>, AuditError> =
+        match rayon::ThreadPoolBuilder::new().build() {
+            Ok(pool) => pool.install(|| files.par_iter().map(|p| audit_path(p)).collect()),
+            Err(_) => files.iter().map(|p| audit_path(p)).collect(),
+        };
     let mut reports: Vec<ClassReport> = per_file?.into_iter().flatten().collect();
     reports.sort_by(|a, b| a.class.cmp(&b.class).then_with(|| a.module.cmp(&b.module)));
     Ok(reports)
+}
+
+fn audit_path(path: &Path) -> Result<Vec<ClassReport>, AuditError> {
+    let text = std::fs::read_to_string(path).map_err(|source| AuditError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let package = path
+        .parent()
+        .and_then(|p| p.file_name())
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    let stem = path
+        .file_stem()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    Ok(audit_file(
+        &text,
+        &format!("transformers.models.{package}.{stem}"),
+    ))
 }
 
 fn kind_of(name: &str) -> Option<ClassKind> {

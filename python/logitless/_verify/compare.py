@@ -48,6 +48,10 @@ def _short(exc: BaseException) -> str:
     return text[:300]
 
 
+class NotBuilt(Exception):
+    """The tiny model or its inputs could not be made; carries the reason."""
+
+
 def build(module_name: str, cls_name: str) -> tuple[torch.nn.Module, Any, Override]:
     module = importlib.import_module(module_name)
     model_cls = getattr(module, cls_name)
@@ -58,7 +62,7 @@ def build(module_name: str, cls_name: str) -> tuple[torch.nn.Module, Any, Overri
     if config_cls is None:
         raise NotBuilt("class has no config_class (not a model)")
     try:
-        d = config_cls(**(override.defaults or {})).to_dict()
+        d = config_cls().to_dict()
     except Exception as exc:  # noqa: BLE001 - any failure is reported per class
         raise NotBuilt(f"default config: {_short(exc)}") from exc
     d = tiny.remap_special_tokens(tiny.shrink_dict(d))
@@ -69,6 +73,8 @@ def build(module_name: str, cls_name: str) -> tuple[torch.nn.Module, Any, Overri
     except Exception as exc:  # noqa: BLE001
         raise NotBuilt(f"tiny config: {_short(exc)}") from exc
     tiny.fix_mrope(config, force="mrope_section" in inspect.getsource(module))
+    if override.post:
+        override.post(config)
     torch.manual_seed(0)
     try:
         model = model_cls(config)
@@ -84,10 +90,6 @@ def build(module_name: str, cls_name: str) -> tuple[torch.nn.Module, Any, Overri
                 p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.02)
     model.train()
     return model, config, override
-
-
-class NotBuilt(Exception):
-    """The tiny model or its inputs could not be made; carries the reason."""
 
 
 def _run(model: torch.nn.Module, feed: dict[str, Any]) -> Any:
@@ -210,6 +212,19 @@ def compare(stock: Side, patched: Side) -> tuple[dict[str, Any], list[str]]:
     return numbers, problems
 
 
+def _why_unfused(model: torch.nn.Module, audit: dict[str, Any]) -> str:
+    """What made ``__logitless__.fusable`` say no (design.md: the head must be exactly nn.Linear and the loss the
+    stock causal-LM loss)."""
+    head_name = str(audit.get("head") or "")
+    head: Any = model
+    for part in head_name.split(".") if head_name else []:
+        head = getattr(head, part, None)
+    if head_name and type(head) is not torch.nn.Linear:
+        return f"`{head_name}` is a {type(head).__name__}, not an nn.Linear"
+    loss = getattr(model, "loss_function", None)
+    return f"loss_function is {getattr(loss, '__name__', loss)!s}, not the stock ForCausalLMLoss"
+
+
 def run_case(module_name: str, cls_name: str, kind: str, installer: Installer) -> dict[str, Any]:
     started = time.perf_counter()
     result: dict[str, Any] = {"class": cls_name, "module": module_name, "kind": kind}
@@ -243,10 +258,14 @@ def _run_case(module_name: str, cls_name: str, installer: Installer) -> dict[str
     out["stock_errors"] = stock.errors
     if problems:
         out.update(status=MISMATCH, reason="; ".join(problems)[:1000])
+    elif audit.get("status") == "failed":
+        # The installer tried and could not use its rewrite; the stock forward stayed (and matched, above).
+        out.update(status=REFUSED, reason=f"install failed ({audit.get('code')}): {audit.get('error')}")
     elif audit.get("status") != "patched":
         out.update(status=REFUSED, reason=audit.get("reason") or audit.get("status", "not patched"))
     elif not patched.fused:
-        out.update(status=UNFUSED, reason="patched, but the forward with labels returned real logits")
+        why = _why_unfused(model, audit)
+        out.update(status=UNFUSED, reason=f"patched, but the forward with labels returned real logits: {why}")
     else:
         out.update(status=VERIFIED, reason="")
     return out

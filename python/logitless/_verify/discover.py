@@ -7,9 +7,9 @@ the parent process stays free of torch.
 
 from __future__ import annotations
 
-import ast
 import importlib.util
 import pathlib
+import re
 from dataclasses import asdict, dataclass
 
 CAUSAL = "causal-lm"
@@ -33,14 +33,22 @@ def models_dir() -> pathlib.Path:
     return pathlib.Path(spec.origin).parent / "models"
 
 
-def _forward_source(source: str, node: ast.ClassDef) -> str | None:
-    for item in node.body:
-        if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and item.name == "forward":
-            return ast.get_source_segment(source, item)
-    return None
+_CLASS = re.compile(r"^class (\w+)\b", re.MULTILINE)
+_METHOD = re.compile(r"^    (?:@|def |async def )", re.MULTILINE)
+
+
+def _forward_source(class_body: str) -> str | None:
+    """The text of a class's own ``forward`` (up to the next method or decorator at class level)."""
+    start = class_body.find("\n    def forward(")
+    if start < 0:
+        return None
+    nxt = _METHOD.search(class_body, start + 5)
+    return class_body[start : nxt.start() if nxt else len(class_body)]
 
 
 def discover(root: pathlib.Path | None = None) -> list[Candidate]:
+    # Plain text scanning, not ast: parsing transformers' ~500 modeling files costs tens of seconds on a busy
+    # machine, and class and method boundaries at fixed indentation are all that is needed here.
     root = root or models_dir()
     found: list[Candidate] = []
     for path in sorted(root.glob("*/modeling_*.py")):
@@ -48,20 +56,19 @@ def discover(root: pathlib.Path | None = None) -> list[Candidate]:
             # transformers 4.x still ships TensorFlow/Flax ports; logitless patches PyTorch models only.
             continue
         source = path.read_text(encoding="utf-8")
-        try:
-            tree = ast.parse(source)
-        except SyntaxError:
+        if "ForCausalLM" not in source and "ForConditionalGeneration" not in source:
             continue
         module = f"transformers.models.{path.parent.name}.{path.stem}"
-        for node in tree.body:
-            if not isinstance(node, ast.ClassDef):
-                continue
-            if node.name.endswith("ForCausalLM"):
-                found.append(Candidate(node.name, module, CAUSAL))
-            elif node.name.endswith("ForConditionalGeneration"):
-                forward = _forward_source(source, node)
+        classes = list(_CLASS.finditer(source))
+        for i, match in enumerate(classes):
+            name = match.group(1)
+            if name.endswith("ForCausalLM"):
+                found.append(Candidate(name, module, CAUSAL))
+            elif name.endswith("ForConditionalGeneration"):
+                end = classes[i + 1].start() if i + 1 < len(classes) else len(source)
+                forward = _forward_source(source[match.start() : end])
                 # Only the classes whose loss is the causal-LM loss on the head's logits are logitless' business;
                 # encoder-decoder or audio-codec generators with their own losses are not candidates.
                 if forward and "self.loss_function(" in forward and "lm_head" in forward:
-                    found.append(Candidate(node.name, module, CONDITIONAL))
+                    found.append(Candidate(name, module, CONDITIONAL))
     return found

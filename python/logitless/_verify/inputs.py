@@ -81,7 +81,7 @@ def _forward_params(model: torch.nn.Module) -> set[str]:
     return set(inspect.signature(type(model).forward).parameters)
 
 
-def _pixels(model: torch.nn.Module, config: Any, shape_kind: str) -> dict[str, torch.Tensor]:
+def pixels(model: torch.nn.Module, config: Any, shape_kind: str) -> dict[str, torch.Tensor]:
     vision = getattr(config, "vision_config", None)
     gen = torch.Generator().manual_seed(2)
     if shape_kind == "grid":
@@ -115,10 +115,10 @@ def add_image(model: torch.nn.Module, config: Any, feeds: Feeds) -> str:
     layouts = [(k, s) for k in kinds for s in ((False, True) if "image_sizes" in params else (False,))]
     last = ""
     for kind, sizes in layouts:
-        pixels = _pixels(model, config, kind)
+        layout = pixels(model, config, kind)
         if sizes:
-            side = pixels["pixel_values"].shape[-1]
-            pixels["image_sizes"] = torch.tensor([[side, side]] * BATCH)
+            side = layout["pixel_values"].shape[-1]
+            layout["image_sizes"] = torch.tensor([[side, side]] * BATCH)
         counts = [1]
         tried: set[int] = set()
         while counts:
@@ -126,7 +126,7 @@ def add_image(model: torch.nn.Module, config: Any, feeds: Feeds) -> str:
             if count in tried or count > 512:
                 continue
             tried.add(count)
-            trial = _with_image_tokens(feeds, token, count, pixels, params, config)
+            trial = _with_image_tokens(feeds, token, count, layout, params, config)
             try:
                 with torch.no_grad():
                     model(**trial.base)
@@ -141,18 +141,19 @@ def add_image(model: torch.nn.Module, config: Any, feeds: Feeds) -> str:
                 counts = sorted({*counts, features // BATCH, features // (BATCH * hidden)} - {0})
                 continue
             feeds.base, feeds.labels, feeds.num_items = trial.base, trial.labels, trial.num_items
-            return f"text + {BATCH} images ({count} image tokens each, pixel_values {tuple(pixels['pixel_values'].shape)})"
+            shape = tuple(layout["pixel_values"].shape)
+            return f"text + {BATCH} images ({count} image tokens each, pixel_values {shape})"
     raise NotImplementedError(f"image input: {last}")
 
 
-def _with_image_tokens(feeds: Feeds, token: int, count: int, pixels: dict[str, torch.Tensor], params: set[str],
+def _with_image_tokens(feeds: Feeds, token: int, count: int, layout: dict[str, torch.Tensor], params: set[str],
                        config: Any) -> Feeds:
     ids = feeds.base["input_ids"]
     image = torch.full((ids.shape[0], count), token, dtype=ids.dtype)
     new_ids = torch.cat([ids[:, :1], image, ids[:, 1:]], dim=1)
     # Image positions are never targets (as in every VLM training recipe).
     labels = torch.cat([feeds.labels[:, :1], torch.full_like(image, IGNORE), feeds.labels[:, 1:]], dim=1)
-    base = {**feeds.base, "input_ids": new_ids, "attention_mask": torch.ones_like(new_ids), **pixels}
+    base = {**feeds.base, "input_ids": new_ids, "attention_mask": torch.ones_like(new_ids), **layout}
     if "token_type_ids" in params:
         if getattr(config, "model_type", "") == "paligemma":
             # PaliGemma: 0 = prefix (image and prompt, attended bidirectionally), 1 = suffix (the targets).

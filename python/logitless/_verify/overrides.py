@@ -17,8 +17,8 @@ class Override:
     inputs: Callable[[Any, Any, Feeds], None] | None = None
     # Non-empty: do not build; the text is the reason shown in the report.
     skip: str = ""
-    # Keyword arguments for the config class when its bare defaults do not validate.
-    defaults: dict[str, Any] | None = None
+    # Edits the built config object (for attributes the config class does not declare).
+    post: Callable[[Any], None] | None = None
 
 
 def _text(d: dict[str, Any]) -> dict[str, Any]:
@@ -38,6 +38,17 @@ def _set(**values: Any) -> Callable[[dict[str, Any]], None]:
 _QWEN4_QSA = _set(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8,
                   indexer_compress_ratio=4)
 
+
+def _pixels_only(model: Any, config: Any, feeds: Feeds) -> None:
+    """GIT prepends image patch embeddings itself (no image tokens) and always slices them off the logits."""
+    from logitless._verify.inputs import pixels
+
+    feeds.base.update(pixels(model, config, "image"))
+    feeds.description = "text + images (prepended patches)"
+
+
+_DRAFTER = "draft model: all its layers share the target model's KV cache, so it cannot run alone"
+
 OVERRIDES: dict[str, Override] = {
     "AutoModelForCausalLM": Override(skip="auto factory, not a model class"),
     # Default layer_types is None, but the model indexes it per layer.
@@ -52,12 +63,21 @@ OVERRIDES: dict[str, Override] = {
     "Step3p7ForConditionalGeneration": Override(config=_set(sliding_window=8)),
     # Both tiny layers come out dense, and the aux-loss code indexes the (empty) router logits.
     "FlintForCausalLM": Override(config=_set(output_router_logits=False)),
-    # The assistant's default text config fails its own validation (it must have no per-layer inputs or MoE).
-    "Gemma4AssistantForCausalLM": Override(
-        defaults={"text_config": {"hidden_size_per_layer_input": 0, "enable_moe_block": False}}
+    # DbrxAttentionConfig does not declare the rope_theta the attention layer reads, and its default clip_qkv
+    # (None) is passed to torch.clamp unconditionally.
+    "DbrxForCausalLM": Override(
+        config=lambda d: d["attn_config"].update(clip_qkv=8.0),
+        post=lambda config: setattr(config.attn_config, "rope_theta", 10000.0),
     ),
+    # Speculative-decoding drafters: every layer reads the target model's KV cache (their configs require it),
+    # so neither can be built and run on its own.
+    "Gemma4AssistantForCausalLM": Override(skip=_DRAFTER),
+    "Gemma4UnifiedAssistantForCausalLM": Override(skip=_DRAFTER),
+    "GitForCausalLM": Override(inputs=_pixels_only),
     # transformers 4.x: attention_types must describe exactly num_layers layers.
-    "GPTNeoForCausalLM": Override(config=_set(attention_types=[[["global", "local"], 1]], attention_layers=["global", "local"])),
+    "GPTNeoForCausalLM": Override(
+        config=_set(attention_types=[[["global", "local"], 1]], attention_layers=["global", "local"])
+    ),
     # transformers 4.x: layer_types defaults to None but is indexed per layer.
     "GraniteMoeHybridForCausalLM": Override(config=_set(layer_types=["mamba", "attention"])),
 }

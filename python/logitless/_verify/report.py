@@ -59,7 +59,8 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "entry) for the mean loss and the `num_items_in_batch` loss; inputs: `text`, or `text+image` when the model",
         "was also fed pixel values and image tokens.",
         "",
-        "| class | kind | status | loss rel | grad rel | loss rel (num_items) | grad rel (num_items) | logits identical | inputs | detail |",
+        "| class | kind | status | loss rel | grad rel | loss rel (num_items) | grad rel (num_items) "
+        "| logits identical | inputs | detail |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- | --- |",
     ]
     for r in sorted(results, key=lambda r: (r["kind"], r["class"])):

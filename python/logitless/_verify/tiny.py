@@ -31,7 +31,8 @@ SIZES: dict[str, int] = {
          "vision_hidden_size", "out_hidden_size", "projection_dim", "projector_hidden_size", "proj_dim",
          "hidden_size_per_layer_input", "vision_embed_dim", "text_embed_dim", "output_size", "width",
          "mm_hidden_size", "projector_dim", "merger_hidden_size", "llm_hidden_size", "adapter_hidden_size",
-         "encoder_hidden_size", "backbone_hidden_size", "out_dim", "vision_output_dim", "text_hidden_dim", "output_dim", "embedding_dim"],
+         "encoder_hidden_size", "backbone_hidden_size", "out_dim", "vision_output_dim", "text_hidden_dim",
+         "output_dim", "embedding_dim", "hidden_size_global"],
         HIDDEN,
     ),
     **dict.fromkeys(
@@ -76,6 +77,7 @@ SIZES: dict[str, int] = {
     **dict.fromkeys(["n_groups", "mamba_n_groups", "ssm_n_groups"], 1),
     **dict.fromkeys(["chunk_size", "mamba_chunk_size"], 8),
     "laurel_rank": 8,
+    "encoder_hash_byte_group_vocab": 512,
     # Gemma3 pools the patch grid down to this many image tokens (a square): 2x2 from a 4x4 grid.
     "mm_tokens_per_image": 4,
     "altup_num_inputs": 2,
@@ -129,18 +131,27 @@ def shrink_dict(d: dict[str, Any]) -> dict[str, Any]:
             d[key] = shrink_dict(value)
         elif isinstance(value, list) and value and all(_is_config_dict(v) for v in value):
             d[key] = [shrink_dict(v) for v in value]
+    _shrink_sizes(d, original)
+    _shrink_layers(d)
+    _fill_unset(d, original)
+    _shrink_rope(d)
+    _training_knobs(d)
+    return d
 
-    old_layers = next((d[k] for k in LAYER_COUNTS if _is_size(d.get(k))), 0)
+
+def _shrink_sizes(d: dict[str, Any], original: dict[str, Any]) -> None:
     for key, value in list(d.items()):
         if key in KEEP or not _is_size(value):
             continue
         if key in SIZES:
             new = SIZES[key]
-            # Multi-query attention stays multi-query; never raise a count above its default.
-            d[key] = min(new, value) if key.endswith("heads") or key in ("num_experts_per_tok",) else new
+            # Never raise a head or top-k count above its default (multi-query stays multi-query).
+            d[key] = min(new, value) if key.endswith("heads") or key == "num_experts_per_tok" else new
         elif key in VOCABS:
             d[key] = VOCAB
-    heads_before = next((original[k] for k in ("num_attention_heads", "n_head", "num_heads") if _is_size(original.get(k))), 0)
+    heads_before = next(
+        (original[k] for k in ("num_attention_heads", "n_head", "num_heads") if _is_size(original.get(k))), 0
+    )
     for key in ("num_key_value_heads", "n_kv_heads", "num_kv_heads", "multi_query_group_num", "n_head_kv",
                 "num_key_value_groups", "kv_heads", "text_num_key_value_heads"):
         if _is_size(d.get(key)):
@@ -152,34 +163,42 @@ def shrink_dict(d: dict[str, Any]) -> dict[str, Any]:
                                    ("mamba_n_heads", "mamba_d_head")):
             if _is_size(d.get(heads_key)) and _is_size(d.get(dim_key)):
                 d[heads_key] = d["expand"] * HIDDEN // d[dim_key]
-    if old_layers:
-        keep = _layer_selection(d, old_layers)
-        new_layers = len(keep)
-        for key, value in list(d.items()):
-            if key in LAYER_COUNTS and _is_size(value):
-                d[key] = new_layers
-            elif isinstance(value, list) and len(value) == old_layers and old_layers > 1:
-                # Per-layer lists (layer_types, per-layer sparsity, ...) keep the selected layers' entries.
-                d[key] = [value[i] for i in keep]
-            elif isinstance(value, str) and len(value) == old_layers and old_layers > 1 and key.endswith("pattern"):
-                d[key] = "".join(value[i] for i in keep)
-            elif isinstance(value, dict) and value and all(str(k).isdigit() for k in value):
-                # Per-layer dicts keyed by layer index: keep the selected layers' entries, renumbered.
-                d[key] = {type(k)(keep.index(int(k))) if type(k) is int else str(keep.index(int(k))): v
-                          for k, v in value.items() if int(k) in keep}
-            elif _is_size(value) and value == old_layers and "layer" in key and key not in KEEP:
-                # e.g. max_window_layers / first_k_dense_replace == num_layers: proportional meaning "all".
-                d[key] = new_layers
-        for key in ("first_k_dense_replace", "first_dense_layers", "num_dense_layers", "moe_layer_start_index"):
-            if _is_size(d.get(key)) and d[key] >= new_layers:
-                d[key] = 1
-    # Default configs of some models leave sizes that every real checkpoint sets as None.
+
+
+def _shrink_layers(d: dict[str, Any]) -> None:
+    """Keep a few layers, and cut every per-layer field (lists, patterns, index-keyed dicts) to match."""
+    old_layers = next((d[k] for k in LAYER_COUNTS if _is_size(d.get(k))), 0)
+    if not old_layers:
+        return
+    keep = _layer_selection(d, old_layers)
+    new_layers = len(keep)
+    for key, value in list(d.items()):
+        if key in LAYER_COUNTS and _is_size(value):
+            d[key] = new_layers
+        elif isinstance(value, list) and len(value) == old_layers and old_layers > 1:
+            d[key] = [value[i] for i in keep]
+        elif isinstance(value, str) and len(value) == old_layers and old_layers > 1 and key.endswith("pattern"):
+            d[key] = "".join(value[i] for i in keep)
+        elif isinstance(value, dict) and value and all(str(k).isdigit() for k in value):
+            d[key] = {type(k)(keep.index(int(k))): v for k, v in value.items() if int(k) in keep}
+        elif _is_size(value) and value == old_layers and "layer" in key and key not in KEEP:
+            # e.g. max_window_layers == num_layers, meaning "all layers".
+            d[key] = new_layers
+    for key in ("first_k_dense_replace", "first_dense_layers", "num_dense_layers", "moe_layer_start_index"):
+        if _is_size(d.get(key)) and d[key] >= new_layers:
+            # Keep one dense layer and one sparse one.
+            d[key] = 1
+
+
+def _fill_unset(d: dict[str, Any], original: dict[str, Any]) -> None:
+    """Sizes that default configs leave unset (every real checkpoint sets them) and couplings between fields."""
     for key, value in (("head_dim", HEAD_DIM), ("num_key_value_heads", KV_HEADS), ("num_experts_per_tok", TOP_K),
                        ("n_routed_experts", EXPERTS), ("moe_intermediate_size", EXPERT_INTERMEDIATE),
                        ("n_shared_experts", 1)):
         if key in d and d[key] is None and (key != "head_dim" or "num_attention_heads" in d):
             d[key] = value
-    if _is_size(d.get("head_dim")) and _is_size(original.get("qk_rope_head_dim")) and original.get("head_dim") == original["qk_rope_head_dim"]:
+    rope_dim = original.get("qk_rope_head_dim")
+    if _is_size(d.get("head_dim")) and _is_size(rope_dim) and original.get("head_dim") == rope_dim:
         # MLA configs that derive head_dim (the rotary width) from qk_rope_head_dim.
         d["head_dim"] = d["qk_rope_head_dim"]
     if isinstance(d.get("image_grid_pinpoints"), list):
@@ -195,10 +214,15 @@ def shrink_dict(d: dict[str, Any]) -> dict[str, Any]:
     for key in ("rotary_dim", "rotary_emb_base_dim"):
         if _is_size(d.get(key)):
             d[key] = HEAD_DIM // 2
-    for key in ("num_kv_shared_layers",):
-        if _is_size(d.get(key)):
-            d[key] = 0
-    _shrink_rope(d)
+    if _is_size(d.get("num_kv_shared_layers")):
+        # Gemma3n-style KV sharing across the last layers needs more layers than the tiny model keeps.
+        d["num_kv_shared_layers"] = 0
+    if d.get("use_mamba_kernels") is True:
+        # The fused mamba kernels are CUDA-only; the reference torch path is what runs on CPU.
+        d["use_mamba_kernels"] = False
+
+
+def _training_knobs(d: dict[str, Any]) -> None:
     for key in ("hidden_dropout", "attention_dropout", "hidden_dropout_prob", "attention_probs_dropout_prob",
                 "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "activation_dropout", "classifier_dropout",
                 "ffn_dropout", "residual_dropout", "embedding_dropout", "projector_dropout", "mlp_dropout"):
@@ -210,13 +234,9 @@ def shrink_dict(d: dict[str, Any]) -> dict[str, Any]:
                        ("logit_scale", 0.25), ("output_logits_scaling", 2.5), ("logit_softcapping", 5.0)):
         if isinstance(d.get(key), (int, float)) and not isinstance(d.get(key), bool):
             d[key] = value
-    if d.get("use_mamba_kernels") is True:
-        # The fused mamba kernels are CUDA-only; the reference torch path is what runs on CPU.
-        d["use_mamba_kernels"] = False
     if "output_router_logits" in d:
         # Exercise the aux-loss branch next to the loss call: a rewrite must keep it exactly.
         d["output_router_logits"] = True
-    return d
 
 
 def _shrink_rope(d: dict[str, Any]) -> None:
