@@ -32,8 +32,7 @@ from logitless import _core, _runtime
 from logitless._hook import ModelingImportHook
 from logitless._patching import PatchError, build_forward, forget_source, forward_source
 
-# The package attribute `logitless.install` is the install() function; the module is reached through importlib.
-li = importlib.import_module("logitless.install")
+li = importlib.import_module("logitless.installer")
 HAS_REWRITER = hasattr(_core, "rewrite_forward")
 needs_rewriter = pytest.mark.skipif(not HAS_REWRITER, reason="logitless._core.rewrite_forward is not built")
 LLAMA_KEY = f"{LlamaForCausalLM.__module__}.LlamaForCausalLM"

@@ -28,11 +28,11 @@ _LAZY = {
     "linear_cross_entropy": "logitless.ops",
     "hf_loss": "logitless.hf",
     "rewrite_forward": "logitless.rewrite",
-    "install": "logitless.install",
-    "uninstall": "logitless.install",
-    "audit": "logitless.install",
-    "patch": "logitless.install",
-    "register_canonical": "logitless.install",
+    "install": "logitless.installer",
+    "uninstall": "logitless.installer",
+    "audit": "logitless.installer",
+    "patch": "logitless.installer",
+    "register_canonical": "logitless.installer",
 }
 
 
@@ -54,4 +54,4 @@ def __dir__() -> list[str]:
 
 
 if os.environ.get("LOGITLESS", "").strip().lower() in {"1", "true", "yes", "on"}:
-    importlib.import_module("logitless.install").install()
+    importlib.import_module("logitless.installer").install()

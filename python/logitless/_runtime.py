@@ -16,7 +16,7 @@ __all__ = ["fusable", "hf_loss", "no_logits", "return_logits", "set_enabled", "s
 
 _TRUTHY = {"1", "true", "yes", "on"}
 
-# Flipped by logitless.install: a forward that outlives uninstall() (e.g. a bound method someone kept) must fall
+# Flipped by logitless.installer: a forward that outlives uninstall() (e.g. a bound method someone kept) must fall
 # back to the stock statements rather than keep fusing.
 _enabled = False
 _return_logits = os.environ.get("LOGITLESS_RETURN_LOGITS", "").strip().lower() in _TRUTHY

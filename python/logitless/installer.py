@@ -293,15 +293,3 @@ def _check_signature(forward: Callable[..., Any], original: Callable[..., Any]) 
     new, old = inspect.signature(forward), inspect.signature(original)
     if [(p.name, p.kind) for p in new.parameters.values()] != [(p.name, p.kind) for p in old.parameters.values()]:
         raise PatchError("signature-mismatch", f"registered forward{new} does not match the stock forward{old}")
-
-
-class _CallableModule(ModuleType):
-    """``logitless.install`` names both this module and the ``install()`` function: importing the submodule makes
-    the import system bind the package attribute to the module (after ``logitless/__init__.py`` may already have
-    bound the function), so ``logitless.install()`` could hit either. Calling the module calls ``install()``."""
-
-    def __call__(self, return_logits: bool = False) -> None:
-        install(return_logits=return_logits)
-
-
-sys.modules[__name__].__class__ = _CallableModule
