@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.deps-installed
 EXT    := $(VENV)/.ext-built
 CARGO_TEST_FLAGS ?= --release --workspace --exclude logitless-py
 
-.PHONY: demo test test-rust test-python build bench lint fmt clean
+.PHONY: demo test test-rust test-python test-transformers4 build bench lint fmt clean
 
 demo: build
 	$(PY) -m logitless demo
@@ -18,6 +18,10 @@ test-rust:
 
 test-python: build
 	$(PY) -m pytest -q
+
+# transformers 4.57.6 in .venv-tf4: audit + verify (its forwards slice with `slice_indices`).
+test-transformers4:
+	bash .ci/transformers4.sh
 
 build: $(STAMP)
 	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release -q

@@ -316,20 +316,7 @@ def test_empty_inputs(impl: str) -> None:
     assert weight.grad is not None and torch.equal(weight.grad, torch.zeros_like(weight))
 
 
-@pytest.mark.parametrize(
-    "impl",
-    [
-        pytest.param(
-            "rust",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="kernel bug: matmul.rs asserts 'aliased dst rows' for a zero-width destination (H == 0) "
-                "before its empty-shape early return; raised as RuntimeError, no crash",
-            ),
-        ),
-        "torch",
-    ],
-)
+@pytest.mark.parametrize("impl", IMPLS)
 def test_zero_width_hidden(impl: str) -> None:
     # H == 0: the logits are the bias alone.
     hidden0 = torch.randn(B, T, 0, requires_grad=True)
@@ -433,3 +420,27 @@ def test_autocast_runs_in_the_autocast_dtype_like_stock(impl: str) -> None:
     for t, r in zip((hidden, weight, bias), (ref.d_hidden, ref.d_weight, ref.d_bias)):
         assert t is not None and t.grad is not None and t.grad.dtype == t.dtype
         assert_close(t.grad, r, tol_grad, "grad under autocast")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_backward_twice_after_unit_grad_never_gives_wrong_gradients(impl: str) -> None:
+    """With grad_output == 1 the saved gradients are handed to autograd uncopied (no V×H copy of the head's
+    gradient). A retained graph still gives the same gradients on a second backward; if .grad was edited in place in
+    between (it may alias the saved gradient), autograd's version check raises instead of reusing the edit."""
+    hidden, weight, _, labels = make()
+    loss = linear_cross_entropy(hidden, weight, labels, impl=impl)
+    loss.backward(retain_graph=True)
+    assert weight.grad is not None
+    first = weight.grad.clone()
+    weight.grad = None
+    loss.backward(retain_graph=True)
+    assert_close(weight.grad, first, 1e-7, "d_weight on the second backward")
+    assert_close(weight.grad, reference(hidden, weight, labels).d_weight, 2e-5, "d_weight vs reference")
+    weight.grad.mul_(100.0)  # what a grad clip may do in place
+    weight.grad = None
+    try:
+        loss.backward()
+    except RuntimeError as e:
+        assert "modified by an inplace operation" in str(e)
+    else:
+        assert_close(weight.grad, first, 1e-7, "d_weight after an in-place edit of an earlier .grad")

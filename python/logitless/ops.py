@@ -517,6 +517,12 @@ def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, outp
         ctx.save_for_backward(d_hidden, d_weight, d_bias)
 
 
+def _is_one(grad: torch.Tensor) -> bool:
+    """grad == 1, asked only where the answer is free: on CPU, outside tracing (no device sync, no graph break)."""
+    traced = torch.compiler.is_compiling() or type(grad) is not torch.Tensor  # fake / functional tensors
+    return not traced and grad.device.type == "cpu" and float(grad) == 1.0
+
+
 def _backward(
     ctx: torch.autograd.function.FunctionCtx,
     grad_loss: torch.Tensor,
@@ -537,10 +543,13 @@ def _backward(
         )  # fmt: skip
     else:
         d_hidden, d_weight, d_bias = ctx.saved_tensors
-        # A 0-d float32 factor keeps each gradient's dtype; the product is formed in float32 (torch's opmath).
-        d_hidden = d_hidden * grad_loss
-        d_weight = d_weight * grad_loss
-        d_bias = d_bias * grad_loss
+        if not _is_one(grad_loss):
+            # A 0-d float32 factor keeps each gradient's dtype; the product is formed in float32 (torch's opmath).
+            d_hidden = d_hidden * grad_loss
+            d_weight = d_weight * grad_loss
+            d_bias = d_bias * grad_loss
+        # else: the saved gradients are handed over as they are. Without retain_graph autograd adopts them as .grad
+        # (no copy of the V×H head gradient); with it, autograd copies them, so the saved ones stay intact.
     for pos, needed, grad in zip((_HIDDEN, _WEIGHT, _BIAS), ctx.need, (d_hidden, d_weight, d_bias)):
         if needed:
             grads[pos] = grad

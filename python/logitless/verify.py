@@ -26,7 +26,8 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
                         help="class name or glob (repeatable); default: every candidate class")
     parser.add_argument("--kind", choices=[CAUSAL, CONDITIONAL], help="only this kind of class")
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
-    parser.add_argument("--timeout", type=float, default=90.0, help="seconds per class before it is abandoned")
+    parser.add_argument("--timeout", type=float, default=180.0,
+                        help="seconds per class before it is abandoned (the slowest take ~60 s on a busy machine)")
     parser.add_argument("--min-verified", type=int, nargs=2, default=None, metavar=("CAUSAL", "CONDITIONAL"),
                         help="fail unless at least this many classes of each kind are verified")
     parser.add_argument("--min-total", type=int, default=None, metavar="N",

@@ -507,7 +507,10 @@ pub(crate) fn time_three(n: usize, h: usize, v: usize, reps: usize) -> [f64; 3] 
 /// gradient, so that copy costs no memory.
 pub(crate) fn round_rows_in_place(buf: &mut [f32], rows: usize, cols: usize, ld: usize) -> &[u16] {
     const CHUNK: usize = 16;
-    assert!(cols >= 1 && (ld == cols || ld == cols + 1) && buf.len() >= rows * cols, "round_rows_in_place");
+    assert!(
+        cols >= 1 && (ld == cols || ld == cols + 1) && buf.len() >= rows * cols,
+        "round_rows_in_place"
+    );
     let base = buf.as_mut_ptr();
     let out = base.cast::<u16>();
     for j in 0..rows {
@@ -515,7 +518,7 @@ pub(crate) fn round_rows_in_place(buf: &mut [f32], rows: usize, cols: usize, ld:
         while k < cols {
             let n = CHUNK.min(cols - k);
             let mut tmp = [0f32; CHUNK];
-            // SAFETY (read, then write): f32 element j·cols + k + t is read before any u16 is written at
+            // SAFETY: read, then write. f32 element j·cols + k + t is read before any u16 is written at
             // j·ld + k + t'. The writes of this chunk end at byte 2(j·ld + k + 16) <= 4(j·cols + k + 16), where the
             // unread f32 data starts (j·ld <= 2j·cols since ld <= cols + 1 <= 2·cols), so nothing unread is
             // overwritten; rows * ld u16 fit in the rows * cols f32 the assert guarantees. Only raw pointers from

@@ -162,10 +162,21 @@ pub(crate) fn d_hidden(
     );
     let dst = SharedMut(dh.as_mut_ptr());
     split(parallel, h, NR, |h_start, h_end| {
-        let (mut tail_a, mut tail_b) = (Vec::new(), Vec::new());
+        let (mut tail_a, mut bp) = (Vec::new(), Vec::new());
         let mut tile = [0f32; MR * NR];
+        let panels = ceil_div(h_end - h_start, NR);
         for k0 in (0..v).step_by(K_BLOCK) {
             let kc = K_BLOCK.min(v - k0);
+            // This block of W, packed as contiguous 32-column panels `[k][32]`: read in place, W's rows would be
+            // a power-of-two stride apart for common H and fight over the same cache sets.
+            bp.clear();
+            bp.resize(panels * kc * NR, 0.0);
+            for p in 0..kc {
+                let src = &w[(k0 + p) * ws + h_start..(k0 + p) * ws + h_end];
+                for (q, chunk) in src.chunks(NR).enumerate() {
+                    bp[(q * kc + p) * NR..(q * kc + p) * NR + chunk.len()].copy_from_slice(chunk);
+                }
+            }
             for r0 in (0..rows).step_by(MR) {
                 let mrows = MR.min(rows - r0);
                 let (a, a_rs, a_ks) = if mrows == MR {
@@ -174,20 +185,23 @@ pub(crate) fn d_hidden(
                     pad_a(mrows, kc, |i, p| g[(r0 + i) * v + k0 + p], &mut tail_a);
                     (tail_a.as_ptr(), 1, MR)
                 };
-                for h0 in (h_start..h_end).step_by(NR) {
-                    let ncols = NR.min(h_end - h0);
-                    let (b, b_ks) = if ncols == NR {
-                        (w[k0 * ws + h0..].as_ptr(), ws)
-                    } else {
-                        pad_b(kc, ncols, |p| &w[(k0 + p) * ws + h0..], &mut tail_b);
-                        (tail_b.as_ptr(), NR)
-                    };
+                for q in 0..panels {
+                    let h0 = h_start + q * NR;
                     // SAFETY: the CPU has avx512f; A reads rows r0..r0+MR of `g`, columns k0..k0+kc (full tile) or
-                    // `tail_a`; B reads W rows k0..k0+kc, columns h0..h0+32 <= h (full panel) or `tail_b`.
-                    unsafe { micro(kc, a, a_rs, a_ks, b, b_ks, &mut tile) };
+                    // `tail_a`; B reads panel q of `bp` (kc·32 floats).
+                    unsafe { micro(kc, a, a_rs, a_ks, bp[q * kc * NR..].as_ptr(), NR, &mut tile) };
                     // SAFETY: rows r0.. < rows and columns h0.. < h_end <= h lie in `dh`; this thread owns columns
                     // [h_start, h_end).
-                    unsafe { store_rows(&tile, dst.at(r0 * h + h0), h, mrows, ncols, k0 > 0) };
+                    unsafe {
+                        store_rows(
+                            &tile,
+                            dst.at(r0 * h + h0),
+                            h,
+                            mrows,
+                            NR.min(h_end - h0),
+                            k0 > 0,
+                        )
+                    };
                 }
             }
         }

@@ -355,13 +355,17 @@ pub(crate) fn run<S: Storage>(
         }
         // The AVX512_BF16 GEMMs read the gradient as bf16, rounded in place (the f32 values are done with).
         #[cfg(target_arch = "x86_64")]
-        let g16: &[u16] = match (dp.is_some(), as_f32_mut(&mut logits[..r * v])) {
-            (true, Some(g)) => crate::dpbf16::round_rows_in_place(g, r, v, gs),
-            _ => &[],
+        let (lg, g16): (&[S::C], &[u16]) = match dp {
+            Some(_) => match as_f32_mut(&mut logits[..r * v]) {
+                Some(g) => (&[], crate::dpbf16::round_rows_in_place(g, r, v, gs)),
+                // Unreachable: the bf16 path computes in f32.
+                None => (&[], &[]),
+            },
+            None => (&logits[..r * v], &[]),
         };
-        let lg = &logits[..r * v];
+        #[cfg(not(target_arch = "x86_64"))]
+        let lg: &[S::C] = &logits[..r * v];
         prof.lap(1);
-
 
         // GEMM 2: d_hidden_b = G · W, complete for the block.
         if let Some(dh) = d_hidden.as_deref_mut() {

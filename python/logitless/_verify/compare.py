@@ -249,6 +249,9 @@ def _run_case(module_name: str, cls_name: str, installer: Installer) -> dict[str
     stock = _side(model, feeds, None)
     if "mean" in stock.errors:
         raise NotBuilt(f"stock forward failed: {stock.errors['mean']}")
+    if stock.fused:
+        # A previous class's patch survived its uninstall: the "stock" numbers would be logitless' own.
+        raise RuntimeError("the stock forward returned empty logits: logitless is still installed")
     audit = installer.apply(model)
     params = sum(p.numel() for p in model.parameters())
     out: dict[str, Any] = {"audit": audit, "inputs": feeds.description, "params": params}

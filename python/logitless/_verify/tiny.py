@@ -180,7 +180,11 @@ def _shrink_layers(d: dict[str, Any]) -> None:
         elif isinstance(value, str) and len(value) == old_layers and old_layers > 1 and key.endswith("pattern"):
             d[key] = "".join(value[i] for i in keep)
         elif isinstance(value, dict) and value and all(str(k).isdigit() for k in value):
+            # Per-layer overrides keyed by layer index: renumbered, and their own sizes shrunk alike.
             d[key] = {type(k)(keep.index(int(k))): v for k, v in value.items() if int(k) in keep}
+            for entry in d[key].values():
+                if isinstance(entry, dict):
+                    _shrink_sizes(entry, copy.deepcopy(entry))
         elif _is_size(value) and value == old_layers and "layer" in key and key not in KEEP:
             # e.g. max_window_layers == num_layers, meaning "all layers".
             d[key] = new_layers
