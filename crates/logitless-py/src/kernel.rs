@@ -110,7 +110,7 @@ fn parse_common(
 }
 
 fn check_ptr(what: &'static str, ptr: usize, len: usize, dtype: DType) -> PyResult<()> {
-    if len > 0 && (ptr == 0 || ptr % dtype.size() != 0) {
+    if len > 0 && (ptr == 0 || !ptr.is_multiple_of(dtype.size())) {
         return Err(value_error(format!(
             "{what}: data pointer {ptr:#x} is null or not aligned for {}",
             dtype.name()

@@ -286,43 +286,43 @@ fn walk_region<'a>(
                 continue;
             }
         }
-        if let Stmt::If(guarded) = stmt {
-            if stmt_binds(stmt, logits) || stmt_reads(stmt, logits) {
-                if !guarded.elif_else_clauses.is_empty() || expr_reads(&guarded.test, logits) {
-                    return Err(refuse(
-                        R::EpilogueGuard,
-                        src,
-                        stmt,
-                        "a guard around the logits reads them or has an `else`",
-                    ));
-                }
-                let mut ops = Vec::new();
-                for inner in &guarded.body {
-                    let parsed = simple_assign(inner)
-                        .filter(|(t, _)| *t == logits)
-                        .and_then(|(_, v)| parse_epilogue(v, logits, &text));
-                    match parsed {
-                        Some(o) => ops.extend(o),
-                        None => {
-                            let code = if mutates_in_place(inner, logits) {
-                                R::LogitsMutated
-                            } else {
-                                R::LogitsRebound
-                            };
-                            return Err(refuse(
-                                code,
-                                src,
-                                inner,
-                                format!(
-                                    "`{logits}` is changed by something that is not a supported epilogue"
-                                ),
-                            ));
-                        }
+        if let Stmt::If(guarded) = stmt
+            && (stmt_binds(stmt, logits) || stmt_reads(stmt, logits))
+        {
+            if !guarded.elif_else_clauses.is_empty() || expr_reads(&guarded.test, logits) {
+                return Err(refuse(
+                    R::EpilogueGuard,
+                    src,
+                    stmt,
+                    "a guard around the logits reads them or has an `else`",
+                ));
+            }
+            let mut ops = Vec::new();
+            for inner in &guarded.body {
+                let parsed = simple_assign(inner)
+                    .filter(|(t, _)| *t == logits)
+                    .and_then(|(_, v)| parse_epilogue(v, logits, &text));
+                match parsed {
+                    Some(o) => ops.extend(o),
+                    None => {
+                        let code = if mutates_in_place(inner, logits) {
+                            R::LogitsMutated
+                        } else {
+                            R::LogitsRebound
+                        };
+                        return Err(refuse(
+                            code,
+                            src,
+                            inner,
+                            format!(
+                                "`{logits}` is changed by something that is not a supported epilogue"
+                            ),
+                        ));
                     }
                 }
-                items.push(Item::Epilogue(stmt, ops, Some(&guarded.test)));
-                continue;
             }
+            items.push(Item::Epilogue(stmt, ops, Some(&guarded.test)));
+            continue;
         }
         if mutates_in_place(stmt, logits) {
             return Err(refuse(
@@ -401,10 +401,10 @@ pub(crate) fn analyse<'a>(
         None => {
             // A head problem explains the odd loss better than the loss does (e.g. one head per codebook).
             for s in &body[..last_idx] {
-                if let Some((_, value)) = simple_assign(s) {
-                    if let Err(HeadProblem::Stacked) = parse_head(value, "") {
-                        return Err(refuse(R::StackedHeads, src, s, "several heads are stacked"));
-                    }
+                if let Some((_, value)) = simple_assign(s)
+                    && let Err(HeadProblem::Stacked) = parse_head(value, "")
+                {
+                    return Err(refuse(R::StackedHeads, src, s, "several heads are stacked"));
                 }
             }
             return Err(find_loss_call(src, last_branch).err().unwrap_or_else(|| {
@@ -579,22 +579,21 @@ pub(crate) fn analyse<'a>(
         check_free(v, "loss keyword")?;
     }
     for (name, _) in &call.keywords {
-        if let Some(n) = name {
-            if [
+        if let Some(n) = name
+            && [
                 "logits_bias",
                 "logit_scale_multiply",
                 "logit_scale_divide",
                 "logit_softcapping",
             ]
             .contains(&n.as_str())
-            {
-                return Err(refuse(
-                    R::UnsupportedLoss,
-                    src,
-                    branch,
-                    format!("the loss call already passes `{n}`"),
-                ));
-            }
+        {
+            return Err(refuse(
+                R::UnsupportedLoss,
+                src,
+                branch,
+                format!("the loss call already passes `{n}`"),
+            ));
         }
     }
 
@@ -722,10 +721,10 @@ fn logits_use_after<'a>(stmt: &'a Stmt, logits: &str) -> Option<&'a Expr> {
     }
     impl<'a> Visitor<'a> for Find<'_, 'a> {
         fn visit_stmt(&mut self, stmt: &'a Stmt) {
-            if let Stmt::Return(r) = stmt {
-                if r.value.as_deref().is_some_and(|v| self.handed_back(v)) {
-                    return;
-                }
+            if let Stmt::Return(r) = stmt
+                && r.value.as_deref().is_some_and(|v| self.handed_back(v))
+            {
+                return;
             }
             visitor::walk_stmt(self, stmt);
         }

@@ -364,10 +364,11 @@ fn collect_self_assignments<'a>(body: &'a [Stmt], attr: &str, out: &mut Vec<&'a 
                 }
             }
             Stmt::AnnAssign(a) => {
-                if let (Expr::Attribute(at), Some(v)) = (a.target.as_ref(), a.value.as_deref()) {
-                    if at.attr.id.as_str() == attr && dotted(&at.value).as_deref() == Some("self") {
-                        out.push(v);
-                    }
+                if let (Expr::Attribute(at), Some(v)) = (a.target.as_ref(), a.value.as_deref())
+                    && at.attr.id.as_str() == attr
+                    && dotted(&at.value).as_deref() == Some("self")
+                {
+                    out.push(v);
                 }
             }
             Stmt::If(s) => {

@@ -356,24 +356,22 @@ fn guarded_value(
     let Some(guard) = guard else {
         return atom_text(src, value);
     };
-    if let Some((name, walrus)) = walrus_in_guard(guard) {
-        if v == name {
-            if walrus_emitted.iter().any(|n| n == name) {
-                return name.to_string();
-            }
-            walrus_emitted.push(name.to_string());
-            return format!("({})", src.slice(walrus));
+    if let Some((name, walrus)) = walrus_in_guard(guard)
+        && v == name
+    {
+        if walrus_emitted.iter().any(|n| n == name) {
+            return name.to_string();
         }
+        walrus_emitted.push(name.to_string());
+        return format!("({})", src.slice(walrus));
     }
-    if let Expr::Compare(cmp) = guard {
-        if let ([CmpOp::IsNot], [Expr::NoneLiteral(_)]) =
+    if let Expr::Compare(cmp) = guard
+        && let ([CmpOp::IsNot], [Expr::NoneLiteral(_)]) =
             (cmp.ops.as_ref(), cmp.comparators.as_ref())
-        {
-            if src.slice(&*cmp.left) == v {
-                // `None` skips in both; 0 would divide by zero in the original (degenerate), hf_loss skips it.
-                return atom_text(src, value);
-            }
-        }
+        && src.slice(&*cmp.left) == v
+    {
+        // `None` skips in both; 0 would divide by zero in the original (degenerate), hf_loss skips it.
+        return atom_text(src, value);
     }
     if src.slice(guard) == v {
         // Truthiness: None and 0 skip in both.

@@ -99,12 +99,12 @@ struct NameScan<'n> {
 
 impl<'a> Visitor<'a> for NameScan<'_> {
     fn visit_expr(&mut self, expr: &'a Expr) {
-        if let Expr::Name(n) = expr {
-            if n.id.as_str() == self.name {
-                match n.ctx {
-                    ExprContext::Load | ExprContext::Invalid => self.load = true,
-                    ExprContext::Store | ExprContext::Del => self.store = true,
-                }
+        if let Expr::Name(n) = expr
+            && n.id.as_str() == self.name
+        {
+            match n.ctx {
+                ExprContext::Load | ExprContext::Invalid => self.load = true,
+                ExprContext::Store | ExprContext::Del => self.store = true,
             }
         }
         visitor::walk_expr(self, expr);
@@ -188,12 +188,11 @@ pub(crate) fn bound_names(stmt: &Stmt) -> Vec<String> {
     struct Collect(Vec<String>);
     impl<'a> Visitor<'a> for Collect {
         fn visit_expr(&mut self, expr: &'a Expr) {
-            if let Expr::Name(n) = expr {
-                if matches!(n.ctx, ExprContext::Store | ExprContext::Del)
-                    && !self.0.iter().any(|s| s == n.id.as_str())
-                {
-                    self.0.push(n.id.to_string());
-                }
+            if let Expr::Name(n) = expr
+                && matches!(n.ctx, ExprContext::Store | ExprContext::Del)
+                && !self.0.iter().any(|s| s == n.id.as_str())
+            {
+                self.0.push(n.id.to_string());
             }
             visitor::walk_expr(self, expr);
         }
