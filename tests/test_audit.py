@@ -16,7 +16,7 @@ import pytest
 from logitless.audit_cli import audit_report, find_transformers, transformers_version
 
 # Committed floor: patched *ForCausalLM classes in transformers 5.23.0 (of 173). Raise it when coverage grows.
-MIN_PATCHED_CAUSAL_LM_5_23 = 148
+MIN_PATCHED_CAUSAL_LM_5_23 = 161
 MIN_PATCHED_CONDITIONAL_GENERATION_5_23 = 91
 REASON_CODES = {
     "parse-error", "no-forward", "no-labels-branch", "non-empty-else", "unsupported-loss", "loss-input-not-logits",
@@ -60,7 +60,8 @@ def test_every_refusal_has_a_known_code_and_a_reason(report: dict[str, Any]) -> 
             assert c["code"] in REASON_CODES, (name, c["code"])
             assert c["reason"], name
         else:
-            assert c["head"] and c["head_is_linear"] is True, name
+            # A plain head is built as nn.Linear; a composite one names the path to the linear it is fused on.
+            assert c["head"] and (c["head_is_linear"] is True or c["head_path"]), name
 
 
 def _epilogue(c: dict[str, Any]) -> list[tuple[str, str]]:
@@ -94,10 +95,28 @@ def test_known_patched_classes(report: dict[str, Any], is_5_23: bool, name: str,
 
 
 @pytest.mark.parametrize(
+    ("name", "head", "path"),
+    [
+        ("BigBirdForCausalLM", "cls", ["predictions", "decoder"]),  # BERT-style: cls → predictions → decoder
+        ("RemBertForCausalLM", "cls", ["predictions", "decoder"]),  # dense/activation/norm inside predictions
+        ("RobertaForCausalLM", "lm_head", ["decoder"]),  # RobertaLMHead: dense, gelu, layer norm, decoder
+        ("XLMRobertaXLForCausalLM", "lm_head", ["decoder"]),
+    ],
+)
+def test_composite_heads_are_patched_with_their_path(
+    report: dict[str, Any], is_5_23: bool, name: str, head: str, path: list[str]
+) -> None:
+    if not is_5_23:
+        pytest.skip("outcomes read from transformers 5.23.0")
+    c = report["classes"][name]
+    assert (c["status"], c["head"], c["head_is_linear"], c["head_path"]) == ("patched", head, False, path), c
+
+
+@pytest.mark.parametrize(
     ("name", "code"),
     [
-        ("BigBirdForCausalLM", "head-not-linear"),  # self.cls: BERT-style MLM head
-        ("RobertaForCausalLM", "head-not-linear"),  # RobertaLMHead: dense + layer norm + decoder
+        ("T5GemmaForConditionalGeneration", "unsupported-loss"),  # __init__: self.loss_type = "ForMaskedLM"
+        ("ClvpForCausalLM", "logits-rebound"),  # `lm_logits` first holds final_norm(hidden), then the head output
         ("MusicgenForCausalLM", "stacked-heads"),  # one head per codebook
         ("ChameleonForConditionalGeneration", "logits-mutated"),  # image-token logits set to -inf in place
         ("GitForCausalLM", "loss-input-not-logits"),  # loss on shifted logits slices

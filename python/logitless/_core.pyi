@@ -54,6 +54,16 @@ def rewrite_forward(source: str) -> dict[str, Any]:
 
 def audit_tree(models_dir: str) -> list[dict[str, Any]]:
     """One dict per ``*ForCausalLM`` / causal-loss ``*ForConditionalGeneration`` class under a transformers
-    ``models/`` directory: ``{"class", "module", "kind", "status", "head", "head_is_linear", "epilogue", "code",
-    "reason", "line", "loss_form", "forward_from"}``. Raises LogitlessError if the directory cannot be read.
+    ``models/`` directory: ``{"class", "module", "kind", "status", "head", "head_is_linear", "head_path",
+    "epilogue", "code", "reason", "line", "loss_form", "forward_from"}``; ``head_path`` is the sub-module path from a
+    composite head to the ``nn.Linear`` the loss is fused on (empty for a plain head). Raises LogitlessError if the
+    directory cannot be read.
+    """
+
+def split_head_forward(source: str) -> dict[str, Any]:
+    """Split a composite head's dedented ``def forward`` into its statements up to one final sub-module call.
+
+    ``{"status": "split", "final", "prefix_source", "line"}``: ``prefix_source`` defines the same function
+    returning the final call's argument instead of calling ``self.<final>``; or ``{"status": "refused", "code",
+    "reason", "line"}``. Never raises for bad source.
     """

@@ -51,13 +51,16 @@ def fusable(model: Any, head: Any) -> bool:
     ``PreTrainedModel.loss_function`` is a property: a user-assigned loss is stored in ``_loss_function`` and
     returned as is, otherwise ``LOSS_MAPPING[loss_type]`` is returned. Only the stock causal-LM loss object itself
     is fused; anything else (a custom loss, a wrapped loss, another loss type) keeps the original statements.
-    The head must be exactly ``nn.Linear``: subclasses and PEFT/quantised wrappers may change what ``head(x)``
-    computes, so they are never reduced to ``x @ head.weight.T + head.bias``.
+    The head must be exactly ``nn.Linear`` (subclasses and PEFT/quantised wrappers may change what ``head(x)``
+    computes, so they are never reduced to ``x @ head.weight.T + head.bias``), or a composite head that
+    ``logitless._heads`` reduces exactly to an ``nn.Linear`` after the head's own leading statements.
     """
     if not _enabled:
         return False
-    linear, stock_loss = _stock_types()
-    if type(head) is not linear:
+    _, stock_loss = _stock_types()
+    from logitless._heads import resolve_head
+
+    if resolve_head(head) is None:
         return False
     try:
         loss_function = model.loss_function

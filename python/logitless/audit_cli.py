@@ -63,13 +63,15 @@ def audit_report(package_dir: Path) -> dict[str, Any]:
 
 
 def _table(report: dict[str, Any]) -> str:
-    lines = [f"{'class':<52} {'status':<8} {'head':<18} epilogue / reason"]
+    lines = [f"{'class':<52} {'status':<8} {'head':<26} epilogue / reason"]
     for name, c in sorted(report["classes"].items()):
         if c["status"] == "patched":
             detail = ", ".join(f"{e['kind']}({e['expr']})" for e in c["epilogue"]) or "-"
         else:
             detail = f"[{c['code']}] {c['reason']}"
-        lines.append(f"{name:<52} {c['status']:<8} {c['head'] or '-':<18} {detail}")
+        # A composite head shows the path to the linear layer the loss is fused on: `cls.predictions.decoder`.
+        head = ".".join([c["head"], *c.get("head_path", [])]) if c["head"] else "-"
+        lines.append(f"{name:<52} {c['status']:<8} {head:<26} {detail}")
     lines.append("")
     lines.append(f"transformers {report['transformers_version'] or '(unknown version)'}")
     for kind, s in report["summary"].items():

@@ -1,7 +1,8 @@
 """``hf_loss``: transformers' ``self.loss_function(logits, labels, vocab_size, **kwargs)`` convention onto the op.
 
 Rewritten model forwards call this instead of ``self.lm_head`` + ``self.loss_function`` (docs/design.md, "Rewrite
-contract"). It takes the head module rather than logits, and mirrors ``ForCausalLMLoss``: ``num_items_in_batch``
+contract"). It takes the head module rather than logits (an ``nn.Linear``, or a composite head that
+``logitless._heads`` reduces to one), and mirrors ``ForCausalLMLoss``: ``num_items_in_batch``
 (int or tensor on any device), a pre-shifted ``shift_labels``, ``ignore_index``; any other keyword is ignored, as
 ``ForCausalLMLoss`` ignores it.
 """
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 
+from logitless._heads import resolve_head
 from logitless.ops import linear_cross_entropy
 
 __all__ = ["hf_loss"]
@@ -37,6 +39,13 @@ def hf_loss(
     Epilogue values of ``None`` mean "not set" (models read them from configs where they are often ``None``).
     """
     del kwargs  # ForCausalLMLoss forwards extras to fixed_cross_entropy, which ignores them.
+    if not isinstance(lm_head, torch.nn.Linear):
+        # A composite head (RobertaLMHead, BERT's cls): its leading statements run as written, the loss is fused
+        # on its final nn.Linear.
+        plan = resolve_head(lm_head)
+        if plan is not None:
+            hidden = plan.transform(hidden)
+            lm_head = plan.linear
     weight = getattr(lm_head, "weight", None)
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"lm_head: expected a linear layer with a .weight tensor, got {type(lm_head).__name__}")

@@ -62,6 +62,23 @@ fn rewrite_forward_py<'py>(py: Python<'py>, source: &str) -> PyResult<Bound<'py,
     }
 }
 
+/// `split_head_forward(source) -> dict`: a composite head's forward as prefix + final sub-module, or the refusal.
+#[pyfunction]
+#[pyo3(name = "split_head_forward")]
+fn split_head_forward_py<'py>(py: Python<'py>, source: &str) -> PyResult<Bound<'py, PyDict>> {
+    match py.detach(|| logitless_rewrite::split_head_forward(source)) {
+        Ok(split) => {
+            let d = PyDict::new(py);
+            d.set_item("status", "split")?;
+            d.set_item("final", &split.final_attr)?;
+            d.set_item("prefix_source", &split.prefix_source)?;
+            d.set_item("line", split.line)?;
+            Ok(d)
+        }
+        Err(refusal) => refusal_dict(py, &refusal),
+    }
+}
+
 fn report_dict<'py>(py: Python<'py>, r: &ClassReport) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("class", &r.class)?;
@@ -78,6 +95,7 @@ fn report_dict<'py>(py: Python<'py>, r: &ClassReport) -> PyResult<Bound<'py, PyD
     d.set_item("status", status)?;
     d.set_item("head", r.head.as_deref())?;
     d.set_item("head_is_linear", r.head_is_linear)?;
+    d.set_item("head_path", &r.head_path)?;
     d.set_item("epilogue", epilogue_list(py, &r.epilogue)?)?;
     d.set_item("code", code)?;
     d.set_item("reason", reason)?;
@@ -104,5 +122,6 @@ fn audit_tree_py<'py>(py: Python<'py>, models_dir: &str) -> PyResult<Bound<'py, 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rewrite_forward_py, m)?)?;
     m.add_function(wrap_pyfunction!(audit_tree_py, m)?)?;
+    m.add_function(wrap_pyfunction!(split_head_forward_py, m)?)?;
     Ok(())
 }

@@ -271,14 +271,6 @@ fn walk_region<'a>(
                     Err(HeadProblem::Shape(m)) => {
                         return Err(refuse(R::HeadCallShape, src, stmt, m));
                     }
-                    Err(HeadProblem::NotLinear(h)) => {
-                        return Err(refuse(
-                            R::HeadNotLinear,
-                            src,
-                            stmt,
-                            format!("`self.{h}` is a composite head, not an nn.Linear"),
-                        ));
-                    }
                 }
             }
             if target == loss && value.is_none_literal_expr() {

@@ -6,6 +6,7 @@ use rayon::prelude::*;
 use ruff_python_ast::{Expr, Stmt, StmtClassDef, StmtFunctionDef};
 
 use crate::epilogue::EpilogueStep;
+use crate::head::split_head_function;
 use crate::refusal::{ReasonCode, Refusal};
 use crate::source::{Source, dotted};
 use crate::{LossForm, RewriteOptions, rewrite_function};
@@ -57,6 +58,9 @@ pub struct ClassReport {
     pub head: Option<String>,
     /// Whether `__init__` builds the head as `nn.Linear` (None: construction not found in this file).
     pub head_is_linear: Option<bool>,
+    /// For a composite head, the sub-module path from the head to the `nn.Linear` the loss is fused on
+    /// (`["predictions", "decoder"]` for BERT's `self.cls`); empty when the head is the linear layer itself.
+    pub head_path: Vec<String>,
     pub epilogue: Vec<EpilogueStep>,
     pub loss_form: Option<LossForm>,
     /// The class in this file whose `forward` was analysed, when it is inherited.
@@ -169,6 +173,7 @@ pub fn audit_file(text: &str, module: &str) -> Vec<ClassReport> {
                     )),
                     head: None,
                     head_is_linear: None,
+                    head_path: Vec::new(),
                     epilogue: Vec::new(),
                     loss_form: None,
                     forward_from: None,
@@ -259,10 +264,16 @@ fn compact_text(text: &str) -> String {
         }
         keep[i] = true;
         let (_, start, end) = spans[i];
-        let first_line = text[start..end].lines().next().unwrap_or_default();
+        let body = &text[start..end];
+        let first_line = body.lines().next().unwrap_or_default();
         for base in base_names(first_line) {
             stack.extend((0..spans.len()).filter(|&j| spans[j].0 == base && !keep[j]));
         }
+        // Composite heads (`self.cls = BertOnlyMLMHead(config)`) are resolved through their own forward.
+        stack.extend((0..spans.len()).filter(|&j| {
+            let name = spans[j].0;
+            !keep[j] && name.contains("Head") && body.contains(&format!("{name}("))
+        }));
     }
     let mut out = String::with_capacity(text.len() / 4);
     let mut at = 0;
@@ -324,7 +335,93 @@ fn find_method<'a>(
 }
 
 /// What `__init__` (of the class or a base in this file) assigns to `self.<attr>`.
-fn head_is_linear(classes: &[&StmtClassDef], class: &StmtClassDef, attr: &str) -> Option<bool> {
+/// What a head attribute is, as far as this file tells.
+enum HeadResolution {
+    Linear,
+    /// A composite head whose forward ends in an `nn.Linear`, reached through this sub-module path.
+    Composite(Vec<String>),
+    /// Why it is neither (completes "`self.<head>` ...").
+    NotLinear(String),
+    Unresolved,
+}
+
+/// Composite heads nest a few levels at most (BERT: `cls` → `predictions` → `decoder`).
+const MAX_HEAD_DEPTH: usize = 4;
+
+fn resolve_head(
+    src: &Source<'_>,
+    classes: &[&StmtClassDef],
+    class: &StmtClassDef,
+    attr: &str,
+    depth: usize,
+) -> HeadResolution {
+    let Some(values) = init_assignments(classes, class, attr) else {
+        return HeadResolution::Unresolved;
+    };
+    if values.iter().all(|v| is_linear_constructor(v)) {
+        return HeadResolution::Linear;
+    }
+    let built = |v: &Expr| {
+        src.slice(v)
+            .split('(')
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let [value] = values.as_slice() else {
+        return HeadResolution::NotLinear(
+            "is built in several ways in __init__, not all as nn.Linear".into(),
+        );
+    };
+    let Some(composite) = constructed_class(classes, value) else {
+        return HeadResolution::NotLinear(format!(
+            "is built as `{}`, neither nn.Linear nor a head class of this file",
+            built(value)
+        ));
+    };
+    if depth >= MAX_HEAD_DEPTH {
+        return HeadResolution::NotLinear("nests composite heads too deeply".into());
+    }
+    let Some((_, forward)) = find_method(classes, composite, "forward") else {
+        return HeadResolution::NotLinear(format!(
+            "is a `{}` whose forward is not in this file",
+            composite.name.id
+        ));
+    };
+    let split = match split_head_function(src, forward) {
+        Ok(split) => split,
+        Err(refusal) => {
+            return HeadResolution::NotLinear(format!(
+                "is a `{}` ({})",
+                composite.name.id, refusal.message
+            ));
+        }
+    };
+    let inner = resolve_head(src, classes, composite, &split.final_attr, depth + 1);
+    let mut path = vec![split.final_attr.clone()];
+    match inner {
+        HeadResolution::Linear => HeadResolution::Composite(path),
+        HeadResolution::Composite(rest) => {
+            path.extend(rest);
+            HeadResolution::Composite(path)
+        }
+        HeadResolution::NotLinear(why) => HeadResolution::NotLinear(format!(
+            "is a `{}` ending in `self.{}`, which {why}",
+            composite.name.id, split.final_attr
+        )),
+        HeadResolution::Unresolved => HeadResolution::NotLinear(format!(
+            "is a `{}` ending in `self.{}`, not built in an __init__ of this file",
+            composite.name.id, split.final_attr
+        )),
+    }
+}
+
+/// The values `self.<attr>` is assigned in `__init__` (of the class or a base in this file).
+fn init_assignments<'a>(
+    classes: &[&'a StmtClassDef],
+    class: &'a StmtClassDef,
+    attr: &str,
+) -> Option<Vec<&'a Expr>> {
     let mut current = Some(class);
     for _ in 0..8 {
         let c = current?;
@@ -332,7 +429,7 @@ fn head_is_linear(classes: &[&StmtClassDef], class: &StmtClassDef, attr: &str) -
         let mut values = Vec::new();
         collect_self_assignments(&init.body, attr, &mut values);
         if !values.is_empty() {
-            return Some(values.iter().all(|v| is_linear_constructor(v)));
+            return Some(values);
         }
         // Not set here: look in the base class's __init__ (super().__init__ chain within this file).
         let bases = owner
@@ -346,6 +443,27 @@ fn head_is_linear(classes: &[&StmtClassDef], class: &StmtClassDef, attr: &str) -
         });
     }
     None
+}
+
+/// A loss type other than the causal-LM one assigned in `__init__` (T5Gemma: `self.loss_type = "ForMaskedLM"`).
+fn non_causal_loss_type(classes: &[&StmtClassDef], class: &StmtClassDef) -> Option<String> {
+    ["loss_type", "_loss_type"].iter().find_map(|attr| {
+        init_assignments(classes, class, attr)?
+            .iter()
+            .find_map(|v| match v {
+                Expr::StringLiteral(lit) if lit.value.to_str() != "ForCausalLM" => {
+                    Some(lit.value.to_str().to_string())
+                }
+                _ => None,
+            })
+    })
+}
+
+/// `SomeHead(...)` where `SomeHead` is a class of this file.
+fn constructed_class<'a>(classes: &[&'a StmtClassDef], expr: &Expr) -> Option<&'a StmtClassDef> {
+    let Expr::Call(call) = expr else { return None };
+    let name = dotted(&call.func)?;
+    classes.iter().find(|c| c.name.id.as_str() == name).copied()
 }
 
 fn is_linear_constructor(expr: &Expr) -> bool {
@@ -403,6 +521,7 @@ fn audit_class(
         outcome: Outcome::Patched,
         head: None,
         head_is_linear: None,
+        head_path: Vec::new(),
         epilogue: Vec::new(),
         loss_form: None,
         forward_from: None,
@@ -435,20 +554,37 @@ fn audit_class(
         }
         Ok(rewrite) => {
             report.line = rewrite.line;
-            report.head_is_linear = head_is_linear(classes, class, &rewrite.head);
-            report.epilogue = rewrite.epilogue;
-            report.loss_form = Some(rewrite.loss_form);
-            report.outcome = match report.head_is_linear {
-                Some(true) => Outcome::Patched,
-                Some(false) => Outcome::Refused(Refusal::new(
-                    ReasonCode::HeadNotLinear,
+            if let Some(loss_type) = non_causal_loss_type(classes, class) {
+                report.outcome = Outcome::Refused(Refusal::new(
+                    ReasonCode::UnsupportedLoss,
                     report.line,
                     format!(
-                        "`self.{}` is not built as nn.Linear in __init__",
-                        rewrite.head
+                        "__init__ sets `self.loss_type = {loss_type:?}`: `self.loss_function` is not the causal-LM loss"
                     ),
+                ));
+                report.head = Some(rewrite.head);
+                return report;
+            }
+            let resolution = resolve_head(src, classes, class, &rewrite.head, 0);
+            report.head_is_linear = match &resolution {
+                HeadResolution::Linear => Some(true),
+                HeadResolution::Unresolved => None,
+                _ => Some(false),
+            };
+            report.epilogue = rewrite.epilogue;
+            report.loss_form = Some(rewrite.loss_form);
+            report.outcome = match resolution {
+                HeadResolution::Linear => Outcome::Patched,
+                HeadResolution::Composite(path) => {
+                    report.head_path = path;
+                    Outcome::Patched
+                }
+                HeadResolution::NotLinear(why) => Outcome::Refused(Refusal::new(
+                    ReasonCode::HeadNotLinear,
+                    report.line,
+                    format!("`self.{}` {why}", rewrite.head),
                 )),
-                None => Outcome::Refused(Refusal::new(
+                HeadResolution::Unresolved => Outcome::Refused(Refusal::new(
                     ReasonCode::HeadUnresolved,
                     report.line,
                     format!(

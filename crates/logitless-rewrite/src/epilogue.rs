@@ -211,7 +211,6 @@ pub(crate) enum HeadProblem {
     NotAHead,
     Stacked,
     Shape(String),
-    NotLinear(String),
 }
 
 fn is_self_call(expr: &Expr) -> bool {
@@ -227,9 +226,6 @@ fn is_self_call(expr: &Expr) -> bool {
 fn is_module_attr(expr: &Expr) -> bool {
     dotted(expr).is_some_and(|d| d.starts_with("self."))
 }
-
-/// Composite heads transformers builds that are known not to be a plain linear layer.
-const KNOWN_COMPOSITE_HEADS: &[&str] = &["cls"];
 
 /// `self.lm_head(h)`, with optional wrappers and a scalar multiply/divide/bias around it.
 pub(crate) fn parse_head<'a>(value: &'a Expr, logits: &str) -> Result<HeadCall<'a>, HeadProblem> {
@@ -294,9 +290,6 @@ pub(crate) fn parse_head<'a>(value: &'a Expr, logits: &str) -> Result<HeadCall<'
             )));
         }
     };
-    if KNOWN_COMPOSITE_HEADS.contains(&name.as_str()) {
-        return Err(HeadProblem::NotLinear(name));
-    }
     outer.reverse();
     Ok(HeadCall {
         attr: name,

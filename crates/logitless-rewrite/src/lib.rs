@@ -26,6 +26,7 @@ mod analysis;
 mod audit;
 mod emit;
 mod epilogue;
+mod head;
 mod loss;
 mod refusal;
 mod source;
@@ -34,6 +35,7 @@ use ruff_python_ast::Stmt;
 
 pub use audit::{AuditError, ClassKind, ClassReport, Outcome, audit_file, audit_tree};
 pub use epilogue::{EpilogueKind, EpilogueStep};
+pub use head::{HeadSplit, split_head_forward};
 pub use loss::LossForm;
 pub use refusal::{ReasonCode, Refusal};
 

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 
+from logitless._heads import resolve_head
 from logitless._verify import inputs as inputs_mod
 from logitless._verify import tiny
 from logitless._verify.installer import Installer
@@ -213,14 +214,14 @@ def compare(stock: Side, patched: Side) -> tuple[dict[str, Any], list[str]]:
 
 
 def _why_unfused(model: torch.nn.Module, audit: dict[str, Any]) -> str:
-    """What made ``__logitless__.fusable`` say no (design.md: the head must be exactly nn.Linear and the loss the
-    stock causal-LM loss)."""
+    """What made ``__logitless__.fusable`` say no (design.md: the head must be exactly nn.Linear, or a composite head
+    ending in one, and the loss the stock causal-LM loss)."""
     head_name = str(audit.get("head") or "")
     head: Any = model
     for part in head_name.split(".") if head_name else []:
         head = getattr(head, part, None)
-    if head_name and type(head) is not torch.nn.Linear:
-        return f"`{head_name}` is a {type(head).__name__}, not an nn.Linear"
+    if head_name and resolve_head(head) is None:
+        return f"`{head_name}` is a {type(head).__name__}, neither an nn.Linear nor a composite head ending in one"
     loss = getattr(model, "loss_function", None)
     return f"loss_function is {getattr(loss, '__name__', loss)!s}, not the stock ForCausalLMLoss"
 

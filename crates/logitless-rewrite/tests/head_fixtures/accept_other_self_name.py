@@ -1,0 +1,4 @@
+# expect: split proj
+def forward(module, x):
+    y = module.norm(x)
+    return module.proj(y)

@@ -1,0 +1,3 @@
+# expect: refused head-not-linear
+def forward(self, hidden_states):
+    return torch.nn.functional.linear(hidden_states, self.weight)

@@ -1,0 +1,68 @@
+//! Composite-head forwards (tests/head_fixtures/*.py, in the shape of transformers' MLM heads): each file's first
+//! line states the expected outcome by hand (`# expect: split <final attribute>` or `# expect: refused <code>`);
+//! the full result, including the emitted prefix function, is an insta snapshot under tests/snapshots/.
+
+use std::path::Path;
+
+use logitless_rewrite::split_head_forward;
+
+#[test]
+fn head_fixtures_match_expectations_and_snapshots() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/head_fixtures");
+    let mut names: Vec<_> = std::fs::read_dir(&dir)
+        .expect("head fixtures dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "py"))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 10, "head fixtures missing: {}", names.len());
+    let mut failures = Vec::new();
+    for path in names {
+        let name = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .expect("name")
+            .to_string();
+        let text = std::fs::read_to_string(&path).expect("read fixture");
+        let expect = text
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("# expect: "))
+            .expect("expect line")
+            .trim();
+        let (got, snapshot) = match split_head_forward(&text) {
+            Ok(split) => {
+                // The prefix must be valid Python that ends by returning the final call's argument.
+                if ruff_python_parser::parse_module(&split.prefix_source).is_err() {
+                    failures.push(format!("{name}: prefix does not parse"));
+                }
+                (
+                    format!("split {}", split.final_attr),
+                    format!(
+                        "final: {} (line {})\n---\n{}",
+                        split.final_attr, split.line, split.prefix_source
+                    ),
+                )
+            }
+            Err(refusal) => (format!("refused {}", refusal.code), format!("{refusal}\n")),
+        };
+        if got != expect {
+            failures.push(format!(
+                "{name}: expected `{expect}`, got `{got}`: {snapshot}"
+            ));
+        }
+        insta::assert_snapshot!(name, snapshot);
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn prefix_keeps_the_parameters_and_drops_only_the_final_call() {
+    let source = "def forward(self, features, **kwargs):\n    x = self.dense(features)\n    x = gelu(x)\n    x = self.decoder(x)\n    return x\n";
+    let split = split_head_forward(source).expect("splits");
+    assert_eq!(split.final_attr, "decoder");
+    assert_eq!(
+        split.prefix_source,
+        "def forward(self, features, **kwargs):\n    x = self.dense(features)\n    x = gelu(x)\n    return x\n"
+    );
+}
