@@ -274,6 +274,31 @@ def test_small_chunk_budget_still_exact(impl: str, monkeypatch: pytest.MonkeyPat
     check(impl, hidden, weight, bias, labels, label_smoothing=0.1, logit_softcapping=3.0)
 
 
+def test_default_chunk_budget_scales_down_for_small_problems(monkeypatch: pytest.MonkeyPatch) -> None:
+    from logitless.torch_path import chunk_budget_bytes
+
+    monkeypatch.delenv("LOGITLESS_CHUNK_MB", raising=False)
+    mib = 1 << 20
+    assert chunk_budget_bytes(2048, 32000, default_mb=32) == 2048 * 32000 * 4 // 16  # 1/16 of the f32 logits
+    assert chunk_budget_bytes(8192, 128256, default_mb=32) == 32 * mib  # capped by the default
+    assert chunk_budget_bytes(16, 100, default_mb=32) == 4 * mib  # never below 4 MiB
+    assert chunk_budget_bytes() == 64 * mib
+    monkeypatch.setenv("LOGITLESS_CHUNK_MB", "2")
+    assert chunk_budget_bytes(8192, 128256, default_mb=32) == 2 * mib
+
+
+def test_backward_of_a_gradient_output_alone_is_none() -> None:
+    # The op's gradient outputs are constants: a graph that reaches the op only through them gets no gradient
+    # (and backward never materialises zero V×H "gradients" for them).
+    hidden, weight, _, labels = make(three_d=False)
+    out = torch.ops.logitless.linear_cross_entropy(
+        hidden, weight, None, labels.reshape(-1), None, None, -100, 0.0, 0.0, 0.0, 0.0, 0.0, "sum", "auto",
+        True, True, False,
+    )  # fmt: skip
+    out[2].sum().backward()
+    assert hidden.grad is None and weight.grad is None
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_retain_graph_backward_twice_accumulates(impl: str) -> None:
     hidden, weight, _, labels = make()

@@ -7,8 +7,6 @@ are allocated here, zero-filled and contiguous, and written in place by the kern
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from logitless import _core
@@ -29,13 +27,11 @@ def _unit_columns(m: torch.Tensor) -> torch.Tensor:
     return m.contiguous()
 
 
-def _budget() -> int | None:
-    # LOGITLESS_CHUNK_MB bounds both paths; unset leaves the kernel's own default.
-    if not os.environ.get("LOGITLESS_CHUNK_MB", "").strip():
-        return None
-    from logitless.torch_path import chunk_budget_bytes
+def _budget(rows: int, vocab: int) -> int:
+    # LOGITLESS_CHUNK_MB bounds both paths; unset, the kernel's default, lowered for small problems.
+    from logitless.torch_path import KERNEL_DEFAULT_CHUNK_MB, chunk_budget_bytes
 
-    return chunk_budget_bytes()
+    return chunk_budget_bytes(rows, vocab, default_mb=KERNEL_DEFAULT_CHUNK_MB)
 
 
 def fused_lce(
@@ -86,7 +82,7 @@ def fused_lce(
         d_hidden=_view(d_hidden) if d_hidden is not None else None,
         d_weight=_view(d_weight) if d_weight is not None else None,
         d_bias=_view(d_bias) if d_bias is not None else None,
-        chunk_budget_bytes=_budget(),
+        chunk_budget_bytes=_budget(hidden.shape[0], weight.shape[0]),
     )
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     return Result(

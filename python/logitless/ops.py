@@ -509,6 +509,9 @@ def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, outp
      divide, softcap, reduction, impl, need_dh, need_dw, need_db) = inputs  # fmt: skip
     ctx.reduction = reduction
     ctx.need = (need_dh, need_dw, need_db)
+    # The gradient outputs are never differentiated; materialised zero "gradients" for them would cost a V×H
+    # temporary in every backward (125 MiB for a 32000×1024 float32 head).
+    ctx.set_materialize_grads(False)
     if reduction == "none":
         ctx.save_for_backward(hidden, weight, bias, targets, logits_bias)
         ctx.options = (ignore_index, label_smoothing, z_loss, multiply, divide, softcap, impl)
@@ -525,8 +528,8 @@ def _is_one(grad: torch.Tensor) -> bool:
 
 def _backward(
     ctx: torch.autograd.function.FunctionCtx,
-    grad_loss: torch.Tensor,
-    *_unused: torch.Tensor,
+    grad_loss: torch.Tensor | None,
+    *_unused: torch.Tensor | None,
 ) -> tuple[torch.Tensor | None, ...]:
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
         raise RuntimeError(
@@ -534,6 +537,8 @@ def _backward(
             "are computed in the forward pass and are constants to autograd"
         )
     grads: list[torch.Tensor | None] = [None] * _N_INPUTS
+    if grad_loss is None:  # the loss itself was not differentiated (only a gradient output was)
+        return tuple(grads)
     if ctx.reduction == "none":
         hidden, weight, bias, targets, logits_bias = ctx.saved_tensors
         ignore_index, label_smoothing, z_loss, multiply, divide, softcap, impl = ctx.options
