@@ -221,6 +221,9 @@ def main() -> None:
                    help="methods in the memory plot")
     p.add_argument("--plot-ns", default="512,1024,2048,4096", help="N values of the memory plot ('' to skip)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per child")
+    p.add_argument("--rows-json", default=None,
+                   help="keep every measured row in this JSON file; rows already in it are reused, not re-run "
+                        "(the big case takes long: measure it in several sittings)")  # fmt: skip
     p.add_argument("--out", default=str(HERE / "results.md"))
     p.add_argument("--plot", default=str(HERE / "memory.png"))
     # child mode
@@ -249,6 +252,15 @@ def main() -> None:
         if m not in METHODS:
             raise SystemExit(f"unknown method {m!r}; expected one of {METHODS}")
     rows = []
+    saved: dict[str, dict | None] = {}
+    if args.rows_json and Path(args.rows_json).is_file():
+        saved = json.loads(Path(args.rows_json).read_text())
+
+    def save(key: str, res: dict | None) -> None:
+        if args.rows_json and res is not None:
+            saved[key] = res
+            Path(args.rows_json).write_text(json.dumps(saved, indent=1))
+
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases:
@@ -259,15 +271,22 @@ def main() -> None:
                     ref = Path(tmp) / f"ref-{case}-{dname}-{ignored}.pt"
                     common = ["--n", str(n), "--h", str(h), "--v", str(v), "--dtype", dname,
                               "--ignored-frac", str(ignored)]  # fmt: skip
-                    print(f"case N={n} H={h} V={v} {dname} ignored={ignored:.0%}: reference", flush=True)
-                    if spawn(["--child", "reference", *common, "--reference", str(ref)], args.timeout) is None:
-                        continue
+                    keys = {m: f"{case}/{dname}/{ignored}/{m}" for m in methods}
+                    if any(saved.get(k) is None for k in keys.values()):
+                        print(f"case N={n} H={h} V={v} {dname} ignored={ignored:.0%}: reference", flush=True)
+                        if spawn(["--child", "reference", *common, "--reference", str(ref)], args.timeout) is None:
+                            continue
                     logits_mib = n * v * 4 / 2**20
                     stock_res = None
                     for m in methods:
-                        print(f"  {m}", flush=True)
-                        res = spawn(["--child", "method", "--method", m, *common, "--reference", str(ref),
-                                     "--reps", str(reps)], args.timeout)  # fmt: skip
+                        res = saved.get(keys[m])
+                        if res is None:
+                            print(f"  {m}", flush=True)
+                            res = spawn(["--child", "method", "--method", m, *common, "--reference", str(ref),
+                                         "--reps", str(reps)], args.timeout)  # fmt: skip
+                            save(keys[m], res)
+                        else:
+                            print(f"  {m}: reused from {args.rows_json}", flush=True)
                         if m == "stock":
                             stock_res = res
                         rows.append((case, n, h, v, dname, ignored, m, res, stock_res, logits_mib))

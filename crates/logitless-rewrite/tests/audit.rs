@@ -107,3 +107,107 @@ fn audit_reports_heads_inheritance_and_families() {
     assert_eq!(vision.kind, ClassKind::ConditionalGeneration);
     assert!(matches!(&vision.outcome, Outcome::Refused(r) if r.code == ReasonCode::HeadUnresolved));
 }
+
+const COMPOSITE: &str = r#"
+class TinyPredictionHeadTransform(nn.Module):
+    def forward(self, hidden_states):
+        hidden_states = self.dense(hidden_states)
+        return self.LayerNorm(hidden_states)
+
+
+class TinyLMPredictionHead(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.transform = TinyPredictionHeadTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+
+    def forward(self, hidden_states):
+        hidden_states = self.transform(hidden_states)
+        hidden_states = self.decoder(hidden_states)
+        return hidden_states
+
+
+class TinyOnlyMLMHead(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.predictions = TinyLMPredictionHead(config)
+
+    def forward(self, sequence_output):
+        prediction_scores = self.predictions(sequence_output)
+        return prediction_scores
+
+
+class TinyScaledHead(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def forward(self, x):
+        return self.decoder(x) * 0.5
+
+
+class TinyBertForCausalLM(TinyPreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.cls = TinyOnlyMLMHead(config)
+
+    def forward(self, input_ids=None, labels=None, **kwargs):
+        sequence_output = self.bert(input_ids)[0]
+        prediction_scores = self.cls(sequence_output)
+        lm_loss = None
+        if labels is not None:
+            lm_loss = self.loss_function(prediction_scores, labels, vocab_size=self.config.vocab_size, **kwargs)
+        return (lm_loss, prediction_scores)
+
+
+class TinyScaledHeadForCausalLM(TinyBertForCausalLM):
+    def __init__(self, config):
+        super().__init__(config)
+        self.cls = TinyScaledHead(config)
+
+
+class TinyMaskedForConditionalGeneration(TinyPreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+        self.loss_type = "ForMaskedLM"
+
+    def forward(self, input_ids=None, labels=None, **kwargs):
+        logits = self.lm_head(self.model(input_ids)[0])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+        return (loss, logits)
+"#;
+
+#[test]
+fn audit_resolves_composite_heads_and_loss_types() {
+    let reports = audit_file(COMPOSITE, "transformers.models.tiny.modeling_tiny");
+    let get = |name: &str| {
+        reports
+            .iter()
+            .find(|r| r.class == name)
+            .unwrap_or_else(|| panic!("{name} not reported"))
+    };
+    let bert = get("TinyBertForCausalLM");
+    assert_eq!(bert.outcome, Outcome::Patched);
+    assert_eq!(bert.head.as_deref(), Some("cls"));
+    assert_eq!(bert.head_is_linear, Some(false));
+    assert_eq!(bert.head_path, ["predictions", "decoder"]);
+
+    // The head's output is scaled after the decoder: not a prefix + linear split, so refused with the reason.
+    let scaled = get("TinyScaledHeadForCausalLM");
+    match &scaled.outcome {
+        Outcome::Refused(r) => {
+            assert_eq!(r.code, ReasonCode::HeadNotLinear);
+            assert!(r.message.contains("TinyScaledHead"), "{}", r.message);
+        }
+        Outcome::Patched => panic!("a head that scales its output must be refused"),
+    }
+    assert!(scaled.head_path.is_empty());
+
+    let masked = get("TinyMaskedForConditionalGeneration");
+    assert!(
+        matches!(&masked.outcome, Outcome::Refused(r) if r.code == ReasonCode::UnsupportedLoss && r.message.contains("ForMaskedLM"))
+    );
+}
