@@ -6,6 +6,9 @@ stock path. References are stock transformers on the same weights (float64 copie
 from __future__ import annotations
 
 import copy
+import importlib
+import inspect
+import textwrap
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -156,3 +159,23 @@ def test_prefix_runs_the_heads_own_statements() -> None:
         expected = model.cls.predictions.transform(x)
         torch.testing.assert_close(plan.transform(x), expected, rtol=0, atol=0)
         torch.testing.assert_close(plan.linear(plan.transform(x)), model.cls(x), rtol=0, atol=0)
+
+
+def test_head_whose_prefix_cannot_be_defined_is_not_fused(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A default read from a module global that is gone by run time: defining the prefix raises NameError.
+    (tmp_path / "head_with_missing_default.py").write_text(
+        "from torch import nn\n"
+        "_SCALE = 1.0\n"
+        "class Head(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.decoder = nn.Linear(4, 8)\n"
+        "    def forward(self, x, scale=_SCALE):\n"
+        "        return self.decoder(x)\n"
+        "del _SCALE\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("head_with_missing_default")
+    head = module.Head()
+    assert _core.split_head_forward(textwrap.dedent(inspect.getsource(module.Head.forward)))["status"] == "split"
+    assert resolve_head(head) is None

@@ -75,7 +75,12 @@ def _build_step(forward: Any) -> _Step | None:
     except SyntaxError:
         return None
     namespace: dict[str, Any] = {}
-    exec(code, forward.__globals__, namespace)  # the head's own statements, in the head's own module globals
+    try:
+        # The head's own statements, in the head's own module globals. Defining the function evaluates its
+        # defaults and (without postponed evaluation) its annotations, which can name something absent at run time.
+        exec(code, forward.__globals__, namespace)
+    except Exception:
+        return None
     prefix = next((v for v in namespace.values() if isinstance(v, FunctionType)), None)
     if prefix is None:
         return None
