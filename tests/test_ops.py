@@ -274,17 +274,21 @@ def test_small_chunk_budget_still_exact(impl: str, monkeypatch: pytest.MonkeyPat
     check(impl, hidden, weight, bias, labels, label_smoothing=0.1, logit_softcapping=3.0)
 
 
-def test_default_chunk_budget_scales_down_for_small_problems(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_chunk_budget_follows_the_problem(monkeypatch: pytest.MonkeyPatch) -> None:
     from logitless.torch_path import chunk_budget_bytes
 
     monkeypatch.delenv("LOGITLESS_CHUNK_MB", raising=False)
     mib = 1 << 20
-    assert chunk_budget_bytes(2048, 32000, default_mb=32) == 2048 * 32000 * 4 // 16  # 1/16 of the f32 logits
-    assert chunk_budget_bytes(8192, 128256, default_mb=32) == 32 * mib  # capped by the default
-    assert chunk_budget_bytes(16, 100, default_mb=32) == 4 * mib  # never below 4 MiB
-    assert chunk_budget_bytes() == 64 * mib
+    assert chunk_budget_bytes(2048, 32000, 1024) == 2048 * 32000 * 4 // 16  # 1/16 of the f32 logits
+    assert chunk_budget_bytes(8192, 128256, 2048) == 8192 * 128256 * 4 // 16
+    assert chunk_budget_bytes(65536, 262144, 4096) == 512 * mib  # never above 512 MiB
+    assert chunk_budget_bytes(16, 100, 8) == 4 * mib  # nor below 4 MiB
+    # A bf16/f16 weight gradient is accumulated in a V×H float32 buffer: at least half of it.
+    assert chunk_budget_bytes(2048, 32000, 1024, low_precision_weight_grad=True) == 32000 * 1024 * 4 // 2
+    assert chunk_budget_bytes(8192, 128256, 2048, low_precision_weight_grad=True) == 128256 * 2048 * 4 // 2
+    assert chunk_budget_bytes() == 32 * mib
     monkeypatch.setenv("LOGITLESS_CHUNK_MB", "2")
-    assert chunk_budget_bytes(8192, 128256, default_mb=32) == 2 * mib
+    assert chunk_budget_bytes(8192, 128256, 2048, low_precision_weight_grad=True) == 2 * mib
 
 
 def test_backward_of_a_gradient_output_alone_is_none() -> None:

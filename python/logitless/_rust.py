@@ -27,11 +27,13 @@ def _unit_columns(m: torch.Tensor) -> torch.Tensor:
     return m.contiguous()
 
 
-def _budget(rows: int, vocab: int) -> int:
-    # LOGITLESS_CHUNK_MB bounds both paths; unset, the kernel's default, lowered for small problems.
-    from logitless.torch_path import KERNEL_DEFAULT_CHUNK_MB, chunk_budget_bytes
+def _budget(hidden: torch.Tensor, weight: torch.Tensor, need_d_weight: bool) -> int:
+    # LOGITLESS_CHUNK_MB bounds both paths; unset, the same rule as the torch path (torch_path.chunk_budget_bytes).
+    from logitless.torch_path import chunk_budget_bytes
 
-    return chunk_budget_bytes(rows, vocab, default_mb=KERNEL_DEFAULT_CHUNK_MB)
+    rows, dim = hidden.shape
+    low = need_d_weight and weight.dtype in (torch.bfloat16, torch.float16)
+    return chunk_budget_bytes(rows, weight.shape[0], dim, low_precision_weight_grad=low)
 
 
 def fused_lce(
@@ -82,7 +84,7 @@ def fused_lce(
         d_hidden=_view(d_hidden) if d_hidden is not None else None,
         d_weight=_view(d_weight) if d_weight is not None else None,
         d_bias=_view(d_bias) if d_bias is not None else None,
-        chunk_budget_bytes=_budget(hidden.shape[0], weight.shape[0]),
+        chunk_budget_bytes=_budget(hidden, weight, d_weight is not None),
     )
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     return Result(

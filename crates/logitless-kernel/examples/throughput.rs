@@ -6,7 +6,7 @@
 //! kernel performs, each timed alone at full size, at most 2048 rows: for f32 the faster of the `gemm` crate and
 //! the kernel's AVX-512 engine, for bf16 the kernel's AVX512_BF16 engine), their ratio, and the peak memory the
 //! fused call allocated beyond its inputs and outputs (for bf16/f16 this includes the V×H f32 d_weight
-//! accumulator).
+//! accumulator). Each engine also prints its three products' rates.
 
 use half::{bf16, f16};
 use logitless_kernel::{Element, GradScale, Grads, MatRef, Options, fused_linear_cross_entropy};
@@ -176,6 +176,17 @@ fn three_gemms<T: 'static + Copy + Send + Sync>(
     })
 }
 
+/// Prints each product's rate (2·N·H·V flops each) on one line.
+fn print_parts(engine: &str, n: usize, h: usize, v: usize, t: [f64; 3]) {
+    let rate = |s: f64| 2.0 * (n * h * v) as f64 / s / 1e9;
+    println!(
+        "{engine} N={n}: logits {:.1}, d_hidden {:.1}, d_weight {:.1} GFLOP/s",
+        rate(t[0]),
+        rate(t[1]),
+        rate(t[2])
+    );
+}
+
 fn three_gemms_f32(n: usize, h: usize, v: usize, reps: usize) -> f64 {
     three_gemms(n, h, v, reps, 0.0f32, 1.0, 0.01)
 }
@@ -186,8 +197,10 @@ impl Bench for f32 {
     }
     fn gemm_seconds(n: usize, h: usize, v: usize, reps: usize) -> f64 {
         // The faster of the two f32 engines here: the `gemm` crate and the kernel's own AVX-512 one.
-        let ours = logitless_kernel::bench_support::f32_gemm_seconds(n, h, v, reps)
-            .map(|t| t.iter().sum::<f64>());
+        let ours = logitless_kernel::bench_support::f32_gemm_seconds(n, h, v, reps).map(|t| {
+            print_parts("f32 engine", n, h, v, t);
+            t.iter().sum::<f64>()
+        });
         three_gemms_f32(n, h, v, reps).min(ours.unwrap_or(f64::INFINITY))
     }
 }
@@ -206,7 +219,10 @@ impl Bench for bf16 {
     fn gemm_seconds(n: usize, h: usize, v: usize, reps: usize) -> f64 {
         // The AVX512_BF16 engine's own GEMMs where the kernel uses it; elsewhere bf16 runs on the f32 engine.
         match logitless_kernel::bench_support::bf16_gemm_seconds(n, h, v, reps) {
-            Some(t) => t.iter().sum(),
+            Some(t) => {
+                print_parts("bf16 engine", n, h, v, t);
+                t.iter().sum()
+            }
             None => three_gemms_f32(n, h, v, reps),
         }
     }

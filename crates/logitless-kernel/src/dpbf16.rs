@@ -88,6 +88,65 @@ unsafe fn micro(
     }
 }
 
+/// The micro-kernel writing straight into row-major C (`ldc` between rows, a full MR×32 tile): `C = [C +] A·B`
+/// with A and B as in [`micro`]. During its first MR k-steps it prefetches the MR×32 tile at `next` (the following
+/// call's C, `ldc` apart; any address, prefetches never fault), so that tile's read-modify-write does not wait on
+/// memory.
+///
+/// # Safety
+/// As [`micro`], and `c + i·ldc + j` must be readable and writable (and not touched by another thread) for
+/// i < MR, j < 32.
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn micro_c(
+    kp: usize,
+    a: *const u32,
+    a_rs: usize,
+    a_ks: usize,
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    add: bool,
+    next: *const f32,
+) {
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    for p in 0..kp {
+        // One row of the next tile's C per k-step, spread out so the misses overlap the arithmetic (prefetches
+        // are only hints: they never fault and read nothing the program sees).
+        if p < MR {
+            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(p * ldc).cast());
+            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(p * ldc + 16).cast());
+        }
+        // SAFETY: in bounds by the caller's contract; unaligned loads are allowed.
+        let (b0, b1) = unsafe {
+            (
+                _mm512_loadu_si512(b.add(p * NR).cast()),
+                _mm512_loadu_si512(b.add(p * NR + 16).cast()),
+            )
+        };
+        let b0: __m512bh = _mm512_castsi512_ph_bh(b0);
+        let b1: __m512bh = _mm512_castsi512_ph_bh(b1);
+        for (i, ci) in acc.iter_mut().enumerate() {
+            // SAFETY: in bounds by the caller's contract.
+            let ai = unsafe { a.add(i * a_rs + p * a_ks).read_unaligned() };
+            let av: __m512bh = _mm512_castsi512_ph_bh(_mm512_set1_epi32(ai as i32));
+            ci[0] = _mm512_dpbf16_ps(ci[0], av, b0);
+            ci[1] = _mm512_dpbf16_ps(ci[1], av, b1);
+        }
+    }
+    for (i, ci) in acc.iter_mut().enumerate() {
+        // SAFETY: row i's 32 values of the tile are readable and writable by the caller's contract.
+        unsafe {
+            if add {
+                ci[0] = _mm512_add_ps(ci[0], _mm512_loadu_ps(c.add(i * ldc)));
+                ci[1] = _mm512_add_ps(ci[1], _mm512_loadu_ps(c.add(i * ldc + 16)));
+            }
+            _mm512_storeu_ps(c.add(i * ldc), ci[0]);
+            _mm512_storeu_ps(c.add(i * ldc + 16), ci[1]);
+        }
+    }
+}
+
 #[inline(always)]
 fn _mm512_castsi512_ph_bh(x: __m512i) -> __m512bh {
     // SAFETY: both are plain 512-bit vectors; this only relabels the lanes.
@@ -102,14 +161,26 @@ pub(crate) fn ceil_div(a: usize, b: usize) -> usize {
     a.div_ceil(b)
 }
 
-/// Runs `f(start, end)` over `[0, total)` split in `align`-multiples, one piece per rayon thread when `parallel`.
-pub(crate) fn split(parallel: bool, total: usize, align: usize, f: impl Fn(usize, usize) + Sync) {
+/// Pieces per rayon thread in [`split`] for the GEMMs split over W's rows (logits, d_weight): more than one, so
+/// that when another process takes part of a core (the machines this runs on are often shared), the other
+/// threads steal the delayed thread's remaining pieces instead of waiting for it.
+pub(crate) const PIECES_PER_THREAD: usize = 4;
+
+/// Runs `f(start, end)` over `[0, total)` split in `align`-multiples, `per_thread` pieces per rayon thread when
+/// `parallel` (balanced by work stealing).
+pub(crate) fn split(
+    parallel: bool,
+    total: usize,
+    align: usize,
+    per_thread: usize,
+    f: impl Fn(usize, usize) + Sync,
+) {
     let threads = if parallel {
         rayon::current_num_threads()
     } else {
         1
     };
-    let piece = ceil_div(ceil_div(total, threads.max(1)), align) * align;
+    let piece = ceil_div(ceil_div(total, threads.max(1) * per_thread.max(1)), align) * align;
     if threads <= 1 || piece >= total {
         f(0, total);
         return;
@@ -117,6 +188,7 @@ pub(crate) fn split(parallel: bool, total: usize, align: usize, f: impl Fn(usize
     let pieces = ceil_div(total, piece);
     (0..pieces)
         .into_par_iter()
+        .with_max_len(1)
         .for_each(|t| f(t * piece, ((t + 1) * piece).min(total)));
 }
 
@@ -144,6 +216,23 @@ fn pack_kmajor<'a>(
             let (c0, width) = (q * NR, NR.min(c_end - c_start - q * NR));
             let o = &mut out[q * per_panel + p * NR..q * per_panel + p * NR + width];
             let lo = &lo[c0..c0 + width];
+            if let (Some(hi), NR) = (hi, width) {
+                let hi = &hi[c0..c0 + NR];
+                for half in 0..2 {
+                    // SAFETY: `lo`, `hi` hold 32 bf16 and `o` 32 u32 (width == NR), so the 16-element halves
+                    // at 16·half are in bounds; the target features are enabled on this function.
+                    unsafe {
+                        let l = _mm256_loadu_si256(lo.as_ptr().add(16 * half).cast());
+                        let u = _mm256_loadu_si256(hi.as_ptr().add(16 * half).cast());
+                        let v = _mm512_or_si512(
+                            _mm512_cvtepu16_epi32(l),
+                            _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(u)),
+                        );
+                        _mm512_storeu_si512(o.as_mut_ptr().add(16 * half).cast(), v);
+                    }
+                }
+                continue;
+            }
             match hi {
                 Some(hi) => {
                     for ((o, l), h) in o.iter_mut().zip(lo).zip(&hi[c0..c0 + width]) {
@@ -248,7 +337,7 @@ pub(crate) fn logits(
         "logits: buffers"
     );
     let dst = SharedMut(out.as_mut_ptr());
-    split(parallel, v, MR, |v_start, v_end| {
+    split(parallel, v, MR, PIECES_PER_THREAD, |v_start, v_end| {
         let mut tail = vec![0u32; kp * MR];
         let mut tile = [0f32; MR * NR];
         for v0 in (v_start..v_end).step_by(MR) {
@@ -346,7 +435,8 @@ pub(crate) fn d_hidden(
     assert!(v == 0 || w.len() >= (v - 1) * ws + h, "d_hidden: weight");
     let dst = SharedMut(dh.as_mut_ptr());
     let k_block = 2 * KP_BLOCK;
-    split(parallel, h, NR, |h_start, h_end| {
+    // Over H: each piece re-reads all of the block's gradient rows, so one piece per thread.
+    split(parallel, h, NR, 1, |h_start, h_end| {
         let mut bp = Vec::new();
         let mut tail = vec![0u32; KP_BLOCK * MR];
         let mut tile = [0f32; MR * NR];
@@ -381,6 +471,30 @@ pub(crate) fn d_hidden(
                     (tail.as_ptr(), 1, MR)
                 };
                 for (q, h0) in (h_start..h_end).step_by(NR).enumerate() {
+                    if mrows == MR && h0 + NR <= h_end {
+                        let next = if h0 + 2 * NR <= h_end {
+                            r0 * h + h0 + NR
+                        } else {
+                            (r0 + MR) * h + h_start
+                        };
+                        // SAFETY: module invariant for the CPU; A reads rows r0..r0+MR of `g` up to column
+                        // k0 + 2·kp <= gs; B reads panel q of `bp`; the full tile's rows r0..r0+MR <= rows and
+                        // columns h0..h0+32 <= h_end <= h lie in `dh`, and this thread owns [h_start, h_end).
+                        unsafe {
+                            micro_c(
+                                kp,
+                                a,
+                                a_rs,
+                                a_ks,
+                                bp[q * per_panel..].as_ptr(),
+                                dst.at(r0 * h + h0),
+                                h,
+                                k0 > 0,
+                                dst.at(next),
+                            )
+                        };
+                        continue;
+                    }
                     // SAFETY: module invariant for the CPU; A reads rows r0..r0+MR of `g` up to column
                     // k0 + 2·kp <= gs (full tile) or `tail`; B reads panel q of `bp`.
                     unsafe { micro(kp, a, a_rs, a_ks, bp[q * per_panel..].as_ptr(), &mut tile) };
@@ -423,7 +537,7 @@ pub(crate) fn d_weight(
         "d_weight"
     );
     let dst = SharedMut(dw.as_mut_ptr());
-    split(parallel, v, MR, |v_start, v_end| {
+    split(parallel, v, MR, PIECES_PER_THREAD, |v_start, v_end| {
         let mut ap = vec![0u32; kp * MR];
         let mut tile = [0f32; MR * NR];
         for v0 in (v_start..v_end).step_by(MR) {
@@ -444,6 +558,32 @@ pub(crate) fn d_weight(
                 o[mrows..].fill(0);
             }
             for q in 0..panels {
+                let h0 = q * NR;
+                if mrows == MR && h0 + NR <= h {
+                    // The next tile's C: the next panel of these rows, or the first panel of the next rows.
+                    let next = if q + 1 < panels {
+                        v0 * h + h0 + NR
+                    } else {
+                        (v0 + MR) * h
+                    };
+                    // SAFETY: module invariant for the CPU; A reads `ap`, B reads panel q of `hp`; the full
+                    // tile's rows v0..v0+MR <= v_end <= v and columns h0..h0+32 <= h lie in `dw` (asserted), and
+                    // this thread owns rows [v_start, v_end).
+                    unsafe {
+                        micro_c(
+                            kp,
+                            ap.as_ptr(),
+                            1,
+                            MR,
+                            hp[q * per_panel..].as_ptr(),
+                            dst.at(v0 * h + h0),
+                            h,
+                            true,
+                            dst.at(next),
+                        )
+                    };
+                    continue;
+                }
                 // SAFETY: module invariant for the CPU; A reads `ap`, B reads panel q of `hp`.
                 unsafe {
                     micro(
@@ -455,7 +595,6 @@ pub(crate) fn d_weight(
                         &mut tile,
                     )
                 };
-                let h0 = q * NR;
                 // SAFETY: rows v0.. < v_end <= v and columns h0.. < h lie in `dw`; this thread owns rows
                 // [v_start, v_end).
                 unsafe { store_rows(&tile, dst.at(v0 * h + h0), h, mrows, NR.min(h - h0), true) };
@@ -502,6 +641,28 @@ pub(crate) fn time_three(n: usize, h: usize, v: usize, reps: usize) -> [f64; 3] 
     [t1, t2, t3]
 }
 
+/// [`to_bf16_bits`] on 16 lanes: reads 16 f32 at `src`, then writes their bf16 bits at `dst` (which may overlap
+/// `src`: all of it is read first).
+///
+/// # Safety
+/// The CPU must support avx512f/bw; `src` must be readable for 16 f32 and `dst` writable for 16 u16.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn round16(src: *const f32, dst: *mut u16) {
+    // SAFETY: readable by the caller's contract; unaligned loads are allowed.
+    let x = unsafe { _mm512_loadu_si512(src.cast()) };
+    let hi = _mm512_srli_epi32::<16>(x);
+    let lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
+    let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(
+        x,
+        _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)),
+    ));
+    let xf = _mm512_castsi512_ps(x);
+    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(xf, xf);
+    let r = _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
+    // SAFETY: writable by the caller's contract (vpmovdw keeps each lane's low 16 bits).
+    unsafe { _mm256_storeu_si256(dst.cast(), _mm512_cvtepi32_epi16(r)) };
+}
+
 /// Rounds the first `rows` f32 rows of `buf` (`cols` apart) to bf16 in place, as rows `ld` u16 apart (`ld` is
 /// `cols` or `cols + 1`; the padding column is zero), and returns them: the logits block doubles as the bf16
 /// gradient, so that copy costs no memory.
@@ -515,6 +676,12 @@ pub(crate) fn round_rows_in_place(buf: &mut [f32], rows: usize, cols: usize, ld:
     let out = base.cast::<u16>();
     for j in 0..rows {
         let mut k = 0;
+        while k + CHUNK <= cols {
+            // SAFETY: as below (one whole chunk: its 16 f32 are loaded before its 16 u16 are stored, and those end
+            // no later than the chunk's own f32 did); the CPU has AVX512_BF16 and so avx512f/bw (module invariant).
+            unsafe { round16(base.add(j * cols + k), out.add(j * ld + k)) };
+            k += CHUNK;
+        }
         while k < cols {
             let n = CHUNK.min(cols - k);
             let mut tmp = [0f32; CHUNK];

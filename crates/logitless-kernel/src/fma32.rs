@@ -1,9 +1,11 @@
 //! f32 GEMMs on AVX-512 FMA for the three products of the fused kernel, with the same tiling as `dpbf16.rs`
-//! (12×32 micro-tiles, 24 accumulators) but reading f32 operands in place where they are laid out right — no
-//! packing except the hidden block for the logits GEMM and zero-padded copies of tail tiles. x86-64 only; used
-//! for f32 when `isa::current()` is an AVX-512 level.
+//! (12×32 micro-tiles, 24 accumulators) but reading f32 operands in place where they are laid out right — W in
+//! the logits GEMM, the gradient in d_hidden. Packed: the hidden block (once per block, for the logits GEMM and
+//! again for d_weight), k blocks of W for d_hidden, each d_weight tile's columns of the gradient, and zero-padded
+//! copies of tail tiles. Full tiles of d_hidden and d_weight are accumulated straight into the output with the
+//! next tile's lines prefetched. x86-64 only; used for f32 when `isa::current()` is an AVX-512 level.
 
-use crate::dpbf16::{MR, NR, SharedMut, ceil_div, split, store_rows};
+use crate::dpbf16::{MR, NR, PIECES_PER_THREAD, SharedMut, ceil_div, split, store_rows};
 use std::arch::x86_64::*;
 
 /// k rows per block of the d_hidden GEMM (its k is the vocabulary): a 12×128 A tile (6 KiB) and a 128×32 B
@@ -51,6 +53,60 @@ unsafe fn micro(
     }
 }
 
+/// [`micro`] writing straight into row-major C (`ldc` between rows, a full MR×32 tile): `C = [C +] A·B`. During
+/// its first MR k-steps it prefetches the MR×32 tile at `next` (the following call's C, `ldc` apart; any address,
+/// prefetches never fault), so that tile's read-modify-write does not wait on memory.
+///
+/// # Safety
+/// As [`micro`], and `c + i·ldc + j` must be readable and writable (and not touched by another thread) for
+/// i < MR, j < 32.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn micro_c(
+    k: usize,
+    a: *const f32,
+    a_rs: usize,
+    a_ks: usize,
+    (b, b_ks): (*const f32, usize),
+    c: *mut f32,
+    ldc: usize,
+    add: bool,
+    next: *const f32,
+) {
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    for p in 0..k {
+        // Prefetches are only hints: they never fault and read nothing the program sees.
+        if p < MR {
+            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(p * ldc).cast());
+            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(p * ldc + 16).cast());
+        }
+        // SAFETY: in bounds by the caller's contract; unaligned loads are allowed.
+        let (b0, b1) = unsafe {
+            (
+                _mm512_loadu_ps(b.add(p * b_ks)),
+                _mm512_loadu_ps(b.add(p * b_ks + 16)),
+            )
+        };
+        for (i, ci) in acc.iter_mut().enumerate() {
+            // SAFETY: in bounds by the caller's contract.
+            let av = _mm512_set1_ps(unsafe { a.add(i * a_rs + p * a_ks).read() });
+            ci[0] = _mm512_fmadd_ps(av, b0, ci[0]);
+            ci[1] = _mm512_fmadd_ps(av, b1, ci[1]);
+        }
+    }
+    for (i, ci) in acc.iter_mut().enumerate() {
+        // SAFETY: row i's 32 values of the tile are readable and writable by the caller's contract.
+        unsafe {
+            if add {
+                ci[0] = _mm512_add_ps(ci[0], _mm512_loadu_ps(c.add(i * ldc)));
+                ci[1] = _mm512_add_ps(ci[1], _mm512_loadu_ps(c.add(i * ldc + 16)));
+            }
+            _mm512_storeu_ps(c.add(i * ldc), ci[0]);
+            _mm512_storeu_ps(c.add(i * ldc + 16), ci[1]);
+        }
+    }
+}
+
 /// Copies `rows × k` of A (`at(i, p)`) into `[k][MR]`, zero beyond `rows`: the tail tile's operand.
 fn pad_a(rows: usize, k: usize, at: impl Fn(usize, usize) -> f32, out: &mut Vec<f32>) {
     out.clear();
@@ -62,14 +118,8 @@ fn pad_a(rows: usize, k: usize, at: impl Fn(usize, usize) -> f32, out: &mut Vec<
     }
 }
 
-/// Copies `k × cols` of B (`row(p)` starting at the panel's first column) into `[k][32]`, zero beyond `cols`.
-fn pad_b<'a>(k: usize, cols: usize, row: impl Fn(usize) -> &'a [f32], out: &mut Vec<f32>) {
-    out.clear();
-    out.resize(k * NR, 0.0);
-    for p in 0..k {
-        out[p * NR..p * NR + cols].copy_from_slice(&row(p)[..cols]);
-    }
-}
+/// Most bytes of packed hidden rows the logits GEMM keeps in use at once (half of Zen 4's 1 MiB L2).
+const HP_GROUP_BYTES: usize = 512 << 10;
 
 /// Packs the gathered hidden rows for the logits GEMM: panels of 32 rows, `[k][32]` (a transpose).
 pub(crate) fn pack_hidden_for_logits<'a>(
@@ -113,26 +163,32 @@ pub(crate) fn logits(
         "logits: buffers"
     );
     let dst = SharedMut(out.as_mut_ptr());
-    split(parallel, v, MR, |v_start, v_end| {
+    // Panels of `hp` in groups of at most HP_GROUP_BYTES, each group swept over all of this thread's W rows: the
+    // group stays in L2 while W streams through (W is read once per group).
+    let per_group = (HP_GROUP_BYTES / (h * NR * size_of::<f32>()).max(1)).clamp(1, panels.max(1));
+    let per_group = ceil_div(panels, ceil_div(panels, per_group).max(1)).max(1);
+    split(parallel, v, MR, PIECES_PER_THREAD, |v_start, v_end| {
         let mut tail = Vec::new();
         let mut tile = [0f32; MR * NR];
-        for v0 in (v_start..v_end).step_by(MR) {
-            let mrows = MR.min(v_end - v0);
-            let (a, a_rs, a_ks) = if mrows == MR {
-                (w[v0 * ws..].as_ptr(), ws, 1)
-            } else {
-                pad_a(mrows, h, |i, p| w[(v0 + i) * ws + p], &mut tail);
-                (tail.as_ptr(), 1, MR)
-            };
-            for q in 0..panels {
-                // SAFETY: the CPU has avx512f (module invariant); A reads W's rows v0..v0+MR up to column h (full
-                // tile, asserted above) or `tail`; B reads panel q of `hp`.
-                unsafe { micro(h, a, a_rs, a_ks, hp[q * h * NR..].as_ptr(), NR, &mut tile) };
-                for j in 0..NR.min(rows - q * NR) {
-                    for i in 0..mrows {
-                        // SAFETY: row q·32+j < rows and column v0+i < v lie in `out` (asserted); this thread owns
-                        // columns [v_start, v_end).
-                        unsafe { *dst.at((q * NR + j) * v + v0 + i) = tile[i * NR + j] };
+        for g0 in (0..panels).step_by(per_group) {
+            for v0 in (v_start..v_end).step_by(MR) {
+                let mrows = MR.min(v_end - v0);
+                let (a, a_rs, a_ks) = if mrows == MR {
+                    (w[v0 * ws..].as_ptr(), ws, 1)
+                } else {
+                    pad_a(mrows, h, |i, p| w[(v0 + i) * ws + p], &mut tail);
+                    (tail.as_ptr(), 1, MR)
+                };
+                for q in g0..panels.min(g0 + per_group) {
+                    // SAFETY: the CPU has avx512f (module invariant); A reads W's rows v0..v0+MR up to column h (full
+                    // tile, asserted above) or `tail`; B reads panel q of `hp`.
+                    unsafe { micro(h, a, a_rs, a_ks, hp[q * h * NR..].as_ptr(), NR, &mut tile) };
+                    for j in 0..NR.min(rows - q * NR) {
+                        for i in 0..mrows {
+                            // SAFETY: row q·32+j < rows and column v0+i < v lie in `out` (asserted); this thread owns
+                            // columns [v_start, v_end).
+                            unsafe { *dst.at((q * NR + j) * v + v0 + i) = tile[i * NR + j] };
+                        }
                     }
                 }
             }
@@ -161,7 +217,8 @@ pub(crate) fn d_hidden(
         "d_hidden: weight"
     );
     let dst = SharedMut(dh.as_mut_ptr());
-    split(parallel, h, NR, |h_start, h_end| {
+    // Over H: each piece re-reads all of the block's gradient rows, so one piece per thread.
+    split(parallel, h, NR, 1, |h_start, h_end| {
         let (mut tail_a, mut bp) = (Vec::new(), Vec::new());
         let mut tile = [0f32; MR * NR];
         let panels = ceil_div(h_end - h_start, NR);
@@ -187,6 +244,30 @@ pub(crate) fn d_hidden(
                 };
                 for q in 0..panels {
                     let h0 = h_start + q * NR;
+                    if mrows == MR && h0 + NR <= h_end {
+                        let next = if h0 + 2 * NR <= h_end {
+                            r0 * h + h0 + NR
+                        } else {
+                            (r0 + MR) * h + h_start
+                        };
+                        // SAFETY: the CPU has avx512f; A reads rows r0..r0+MR of `g`, columns k0..k0+kc; B reads
+                        // panel q of `bp` (kc·32 floats); the full tile's rows r0..r0+MR <= rows and columns
+                        // h0..h0+32 <= h_end <= h lie in `dh`, and this thread owns columns [h_start, h_end).
+                        unsafe {
+                            micro_c(
+                                kc,
+                                a,
+                                a_rs,
+                                a_ks,
+                                (bp[q * kc * NR..].as_ptr(), NR),
+                                dst.at(r0 * h + h0),
+                                h,
+                                k0 > 0,
+                                dst.at(next),
+                            )
+                        };
+                        continue;
+                    }
                     // SAFETY: the CPU has avx512f; A reads rows r0..r0+MR of `g`, columns k0..k0+kc (full tile) or
                     // `tail_a`; B reads panel q of `bp` (kc·32 floats).
                     unsafe { micro(kc, a, a_rs, a_ks, bp[q * kc * NR..].as_ptr(), NR, &mut tile) };
@@ -208,7 +289,9 @@ pub(crate) fn d_hidden(
     });
 }
 
-/// GEMM 3: `dw[v, :] += Σ_j g[j, v] · hb[j, :]` for j < rows (`hb` the gathered hidden rows, `h` apart).
+/// GEMM 3: `dw[v, :] += Σ_j g[j, v] · hb[j, :]` for j < rows (`hb` the gathered hidden rows, `h` apart). `bp` is
+/// scratch for `hb` packed as 32-column panels `[rows][32]` (contiguous, so a panel streams through the cache
+/// instead of touching `rows` lines `4h` bytes apart).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn d_weight(
     g: &[f32],
@@ -217,39 +300,62 @@ pub(crate) fn d_weight(
     h: usize,
     hb: &[f32],
     dw: &mut [f32],
+    bp: &mut Vec<f32>,
     parallel: bool,
 ) {
     assert!(
         g.len() >= rows * v && hb.len() >= rows * h && dw.len() >= v * h,
         "d_weight: buffers"
     );
-    let dst = SharedMut(dw.as_mut_ptr());
-    split(parallel, v, MR, |v_start, v_end| {
-        let (mut tail_a, mut tail_b) = (Vec::new(), Vec::new());
-        let mut tile = [0f32; MR * NR];
-        // The last, partial panel of H is the same for every tile: pad it once.
-        let last = h - h % NR;
-        if last < h {
-            pad_b(rows, h - last, |p| &hb[p * h + last..], &mut tail_b);
+    let panels = ceil_div(h, NR);
+    let per_panel = rows * NR;
+    bp.clear();
+    bp.resize(panels * per_panel, 0.0);
+    for p in 0..rows {
+        for (q, chunk) in hb[p * h..(p + 1) * h].chunks(NR).enumerate() {
+            bp[q * per_panel + p * NR..q * per_panel + p * NR + chunk.len()].copy_from_slice(chunk);
         }
+    }
+    let bp: &[f32] = bp;
+    let dst = SharedMut(dw.as_mut_ptr());
+    split(parallel, v, MR, PIECES_PER_THREAD, |v_start, v_end| {
+        let mut ap = Vec::new();
+        let mut tile = [0f32; MR * NR];
         for v0 in (v_start..v_end).step_by(MR) {
             let mrows = MR.min(v_end - v0);
-            let (a, a_rs, a_ks) = if mrows == MR {
-                (g[v0..].as_ptr(), 1, v)
-            } else {
-                pad_a(mrows, rows, |i, p| g[p * v + v0 + i], &mut tail_a);
-                (tail_a.as_ptr(), 1, MR)
-            };
-            for h0 in (0..h).step_by(NR) {
+            // This tile's columns of G, packed `[rows][MR]` (zero beyond mrows).
+            pad_a(mrows, rows, |i, p| g[p * v + v0 + i], &mut ap);
+            for q in 0..panels {
+                let h0 = q * NR;
                 let ncols = NR.min(h - h0);
-                let (b, b_ks) = if ncols == NR {
-                    (hb[h0..].as_ptr(), h)
-                } else {
-                    (tail_b.as_ptr(), NR)
-                };
-                // SAFETY: the CPU has avx512f; A reads g[p·v + v0 + i] for p < rows, i < MR (full tile: v0+MR <=
-                // v) or `tail_a`; B reads hb rows 0..rows, columns h0..h0+32 <= h (full panel) or `tail_b`.
-                unsafe { micro(rows, a, a_rs, a_ks, b, b_ks, &mut tile) };
+                let b = bp[q * per_panel..].as_ptr();
+                if mrows == MR && ncols == NR {
+                    // The next tile's C: the next panel of these rows, or the first panel of the next rows.
+                    let next = if q + 1 < panels {
+                        v0 * h + h0 + NR
+                    } else {
+                        (v0 + MR) * h
+                    };
+                    // SAFETY: the CPU has avx512f; A reads `ap` (rows·MR floats), B panel q of `bp`; the full
+                    // tile's rows v0..v0+MR <= v_end <= v and columns h0..h0+32 <= h lie in `dw` (asserted), and
+                    // this thread owns rows [v_start, v_end).
+                    unsafe {
+                        micro_c(
+                            rows,
+                            ap.as_ptr(),
+                            1,
+                            MR,
+                            (b, NR),
+                            dst.at(v0 * h + h0),
+                            h,
+                            true,
+                            dst.at(next),
+                        )
+                    };
+                    continue;
+                }
+                // SAFETY: the CPU has avx512f; A reads `ap`, B panel q of `bp` (zero-padded past h).
+                unsafe { micro(rows, ap.as_ptr(), 1, MR, b, NR, &mut tile) };
                 // SAFETY: rows v0.. < v_end <= v and columns h0.. < h lie in `dw`; this thread owns rows
                 // [v_start, v_end).
                 unsafe { store_rows(&tile, dst.at(v0 * h + h0), h, mrows, ncols, true) };
@@ -285,6 +391,7 @@ pub(crate) fn time_three(n: usize, h: usize, v: usize, reps: usize) -> [f64; 3] 
         logits(&w, h, v, h, &hp, n, &mut g, true);
     });
     let t2 = best(&mut || d_hidden(&g, n, &w, h, v, h, &mut dh, true));
-    let t3 = best(&mut || d_weight(&g, n, v, h, &x, &mut dw, true));
+    let mut bp = Vec::new();
+    let t3 = best(&mut || d_weight(&g, n, v, h, &x, &mut dw, &mut bp, true));
     [t1, t2, t3]
 }

@@ -435,7 +435,8 @@ pub(crate) fn run<S: Storage>(
             if fma.is_some()
                 && let (Some(g), Some(x), Some(acc)) = (as_f32(lg), as_f32(hb), as_f32_mut(dst))
             {
-                crate::fma32::d_weight(g, r, v, h, x, acc, parallel);
+                // The hidden block packed for the logits GEMM is done with: its buffer holds this GEMM's packing.
+                crate::fma32::d_weight(g, r, v, h, x, acc, &mut hpf, parallel);
                 prof.lap(3);
                 continue;
             }

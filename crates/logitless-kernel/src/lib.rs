@@ -18,7 +18,8 @@
 //!
 //! Engines, chosen at run time (never `target-cpu=native`; [`isa::current`], capped by [`isa::set_override`] or
 //! `LOGITLESS_KERNEL_ISA=portable|avx2|avx512|avx512bf16`):
-//! - f32 on AVX-512: `fma32.rs`, 12×32 FMA micro-kernels reading W, the gradient and the hidden rows in place;
+//! - f32 on AVX-512: `fma32.rs`, 12×32 FMA micro-kernels reading W and the gradient in place (the hidden block
+//!   packed for the logits and d_weight GEMMs);
 //! - f64, and f32 without AVX-512: the `gemm` crate (its own runtime dispatch: AVX-512, AVX2+FMA, NEON, scalar)
 //!   on the caller's buffers, called in vocabulary slices so its packing buffers stay small;
 //! - bf16 with AVX512_BF16 (and even H and row strides): `dpbf16.rs`, `vdpbf16ps` micro-kernels reading bf16
