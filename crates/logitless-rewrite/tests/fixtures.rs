@@ -7,6 +7,8 @@ use std::path::Path;
 
 use logitless_rewrite::{Rewrite, RewriteOptions, rewrite_forward};
 
+mod common;
+
 fn render(r: &Rewrite) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -36,28 +38,8 @@ fn render(r: &Rewrite) -> String {
 
 #[test]
 fn fixtures_match_expectations_and_snapshots() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    let mut names: Vec<_> = std::fs::read_dir(&dir)
-        .expect("fixtures dir")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|x| x == "py"))
-        .collect();
-    names.sort();
-    assert!(names.len() >= 40, "fixtures missing: {}", names.len());
     let mut failures = Vec::new();
-    for path in names {
-        let name = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .expect("name")
-            .to_string();
-        let text = std::fs::read_to_string(&path).expect("read fixture");
-        let expect = text
-            .lines()
-            .next()
-            .and_then(|l| l.strip_prefix("# expect: "))
-            .expect("expect line")
-            .trim();
+    for common::Fixture { name, text, expect } in common::fixtures("fixtures", 40) {
         let result = rewrite_forward(&text, &RewriteOptions::default());
         let (got, snapshot) = match &result {
             Ok(r) => ("patched".to_string(), render(r)),

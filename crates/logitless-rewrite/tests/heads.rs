@@ -2,34 +2,14 @@
 //! line states the expected outcome by hand (`# expect: split <final attribute>` or `# expect: refused <code>`);
 //! the full result, including the emitted prefix function, is an insta snapshot under tests/snapshots/.
 
-use std::path::Path;
-
 use logitless_rewrite::split_head_forward;
+
+mod common;
 
 #[test]
 fn head_fixtures_match_expectations_and_snapshots() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/head_fixtures");
-    let mut names: Vec<_> = std::fs::read_dir(&dir)
-        .expect("head fixtures dir")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|x| x == "py"))
-        .collect();
-    names.sort();
-    assert!(names.len() >= 10, "head fixtures missing: {}", names.len());
     let mut failures = Vec::new();
-    for path in names {
-        let name = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .expect("name")
-            .to_string();
-        let text = std::fs::read_to_string(&path).expect("read fixture");
-        let expect = text
-            .lines()
-            .next()
-            .and_then(|l| l.strip_prefix("# expect: "))
-            .expect("expect line")
-            .trim();
+    for common::Fixture { name, text, expect } in common::fixtures("head_fixtures", 10) {
         let (got, snapshot) = match split_head_forward(&text) {
             Ok(split) => {
                 // The prefix must be valid Python that ends by returning the final call's argument.
