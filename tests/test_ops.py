@@ -287,6 +287,7 @@ def test_default_chunk_budget_follows_the_problem(monkeypatch: pytest.MonkeyPatc
     assert chunk_budget_bytes(2048, 32000, 1024, low_precision_weight_grad=True) == 32000 * 1024 * 4 // 2
     assert chunk_budget_bytes(8192, 128256, 2048, low_precision_weight_grad=True) == 128256 * 2048 * 4 // 2
     assert chunk_budget_bytes() == 32 * mib
+    assert chunk_budget_bytes(2048, 32000, 1024, min_mb=64) == 64 * mib  # the torch path's floor
     monkeypatch.setenv("LOGITLESS_CHUNK_MB", "2")
     assert chunk_budget_bytes(8192, 128256, 2048, low_precision_weight_grad=True) == 2 * mib
 

@@ -3,8 +3,8 @@
 Same maths as the Rust kernel (docs/design.md, "Kernel contract"): for each chunk of rows the logits
 ``epilogue(h · Wᵀ + b)`` are formed in float32, the per-row loss and ``d loss / d logits`` are computed, and the
 chunk's contribution to every requested gradient is accumulated; the chunk is then dropped. Scratch memory is bounded
-by ``LOGITLESS_CHUNK_MB`` or, unset, by ``chunk_budget_bytes``'s rule (a sixteenth of the float32 logits, 4 to
-512 MiB).
+by ``LOGITLESS_CHUNK_MB`` or, unset, by ``chunk_budget_bytes``'s rule (a sixteenth of the float32 logits, 64 to
+512 MiB on this path).
 
 Two modes:
 
@@ -27,6 +27,7 @@ import torch
 # it stands in for, within these bounds.
 _MIN_AUTO_CHUNK_MB = 4
 _MAX_AUTO_CHUNK_MB = 512
+_TORCH_PATH_MIN_CHUNK_MB = 64
 _AUTO_FRACTION_OF_LOGITS = 16
 # float32 temporaries alive per chunk row, in units of V: logits, probabilities / d_logits, and a low-precision
 # copy of d_logits for the GEMMs.
@@ -34,7 +35,12 @@ _TEMPS_PER_ROW = 3
 
 
 def chunk_budget_bytes(
-    rows: int = 0, vocab: int = 0, hidden: int = 0, *, low_precision_weight_grad: bool = False
+    rows: int = 0,
+    vocab: int = 0,
+    hidden: int = 0,
+    *,
+    low_precision_weight_grad: bool = False,
+    min_mb: int = _MIN_AUTO_CHUNK_MB,
 ) -> int:
     """The scratch budget of one call: ``LOGITLESS_CHUNK_MB`` (MiB) when set, read on every call so tests can change it.
 
@@ -51,7 +57,7 @@ def chunk_budget_bytes(
         budget = rows * vocab * 4 // _AUTO_FRACTION_OF_LOGITS
         if low_precision_weight_grad:
             budget = max(budget, vocab * hidden * 4 // 2)
-        return min(max(budget, _MIN_AUTO_CHUNK_MB << 20), _MAX_AUTO_CHUNK_MB << 20)
+        return min(max(budget, min_mb << 20), _MAX_AUTO_CHUNK_MB << 20)
     try:
         mb = float(raw)
     except ValueError as e:
@@ -137,7 +143,8 @@ def fused_lce(
     dev = hidden.device
     if budget_bytes is None:
         low = need_d_weight and weight.dtype in (torch.bfloat16, torch.float16)
-        budget_bytes = chunk_budget_bytes(n, v, h_dim, low_precision_weight_grad=low)
+        # Short chunks cost this path a round of kernel launches each: never below 64 MiB by default.
+        budget_bytes = chunk_budget_bytes(n, v, h_dim, low_precision_weight_grad=low, min_mb=_TORCH_PATH_MIN_CHUNK_MB)
     budget = budget_bytes
     rows_per_chunk = max(1, budget // max(1, v * _TEMPS_PER_ROW * torch.finfo(acc).bits // 8))
 
