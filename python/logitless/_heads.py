@@ -9,11 +9,8 @@ Nothing is re-implemented here; any head whose class or instance does not fit ke
 
 from __future__ import annotations
 
-import __future__
 import functools
-import inspect
 import linecache
-import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import FunctionType
@@ -23,13 +20,12 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
+from logitless._patching import FUTURE_FLAGS, forward_source
+
 __all__ = ["HeadPlan", "resolve_head"]
 
 # BERT nests two levels (cls → predictions → decoder); deeper chains are not something transformers builds.
 _MAX_DEPTH = 4
-_FUTURE_FLAGS = 0
-for _feature in __future__.all_feature_names:
-    _FUTURE_FLAGS |= getattr(__future__, _feature).compiler_flag
 
 
 @dataclass(frozen=True)
@@ -62,7 +58,7 @@ def _build_step(forward: Any) -> _Step | None:
     if not isinstance(forward, FunctionType) or hasattr(forward, "__wrapped__") or forward.__code__.co_freevars:
         return None
     try:
-        source = textwrap.dedent(inspect.getsource(forward))
+        source = forward_source(forward)
     except (OSError, TypeError):
         return None
     split = _core.split_head_forward(source)
@@ -71,7 +67,7 @@ def _build_step(forward: Any) -> _Step | None:
     text: str = split["prefix_source"]
     filename = f"<logitless head prefix {forward.__module__}.{forward.__qualname__}>"
     try:
-        code = compile(text, filename, "exec", flags=forward.__code__.co_flags & _FUTURE_FLAGS, dont_inherit=True)
+        code = compile(text, filename, "exec", flags=forward.__code__.co_flags & FUTURE_FLAGS, dont_inherit=True)
     except SyntaxError:
         return None
     namespace: dict[str, Any] = {}

@@ -23,6 +23,7 @@ from typing import Any
 from logitless import _runtime
 
 __all__ = [
+    "FUTURE_FLAGS",
     "RUNTIME_NAME",
     "PatchError",
     "build_forward",
@@ -35,9 +36,9 @@ RUNTIME_NAME = "__logitless__"
 # What generated code may call on __logitless__ (docs/design.md); anything else is a rewriter bug caught here.
 _RUNTIME_API = frozenset({"fusable", "hf_loss", "no_logits", "return_logits"})
 _FACTORY = "__logitless_factory__"
-_FUTURE_FLAGS = 0
+FUTURE_FLAGS = 0
 for _feature in __future__.all_feature_names:
-    _FUTURE_FLAGS |= getattr(__future__, _feature).compiler_flag
+    FUTURE_FLAGS |= getattr(__future__, _feature).compiler_flag
 _serial = itertools.count(1)
 
 
@@ -163,7 +164,7 @@ def build_forward(cls: type, original: Callable[..., Any], source: str) -> tuple
     # Always compiled inside a factory: it supplies the closure and the overrides as the factory's parameters.
     text = _wrap_in_factory(source, (*freevars, *overrides), name)
     filename = f"<logitless-rewrite:{cls.__module__}.{cls.__qualname__}.forward#{next(_serial)}>"
-    flags = inner.__code__.co_flags & _FUTURE_FLAGS
+    flags = inner.__code__.co_flags & FUTURE_FLAGS
     try:
         code = compile(text, filename, "exec", flags=flags, dont_inherit=True)
     except SyntaxError as exc:

@@ -20,9 +20,9 @@ _TRUTHY = {"1", "true", "yes", "on"}
 # back to the stock statements rather than keep fusing.
 _enabled = False
 _return_logits = os.environ.get("LOGITLESS_RETURN_LOGITS", "").strip().lower() in _TRUTHY
-# (nn.Linear, ForCausalLMLoss), resolved on the first fused forward: `LOGITLESS=1 python -m logitless audit`
+# transformers' ForCausalLMLoss, resolved on the first fused forward: `LOGITLESS=1 python -m logitless audit`
 # installs the hook but must not import torch or transformers.
-_stock: tuple[type, Any] | None = None
+_stock_loss: Any = None
 
 
 def set_enabled(value: bool) -> None:
@@ -35,14 +35,13 @@ def set_return_logits(value: bool) -> None:
     _return_logits = bool(value)
 
 
-def _stock_types() -> tuple[type, Any]:
-    global _stock
-    if _stock is None:
-        from torch.nn import Linear
+def _stock_causal_loss() -> Any:
+    global _stock_loss
+    if _stock_loss is None:
         from transformers.loss.loss_utils import ForCausalLMLoss
 
-        _stock = (Linear, ForCausalLMLoss)
-    return _stock
+        _stock_loss = ForCausalLMLoss
+    return _stock_loss
 
 
 def fusable(model: Any, head: Any) -> bool:
@@ -57,7 +56,6 @@ def fusable(model: Any, head: Any) -> bool:
     """
     if not _enabled:
         return False
-    _, stock_loss = _stock_types()
     from logitless._heads import resolve_head
 
     if resolve_head(head) is None:
@@ -66,7 +64,7 @@ def fusable(model: Any, head: Any) -> bool:
         loss_function = model.loss_function
     except AttributeError:
         return False
-    return loss_function is stock_loss
+    return loss_function is _stock_causal_loss()
 
 
 def no_logits(hidden: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:

@@ -334,7 +334,6 @@ fn find_method<'a>(
     None
 }
 
-/// What `__init__` (of the class or a base in this file) assigns to `self.<attr>`.
 /// What a head attribute is, as far as this file tells.
 enum HeadResolution {
     Linear,

@@ -11,7 +11,7 @@ use ruff_python_ast::{Expr, Stmt, StmtFunctionDef};
 use ruff_text_size::{Ranged, TextRange, TextSize};
 
 use crate::refusal::{ReasonCode as R, Refusal};
-use crate::source::{Source, is_name};
+use crate::source::{Source, check_reparse, is_name, with_first_function};
 
 /// How a composite head reduces to its final sub-module.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,24 +27,7 @@ pub struct HeadSplit {
 
 /// Splits one (dedented) head `def forward` into prefix + final sub-module call.
 pub fn split_head_forward(source: &str) -> Result<HeadSplit, Refusal> {
-    let parsed = ruff_python_parser::parse_module(source).map_err(|e| {
-        let src = Source::new(source);
-        Refusal::new(
-            R::ParseError,
-            src.line_of(e.location.start().to_usize()),
-            e.error.to_string(),
-        )
-    })?;
-    let func = parsed
-        .syntax()
-        .body
-        .iter()
-        .find_map(|s| match s {
-            Stmt::FunctionDef(f) => Some(f),
-            _ => None,
-        })
-        .ok_or_else(|| Refusal::new(R::NoForward, 0, "the source holds no function definition"))?;
-    split_head_function(&Source::new(source), func)
+    with_first_function(source, split_head_function)
 }
 
 /// [`split_head_forward`] on a function already parsed from `src`.
@@ -151,18 +134,7 @@ pub(crate) fn split_head_function(
         prefix.push('\n');
     }
     prefix.push_str(&format!("{body_indent}return {}\n", src.slice(arg)));
-    let reparse = if prefix.starts_with(' ') {
-        ruff_python_parser::parse_module(&format!("if True:\n{prefix}"))
-    } else {
-        ruff_python_parser::parse_module(&prefix)
-    };
-    if let Err(e) = reparse {
-        return Err(Refusal::new(
-            R::ReparseFailed,
-            0,
-            format!("emitted head prefix does not parse: {}", e.error),
-        ));
-    }
+    check_reparse(&prefix, "emitted head prefix")?;
     Ok(HeadSplit {
         final_attr,
         prefix_source: prefix,

@@ -31,8 +31,6 @@ mod loss;
 mod refusal;
 mod source;
 
-use ruff_python_ast::Stmt;
-
 pub use audit::{AuditError, ClassKind, ClassReport, Outcome, audit_file, audit_tree};
 pub use epilogue::{EpilogueKind, EpilogueStep};
 pub use head::{HeadSplit, split_head_forward};
@@ -83,30 +81,7 @@ pub struct Rewrite {
 
 /// Rewrites one (dedented) `def forward`, decorators included.
 pub fn rewrite_forward(source: &str, options: &RewriteOptions) -> Result<Rewrite, Refusal> {
-    let parsed = ruff_python_parser::parse_module(source).map_err(|e| {
-        let src = source::Source::new(source);
-        Refusal::new(
-            ReasonCode::ParseError,
-            src.line_of(e.location.start().to_usize()),
-            e.error.to_string(),
-        )
-    })?;
-    let module = parsed.syntax();
-    let func = module
-        .body
-        .iter()
-        .find_map(|s| match s {
-            Stmt::FunctionDef(f) => Some(f),
-            _ => None,
-        })
-        .ok_or_else(|| {
-            Refusal::new(
-                ReasonCode::NoForward,
-                0,
-                "the source holds no function definition",
-            )
-        })?;
-    rewrite_function(&source::Source::new(source), func, options)
+    source::with_first_function(source, |src, func| rewrite_function(src, func, options))
 }
 
 /// Rewrites a function already parsed from `source`.
@@ -117,19 +92,7 @@ pub(crate) fn rewrite_function(
 ) -> Result<Rewrite, Refusal> {
     let plan = analysis::analyse(src, func)?;
     let new_source = emit::emit(src, func, &plan, options.drop_doc_decorators);
-    // A method still indented inside its class (the audit) is checked inside a one-level block.
-    let reparse = if new_source.starts_with(' ') {
-        ruff_python_parser::parse_module(&format!("if True:\n{new_source}"))
-    } else {
-        ruff_python_parser::parse_module(&new_source)
-    };
-    if let Err(e) = reparse {
-        return Err(Refusal::new(
-            ReasonCode::ReparseFailed,
-            0,
-            format!("emitted code does not parse: {}", e.error),
-        ));
-    }
+    source::check_reparse(&new_source, "emitted code")?;
     let mut extra = Vec::new();
     let mut kwargs = None;
     for (name, value) in &plan.loss_keywords {

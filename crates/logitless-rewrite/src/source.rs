@@ -227,6 +227,49 @@ pub(crate) fn dotted(expr: &Expr) -> Option<String> {
     }
 }
 
+/// Parses `source` and hands its first `def` to `f`: the entry point of both `rewrite_forward` and
+/// `split_head_forward`.
+pub(crate) fn with_first_function<T>(
+    source: &str,
+    f: impl FnOnce(&Source<'_>, &ruff_python_ast::StmtFunctionDef) -> Result<T, Refusal>,
+) -> Result<T, Refusal> {
+    let src = Source::new(source);
+    let parsed = ruff_python_parser::parse_module(source).map_err(|e| {
+        Refusal::new(
+            R::ParseError,
+            src.line_of(e.location.start().to_usize()),
+            e.error.to_string(),
+        )
+    })?;
+    let func = parsed
+        .syntax()
+        .body
+        .iter()
+        .find_map(|s| match s {
+            Stmt::FunctionDef(f) => Some(f),
+            _ => None,
+        })
+        .ok_or_else(|| Refusal::new(R::NoForward, 0, "the source holds no function definition"))?;
+    f(&src, func)
+}
+
+/// Refuses emitted code that does not parse. A method still indented inside its class (the audit) is checked
+/// inside a one-level block.
+pub(crate) fn check_reparse(emitted: &str, what: &str) -> Result<(), Refusal> {
+    let reparse = if emitted.starts_with(' ') {
+        ruff_python_parser::parse_module(&format!("if True:\n{emitted}"))
+    } else {
+        ruff_python_parser::parse_module(emitted)
+    };
+    reparse.map(drop).map_err(|e| {
+        Refusal::new(
+            R::ReparseFailed,
+            0,
+            format!("{what} does not parse: {}", e.error),
+        )
+    })
+}
+
 /// Whether `expr` is exactly the name `name`.
 pub(crate) fn is_name(expr: &Expr, name: &str) -> bool {
     matches!(expr, Expr::Name(n) if n.id.as_str() == name)
