@@ -166,6 +166,7 @@ def run_child(args: argparse.Namespace) -> None:
     grad_mib = (hidden.grad.numel() + weight.grad.numel()) * hidden.grad.element_size() / 2**20
     result = {
         "time_s": statistics.median(times),
+        "times_s": times,
         "peak_mib": peak,
         "baseline_mib": baseline,
         "extra_mib": peak - baseline - grad_mib,

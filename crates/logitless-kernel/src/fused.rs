@@ -10,6 +10,7 @@
 
 use crate::isa::{self, Isa};
 use crate::matmul::{Layout, matmul};
+use crate::pages::{fill, hint_huge_pages};
 use crate::rowpass::{RowParams, process_row};
 use crate::storage::{Real, Storage};
 use crate::{GradScale, Grads, LossSummary, MatRef, Options};
@@ -205,6 +206,7 @@ pub(crate) fn run<S: Storage>(
 
     let w_native = as_compute(weight.data());
     let mut logits = vec![S::C::ZERO; r_max * v];
+    hint_huge_pages(&mut logits);
     let mut hb = vec![S::C::ZERO; if dp.is_some() { 0 } else { r_max * h }];
     let (mut hp1, mut hp3): (Vec<u32>, Vec<u32>) = (Vec::new(), Vec::new());
     let mut hpf: Vec<f32> = Vec::new();
@@ -223,7 +225,9 @@ pub(crate) fn run<S: Storage>(
     };
     // The f32 weight-gradient accumulator exists only for bf16/f16 (documented above).
     let mut dw_acc = if want_dw && w_native.is_none() {
-        vec![S::C::ZERO; v * h]
+        let mut acc = vec![S::C::ZERO; v * h];
+        fill(&mut acc, S::C::ZERO, parallel);
+        acc
     } else {
         Vec::new()
     };
@@ -550,13 +554,5 @@ fn load_rows<S: Storage>(m: &MatRef<'_, S>, first: usize, count: usize, out: &mu
     let h = m.cols();
     for j in 0..count {
         S::load(m.row(first + j), &mut out[j * h..(j + 1) * h]);
-    }
-}
-
-fn fill<S: Storage>(x: &mut [S], value: S, parallel: bool) {
-    if parallel && x.len() > 1 << 20 {
-        x.par_chunks_mut(1 << 16).for_each(|c| c.fill(value));
-    } else {
-        x.fill(value);
     }
 }

@@ -39,6 +39,7 @@ mod fma32;
 mod fused;
 pub mod isa;
 mod matmul;
+mod pages;
 mod rowpass;
 mod storage;
 
