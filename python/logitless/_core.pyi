@@ -33,6 +33,7 @@ def fused_linear_cross_entropy(
     d_weight: TensorView | None = None,
     d_bias: TensorView | None = None,
     chunk_budget_bytes: int | None = None,
+    weight_grad: str = "accumulate",
 ) -> tuple[float, int]:
     """Fused linear + cross-entropy on CPU: (sum of per-row losses, non-ignored rows), gradients written in place.
 

@@ -2,7 +2,7 @@
 
 Tensors cross zero-copy as ``(data_ptr, shape, strides, dtype-name)``; the caller keeps them alive for the call.
 Matrices may have any row stride but need unit column stride (a tensor without one is copied here). Output buffers
-are allocated here, zero-filled and contiguous, and written in place by the kernel.
+are allocated here, contiguous and uninitialised, and every element is written by the kernel.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from logitless import _core
-from logitless.torch_path import Epilogue, Result
+from logitless.torch_path import Epilogue, Result, weight_grad_mode
 
 TensorView = tuple[int, tuple[int, ...], tuple[int, ...], str]
 
@@ -27,13 +27,12 @@ def _unit_columns(m: torch.Tensor) -> torch.Tensor:
     return m.contiguous()
 
 
-def _budget(hidden: torch.Tensor, weight: torch.Tensor, need_d_weight: bool) -> int:
+def _budget(hidden: torch.Tensor, weight: torch.Tensor, accumulator: bool) -> int:
     # LOGITLESS_CHUNK_MB bounds both paths; unset, the same rule as the torch path (torch_path.chunk_budget_bytes).
     from logitless.torch_path import chunk_budget_bytes
 
     rows, dim = hidden.shape
-    low = need_d_weight and weight.dtype in (torch.bfloat16, torch.float16)
-    return chunk_budget_bytes(rows, weight.shape[0], dim, low_precision_weight_grad=low)
+    return chunk_budget_bytes(rows, weight.shape[0], dim, low_precision_weight_grad=accumulator)
 
 
 def fused_lce(
@@ -59,10 +58,14 @@ def fused_lce(
     bias = bias.contiguous() if bias is not None else None
     targets = targets.contiguous()
     n = hidden.shape[0]
-    d_hidden = torch.zeros(hidden.shape, dtype=hidden.dtype) if need_d_hidden else None
-    d_weight = torch.zeros(weight.shape, dtype=weight.dtype) if need_d_weight else None
-    d_bias = torch.zeros(weight.shape[0], dtype=hidden.dtype) if need_d_bias and bias is not None else None
-    per_row = torch.zeros(n, dtype=torch.float64) if want_per_row else None
+    # The kernel writes every element of its outputs (zeros where nothing contributes), and mapping fresh pages
+    # is cheaper when its own first write does it (with huge pages) than in a torch.zeros fill.
+    d_hidden = torch.empty(hidden.shape, dtype=hidden.dtype) if need_d_hidden else None
+    d_weight = torch.empty(weight.shape, dtype=weight.dtype) if need_d_weight else None
+    d_bias = torch.empty(weight.shape[0], dtype=hidden.dtype) if need_d_bias and bias is not None else None
+    per_row = torch.empty(n, dtype=torch.float64) if want_per_row else None
+    mode = weight_grad_mode()
+    accumulator = d_weight is not None and weight.dtype in (torch.bfloat16, torch.float16) and mode == "accumulate"
     logits_bias = epilogue.logits_bias.contiguous() if epilogue.logits_bias is not None else None
     row_scale = row_scale.to(torch.float32).contiguous() if row_scale is not None else None
 
@@ -84,7 +87,8 @@ def fused_lce(
         d_hidden=_view(d_hidden) if d_hidden is not None else None,
         d_weight=_view(d_weight) if d_weight is not None else None,
         d_bias=_view(d_bias) if d_bias is not None else None,
-        chunk_budget_bytes=_budget(hidden, weight, d_weight is not None),
+        chunk_budget_bytes=_budget(hidden, weight, accumulator),
+        weight_grad=mode,
     )
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     return Result(

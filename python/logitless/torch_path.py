@@ -67,6 +67,23 @@ def chunk_budget_bytes(
     return int(mb * (1 << 20))
 
 
+WEIGHT_GRAD_MODES = ("accumulate", "recompute")
+
+
+def weight_grad_mode() -> str:
+    """``LOGITLESS_WEIGHT_GRAD`` (read on every call): how a bf16/f16 weight gradient is formed.
+
+    ``accumulate`` (default): in every chunk, into a V×H float32 buffer rounded once at the end; three matmuls' worth
+    of work. ``recompute`` (Rust kernel): in a second pass over vocabulary slabs that recomputes their logits; four
+    matmuls' worth, but no V×H float32 buffer, so all scratch stays inside the chunk budget (at 8192×2048×128256 the
+    buffer alone is 1 GiB). float32 weights need no buffer and ignore it. The torch path always accumulates.
+    """
+    mode = os.environ.get("LOGITLESS_WEIGHT_GRAD", "").strip().lower() or "accumulate"
+    if mode not in WEIGHT_GRAD_MODES:
+        raise ValueError(f"LOGITLESS_WEIGHT_GRAD must be one of {WEIGHT_GRAD_MODES}, got {mode!r}")
+    return mode
+
+
 @dataclass(frozen=True)
 class Epilogue:
     """What is done to the logits between the head and the loss; ``None`` = not set."""

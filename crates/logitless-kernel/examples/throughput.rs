@@ -9,7 +9,9 @@
 //! accumulator). Each engine also prints its three products' rates.
 
 use half::{bf16, f16};
-use logitless_kernel::{Element, GradScale, Grads, MatRef, Options, fused_linear_cross_entropy};
+use logitless_kernel::{
+    Element, GradScale, Grads, MatRef, Options, WeightGrad, fused_linear_cross_entropy,
+};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
@@ -245,13 +247,20 @@ fn run<T: Bench>(n: usize, h: usize, v: usize, reps: usize) {
     let targets: Vec<i64> = (0..n).map(|i| ((i * 7919) % v) as i64).collect();
     let mut dh = vec![T::make(0.0); n * h];
     let mut dw = vec![T::make(0.0); v * h];
-    // THROUGHPUT_BUDGET_MB overrides the default 32 MiB chunk budget.
+    // THROUGHPUT_BUDGET_MB (MiB) overrides the kernel's default chunk budget.
     let budget_mb: Option<usize> = std::env::var("THROUGHPUT_BUDGET_MB")
         .ok()
         .and_then(|s| s.parse().ok());
+    let defaults = Options::default();
+    // THROUGHPUT_WEIGHT_GRAD=recompute: the bf16/f16 weight gradient in a slab pass, without the V×H accumulator.
+    let weight_grad = match std::env::var("THROUGHPUT_WEIGHT_GRAD").as_deref() {
+        Ok("recompute") => WeightGrad::Recompute,
+        _ => WeightGrad::Accumulate,
+    };
     let options = Options {
-        chunk_budget_bytes: budget_mb.map_or(32 << 20, |mb| mb << 20),
-        ..Options::default()
+        chunk_budget_bytes: budget_mb.map_or(defaults.chunk_budget_bytes, |mb| mb << 20),
+        weight_grad,
+        ..defaults
     };
     let flops = 6.0 * (n * h * v) as f64;
     let mut best = f64::INFINITY;
@@ -293,10 +302,11 @@ fn run<T: Bench>(n: usize, h: usize, v: usize, reps: usize) {
     };
     let dtype = format!("{:?}", T::DTYPE).to_lowercase();
     println!(
-        "{dtype:>4} N={n} H={h} V={v} isa={:?}: fused fwd+bwd {:.3} s = {:.1} GFLOP/s | 3 GEMMs {:.3} s = {:.1} GFLOP/s | \
+        "{dtype:>4} N={n} H={h} V={v} isa={:?} budget={} MiB weight_grad={weight_grad:?}: fused fwd+bwd {:.3} s = {:.1} GFLOP/s | 3 GEMMs {:.3} s = {:.1} GFLOP/s | \
          fused/3GEMM time ratio {:.2} (goal <= 1.25) | peak extra memory {:.1} MiB | fused {:.1} GFLOP per CPU-s on \
          {} threads | loss {loss:.4}",
         logitless_kernel::isa::current(),
+        options.chunk_budget_bytes >> 20,
         best,
         flops / best / 1e9,
         gemm,

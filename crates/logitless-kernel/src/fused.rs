@@ -11,9 +11,10 @@
 use crate::isa::{self, Isa};
 use crate::matmul::{Layout, matmul};
 use crate::pages::{fill, hint_huge_pages};
-use crate::rowpass::{RowParams, process_row};
+use crate::rowpass::{RowParams, RowStats, process_row};
 use crate::storage::{Real, Storage};
-use crate::{GradScale, Grads, LossSummary, MatRef, Options};
+use crate::weight_pass::{self, ActiveRow};
+use crate::{GradScale, Grads, LossSummary, MatRef, Options, WeightGrad};
 use rayon::prelude::*;
 use std::any::TypeId;
 
@@ -59,6 +60,11 @@ fn as_bf16<S: Storage>(x: &[S]) -> Option<&[half::bf16]> {
 /// Vocabulary columns per call of the f32/f64 engine in the logits GEMM (bounds the engine's packing buffer to
 /// about `H·ENGINE_COLUMNS` elements).
 const ENGINE_COLUMNS: usize = 2048;
+
+/// A row's loss and softmax constants, as the row pass leaves them.
+type RowOut<C> = (f64, RowStats<C>);
+/// One row of a block in the row pass: its index in the block, its logits, where its results go.
+type RowItem<'a, C> = (usize, (&'a mut [C], &'a mut RowOut<C>));
 
 /// How the budget is split.
 #[derive(Debug, Clone, Copy)]
@@ -122,6 +128,14 @@ pub(crate) fn run<S: Storage>(
         options,
         grad_scale,
     } = job;
+    let whole_job = Job {
+        hidden,
+        weight,
+        bias,
+        targets,
+        options,
+        grad_scale,
+    };
     let (n, h, v) = (hidden.rows(), hidden.cols(), weight.rows());
     let isa = isa::current();
     let parallel = options.parallel;
@@ -223,15 +237,23 @@ pub(crate) fn run<S: Storage>(
     } else {
         Vec::new()
     };
-    // The f32 weight-gradient accumulator exists only for bf16/f16 (documented above).
-    let mut dw_acc = if want_dw && w_native.is_none() {
+    // bf16/f16 weight gradients: in the row blocks into a V×H f32 accumulator, or in a later slab pass.
+    let recompute_dw =
+        want_dw && w_native.is_none() && options.weight_grad == WeightGrad::Recompute;
+    let dw_in_blocks = want_dw && !recompute_dw;
+    let mut active_rows: Vec<ActiveRow<S::C>> = Vec::new();
+    let mut dw_acc = if dw_in_blocks && w_native.is_none() {
         let mut acc = vec![S::C::ZERO; v * h];
         fill(&mut acc, S::C::ZERO, parallel);
         acc
     } else {
         Vec::new()
     };
-    let mut losses = vec![0.0f64; r_max];
+    let no_stats = RowStats {
+        max: S::C::ZERO,
+        a: S::C::ZERO,
+    };
+    let mut losses = vec![(0.0f64, no_stats); r_max];
     let mut idx: Vec<usize> = Vec::with_capacity(r_max);
 
     let mut loss_sum = 0.0f64;
@@ -267,7 +289,7 @@ pub(crate) fn run<S: Storage>(
             if let Some(out) = as_f32_mut(lg) {
                 crate::dpbf16::logits(w16, ws, v, h, &hp1, r, out, parallel);
             }
-            if want_dw {
+            if dw_in_blocks {
                 crate::dpbf16::pack_hidden_for_dweight(row, r, h, &mut hp3);
             }
         }
@@ -319,7 +341,7 @@ pub(crate) fn run<S: Storage>(
 
         prof.lap(0);
         // Per-row epilogue, LSE, loss and (in place) the logits gradient.
-        let row_job = |(j, (row, loss)): (usize, (&mut [S::C], &mut f64))| {
+        let row_job = |(j, (row, out)): RowItem<'_, S::C>| {
             let i = idx[j];
             let s = match grad_scale {
                 GradScale::Uniform(s) => S::C::from_f64(s),
@@ -327,7 +349,8 @@ pub(crate) fn run<S: Storage>(
             };
             // In range: validated before any work.
             let t = targets[i] as usize;
-            *loss = process_row(isa, row, t, s, want_grad, &params).loss;
+            let res = process_row(isa, row, t, s, want_grad, &params);
+            *out = (res.loss, res.stats);
         };
         if parallel {
             lg.par_chunks_mut(v)
@@ -341,9 +364,12 @@ pub(crate) fn run<S: Storage>(
                 .for_each(row_job);
         }
         for (j, &i) in idx.iter().enumerate() {
-            loss_sum += losses[j];
+            loss_sum += losses[j].0;
+            if recompute_dw {
+                active_rows.push((i, losses[j].1));
+            }
             if let Some(l) = per_row_loss.as_deref_mut() {
-                l[i] = losses[j];
+                l[i] = losses[j].0;
             }
         }
         if !want_grad {
@@ -430,7 +456,7 @@ pub(crate) fn run<S: Storage>(
 
         prof.lap(2);
         // GEMM 3: d_weight += Gᵀ · H_b.
-        if let Some(dw) = d_weight.as_deref_mut() {
+        if let Some(dw) = d_weight.as_deref_mut().filter(|_| dw_in_blocks) {
             let dst: &mut [S::C] = match as_compute_mut(dw) {
                 Some(native) => native,
                 None => &mut dw_acc,
@@ -474,6 +500,12 @@ pub(crate) fn run<S: Storage>(
 
     if let Some(db) = d_bias {
         S::store(&db_acc, db);
+    }
+    if recompute_dw && let Some(dw) = d_weight.as_deref_mut() {
+        // The row blocks' scratch is done with: the slab pass gets the whole budget.
+        drop((logits, hb, hp1, hp3, hpf, dhb, wc));
+        weight_pass::run(&whole_job, &active_rows, &params, isa, dp, dw);
+        prof.lap(3);
     }
     if let Some(dw) = d_weight
         && !dw_acc.is_empty()
@@ -541,7 +573,7 @@ fn as_f32<C: 'static>(x: &[C]) -> Option<&[f32]> {
 
 /// `x` as f32, when the compute type is f32.
 #[cfg(target_arch = "x86_64")]
-fn as_f32_mut<C: 'static>(x: &mut [C]) -> Option<&mut [f32]> {
+pub(crate) fn as_f32_mut<C: 'static>(x: &mut [C]) -> Option<&mut [f32]> {
     if TypeId::of::<C>() == TypeId::of::<f32>() {
         // SAFETY: C is f32 (checked); the exclusive borrow moves into the result.
         Some(unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast::<f32>(), x.len()) })

@@ -42,6 +42,7 @@ mod matmul;
 mod pages;
 mod rowpass;
 mod storage;
+mod weight_pass;
 
 use half::{bf16, f16};
 
@@ -143,14 +144,31 @@ pub struct Epilogue<'a> {
     pub softcap: Option<f32>,
 }
 
+/// How the weight gradient of a bf16/f16 weight is formed: the speed/memory trade-off of the call.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WeightGrad {
+    /// In every row block (three GEMMs' worth of flops), into a V×H f32 accumulator rounded once at the end: the
+    /// fastest, and `4·V·H` bytes on top of the chunk budget.
+    #[default]
+    Accumulate,
+    /// In a second pass over vocabulary slabs that recomputes their logits (four GEMMs' worth): no V×H
+    /// accumulator, so all scratch stays inside the chunk budget. Same values as `Accumulate` up to f32
+    /// summation order.
+    Recompute,
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct Options<'a> {
     pub ignore_index: i64,
     pub label_smoothing: f32,
     pub z_loss: f32,
     pub epilogue: Epilogue<'a>,
-    /// Upper bound on the kernel's scratch memory for logits chunks, in bytes.
+    /// Upper bound on the kernel's scratch memory for logits chunks, in bytes. The default, 60 MiB (63 MB), keeps
+    /// the scratch under 64 MB; at large V·H a bigger budget is faster (each row block re-reads W and, for a wanted
+    /// weight gradient, rewrites V×H of it), see `bench/kernel_bench.md`.
     pub chunk_budget_bytes: usize,
+    /// How a bf16/f16 weight gradient is formed (f32/f64 accumulate into the caller's buffer either way).
+    pub weight_grad: WeightGrad,
     /// `false` runs on the calling thread only (the bindings use it in a `fork()`ed child, where a rayon pool
     /// started by the parent is dead).
     pub parallel: bool,
@@ -163,7 +181,8 @@ impl Default for Options<'_> {
             label_smoothing: 0.0,
             z_loss: 0.0,
             epilogue: Epilogue::default(),
-            chunk_budget_bytes: 32 << 20,
+            chunk_budget_bytes: 60 << 20,
+            weight_grad: WeightGrad::Accumulate,
             parallel: true,
         }
     }
@@ -273,7 +292,8 @@ pub mod bench_support {
 /// Every argument is checked before any work (targets first-bad-row first, then shapes and options); outputs are
 /// fully written (zeros where nothing contributes). Scratch memory: at most `options.chunk_budget_bytes`, but never
 /// less than one row's worth (`4·(V + 2H)` bytes for f32/bf16/f16, 8· for f64); for bf16/f16 with `d_weight`
-/// wanted, an f32 `V×H` accumulator on top, so the weight gradient is rounded once.
+/// wanted and [`WeightGrad::Accumulate`], an f32 `V×H` accumulator on top, so the weight gradient is rounded once
+/// ([`WeightGrad::Recompute`] forms it slab by slab inside the budget instead).
 #[allow(clippy::too_many_arguments)]
 pub fn fused_linear_cross_entropy<T: Element>(
     hidden: MatRef<'_, T>,

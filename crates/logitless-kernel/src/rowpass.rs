@@ -22,9 +22,17 @@ pub(crate) struct RowParams<'a, C> {
     pub z_loss: f64,
 }
 
-/// What one row contributes.
-pub(crate) struct RowResult {
+/// What one row contributes, and what [`process_slab`] needs to rebuild any slab of its logits gradient.
+pub(crate) struct RowResult<C> {
     pub loss: f64,
+    pub stats: RowStats<C>,
+}
+
+/// A row's softmax constants: `p_j = exp(z_j - max) / Σ`, and `a = s·(1 + 2·z_loss·lse) / Σ`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RowStats<C> {
+    pub max: C,
+    pub a: C,
 }
 
 /// Turns `row` (pre-epilogue logits) into the gradient of `s·l` with respect to them when `grad` is set (left as
@@ -36,7 +44,7 @@ pub(crate) fn process_row<C: Real>(
     s: C,
     grad: bool,
     p: &RowParams<'_, C>,
-) -> RowResult {
+) -> RowResult<C> {
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Avx512Bf16 => {
@@ -60,7 +68,7 @@ fn row_avx512<C: Real>(
     s: C,
     grad: bool,
     p: &RowParams<'_, C>,
-) -> RowResult {
+) -> RowResult<C> {
     row_body(row, target, s, grad, p)
 }
 
@@ -72,7 +80,7 @@ fn row_avx2<C: Real>(
     s: C,
     grad: bool,
     p: &RowParams<'_, C>,
-) -> RowResult {
+) -> RowResult<C> {
     row_body(row, target, s, grad, p)
 }
 
@@ -117,23 +125,89 @@ fn lane_max<C: Real>(xs: &[C]) -> C {
     m
 }
 
-#[inline(always)]
-fn row_body<C: Real>(
-    row: &mut [C],
+/// Turns `slab` (pre-epilogue logits of columns `[v0, v0 + slab.len())` of a row whose constants `stats` came
+/// from [`process_row`] on the whole row) into the same values of the logits gradient that `process_row` writes
+/// there. `p` holds the bias vectors of the whole vocabulary (`v_total` columns).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn process_slab<C: Real>(
+    isa: Isa,
+    slab: &mut [C],
+    v0: usize,
+    v_total: usize,
     target: usize,
     s: C,
-    grad: bool,
+    stats: RowStats<C>,
     p: &RowParams<'_, C>,
-) -> RowResult {
-    let v = row.len();
-    // Epilogue, one vectorisable loop per step, in the spec's order.
+) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 | Isa::Avx512Bf16 => {
+            // SAFETY: as in `process_row`.
+            unsafe { slab_avx512(slab, v0, v_total, target, s, stats, p) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            // SAFETY: as in `process_row`.
+            unsafe { slab_avx2(slab, v0, v_total, target, s, stats, p) }
+        }
+        _ => slab_body(slab, v0, v_total, target, s, stats, p),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+fn slab_avx512<C: Real>(
+    slab: &mut [C],
+    v0: usize,
+    v_total: usize,
+    target: usize,
+    s: C,
+    stats: RowStats<C>,
+    p: &RowParams<'_, C>,
+) {
+    slab_body(slab, v0, v_total, target, s, stats, p)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn slab_avx2<C: Real>(
+    slab: &mut [C],
+    v0: usize,
+    v_total: usize,
+    target: usize,
+    s: C,
+    stats: RowStats<C>,
+    p: &RowParams<'_, C>,
+) {
+    slab_body(slab, v0, v_total, target, s, stats, p)
+}
+
+#[inline(always)]
+fn slab_body<C: Real>(
+    slab: &mut [C],
+    v0: usize,
+    v_total: usize,
+    target: usize,
+    s: C,
+    stats: RowStats<C>,
+    p: &RowParams<'_, C>,
+) {
+    let cols = v0..v0 + slab.len();
+    apply_epilogue(slab, cols.clone(), p);
+    let t = cols.contains(&target).then(|| target - v0);
+    write_gradient(slab, t, v_total, s, stats, p);
+}
+
+/// The epilogue, one vectorisable loop per step, in the spec's order; `cols` are the row's columns in `row`.
+#[inline(always)]
+fn apply_epilogue<C: Real>(row: &mut [C], cols: std::ops::Range<usize>, p: &RowParams<'_, C>) {
     if let Some(b) = p.bias {
-        for (z, &b) in row.iter_mut().zip(b) {
+        for (z, &b) in row.iter_mut().zip(&b[cols.clone()]) {
             *z += b;
         }
     }
     if let Some(lb) = p.logits_bias {
-        for (z, &b) in row.iter_mut().zip(lb) {
+        for (z, &b) in row.iter_mut().zip(&lb[cols]) {
             *z += C::from_f64(b as f64);
         }
     }
@@ -148,6 +222,55 @@ fn row_body<C: Real>(
             *z = c * (*z * inv).tanh();
         }
     }
+}
+
+/// Overwrites post-epilogue logits `z` with `d(s·l)/dy`; `target` is the target's index in `z`, if there.
+#[inline(always)]
+fn write_gradient<C: Real>(
+    z: &mut [C],
+    target: Option<usize>,
+    v_total: usize,
+    s: C,
+    RowStats { max, a }: RowStats<C>,
+    p: &RowParams<'_, C>,
+) {
+    let base = s * C::from_f64(p.smoothing / v_total as f64);
+    let onehot = s * C::from_f64(1.0 - p.smoothing);
+    let k = p.scale.unwrap_or(C::ONE);
+    match p.softcap {
+        Some(c) => {
+            // dz/dy = k·(1 - tanh²) = k·(1 - (z/c)²), from z itself, before it is overwritten.
+            let inv = C::ONE / c;
+            let fac = |z: C| k * (C::ONE - (z * inv) * (z * inv));
+            let z_t = target.map(|t| z[t]);
+            for z in z.iter_mut() {
+                *z = (a * (*z - max).exp() - base) * fac(*z);
+            }
+            if let (Some(t), Some(z_t)) = (target, z_t) {
+                z[t] = z[t] - onehot * fac(z_t);
+            }
+        }
+        None => {
+            for z in z.iter_mut() {
+                *z = (a * (*z - max).exp() - base) * k;
+            }
+            if let Some(t) = target {
+                z[t] = z[t] - onehot * k;
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn row_body<C: Real>(
+    row: &mut [C],
+    target: usize,
+    s: C,
+    grad: bool,
+    p: &RowParams<'_, C>,
+) -> RowResult<C> {
+    let v = row.len();
+    apply_epilogue(row, 0..v, p);
     let max = lane_max(row);
     let sum_exp = lane_sum(row, |z| (z - max).exp());
     let lse = max.to_f64() + sum_exp.to_f64().ln();
@@ -158,30 +281,13 @@ fn row_body<C: Real>(
         let mean = lane_sum(row, |z| z).to_f64() / v as f64;
         loss += eps * (lse - mean);
     }
+    // p_j = exp(z_j - max) / Σ: z_j - max is exact near the top, where rounding lse to C would not be.
+    let stats = RowStats {
+        max,
+        a: s * C::from_f64((1.0 + 2.0 * p.z_loss * lse) / sum_exp.to_f64()),
+    };
     if grad {
-        // p_j = exp(z_j - max) / Σ: z_j - max is exact near the top, where rounding lse to C would not be.
-        let a = s * C::from_f64((1.0 + 2.0 * p.z_loss * lse) / sum_exp.to_f64());
-        let base = s * C::from_f64(eps / v as f64);
-        let onehot = s * C::from_f64(1.0 - eps);
-        match p.softcap {
-            Some(c) => {
-                // dz/dy = k·(1 - tanh²) = k·(1 - (z/c)²), from z itself, before it is overwritten.
-                let k = p.scale.unwrap_or(C::ONE);
-                let inv = C::ONE / c;
-                let fac = |z: C| k * (C::ONE - (z * inv) * (z * inv));
-                for z in row.iter_mut() {
-                    *z = (a * (*z - max).exp() - base) * fac(*z);
-                }
-                row[target] = row[target] - onehot * fac(z_t);
-            }
-            None => {
-                let k = p.scale.unwrap_or(C::ONE);
-                for z in row.iter_mut() {
-                    *z = (a * (*z - max).exp() - base) * k;
-                }
-                row[target] = row[target] - onehot * k;
-            }
-        }
+        write_gradient(row, Some(target), v, s, stats, p);
     }
-    RowResult { loss }
+    RowResult { loss, stats }
 }

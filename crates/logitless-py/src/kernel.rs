@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use half::{bf16, f16};
 use logitless_kernel::{
-    Element, Epilogue, GradScale, Grads, KernelError, LossSummary, MatRef, Options,
+    Element, Epilogue, GradScale, Grads, KernelError, LossSummary, MatRef, Options, WeightGrad,
     fused_linear_cross_entropy,
 };
 use pyo3::prelude::*;
@@ -235,6 +235,7 @@ struct Call {
     scale_divide: Option<f32>,
     softcap: Option<f32>,
     chunk_budget_bytes: Option<usize>,
+    weight_grad: WeightGrad,
     parallel: bool,
 }
 
@@ -336,6 +337,7 @@ fn run<T: Element>(call: &Call) -> Result<LossSummary, KernelError> {
             scale_divide: call.scale_divide,
             softcap: call.softcap,
         },
+        weight_grad: call.weight_grad,
         parallel: call.parallel,
         ..Options::default()
     };
@@ -379,7 +381,7 @@ fn nonzero(x: Option<f64>) -> Option<f32> {
 #[pyfunction]
 #[pyo3(name = "fused_linear_cross_entropy", signature = (hidden, weight, bias, targets, *, ignore_index, label_smoothing, z_loss, logits_bias=None,
     scale_multiply=None, scale_divide=None, softcap=None, grad_scale=None, row_scale=None, per_row_loss=None,
-    d_hidden=None, d_weight=None, d_bias=None, chunk_budget_bytes=None))]
+    d_hidden=None, d_weight=None, d_bias=None, chunk_budget_bytes=None, weight_grad="accumulate"))]
 #[allow(clippy::too_many_arguments)]
 fn fused_linear_cross_entropy_py(
     py: Python<'_>,
@@ -401,7 +403,17 @@ fn fused_linear_cross_entropy_py(
     d_weight: Option<TensorArg>,
     d_bias: Option<TensorArg>,
     chunk_budget_bytes: Option<usize>,
+    weight_grad: &str,
 ) -> PyResult<(f64, usize)> {
+    let weight_grad = match weight_grad {
+        "accumulate" => WeightGrad::Accumulate,
+        "recompute" => WeightGrad::Recompute,
+        other => {
+            return Err(value_error(format!(
+                "weight_grad: expected 'accumulate' or 'recompute', got {other:?}"
+            )));
+        }
+    };
     let h = matrix("hidden", &hidden, false)?;
     let w = matrix("weight", &weight, false)?;
     let (n, hd, v) = (h.rows, h.cols, w.rows);
@@ -468,6 +480,7 @@ fn fused_linear_cross_entropy_py(
         scale_divide: nonzero(scale_divide),
         softcap: nonzero(softcap),
         chunk_budget_bytes,
+        weight_grad,
         parallel: may_use_pool(),
     };
     call.check_outputs_disjoint()?;

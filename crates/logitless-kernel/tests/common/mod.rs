@@ -4,7 +4,8 @@
 
 use half::{bf16, f16};
 use logitless_kernel::{
-    Element, Epilogue, GradScale, Grads, LossSummary, MatRef, Options, fused_linear_cross_entropy,
+    Element, Epilogue, GradScale, Grads, LossSummary, MatRef, Options, WeightGrad,
+    fused_linear_cross_entropy,
 };
 
 /// Conversions the tests need for each element type.
@@ -258,6 +259,7 @@ pub struct Want {
     pub per_row: bool,
     pub parallel: bool,
     pub budget: usize,
+    pub weight_grad: WeightGrad,
     /// Extra elements between rows of hidden / weight (strided views).
     pub pad_hidden: usize,
     pub pad_weight: usize,
@@ -272,6 +274,7 @@ impl Default for Want {
             per_row: true,
             parallel: true,
             budget: 32 << 20,
+            weight_grad: WeightGrad::Accumulate,
             pad_hidden: 0,
             pad_weight: 0,
         }
@@ -319,6 +322,7 @@ pub fn run<T: TestElement>(c: &Case, w: Want) -> Got {
             softcap: c.softcap,
         },
         chunk_budget_bytes: w.budget,
+        weight_grad: w.weight_grad,
         parallel: w.parallel,
     };
     // Garbage in the output buffers: the kernel must overwrite all of it.
@@ -373,11 +377,30 @@ pub fn assert_close(what: &str, got: &[f64], want: &[f64], tol: f64, floor: f64)
     }
 }
 
-/// Runs the kernel for `T` on `case` (rounded to `T`) and checks every output against the reference.
+/// Runs the kernel for `T` on `case` (rounded to `T`) and checks every output against the reference, with the
+/// weight gradient formed both ways when one is wanted (`Recompute` only differs for bf16/f16).
 pub fn check<T: TestElement>(case: &Case, w: Want) {
     let case = case.clone().rounded::<T>();
     let want = reference(&case);
-    let got = run::<T>(&case, w);
+    check_against::<T>(&case, &want, w);
+    if w.d_weight {
+        let other = match w.weight_grad {
+            WeightGrad::Accumulate => WeightGrad::Recompute,
+            WeightGrad::Recompute => WeightGrad::Accumulate,
+        };
+        check_against::<T>(
+            &case,
+            &want,
+            Want {
+                weight_grad: other,
+                ..w
+            },
+        );
+    }
+}
+
+fn check_against<T: TestElement>(case: &Case, want: &Out, w: Want) {
+    let got = run::<T>(case, w);
     let ctx = format!(
         "{} n={} h={} v={} {:?}",
         std::any::type_name::<T>(),
