@@ -33,10 +33,19 @@ import torch
 HERE = Path(__file__).resolve().parent
 CASES = {"quick": (512, 256, 8000), "small": (2048, 1024, 32000), "big": (8192, 2048, 128256)}
 DTYPES = {"bf16": torch.bfloat16, "f32": torch.float32}
-METHODS = ["stock", "logitless_rust", "logitless_torch", "torch_lce", "cce_torch_compile", "trl_chunked_logprob"]
+METHODS = [
+    "stock",
+    "logitless_rust",
+    "logitless_rust_recompute",
+    "logitless_torch",
+    "torch_lce",
+    "cce_torch_compile",
+    "trl_chunked_logprob",
+]
 LABELS = {
     "stock": "stock HF (materialised)",
     "logitless_rust": "logitless (Rust)",
+    "logitless_rust_recompute": "logitless (Rust, LOGITLESS_WEIGHT_GRAD=recompute)",
     "logitless_torch": "logitless (torch path)",
     "torch_lce": "torch F.linear_cross_entropy",
     "cce_torch_compile": "cut-cross-entropy torch_compile",
@@ -72,10 +81,12 @@ def method_fn(name: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
             return ForCausalLMLoss(logits, None, weight.shape[0], shift_labels=targets)
 
         return stock
-    if name in ("logitless_rust", "logitless_torch"):
+    if name in ("logitless_rust", "logitless_rust_recompute", "logitless_torch"):
         from logitless import linear_cross_entropy
 
-        impl = name.removeprefix("logitless_")
+        impl = "torch" if name == "logitless_torch" else "rust"
+        # Read on every call: the child runs one method, so setting it here affects only this one.
+        os.environ["LOGITLESS_WEIGHT_GRAD"] = "recompute" if name.endswith("_recompute") else "accumulate"
 
         def ours(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             return linear_cross_entropy(hidden, weight, None, shift_labels=targets, impl=impl)
@@ -218,7 +229,7 @@ def main() -> None:
     p.add_argument("--ignored", default="0,0.5", help="comma list of ignored-target fractions")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {METHODS}")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 3 quick, 2 small, 1 big)")
-    p.add_argument("--plot-methods", default="stock,logitless_rust,logitless_torch,cce_torch_compile",
+    p.add_argument("--plot-methods", default="stock,logitless_rust,logitless_rust_recompute,logitless_torch,cce_torch_compile",
                    help="methods in the memory plot")
     p.add_argument("--plot-ns", default="512,1024,2048,4096", help="N values of the memory plot ('' to skip)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per child")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Kernel throughput on this machine, in one run: the fused forward+backward (GFLOP/s of 6·N·H·V), the same
-# dtype's GEMM rate on our engine and its ratio, peak extra memory, and torch.matmul's rate for the same shapes.
+# dtype's GEMM rate on our engine and its ratio, peak extra memory, and torch.matmul's rate for the same shapes; for
+# bf16 also the WeightGrad::Recompute call. THROUGHPUT_BUDGET_MB sets the chunk budget (default: the kernel's, 60 MiB).
 # Usage: bench/kernel.sh [--small]   (--small skips N=8192 H=2048 V=128256, which takes minutes on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,11 @@ for shape in "${shapes[@]}"; do
         reps=2; [[ "$shape" == 8192* ]] && reps=1
         # shellcheck disable=SC2086
         "$BIN" $shape "$dtype" "$reps"
+        if [[ "$dtype" == bf16 ]]; then
+            # The same call without the V×H f32 weight-gradient accumulator (a slab pass, four GEMMs' worth).
+            # shellcheck disable=SC2086
+            THROUGHPUT_WEIGHT_GRAD=recompute "$BIN" $shape "$dtype" "$reps" fused-only
+        fi
         if [[ -x "$PY" ]]; then
             # shellcheck disable=SC2086
             "$PY" bench/torch_matmul.py $shape "$dtype" "$reps"

@@ -274,26 +274,29 @@ def test_small_chunk_budget_still_exact(impl: str, monkeypatch: pytest.MonkeyPat
     check(impl, hidden, weight, bias, labels, label_smoothing=0.1, logit_softcapping=3.0)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("budget_mb", ["0.001", None])
+@pytest.mark.parametrize("ignore_frac", [0.25, 1.0])
 def test_recomputed_weight_gradient_matches_reference(
-    dtype: torch.dtype, budget_mb: str | None, monkeypatch: pytest.MonkeyPatch
+    impl: str, dtype: torch.dtype, budget_mb: str | None, ignore_frac: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # LOGITLESS_WEIGHT_GRAD=recompute forms d_weight in a second pass over vocabulary slabs (no V×H float32 buffer);
     # a tiny budget makes the slabs and row blocks a few rows each, so tails and many slabs are exercised.
     monkeypatch.setenv("LOGITLESS_WEIGHT_GRAD", "recompute")
     if budget_mb is not None:
         monkeypatch.setenv("LOGITLESS_CHUNK_MB", budget_mb)
-    hidden, weight, bias, labels = make(dtype, with_bias=True)
+    hidden, weight, bias, labels = make(dtype, with_bias=True, ignore_frac=ignore_frac)
     opts = resolve(OPTION_SETS[-1], labels)
-    check("rust", hidden, weight, bias, labels, grad_output=0.75, **opts)
+    check(impl, hidden, weight, bias, labels, grad_output=0.75, **opts)
 
 
-def test_unknown_weight_grad_mode_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("impl", IMPLS)
+def test_unknown_weight_grad_mode_is_a_clear_error(impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LOGITLESS_WEIGHT_GRAD", "fast")
-    hidden, weight, _, labels = make()
+    hidden, weight, _, labels = make(torch.bfloat16)
     with pytest.raises(ValueError, match="LOGITLESS_WEIGHT_GRAD must be one of"):
-        linear_cross_entropy(hidden, weight, labels, impl="rust")
+        linear_cross_entropy(hidden, weight, labels, impl=impl)
 
 
 def test_default_chunk_budget_follows_the_problem(monkeypatch: pytest.MonkeyPatch) -> None:

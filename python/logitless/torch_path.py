@@ -76,7 +76,7 @@ def weight_grad_mode() -> str:
     ``accumulate`` (default): in every chunk, into a V×H float32 buffer rounded once at the end; three matmuls' worth
     of work. ``recompute`` (Rust kernel): in a second pass over vocabulary slabs that recomputes their logits; four
     matmuls' worth, but no V×H float32 buffer, so all scratch stays inside the chunk budget (at 8192×2048×128256 the
-    buffer alone is 1 GiB). float32 weights need no buffer and ignore it. The torch path always accumulates.
+    buffer alone is 1 GiB). Both paths honour it; float32 weights need no buffer and ignore it.
     """
     mode = os.environ.get("LOGITLESS_WEIGHT_GRAD", "").strip().lower() or "accumulate"
     if mode not in WEIGHT_GRAD_MODES:
@@ -159,7 +159,8 @@ def fused_lce(
     acc = _acc_dtype(hidden.dtype)
     dev = hidden.device
     if budget_bytes is None:
-        low = need_d_weight and weight.dtype in (torch.bfloat16, torch.float16)
+        # The float32 weight-gradient buffer (held anyway) sets a floor; the recompute mode holds none.
+        low = need_d_weight and weight.dtype in (torch.bfloat16, torch.float16) and weight_grad_mode() == "accumulate"
         # Short chunks cost this path a round of kernel launches each: never below 64 MiB by default.
         budget_bytes = chunk_budget_bytes(n, v, h_dim, low_precision_weight_grad=low, min_mb=_TORCH_PATH_MIN_CHUNK_MB)
     budget = budget_bytes
@@ -178,8 +179,11 @@ def fused_lce(
 
     per_row = torch.zeros(n, dtype=acc, device=dev) if want_per_row else None
     d_hidden = torch.zeros_like(hidden) if need_d_hidden else None
-    # Accumulating the head's gradient over chunks in low precision would lose bits at every chunk.
-    d_weight_acc = torch.zeros(v, h_dim, dtype=acc, device=dev) if need_d_weight else None
+    # A low-precision weight gradient summed over chunks in its own dtype would lose bits at every chunk: it is
+    # accumulated in float32, or (recompute) formed slab by slab in a later pass.
+    recompute = need_d_weight and weight.dtype != acc and weight_grad_mode() == "recompute"
+    d_weight_acc = torch.zeros(v, h_dim, dtype=acc, device=dev) if need_d_weight and not recompute else None
+    saved: list[_SavedChunk] = []
     d_bias_acc = torch.zeros(v, dtype=acc, device=dev) if need_d_bias else None
     loss_sum = torch.zeros((), dtype=acc, device=dev)
     any_grad = need_d_hidden or need_d_weight or need_d_bias
@@ -243,6 +247,9 @@ def fused_lce(
             g *= grad_scale.to(acc)
         if mask is not None:
             g *= mask.unsqueeze(1)
+        if recompute:
+            s_rows = _row_scale_of_chunk(lse, row_scale, grad_scale, idx, start, stop, mask, acc)
+            saved.append(_SavedChunk(idx=idx, start=start, stop=stop, t=t, lse=lse, scale=s_rows))
         # Back through the epilogue, last step first.
         if capped is not None:
             g *= 1.0 - capped * capped
@@ -267,6 +274,19 @@ def fused_lce(
         if d_bias_acc is not None:
             d_bias_acc += g.sum(dim=0)
 
+    d_weight = d_weight_acc.to(weight.dtype) if d_weight_acc is not None else None
+    if recompute:
+        d_weight = _weight_grad_by_slabs(
+            hidden,
+            weight,
+            bias,
+            saved,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            epilogue=epilogue,
+            budget=budget,
+            acc=acc,
+        )
     if bad is not None:
         loss_sum = torch.where(bad, torch.nan, loss_sum)
         if per_row is not None:
@@ -276,6 +296,97 @@ def fused_lce(
         count=count,
         per_row=per_row,
         d_hidden=d_hidden,
-        d_weight=d_weight_acc.to(weight.dtype) if d_weight_acc is not None else None,
+        d_weight=d_weight,
         d_bias=d_bias_acc.to(bias.dtype) if d_bias_acc is not None and bias is not None else None,
     )
+
+
+@dataclass(frozen=True)
+class _SavedChunk:
+    """What the slab pass needs of one chunk: its rows (``idx`` or ``start:stop``), targets, log-sum-exp, and each
+    row's gradient weight ``s_i`` (0 for masked rows)."""
+
+    idx: torch.Tensor | None
+    start: int
+    stop: int
+    t: torch.Tensor
+    lse: torch.Tensor
+    scale: torch.Tensor
+
+
+def _row_scale_of_chunk(
+    lse: torch.Tensor,
+    row_scale: torch.Tensor | None,
+    grad_scale: torch.Tensor | None,
+    idx: torch.Tensor | None,
+    start: int,
+    stop: int,
+    mask: torch.Tensor | None,
+    acc: torch.dtype,
+) -> torch.Tensor:
+    """Each row's ``s_i`` (its loss weight in the gradient; 0 where masked)."""
+    s = torch.ones_like(lse)
+    if row_scale is not None:
+        s = s * (row_scale.index_select(0, idx) if idx is not None else row_scale[start:stop]).to(acc)
+    elif grad_scale is not None:
+        s = s * grad_scale.to(acc)
+    if mask is not None:
+        s = s * mask
+    return s
+
+
+def _weight_grad_by_slabs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    saved: list[_SavedChunk],
+    *,
+    label_smoothing: float,
+    epilogue: Epilogue,
+    z_loss: float,
+    budget: int,
+    acc: torch.dtype,
+) -> torch.Tensor:
+    """``LOGITLESS_WEIGHT_GRAD=recompute``: the weight gradient slab by slab of W's rows, recomputing each chunk's
+    logits on the slab from its saved log-sum-exp, so no V×H float32 buffer is held (four matmuls' worth)."""
+    v, h_dim = weight.shape
+    out = torch.empty(v, h_dim, dtype=weight.dtype, device=weight.device)
+    # Half the budget for the slab's float32 gradient, the rest for a chunk's logits on it (as in the main pass).
+    slab = max(1, min(v, budget // 2 // max(1, h_dim * 4)))
+    for v0 in range(0, v, slab):
+        v1 = min(v, v0 + slab)
+        acc_w = torch.zeros(v1 - v0, h_dim, dtype=acc, device=weight.device)
+        for c in saved:
+            h = hidden.index_select(0, c.idx) if c.idx is not None else hidden[c.start : c.stop]
+            z = _logits(h, weight[v0:v1], bias[v0:v1] if bias is not None else None, acc)
+            if epilogue.logits_bias is not None:
+                z += epilogue.logits_bias[v0:v1].to(acc)
+            if epilogue.multiply is not None:
+                z *= epilogue.multiply
+            if epilogue.divide is not None:
+                z /= epilogue.divide
+            capped = None
+            if epilogue.softcap is not None:
+                capped = torch.tanh(z / epilogue.softcap)
+                z = capped * epilogue.softcap
+            g = z.sub_(c.lse.unsqueeze(1)).exp_()
+            if z_loss:
+                g *= (1.0 + 2.0 * z_loss * c.lse).unsqueeze(1)
+            if label_smoothing:
+                g -= label_smoothing / v
+            inside = (c.t >= v0) & (c.t < v1)
+            col = (c.t - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)
+            g.scatter_add_(1, col, torch.where(inside, label_smoothing - 1.0, 0.0).to(acc).unsqueeze(1))
+            g *= c.scale.unsqueeze(1)
+            if capped is not None:
+                g *= 1.0 - capped * capped
+            if epilogue.divide is not None:
+                g /= epilogue.divide
+            if epilogue.multiply is not None:
+                g *= epilogue.multiply
+            if h.dtype == acc or h.device.type != "cuda":
+                acc_w.addmm_(g.T, h.to(acc))
+            else:
+                acc_w += _mm(g.to(hidden.dtype).T, h, acc)
+        out[v0:v1] = acc_w.to(weight.dtype)
+    return out

@@ -148,6 +148,7 @@ pub(crate) fn run<S: Storage>(
     let (want_dh, want_dw, want_db) = (d_hidden.is_some(), d_weight.is_some(), d_bias.is_some());
     let want_grad = want_dh || want_dw || want_db;
 
+    let mut prof = Profile::new();
     if let Some(l) = per_row_loss.as_deref_mut() {
         l.fill(0.0);
     }
@@ -254,11 +255,11 @@ pub(crate) fn run<S: Storage>(
         a: S::C::ZERO,
     };
     let mut losses = vec![(0.0f64, no_stats); r_max];
+    prof.lap(5);
     let mut idx: Vec<usize> = Vec::with_capacity(r_max);
 
     let mut loss_sum = 0.0f64;
     let mut next = 0usize;
-    let mut prof = Profile::new();
     loop {
         idx.clear();
         while idx.len() < r_max && next < n {
@@ -531,7 +532,7 @@ pub(crate) fn run<S: Storage>(
 /// Seconds per phase, printed to stderr when `LOGITLESS_KERNEL_PROFILE` is set (for benchmarking only).
 struct Profile {
     last: Option<std::time::Instant>,
-    secs: [f64; 5],
+    secs: [f64; 6],
 }
 
 impl Profile {
@@ -539,7 +540,7 @@ impl Profile {
         let on = std::env::var_os("LOGITLESS_KERNEL_PROFILE").is_some();
         Self {
             last: on.then(std::time::Instant::now),
-            secs: [0.0; 5],
+            secs: [0.0; 6],
         }
     }
     fn lap(&mut self, phase: usize) {
@@ -553,8 +554,8 @@ impl Profile {
             let s = self.secs;
             eprintln!(
                 "logitless-kernel profile ({isa:?}, {plan:?}): logits GEMM {:.3}s, rows {:.3}s, d_hidden GEMM \
-                 {:.3}s, d_weight GEMM {:.3}s, final cast {:.3}s",
-                s[0], s[1], s[2], s[3], s[4]
+                 {:.3}s, d_weight GEMM {:.3}s, final cast {:.3}s, buffers {:.3}s",
+                s[0], s[1], s[2], s[3], s[4], s[5]
             );
         }
     }

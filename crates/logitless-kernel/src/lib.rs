@@ -14,7 +14,10 @@
 //! How it runs (see `fused.rs`): the non-ignored rows are taken in blocks whose full `[rows, V]` f32 logits fit
 //! in `Options::chunk_budget_bytes`. Per block: logits = H·Wᵀ (GEMM), epilogue + log-sum-exp + loss + the
 //! logits gradient in place (`rowpass.rs`), d_hidden = G·W (GEMM, complete for the block), d_weight += Gᵀ·H
-//! (GEMM), d_bias += Σ G. Three GEMMs' worth of flops, no recomputation.
+//! (GEMM), d_bias += Σ G. Three GEMMs' worth of flops, no recomputation. A bf16/f16 d_weight goes to a V×H f32
+//! accumulator, or with [`WeightGrad::Recompute`] to a later pass over vocabulary slabs (`weight_pass.rs`) that
+//! recomputes their logits from each row's softmax constants: four GEMMs' worth, no accumulator. Fresh buffers are
+//! written before any GEMM reads them, with transparent huge pages (`pages.rs`).
 //!
 //! Engines, chosen at run time (never `target-cpu=native`; [`isa::current`], capped by [`isa::set_override`] or
 //! `LOGITLESS_KERNEL_ISA=portable|avx2|avx512|avx512bf16`):
