@@ -36,9 +36,15 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@torch.compiler.assume_constant_result
+def _autocast_available(device_type: str) -> bool:
+    # A fact about the build, constant for a compiled graph (dynamo cannot trace the C call itself in every torch).
+    return torch.amp.is_autocast_available(device_type)
+
+
 def _autocast_on(device_type: str) -> bool:
     # torch raises for device types without autocast (e.g. "meta") rather than answering False.
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    return _autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 # ---------------------------------------------------------------------------------------------------------------

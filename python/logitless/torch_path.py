@@ -122,6 +122,19 @@ def _mm(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     return (a @ b).to(acc)
 
 
+def _add_mm(out: torch.Tensor, g: torch.Tensor, g_lp: torch.Tensor, h: torch.Tensor) -> None:
+    """``out += gᵀ·h`` in place, ``out`` in the accumulation dtype: never a [V, H] temporary per chunk."""
+    if h.dtype == out.dtype or h.device.type != "cuda":
+        # The chunk's h is small to upcast; g stays unrounded.
+        out.addmm_(g.T, h.to(out.dtype))
+        return
+    try:
+        # bf16/f16 GEMM accumulating in float32 straight into the buffer (cuBLAS beta = 1).
+        torch.addmm(out, g_lp.T, h, out_dtype=out.dtype, out=out)
+    except (RuntimeError, NotImplementedError, TypeError):
+        out += _mm(g_lp.T, h, out.dtype)
+
+
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor:
     """``h · Wᵀ + b`` in the accumulation dtype."""
     z = _mm(h, weight.T, acc)
@@ -266,11 +279,7 @@ def fused_lce(
             else:
                 d_hidden[start:stop] = dh
         if d_weight_acc is not None:
-            if h.dtype == acc or h.device.type != "cuda":
-                # In place into the accumulator: no [V, H] temporary per chunk (the chunk's h is small to upcast).
-                d_weight_acc.addmm_(g.T, h.to(acc))
-            else:
-                d_weight_acc += _mm(g_lp.T, h, acc)
+            _add_mm(d_weight_acc, g, g_lp, h)
         if d_bias_acc is not None:
             d_bias_acc += g.sum(dim=0)
 
@@ -384,9 +393,6 @@ def _weight_grad_by_slabs(
                 g /= epilogue.divide
             if epilogue.multiply is not None:
                 g *= epilogue.multiply
-            if h.dtype == acc or h.device.type != "cuda":
-                acc_w.addmm_(g.T, h.to(acc))
-            else:
-                acc_w += _mm(g.to(hidden.dtype).T, h, acc)
+            _add_mm(acc_w, g, g.to(hidden.dtype), h)
         out[v0:v1] = acc_w.to(weight.dtype)
     return out

@@ -1,0 +1,147 @@
+"""The op on CUDA (the torch path), against the float64 CPU reference. Skipped where no CUDA device is present.
+
+CI has no GPU; these ran on an H100 through the project's device tool (see the README's CUDA figures).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import pytest
+import torch
+from ops_reference import TOLERANCES, assert_close, reference
+
+from logitless.ops import linear_cross_entropy
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+B, T, H, V = 3, 17, 64, 301
+OPTIONS: dict[str, Any] = {
+    "num_items_in_batch": 40,
+    "label_smoothing": 0.05,
+    "z_loss": 1e-4,
+    "logit_scale_multiply": 2.0,
+    "logit_scale_divide": 1.25,
+    "logit_softcapping": 5.0,
+}
+
+
+def make(dtype: torch.dtype, *, with_bias: bool, ignore_frac: float = 0.3, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g).to(dtype)
+    weight = (torch.randn(V, H, generator=g) / H**0.5 * 3).to(dtype)
+    bias = torch.randn(V, generator=g).to(dtype) if with_bias else None
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[torch.rand(B, T, generator=g) < ignore_frac] = -100
+    return hidden, weight, bias, labels
+
+
+def run_and_check(dtype: torch.dtype, *, with_bias: bool, grad_output: float = 1.0, **opts: Any) -> None:
+    hidden, weight, bias, labels = make(dtype, with_bias=with_bias)
+    logits_bias = torch.randn(V) if opts.pop("logits_bias", False) else None
+    ref = reference(
+        hidden.requires_grad_(),
+        weight.requires_grad_(),
+        labels,
+        bias=bias.requires_grad_() if bias is not None else None,
+        logits_bias=logits_bias,
+        grad_output=grad_output,
+        **opts,
+    )
+    dev = torch.device("cuda")
+    h = hidden.detach().to(dev).requires_grad_()
+    w = weight.detach().to(dev).requires_grad_()
+    b = bias.detach().to(dev).requires_grad_() if bias is not None else None
+    loss = linear_cross_entropy(
+        h,
+        w,
+        labels.to(dev),
+        bias=b,
+        logits_bias=logits_bias.to(dev) if logits_bias is not None else None,
+        **opts,
+    )
+    assert loss.device.type == "cuda"
+    (loss * grad_output).backward()
+    tol_loss, tol_grad = TOLERANCES[dtype]
+    assert_close(loss.cpu(), ref.loss, tol_loss, "loss")
+    assert h.grad is not None and w.grad is not None
+    assert h.grad.dtype == dtype and w.grad.dtype == dtype
+    assert_close(h.grad.cpu(), ref.d_hidden, tol_grad, "d_hidden")
+    assert_close(w.grad.cpu(), ref.d_weight, tol_grad, "d_weight")
+    if b is not None:
+        assert b.grad is not None
+        assert_close(b.grad.cpu(), ref.d_bias, tol_grad, "d_bias")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_plain_loss_matches_reference_on_cuda(dtype: torch.dtype, with_bias: bool) -> None:
+    run_and_check(dtype, with_bias=with_bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["accumulate", "recompute"])
+@pytest.mark.parametrize("chunk_mb", [None, "0.01"])
+def test_every_option_on_cuda(
+    dtype: torch.dtype, mode: str, chunk_mb: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LOGITLESS_WEIGHT_GRAD", mode)
+    if chunk_mb is not None:
+        monkeypatch.setenv("LOGITLESS_CHUNK_MB", chunk_mb)
+    run_and_check(dtype, with_bias=True, grad_output=0.5, logits_bias=True, **OPTIONS)
+
+
+def test_all_ignored_batch_is_zero_on_cuda() -> None:
+    hidden, weight, _, labels = make(torch.bfloat16, with_bias=False, ignore_frac=1.1)
+    h = hidden.cuda().requires_grad_()
+    w = weight.cuda().requires_grad_()
+    loss = linear_cross_entropy(h, w, labels.cuda())
+    loss.backward()
+    assert float(loss) == 0.0
+    assert h.grad is not None and w.grad is not None
+    assert not h.grad.any() and not w.grad.any()
+
+
+def test_torch_compile_fullgraph_on_cuda() -> None:
+    hidden, weight, _, labels = make(torch.bfloat16, with_bias=False)
+    ref = reference(hidden.requires_grad_(), weight.requires_grad_(), labels)
+    h = hidden.detach().cuda().requires_grad_()
+    w = weight.detach().cuda().requires_grad_()
+
+    @torch.compile(fullgraph=True)
+    def step(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return linear_cross_entropy(h, w, y) * 2.0
+
+    loss = step(h, w, labels.cuda())
+    loss.backward()
+    tol_loss, tol_grad = TOLERANCES[torch.bfloat16]
+    assert_close(loss.cpu() / 2.0, ref.loss, tol_loss, "loss")
+    assert w.grad is not None
+    assert_close(w.grad.cpu() / 2.0, ref.d_weight, tol_grad, "d_weight")
+
+
+def test_out_of_range_label_fails_loudly_on_cuda() -> None:
+    # A device-side assert poisons the CUDA context, so this runs in a child process: it must not exit cleanly with
+    # a finite loss.
+    code = textwrap.dedent(
+        """
+        import torch
+        from logitless.ops import linear_cross_entropy
+        h = torch.randn(4, 8, device="cuda", requires_grad=True)
+        w = torch.randn(10, 8, device="cuda", requires_grad=True)
+        y = torch.tensor([1, 2, 99, 3], device="cuda")
+        loss = linear_cross_entropy(h, w, y, shift=False)
+        value = float(loss)
+        print("LOSS", value)
+        raise SystemExit(0 if value != value else 3)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ), timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 3, f"an out-of-range label gave a finite loss: {out}"
+    # Exit 0 means the loss was NaN; otherwise it must be the device-side assert, not some other failure.
+    assert proc.returncode == 0 or "assert" in out.lower(), out
