@@ -18,6 +18,7 @@ use crate::{GradScale, Grads, LossSummary, MatRef, Options, WeightGrad};
 use rayon::prelude::*;
 use std::any::TypeId;
 
+#[derive(Clone, Copy)]
 pub(crate) struct Job<'a, S> {
     pub hidden: MatRef<'a, S>,
     pub weight: MatRef<'a, S>,
@@ -128,14 +129,6 @@ pub(crate) fn run<S: Storage>(
         options,
         grad_scale,
     } = job;
-    let whole_job = Job {
-        hidden,
-        weight,
-        bias,
-        targets,
-        options,
-        grad_scale,
-    };
     let (n, h, v) = (hidden.rows(), hidden.cols(), weight.rows());
     let isa = isa::current();
     let parallel = options.parallel;
@@ -505,7 +498,7 @@ pub(crate) fn run<S: Storage>(
     if recompute_dw && let Some(dw) = d_weight.as_deref_mut() {
         // The row blocks' scratch is done with: the slab pass gets the whole budget.
         drop((logits, hb, hp1, hp3, hpf, dhb, wc));
-        weight_pass::run(&whole_job, &active_rows, &params, isa, dp, dw);
+        weight_pass::run(&job, &active_rows, &params, isa, dp, dw);
         prof.lap(3);
     }
     if let Some(dw) = d_weight

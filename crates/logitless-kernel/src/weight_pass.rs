@@ -46,7 +46,6 @@ pub(crate) type Dp<'a> = Option<(&'a [half::bf16], &'a [half::bf16])>;
 pub(crate) type Dp<'a> = Option<((), ())>;
 
 /// Writes the whole weight gradient `dw` (V×H, contiguous) of the rows in `active`.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn run<S: Storage>(
     job: &Job<'_, S>,
     active: &[ActiveRow<S::C>],
