@@ -229,8 +229,8 @@ def main() -> None:
     p.add_argument("--ignored", default="0,0.5", help="comma list of ignored-target fractions")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {METHODS}")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 3 quick, 2 small, 1 big)")
-    p.add_argument("--plot-methods", default="stock,logitless_rust,logitless_rust_recompute,logitless_torch,cce_torch_compile",
-                   help="methods in the memory plot")
+    p.add_argument("--plot-methods", help="methods in the memory plot",
+                   default="stock,logitless_rust,logitless_rust_recompute,logitless_torch,cce_torch_compile")
     p.add_argument("--plot-ns", default="512,1024,2048,4096", help="N values of the memory plot ('' to skip)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per child")
     p.add_argument("--rows-json", default=None,

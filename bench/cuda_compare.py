@@ -124,9 +124,10 @@ def run_case(n: int, hd: int, v: int, dtype: torch.dtype, ignored: float, reps: 
             extra = (torch.cuda.max_memory_allocated() - base - grads) / 2**20
             t = statistics.median(times)
             stock_time = stock_time or t
+            loss_err = abs(float(loss.detach()) - ref_loss)
             rows.append(
                 f"| {n}/{hd}/{v} | {str(dtype).removeprefix('torch.')} | {ignored:.0%} | {name} | {t * 1e3:.1f} "
-                f"| {stock_time / t:.2f}× | {extra:.0f} | {extra / logits_mib:.1%} | {abs(float(loss.detach()) - ref_loss):.1e} "
+                f"| {stock_time / t:.2f}× | {extra:.0f} | {extra / logits_mib:.1%} | {loss_err:.1e} "
                 f"| {rel(h.grad, ref_dh):.1e} | {rel(w.grad, ref_dw):.1e} |"
             )
         except Exception as e:  # a peer that cannot run this case is reported, not fatal

@@ -140,7 +140,9 @@ def test_out_of_range_label_fails_loudly_on_cuda() -> None:
         raise SystemExit(0 if value != value else 3)
         """
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ), timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ), timeout=300
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode != 3, f"an out-of-range label gave a finite loss: {out}"
     # Exit 0 means the loss was NaN; otherwise it must be the device-side assert, not some other failure.

@@ -122,6 +122,46 @@ def _mm(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     return (a @ b).to(acc)
 
 
+def _epilogue_forward(
+    z: torch.Tensor, epilogue: Epilogue, acc: torch.dtype, cols: slice = slice(None)
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The epilogue (spec §1.2) on logits of the vocabulary columns ``cols``, in place where it can be; also
+    ``tanh(z / c)`` when softcapping, which the backward needs."""
+    if epilogue.logits_bias is not None:
+        z += epilogue.logits_bias[cols].to(acc)
+    if epilogue.multiply is not None:
+        z *= epilogue.multiply
+    if epilogue.divide is not None:
+        z /= epilogue.divide
+    capped = None
+    if epilogue.softcap is not None:
+        capped = torch.tanh(z / epilogue.softcap)
+        z = capped * epilogue.softcap
+    return z, capped
+
+
+def _softmax_part(
+    z: torch.Tensor, lse: torch.Tensor, *, z_loss: float, label_smoothing: float, vocab: int
+) -> torch.Tensor:
+    """``p·(1 + 2·z_loss·lse) - ε/V`` in z's storage: ``d l / d z`` without the one-hot term ``-(1-ε)·[j = t]``."""
+    g = z.sub_(lse.unsqueeze(1)).exp_()
+    if z_loss:
+        g *= (1.0 + 2.0 * z_loss * lse).unsqueeze(1)
+    if label_smoothing:
+        g -= label_smoothing / vocab
+    return g
+
+
+def _epilogue_backward(g: torch.Tensor, capped: torch.Tensor | None, epilogue: Epilogue) -> None:
+    """``g`` from ``d l / d epilogue(y)`` to ``d l / d y``, in place, last step first."""
+    if capped is not None:
+        g *= 1.0 - capped * capped
+    if epilogue.divide is not None:
+        g /= epilogue.divide
+    if epilogue.multiply is not None:
+        g *= epilogue.multiply
+
+
 def _add_mm(out: torch.Tensor, g: torch.Tensor, g_lp: torch.Tensor, h: torch.Tensor) -> None:
     """``out += gᵀ·h`` in place, ``out`` in the accumulation dtype: never a [V, H] temporary per chunk."""
     if h.dtype == out.dtype or h.device.type != "cuda":
@@ -171,11 +211,16 @@ def fused_lce(
     v = weight.shape[0]
     acc = _acc_dtype(hidden.dtype)
     dev = hidden.device
+    # A low-precision weight gradient summed over chunks in its own dtype would lose bits at every chunk: it is
+    # accumulated in float32, or (recompute) formed slab by slab in a later pass.
+    low_precision_dw = need_d_weight and weight.dtype != acc
+    recompute = low_precision_dw and weight_grad_mode() == "recompute"
     if budget_bytes is None:
         # The float32 weight-gradient buffer (held anyway) sets a floor; the recompute mode holds none.
-        low = need_d_weight and weight.dtype in (torch.bfloat16, torch.float16) and weight_grad_mode() == "accumulate"
         # Short chunks cost this path a round of kernel launches each: never below 64 MiB by default.
-        budget_bytes = chunk_budget_bytes(n, v, h_dim, low_precision_weight_grad=low, min_mb=_TORCH_PATH_MIN_CHUNK_MB)
+        budget_bytes = chunk_budget_bytes(
+            n, v, h_dim, low_precision_weight_grad=low_precision_dw and not recompute, min_mb=_TORCH_PATH_MIN_CHUNK_MB
+        )
     budget = budget_bytes
     rows_per_chunk = max(1, budget // max(1, v * _TEMPS_PER_ROW * torch.finfo(acc).bits // 8))
 
@@ -192,9 +237,6 @@ def fused_lce(
 
     per_row = torch.zeros(n, dtype=acc, device=dev) if want_per_row else None
     d_hidden = torch.zeros_like(hidden) if need_d_hidden else None
-    # A low-precision weight gradient summed over chunks in its own dtype would lose bits at every chunk: it is
-    # accumulated in float32, or (recompute) formed slab by slab in a later pass.
-    recompute = need_d_weight and weight.dtype != acc and weight_grad_mode() == "recompute"
     d_weight_acc = torch.zeros(v, h_dim, dtype=acc, device=dev) if need_d_weight and not recompute else None
     saved: list[_SavedChunk] = []
     d_bias_acc = torch.zeros(v, dtype=acc, device=dev) if need_d_bias else None
@@ -216,17 +258,7 @@ def fused_lce(
             mask = valid[start:stop]
             t = torch.where(mask, t, 0).clamp(0, max(v - 1, 0))
 
-        z = _logits(h, weight, bias, acc)
-        if epilogue.logits_bias is not None:
-            z += epilogue.logits_bias.to(acc)
-        if epilogue.multiply is not None:
-            z *= epilogue.multiply
-        if epilogue.divide is not None:
-            z /= epilogue.divide
-        capped = None
-        if epilogue.softcap is not None:
-            capped = torch.tanh(z / epilogue.softcap)
-            z = capped * epilogue.softcap
+        z, capped = _epilogue_forward(_logits(h, weight, bias, acc), epilogue, acc)
 
         lse = torch.logsumexp(z, dim=1)
         z_t = z.gather(1, t.unsqueeze(1)).squeeze(1)
@@ -246,30 +278,13 @@ def fused_lce(
 
         if not any_grad:
             continue
-        # d l_i / d z = p·(1 + 2·z_loss·lse) - (1-ε)·onehot(t) - ε/V, reusing z's storage for p.
-        g = z.sub_(lse.unsqueeze(1)).exp_()
-        if z_loss:
-            g *= (1.0 + 2.0 * z_loss * lse).unsqueeze(1)
-        if label_smoothing:
-            g -= label_smoothing / v
+        g = _softmax_part(z, lse, z_loss=z_loss, label_smoothing=label_smoothing, vocab=v)
         g.scatter_add_(1, t.unsqueeze(1), torch.full_like(z_t, label_smoothing - 1.0).unsqueeze(1))
-        if row_scale is not None:
-            s = row_scale.index_select(0, idx) if idx is not None else row_scale[start:stop]
-            g *= s.to(acc).unsqueeze(1)
-        elif grad_scale is not None:
-            g *= grad_scale.to(acc)
-        if mask is not None:
-            g *= mask.unsqueeze(1)
+        s_rows = _row_weights(lse, row_scale, grad_scale, idx, start, stop, mask, acc)
+        g *= s_rows.unsqueeze(1)
         if recompute:
-            s_rows = _row_scale_of_chunk(lse, row_scale, grad_scale, idx, start, stop, mask, acc)
             saved.append(_SavedChunk(idx=idx, start=start, stop=stop, t=t, lse=lse, scale=s_rows))
-        # Back through the epilogue, last step first.
-        if capped is not None:
-            g *= 1.0 - capped * capped
-        if epilogue.divide is not None:
-            g /= epilogue.divide
-        if epilogue.multiply is not None:
-            g *= epilogue.multiply
+        _epilogue_backward(g, capped, epilogue)
 
         g_lp = g.to(hidden.dtype)
         if d_hidden is not None:
@@ -323,7 +338,7 @@ class _SavedChunk:
     scale: torch.Tensor
 
 
-def _row_scale_of_chunk(
+def _row_weights(
     lse: torch.Tensor,
     row_scale: torch.Tensor | None,
     grad_scale: torch.Tensor | None,
@@ -368,31 +383,13 @@ def _weight_grad_by_slabs(
         for c in saved:
             h = hidden.index_select(0, c.idx) if c.idx is not None else hidden[c.start : c.stop]
             z = _logits(h, weight[v0:v1], bias[v0:v1] if bias is not None else None, acc)
-            if epilogue.logits_bias is not None:
-                z += epilogue.logits_bias[v0:v1].to(acc)
-            if epilogue.multiply is not None:
-                z *= epilogue.multiply
-            if epilogue.divide is not None:
-                z /= epilogue.divide
-            capped = None
-            if epilogue.softcap is not None:
-                capped = torch.tanh(z / epilogue.softcap)
-                z = capped * epilogue.softcap
-            g = z.sub_(c.lse.unsqueeze(1)).exp_()
-            if z_loss:
-                g *= (1.0 + 2.0 * z_loss * c.lse).unsqueeze(1)
-            if label_smoothing:
-                g -= label_smoothing / v
+            z, capped = _epilogue_forward(z, epilogue, acc, slice(v0, v1))
+            g = _softmax_part(z, c.lse, z_loss=z_loss, label_smoothing=label_smoothing, vocab=v)
             inside = (c.t >= v0) & (c.t < v1)
             col = (c.t - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)
             g.scatter_add_(1, col, torch.where(inside, label_smoothing - 1.0, 0.0).to(acc).unsqueeze(1))
             g *= c.scale.unsqueeze(1)
-            if capped is not None:
-                g *= 1.0 - capped * capped
-            if epilogue.divide is not None:
-                g /= epilogue.divide
-            if epilogue.multiply is not None:
-                g *= epilogue.multiply
+            _epilogue_backward(g, capped, epilogue)
             _add_mm(acc_w, g, g.to(hidden.dtype), h)
         out[v0:v1] = acc_w.to(weight.dtype)
     return out
