@@ -46,76 +46,31 @@ fn pair(lo: u32, hi: u32) -> u32 {
     lo | (hi << 16)
 }
 
-/// The micro-kernel: `acc[i][j] = Σ_p A(i, p) · B(p, j)` over `kp` k-pairs, for i < MR, j < 32. A(i, p) is the
-/// u32 at `a + i·a_rs + p·a_ks`, B(p, ·) the 32 u32 at `b + 32·p`.
+/// One micro-tile's product: `acc[i][j] = Σ_p A(i, p) · B(p, j)` over `kp` k-pairs, for i < MR, j < 32. A(i, p)
+/// is the u32 at `a + i·a_rs + p·a_ks`, B(p, ·) the 32 u32 at `b + 32·p`. When `prefetch` is given as
+/// `([first, second], row_bytes)`, the first MR k-steps each prefetch one row of the next tile's C, as the two
+/// cache lines at `first`/`second` plus `p·row_bytes`, so the misses overlap the arithmetic (prefetches are only
+/// hints: they never fault and read nothing the program sees).
 ///
 /// # Safety
 /// The CPU must support avx512f and avx512bf16, and every address above must be readable.
 #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
-unsafe fn micro(
+#[inline]
+unsafe fn tile_product(
     kp: usize,
     a: *const u32,
     a_rs: usize,
     a_ks: usize,
     b: *const u32,
-    out: &mut [f32; MR * NR],
-) {
-    let mut c = [[_mm512_setzero_ps(); 2]; MR];
-    for p in 0..kp {
-        // SAFETY: in bounds by the caller's contract; unaligned loads are allowed.
-        let (b0, b1) = unsafe {
-            (
-                _mm512_loadu_si512(b.add(p * NR).cast()),
-                _mm512_loadu_si512(b.add(p * NR + 16).cast()),
-            )
-        };
-        let b0: __m512bh = _mm512_castsi512_ph_bh(b0);
-        let b1: __m512bh = _mm512_castsi512_ph_bh(b1);
-        for (i, ci) in c.iter_mut().enumerate() {
-            // SAFETY: in bounds by the caller's contract.
-            let ai = unsafe { a.add(i * a_rs + p * a_ks).read_unaligned() };
-            let av: __m512bh = _mm512_castsi512_ph_bh(_mm512_set1_epi32(ai as i32));
-            ci[0] = _mm512_dpbf16_ps(ci[0], av, b0);
-            ci[1] = _mm512_dpbf16_ps(ci[1], av, b1);
-        }
-    }
-    for (i, ci) in c.iter().enumerate() {
-        // SAFETY: `out` holds MR·NR f32 and row i's 32 values are at i·NR.
-        unsafe {
-            _mm512_storeu_ps(out.as_mut_ptr().add(i * NR), ci[0]);
-            _mm512_storeu_ps(out.as_mut_ptr().add(i * NR + 16), ci[1]);
-        }
-    }
-}
-
-/// The micro-kernel writing straight into row-major C (`ldc` between rows, a full MR×32 tile): `C = [C +] A·B`
-/// with A and B as in [`micro`]. During its first MR k-steps it prefetches the MR×32 tile at `next` (the following
-/// call's C, `ldc` apart; any address, prefetches never fault), so that tile's read-modify-write does not wait on
-/// memory.
-///
-/// # Safety
-/// As [`micro`], and `c + i·ldc + j` must be readable and writable (and not touched by another thread) for
-/// i < MR, j < 32.
-#[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn micro_c(
-    kp: usize,
-    a: *const u32,
-    a_rs: usize,
-    a_ks: usize,
-    b: *const u32,
-    c: *mut f32,
-    ldc: usize,
-    add: bool,
-    next: *const f32,
-) {
+    prefetch: Option<([*const u8; 2], usize)>,
+) -> [[__m512; 2]; MR] {
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
     for p in 0..kp {
-        // One row of the next tile's C per k-step, spread out so the misses overlap the arithmetic (prefetches
-        // are only hints: they never fault and read nothing the program sees).
-        if p < MR {
-            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(p * ldc).cast());
-            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(p * ldc + 16).cast());
+        if p < MR
+            && let Some(([first, second], row_bytes)) = prefetch
+        {
+            _mm_prefetch::<_MM_HINT_T0>(first.wrapping_add(p * row_bytes).cast());
+            _mm_prefetch::<_MM_HINT_T0>(second.wrapping_add(p * row_bytes).cast());
         }
         // SAFETY: in bounds by the caller's contract; unaligned loads are allowed.
         let (b0, b1) = unsafe {
@@ -134,6 +89,56 @@ unsafe fn micro_c(
             ci[1] = _mm512_dpbf16_ps(ci[1], av, b1);
         }
     }
+    acc
+}
+
+/// The micro-kernel into a scratch tile: `out = A·B` with A and B as in [`tile_product`], row i at `out[i·32..]`.
+///
+/// # Safety
+/// As [`tile_product`].
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+unsafe fn micro(
+    kp: usize,
+    a: *const u32,
+    a_rs: usize,
+    a_ks: usize,
+    b: *const u32,
+    out: &mut [f32; MR * NR],
+) {
+    // SAFETY: the caller's contract is tile_product's.
+    let c = unsafe { tile_product(kp, a, a_rs, a_ks, b, None) };
+    for (i, ci) in c.iter().enumerate() {
+        // SAFETY: `out` holds MR·NR f32 and row i's 32 values are at i·NR.
+        unsafe {
+            _mm512_storeu_ps(out.as_mut_ptr().add(i * NR), ci[0]);
+            _mm512_storeu_ps(out.as_mut_ptr().add(i * NR + 16), ci[1]);
+        }
+    }
+}
+
+/// The micro-kernel writing straight into row-major C (`ldc` between rows, a full MR×32 tile): `C = [C +] A·B`
+/// with A and B as in [`tile_product`], which prefetches the MR×32 tile at `next` (the following call's C, `ldc`
+/// apart; any address) so that tile's read-modify-write does not wait on memory.
+///
+/// # Safety
+/// As [`tile_product`], and `c + i·ldc + j` must be readable and writable (and not touched by another thread) for
+/// i < MR, j < 32.
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn micro_c(
+    kp: usize,
+    a: *const u32,
+    a_rs: usize,
+    a_ks: usize,
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    add: bool,
+    next: *const f32,
+) {
+    let lines = [next.cast::<u8>(), next.wrapping_add(16).cast::<u8>()];
+    // SAFETY: the caller's contract includes tile_product's.
+    let mut acc = unsafe { tile_product(kp, a, a_rs, a_ks, b, Some((lines, 4 * ldc))) };
     for (i, ci) in acc.iter_mut().enumerate() {
         // SAFETY: row i's 32 values of the tile are readable and writable by the caller's contract.
         unsafe {
@@ -143,6 +148,158 @@ unsafe fn micro_c(
             }
             _mm512_storeu_ps(c.add(i * ldc), ci[0]);
             _mm512_storeu_ps(c.add(i * ldc + 16), ci[1]);
+        }
+    }
+}
+
+/// A row-major f32 matrix kept as two u16 planes: `hi` holds each value's upper 16 bits (its bf16 truncation),
+/// `lo` the lower 16. Adding into it is exact f32 arithmetic, and [`SplitAcc::round_into_hi`] turns `hi` into the
+/// values rounded to bf16 (nearest even) at the end. The d_weight accumulator takes this form when `hi` is the
+/// caller's bf16 output: half the memory of a separate f32 matrix, the same bits.
+#[derive(Clone, Copy)]
+pub(crate) struct SplitAcc {
+    hi: *mut u16,
+    lo: *mut u16,
+}
+// SAFETY: only used to let threads write disjoint elements of two buffers that outlive the parallel section (argued
+// at each use).
+unsafe impl Send for SplitAcc {}
+// SAFETY: as above.
+unsafe impl Sync for SplitAcc {}
+
+impl SplitAcc {
+    /// Both planes at element `offset` (methods, so closures capture the whole `Sync` wrapper).
+    fn at(self, offset: usize) -> Self {
+        Self {
+            hi: self.hi.wrapping_add(offset),
+            lo: self.lo.wrapping_add(offset),
+        }
+    }
+
+    /// f32 element `i`.
+    ///
+    /// # Safety
+    /// Element `i` of both planes must be readable.
+    unsafe fn get(self, i: usize) -> f32 {
+        // SAFETY: by the function's contract.
+        let (h, l) = unsafe { (self.hi.add(i).read(), self.lo.add(i).read()) };
+        f32::from_bits(((h as u32) << 16) | l as u32)
+    }
+
+    /// Sets f32 element `i` to `x`.
+    ///
+    /// # Safety
+    /// Element `i` of both planes must be writable and not touched by another thread meanwhile.
+    unsafe fn set(self, i: usize, x: f32) {
+        let b = x.to_bits();
+        // SAFETY: by the function's contract.
+        unsafe {
+            self.hi.add(i).write((b >> 16) as u16);
+            self.lo.add(i).write(b as u16);
+        }
+    }
+
+    /// Adds 16 f32 lanes into elements `i..i + 16`.
+    ///
+    /// # Safety
+    /// As [`SplitAcc::set`] for the 16 elements; the CPU must support avx512f/bw.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[inline]
+    unsafe fn add16(self, i: usize, x: __m512) {
+        // SAFETY: readable and writable by the function's contract; unaligned accesses are allowed.
+        unsafe {
+            let h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(self.hi.add(i).cast()));
+            let l = _mm512_cvtepu16_epi32(_mm256_loadu_si256(self.lo.add(i).cast()));
+            let old = _mm512_castsi512_ps(_mm512_or_si512(_mm512_slli_epi32::<16>(h), l));
+            let sum = _mm512_castps_si512(_mm512_add_ps(x, old));
+            // vpmovdw keeps each lane's low 16 bits.
+            _mm256_storeu_si256(
+                self.hi.add(i).cast(),
+                _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(sum)),
+            );
+            _mm256_storeu_si256(self.lo.add(i).cast(), _mm512_cvtepi32_epi16(sum));
+        }
+    }
+
+    /// The two planes of `count` elements as one accumulator; `hi` is zeroed by the caller, `lo` here.
+    pub(crate) fn new(hi: &mut [u16], lo: &mut [u16]) -> Self {
+        assert_eq!(hi.len(), lo.len(), "SplitAcc planes");
+        Self {
+            hi: hi.as_mut_ptr(),
+            lo: lo.as_mut_ptr(),
+        }
+    }
+}
+
+/// Rounds the split accumulator `hi`/`lo` (element for element) to bf16 in `hi`, in parallel when asked.
+pub(crate) fn round_split_into_hi(hi: &mut [u16], lo: &[u16], parallel: bool) {
+    assert_eq!(hi.len(), lo.len(), "round_split_into_hi");
+    let run = |(h, l): (&mut [u16], &[u16])| {
+        let mut k = 0;
+        while k + 16 <= h.len() {
+            // SAFETY: 16 elements at k in both (checked by the loop); the CPU has AVX512_BF16 and so
+            // avx512f/bw (module invariant).
+            unsafe { round_split16(h.as_mut_ptr().add(k), l.as_ptr().add(k)) };
+            k += 16;
+        }
+        for (x, &y) in h[k..].iter_mut().zip(&l[k..]) {
+            *x = to_bf16_bits(f32::from_bits(((*x as u32) << 16) | y as u32)) as u16;
+        }
+    };
+    const PIECE: usize = 1 << 16;
+    if parallel {
+        hi.par_chunks_mut(PIECE)
+            .zip(lo.par_chunks(PIECE))
+            .for_each(run);
+    } else {
+        hi.chunks_mut(PIECE).zip(lo.chunks(PIECE)).for_each(run);
+    }
+}
+
+/// [`round_split_into_hi`] on 16 elements.
+///
+/// # Safety
+/// The CPU must support avx512f/bw; 16 u16 at `hi` must be readable and writable, 16 at `lo` readable.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn round_split16(hi: *mut u16, lo: *const u16) {
+    // SAFETY: by the function's contract; unaligned accesses are allowed.
+    unsafe {
+        let h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(hi.cast()));
+        let l = _mm512_cvtepu16_epi32(_mm256_loadu_si256(lo.cast()));
+        let x = _mm512_or_si512(_mm512_slli_epi32::<16>(h), l);
+        _mm256_storeu_si256(hi.cast(), round_bits16(x));
+    }
+}
+
+/// The micro-kernel adding straight into a split accumulator (`ldc` between rows, a full MR×32 tile):
+/// `C += A·B` with A and B as in [`tile_product`], which prefetches the tile at `next` of both planes.
+///
+/// # Safety
+/// As [`tile_product`], and elements `i·ldc + j` of both planes of `c` must be readable and writable (and not
+/// touched by another thread) for i < MR, j < 32.
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn micro_split(
+    kp: usize,
+    a: *const u32,
+    a_rs: usize,
+    a_ks: usize,
+    b: *const u32,
+    c: SplitAcc,
+    ldc: usize,
+    next: SplitAcc,
+) {
+    let lines = [
+        next.hi.cast_const().cast::<u8>(),
+        next.lo.cast_const().cast::<u8>(),
+    ];
+    // SAFETY: the caller's contract includes tile_product's.
+    let acc = unsafe { tile_product(kp, a, a_rs, a_ks, b, Some((lines, 2 * ldc))) };
+    for (i, ci) in acc.iter().enumerate() {
+        // SAFETY: row i's 32 elements of both planes are ours by the caller's contract.
+        unsafe {
+            c.add16(i * ldc, ci[0]);
+            c.add16(i * ldc + 16, ci[1]);
         }
     }
 }
@@ -516,6 +673,23 @@ pub(crate) fn d_hidden(
     });
 }
 
+/// Where GEMM 3 accumulates the V×H weight gradient: a plain f32 matrix (f32 storage, or a separate
+/// accumulator), or a [`SplitAcc`] over the caller's bf16 output and a u16 plane.
+pub(crate) enum WeightAcc<'a> {
+    F32(&'a mut [f32]),
+    Split {
+        hi: &'a mut [u16],
+        lo: &'a mut [u16],
+    },
+}
+
+/// [`WeightAcc`] as shareable raw pointers for the threads (each writes its own rows).
+#[derive(Clone, Copy)]
+enum Target {
+    F32(SharedMut),
+    Split(SplitAcc),
+}
+
 /// GEMM 3: `dw[v, :] += Σ_j g[j, v] · hidden_j`, `g` rounded by [`round_rows`] (row stride `gs`); hidden packed
 /// by [`pack_hidden_for_dweight`] from the same `rows` rows.
 #[allow(clippy::too_many_arguments)]
@@ -526,17 +700,26 @@ pub(crate) fn d_weight(
     v: usize,
     h: usize,
     hp: &[u32],
-    dw: &mut [f32],
+    dw: WeightAcc<'_>,
     parallel: bool,
 ) {
     let kp = ceil_div(rows, 2);
     let per_panel = kp * NR;
     let panels = ceil_div(h, NR);
     assert!(
-        gs >= v && g.len() >= rows * gs && dw.len() >= v * h && hp.len() >= panels * per_panel,
+        gs >= v && g.len() >= rows * gs && hp.len() >= panels * per_panel,
         "d_weight"
     );
-    let dst = SharedMut(dw.as_mut_ptr());
+    let dst = match dw {
+        WeightAcc::F32(c) => {
+            assert!(c.len() >= v * h, "d_weight");
+            Target::F32(SharedMut(c.as_mut_ptr()))
+        }
+        WeightAcc::Split { hi, lo } => {
+            assert!(hi.len() >= v * h, "d_weight");
+            Target::Split(SplitAcc::new(hi, lo))
+        }
+    };
     split(parallel, v, MR, PIECES_PER_THREAD, |v_start, v_end| {
         let mut ap = vec![0u32; kp * MR];
         let mut tile = [0f32; MR * NR];
@@ -559,6 +742,7 @@ pub(crate) fn d_weight(
             }
             for q in 0..panels {
                 let h0 = q * NR;
+                let b = hp[q * per_panel..].as_ptr();
                 if mrows == MR && h0 + NR <= h {
                     // The next tile's C: the next panel of these rows, or the first panel of the next rows.
                     let next = if q + 1 < panels {
@@ -566,38 +750,42 @@ pub(crate) fn d_weight(
                     } else {
                         (v0 + MR) * h
                     };
-                    // SAFETY: module invariant for the CPU; A reads `ap`, B reads panel q of `hp`; the full
-                    // tile's rows v0..v0+MR <= v_end <= v and columns h0..h0+32 <= h lie in `dw` (asserted), and
-                    // this thread owns rows [v_start, v_end).
-                    unsafe {
-                        micro_c(
-                            kp,
-                            ap.as_ptr(),
-                            1,
-                            MR,
-                            hp[q * per_panel..].as_ptr(),
-                            dst.at(v0 * h + h0),
-                            h,
-                            true,
-                            dst.at(next),
-                        )
-                    };
+                    // The full tile's rows v0..v0+MR <= v_end <= v and columns h0..h0+32 <= h lie in the
+                    // accumulator (asserted), and this thread owns rows [v_start, v_end).
+                    let c = v0 * h + h0;
+                    match dst {
+                        // SAFETY: module invariant for the CPU; A reads `ap`, B reads panel q of `hp`; C as above.
+                        Target::F32(d) => unsafe {
+                            micro_c(kp, ap.as_ptr(), 1, MR, b, d.at(c), h, true, d.at(next))
+                        },
+                        // SAFETY: as for the F32 arm, in both planes.
+                        Target::Split(d) => unsafe {
+                            micro_split(kp, ap.as_ptr(), 1, MR, b, d.at(c), h, d.at(next))
+                        },
+                    }
                     continue;
                 }
                 // SAFETY: module invariant for the CPU; A reads `ap`, B reads panel q of `hp`.
-                unsafe {
-                    micro(
-                        kp,
-                        ap.as_ptr(),
-                        1,
-                        MR,
-                        hp[q * per_panel..].as_ptr(),
-                        &mut tile,
-                    )
-                };
-                // SAFETY: rows v0.. < v_end <= v and columns h0.. < h lie in `dw`; this thread owns rows
+                unsafe { micro(kp, ap.as_ptr(), 1, MR, b, &mut tile) };
+                let cols = NR.min(h - h0);
+                // Rows v0.. < v_end <= v and columns h0.. < h lie in the accumulator; this thread owns rows
                 // [v_start, v_end).
-                unsafe { store_rows(&tile, dst.at(v0 * h + h0), h, mrows, NR.min(h - h0), true) };
+                match dst {
+                    // SAFETY: as above.
+                    Target::F32(d) => unsafe {
+                        store_rows(&tile, d.at(v0 * h + h0), h, mrows, cols, true)
+                    },
+                    Target::Split(d) => {
+                        let d = d.at(v0 * h + h0);
+                        for i in 0..mrows {
+                            for j in 0..cols {
+                                let k = i * h + j;
+                                // SAFETY: as above.
+                                unsafe { d.set(k, d.get(k) + tile[i * NR + j]) };
+                            }
+                        }
+                    }
+                }
             }
         }
     });
@@ -640,7 +828,7 @@ pub(crate) fn time_three(n: usize, h: usize, v: usize, reps: usize) -> [f64; 3] 
     let t2 = best(&mut || d_hidden(&g16, gs, n, &w, h, v, h, &mut dh, true));
     let t3 = best(&mut || {
         pack_hidden_for_dweight(row, n, h, &mut hp3);
-        d_weight(&g16, gs, n, v, h, &hp3, &mut dw, true);
+        d_weight(&g16, gs, n, v, h, &hp3, WeightAcc::F32(&mut dw), true);
     });
     [t1, t2, t3]
 }
@@ -652,8 +840,14 @@ pub(crate) fn time_three(n: usize, h: usize, v: usize, reps: usize) -> [f64; 3] 
 /// The CPU must support avx512f/bw; `src` must be readable for 16 f32 and `dst` writable for 16 u16.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn round16(src: *const f32, dst: *mut u16) {
-    // SAFETY: readable by the caller's contract; unaligned loads are allowed.
-    let x = unsafe { _mm512_loadu_si512(src.cast()) };
+    // SAFETY: readable and writable by the caller's contract; unaligned accesses are allowed.
+    unsafe { _mm256_storeu_si256(dst.cast(), round_bits16(_mm512_loadu_si512(src.cast()))) };
+}
+
+/// [`to_bf16_bits`] on 16 lanes of f32 bits.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
+fn round_bits16(x: __m512i) -> __m256i {
     let hi = _mm512_srli_epi32::<16>(x);
     let lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
     let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(
@@ -663,8 +857,8 @@ unsafe fn round16(src: *const f32, dst: *mut u16) {
     let xf = _mm512_castsi512_ps(x);
     let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(xf, xf);
     let r = _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
-    // SAFETY: writable by the caller's contract (vpmovdw keeps each lane's low 16 bits).
-    unsafe { _mm256_storeu_si256(dst.cast(), _mm512_cvtepi32_epi16(r)) };
+    // vpmovdw keeps each lane's low 16 bits.
+    _mm512_cvtepi32_epi16(r)
 }
 
 /// Rounds the first `rows` f32 rows of `buf` (`cols` apart) to bf16 in place, as rows `ld` u16 apart (`ld` is

@@ -58,6 +58,18 @@ fn as_bf16<S: Storage>(x: &[S]) -> Option<&[half::bf16]> {
     }
 }
 
+/// `x`'s bits as u16, when the storage type is bf16 (the split d_weight accumulator's upper plane).
+#[cfg(target_arch = "x86_64")]
+fn as_bf16_bits_mut<S: Storage>(x: &mut [S]) -> Option<&mut [u16]> {
+    if TypeId::of::<S>() == TypeId::of::<half::bf16>() {
+        // SAFETY: S is bf16 (checked), a 16-bit plain-data type like u16: same size and alignment, every bit
+        // pattern valid both ways; the exclusive borrow moves into the result.
+        Some(unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast::<u16>(), x.len()) })
+    } else {
+        None
+    }
+}
+
 /// Vocabulary columns per call of the f32/f64 engine in the logits GEMM (bounds the engine's packing buffer to
 /// about `H·ENGINE_COLUMNS` elements).
 const ENGINE_COLUMNS: usize = 2048;
@@ -236,7 +248,17 @@ pub(crate) fn run<S: Storage>(
         want_dw && w_native.is_none() && options.weight_grad == WeightGrad::Recompute;
     let dw_in_blocks = want_dw && !recompute_dw;
     let mut active_rows: Vec<ActiveRow<S::C>> = Vec::new();
-    let mut dw_acc = if dw_in_blocks && w_native.is_none() {
+    // On the AVX512_BF16 path the accumulator is split: upper halves in the caller's (zeroed) bf16 output, lower
+    // halves in `dw_lo`, which halves its memory for the same f32 sums. Elsewhere it is a plain f32 matrix.
+    let split_dw = dw_in_blocks && dp.is_some();
+    let mut dw_lo: Vec<u16> = if split_dw {
+        let mut lo = vec![0u16; v * h];
+        fill(&mut lo, 0, parallel);
+        lo
+    } else {
+        Vec::new()
+    };
+    let mut dw_acc = if dw_in_blocks && w_native.is_none() && !split_dw {
         let mut acc = vec![S::C::ZERO; v * h];
         fill(&mut acc, S::C::ZERO, parallel);
         acc
@@ -451,6 +473,13 @@ pub(crate) fn run<S: Storage>(
         prof.lap(2);
         // GEMM 3: d_weight += Gᵀ · H_b.
         if let Some(dw) = d_weight.as_deref_mut().filter(|_| dw_in_blocks) {
+            #[cfg(target_arch = "x86_64")]
+            if split_dw && let Some(hi) = as_bf16_bits_mut(dw) {
+                let acc = crate::dpbf16::WeightAcc::Split { hi, lo: &mut dw_lo };
+                crate::dpbf16::d_weight(g16, gs, r, v, h, &hp3, acc, parallel);
+                prof.lap(3);
+                continue;
+            }
             let dst: &mut [S::C] = match as_compute_mut(dw) {
                 Some(native) => native,
                 None => &mut dw_acc,
@@ -468,6 +497,7 @@ pub(crate) fn run<S: Storage>(
             if dp.is_some() {
                 // dw_acc is f32 here (bf16 storage); the cast cannot fail.
                 if let Some(acc) = as_f32_mut(dst) {
+                    let acc = crate::dpbf16::WeightAcc::F32(acc);
                     crate::dpbf16::d_weight(g16, gs, r, v, h, &hp3, acc, parallel);
                 }
                 prof.lap(3);
@@ -500,6 +530,10 @@ pub(crate) fn run<S: Storage>(
         drop((logits, hb, hp1, hp3, hpf, dhb, wc));
         weight_pass::run(&job, &active_rows, &params, isa, dp, dw);
         prof.lap(3);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if split_dw && let Some(hi) = d_weight.as_deref_mut().and_then(as_bf16_bits_mut) {
+        crate::dpbf16::round_split_into_hi(hi, &dw_lo, parallel);
     }
     if let Some(dw) = d_weight
         && !dw_acc.is_empty()
