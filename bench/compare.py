@@ -163,14 +163,14 @@ def run_child(args: argparse.Namespace) -> None:
     del th, tw, tt
     baseline = rss_mib()
     times = []
-    for rep in range(args.reps + (1 if args.warmup else 0)):
+    for rep in range(args.warmup + args.reps):
         hidden.grad = None
         weight.grad = None
         t0 = time.perf_counter()
         loss = fn(hidden, weight, targets)
         loss.backward()
         elapsed = time.perf_counter() - t0
-        if rep > 0 or not args.warmup:
+        if rep >= args.warmup:
             times.append(elapsed)
     peak = max(maxrss_mib(), baseline)
     assert hidden.grad is not None and weight.grad is not None
@@ -247,7 +247,9 @@ def main() -> None:
     p.add_argument("--dtype", help=argparse.SUPPRESS)
     p.add_argument("--ignored-frac", dest="ignored_frac", type=float, help=argparse.SUPPRESS)
     p.add_argument("--reference", help=argparse.SUPPRESS)
-    p.add_argument("--warmup", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--warmup", type=int, default=0,
+                   help="untimed full-size calls before the timed ones (first-call costs such as mapping fresh "
+                   "memory pages then count for no method)")  # fmt: skip
     args = p.parse_args()
 
     if args.child == "reference":
@@ -295,7 +297,8 @@ def main() -> None:
                         if res is None:
                             print(f"  {m}", flush=True)
                             res = spawn(["--child", "method", "--method", m, *common, "--reference", str(ref),
-                                         "--reps", str(reps)], args.timeout)  # fmt: skip
+                                         "--reps", str(reps), "--warmup", str(args.warmup)],
+                                        args.timeout)  # fmt: skip
                             save(keys[m], res)
                         else:
                             print(f"  {m}: reused from {args.rows_json}", flush=True)

@@ -317,6 +317,22 @@ def test_default_chunk_budget_follows_the_problem(monkeypatch: pytest.MonkeyPatc
     assert chunk_budget_bytes(8192, 128256, 2048, low_precision_weight_grad=True) == 2 * mib
 
 
+def test_rust_path_budget_has_a_floor_when_it_accumulates(monkeypatch: pytest.MonkeyPatch) -> None:
+    from logitless._rust import _budget
+
+    monkeypatch.delenv("LOGITLESS_CHUNK_MB", raising=False)
+    mib = 1 << 20
+
+    def budget(n: int, h: int, v: int, accumulator: bool) -> int:
+        return _budget(torch.empty(n, h, device="meta"), torch.empty(v, h, device="meta"), accumulator)
+
+    assert budget(2048, 1024, 32000, False) == 2048 * 32000 * 4 // 16
+    assert budget(2048, 1024, 32000, True) == 64 * mib  # short blocks would re-add the V×H accumulator often
+    assert budget(8192, 2048, 128256, True) == 8192 * 128256 * 4 // 16
+    monkeypatch.setenv("LOGITLESS_CHUNK_MB", "3")
+    assert budget(2048, 1024, 32000, True) == 3 * mib
+
+
 def test_backward_of_a_gradient_output_alone_is_none() -> None:
     # The op's gradient outputs are constants: a graph that reaches the op only through them gets no gradient
     # (and backward never materialises zero V×H "gradients" for them).

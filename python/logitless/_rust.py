@@ -27,12 +27,21 @@ def _unit_columns(m: torch.Tensor) -> torch.Tensor:
     return m.contiguous()
 
 
+# With a low-precision weight gradient the kernel adds into a V×H accumulator (on AVX512_BF16 CPUs a u16 plane beside
+# the bf16 output, else float32) once per row block, so blocks must not be short: bf16 at 2048×1024×32000 took
+# 1.21-1.25 s with 31 MiB and 1.13 s with 62 MiB; at 8192×2048×128256, 36.5 s with 250 MiB and 37.1 s with 501 MiB.
+_ACCUMULATOR_MIN_CHUNK_MB = 64
+
+
 def _budget(hidden: torch.Tensor, weight: torch.Tensor, accumulator: bool) -> int:
-    # LOGITLESS_CHUNK_MB bounds both paths; unset, the same rule as the torch path (torch_path.chunk_budget_bytes).
+    # LOGITLESS_CHUNK_MB bounds both paths; unset, the torch path's rule (torch_path.chunk_budget_bytes) with the
+    # kernel's own floor when it accumulates.
     from logitless.torch_path import chunk_budget_bytes
 
     rows, dim = hidden.shape
-    return chunk_budget_bytes(rows, weight.shape[0], dim, low_precision_weight_grad=accumulator)
+    if accumulator:
+        return chunk_budget_bytes(rows, weight.shape[0], dim, min_mb=_ACCUMULATOR_MIN_CHUNK_MB)
+    return chunk_budget_bytes(rows, weight.shape[0], dim)
 
 
 def fused_lce(

@@ -6,7 +6,8 @@
 //!
 //! Memory: the block's logits, gathered hidden rows and d_hidden rows (and, for bf16/f16, a converted chunk of
 //! W) fit in `chunk_budget_bytes`, with at least one row whatever the budget. For bf16/f16 weights with a
-//! wanted d_weight, a V×H f32 accumulator is added on top (the weight gradient is cast once at the end).
+//! wanted d_weight, a V×H f32 accumulator is added on top (the weight gradient is cast once at the end); on the
+//! AVX512_BF16 path its upper 16 bits live in the caller's bf16 d_weight and only the lower 16 are scratch.
 
 use crate::isa::{self, Isa};
 use crate::matmul::{Layout, matmul};
@@ -474,9 +475,12 @@ pub(crate) fn run<S: Storage>(
         // GEMM 3: d_weight += Gᵀ · H_b.
         if let Some(dw) = d_weight.as_deref_mut().filter(|_| dw_in_blocks) {
             #[cfg(target_arch = "x86_64")]
-            if split_dw && let Some(hi) = as_bf16_bits_mut(dw) {
-                let acc = crate::dpbf16::WeightAcc::Split { hi, lo: &mut dw_lo };
-                crate::dpbf16::d_weight(g16, gs, r, v, h, &hp3, acc, parallel);
+            if dp.is_some() {
+                // bf16 storage, so the cast cannot fail: the split accumulator, upper halves in `dw` itself.
+                if let Some(hi) = as_bf16_bits_mut(dw) {
+                    let acc = crate::dpbf16::WeightAcc::Split { hi, lo: &mut dw_lo };
+                    crate::dpbf16::d_weight(g16, gs, r, v, h, &hp3, acc, parallel);
+                }
                 prof.lap(3);
                 continue;
             }
@@ -490,16 +494,6 @@ pub(crate) fn run<S: Storage>(
             {
                 // The hidden block packed for the logits GEMM is done with: its buffer holds this GEMM's packing.
                 crate::fma32::d_weight(g, r, v, h, x, acc, &mut hpf, parallel);
-                prof.lap(3);
-                continue;
-            }
-            #[cfg(target_arch = "x86_64")]
-            if dp.is_some() {
-                // dw_acc is f32 here (bf16 storage); the cast cannot fail.
-                if let Some(acc) = as_f32_mut(dst) {
-                    let acc = crate::dpbf16::WeightAcc::F32(acc);
-                    crate::dpbf16::d_weight(g16, gs, r, v, h, &hp3, acc, parallel);
-                }
                 prof.lap(3);
                 continue;
             }

@@ -15,7 +15,8 @@
 //! in `Options::chunk_budget_bytes`. Per block: logits = H·Wᵀ (GEMM), epilogue + log-sum-exp + loss + the
 //! logits gradient in place (`rowpass.rs`), d_hidden = G·W (GEMM, complete for the block), d_weight += Gᵀ·H
 //! (GEMM), d_bias += Σ G. Three GEMMs' worth of flops, no recomputation. A bf16/f16 d_weight goes to a V×H f32
-//! accumulator, or with [`WeightGrad::Recompute`] to a later pass over vocabulary slabs (`weight_pass.rs`) that
+//! accumulator (on the AVX512_BF16 path kept as two u16 planes, the upper one being the caller's bf16 output, so
+//! it costs `2·V·H` bytes of scratch rather than `4·V·H`), or with [`WeightGrad::Recompute`] to a later pass over vocabulary slabs (`weight_pass.rs`) that
 //! recomputes their logits from each row's softmax constants: four GEMMs' worth, no accumulator. Fresh buffers are
 //! written before any GEMM reads them, with transparent huge pages (`pages.rs`).
 //!
@@ -151,7 +152,8 @@ pub struct Epilogue<'a> {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum WeightGrad {
     /// In every row block (three GEMMs' worth of flops), into a V×H f32 accumulator rounded once at the end: the
-    /// fastest, and `4·V·H` bytes on top of the chunk budget.
+    /// fastest, and `4·V·H` bytes on top of the chunk budget (`2·V·H` on the AVX512_BF16 path, which keeps the
+    /// accumulator's upper halves in the bf16 output itself).
     #[default]
     Accumulate,
     /// In a second pass over vocabulary slabs that recomputes their logits (four GEMMs' worth): no V×H
@@ -296,7 +298,8 @@ pub mod bench_support {
 /// fully written (zeros where nothing contributes). Scratch memory: at most `options.chunk_budget_bytes`, but never
 /// less than one row's worth (`4·(V + 2H)` bytes for f32/bf16/f16, 8· for f64); for bf16/f16 with `d_weight`
 /// wanted and [`WeightGrad::Accumulate`], an f32 `V×H` accumulator on top, so the weight gradient is rounded once
-/// ([`WeightGrad::Recompute`] forms it slab by slab inside the budget instead).
+/// (`2·V·H` bytes on the AVX512_BF16 path: the accumulator's upper halves live in `d_weight` itself;
+/// [`WeightGrad::Recompute`] forms it slab by slab inside the budget instead).
 #[allow(clippy::too_many_arguments)]
 pub fn fused_linear_cross_entropy<T: Element>(
     hidden: MatRef<'_, T>,
