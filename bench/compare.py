@@ -1,9 +1,9 @@
 """Fused linear + cross-entropy on CPU: logitless against stock transformers and its peers, in one table.
 
 Every (case, method) runs in its own subprocess, so each peak RSS (``ru_maxrss`` of that child) belongs to one method
-alone. Each child builds the same seeded inputs, warms the method up on a tiny problem, times forward + backward
-(median of ``--reps``), then compares its loss and gradients with a float32 reference (row-chunked materialised
-logits, computed once per case in another child). "extra" is the peak RSS above the child's RSS just before the
+alone. Each child builds the same seeded inputs, warms the method up on a tiny problem (and with ``--warmup N`` on
+N untimed full-size calls), times forward + backward (median of ``--reps``), then compares its loss and gradients
+with a float32 reference (row-chunked materialised logits, computed once per case in another child). "extra" is the peak RSS above the child's RSS just before the
 timed runs, minus the gradient outputs every method must return (d_hidden and d_weight in the input dtype): the
 scratch memory.
 
