@@ -3,9 +3,9 @@
 Every (case, method) runs in its own subprocess, so each peak RSS (``ru_maxrss`` of that child) belongs to one method
 alone. Each child builds the same seeded inputs, warms the method up on a tiny problem (and with ``--warmup N`` on
 N untimed full-size calls), times forward + backward (median of ``--reps``), then compares its loss and gradients
-with a float32 reference (row-chunked materialised logits, computed once per case in another child). "extra" is the peak RSS above the child's RSS just before the
-timed runs, minus the gradient outputs every method must return (d_hidden and d_weight in the input dtype): the
-scratch memory.
+with a float32 reference (row-chunked materialised logits, computed once per case in another child). "extra" is the
+peak RSS above the child's RSS just before the timed runs, minus the gradient outputs every method must return
+(d_hidden and d_weight in the input dtype): the scratch memory.
 
     python bench/compare.py                 # both cases, bf16 + f32, 0% and 50% ignored, plus the memory plot
     python bench/compare.py --quick         # a toy case only (N=512, H=256, V=8000)
@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -313,7 +314,7 @@ def main() -> None:
     Path(args.out).write_text(
         "# bench/compare.py results\n\n"
         f"torch {torch.__version__}; {os.cpu_count()} CPU cores; command: `python bench/compare.py "
-        f"{' '.join(sys.argv[1:])}`\n\n" + table + "\n" + render_plot_table(plot_points)
+        f"{shlex.join(sys.argv[1:])}`\n\n" + table + "\n" + render_plot_table(plot_points)
     )
     print(f"wrote {args.out}" + (f" and {args.plot}" if plot_points else ""))
 

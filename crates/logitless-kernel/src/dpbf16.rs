@@ -153,7 +153,7 @@ unsafe fn micro_c(
 }
 
 /// A row-major f32 matrix kept as two u16 planes: `hi` holds each value's upper 16 bits (its bf16 truncation),
-/// `lo` the lower 16. Adding into it is exact f32 arithmetic, and [`SplitAcc::round_into_hi`] turns `hi` into the
+/// `lo` the lower 16. Adding into it is exact f32 arithmetic, and [`round_split_into_hi`] turns `hi` into the
 /// values rounded to bf16 (nearest even) at the end. The d_weight accumulator takes this form when `hi` is the
 /// caller's bf16 output: half the memory of a separate f32 matrix, the same bits.
 #[derive(Clone, Copy)]
@@ -183,7 +183,7 @@ impl SplitAcc {
     unsafe fn get(self, i: usize) -> f32 {
         // SAFETY: by the function's contract.
         let (h, l) = unsafe { (self.hi.add(i).read(), self.lo.add(i).read()) };
-        f32::from_bits(((h as u32) << 16) | l as u32)
+        join(h, l)
     }
 
     /// Sets f32 element `i` to `x`.
@@ -208,9 +208,7 @@ impl SplitAcc {
     unsafe fn add16(self, i: usize, x: __m512) {
         // SAFETY: readable and writable by the function's contract; unaligned accesses are allowed.
         unsafe {
-            let h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(self.hi.add(i).cast()));
-            let l = _mm512_cvtepu16_epi32(_mm256_loadu_si256(self.lo.add(i).cast()));
-            let old = _mm512_castsi512_ps(_mm512_or_si512(_mm512_slli_epi32::<16>(h), l));
+            let old = _mm512_castsi512_ps(join16(self.hi.add(i), self.lo.add(i)));
             let sum = _mm512_castps_si512(_mm512_add_ps(x, old));
             // vpmovdw keeps each lane's low 16 bits.
             _mm256_storeu_si256(
@@ -221,7 +219,7 @@ impl SplitAcc {
         }
     }
 
-    /// The two planes of `count` elements as one accumulator; `hi` is zeroed by the caller, `lo` here.
+    /// The two planes (the same length, both zeroed by the caller) as one accumulator.
     pub(crate) fn new(hi: &mut [u16], lo: &mut [u16]) -> Self {
         assert_eq!(hi.len(), lo.len(), "SplitAcc planes");
         Self {
@@ -243,7 +241,7 @@ pub(crate) fn round_split_into_hi(hi: &mut [u16], lo: &[u16], parallel: bool) {
             k += 16;
         }
         for (x, &y) in h[k..].iter_mut().zip(&l[k..]) {
-            *x = to_bf16_bits(f32::from_bits(((*x as u32) << 16) | y as u32)) as u16;
+            *x = to_bf16_bits(join(*x, y)) as u16;
         }
     };
     const PIECE: usize = 1 << 16;
@@ -263,12 +261,30 @@ pub(crate) fn round_split_into_hi(hi: &mut [u16], lo: &[u16], parallel: bool) {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn round_split16(hi: *mut u16, lo: *const u16) {
     // SAFETY: by the function's contract; unaligned accesses are allowed.
-    unsafe {
-        let h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(hi.cast()));
-        let l = _mm512_cvtepu16_epi32(_mm256_loadu_si256(lo.cast()));
-        let x = _mm512_or_si512(_mm512_slli_epi32::<16>(h), l);
-        _mm256_storeu_si256(hi.cast(), round_bits16(x));
-    }
+    unsafe { _mm256_storeu_si256(hi.cast(), round_bits16(join16(hi, lo))) };
+}
+
+/// The f32 whose upper and lower 16 bits are `hi` and `lo`.
+#[inline(always)]
+fn join(hi: u16, lo: u16) -> f32 {
+    f32::from_bits(((hi as u32) << 16) | lo as u32)
+}
+
+/// [`join`] on 16 lanes: the f32 bits of elements `0..16` of the planes at `hi` and `lo`.
+///
+/// # Safety
+/// The CPU must support avx512f/bw; 16 u16 at each of `hi` and `lo` must be readable.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
+unsafe fn join16(hi: *const u16, lo: *const u16) -> __m512i {
+    // SAFETY: by the function's contract; unaligned loads are allowed.
+    let (h, l) = unsafe {
+        (
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256(hi.cast())),
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256(lo.cast())),
+        )
+    };
+    _mm512_or_si512(_mm512_slli_epi32::<16>(h), l)
 }
 
 /// The micro-kernel adding straight into a split accumulator (`ldc` between rows, a full MR×32 tile):

@@ -16,8 +16,9 @@
 //! logits gradient in place (`rowpass.rs`), d_hidden = G·W (GEMM, complete for the block), d_weight += Gᵀ·H
 //! (GEMM), d_bias += Σ G. Three GEMMs' worth of flops, no recomputation. A bf16/f16 d_weight goes to a V×H f32
 //! accumulator (on the AVX512_BF16 path kept as two u16 planes, the upper one being the caller's bf16 output, so
-//! it costs `2·V·H` bytes of scratch rather than `4·V·H`), or with [`WeightGrad::Recompute`] to a later pass over vocabulary slabs (`weight_pass.rs`) that
-//! recomputes their logits from each row's softmax constants: four GEMMs' worth, no accumulator. Fresh buffers are
+//! it costs `2·V·H` bytes of scratch rather than `4·V·H`), or with [`WeightGrad::Recompute`] to a later pass over
+//! vocabulary slabs (`weight_pass.rs`) that recomputes their logits from each row's softmax constants: four GEMMs'
+//! worth, no accumulator. Fresh buffers are
 //! written before any GEMM reads them, with transparent huge pages (`pages.rs`).
 //!
 //! Engines, chosen at run time (never `target-cpu=native`; [`isa::current`], capped by [`isa::set_override`] or

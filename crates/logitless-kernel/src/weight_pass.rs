@@ -132,16 +132,8 @@ pub(crate) fn run<S: Storage>(
                 if b == 0 {
                     out.fill(0.0);
                 }
-                crate::dpbf16::d_weight(
-                    g16,
-                    gs,
-                    r,
-                    vc,
-                    h,
-                    &hp3,
-                    crate::dpbf16::WeightAcc::F32(out),
-                    parallel,
-                );
+                let acc = crate::dpbf16::WeightAcc::F32(out);
+                crate::dpbf16::d_weight(g16, gs, r, vc, h, &hp3, acc, parallel);
             }
             if widen {
                 matmul(
