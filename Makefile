@@ -23,8 +23,11 @@ test-python: build
 test-transformers4:
 	bash .ci/transformers4.sh
 
+# The wheel ships logitless_autoinstall.pth at its root (LOGITLESS=1 alone patches transformers); an editable
+# `maturin develop` install does not, so it is copied beside the editable install's own .pth.
 build: $(STAMP)
 	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release -q
+	cp python/logitless_autoinstall.pth "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/"
 
 $(STAMP): requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

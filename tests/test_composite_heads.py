@@ -30,7 +30,7 @@ def _roberta() -> torch.nn.Module:
         max_position_embeddings=64, is_decoder=True, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )  # fmt: skip
     torch.manual_seed(0)
-    return RobertaForCausalLM(config).eval()
+    return RobertaForCausalLM(config).train()  # no dropout: train mode is deterministic
 
 
 def _roformer() -> torch.nn.Module:
@@ -41,7 +41,7 @@ def _roformer() -> torch.nn.Module:
         attention_probs_dropout_prob=0.0,
     )  # fmt: skip
     torch.manual_seed(0)
-    return RoFormerForCausalLM(config).eval()
+    return RoFormerForCausalLM(config).train()
 
 
 BUILDERS: dict[str, tuple[Callable[[], torch.nn.Module], str]] = {

@@ -8,7 +8,6 @@ transformers hook at import.
 from __future__ import annotations
 
 import importlib
-import os
 from typing import Any
 
 __all__ = [
@@ -53,5 +52,5 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
-if os.environ.get("LOGITLESS", "").strip().lower() in {"1", "true", "yes", "on"}:
+if importlib.import_module("logitless._config").enabled():
     importlib.import_module("logitless.installer").install()

@@ -22,7 +22,7 @@ from torch.nn.modules import module as _module
 
 from logitless._patching import FUTURE_FLAGS, forward_source
 
-__all__ = ["HeadPlan", "resolve_head"]
+__all__ = ["HeadPlan", "explain_head", "resolve_head"]
 
 # BERT nests two levels (cls → predictions → decoder); deeper chains are not something transformers builds.
 _MAX_DEPTH = 4
@@ -35,16 +35,59 @@ class _Step:
 
 
 @dataclass(frozen=True)
-class HeadPlan:
-    """``head(x) == linear(transform(x))``, with ``transform`` the identity for a plain ``nn.Linear`` head."""
+class _Entry:
+    """A module the plan enters instead of calling it: its accelerate hook (if any) and its prefix (None for the
+    final ``nn.Linear``, whose call the fused loss replaces)."""
 
-    prefixes: tuple[Callable[[torch.Tensor], torch.Tensor], ...]
+    module: nn.Module
+    hook: Any | None
+    prefix: Callable[[torch.Tensor], torch.Tensor] | None
+
+
+@dataclass(frozen=True)
+class HeadPlan:
+    """``head(x) == linear(transform(x))``, with ``transform`` the identity for a plain ``nn.Linear`` head.
+
+    Modules carrying accelerate's device-alignment hook are entered as accelerate's own forward wrapper would:
+    ``pre_forward`` before the module's statements (loading offloaded weights, moving the input to the execution
+    device), ``post_forward`` on the result (offloading again, moving the output back).
+    """
+
+    entries: tuple[_Entry, ...]
     linear: nn.Linear
 
+    @property
+    def prefixes(self) -> tuple[Callable[[torch.Tensor], torch.Tensor], ...]:
+        return tuple(e.prefix for e in self.entries if e.prefix is not None)
+
+    @property
+    def hooked(self) -> bool:
+        return any(e.hook is not None for e in self.entries)
+
     def transform(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head's leading statements alone (no hooks)."""
         for prefix in self.prefixes:
             hidden = prefix(hidden)
         return hidden
+
+    def apply(self, hidden: torch.Tensor, fused: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``fused(x)`` where ``x`` is what the final linear would receive, with every hook applied around it.
+
+        ``fused`` must read ``self.linear.weight`` when called: an offloading hook materialises it only then."""
+        entered: list[_Entry] = []
+        for entry in self.entries:
+            if entry.hook is not None:
+                args, kwargs = entry.hook.pre_forward(entry.module, hidden)
+                if kwargs or len(args) != 1:
+                    raise RuntimeError(f"accelerate pre_forward returned {len(args)} args and {sorted(kwargs)}")
+                hidden = args[0]
+                entered.append(entry)
+            if entry.prefix is not None:
+                hidden = entry.prefix(hidden)
+        out = fused(hidden)
+        for entry in reversed(entered):
+            out = entry.hook.post_forward(entry.module, out)
+        return out
 
 
 # Keyed by the class's forward function: a class whose forward is replaced later is analysed again.
@@ -91,44 +134,96 @@ def _step_for(cls: type) -> _Step | None:
     return _steps[forward]
 
 
-def _bypass_changes_behaviour(module: nn.Module) -> bool:
-    """Whether calling the prefix / the fused linear instead of ``module(...)`` would skip something."""
-    return (
-        type(module).__call__ is not nn.Module.__call__
-        or "forward" in module.__dict__
-        or bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
-        or bool(getattr(module, "_backward_pre_hooks", None))
-        or bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
-        or bool(_module._global_backward_hooks or getattr(_module, "_global_backward_pre_hooks", None))
+def _global_hooks() -> bool:
+    return bool(
+        _module._global_forward_hooks
+        or _module._global_forward_pre_hooks
+        or _module._global_backward_hooks
+        or getattr(_module, "_global_backward_pre_hooks", None)
     )
 
 
-def resolve_head(head: Any) -> HeadPlan | None:
-    """The exact ``linear(transform(x))`` form of ``head(x)``, or None when it cannot be shown to be exact.
+def _accelerate_hook(module: nn.Module) -> Any | None:
+    """The module's accelerate hook when it is one whose effect is understood exactly, else None.
+
+    ``accelerate.hooks.add_hook_to_module`` keeps the class forward as ``_old_forward`` and sets an instance
+    ``forward`` that runs ``pre_forward`` / ``_old_forward`` / ``post_forward``. Only ``AlignDevicesHook`` (alone or
+    in a ``SequentialHook`` of them) is understood: it loads offloaded weights, moves inputs to the execution
+    device, and afterwards offloads again and moves the output back. Any other hook may change the values.
+    """
+    hook = module.__dict__.get("_hf_hook")
+    old_forward = module.__dict__.get("_old_forward")
+    forward = module.__dict__.get("forward")
+    if hook is None or old_forward is None or forward is None:
+        return None
+    try:
+        from accelerate.hooks import AlignDevicesHook, SequentialHook
+    except ImportError:
+        return None
+    parts = hook.hooks if type(hook) is SequentialHook else (hook,)
+    if not parts or any(type(part) is not AlignDevicesHook for part in parts):
+        return None
+    if getattr(hook, "no_grad", False) or any(getattr(part, "no_grad", False) for part in parts):
+        return None
+    # The wrapped forward must be the class's own, bound to this module; the instance forward accelerate's wrapper.
+    if getattr(old_forward, "__func__", None) is not type(module).forward or old_forward.__self__ is not module:
+        return None
+    wrapper = getattr(forward, "func", None)
+    if getattr(wrapper, "__module__", None) != "accelerate.hooks" or getattr(forward, "args", None) != (module,):
+        return None
+    return hook
+
+
+def _bypass_refusal(module: nn.Module) -> tuple[str | None, Any | None]:
+    """Why calling the prefix / the fused linear instead of ``module(...)`` would skip something, or
+    ``(None, accelerate_hook_or_None)`` when it would not (an understood accelerate hook is applied by the caller)."""
+    if type(module).__call__ is not nn.Module.__call__:
+        return "custom-call", None
+    if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
+        return "hooked-head", None
+    if getattr(module, "_backward_pre_hooks", None):
+        return "hooked-head", None
+    if _global_hooks():
+        return "global-module-hooks", None
+    if "forward" in module.__dict__:
+        hook = _accelerate_hook(module)
+        if hook is None:
+            return ("hooked-head" if "_hf_hook" in module.__dict__ else "instance-forward"), None
+        return None, hook
+    return None, None
+
+
+def explain_head(head: Any) -> HeadPlan | str:
+    """The exact ``linear(transform(x))`` form of ``head(x)``, or the reason (a short code) there is none.
 
     A plain ``nn.Linear`` (exactly that type: subclasses and PEFT/quantised wrappers may compute something else)
-    is its own plan. A composite head must be a chain of modules whose forwards the splitter understands, called
-    through ``nn.Module.__call__`` with no hooks, ending in an ``nn.Linear``.
+    is its own plan. A composite head must be a chain of modules whose forwards the splitter understands, ending
+    in an ``nn.Linear``. Every module entered is called through ``nn.Module.__call__`` with no hooks (local or
+    global) and no instance ``forward``, except accelerate's device-alignment hook, which the plan applies.
     """
-    if type(head) is nn.Linear:
-        return HeadPlan(prefixes=(), linear=head)
     if not isinstance(head, nn.Module):
-        return None
-    prefixes: list[Callable[[torch.Tensor], torch.Tensor]] = []
+        return "not-a-module"
+    entries: list[_Entry] = []
     module: nn.Module = head
-    for _ in range(_MAX_DEPTH):
-        if _bypass_changes_behaviour(module):
-            return None
+    for _ in range(_MAX_DEPTH + 1):
+        refusal, hook = _bypass_refusal(module)
+        if refusal is not None:
+            return refusal
+        if type(module) is nn.Linear:
+            entries.append(_Entry(module, hook, None))
+            return HeadPlan(entries=tuple(entries), linear=module)
         step = _step_for(type(module))
         if step is None:
-            return None
+            return "linear-subclass" if isinstance(module, nn.Linear) else "wrapped-head"
         child = module._modules.get(step.final)
         if child is None or getattr(module, step.final, None) is not child:
-            return None
-        prefixes.append(functools.partial(step.prefix, module))
-        if type(child) is nn.Linear:
-            if _bypass_changes_behaviour(child):
-                return None
-            return HeadPlan(prefixes=tuple(prefixes), linear=child)
+            return "wrapped-head"
+        entries.append(_Entry(module, hook, functools.partial(step.prefix, module)))
         module = child
-    return None
+    return "wrapped-head"
+
+
+def resolve_head(head: Any) -> HeadPlan | None:
+    """``explain_head`` without the reason."""
+    plan = explain_head(head)
+    return plan if isinstance(plan, HeadPlan) else None

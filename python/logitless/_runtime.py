@@ -1,28 +1,44 @@
 """The object rewritten forwards see as ``__logitless__`` (contract: docs/design.md, "Rewrite contract").
 
 Every decision a rewritten forward makes at run time goes through this module, so that the generated code stays a
-plain branch and the policy (when to fuse, whether to keep logits) lives in one reviewed place.
+plain branch and the policy (when to fuse, whether to keep logits) lives in one reviewed place. Each decision is
+counted per model class, with the reason when the stock path is taken, so that ``audit()`` can tell "patched but
+never fused" from "fused".
 """
 
 from __future__ import annotations
 
-import os
+import threading
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["fusable", "hf_loss", "no_logits", "return_logits", "set_enabled", "set_return_logits"]
-
-_TRUTHY = {"1", "true", "yes", "on"}
+__all__ = [
+    "fusable",
+    "hf_loss",
+    "no_logits",
+    "return_logits",
+    "runtime_counts",
+    "reset_counts",
+    "set_enabled",
+    "set_fuse_eval",
+    "set_return_logits",
+]
 
 # Flipped by logitless.installer: a forward that outlives uninstall() (e.g. a bound method someone kept) must fall
 # back to the stock statements rather than keep fusing.
 _enabled = False
-_return_logits = os.environ.get("LOGITLESS_RETURN_LOGITS", "").strip().lower() in _TRUTHY
+# Set by install() from its arguments or, when they are not given, from the environment (logitless._config).
+_return_logits = False
+_fuse_eval = False
 # transformers' ForCausalLMLoss, resolved on the first fused forward: `LOGITLESS=1 python -m logitless audit`
 # installs the hook but must not import torch or transformers.
 _stock_loss: Any = None
+
+_counts_lock = threading.Lock()
+# "module.Class" -> {"fused": n, "stock": {reason: n}}
+_counts: dict[str, dict[str, Any]] = {}
 
 
 def set_enabled(value: bool) -> None:
@@ -35,6 +51,15 @@ def set_return_logits(value: bool) -> None:
     _return_logits = bool(value)
 
 
+def set_fuse_eval(value: bool) -> None:
+    global _fuse_eval
+    _fuse_eval = bool(value)
+
+
+def fuse_eval() -> bool:
+    return _fuse_eval
+
+
 def _stock_causal_loss() -> Any:
     global _stock_loss
     if _stock_loss is None:
@@ -44,27 +69,59 @@ def _stock_causal_loss() -> Any:
     return _stock_loss
 
 
-def fusable(model: Any, head: Any) -> bool:
-    """True when the fused loss computes exactly what ``model.loss_function`` would.
+def _record(model: Any, reason: str | None) -> None:
+    cls = type(model)
+    key = f"{cls.__module__}.{cls.__qualname__}"
+    with _counts_lock:
+        entry = _counts.setdefault(key, {"fused": 0, "stock": {}})
+        if reason is None:
+            entry["fused"] += 1
+        else:
+            entry["stock"][reason] = entry["stock"].get(reason, 0) + 1
 
-    ``PreTrainedModel.loss_function`` is a property: a user-assigned loss is stored in ``_loss_function`` and
-    returned as is, otherwise ``LOSS_MAPPING[loss_type]`` is returned. Only the stock causal-LM loss object itself
-    is fused; anything else (a custom loss, a wrapped loss, another loss type) keeps the original statements.
-    The head must be exactly ``nn.Linear`` (subclasses and PEFT/quantised wrappers may change what ``head(x)``
-    computes, so they are never reduced to ``x @ head.weight.T + head.bias``), or a composite head that
-    ``logitless._heads`` reduces exactly to an ``nn.Linear`` after the head's own leading statements.
-    """
+
+def runtime_counts() -> dict[str, dict[str, Any]]:
+    """A copy of the per-class counts of labelled forwards: fused, and stock by reason."""
+    with _counts_lock:
+        return {key: {"fused": v["fused"], "stock": dict(v["stock"])} for key, v in _counts.items()}
+
+
+def reset_counts() -> None:
+    with _counts_lock:
+        _counts.clear()
+
+
+def _stock_reason(model: Any, head: Any) -> str | None:
     if not _enabled:
-        return False
-    from logitless._heads import resolve_head
-
-    if resolve_head(head) is None:
-        return False
+        return "uninstalled"
+    if not getattr(model, "training", True) and not _fuse_eval:
+        # Trainer.evaluate / predict and compute_metrics read the logits: eval mode keeps the stock forward.
+        return "eval-mode"
     try:
         loss_function = model.loss_function
     except AttributeError:
-        return False
-    return loss_function is _stock_causal_loss()
+        return "no-loss-function"
+    if loss_function is not _stock_causal_loss():
+        return "custom-loss"
+    from logitless._heads import explain_head
+
+    plan = explain_head(head)
+    return plan if isinstance(plan, str) else None
+
+
+def fusable(model: Any, head: Any) -> bool:
+    """True when the fused loss computes exactly what ``model.loss_function`` would on ``head``'s logits.
+
+    ``PreTrainedModel.loss_function`` is a property: a user-assigned loss is stored in ``_loss_function`` and
+    returned as is, otherwise ``LOSS_MAPPING[loss_type]`` is returned. Only the stock causal-LM loss object itself
+    is fused; anything else (a custom loss, a wrapped loss, another loss type) keeps the original statements. The
+    head must reduce exactly to an ``nn.Linear`` (``logitless._heads.explain_head``): hooked, wrapped or subclassed
+    heads are never reduced to their ``.weight``. In eval mode the stock path runs (real logits) unless
+    ``install(fuse_eval=True)``. Every answer is counted for ``audit()``, with its reason when False.
+    """
+    reason = _stock_reason(model, head)
+    _record(model, reason)
+    return reason is None
 
 
 def no_logits(hidden: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
@@ -74,7 +131,7 @@ def no_logits(hidden: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
 
 
 def return_logits() -> bool:
-    """``install(return_logits=True)`` / ``LOGITLESS_RETURN_LOGITS=1``: also compute the real logits."""
+    """``install(return_logits=True)`` (or ``LOGITLESS_RETURN_LOGITS=1`` when not given): also compute the logits."""
     return _return_logits
 
 

@@ -2,7 +2,7 @@
 
 Rewritten model forwards call this instead of ``self.lm_head`` + ``self.loss_function`` (docs/design.md, "Rewrite
 contract"). It takes the head module rather than logits (an ``nn.Linear``, or a composite head that
-``logitless._heads`` reduces to one), and mirrors ``ForCausalLMLoss``: ``num_items_in_batch``
+``logitless._heads`` reduces to one; any other head raises ``TypeError``, never a guess), and mirrors ``ForCausalLMLoss``: ``num_items_in_batch``
 (int or tensor on any device), a pre-shifted ``shift_labels``, ``ignore_index``; any other keyword is ignored, as
 ``ForCausalLMLoss`` ignores it.
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from logitless._heads import resolve_head
+from logitless._heads import HeadPlan, explain_head
 from logitless.ops import linear_cross_entropy
 
 __all__ = ["hf_loss"]
@@ -39,32 +39,35 @@ def hf_loss(
     Epilogue values of ``None`` mean "not set" (models read them from configs where they are often ``None``).
     """
     del kwargs  # ForCausalLMLoss forwards extras to fixed_cross_entropy, which ignores them.
-    if not isinstance(lm_head, torch.nn.Linear):
-        # A composite head (RobertaLMHead, BERT's cls): its leading statements run as written, the loss is fused
-        # on its final nn.Linear.
-        plan = resolve_head(lm_head)
-        if plan is not None:
-            hidden = plan.transform(hidden)
-            lm_head = plan.linear
-    weight = getattr(lm_head, "weight", None)
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"lm_head: expected a linear layer with a .weight tensor, got {type(lm_head).__name__}")
-    bias = getattr(lm_head, "bias", None)
-    if vocab_size is not None and int(vocab_size) != weight.shape[0]:
+    plan = explain_head(lm_head)
+    if not isinstance(plan, HeadPlan):
+        # Reading .weight off a hooked, wrapped (PEFT, quantised) or subclassed head would drop what its call adds.
+        raise TypeError(
+            f"lm_head: cannot fuse a {type(lm_head).__module__}.{type(lm_head).__qualname__} exactly ({plan}): "
+            "expected an nn.Linear, or a composite head ending in one, called without hooks other than "
+            "accelerate's device alignment; compute its logits and the stock loss instead"
+        )
+    vocab = plan.linear.out_features
+    if vocab_size is not None and int(vocab_size) != vocab:
         raise ValueError(
-            f"vocab_size: expected the head's output size {weight.shape[0]}, got {vocab_size} "
+            f"vocab_size: expected the head's output size {vocab}, got {vocab_size} "
             "(the stock loss would reshape the logits to a different vocabulary)"
         )
-    return linear_cross_entropy(
-        hidden,
-        weight,
-        labels,
-        bias=bias,
-        shift_labels=shift_labels,
-        ignore_index=ignore_index,
-        num_items_in_batch=num_items_in_batch,
-        logits_bias=logits_bias,
-        logit_scale_multiply=logit_scale_multiply,
-        logit_scale_divide=logit_scale_divide,
-        logit_softcapping=logit_softcapping,
-    )
+
+    def fused(x: torch.Tensor) -> torch.Tensor:
+        # The weight is read here, after any offloading hook has brought it in.
+        return linear_cross_entropy(
+            x,
+            plan.linear.weight,
+            labels,
+            bias=plan.linear.bias,
+            shift_labels=shift_labels,
+            ignore_index=ignore_index,
+            num_items_in_batch=num_items_in_batch,
+            logits_bias=logits_bias,
+            logit_scale_multiply=logit_scale_multiply,
+            logit_scale_divide=logit_scale_divide,
+            logit_softcapping=logit_softcapping,
+        )
+
+    return plan.apply(hidden, fused)

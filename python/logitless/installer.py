@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import inspect
-import os
 import re
 import sys
 import threading
@@ -27,7 +26,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, TypeVar
 
-from logitless import _runtime
+from logitless import _config, _runtime
 from logitless._hook import MODELING_MODULE, ModelingImportHook
 from logitless._patching import PatchError, build_forward, forget_source, forward_hash, forward_source
 
@@ -36,7 +35,6 @@ __all__ = ["audit", "canonical_hash", "install", "patch", "register_canonical", 
 MIN_TRANSFORMERS = (4, 56)
 _CAUSAL_CLASS = re.compile(r"\w+(ForCausalLM|ForConditionalGeneration)$")
 _HASH = re.compile(r"^[0-9a-f]{64}$")
-_TRUTHY = {"1", "true", "yes", "on"}
 
 ModelT = TypeVar("ModelT")
 
@@ -90,16 +88,20 @@ def _supported() -> bool:
     return True
 
 
-def install(return_logits: bool = False) -> None:
+def install(return_logits: bool | None = None, fuse_eval: bool | None = None) -> None:
     """Patch transformers' causal LMs now and on import. Idempotent; thread-safe.
 
-    ``return_logits=True`` (or ``LOGITLESS_RETURN_LOGITS=1``) keeps real logits in the outputs of fused forwards
-    (the loss is still fused).
+    ``return_logits=True`` keeps real logits in the outputs of fused forwards (the loss is still fused).
+    ``fuse_eval=True`` fuses the loss in eval mode too (then the logits are empty there as well, unless
+    ``return_logits``); by default a model in eval mode runs its stock forward, so ``Trainer.evaluate`` /
+    ``predict`` / ``compute_metrics`` see real logits. An argument left ``None`` takes its environment variable
+    (``LOGITLESS_RETURN_LOGITS``, ``LOGITLESS_FUSE_EVAL``); an explicit argument wins over the environment. A later
+    call updates them.
     """
     global _hook
-    env = os.environ.get("LOGITLESS_RETURN_LOGITS", "").strip().lower() in _TRUTHY
     with _LOCK:
-        _runtime.set_return_logits(return_logits or env)
+        _runtime.set_return_logits(_config.return_logits() if return_logits is None else return_logits)
+        _runtime.set_fuse_eval(_config.fuse_eval() if fuse_eval is None else fuse_eval)
         if _hook is not None:
             return
         if not _supported():
@@ -132,6 +134,7 @@ def uninstall() -> None:
         _patched.clear()
         _records.clear()
         _hashes.clear()
+        _runtime.reset_counts()
 
 
 def patch(model: ModelT) -> ModelT:
@@ -175,24 +178,34 @@ def register_canonical(
 
 
 def audit() -> dict[str, Any]:
-    """A JSON-safe report: ``{"installed", "return_logits", "transformers", "counts", "classes"}``.
+    """A JSON-safe report (schema in docs/spec.md, "audit"): ``{"installed", "return_logits", "fuse_eval",
+    "transformers", "counts", "classes", "runtime"}``.
 
     ``classes`` maps ``"module.Class"`` to ``{"status": "patched", "tier", "head", "epilogue", ...}``,
     ``{"status": "refused", "code", "reason", ...}``, ``{"status": "failed", "code", "error"}`` or
-    ``{"status": "inherited", "from"}`` (the class uses a parent's forward).
+    ``{"status": "inherited", "from"}`` (the class uses a parent's forward). A class whose forwards ran with labels
+    also has ``"runtime": {"fused": n, "stock": {reason: n}}``; the top-level ``runtime`` sums them.
     """
     with _LOCK:
         classes = {key: _json_safe(value) for key, value in sorted(_records.items())}
         counts: dict[str, int] = {}
         for record in classes.values():
             counts[record["status"]] = counts.get(record["status"], 0) + 1
+        total: dict[str, Any] = {"fused": 0, "stock": {}}
+        for key, run in sorted(_runtime.runtime_counts().items()):
+            classes.setdefault(key, {"status": "unseen"})["runtime"] = run
+            total["fused"] += run["fused"]
+            for reason, n in run["stock"].items():
+                total["stock"][reason] = total["stock"].get(reason, 0) + n
         version = _transformers_version()
         return {
             "installed": _hook is not None,
             "return_logits": _runtime.return_logits(),
+            "fuse_eval": _runtime.fuse_eval(),
             "transformers": ".".join(map(str, version)) if version else None,
             "counts": counts,
             "classes": classes,
+            "runtime": total,
         }
 
 

@@ -356,6 +356,7 @@ def _lce_op(
     if reduction == "mean":
         if num_items is not None:
             normaliser = num_items.to(device=device, dtype=acc)
+            normaliser = _checked_num_items(normaliser, count_host, targets, ignore_index)
         elif count_host is not None:
             normaliser = torch.tensor(float(max(count_host, 1)), dtype=acc, device=device)
         else:
@@ -387,7 +388,8 @@ def _lce_op(
         assert res.per_row is not None
         loss = res.per_row.to(acc)
     elif normaliser is not None:
-        loss = (res.loss_sum.to(acc) / normaliser).to(acc)
+        # A window without targets (num_items_in_batch = 0) has loss 0, not 0/0 (the all-ignored rule).
+        loss = torch.where(res.count == 0, 0.0, res.loss_sum.to(acc) / normaliser).to(acc)
     else:
         loss = res.loss_sum.to(acc)
     return (
@@ -396,6 +398,32 @@ def _lce_op(
         res.d_weight if res.d_weight is not None else weight.new_empty(_EMPTY_GRAD),
         res.d_bias if res.d_bias is not None else hidden.new_empty(_EMPTY_GRAD),
     )
+
+
+def _checked_num_items(
+    normaliser: torch.Tensor, count_host: int | None, targets: torch.Tensor, ignore_index: int
+) -> torch.Tensor:
+    """``num_items_in_batch`` as the divisor of the summed loss; 0 is allowed only when no target counts.
+
+    With no valid target the loss and gradients are 0 whatever the divisor (stock would give 0/0 = NaN). On CPU a
+    divisor that is not a positive finite count while targets count raises; elsewhere, without a host sync, the
+    loss and the gradients become NaN (stock gives inf or NaN), so the step is visibly bad.
+    """
+    if count_host is not None:
+        value = float(normaliser)
+        if count_host == 0:
+            return torch.ones_like(normaliser)
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(
+                f"num_items_in_batch: expected a positive number of target tokens (the summed loss is divided by "
+                f"it), got {value:g} with {count_host} target(s) not equal to ignore_index"
+            )
+        return normaliser
+    valid = (targets != ignore_index).any()
+    bad = torch.tensor(float("nan"), dtype=normaliser.dtype, device=normaliser.device)
+    ok = (normaliser > 0) & torch.isfinite(normaliser)
+    # Row gradients are scaled by 1/normaliser: 1 (times zero rows) without targets, NaN for a bad divisor.
+    return torch.where(valid, torch.where(ok, normaliser, bad), torch.ones_like(normaliser))
 
 
 @_lce_op.register_fake

@@ -18,10 +18,11 @@ Two modes:
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
+
+from logitless import _config
 
 # Without LOGITLESS_CHUNK_MB the budget follows the problem (chunk_budget_bytes): a sixteenth of the float32 logits
 # it stands in for, within these bounds.
@@ -50,24 +51,18 @@ def chunk_budget_bytes(
     183 with 256 MiB). A bf16/f16 weight gradient is accumulated in a V×H float32 buffer the call holds anyway;
     there the budget is at least half that buffer (bf16 at 2048×1024×32000: 1.73 s with 16 MiB, 1.50 s with 64).
     """
-    raw = os.environ.get("LOGITLESS_CHUNK_MB", "").strip()
-    if not raw:
+    mb = _config.chunk_mb()
+    if mb is None:
         if rows <= 0 or vocab <= 0:
             return 32 << 20
         budget = rows * vocab * 4 // _AUTO_FRACTION_OF_LOGITS
         if low_precision_weight_grad:
             budget = max(budget, vocab * hidden * 4 // 2)
         return min(max(budget, min_mb << 20), _MAX_AUTO_CHUNK_MB << 20)
-    try:
-        mb = float(raw)
-    except ValueError as e:
-        raise ValueError(f"LOGITLESS_CHUNK_MB must be a positive number of MiB, got {raw!r}") from e
-    if not mb > 0:
-        raise ValueError(f"LOGITLESS_CHUNK_MB must be a positive number of MiB, got {raw!r}")
     return int(mb * (1 << 20))
 
 
-WEIGHT_GRAD_MODES = ("accumulate", "recompute")
+WEIGHT_GRAD_MODES = _config.WEIGHT_GRAD_MODES
 
 
 def weight_grad_mode() -> str:
@@ -78,10 +73,7 @@ def weight_grad_mode() -> str:
     matmuls' worth, but no V×H float32 buffer, so all scratch stays inside the chunk budget (at 8192×2048×128256 the
     buffer alone is 1 GiB). Both paths honour it; float32 weights need no buffer and ignore it.
     """
-    mode = os.environ.get("LOGITLESS_WEIGHT_GRAD", "").strip().lower() or "accumulate"
-    if mode not in WEIGHT_GRAD_MODES:
-        raise ValueError(f"LOGITLESS_WEIGHT_GRAD must be one of {WEIGHT_GRAD_MODES}, got {mode!r}")
-    return mode
+    return _config.weight_grad()
 
 
 @dataclass(frozen=True)
