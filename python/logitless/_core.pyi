@@ -34,13 +34,18 @@ def fused_linear_cross_entropy(
     d_bias: TensorView | None = None,
     chunk_budget_bytes: int | None = None,
     weight_grad: str = "accumulate",
+    num_threads: int = 1,
+    kernel_isa: str | None = None,
+    profile: bool = False,
 ) -> tuple[float, int]:
     """Fused linear + cross-entropy on CPU: (sum of per-row losses, non-ignored rows), gradients written in place.
 
     hidden [N, H], weight [V, H], bias [V] (same float dtype: float32/bfloat16/float16/float64), targets int64 [N],
     logits_bias float32 [V], row_scale float32 [N], per_row_loss float64 [N], d_* like their inputs. Gradients are
     those of sum_i s_i * loss_i with s_i = row_scale[i], else grad_scale (default 1). Epilogue values of None or 0
-    are not applied. Runs with the GIL released, serially in a fork()ed child of a process that used the pool.
+    are not applied. Runs with the GIL released on a pool of num_threads threads (1: the calling thread only),
+    owned by this process (a fork()ed child builds its own). kernel_isa caps the instruction set (portable, avx2,
+    avx512, avx512bf16; process-wide, None: the best detected); profile prints seconds per phase to stderr.
     Raises LogitlessError (ValueError) / LogitlessTypeError (TypeError) on bad input, RuntimeError on a bug.
     """
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from logitless import _core
+from logitless import _config, _core
 from logitless.torch_path import Epilogue, Result, weight_grad_mode
 
 TensorView = tuple[int, tuple[int, ...], tuple[int, ...], str]
@@ -98,6 +98,10 @@ def fused_lce(
         d_bias=_view(d_bias) if d_bias is not None else None,
         chunk_budget_bytes=_budget(hidden, weight, accumulator),
         weight_grad=mode,
+        # torch's intra-op thread count, which users and launchers set (torch.set_num_threads, OMP_NUM_THREADS).
+        num_threads=torch.get_num_threads(),
+        kernel_isa=_config.kernel_isa(),
+        profile=_config.kernel_profile(),
     )
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     return Result(

@@ -244,7 +244,11 @@ def _rewrite(source: str) -> dict[str, Any]:
     if rewrite_forward is None:
         reason = "this build of logitless._core has no rewrite_forward"
         return {"status": "refused", "code": "rewriter-unavailable", "reason": reason, "line": 0}
-    return dict(rewrite_forward(source))
+    try:
+        return dict(rewrite_forward(source))
+    except RuntimeError as exc:
+        # A rewriter bug (a Rust panic, mapped at the boundary): this class keeps its stock forward.
+        return {"status": "refused", "code": "rewriter-error", "reason": str(exc), "line": 0}
 
 
 def _patch_class(cls: type) -> None:

@@ -260,6 +260,8 @@ fn run<T: Bench>(n: usize, h: usize, v: usize, reps: usize) {
     let options = Options {
         chunk_budget_bytes: budget_mb.map_or(defaults.chunk_budget_bytes, |mb| mb << 20),
         weight_grad,
+        // THROUGHPUT_PROFILE=1: seconds per phase on stderr.
+        profile: std::env::var_os("THROUGHPUT_PROFILE").is_some(),
         ..defaults
     };
     let flops = 6.0 * (n * h * v) as f64;

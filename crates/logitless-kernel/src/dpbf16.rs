@@ -7,6 +7,8 @@
 //! Operands that start as f32 (the logits gradient) are rounded to bf16 (nearest-even) while packing, as a stock
 //! bf16 backward does. Every packing pads with zeros, so tails need no special kernel.
 
+use crate::isa::Bf16Token;
+use crate::{holds, holds_view};
 use half::bf16;
 use rayon::prelude::*;
 use std::arch::x86_64::*;
@@ -230,13 +232,13 @@ impl SplitAcc {
 }
 
 /// Rounds the split accumulator `hi`/`lo` (element for element) to bf16 in `hi`, in parallel when asked.
-pub(crate) fn round_split_into_hi(hi: &mut [u16], lo: &[u16], parallel: bool) {
+pub(crate) fn round_split_into_hi(_cpu: Bf16Token, hi: &mut [u16], lo: &[u16], parallel: bool) {
     assert_eq!(hi.len(), lo.len(), "round_split_into_hi");
     let run = |(h, l): (&mut [u16], &[u16])| {
         let mut k = 0;
         while k + 16 <= h.len() {
             // SAFETY: 16 elements at k in both (checked by the loop); the CPU has AVX512_BF16 and so
-            // avx512f/bw (module invariant).
+            // avx512f/bw (the caller holds a Bf16Token).
             unsafe { round_split16(h.as_mut_ptr().add(k), l.as_ptr().add(k)) };
             k += 16;
         }
@@ -488,7 +490,7 @@ pub(crate) unsafe fn store_rows(
 /// GEMM 1: `logits[j, v] = Σ_k hidden_j[k] · W[v, k]` for j < rows, with W read in place (`ws` between rows,
 /// even, as is `h`) and the hidden rows packed by [`pack_hidden_for_logits`].
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn logits(
+pub(crate) fn logits(_cpu: Bf16Token, 
     w: &[bf16],
     ws: usize,
     v: usize,
@@ -504,9 +506,9 @@ pub(crate) fn logits(
         h.is_multiple_of(2) && ws.is_multiple_of(2) && ws >= h,
         "logits: layout"
     );
-    assert!(v == 0 || w.len() >= (v - 1) * ws + h, "logits: weight");
+    assert!(holds_view(w.len(), v, h, ws), "logits: weight");
     assert!(
-        hp.len() >= panels * kp * NR && out.len() >= rows * v,
+        holds(hp.len(), panels, kp * NR) && holds(out.len(), rows, v),
         "logits: buffers"
     );
     let dst = SharedMut(out.as_mut_ptr());
@@ -532,7 +534,7 @@ pub(crate) fn logits(
                 (tail.as_ptr(), 1, MR)
             };
             for q in 0..panels {
-                // SAFETY: the CPU has AVX512_BF16 (module invariant); A reads stay in W's rows v0..v0+MR (full
+                // SAFETY: the CPU has AVX512_BF16 (the caller holds a Bf16Token); A reads stay in W's rows v0..v0+MR (full
                 // tile, checked by the asserts) or in `tail`; B reads stay in panel q of `hp`.
                 unsafe { micro(kp, a, a_rs, a_ks, hp[q * kp * NR..].as_ptr(), &mut tile) };
                 let ncols = NR.min(rows - q * NR);
@@ -550,7 +552,7 @@ pub(crate) fn logits(
 
 /// Rounds f32 rows to bf16 (nearest even) into `out` with row stride `ld` (>= cols, even); the padding column
 /// (if any) is zero, so k-pairs can be read straight from the rows.
-pub(crate) fn round_rows(
+pub(crate) fn round_rows(_cpu: Bf16Token, 
     g: &[f32],
     rows: usize,
     cols: usize,
@@ -559,11 +561,11 @@ pub(crate) fn round_rows(
     parallel: bool,
 ) {
     assert!(
-        g.len() >= rows * cols && out.len() >= rows * ld && ld >= cols,
+        holds(g.len(), rows, cols) && holds(out.len(), rows, ld) && ld >= cols,
         "round_rows: buffers"
     );
     let work = |(src, dst): (&[f32], &mut [u16])| {
-        // SAFETY: the CPU has AVX512_BF16 and so avx512f/bw (module invariant).
+        // SAFETY: the CPU has AVX512_BF16 and so avx512f/bw (the caller holds a Bf16Token).
         unsafe { round_row(src, dst) }
     };
     if parallel {
@@ -590,7 +592,7 @@ fn round_row(src: &[f32], dst: &mut [u16]) {
 /// GEMM 2: `dh[j, :] = Σ_v g[j, v] · W[v, :]` for j < rows, `g` already rounded to bf16 by [`round_rows`]
 /// (row stride `gs`, even).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn d_hidden(
+pub(crate) fn d_hidden(_cpu: Bf16Token, 
     g: &[u16],
     gs: usize,
     rows: usize,
@@ -602,10 +604,10 @@ pub(crate) fn d_hidden(
     parallel: bool,
 ) {
     assert!(
-        gs.is_multiple_of(2) && gs >= v && g.len() >= rows * gs && dh.len() >= rows * h,
+        gs.is_multiple_of(2) && gs >= v && holds(g.len(), rows, gs) && holds(dh.len(), rows, h),
         "d_hidden: buffers"
     );
-    assert!(v == 0 || w.len() >= (v - 1) * ws + h, "d_hidden: weight");
+    assert!(holds_view(w.len(), v, h, ws), "d_hidden: weight");
     let dst = SharedMut(dh.as_mut_ptr());
     let k_block = 2 * KP_BLOCK;
     // Over H: each piece re-reads all of the block's gradient rows, so one piece per thread.
@@ -617,7 +619,7 @@ pub(crate) fn d_hidden(
             let kc = k_block.min(v - k0);
             let kp = ceil_div(kc, 2);
             let wrow = |k: usize| &w[(k0 + k) * ws..(k0 + k) * ws + h];
-            // SAFETY: the CPU has AVX512_BF16 and so avx512f/bw/vl (module invariant).
+            // SAFETY: the CPU has AVX512_BF16 and so avx512f/bw/vl (the caller holds a Bf16Token).
             let per_panel = unsafe { pack_kmajor(&wrow, kc, h_start, h_end, &mut bp) };
             for r0 in (0..rows).step_by(MR) {
                 let mrows = MR.min(rows - r0);
@@ -650,7 +652,7 @@ pub(crate) fn d_hidden(
                         } else {
                             (r0 + MR) * h + h_start
                         };
-                        // SAFETY: module invariant for the CPU; A reads rows r0..r0+MR of `g` up to column
+                        // SAFETY: the caller holds a Bf16Token; A reads rows r0..r0+MR of `g` up to column
                         // k0 + 2·kp <= gs; B reads panel q of `bp`; the full tile's rows r0..r0+MR <= rows and
                         // columns h0..h0+32 <= h_end <= h lie in `dh`, and this thread owns [h_start, h_end).
                         unsafe {
@@ -668,7 +670,7 @@ pub(crate) fn d_hidden(
                         };
                         continue;
                     }
-                    // SAFETY: module invariant for the CPU; A reads rows r0..r0+MR of `g` up to column
+                    // SAFETY: the caller holds a Bf16Token; A reads rows r0..r0+MR of `g` up to column
                     // k0 + 2·kp <= gs (full tile) or `tail`; B reads panel q of `bp`.
                     unsafe { micro(kp, a, a_rs, a_ks, bp[q * per_panel..].as_ptr(), &mut tile) };
                     // SAFETY: rows r0.. < rows and columns h0.. < h_end <= h lie in `dh`; this thread owns
@@ -709,7 +711,7 @@ enum Target {
 /// GEMM 3: `dw[v, :] += Σ_j g[j, v] · hidden_j`, `g` rounded by [`round_rows`] (row stride `gs`); hidden packed
 /// by [`pack_hidden_for_dweight`] from the same `rows` rows.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn d_weight(
+pub(crate) fn d_weight(_cpu: Bf16Token, 
     g: &[u16],
     gs: usize,
     rows: usize,
@@ -723,16 +725,16 @@ pub(crate) fn d_weight(
     let per_panel = kp * NR;
     let panels = ceil_div(h, NR);
     assert!(
-        gs >= v && g.len() >= rows * gs && hp.len() >= panels * per_panel,
+        gs >= v && holds(g.len(), rows, gs) && holds(hp.len(), panels, per_panel),
         "d_weight"
     );
     let dst = match dw {
         WeightAcc::F32(c) => {
-            assert!(c.len() >= v * h, "d_weight");
+            assert!(holds(c.len(), v, h), "d_weight");
             Target::F32(SharedMut(c.as_mut_ptr()))
         }
         WeightAcc::Split { hi, lo } => {
-            assert!(hi.len() >= v * h, "d_weight");
+            assert!(holds(hi.len(), v, h), "d_weight");
             Target::Split(SplitAcc::new(hi, lo))
         }
     };
@@ -770,7 +772,7 @@ pub(crate) fn d_weight(
                     // accumulator (asserted), and this thread owns rows [v_start, v_end).
                     let c = v0 * h + h0;
                     match dst {
-                        // SAFETY: module invariant for the CPU; A reads `ap`, B reads panel q of `hp`; C as above.
+                        // SAFETY: the caller holds a Bf16Token; A reads `ap`, B reads panel q of `hp`; C as above.
                         Target::F32(d) => unsafe {
                             micro_c(kp, ap.as_ptr(), 1, MR, b, d.at(c), h, true, d.at(next))
                         },
@@ -781,7 +783,7 @@ pub(crate) fn d_weight(
                     }
                     continue;
                 }
-                // SAFETY: module invariant for the CPU; A reads `ap`, B reads panel q of `hp`.
+                // SAFETY: the caller holds a Bf16Token; A reads `ap`, B reads panel q of `hp`.
                 unsafe { micro(kp, ap.as_ptr(), 1, MR, b, &mut tile) };
                 let cols = NR.min(h - h0);
                 // Rows v0.. < v_end <= v and columns h0.. < h lie in the accumulator; this thread owns rows
@@ -809,7 +811,7 @@ pub(crate) fn d_weight(
 
 /// Best-of-`reps` seconds of each of the three GEMMs above at full size (`n` rows at once, no blocking), on
 /// synthetic data: the bf16 engine's own rate, for the throughput benchmark's ratio.
-pub(crate) fn time_three(n: usize, h: usize, v: usize, reps: usize) -> [f64; 3] {
+pub(crate) fn time_three(cpu: Bf16Token, n: usize, h: usize, v: usize, reps: usize) -> [f64; 3] {
     let x: Vec<bf16> = (0..n * h)
         .map(|i| bf16::from_f32(((i % 97) as f32 - 48.0) / 64.0))
         .collect();
@@ -838,13 +840,13 @@ pub(crate) fn time_three(n: usize, h: usize, v: usize, reps: usize) -> [f64; 3] 
     };
     let t1 = best(&mut || {
         pack_hidden_for_logits(row, n, h, &mut hp1);
-        logits(&w, h, v, h, &hp1, n, &mut logits_out, true);
+        logits(cpu, &w, h, v, h, &hp1, n, &mut logits_out, true);
     });
-    round_rows(&logits_out, n, v, gs, &mut g16, true);
-    let t2 = best(&mut || d_hidden(&g16, gs, n, &w, h, v, h, &mut dh, true));
+    round_rows(cpu, &logits_out, n, v, gs, &mut g16, true);
+    let t2 = best(&mut || d_hidden(cpu, &g16, gs, n, &w, h, v, h, &mut dh, true));
     let t3 = best(&mut || {
         pack_hidden_for_dweight(row, n, h, &mut hp3);
-        d_weight(&g16, gs, n, v, h, &hp3, WeightAcc::F32(&mut dw), true);
+        d_weight(cpu, &g16, gs, n, v, h, &hp3, WeightAcc::F32(&mut dw), true);
     });
     [t1, t2, t3]
 }
@@ -880,10 +882,10 @@ fn round_bits16(x: __m512i) -> __m256i {
 /// Rounds the first `rows` f32 rows of `buf` (`cols` apart) to bf16 in place, as rows `ld` u16 apart (`ld` is
 /// `cols` or `cols + 1`; the padding column is zero), and returns them: the logits block doubles as the bf16
 /// gradient, so that copy costs no memory.
-pub(crate) fn round_rows_in_place(buf: &mut [f32], rows: usize, cols: usize, ld: usize) -> &[u16] {
+pub(crate) fn round_rows_in_place(_cpu: Bf16Token, buf: &mut [f32], rows: usize, cols: usize, ld: usize) -> &[u16] {
     const CHUNK: usize = 16;
     assert!(
-        cols >= 1 && (ld == cols || ld == cols + 1) && buf.len() >= rows * cols,
+        cols >= 1 && (ld == cols || ld == cols + 1) && holds(buf.len(), rows, cols),
         "round_rows_in_place"
     );
     let base = buf.as_mut_ptr();
@@ -892,7 +894,7 @@ pub(crate) fn round_rows_in_place(buf: &mut [f32], rows: usize, cols: usize, ld:
         let mut k = 0;
         while k + CHUNK <= cols {
             // SAFETY: as below (one whole chunk: its 16 f32 are loaded before its 16 u16 are stored, and those end
-            // no later than the chunk's own f32 did); the CPU has AVX512_BF16 and so avx512f/bw (module invariant).
+            // no later than the chunk's own f32 did); the CPU has AVX512_BF16 and so avx512f/bw (the caller holds a Bf16Token).
             unsafe { round16(base.add(j * cols + k), out.add(j * ld + k)) };
             k += CHUNK;
         }

@@ -5,6 +5,8 @@
 //! copies of tail tiles. Full tiles of d_hidden and d_weight are accumulated straight into the output with the
 //! next tile's lines prefetched. x86-64 only; used for f32 when `isa::current()` is an AVX-512 level.
 
+use crate::isa::Avx512Token;
+use crate::{holds, holds_view};
 use crate::dpbf16::{MR, NR, PIECES_PER_THREAD, SharedMut, ceil_div, split, store_rows};
 use std::arch::x86_64::*;
 
@@ -143,7 +145,7 @@ pub(crate) fn pack_hidden_for_logits<'a>(
 /// GEMM 1: `logits[j, v] = Σ_k hidden_j[k] · W[v, k]` for j < rows; W read in place (`ws` between rows),
 /// hidden packed by [`pack_hidden_for_logits`].
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn logits(
+pub(crate) fn logits(_cpu: Avx512Token, 
     w: &[f32],
     ws: usize,
     v: usize,
@@ -155,11 +157,11 @@ pub(crate) fn logits(
 ) {
     let panels = ceil_div(rows, NR);
     assert!(
-        ws >= h && (v == 0 || w.len() >= (v - 1) * ws + h),
+        ws >= h && holds_view(w.len(), v, h, ws),
         "logits: weight"
     );
     assert!(
-        hp.len() >= panels * h * NR && out.len() >= rows * v,
+        holds(hp.len(), panels, h * NR) && holds(out.len(), rows, v),
         "logits: buffers"
     );
     let dst = SharedMut(out.as_mut_ptr());
@@ -180,7 +182,7 @@ pub(crate) fn logits(
                     (tail.as_ptr(), 1, MR)
                 };
                 for q in g0..panels.min(g0 + per_group) {
-                    // SAFETY: the CPU has avx512f (module invariant); A reads W's rows v0..v0+MR up to column h (full
+                    // SAFETY: the CPU has avx512f (the caller holds an Avx512Token); A reads W's rows v0..v0+MR up to column h (full
                     // tile, asserted above) or `tail`; B reads panel q of `hp`.
                     unsafe { micro(h, a, a_rs, a_ks, hp[q * h * NR..].as_ptr(), NR, &mut tile) };
                     for j in 0..NR.min(rows - q * NR) {
@@ -198,7 +200,7 @@ pub(crate) fn logits(
 
 /// GEMM 2: `dh[j, :] = Σ_v g[j, v] · W[v, :]` for j < rows (`g` row-major with `v` columns).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn d_hidden(
+pub(crate) fn d_hidden(_cpu: Avx512Token, 
     g: &[f32],
     rows: usize,
     w: &[f32],
@@ -209,11 +211,11 @@ pub(crate) fn d_hidden(
     parallel: bool,
 ) {
     assert!(
-        g.len() >= rows * v && dh.len() >= rows * h,
+        holds(g.len(), rows, v) && holds(dh.len(), rows, h),
         "d_hidden: buffers"
     );
     assert!(
-        ws >= h && (v == 0 || w.len() >= (v - 1) * ws + h),
+        ws >= h && holds_view(w.len(), v, h, ws),
         "d_hidden: weight"
     );
     let dst = SharedMut(dh.as_mut_ptr());
@@ -293,7 +295,7 @@ pub(crate) fn d_hidden(
 /// scratch for `hb` packed as 32-column panels `[rows][32]` (contiguous, so a panel streams through the cache
 /// instead of touching `rows` lines `4h` bytes apart).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn d_weight(
+pub(crate) fn d_weight(_cpu: Avx512Token, 
     g: &[f32],
     rows: usize,
     v: usize,
@@ -304,7 +306,7 @@ pub(crate) fn d_weight(
     parallel: bool,
 ) {
     assert!(
-        g.len() >= rows * v && hb.len() >= rows * h && dw.len() >= v * h,
+        holds(g.len(), rows, v) && holds(hb.len(), rows, h) && holds(dw.len(), v, h),
         "d_weight: buffers"
     );
     let panels = ceil_div(h, NR);
@@ -366,7 +368,7 @@ pub(crate) fn d_weight(
 
 /// Best-of-`reps` seconds of each of the three GEMMs above at full size (`n` rows at once) on synthetic data: the
 /// f32 engine's own rate, for the throughput benchmark's ratio.
-pub(crate) fn time_three(n: usize, h: usize, v: usize, reps: usize) -> [f64; 3] {
+pub(crate) fn time_three(cpu: Avx512Token, n: usize, h: usize, v: usize, reps: usize) -> [f64; 3] {
     let x: Vec<f32> = (0..n * h)
         .map(|i| ((i % 97) as f32 - 48.0) / 64.0)
         .collect();
@@ -392,10 +394,10 @@ pub(crate) fn time_three(n: usize, h: usize, v: usize, reps: usize) -> [f64; 3] 
     };
     let t1 = best(&mut || {
         pack_hidden_for_logits(|j| &x[j * h..(j + 1) * h], n, h, &mut hp);
-        logits(&w, h, v, h, &hp, n, &mut g, true);
+        logits(cpu, &w, h, v, h, &hp, n, &mut g, true);
     });
-    let t2 = best(&mut || d_hidden(&g, n, &w, h, v, h, &mut dh, true));
+    let t2 = best(&mut || d_hidden(cpu, &g, n, &w, h, v, h, &mut dh, true));
     let mut bp = Vec::new();
-    let t3 = best(&mut || d_weight(&g, n, v, h, &x, &mut dw, &mut bp, true));
+    let t3 = best(&mut || d_weight(cpu, &g, n, v, h, &x, &mut dw, &mut bp, true));
     [t1, t2, t3]
 }

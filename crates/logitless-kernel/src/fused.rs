@@ -143,7 +143,8 @@ pub(crate) fn run<S: Storage>(
         grad_scale,
     } = job;
     let (n, h, v) = (hidden.rows(), hidden.cols(), weight.rows());
-    let isa = isa::current();
+    let level = isa::level();
+    let isa = level.isa();
     let parallel = options.parallel;
     let ignore = options.ignore_index;
     let Grads {
@@ -154,7 +155,7 @@ pub(crate) fn run<S: Storage>(
     let (want_dh, want_dw, want_db) = (d_hidden.is_some(), d_weight.is_some(), d_bias.is_some());
     let want_grad = want_dh || want_dw || want_db;
 
-    let mut prof = Profile::new();
+    let mut prof = Profile::new(options.profile);
     if let Some(l) = per_row_loss.as_deref_mut() {
         l.fill(0.0);
     }
@@ -179,18 +180,18 @@ pub(crate) fn run<S: Storage>(
     let ws = weight.row_stride();
     // The AVX512_BF16 path reads W's bf16 pairs in place: it needs even H and row stride.
     #[cfg(target_arch = "x86_64")]
-    let dp = match (isa, as_bf16(weight.data()), as_bf16(hidden.data())) {
-        (Isa::Avx512Bf16, Some(w), Some(x)) if h % 2 == 0 && ws % 2 == 0 && ws >= h && h > 0 => {
-            Some((w, x))
+    let dp = match (level.bf16(), as_bf16(weight.data()), as_bf16(hidden.data())) {
+        (Some(cpu), Some(w), Some(x)) if h % 2 == 0 && ws % 2 == 0 && ws >= h && h > 0 => {
+            Some((cpu, w, x))
         }
         _ => None,
     };
     #[cfg(not(target_arch = "x86_64"))]
-    let dp: Option<((), ())> = None;
+    let dp: Option<((), (), ())> = None;
     // f32 on AVX-512: our FMA engine, which reads W and the gradient in place.
     #[cfg(target_arch = "x86_64")]
-    let fma: Option<&[f32]> = match isa {
-        Isa::Avx512 | Isa::Avx512Bf16 if ws >= h => as_f32(weight.data()),
+    let fma: Option<(crate::isa::Avx512Token, &[f32])> = match level.avx512() {
+        Some(cpu) if ws >= h => as_f32(weight.data()).map(|w| (cpu, w)),
         _ => None,
     };
     #[cfg(not(target_arch = "x86_64"))]
@@ -298,24 +299,24 @@ pub(crate) fn run<S: Storage>(
 
         // GEMM 1: logits = H_b · Wᵀ.
         #[cfg(target_arch = "x86_64")]
-        if let Some((w16, x16)) = dp {
+        if let Some((cpu, w16, x16)) = dp {
             let hs = hidden.row_stride();
             let row = |j: usize| &x16[idx[j] * hs..idx[j] * hs + h];
             crate::dpbf16::pack_hidden_for_logits(row, r, h, &mut hp1);
             // The compute type is f32 for bf16 storage; the casts cannot fail.
             if let Some(out) = as_f32_mut(lg) {
-                crate::dpbf16::logits(w16, ws, v, h, &hp1, r, out, parallel);
+                crate::dpbf16::logits(cpu, w16, ws, v, h, &hp1, r, out, parallel);
             }
             if dw_in_blocks {
                 crate::dpbf16::pack_hidden_for_dweight(row, r, h, &mut hp3);
             }
         }
         #[cfg(target_arch = "x86_64")]
-        if let Some(w) = fma
+        if let Some((cpu, w)) = fma
             && let (Some(x), Some(out)) = (as_f32(hb), as_f32_mut(lg))
         {
             crate::fma32::pack_hidden_for_logits(|j| &x[j * h..(j + 1) * h], r, h, &mut hpf);
-            crate::fma32::logits(w, ws, v, h, &hpf, r, out, parallel);
+            crate::fma32::logits(cpu, w, ws, v, h, &hpf, r, out, parallel);
         }
         match w_native {
             _ if dp.is_some() || fma.is_some() => {}
@@ -366,7 +367,7 @@ pub(crate) fn run<S: Storage>(
             };
             // In range: validated before any work.
             let t = targets[i] as usize;
-            let res = process_row(isa, row, t, s, want_grad, &params);
+            let res = process_row(level, row, t, s, want_grad, &params);
             *out = (res.loss, res.stats);
         };
         if parallel {
@@ -403,8 +404,8 @@ pub(crate) fn run<S: Storage>(
         // The AVX512_BF16 GEMMs read the gradient as bf16, rounded in place (the f32 values are done with).
         #[cfg(target_arch = "x86_64")]
         let (lg, g16): (&[S::C], &[u16]) = match dp {
-            Some(_) => match as_f32_mut(&mut logits[..r * v]) {
-                Some(g) => (&[], crate::dpbf16::round_rows_in_place(g, r, v, gs)),
+            Some((cpu, _, _)) => match as_f32_mut(&mut logits[..r * v]) {
+                Some(g) => (&[], crate::dpbf16::round_rows_in_place(cpu, g, r, v, gs)),
                 // Unreachable: the bf16 path computes in f32.
                 None => (&[], &[]),
             },
@@ -418,16 +419,16 @@ pub(crate) fn run<S: Storage>(
         if let Some(dh) = d_hidden.as_deref_mut() {
             let dhb = &mut dhb[..r * h];
             #[cfg(target_arch = "x86_64")]
-            if let Some((w16, _)) = dp
+            if let Some((cpu, w16, _)) = dp
                 && let Some(out) = as_f32_mut(dhb)
             {
-                crate::dpbf16::d_hidden(g16, gs, r, w16, ws, v, h, out, parallel);
+                crate::dpbf16::d_hidden(cpu, g16, gs, r, w16, ws, v, h, out, parallel);
             }
             #[cfg(target_arch = "x86_64")]
-            if let Some(w) = fma
+            if let Some((cpu, w)) = fma
                 && let (Some(g), Some(out)) = (as_f32(lg), as_f32_mut(dhb))
             {
-                crate::fma32::d_hidden(g, r, w, ws, v, h, out, parallel);
+                crate::fma32::d_hidden(cpu, g, r, w, ws, v, h, out, parallel);
             }
             match w_native {
                 _ if dp.is_some() || fma.is_some() => {}
@@ -475,11 +476,11 @@ pub(crate) fn run<S: Storage>(
         // GEMM 3: d_weight += Gᵀ · H_b.
         if let Some(dw) = d_weight.as_deref_mut().filter(|_| dw_in_blocks) {
             #[cfg(target_arch = "x86_64")]
-            if dp.is_some() {
+            if let Some((cpu, _, _)) = dp {
                 // bf16 storage, so the cast cannot fail: the split accumulator, upper halves in `dw` itself.
                 if let Some(hi) = as_bf16_bits_mut(dw) {
                     let acc = crate::dpbf16::WeightAcc::Split { hi, lo: &mut dw_lo };
-                    crate::dpbf16::d_weight(g16, gs, r, v, h, &hp3, acc, parallel);
+                    crate::dpbf16::d_weight(cpu, g16, gs, r, v, h, &hp3, acc, parallel);
                 }
                 prof.lap(3);
                 continue;
@@ -489,11 +490,11 @@ pub(crate) fn run<S: Storage>(
                 None => &mut dw_acc,
             };
             #[cfg(target_arch = "x86_64")]
-            if fma.is_some()
+            if let Some((cpu, _)) = fma
                 && let (Some(g), Some(x), Some(acc)) = (as_f32(lg), as_f32(hb), as_f32_mut(dst))
             {
                 // The hidden block packed for the logits GEMM is done with: its buffer holds this GEMM's packing.
-                crate::fma32::d_weight(g, r, v, h, x, acc, &mut hpf, parallel);
+                crate::fma32::d_weight(cpu, g, r, v, h, x, acc, &mut hpf, parallel);
                 prof.lap(3);
                 continue;
             }
@@ -522,12 +523,15 @@ pub(crate) fn run<S: Storage>(
     if recompute_dw && let Some(dw) = d_weight.as_deref_mut() {
         // The row blocks' scratch is done with: the slab pass gets the whole budget.
         drop((logits, hb, hp1, hp3, hpf, dhb, wc));
-        weight_pass::run(&job, &active_rows, &params, isa, dp, dw);
+        weight_pass::run(&job, &active_rows, &params, level, dp, dw);
         prof.lap(3);
     }
     #[cfg(target_arch = "x86_64")]
-    if split_dw && let Some(hi) = d_weight.as_deref_mut().and_then(as_bf16_bits_mut) {
-        crate::dpbf16::round_split_into_hi(hi, &dw_lo, parallel);
+    if split_dw
+        && let Some((cpu, _, _)) = dp
+        && let Some(hi) = d_weight.as_deref_mut().and_then(as_bf16_bits_mut)
+    {
+        crate::dpbf16::round_split_into_hi(cpu, hi, &dw_lo, parallel);
     }
     if let Some(dw) = d_weight
         && !dw_acc.is_empty()
@@ -550,15 +554,14 @@ pub(crate) fn run<S: Storage>(
     }
 }
 
-/// Seconds per phase, printed to stderr when `LOGITLESS_KERNEL_PROFILE` is set (for benchmarking only).
+/// Seconds per phase, printed to stderr when `Options::profile` is set (for benchmarking only).
 struct Profile {
     last: Option<std::time::Instant>,
     secs: [f64; 6],
 }
 
 impl Profile {
-    fn new() -> Self {
-        let on = std::env::var_os("LOGITLESS_KERNEL_PROFILE").is_some();
+    fn new(on: bool) -> Self {
         Self {
             last: on.then(std::time::Instant::now),
             secs: [0.0; 6],

@@ -21,8 +21,9 @@
 //! worth, no accumulator. Fresh buffers are
 //! written before any GEMM reads them, with transparent huge pages (`pages.rs`).
 //!
-//! Engines, chosen at run time (never `target-cpu=native`; [`isa::current`], capped by [`isa::set_override`] or
-//! `LOGITLESS_KERNEL_ISA=portable|avx2|avx512|avx512bf16`):
+//! Engines, chosen at run time (never `target-cpu=native`; [`isa::current`], capped by [`isa::set_override`], which
+//! the Python package sets from `LOGITLESS_KERNEL_ISA`). The SIMD entry points take tokens that only
+//! [`isa::level`] hands out after detection, so safe code cannot reach them on a CPU without the features:
 //! - f32 on AVX-512: `fma32.rs`, 12×32 FMA micro-kernels reading W and the gradient in place (the hidden block
 //!   packed for the logits and d_weight GEMMs);
 //! - f64, and f32 without AVX-512: the `gemm` crate (its own runtime dispatch: AVX-512, AVX2+FMA, NEON, scalar)
@@ -34,7 +35,7 @@
 //!
 //! The row pass has AVX-512, AVX2+FMA and portable builds of one generic body; the tests run every path.
 //! `parallel: false` uses no rayon at all (safe in a `fork()`ed child whose parent started a pool).
-//! `LOGITLESS_KERNEL_PROFILE=1` prints seconds per phase to stderr (benchmarking aid).
+//! `Options::profile` prints seconds per phase to stderr (benchmarking aid).
 #![forbid(unsafe_op_in_unsafe_fn)]
 
 #[cfg(target_arch = "x86_64")]
@@ -93,11 +94,6 @@ impl<'a, T> MatRef<'a, T> {
         cols: usize,
         row_stride: usize,
     ) -> Result<Self, KernelError> {
-        let needed = if rows == 0 || cols == 0 {
-            0
-        } else {
-            (rows - 1) * row_stride + cols
-        };
         if rows > 1 && row_stride < cols {
             return Err(KernelError::InvalidStride {
                 what: "matrix",
@@ -105,6 +101,8 @@ impl<'a, T> MatRef<'a, T> {
                 cols,
             });
         }
+        // An extent past usize::MAX cannot fit in any slice: report it as the buffer being too small.
+        let needed = view_extent(rows, cols, row_stride).unwrap_or(usize::MAX);
         if data.len() < needed {
             return Err(KernelError::BufferTooSmall {
                 what: "matrix",
@@ -134,6 +132,25 @@ impl<'a, T> MatRef<'a, T> {
     pub fn row(&self, i: usize) -> &'a [T] {
         &self.data[i * self.row_stride..i * self.row_stride + self.cols]
     }
+}
+
+/// Elements addressed by a `rows × cols` row-major view `row_stride` apart, or `None` when that overflows `usize`
+/// (checked even in release builds: a wrapped extent would let a view reach past its slice).
+pub(crate) fn view_extent(rows: usize, cols: usize, row_stride: usize) -> Option<usize> {
+    if rows == 0 || cols == 0 {
+        return Some(0);
+    }
+    (rows - 1).checked_mul(row_stride)?.checked_add(cols)
+}
+
+/// `len >= rows × cols` with the product checked (an overflowing product is never satisfied).
+pub(crate) fn holds(len: usize, rows: usize, cols: usize) -> bool {
+    rows.checked_mul(cols).is_some_and(|n| len >= n)
+}
+
+/// `len` covers a `rows × cols` view `row_stride` apart, the extent checked.
+pub(crate) fn holds_view(len: usize, rows: usize, cols: usize, row_stride: usize) -> bool {
+    view_extent(rows, cols, row_stride).is_some_and(|n| len >= n)
 }
 
 /// What models do to logits between the head and the loss, applied in this order, each only when set.
@@ -176,8 +193,12 @@ pub struct Options<'a> {
     /// How a bf16/f16 weight gradient is formed (f32/f64 accumulate into the caller's buffer either way).
     pub weight_grad: WeightGrad,
     /// `false` runs on the calling thread only (the bindings use it in a `fork()`ed child, where a rayon pool
-    /// started by the parent is dead).
+    /// started by the parent is dead). `true` uses the rayon pool the call runs in (the bindings size theirs to
+    /// torch's thread count).
     pub parallel: bool,
+    /// Print seconds per phase to stderr (benchmarking aid; the Python package sets it from
+    /// `LOGITLESS_KERNEL_PROFILE`).
+    pub profile: bool,
 }
 
 impl Default for Options<'_> {
@@ -190,6 +211,7 @@ impl Default for Options<'_> {
             chunk_budget_bytes: 60 << 20,
             weight_grad: WeightGrad::Accumulate,
             parallel: true,
+            profile: false,
         }
     }
 }
@@ -270,8 +292,10 @@ pub mod bench_support {
     /// AVX512_BF16 engine, or `None` where that engine is not used (no AVX512_BF16, or odd `h`).
     pub fn bf16_gemm_seconds(n: usize, h: usize, v: usize, reps: usize) -> Option<[f64; 3]> {
         #[cfg(target_arch = "x86_64")]
-        if crate::isa::current() == crate::isa::Isa::Avx512Bf16 && h.is_multiple_of(2) {
-            return Some(crate::dpbf16::time_three(n, h, v, reps));
+        if let Some(cpu) = crate::isa::level().bf16()
+            && h.is_multiple_of(2)
+        {
+            return Some(crate::dpbf16::time_three(cpu, n, h, v, reps));
         }
         let _ = (n, h, v, reps);
         None
@@ -280,11 +304,8 @@ pub mod bench_support {
     /// The same for f32 on the AVX-512 FMA engine, or `None` where the kernel uses the `gemm` crate for f32.
     pub fn f32_gemm_seconds(n: usize, h: usize, v: usize, reps: usize) -> Option<[f64; 3]> {
         #[cfg(target_arch = "x86_64")]
-        if matches!(
-            crate::isa::current(),
-            crate::isa::Isa::Avx512 | crate::isa::Isa::Avx512Bf16
-        ) {
-            return Some(crate::fma32::time_three(n, h, v, reps));
+        if let Some(cpu) = crate::isa::level().avx512() {
+            return Some(crate::fma32::time_three(cpu, n, h, v, reps));
         }
         let _ = (n, h, v, reps);
         None

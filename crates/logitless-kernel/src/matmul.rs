@@ -23,12 +23,16 @@ impl Layout {
             cs: row_stride,
         }
     }
+    /// Elements the view addresses; `usize::MAX` when that overflows (no slice is that long).
     fn extent(self, rows: usize, cols: usize) -> usize {
         if rows == 0 || cols == 0 {
-            0
-        } else {
-            (rows - 1) * self.rs + (cols - 1) * self.cs + 1
+            return 0;
         }
+        (rows - 1)
+            .checked_mul(self.rs)
+            .and_then(|r| (cols - 1).checked_mul(self.cs)?.checked_add(r))
+            .and_then(|x| x.checked_add(1))
+            .unwrap_or(usize::MAX)
     }
 }
 

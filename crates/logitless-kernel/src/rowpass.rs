@@ -4,7 +4,7 @@
 //! `dl/dz_j = p_j·(1 + 2·z_loss·lse) - ε/V - (1-ε)·[j = t]`, and the chain rule through the epilogue gives
 //! `dl/dy_j = dl/dz_j · k · (1 - (z_j/c)²)` (`k` = multiply/divide factor, the last factor only with softcap).
 
-use crate::isa::Isa;
+use crate::isa::Level;
 use crate::storage::Real;
 
 /// Lanes of the reductions: enough independent accumulators for 512-bit vectors of f32.
@@ -38,26 +38,27 @@ pub(crate) struct RowStats<C> {
 /// Turns `row` (pre-epilogue logits) into the gradient of `s·l` with respect to them when `grad` is set (left as
 /// the epilogue's output otherwise) and returns the row's loss. `target` is in range (checked by the caller).
 pub(crate) fn process_row<C: Real>(
-    isa: Isa,
+    level: Level,
     row: &mut [C],
     target: usize,
     s: C,
     grad: bool,
     p: &RowParams<'_, C>,
 ) -> RowResult<C> {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx512Bf16 => {
-            // SAFETY: `isa::current()` only returns an AVX-512 level when the CPU reports avx512f/bw/vl/dq.
-            unsafe { row_avx512(row, target, s, grad, p) }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if level.avx512().is_some() {
+            // SAFETY: an Avx512Token exists only when detection found avx512f/bw/vl/dq, avx2 and fma.
+            return unsafe { row_avx512(row, target, s, grad, p) };
         }
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => {
-            // SAFETY: `isa::current()` only returns Avx2 when the CPU reports avx2 and fma.
-            unsafe { row_avx2(row, target, s, grad, p) }
+        if level.avx2().is_some() {
+            // SAFETY: an Avx2Token exists only when detection found avx2 and fma.
+            return unsafe { row_avx2(row, target, s, grad, p) };
         }
-        _ => row_body(row, target, s, grad, p),
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = level;
+    row_body(row, target, s, grad, p)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -130,7 +131,7 @@ fn lane_max<C: Real>(xs: &[C]) -> C {
 /// there. `p` holds the bias vectors of the whole vocabulary (`v_total` columns).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn process_slab<C: Real>(
-    isa: Isa,
+    level: Level,
     slab: &mut [C],
     v0: usize,
     v_total: usize,
@@ -139,19 +140,20 @@ pub(crate) fn process_slab<C: Real>(
     stats: RowStats<C>,
     p: &RowParams<'_, C>,
 ) {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx512Bf16 => {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if level.avx512().is_some() {
             // SAFETY: as in `process_row`.
-            unsafe { slab_avx512(slab, v0, v_total, target, s, stats, p) }
+            return unsafe { slab_avx512(slab, v0, v_total, target, s, stats, p) };
         }
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => {
+        if level.avx2().is_some() {
             // SAFETY: as in `process_row`.
-            unsafe { slab_avx2(slab, v0, v_total, target, s, stats, p) }
+            return unsafe { slab_avx2(slab, v0, v_total, target, s, stats, p) };
         }
-        _ => slab_body(slab, v0, v_total, target, s, stats, p),
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = level;
+    slab_body(slab, v0, v_total, target, s, stats, p)
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -9,7 +9,7 @@
 
 use crate::GradScale;
 use crate::fused::Job;
-use crate::isa::Isa;
+use crate::isa::Level;
 use crate::matmul::{Layout, matmul};
 use crate::pages::{fill, hint_huge_pages};
 use crate::rowpass::{RowParams, RowStats, process_slab};
@@ -41,16 +41,16 @@ pub(crate) fn plan(budget: usize, v: usize, h: usize, active: usize, widen_w: bo
 
 /// The AVX512_BF16 operands (W and hidden as bf16, read in place), when that engine runs.
 #[cfg(target_arch = "x86_64")]
-pub(crate) type Dp<'a> = Option<(&'a [half::bf16], &'a [half::bf16])>;
+pub(crate) type Dp<'a> = Option<(crate::isa::Bf16Token, &'a [half::bf16], &'a [half::bf16])>;
 #[cfg(not(target_arch = "x86_64"))]
-pub(crate) type Dp<'a> = Option<((), ())>;
+pub(crate) type Dp<'a> = Option<((), (), ())>;
 
 /// Writes the whole weight gradient `dw` (V×H, contiguous) of the rows in `active`.
 pub(crate) fn run<S: Storage>(
     job: &Job<'_, S>,
     active: &[ActiveRow<S::C>],
     params: &RowParams<'_, S::C>,
-    isa: Isa,
+    level: Level,
     dp: Dp<'_>,
     dw: &mut [S],
 ) {
@@ -85,13 +85,13 @@ pub(crate) fn run<S: Storage>(
             let lg = &mut logits[..r * vc];
             // Logits of these rows on this slab.
             #[cfg(target_arch = "x86_64")]
-            if let Some((w16, x16)) = dp {
+            if let Some((cpu, w16, x16)) = dp {
                 let (ws, hs) = (job.weight.row_stride(), job.hidden.row_stride());
                 let row = |j: usize| &x16[block[j].0 * hs..block[j].0 * hs + h];
                 crate::dpbf16::pack_hidden_for_logits(row, r, h, &mut hp1);
                 crate::dpbf16::pack_hidden_for_dweight(row, r, h, &mut hp3);
                 if let Some(out) = crate::fused::as_f32_mut(lg) {
-                    crate::dpbf16::logits(&w16[v0 * ws..], ws, vc, h, &hp1, r, out, parallel);
+                    crate::dpbf16::logits(cpu, &w16[v0 * ws..], ws, vc, h, &hp1, r, out, parallel);
                 }
             }
             if widen {
@@ -115,7 +115,7 @@ pub(crate) fn run<S: Storage>(
                 let (i, stats) = block[j];
                 // In range: validated before any work.
                 let t = job.targets[i] as usize;
-                process_slab(isa, g, v0, v, t, scale_of(i), stats, params);
+                process_slab(level, g, v0, v, t, scale_of(i), stats, params);
             };
             if parallel {
                 lg.par_chunks_mut(vc).enumerate().for_each(slab_job);
@@ -124,16 +124,16 @@ pub(crate) fn run<S: Storage>(
             }
             // d_weight[slab] (+)= Gᵀ · H_b.
             #[cfg(target_arch = "x86_64")]
-            if dp.is_some()
+            if let Some((cpu, _, _)) = dp
                 && let Some(g) = crate::fused::as_f32_mut(lg)
                 && let Some(out) = crate::fused::as_f32_mut(acc)
             {
-                let g16 = crate::dpbf16::round_rows_in_place(g, r, vc, gs);
+                let g16 = crate::dpbf16::round_rows_in_place(cpu, g, r, vc, gs);
                 if b == 0 {
                     out.fill(0.0);
                 }
                 let acc = crate::dpbf16::WeightAcc::F32(out);
-                crate::dpbf16::d_weight(g16, gs, r, vc, h, &hp3, acc, parallel);
+                crate::dpbf16::d_weight(cpu, g16, gs, r, vc, h, &hp3, acc, parallel);
             }
             if widen {
                 matmul(

@@ -56,4 +56,42 @@ fn every_path_matches_the_reference() {
     }
     isa::set_override(None);
     assert_eq!(isa::current(), best);
+    // `make test` shows this line (--nocapture), so CI's log says which paths its CPU ran.
+    println!("kernel ISA paths run: {paths:?} (detected {best:?})");
+    for (path, flags) in cpu_claims() {
+        assert!(
+            paths.contains(&path),
+            "/proc/cpuinfo lists {flags:?}, so the {path:?} path must run here, but detection gave {best:?}"
+        );
+    }
+}
+
+/// The levels that /proc/cpuinfo's flags (a second opinion, independent of `is_x86_feature_detected!`) say this
+/// CPU has, with the flags behind each; empty where there is no /proc/cpuinfo.
+fn cpu_claims() -> Vec<(Isa, &'static [&'static str])> {
+    const LEVELS: [(Isa, &[&str]); 3] = [
+        (Isa::Avx2, &["avx2", "fma"]),
+        (
+            Isa::Avx512,
+            &["avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq"],
+        ),
+        (
+            Isa::Avx512Bf16,
+            &["avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"],
+        ),
+    ];
+    let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") else {
+        return Vec::new();
+    };
+    let Some(line) = info.lines().find(|l| l.starts_with("flags")) else {
+        return Vec::new();
+    };
+    let flags: Vec<&str> = line.split_whitespace().collect();
+    if !cfg!(target_arch = "x86_64") {
+        return Vec::new();
+    }
+    LEVELS
+        .into_iter()
+        .filter(|(_, need)| need.iter().all(|f| flags.contains(f)))
+        .collect()
 }

@@ -29,13 +29,19 @@ pub fn kernel_error(e: logitless_kernel::KernelError) -> PyErr {
 }
 
 /// A panic caught at the boundary: a bug in logitless, reported instead of unwinding into the interpreter.
-pub fn internal_error(panic: Box<dyn std::any::Any + Send>) -> PyErr {
+fn internal_error(panic: Box<dyn std::any::Any + Send>) -> PyErr {
     let msg = panic
         .downcast_ref::<&str>()
         .map(|s| (*s).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".to_owned());
     PyRuntimeError::new_err(format!("logitless internal error (please report): {msg}"))
+}
+
+/// Runs `f`, turning a panic (a bug) into the `RuntimeError` of [`internal_error`]: a `PanicException` is a
+/// `BaseException`, which would escape the installer's handlers and break `import transformers.models.X`.
+pub fn guarded<T>(f: impl FnOnce() -> T) -> PyResult<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(internal_error)
 }
 
 /// A transformers tree the audit cannot read (missing directory, unreadable file).

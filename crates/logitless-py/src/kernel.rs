@@ -4,17 +4,17 @@
 //! live `torch.Tensor`s that the caller keeps alive for the whole call. Everything about them is validated here
 //! before any slice is formed; the kernel then runs with the GIL released. Kernel errors become Python exceptions in
 //! `errors.rs`; a panic (a bug) is caught and raised as `RuntimeError`, never unwound into the interpreter.
-use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, TryLockError};
 
 use half::{bf16, f16};
+use logitless_kernel::isa::{self, Isa};
 use logitless_kernel::{
     Element, Epilogue, GradScale, Grads, KernelError, LossSummary, MatRef, Options, WeightGrad,
     fused_linear_cross_entropy,
 };
 use pyo3::prelude::*;
 
-use crate::errors::{LogitlessError, LogitlessTypeError, internal_error, kernel_error};
+use crate::errors::{LogitlessError, LogitlessTypeError, guarded, kernel_error};
 
 /// `(data_ptr, shape, strides, dtype-name)` of a torch tensor, strides in elements.
 #[derive(FromPyObject)]
@@ -237,6 +237,7 @@ struct Call {
     chunk_budget_bytes: Option<usize>,
     weight_grad: WeightGrad,
     parallel: bool,
+    profile: bool,
 }
 
 impl Call {
@@ -339,6 +340,7 @@ fn run<T: Element>(call: &Call) -> Result<LossSummary, KernelError> {
         },
         weight_grad: call.weight_grad,
         parallel: call.parallel,
+        profile: call.profile,
         ..Options::default()
     };
     if let Some(budget) = call.chunk_budget_bytes {
@@ -360,17 +362,56 @@ fn run<T: Element>(call: &Call) -> Result<LossSummary, KernelError> {
     )
 }
 
-/// The process that first ran the kernel with rayon's global pool. A `fork()`ed child inherits the pool's
-/// bookkeeping but not its threads, so work submitted there would never run: the child runs serially instead
-/// (what tokenizers does for `TOKENIZERS_PARALLELISM`).
-static POOL_OWNER_PID: AtomicU32 = AtomicU32::new(0);
+/// The kernel's thread pool: sized to the caller's thread count (torch's `get_num_threads()`, which users and
+/// launchers already set per rank), owned by the process that built it. rayon's global pool would use every
+/// core whatever torch was told.
+struct Pool {
+    pid: u32,
+    threads: usize,
+    pool: Arc<rayon::ThreadPool>,
+}
 
-fn may_use_pool() -> bool {
-    let pid = std::process::id();
-    match POOL_OWNER_PID.compare_exchange(0, pid, Ordering::SeqCst, Ordering::SeqCst) {
-        Ok(_) => true,
-        Err(owner) => owner == pid,
+static POOL: Mutex<Option<Pool>> = Mutex::new(None);
+
+/// The pool for `threads` threads, or `None` to run on the calling thread (one thread, or no pool could be had).
+///
+/// A `fork()`ed child inherits the parent's pool bookkeeping but none of its threads, so work submitted there
+/// would never run: a pool built by another process is leaked, never used or dropped, and the child builds its
+/// own. `try_lock`: a child forked while another thread held the lock must not wait for a thread it lacks.
+fn pool_for(threads: usize) -> Option<Arc<rayon::ThreadPool>> {
+    if threads <= 1 {
+        return None;
     }
+    let pid = std::process::id();
+    let mut slot = match POOL.try_lock() {
+        Ok(slot) => slot,
+        Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+        Err(TryLockError::WouldBlock) => return None,
+    };
+    if let Some(p) = slot.as_ref()
+        && p.pid == pid
+        && p.threads == threads
+    {
+        return Some(Arc::clone(&p.pool));
+    }
+    if let Some(old) = slot.take()
+        && old.pid != pid
+    {
+        // Its worker threads exist only in the parent: dropping it here would signal threads that are not there.
+        std::mem::forget(old);
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("logitless-{i}"))
+        .build()
+        .ok()?;
+    let pool = Arc::new(pool);
+    *slot = Some(Pool {
+        pid,
+        threads,
+        pool: Arc::clone(&pool),
+    });
+    Some(pool)
 }
 
 fn nonzero(x: Option<f64>) -> Option<f32> {
@@ -381,7 +422,8 @@ fn nonzero(x: Option<f64>) -> Option<f32> {
 #[pyfunction]
 #[pyo3(name = "fused_linear_cross_entropy", signature = (hidden, weight, bias, targets, *, ignore_index, label_smoothing, z_loss, logits_bias=None,
     scale_multiply=None, scale_divide=None, softcap=None, grad_scale=None, row_scale=None, per_row_loss=None,
-    d_hidden=None, d_weight=None, d_bias=None, chunk_budget_bytes=None, weight_grad="accumulate"))]
+    d_hidden=None, d_weight=None, d_bias=None, chunk_budget_bytes=None, weight_grad="accumulate", num_threads=1,
+    kernel_isa=None, profile=false))]
 #[allow(clippy::too_many_arguments)]
 fn fused_linear_cross_entropy_py(
     py: Python<'_>,
@@ -404,6 +446,9 @@ fn fused_linear_cross_entropy_py(
     d_bias: Option<TensorArg>,
     chunk_budget_bytes: Option<usize>,
     weight_grad: &str,
+    num_threads: usize,
+    kernel_isa: Option<&str>,
+    profile: bool,
 ) -> PyResult<(f64, usize)> {
     let weight_grad = match weight_grad {
         "accumulate" => WeightGrad::Accumulate,
@@ -413,6 +458,14 @@ fn fused_linear_cross_entropy_py(
                 "weight_grad: expected 'accumulate' or 'recompute', got {other:?}"
             )));
         }
+    };
+    let cap = match kernel_isa {
+        None => None,
+        Some(name) => Some(Isa::parse(name).ok_or_else(|| {
+            value_error(format!(
+                "LOGITLESS_KERNEL_ISA: expected one of portable, avx2, avx512, avx512bf16, got {name:?}"
+            ))
+        })?),
     };
     let h = matrix("hidden", &hidden, false)?;
     let w = matrix("weight", &weight, false)?;
@@ -481,27 +534,39 @@ fn fused_linear_cross_entropy_py(
         softcap: nonzero(softcap),
         chunk_budget_bytes,
         weight_grad,
-        parallel: may_use_pool(),
+        parallel: false,
+        profile,
     };
     call.check_outputs_disjoint()?;
+    // The environment is process-wide, and so is the cap (set on every call: the variable may have changed).
+    isa::set_override(cap);
+    let pool = pool_for(num_threads);
+    let call = Call {
+        parallel: pool.is_some(),
+        ..call
+    };
 
     let result = py.detach(|| {
-        catch_unwind(AssertUnwindSafe(|| match dt {
-            DType::F32 => run::<f32>(&call),
-            DType::F64 => run::<f64>(&call),
-            DType::BF16 => run::<bf16>(&call),
-            DType::F16 => run::<f16>(&call),
-            DType::I64 => Err(KernelError::InvalidOption {
-                what: "hidden",
-                why: "int64 is not a float dtype".into(),
-            }),
-        }))
-    });
-    match result {
-        Ok(Ok(summary)) => Ok((summary.loss_sum, summary.count)),
-        Ok(Err(e)) => Err(kernel_error(e)),
-        Err(panic) => Err(internal_error(panic)),
-    }
+        guarded(|| {
+            let work = || match dt {
+                DType::F32 => run::<f32>(&call),
+                DType::F64 => run::<f64>(&call),
+                DType::BF16 => run::<bf16>(&call),
+                DType::F16 => run::<f16>(&call),
+                DType::I64 => Err(KernelError::InvalidOption {
+                    what: "hidden",
+                    why: "int64 is not a float dtype".into(),
+                }),
+            };
+            match &pool {
+                Some(pool) => pool.install(work),
+                None => work(),
+            }
+        })
+    })?;
+    result
+        .map(|summary| (summary.loss_sum, summary.count))
+        .map_err(kernel_error)
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

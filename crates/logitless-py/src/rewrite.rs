@@ -5,7 +5,7 @@ use logitless_rewrite::{ClassReport, EpilogueStep, Outcome, Refusal, Rewrite, Re
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
-use crate::errors::audit_error;
+use crate::errors::{audit_error, guarded};
 
 fn epilogue_list<'py>(py: Python<'py>, steps: &[EpilogueStep]) -> PyResult<Bound<'py, PyList>> {
     let list = PyList::empty(py);
@@ -54,8 +54,9 @@ fn rewrite_dict<'py>(py: Python<'py>, r: &Rewrite) -> PyResult<Bound<'py, PyDict
 #[pyfunction]
 #[pyo3(name = "rewrite_forward")]
 fn rewrite_forward_py<'py>(py: Python<'py>, source: &str) -> PyResult<Bound<'py, PyDict>> {
-    let result =
-        py.detach(|| logitless_rewrite::rewrite_forward(source, &RewriteOptions::default()));
+    let result = py.detach(|| {
+        guarded(|| logitless_rewrite::rewrite_forward(source, &RewriteOptions::default()))
+    })?;
     match result {
         Ok(rewrite) => rewrite_dict(py, &rewrite),
         Err(refusal) => refusal_dict(py, &refusal),
@@ -66,7 +67,7 @@ fn rewrite_forward_py<'py>(py: Python<'py>, source: &str) -> PyResult<Bound<'py,
 #[pyfunction]
 #[pyo3(name = "split_head_forward")]
 fn split_head_forward_py<'py>(py: Python<'py>, source: &str) -> PyResult<Bound<'py, PyDict>> {
-    match py.detach(|| logitless_rewrite::split_head_forward(source)) {
+    match py.detach(|| guarded(|| logitless_rewrite::split_head_forward(source)))? {
         Ok(split) => {
             let d = PyDict::new(py);
             d.set_item("status", "split")?;
@@ -110,7 +111,7 @@ fn report_dict<'py>(py: Python<'py>, r: &ClassReport) -> PyResult<Bound<'py, PyD
 #[pyo3(name = "audit_tree")]
 fn audit_tree_py<'py>(py: Python<'py>, models_dir: &str) -> PyResult<Bound<'py, PyList>> {
     let reports = py
-        .detach(|| logitless_rewrite::audit_tree(Path::new(models_dir)))
+        .detach(|| guarded(|| logitless_rewrite::audit_tree(Path::new(models_dir))))?
         .map_err(audit_error)?;
     let list = PyList::empty(py);
     for r in &reports {

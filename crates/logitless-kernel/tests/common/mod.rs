@@ -324,6 +324,7 @@ pub fn run<T: TestElement>(c: &Case, w: Want) -> Got {
         chunk_budget_bytes: w.budget,
         weight_grad: w.weight_grad,
         parallel: w.parallel,
+        profile: false,
     };
     // Garbage in the output buffers: the kernel must overwrite all of it.
     let junk = T::from_f64(7.0);
