@@ -20,7 +20,6 @@ import logitless
 from logitless import _core
 from logitless._heads import resolve_head
 
-pytestmark = pytest.mark.skipif(not hasattr(_core, "split_head_forward"), reason="rewriter not built")
 VOCAB = 96
 
 

@@ -1,7 +1,7 @@
-"""The installer (spec §3, issue 5): hook, tiers, audit, uninstall, and every way a patch must fall back to stock.
+"""The installer (docs/spec.md §3): hook, tiers, audit, uninstall, and every way a patch must fall back to stock.
 
-References are stock transformers (logitless uninstalled) in the same process. Tests that need the Rust rewriter
-(tier 2) are parametrised next to a tier-1 hand-written forward, so the installer machinery is covered either way.
+References are stock transformers (logitless uninstalled) in the same process. Tests of the Rust rewriter
+(tier 2) are parametrised next to a tier-1 hand-written forward.
 """
 
 from __future__ import annotations
@@ -28,13 +28,11 @@ from transformers.modeling_utils import slice_logits_to_keep
 
 import _tiny_lm as tiny
 import logitless
-from logitless import _core, _runtime
+from logitless import _runtime
 from logitless._hook import ModelingImportHook
 from logitless._patching import PatchError, build_forward, forget_source, forward_source
 
 li = importlib.import_module("logitless.installer")
-HAS_REWRITER = hasattr(_core, "rewrite_forward")
-needs_rewriter = pytest.mark.skipif(not HAS_REWRITER, reason="logitless._core.rewrite_forward is not built")
 LLAMA_KEY = f"{LlamaForCausalLM.__module__}.LlamaForCausalLM"
 STOCK_LLAMA_FORWARD = LlamaForCausalLM.__dict__["forward"]
 
@@ -83,7 +81,7 @@ def _clean_world(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     assert LlamaForCausalLM.__dict__["forward"] is STOCK_LLAMA_FORWARD
 
 
-@pytest.fixture(params=["tier1", pytest.param("tier2", marks=needs_rewriter)])
+@pytest.fixture(params=["tier1", "tier2"])
 def tier(request: pytest.FixtureRequest) -> int:
     """Install logitless with LlamaForCausalLM patched by the given tier; returns the tier number."""
     if request.param == "tier1":
@@ -356,7 +354,6 @@ def test_refusal_is_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
 # --- tier 2 specifics -----------------------------------------------------------------------------------------------
 
 
-@needs_rewriter
 def test_rewritten_forward_is_inspectable_and_traceback_shows_it() -> None:
     logitless.install()
     record = logitless.audit()["classes"][LLAMA_KEY]
@@ -375,7 +372,6 @@ def test_rewritten_forward_is_inspectable_and_traceback_shows_it() -> None:
     assert rewritten and "__logitless__.hf_loss(" in (rewritten[-1].line or ""), frames
 
 
-@needs_rewriter
 def test_return_logits_keeps_real_logits(monkeypatch: pytest.MonkeyPatch) -> None:
     model, batch = tiny.build("llama"), _batch()
     ref = model(**batch)
@@ -440,7 +436,6 @@ def test_env_install_imports_neither_torch_nor_transformers() -> None:
     assert done.stdout.strip() == "[]"
 
 
-@needs_rewriter
 def test_hook_patches_modules_imported_later() -> None:
     # A fresh interpreter: LOGITLESS=1 installs at import; Qwen2 is reached only through transformers' lazy Auto path.
     script = textwrap.dedent(

@@ -168,7 +168,14 @@ def _add_mm(out: torch.Tensor, g: torch.Tensor, g_lp: torch.Tensor, h: torch.Ten
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor:
-    """``h · Wᵀ + b`` in the accumulation dtype."""
+    """``h · Wᵀ + b`` in the accumulation dtype.
+
+    Where the product must be rounded to the inputs' dtype (no mixed-precision GEMM on the device), the bias goes
+    inside the GEMM, exactly as stock's ``F.linear`` does: one rounding of ``h · Wᵀ + b``, the same logits as
+    stock, rather than a rounded product plus an exact bias (a different rounding: 1.4x stock's mean loss error
+    over 20 random bf16 problems with a bias, V=8)."""
+    if bias is not None and h.dtype != acc and h.device.type != "cuda":
+        return torch.addmm(bias, h, weight.T).to(acc)
     z = _mm(h, weight.T, acc)
     if bias is not None:
         z += bias.to(acc)

@@ -255,7 +255,7 @@ pub struct LossSummary {
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum KernelError {
     #[error(
-        "target {value} at row {row} is outside [0, {vocab}) and is not ignore_index ({ignore_index})"
+        "targets: target {value} at row {row} is outside [0, {vocab}) and is not ignore_index ({ignore_index})"
     )]
     TargetOutOfRange {
         row: usize,
@@ -281,7 +281,7 @@ pub enum KernelError {
         needed: usize,
         got: usize,
     },
-    #[error("invalid option {what}: {why}")]
+    #[error("{what}: {why}")]
     InvalidOption { what: &'static str, why: String },
 }
 

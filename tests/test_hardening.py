@@ -1,0 +1,382 @@
+"""Never a silently wrong loss: hooked, wrapped and offloaded heads, empty accumulation windows, eval mode, the
+environment, threads. Every case is compared with stock transformers on identical weights (logitless uninstalled,
+or a separate process where the process environment matters).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+import _tiny_lm as tiny
+import logitless
+from logitless import _runtime
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _clean_world() -> Iterator[None]:
+    logitless.uninstall()
+    with tiny.one_thread():
+        yield
+    logitless.uninstall()
+
+
+def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, tiny.VOCAB, (2, 12), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    return {"input_ids": ids, "labels": labels}
+
+
+def _loss_and_grads(model: torch.nn.Module, **kwargs: Any) -> tuple[float, dict[str, torch.Tensor], int]:
+    model.zero_grad(set_to_none=True)
+    out = model(**_batch(), **kwargs)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.loss.item(), grads, out.logits.shape[-1]
+
+
+def _assert_same(stock: tuple[float, dict, int], ours: tuple[float, dict, int]) -> None:
+    assert math.isclose(ours[0], stock[0], rel_tol=1e-6), (ours[0], stock[0])
+    assert ours[1].keys() == stock[1].keys()
+    for name in stock[1]:
+        torch.testing.assert_close(ours[1][name], stock[1][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def _halve_output(model: torch.nn.Module) -> None:
+    model.lm_head.register_forward_hook(lambda m, i, o: o * 0.5)
+
+
+def _double_input(model: torch.nn.Module) -> None:
+    model.lm_head.register_forward_pre_hook(lambda m, i: (i[0] * 2.0,))
+
+
+def _instance_forward(model: torch.nn.Module) -> None:
+    head = model.lm_head
+    original = head.forward
+    head.forward = lambda x: original(x) * 0.5
+
+
+def _accelerate_model_hook(model: torch.nn.Module) -> None:
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class Halve(ModelHook):
+        def post_forward(self, module: torch.nn.Module, output: torch.Tensor) -> torch.Tensor:
+            return output * 0.5
+
+    add_hook_to_module(model.lm_head, Halve())
+
+
+def _backward_hook(model: torch.nn.Module) -> None:
+    model.lm_head.register_full_backward_hook(lambda m, gi, go: (gi[0] * 3.0,))
+
+
+@pytest.mark.parametrize(
+    ("hook", "reason"),
+    [
+        (_halve_output, "hooked-head"),
+        (_double_input, "hooked-head"),
+        (_instance_forward, "instance-forward"),
+        (_accelerate_model_hook, "hooked-head"),
+        (_backward_hook, "hooked-head"),
+    ],
+    ids=["forward-hook", "forward-pre-hook", "instance-forward", "accelerate-model-hook", "backward-hook"],
+)
+def test_hooked_head_takes_the_stock_path(hook: Callable[[torch.nn.Module], None], reason: str) -> None:
+    model = tiny.build("llama")
+    hook(model)
+    stock = _loss_and_grads(model)
+    logitless.install()
+    ours = _loss_and_grads(model)
+    _assert_same(stock, ours)
+    assert ours[2] == tiny.VOCAB  # stock forward: real logits
+    run = logitless.audit()["classes"]["transformers.models.llama.modeling_llama.LlamaForCausalLM"]["runtime"]
+    assert run == {"fused": 0, "stock": {reason: 1}}
+
+
+def test_global_module_hook_takes_the_stock_path() -> None:
+    from torch.nn.modules.module import register_module_forward_hook
+
+    model = tiny.build("llama")
+    handle = register_module_forward_hook(lambda m, i, o: o * 0.5 if m is model.lm_head else o)
+    try:
+        stock = _loss_and_grads(model)
+        logitless.install()
+        ours = _loss_and_grads(model)
+    finally:
+        handle.remove()
+    _assert_same(stock, ours)
+    assert logitless.audit()["runtime"]["stock"] == {"global-module-hooks": 1}
+
+
+def test_linear_subclass_head_takes_the_stock_path() -> None:
+    class Scaled(torch.nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * 0.5
+
+    model = tiny.build("llama")
+    head = Scaled(32, tiny.VOCAB, bias=False)
+    head.weight = model.lm_head.weight
+    model.lm_head = head
+    stock = _loss_and_grads(model)
+    logitless.install()
+    _assert_same(stock, _loss_and_grads(model))
+    assert logitless.audit()["runtime"]["stock"] == {"linear-subclass": 1}
+
+
+def test_accelerate_align_devices_hook_is_honoured_and_fused() -> None:
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    model = tiny.build("llama")
+    stock = _loss_and_grads(model)
+    add_hook_to_module(model.lm_head, AlignDevicesHook(execution_device="cpu", io_same_device=True))
+    logitless.install()
+    ours = _loss_and_grads(model)
+    _assert_same(stock, ours)
+    assert ours[2] == 0  # fused
+    assert logitless.audit()["runtime"] == {"fused": 1, "stock": {}}
+
+
+def test_disk_offloaded_head_is_fused_and_matches_stock(tmp_path: Path) -> None:
+    """``device_map`` with the head on disk: accelerate's offload hook brings the weight in for each call."""
+    tiny.build("llama").save_pretrained(tmp_path / "model")
+
+    def load() -> torch.nn.Module:
+        model = AutoModelForCausalLM.from_pretrained(
+            tmp_path / "model",
+            device_map={"model": "cpu", "lm_head": "disk"},
+            offload_folder=str(tmp_path / "offload"),
+            dtype=torch.float32,
+        )
+        assert model.lm_head.weight.device.type == "meta"  # really offloaded
+        return model.train()
+
+    stock = _loss_and_grads(load())
+    logitless.install()
+    model = load()
+    ours = _loss_and_grads(model)
+    _assert_same(stock, ours)
+    assert ours[2] == 0
+    assert model.lm_head.weight.device.type == "meta"  # released again, as the hook's post_forward does
+    assert logitless.audit()["runtime"] == {"fused": 1, "stock": {}}
+
+
+def test_hf_loss_refuses_a_peft_wrapped_head() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny.build("llama"), LoraConfig(r=4, target_modules=["lm_head"]))
+    head = model.base_model.model.lm_head
+    hidden, labels = torch.randn(2, 12, 32), torch.randint(0, tiny.VOCAB, (2, 12))
+    with pytest.raises(TypeError, match=r"lm_head: cannot fuse a peft\.tuners\.lora\.layer\.Linear exactly"):
+        logitless.hf_loss(hidden, head, labels, tiny.VOCAB)
+
+
+@pytest.mark.parametrize("peft_kwargs", [{"target_modules": ["lm_head"]}, {"target_modules": ["q_proj"],
+                                                                          "modules_to_save": ["lm_head"]}],
+                         ids=["lora-on-lm_head", "modules_to_save"])  # fmt: skip
+def test_peft_heads_match_stock(peft_kwargs: dict[str, Any]) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    def build() -> torch.nn.Module:
+        model = get_peft_model(tiny.build("llama"), LoraConfig(r=4, **peft_kwargs))
+        # LoRA's B starts at zero: give it values so a dropped LoRA term would show.
+        torch.manual_seed(5)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_(0, 0.5)
+        return model
+
+    stock = _loss_and_grads(build())
+    logitless.install()
+    _assert_same(stock, _loss_and_grads(build()))
+
+
+def test_num_items_in_batch_zero_without_targets_is_zero_loss_and_gradients() -> None:
+    model = tiny.build("llama")
+    batch = _batch()
+    batch["labels"][:] = -100
+    logitless.install()
+    out = model(**batch, num_items_in_batch=0)
+    out.loss.backward()
+    assert float(out.loss) == 0.0
+    assert float(model.lm_head.weight.grad.abs().sum()) == 0.0
+    assert logitless.audit()["runtime"]["fused"] == 1
+
+
+def test_num_items_in_batch_zero_with_targets_names_it() -> None:
+    model = tiny.build("llama")
+    logitless.install()
+    with pytest.raises(ValueError, match=r"^num_items_in_batch: expected a positive number of target tokens") as e:
+        model(**_batch(), num_items_in_batch=torch.tensor(0))
+    assert "grad_scale" not in str(e.value)
+
+
+def test_eval_mode_returns_stock_logits_and_trainer_evaluate_works(tmp_path: Path) -> None:
+    model = tiny.build("llama").eval()
+    with torch.no_grad():
+        stock = model(**_batch())
+    logitless.install()
+    with torch.no_grad():
+        ours = model(**_batch())
+    assert torch.equal(ours.logits, stock.logits) and torch.equal(ours.loss, stock.loss)
+    assert logitless.audit()["runtime"]["stock"] == {"eval-mode": 1}
+
+    def accuracy(pred: Any) -> dict[str, float]:
+        logits, labels = pred.predictions, pred.label_ids
+        hit = (logits[:, :-1].argmax(-1) == labels[:, 1:]) & (labels[:, 1:] != -100)
+        return {"accuracy": float(hit.sum() / (labels[:, 1:] != -100).sum())}
+
+    def evaluate() -> dict[str, float]:
+        args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_eval_batch_size=4)
+        trainer = Trainer(model=tiny.build("llama"), args=args, eval_dataset=tiny.random_examples(8),
+                          data_collator=tiny.collate, compute_metrics=accuracy)  # fmt: skip
+        return trainer.evaluate()
+
+    fused = evaluate()
+    logitless.uninstall()
+    reference = evaluate()
+    assert fused["eval_accuracy"] == reference["eval_accuracy"]
+    assert math.isclose(fused["eval_loss"], reference["eval_loss"], rel_tol=1e-6)
+
+
+def test_fuse_eval_is_an_explicit_opt_in() -> None:
+    model = tiny.build("llama").eval()
+    with torch.no_grad():
+        stock = model(**_batch()).loss
+    logitless.install(fuse_eval=True)
+    with torch.no_grad():
+        out = model(**_batch())
+    assert out.logits.shape[-1] == 0
+    assert math.isclose(float(out.loss), float(stock), rel_tol=1e-6)
+    assert logitless.audit()["runtime"] == {"fused": 1, "stock": {}}
+
+
+def test_runtime_counts_tell_fused_from_fallback() -> None:
+    model = tiny.build("llama")
+    logitless.install()
+    model(**_batch())
+    model(**_batch())
+    model.eval()
+    model(**_batch())
+    model.train()
+    model.loss_function = lambda logits, labels, vocab_size, **kw: logits.float().mean()  # a custom loss
+    model(**_batch())
+    report = logitless.audit()
+    key = "transformers.models.llama.modeling_llama.LlamaForCausalLM"
+    assert report["classes"][key]["runtime"] == {"fused": 2, "stock": {"eval-mode": 1, "custom-loss": 1}}
+    assert report["runtime"] == {"fused": 2, "stock": {"eval-mode": 1, "custom-loss": 1}}
+    json.dumps(report)
+    logitless.uninstall()
+    assert _runtime.runtime_counts() == {}
+
+
+def test_explicit_return_logits_beats_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOGITLESS_RETURN_LOGITS", "1")
+    logitless.install(return_logits=False)
+    assert logitless.audit()["return_logits"] is False
+    assert tiny.build("llama")(**_batch()).logits.shape[-1] == 0
+    logitless.uninstall()
+    logitless.install()  # not given: the environment
+    assert logitless.audit()["return_logits"] is True
+    assert tiny.build("llama")(**_batch()).logits.shape[-1] == tiny.VOCAB
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "call"),
+    [
+        ("LOGITLESS_RETURN_LOGITS", "maybe", "install"),
+        ("LOGITLESS_FUSE_EVAL", "2", "install"),
+        ("LOGITLESS_KERNEL_ISA", "avx9000", "op"),
+        ("LOGITLESS_WEIGHT_GRAD", "sometimes", "op"),
+        ("LOGITLESS_CHUNK_MB", "-3", "op"),
+        ("LOGITLESS_KERNEL_PROFILE", "loud", "op"),
+    ],
+)
+def test_invalid_environment_values_raise(monkeypatch: pytest.MonkeyPatch, name: str, value: str, call: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=rf"^{name}: expected"):
+        if call == "install":
+            logitless.install()
+        else:
+            w = torch.randn(16, 8, dtype=torch.bfloat16, requires_grad=True)
+            logitless.linear_cross_entropy(torch.randn(4, 8, dtype=torch.bfloat16), w, torch.arange(4))
+
+
+def test_kernel_isa_cap_is_applied(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each cap gives the float64 reference's loss (the paths differ in speed, not in what they compute)."""
+    torch.manual_seed(0)
+    h, w, t = torch.randn(6, 16), torch.randn(40, 16), torch.randint(0, 40, (6,))
+    reference = torch.nn.functional.cross_entropy(h.double() @ w.double().T, t)
+    for isa in ("portable", "avx2", "avx512", "avx512bf16"):
+        monkeypatch.setenv("LOGITLESS_KERNEL_ISA", isa)
+        loss = logitless.linear_cross_entropy(h, w, t, shift=False)
+        assert math.isclose(float(loss), float(reference), rel_tol=1e-5), isa
+
+
+_THREADS_SCRIPT = """
+import os, sys, torch, logitless
+torch.set_num_threads(int(sys.argv[1]))
+w = torch.randn(4000, 64, requires_grad=True)
+h = torch.randn(256, 64, requires_grad=True)
+logitless.linear_cross_entropy(h, w, torch.randint(0, 4000, (256,)), shift=False).backward()
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print(sum(n.startswith("logitless-") for n in names))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="counts threads through /proc")
+@pytest.mark.parametrize("threads", [1, 3])
+def test_kernel_threads_follow_torch(threads: int) -> None:
+    out = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, str(threads)], capture_output=True, text=True,
+                         check=True, timeout=120)  # fmt: skip
+    # One thread: the calling thread only, no pool at all.
+    assert int(out.stdout.strip().splitlines()[-1]) == (0 if threads == 1 else threads)
+
+
+_ENV_ONLY_SCRIPT = """
+import sys, torch, transformers
+from transformers import LlamaConfig, LlamaForCausalLM
+torch.manual_seed(0)
+config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                     num_attention_heads=4, num_key_value_heads=2)
+model = LlamaForCausalLM(config)
+ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+out = model(input_ids=ids, labels=ids)
+print("logitless" in sys.modules, out.logits.shape[-1], repr(float(out.loss)))
+"""
+
+
+def test_logitless_env_alone_patches_a_script_that_never_imports_it(tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(_ENV_ONLY_SCRIPT))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOGITLESS")}
+    runs = {}
+    for name, extra in (("stock", {}), ("fused", {"LOGITLESS": "1"})):
+        done = subprocess.run([sys.executable, str(script)], env={**env, **extra}, capture_output=True, text=True,
+                              timeout=300, check=True)  # fmt: skip
+        runs[name] = done.stdout.split()
+    assert runs["stock"][:2] == ["False", "128"]  # nothing imported logitless
+    assert runs["fused"][:2] == ["True", "0"]  # the startup hook did, and the forward was fused
+    assert math.isclose(float(runs["fused"][2]), float(runs["stock"][2]), rel_tol=1e-6)
+
+
+def test_wheel_ships_the_startup_hook() -> None:
+    """The .pth that makes LOGITLESS=1 work is packaged at the wheel's root (maturin ``include``)."""
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert '{ path = "python/logitless_autoinstall.pth", format = ["sdist", "wheel"] }' in pyproject
+    line = (ROOT / "python" / "logitless_autoinstall.pth").read_text().strip()
+    assert line.startswith("import ") and "LOGITLESS" in line  # site executes .pth lines starting with import
