@@ -13,6 +13,7 @@ import torch
 from ops_reference import TOLERANCES, assert_close, reference
 
 from logitless import _rust, torch_path
+from logitless._options import Epilogue, LossOptions
 from logitless.ops import linear_cross_entropy
 
 IMPLS = ["rust", "torch"]
@@ -429,8 +430,8 @@ def test_torch_path_sync_free_mode_matches_reference() -> None:
     n = int((targets != -100).sum())
     res = torch_path.fused_lce(
         hidden.detach(), weight.detach(), bias.detach() if bias is not None else None, targets,
-        ignore_index=-100, label_smoothing=0.1, z_loss=1e-3,
-        epilogue=torch_path.Epilogue(multiply=0.5, softcap=4.0), grad_scale=torch.tensor(1.0 / n),
+        LossOptions(label_smoothing=0.1, z_loss=1e-3, epilogue=Epilogue(multiply=0.5, softcap=4.0)),
+        grad_scale=torch.tensor(1.0 / n),
         row_scale=None, want_per_row=True, need_d_hidden=True, need_d_weight=True, need_d_bias=True,
         compact=False, budget_bytes=V * 4 * 3 * 5,
     )  # fmt: skip
@@ -453,8 +454,8 @@ def test_torch_path_sync_free_mode_poisons_out_of_range_targets() -> None:
     labels[4] = V + 2
     with pytest.raises(RuntimeError, match="outside"):
         torch_path.fused_lce(
-            hidden.detach(), weight.detach(), None, labels, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
-            epilogue=torch_path.Epilogue(), grad_scale=None, row_scale=None, want_per_row=False,
+            hidden.detach(), weight.detach(), None, labels, LossOptions(), grad_scale=None, row_scale=None,
+            want_per_row=False,
             need_d_hidden=False, need_d_weight=False, need_d_bias=False, compact=False,
         )  # fmt: skip
 
@@ -466,8 +467,8 @@ def test_torch_path_sync_free_mode_nan_without_assert(monkeypatch: pytest.Monkey
     hidden, weight, _, labels = make(three_d=False)
     labels[4] = -7
     res = torch_path.fused_lce(
-        hidden.detach(), weight.detach(), None, labels, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
-        epilogue=torch_path.Epilogue(), grad_scale=None, row_scale=None, want_per_row=True,
+        hidden.detach(), weight.detach(), None, labels, LossOptions(), grad_scale=None, row_scale=None,
+        want_per_row=True,
         need_d_hidden=False, need_d_weight=False, need_d_bias=False, compact=False,
     )  # fmt: skip
     assert len(asserts) == 1 and not bool(asserts[0])

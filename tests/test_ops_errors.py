@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import pytest
@@ -61,6 +63,12 @@ CASES: list[tuple[str, type[Exception], str, dict[str, Any]]] = [
     ("label_smoothing", ValueError, "^label_smoothing: expected", {"label_smoothing": 1.5}),
     ("z_loss", ValueError, "^z_loss: expected", {"z_loss": -1.0}),
     ("softcap type", TypeError, "^logit_softcapping: expected a number", {"logit_softcapping": "big"}),
+    ("softcap inf", ValueError, "^logit_softcapping: expected a finite number", {"logit_softcapping": math.inf}),
+    ("multiply nan", ValueError, "^logit_scale_multiply: expected a finite", {"logit_scale_multiply": math.nan}),
+    ("divide tensor", ValueError, "^logit_scale_divide: expected a number", {"logit_scale_divide": torch.ones(2)}),
+    ("z_loss nan", ValueError, "^z_loss: expected a finite number", {"z_loss": math.nan}),
+    ("ignore_index float", TypeError, "^ignore_index: expected an int", {"ignore_index": -100.0}),
+    ("hidden type", TypeError, "^hidden: expected a torch.Tensor, got list", {"hidden": [1.0]}),
 ]
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from logitless import _config, _core
-from logitless.torch_path import Epilogue, Result, weight_grad_mode
+from logitless._options import LossOptions
+from logitless.torch_path import Result, weight_grad_mode
 
 TensorView = tuple[int, tuple[int, ...], tuple[int, ...], str]
 
@@ -49,11 +50,8 @@ def fused_lce(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     targets: torch.Tensor,
+    options: LossOptions,
     *,
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-    epilogue: Epilogue,
     grad_scale: torch.Tensor | None,
     row_scale: torch.Tensor | None,
     want_per_row: bool,
@@ -75,6 +73,7 @@ def fused_lce(
     per_row = torch.empty(n, dtype=torch.float64) if want_per_row else None
     mode = weight_grad_mode()
     accumulator = d_weight is not None and weight.dtype in (torch.bfloat16, torch.float16) and mode == "accumulate"
+    epilogue = options.epilogue
     logits_bias = epilogue.logits_bias.contiguous() if epilogue.logits_bias is not None else None
     row_scale = row_scale.to(torch.float32).contiguous() if row_scale is not None else None
 
@@ -83,9 +82,9 @@ def fused_lce(
         _view(weight),
         _view(bias) if bias is not None else None,
         _view(targets),
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
+        ignore_index=options.ignore_index,
+        label_smoothing=options.label_smoothing,
+        z_loss=options.z_loss,
         logits_bias=_view(logits_bias) if logits_bias is not None else None,
         scale_multiply=epilogue.multiply,
         scale_divide=epilogue.divide,

@@ -17,18 +17,19 @@ derivative would silently be wrong.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Optional
 
 import torch
 
-from logitless import torch_path
+from logitless import _options, torch_path
+from logitless._options import LossOptions
 
 __all__ = ["linear_cross_entropy"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _REDUCTIONS = ("mean", "sum", "none")
-_IMPLS = ("auto", "rust", "torch")
 _EMPTY_GRAD = (0,)
 
 
@@ -80,8 +81,9 @@ def linear_cross_entropy(
     per-position losses with shape ``hidden.shape[:-1]`` (0 where ignored). The loss is float32 (float64 for float64
     inputs). A batch whose targets are all ignored has loss 0 and zero gradients.
     """
-    if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
-        raise TypeError("hidden and weight must be torch.Tensor")
+    for what, value in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{what}: expected a torch.Tensor, got {type(value).__name__}")
     if hidden.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"hidden: expected float32, bfloat16, float16 or float64, got {hidden.dtype}")
     if hidden.dim() not in (2, 3):
@@ -111,32 +113,25 @@ def linear_cross_entropy(
             raise TypeError(f"bias: expected dtype {hidden.dtype} (the dtype of hidden), got {bias.dtype}")
         if bias.device != device:
             raise ValueError(f"bias: expected device {device} (the device of hidden), got {bias.device}")
-    if logits_bias is not None:
-        if logits_bias.shape != (vocab,) or not logits_bias.is_floating_point():
-            raise ValueError(f"logits_bias: expected a float tensor of shape ({vocab},), got {tuple(logits_bias.shape)}")
-        if logits_bias.device != device:
-            raise ValueError(f"logits_bias: expected device {device} (the device of hidden), got {logits_bias.device}")
-        # Spec §1.2: the logits bias receives no gradient.
-        logits_bias = logits_bias.detach().to(torch.float32).contiguous()
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
-    if impl not in _IMPLS:
-        raise ValueError(f"impl: expected one of {_IMPLS}, got {impl!r}")
     if num_items_in_batch is not None and reduction != "mean":
         raise ValueError('num_items_in_batch: only meaningful with reduction="mean" (sum / num_items_in_batch)')
-    label_smoothing = float(label_smoothing)
-    z_loss = float(z_loss)
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing: expected a value in [0, 1], got {label_smoothing}")
-    if not z_loss >= 0.0:
-        raise ValueError(f"z_loss: expected a value >= 0, got {z_loss}")
+    options = _options.parse(
+        device=device,
+        vocab=vocab,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        logit_scale_multiply=logit_scale_multiply,
+        logit_scale_divide=logit_scale_divide,
+        logit_softcapping=logit_softcapping,
+        logits_bias=logits_bias,
+        impl=impl,
+    )
 
-    targets = _targets(hidden, labels, shift, shift_labels, ignore_index, device)
+    targets = _targets(hidden, labels, shift, shift_labels, options.ignore_index, device)
     num_items = _num_items(num_items_in_batch)
-    if impl == "auto":
-        impl = "rust" if device.type == "cpu" else "torch"
-    if impl == "rust" and device.type != "cpu":
-        raise ValueError(f'impl="rust": expected CPU tensors, got device {device}; use impl="torch" or "auto"')
 
     grad_on = torch.is_grad_enabled()
     need_dh = grad_on and hidden.requires_grad
@@ -150,16 +145,11 @@ def linear_cross_entropy(
         weight,
         bias,
         targets.reshape(rows),
-        logits_bias,
+        options.epilogue.logits_bias,
         num_items,
-        int(ignore_index),
-        label_smoothing,
-        z_loss,
-        _epilogue_value(logit_scale_multiply, "logit_scale_multiply"),
-        _epilogue_value(logit_scale_divide, "logit_scale_divide"),
-        _epilogue_value(logit_softcapping, "logit_softcapping"),
+        *options.scalars(),
         reduction,
-        impl,
+        options.impl,
         need_dh,
         need_dw,
         need_db,
@@ -212,20 +202,6 @@ def _num_items(num_items_in_batch: int | torch.Tensor | None) -> torch.Tensor | 
     return torch.tensor(float(num_items_in_batch), dtype=torch.float64)
 
 
-def _epilogue_value(value: float | torch.Tensor | None, what: str) -> float:
-    """0.0 stands for "not set" in the custom op's schema (spec §1.2: each step only when set and non-zero)."""
-    if value is None:
-        return 0.0
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{what}: expected a number, got a tensor of shape {tuple(value.shape)}")
-        value = value.item()
-    try:
-        return float(value)
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"{what}: expected a number, got {type(value).__name__}") from e
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The custom ops
 # ---------------------------------------------------------------------------------------------------------------
@@ -245,29 +221,13 @@ def _check_targets_cpu(targets: torch.Tensor, vocab: int, ignore_index: int) -> 
     return int(valid.sum())
 
 
-def _epilogue(logits_bias: torch.Tensor | None, multiply: float, divide: float, softcap: float) -> torch_path.Epilogue:
-    return torch_path.Epilogue(
-        logits_bias=logits_bias,
-        multiply=multiply or None,
-        divide=divide or None,
-        softcap=softcap or None,
-    )
-
-
 def _run(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     targets: torch.Tensor,
-    logits_bias: torch.Tensor | None,
+    options: LossOptions,
     *,
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-    multiply: float,
-    divide: float,
-    softcap: float,
-    impl: str,
     grad_scale: torch.Tensor | None,
     row_scale: torch.Tensor | None,
     want_per_row: bool,
@@ -278,49 +238,25 @@ def _run(
     device_type = hidden.device.type
     guard = torch.autocast(device_type, enabled=False) if _autocast_on(device_type) else contextlib.nullcontext()
     with guard:
-        return _run_impl(
-            hidden, weight, bias, targets, logits_bias, ignore_index=ignore_index, label_smoothing=label_smoothing,
-            z_loss=z_loss, multiply=multiply, divide=divide, softcap=softcap, impl=impl, grad_scale=grad_scale,
-            row_scale=row_scale, want_per_row=want_per_row, need=need,
-        )  # fmt: skip
+        if options.impl == "rust":
+            from logitless import _rust  # imports the extension: only when the Rust kernel is wanted
 
-
-def _run_impl(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    logits_bias: torch.Tensor | None,
-    *,
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-    multiply: float,
-    divide: float,
-    softcap: float,
-    impl: str,
-    grad_scale: torch.Tensor | None,
-    row_scale: torch.Tensor | None,
-    want_per_row: bool,
-    need: tuple[bool, bool, bool],
-) -> torch_path.Result:
-    common = {
-        "ignore_index": ignore_index,
-        "label_smoothing": label_smoothing,
-        "z_loss": z_loss,
-        "epilogue": _epilogue(logits_bias, multiply, divide, softcap),
-        "grad_scale": grad_scale,
-        "row_scale": row_scale,
-        "want_per_row": want_per_row,
-        "need_d_hidden": need[0],
-        "need_d_weight": need[1],
-        "need_d_bias": need[2],
-    }
-    if impl == "rust":
-        from logitless import _rust  # imports the extension: only when the Rust kernel is wanted
-
-        return _rust.fused_lce(hidden, weight, bias, targets, **common)
-    return torch_path.fused_lce(hidden, weight, bias, targets, compact=hidden.device.type == "cpu", **common)
+            fused_lce = _rust.fused_lce
+        else:
+            fused_lce = functools.partial(torch_path.fused_lce, compact=hidden.device.type == "cpu")
+        return fused_lce(
+            hidden,
+            weight,
+            bias,
+            targets,
+            options,
+            grad_scale=grad_scale,
+            row_scale=row_scale,
+            want_per_row=want_per_row,
+            need_d_hidden=need[0],
+            need_d_weight=need[1],
+            need_d_bias=need[2],
+        )
 
 
 @torch.library.custom_op("logitless::linear_cross_entropy", mutates_args=())
@@ -344,6 +280,7 @@ def _lce_op(
     need_d_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, d_hidden, d_weight, d_bias); the gradients are those of the returned loss, empty when not needed."""
+    options = LossOptions.from_op(logits_bias, ignore_index, label_smoothing, z_loss, multiply, divide, softcap, impl)
     acc = _acc_dtype(hidden.dtype)
     device = hidden.device
     count_host = None
@@ -366,24 +303,8 @@ def _lce_op(
         normaliser = None
         grad_scale = torch.ones((), dtype=acc, device=device)
 
-    res = _run(
-        hidden,
-        weight,
-        bias,
-        targets,
-        logits_bias,
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        multiply=multiply,
-        divide=divide,
-        softcap=softcap,
-        impl=impl,
-        grad_scale=grad_scale,
-        row_scale=None,
-        want_per_row=per_row,
-        need=need,
-    )
+    res = _run(hidden, weight, bias, targets, options, grad_scale=grad_scale, row_scale=None, want_per_row=per_row,
+               need=need)  # fmt: skip
     if per_row:
         assert res.per_row is not None
         loss = res.per_row.to(acc)
@@ -478,24 +399,10 @@ def _rows_backward_op(
     need_d_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``Σ_i grad_rows[i] · l_i`` (reduction="none"): a second fused pass, no logits were kept."""
-    res = _run(
-        hidden,
-        weight,
-        bias,
-        targets,
-        logits_bias,
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        multiply=multiply,
-        divide=divide,
-        softcap=softcap,
-        impl=impl,
-        grad_scale=None,
-        row_scale=grad_rows.to(torch.float32).contiguous(),
-        want_per_row=False,
-        need=(need_d_hidden, need_d_weight, need_d_bias),
-    )
+    options = LossOptions.from_op(logits_bias, ignore_index, label_smoothing, z_loss, multiply, divide, softcap, impl)
+    res = _run(hidden, weight, bias, targets, options, grad_scale=None,
+               row_scale=grad_rows.to(torch.float32).contiguous(), want_per_row=False,
+               need=(need_d_hidden, need_d_weight, need_d_bias))  # fmt: skip
     return (
         res.d_hidden if res.d_hidden is not None else hidden.new_empty(_EMPTY_GRAD),
         res.d_weight if res.d_weight is not None else weight.new_empty(_EMPTY_GRAD),
@@ -548,7 +455,7 @@ def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, outp
     ctx.set_materialize_grads(False)
     if reduction == "none":
         ctx.save_for_backward(hidden, weight, bias, targets, logits_bias)
-        ctx.options = (ignore_index, label_smoothing, z_loss, multiply, divide, softcap, impl)
+        ctx.options = LossOptions.from_op(None, ignore_index, label_smoothing, z_loss, multiply, divide, softcap, impl)
     else:
         _, d_hidden, d_weight, d_bias = output
         ctx.save_for_backward(d_hidden, d_weight, d_bias)
@@ -575,10 +482,9 @@ def _backward(
         return tuple(grads)
     if ctx.reduction == "none":
         hidden, weight, bias, targets, logits_bias = ctx.saved_tensors
-        ignore_index, label_smoothing, z_loss, multiply, divide, softcap, impl = ctx.options
+        options: LossOptions = ctx.options
         d_hidden, d_weight, d_bias = torch.ops.logitless.linear_cross_entropy_rows_backward(
-            hidden, weight, bias, targets, logits_bias, grad_loss, ignore_index, label_smoothing, z_loss,
-            multiply, divide, softcap, impl, *ctx.need,
+            hidden, weight, bias, targets, logits_bias, grad_loss, *options.scalars(), options.impl, *ctx.need,
         )  # fmt: skip
     else:
         d_hidden, d_weight, d_bias = ctx.saved_tensors

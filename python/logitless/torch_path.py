@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from logitless import _config
+from logitless._options import Epilogue, LossOptions
 
 # Without LOGITLESS_CHUNK_MB the budget follows the problem (chunk_budget_bytes): a sixteenth of the float32 logits
 # it stands in for, within these bounds.
@@ -74,16 +75,6 @@ def weight_grad_mode() -> str:
     buffer alone is 1 GiB). Both paths honour it; float32 weights need no buffer and ignore it.
     """
     return _config.weight_grad()
-
-
-@dataclass(frozen=True)
-class Epilogue:
-    """What is done to the logits between the head and the loss; ``None`` = not set."""
-
-    logits_bias: torch.Tensor | None = None
-    multiply: float | None = None
-    divide: float | None = None
-    softcap: float | None = None
 
 
 @dataclass
@@ -187,11 +178,8 @@ def fused_lce(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     targets: torch.Tensor,
+    options: LossOptions,
     *,
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-    epilogue: Epilogue,
     grad_scale: torch.Tensor | None,
     row_scale: torch.Tensor | None,
     want_per_row: bool,
@@ -208,6 +196,9 @@ def fused_lce(
     """
     n, h_dim = hidden.shape
     v = weight.shape[0]
+    ignore_index, label_smoothing, z_loss, epilogue = (
+        options.ignore_index, options.label_smoothing, options.z_loss, options.epilogue
+    )
     acc = _acc_dtype(hidden.dtype)
     dev = hidden.device
     # A low-precision weight gradient summed over chunks in its own dtype would lose bits at every chunk: it is

@@ -490,7 +490,8 @@ pub(crate) unsafe fn store_rows(
 /// GEMM 1: `logits[j, v] = Σ_k hidden_j[k] · W[v, k]` for j < rows, with W read in place (`ws` between rows,
 /// even, as is `h`) and the hidden rows packed by [`pack_hidden_for_logits`].
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn logits(_cpu: Bf16Token, 
+pub(crate) fn logits(
+    _cpu: Bf16Token,
     w: &[bf16],
     ws: usize,
     v: usize,
@@ -552,7 +553,8 @@ pub(crate) fn logits(_cpu: Bf16Token,
 
 /// Rounds f32 rows to bf16 (nearest even) into `out` with row stride `ld` (>= cols, even); the padding column
 /// (if any) is zero, so k-pairs can be read straight from the rows.
-pub(crate) fn round_rows(_cpu: Bf16Token, 
+pub(crate) fn round_rows(
+    _cpu: Bf16Token,
     g: &[f32],
     rows: usize,
     cols: usize,
@@ -592,7 +594,8 @@ fn round_row(src: &[f32], dst: &mut [u16]) {
 /// GEMM 2: `dh[j, :] = Σ_v g[j, v] · W[v, :]` for j < rows, `g` already rounded to bf16 by [`round_rows`]
 /// (row stride `gs`, even).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn d_hidden(_cpu: Bf16Token, 
+pub(crate) fn d_hidden(
+    _cpu: Bf16Token,
     g: &[u16],
     gs: usize,
     rows: usize,
@@ -711,7 +714,8 @@ enum Target {
 /// GEMM 3: `dw[v, :] += Σ_j g[j, v] · hidden_j`, `g` rounded by [`round_rows`] (row stride `gs`); hidden packed
 /// by [`pack_hidden_for_dweight`] from the same `rows` rows.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn d_weight(_cpu: Bf16Token, 
+pub(crate) fn d_weight(
+    _cpu: Bf16Token,
     g: &[u16],
     gs: usize,
     rows: usize,
@@ -882,7 +886,13 @@ fn round_bits16(x: __m512i) -> __m256i {
 /// Rounds the first `rows` f32 rows of `buf` (`cols` apart) to bf16 in place, as rows `ld` u16 apart (`ld` is
 /// `cols` or `cols + 1`; the padding column is zero), and returns them: the logits block doubles as the bf16
 /// gradient, so that copy costs no memory.
-pub(crate) fn round_rows_in_place(_cpu: Bf16Token, buf: &mut [f32], rows: usize, cols: usize, ld: usize) -> &[u16] {
+pub(crate) fn round_rows_in_place(
+    _cpu: Bf16Token,
+    buf: &mut [f32],
+    rows: usize,
+    cols: usize,
+    ld: usize,
+) -> &[u16] {
     const CHUNK: usize = 16;
     assert!(
         cols >= 1 && (ld == cols || ld == cols + 1) && holds(buf.len(), rows, cols),

@@ -5,9 +5,9 @@
 //! copies of tail tiles. Full tiles of d_hidden and d_weight are accumulated straight into the output with the
 //! next tile's lines prefetched. x86-64 only; used for f32 when `isa::current()` is an AVX-512 level.
 
+use crate::dpbf16::{MR, NR, PIECES_PER_THREAD, SharedMut, ceil_div, split, store_rows};
 use crate::isa::Avx512Token;
 use crate::{holds, holds_view};
-use crate::dpbf16::{MR, NR, PIECES_PER_THREAD, SharedMut, ceil_div, split, store_rows};
 use std::arch::x86_64::*;
 
 /// k rows per block of the d_hidden GEMM (its k is the vocabulary): a 12×128 A tile (6 KiB) and a 128×32 B
@@ -145,7 +145,8 @@ pub(crate) fn pack_hidden_for_logits<'a>(
 /// GEMM 1: `logits[j, v] = Σ_k hidden_j[k] · W[v, k]` for j < rows; W read in place (`ws` between rows),
 /// hidden packed by [`pack_hidden_for_logits`].
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn logits(_cpu: Avx512Token, 
+pub(crate) fn logits(
+    _cpu: Avx512Token,
     w: &[f32],
     ws: usize,
     v: usize,
@@ -156,10 +157,7 @@ pub(crate) fn logits(_cpu: Avx512Token,
     parallel: bool,
 ) {
     let panels = ceil_div(rows, NR);
-    assert!(
-        ws >= h && holds_view(w.len(), v, h, ws),
-        "logits: weight"
-    );
+    assert!(ws >= h && holds_view(w.len(), v, h, ws), "logits: weight");
     assert!(
         holds(hp.len(), panels, h * NR) && holds(out.len(), rows, v),
         "logits: buffers"
@@ -200,7 +198,8 @@ pub(crate) fn logits(_cpu: Avx512Token,
 
 /// GEMM 2: `dh[j, :] = Σ_v g[j, v] · W[v, :]` for j < rows (`g` row-major with `v` columns).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn d_hidden(_cpu: Avx512Token, 
+pub(crate) fn d_hidden(
+    _cpu: Avx512Token,
     g: &[f32],
     rows: usize,
     w: &[f32],
@@ -214,10 +213,7 @@ pub(crate) fn d_hidden(_cpu: Avx512Token,
         holds(g.len(), rows, v) && holds(dh.len(), rows, h),
         "d_hidden: buffers"
     );
-    assert!(
-        ws >= h && holds_view(w.len(), v, h, ws),
-        "d_hidden: weight"
-    );
+    assert!(ws >= h && holds_view(w.len(), v, h, ws), "d_hidden: weight");
     let dst = SharedMut(dh.as_mut_ptr());
     // Over H: each piece re-reads all of the block's gradient rows, so one piece per thread.
     split(parallel, h, NR, 1, |h_start, h_end| {
@@ -295,7 +291,8 @@ pub(crate) fn d_hidden(_cpu: Avx512Token,
 /// scratch for `hb` packed as 32-column panels `[rows][32]` (contiguous, so a panel streams through the cache
 /// instead of touching `rows` lines `4h` bytes apart).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn d_weight(_cpu: Avx512Token, 
+pub(crate) fn d_weight(
+    _cpu: Avx512Token,
     g: &[f32],
     rows: usize,
     v: usize,

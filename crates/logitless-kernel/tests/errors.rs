@@ -226,7 +226,11 @@ fn view_extent_overflow_is_buffer_too_small() {
     // (rows - 1) * row_stride wraps in release builds without checked arithmetic, and the view would then pass.
     let data = vec![0.0f32; 16];
     // The product overflows, or only the final `+ cols` does.
-    for (rows, stride) in [(3, usize::MAX / 2 + 1), (3, usize::MAX), (2, usize::MAX - 2)] {
+    for (rows, stride) in [
+        (3, usize::MAX / 2 + 1),
+        (3, usize::MAX),
+        (2, usize::MAX - 2),
+    ] {
         match MatRef::new(&data, rows, 4, stride) {
             Err(KernelError::BufferTooSmall { needed, got, .. }) => {
                 assert_eq!((needed, got), (usize::MAX, 16), "stride {stride}");

@@ -77,7 +77,15 @@ fn cpu_claims() -> Vec<(Isa, &'static [&'static str])> {
         ),
         (
             Isa::Avx512Bf16,
-            &["avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"],
+            &[
+                "avx2",
+                "fma",
+                "avx512f",
+                "avx512bw",
+                "avx512vl",
+                "avx512dq",
+                "avx512_bf16",
+            ],
         ),
     ];
     let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") else {
