@@ -24,7 +24,7 @@ def find_transformers() -> Path:
     """The installed transformers package directory (``find_spec`` of a top-level package does not import it)."""
     spec = importlib.util.find_spec("transformers")
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("transformers is not installed; pass --transformers DIR")
+        raise SystemExit("logitless audit: transformers is not installed; pass --transformers DIR")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -41,16 +41,27 @@ def transformers_version(package_dir: Path) -> str | None:
     return None
 
 
+class AuditError(Exception):
+    """A transformers tree the audit cannot read: reported in one line, exit status 2."""
+
+
 def audit_report(package_dir: Path) -> dict[str, Any]:
-    """The ``--json`` document: every causal-LM class, its status, and a summary."""
+    """The ``--json`` document (schema shared with ``logitless.audit()``, docs/spec.md "Audit"): every causal-LM
+    class keyed ``"module.Class"``, its status, per-status ``counts``, and a ``summary`` per kind."""
     from logitless import _core
 
-    models = package_dir / "models" if (package_dir / "models").is_dir() else package_dir
-    rows = _core.audit_tree(str(models))
+    models = package_dir / "models"
+    if not models.is_dir():
+        raise AuditError(f"{package_dir}: not a transformers package (no models/ directory)")
+    try:
+        rows = _core.audit_tree(str(models))
+    except ValueError as exc:
+        raise AuditError(str(exc)) from None
+    if not rows:
+        raise AuditError(f"{package_dir}: no causal-LM classes found under models/")
     classes: dict[str, dict[str, Any]] = {}
     for row in rows:
-        # Names are unique per installed transformers; a duplicate would be a second file defining the same class.
-        classes.setdefault(row["class"], {k: v for k, v in row.items() if k != "class"})
+        classes.setdefault(f"{row['module']}.{row['class']}", row)
     summary: dict[str, Any] = {}
     for kind in ("causal-lm", "conditional-generation"):
         of_kind = [c for c in classes.values() if c["kind"] == kind]
@@ -59,12 +70,19 @@ def audit_report(package_dir: Path) -> dict[str, Any]:
             "patched": sum(c["status"] == "patched" for c in of_kind),
             "refused": dict(sorted(Counter(c["code"] for c in of_kind if c["status"] == "refused").items())),
         }
-    return {"transformers_version": transformers_version(package_dir), "classes": classes, "summary": summary}
+    counts = dict(sorted(Counter(c["status"] for c in classes.values()).items()))
+    return {
+        "transformers": transformers_version(package_dir),
+        "counts": counts,
+        "classes": dict(sorted(classes.items())),
+        "summary": summary,
+    }
 
 
 def _table(report: dict[str, Any]) -> str:
     lines = [f"{'class':<52} {'status':<8} {'head':<26} epilogue / reason"]
-    for name, c in sorted(report["classes"].items()):
+    for c in sorted(report["classes"].values(), key=lambda c: c["class"]):
+        name = c["class"]
         if c["status"] == "patched":
             detail = ", ".join(f"{e['kind']}({e['expr']})" for e in c["epilogue"]) or "-"
         else:
@@ -73,7 +91,7 @@ def _table(report: dict[str, Any]) -> str:
         head = ".".join([c["head"], *c.get("head_path", [])]) if c["head"] else "-"
         lines.append(f"{name:<52} {c['status']:<8} {head:<26} {detail}")
     lines.append("")
-    lines.append(f"transformers {report['transformers_version'] or '(unknown version)'}")
+    lines.append(f"transformers {report['transformers'] or '(unknown version)'}")
     for kind, s in report["summary"].items():
         refused = ", ".join(f"{code} {n}" for code, n in s["refused"].items()) or "none"
         lines.append(f"{kind}: {s['patched']}/{s['total']} patched; refused: {refused}")
@@ -87,7 +105,11 @@ def add_audit_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_audit(args: argparse.Namespace) -> int:
     package_dir = args.transformers or find_transformers()
-    report = audit_report(package_dir)
+    try:
+        report = audit_report(package_dir)
+    except AuditError as exc:
+        print(f"logitless audit: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(report, indent=1) if args.json else _table(report))
     return 0
 
@@ -122,7 +144,14 @@ def _forward_source(text: str, class_name: str) -> str | None:
 def run_rewrite(args: argparse.Namespace) -> int:
     from logitless.rewrite import rewrite_forward
 
-    source = _forward_source(args.file.read_text(encoding="utf-8"), args.class_name)
+    try:
+        source = _forward_source(args.file.read_text(encoding="utf-8"), args.class_name)
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"logitless rewrite: {args.file}: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
+        return 2
+    except SyntaxError as exc:
+        print(f"logitless rewrite: {args.file}:{exc.lineno}: not valid Python ({exc.msg})", file=sys.stderr)
+        return 2
     if source is None:
         print(f"{args.file}: no class {args.class_name} with a forward", file=sys.stderr)
         return 2

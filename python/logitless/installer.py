@@ -197,12 +197,15 @@ def audit() -> dict[str, Any]:
             total["fused"] += run["fused"]
             for reason, n in run["stock"].items():
                 total["stock"][reason] = total["stock"].get(reason, 0) + n
-        version = _transformers_version()
+        try:
+            version = importlib.metadata.version("transformers")
+        except importlib.metadata.PackageNotFoundError:
+            version = None
         return {
             "installed": _hook is not None,
             "return_logits": _runtime.return_logits(),
             "fuse_eval": _runtime.fuse_eval(),
-            "transformers": ".".join(map(str, version)) if version else None,
+            "transformers": version,
             "counts": counts,
             "classes": classes,
             "runtime": total,

@@ -197,6 +197,11 @@ pub fn audit_file(text: &str, module: &str) -> Vec<ClassReport> {
             continue;
         };
         let forward = find_method(&classes, class, "forward");
+        // A class with no forward in this file that does not inherit one from a model class (transformers'
+        // `AutoModelForCausalLM(_BaseAutoModelClass)` factories) is no model: nothing to report, as the installer.
+        if forward.is_none() && !inherits_model_class(class) {
+            continue;
+        }
         if kind == ClassKind::ConditionalGeneration {
             // Only those whose labels branch uses transformers' loss_function (the causal-LM loss).
             let uses_loss_function =
@@ -208,6 +213,22 @@ pub fn audit_file(text: &str, module: &str) -> Vec<ClassReport> {
         out.push(audit_class(&src, &classes, class, kind, forward, module));
     }
     out
+}
+
+/// Whether a base class's name (last dotted segment) is a causal-LM or conditional-generation class.
+fn inherits_model_class(class: &StmtClassDef) -> bool {
+    class
+        .arguments
+        .iter()
+        .flat_map(|a| a.args.iter())
+        .any(|base| {
+            let name = match base {
+                Expr::Name(n) => n.id.as_str(),
+                Expr::Attribute(a) => a.attr.id.as_str(),
+                _ => return false,
+            };
+            kind_of(name).is_some()
+        })
 }
 
 /// Byte spans of top-level classes: from a `class` line to the next column-0 statement.

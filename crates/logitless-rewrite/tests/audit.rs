@@ -32,6 +32,14 @@ class TinyScaledForCausalLM(TinyForCausalLM):
     pass
 
 
+class AutoModelForCausalLM(_BaseAutoModelClass):
+    _model_mapping = MODEL_FOR_CAUSAL_LM_MAPPING
+
+
+class ImportedForCausalLM(other.LlamaForCausalLM):
+    pass
+
+
 class TinyLMHead(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -82,7 +90,13 @@ fn audit_reports_heads_inheritance_and_families() {
             .unwrap_or_else(|| panic!("{name} not reported"))
     };
     let names: Vec<&str> = reports.iter().map(|r| r.class.as_str()).collect();
-    assert_eq!(names.len(), 4, "{names:?}");
+    // AutoModelForCausalLM (no forward, no model base) is a factory, not a model: not reported.
+    assert_eq!(names.len(), 5, "{names:?}");
+    assert!(!names.contains(&"AutoModelForCausalLM"), "{names:?}");
+    match &get("ImportedForCausalLM").outcome {
+        Outcome::Refused(r) => assert_eq!(r.code, ReasonCode::NoForward),
+        other => panic!("ImportedForCausalLM: {other:?}"),
+    }
 
     let base = get("TinyForCausalLM");
     assert_eq!(base.outcome, Outcome::Patched);
