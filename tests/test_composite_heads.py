@@ -1,4 +1,4 @@
-"""Composite heads (issue 4/6): ``RobertaLMHead`` and BERT-style ``cls → predictions → decoder`` are fused on their
+"""Composite heads: ``RobertaLMHead`` and BERT-style ``cls → predictions → decoder`` are fused on their
 final ``nn.Linear`` after the head's own leading statements; anything that would make that split inexact keeps the
 stock path. References are stock transformers on the same weights (float64 copies, computed before installing).
 """

@@ -1,4 +1,4 @@
-"""End to end: HF Trainer with and without logitless, from identical seeds, on tiny random models (issue 5).
+"""End to end: HF Trainer with and without logitless, from identical seeds, on tiny random models.
 
 The reference is always stock transformers in the same process with logitless uninstalled; every fused run also
 checks that the fused loss was really called, so a run that matches because nothing was patched fails.

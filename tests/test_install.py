@@ -313,6 +313,20 @@ def test_broken_rewrite_keeps_original(
     json.dumps(logitless.audit())
 
 
+def test_rewriter_crash_is_a_refusal_not_an_import_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Rust panic reaches Python as RuntimeError (errors.rs); the class keeps its stock forward."""
+    from logitless import _core
+
+    def crash(source: str) -> dict[str, Any]:
+        raise RuntimeError("logitless internal error (please report): boom")
+
+    monkeypatch.setattr(_core, "rewrite_forward", crash)
+    logitless.install()
+    record = logitless.audit()["classes"][LLAMA_KEY]
+    assert (record["status"], record["code"]) == ("refused", "rewriter-error") and "boom" in record["reason"]
+    assert LlamaForCausalLM.__dict__["forward"] is STOCK_LLAMA_FORWARD
+
+
 def test_missing_output_class_is_supplied_and_removed(monkeypatch: pytest.MonkeyPatch) -> None:
     # modeling_llama does not import CausalLMOutputWithCrossAttentions; the installer supplies transformers' own.
     name = "CausalLMOutputWithCrossAttentions"

@@ -1,4 +1,4 @@
-"""The rewriter's Python face (issue 4): real forwards rewrite into code that compiles and behaves, refusals carry
+"""The rewriter's Python face: real forwards rewrite into code that compiles and behaves, refusals carry
 a code, and the audit CLI imports neither torch nor transformers.
 
 The behaviour check runs a rewritten forward against a stand-in ``__logitless__`` and plain-Python "tensors", so
@@ -32,7 +32,8 @@ def patched_sources() -> list[tuple[str, str, dict[str, Any]]]:
     report = audit_report(package)
     out = []
     files: dict[str, str] = {}
-    for name, c in sorted(report["classes"].items()):
+    for c in sorted(report["classes"].values(), key=lambda c: c["class"]):
+        name = c["class"]
         if c["status"] != "patched" or c.get("forward_from"):
             continue
         rel = c["module"].removeprefix("transformers.").replace(".", "/") + ".py"

@@ -1,4 +1,4 @@
-"""``linear_cross_entropy``: the fused op as PyTorch sees it (spec.md §1).
+"""``linear_cross_entropy``: the fused op as PyTorch sees it (docs/spec.md §1).
 
 Layers, outermost first:
 
@@ -8,7 +8,9 @@ Layers, outermost first:
   when they are needed, the gradients already scaled by ``1/normaliser``; backward only multiplies them by
   ``grad_output``. For ``reduction="none"`` the forward computes losses only, and backward re-runs the fused pass
   with the incoming per-row gradient as row weights (``logitless::linear_cross_entropy_rows_backward``).
-* the Rust kernel (``_core.fused_linear_cross_entropy``, CPU) or ``torch_path.fused_lce`` (any device).
+* the Rust kernel (``_rust.fused_lce`` → ``_core.fused_linear_cross_entropy``, CPU) or ``torch_path.fused_lce``
+  (any device), both taking the call's ``_options.LossOptions``; the ops' schemas carry it as primitives
+  (``LossOptions.scalars`` / ``LossOptions.from_op``).
 
 Double backward (``create_graph=True``) raises: the saved gradients are constants to autograd, so a second-order
 derivative would silently be wrong.

@@ -55,6 +55,9 @@ def discover(root: pathlib.Path | None = None) -> list[Candidate]:
         if path.stem.startswith(("modeling_tf_", "modeling_flax_")):
             # transformers 4.x still ships TensorFlow/Flax ports; logitless patches PyTorch models only.
             continue
+        if path.parent.name == "auto":
+            # AutoModelForCausalLM and the like are factories, not model classes (the audit skips them too).
+            continue
         source = path.read_text(encoding="utf-8")
         if "ForCausalLM" not in source and "ForConditionalGeneration" not in source:
             continue

@@ -50,7 +50,6 @@ def _pixels_only(model: Any, config: Any, feeds: Feeds) -> None:
 _DRAFTER = "draft model: all its layers share the target model's KV cache, so it cannot run alone"
 
 OVERRIDES: dict[str, Override] = {
-    "AutoModelForCausalLM": Override(skip="auto factory, not a model class"),
     # Default layer_types is None, but the model indexes it per layer.
     "Lfm2MoeForCausalLM": Override(config=_set(layer_types=["conv", "full_attention"])),
     # Adapters are chosen per language; without a default the forward refuses to run.
