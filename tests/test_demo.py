@@ -60,6 +60,8 @@ def test_tiny_demo_stock_and_logitless_agree(tmp_path: Path) -> None:
     assert stock["logits_elements_per_step"] == SEQ * VOCAB
     assert fused["logits_elements_per_step"] == 0
     assert fused["audit"]["model_entry"]["status"] == "patched"
+    # Every training step's forward took the fused path (one forward per step here), none fell back.
+    assert fused["audit"]["model_entry"]["runtime"] == {"fused": len(fused["losses"]), "stock": {}}
 
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for needle in ("stock / logitless", "tokens/s", "audit", "tokenizer: byte-level BPE"):

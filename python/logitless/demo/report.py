@@ -22,8 +22,10 @@ def compare(stock: dict[str, Any], fused: dict[str, Any]) -> dict[str, Any]:
     stock_growth = stock["peak_rss_bytes"] - stock["rss_after_model_bytes"]
     fused_growth = fused["peak_rss_bytes"] - fused["rss_after_model_bytes"]
     entry = (fused.get("audit") or {}).get("model_entry") or {}
-    patched = entry.get("status") == "patched"
-    ok = patched and len(a) == len(b) and max_rel <= LOSS_RTOL
+    runtime = entry.get("runtime") or {}
+    # Patched is not enough: every training forward must have taken the fused path (audit()'s run-time counts).
+    fused_every_step = entry.get("status") == "patched" and runtime.get("fused", 0) > 0 and not runtime.get("stock")
+    ok = fused_every_step and len(a) == len(b) and max_rel <= LOSS_RTOL
     out: dict[str, Any] = {
         "ok": ok,
         "loss_max_rel_diff": max_rel,
@@ -34,9 +36,11 @@ def compare(stock: dict[str, Any], fused: dict[str, Any]) -> dict[str, Any]:
         "training_growth_ratio": stock_growth / max(fused_growth, 1),
         "tokens_per_second_ratio": fused["tokens_per_second"] / max(stock["tokens_per_second"], 1e-12),
     }
-    if not patched:
+    if entry.get("status") != "patched":
         why = f"{entry.get('status', 'not seen')}: {entry.get('reason') or entry.get('error') or 'no reason given'}"
         out["reason"] = f"logitless did not patch {fused['model_class']} ({why}), so its run was stock too"
+    elif not fused_every_step:
+        out["reason"] = f"{fused['model_class']} was patched but its forwards ran stock: {runtime.get('stock') or {}}"
     elif not ok:
         out["reason"] = f"losses differ by {max_rel:.2e} relative (tolerance {LOSS_RTOL:.0e})"
     return out
@@ -89,8 +93,11 @@ def print_report(summary: dict[str, Any]) -> None:
         parts = [f"{key} {entry[key]}" for key in ("tier", "head", "code") if entry.get(key)]
         detail = ", ".join(parts + ([f"epilogue {epilogue}"] if epilogue else []))
         status = entry.get("status", "not seen by the installer")
+        runtime = entry.get("runtime") or {}
+        stock = ", ".join(f"{n} {reason}" for reason, n in sorted((runtime.get("stock") or {}).items())) or "none"
         print(f"audit (logitless.audit()): {counts} classes; {audit['model_class']}: {status}"
-              + (f" ({detail})" if detail else ""))
+              + (f" ({detail})" if detail else "")
+              + f"; forwards with labels: {runtime.get('fused', 0)} fused, stock: {stock}")
     if not cmp.get("ok"):
         print(f"RESULT: FAILED - {cmp.get('reason')}")
     print(f"wall time (both runs, tokenizer, report): {summary['wall_seconds']:.0f} s")
