@@ -4,7 +4,9 @@
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use half::bf16;
-use logitless_kernel::{Element, GradScale, Grads, MatRef, Options, fused_linear_cross_entropy};
+use logitless_kernel::{
+    Element, GradScale, Grads, MatRef, Options, RowOutputs, fused_linear_cross_entropy,
+};
 use std::hint::black_box;
 
 const N: usize = 256;
@@ -38,7 +40,7 @@ fn bench_dtype<T: Element>(c: &mut Criterion, name: &str, make: fn(f32) -> T) {
                     &targets,
                     &options,
                     GradScale::Uniform(1.0 / N as f64),
-                    None,
+                    RowOutputs::default(),
                     Grads {
                         d_hidden: Some(&mut dh),
                         d_weight: Some(&mut dw),

@@ -10,7 +10,7 @@
 
 use half::{bf16, f16};
 use logitless_kernel::{
-    Element, GradScale, Grads, MatRef, Options, WeightGrad, fused_linear_cross_entropy,
+    Element, GradScale, Grads, MatRef, Options, RowOutputs, WeightGrad, fused_linear_cross_entropy,
 };
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -281,7 +281,7 @@ fn run<T: Bench>(n: usize, h: usize, v: usize, reps: usize) {
             &targets,
             &options,
             GradScale::Uniform(1.0 / n as f64),
-            None,
+            RowOutputs::default(),
             Grads {
                 d_hidden: Some(&mut dh),
                 d_weight: Some(&mut dw),

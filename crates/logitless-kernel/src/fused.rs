@@ -15,7 +15,7 @@ use crate::pages::{fill, hint_huge_pages};
 use crate::rowpass::{RowParams, RowStats, process_row};
 use crate::storage::{Real, Storage};
 use crate::weight_pass::{self, ActiveRow};
-use crate::{GradScale, Grads, LossSummary, MatRef, Options, WeightGrad};
+use crate::{GradScale, Grads, LossSummary, MatRef, Options, RowOutputs, TOKEN_STATS, WeightGrad};
 use rayon::prelude::*;
 use std::any::TypeId;
 
@@ -75,8 +75,8 @@ fn as_bf16_bits_mut<S: Storage>(x: &mut [S]) -> Option<&mut [u16]> {
 /// about `H·ENGINE_COLUMNS` elements).
 const ENGINE_COLUMNS: usize = 2048;
 
-/// A row's loss and softmax constants, as the row pass leaves them.
-type RowOut<C> = (f64, RowStats<C>);
+/// A row's loss, softmax constants and token statistics, as the row pass leaves them.
+type RowOut<C> = (f64, RowStats<C>, [f64; TOKEN_STATS]);
 /// One row of a block in the row pass: its index in the block, its logits, where its results go.
 type RowItem<'a, C> = (usize, (&'a mut [C], &'a mut RowOut<C>));
 
@@ -131,7 +131,7 @@ pub(crate) fn plan<S: Storage>(
 
 pub(crate) fn run<S: Storage>(
     job: Job<'_, S>,
-    mut per_row_loss: Option<&mut [f64]>,
+    rows: RowOutputs<'_>,
     grads: Grads<'_, S>,
 ) -> LossSummary {
     let Job {
@@ -155,7 +155,14 @@ pub(crate) fn run<S: Storage>(
     let (want_dh, want_dw, want_db) = (d_hidden.is_some(), d_weight.is_some(), d_bias.is_some());
     let want_grad = want_dh || want_dw || want_db;
 
+    let RowOutputs {
+        loss: mut per_row_loss,
+        stats: mut token_stats,
+    } = rows;
     let mut prof = Profile::new(options.profile);
+    if let Some(st) = token_stats.as_deref_mut() {
+        st.fill(0.0);
+    }
     if let Some(l) = per_row_loss.as_deref_mut() {
         l.fill(0.0);
     }
@@ -208,9 +215,19 @@ pub(crate) fn run<S: Storage>(
     let r_max = plan.rows;
     let epi = &options.epilogue;
     let nonzero = |x: Option<f32>| x.filter(|&x| x != 0.0).map(f64::from);
-    let scale = match (nonzero(epi.scale_multiply), nonzero(epi.scale_divide)) {
-        (None, None) => None,
-        (m, d) => Some(S::C::from_f64(m.unwrap_or(1.0) / d.unwrap_or(1.0))),
+    let softcap = nonzero(epi.softcap);
+    // A temperature after no softcap is one more divisor of the linear scale; after a softcap it is its own step.
+    let temperature = nonzero(epi.temperature).filter(|&t| t != 1.0);
+    let pre_temperature = if softcap.is_none() { temperature } else { None };
+    let scale = match (
+        nonzero(epi.scale_multiply),
+        nonzero(epi.scale_divide),
+        pre_temperature,
+    ) {
+        (None, None, None) => None,
+        (m, d, t) => Some(S::C::from_f64(
+            m.unwrap_or(1.0) / d.unwrap_or(1.0) / t.unwrap_or(1.0),
+        )),
     };
     let bias_c: Option<Vec<S::C>> = bias.map(|b| {
         let mut out = vec![S::C::ZERO; v];
@@ -221,9 +238,11 @@ pub(crate) fn run<S: Storage>(
         bias: bias_c.as_deref(),
         logits_bias: epi.logits_bias,
         scale,
-        softcap: nonzero(epi.softcap).map(S::C::from_f64),
+        softcap: softcap.map(S::C::from_f64),
+        post_scale: softcap.and(temperature).map(|t| S::C::from_f64(1.0 / t)),
         smoothing: f64::from(options.label_smoothing),
         z_loss: f64::from(options.z_loss),
+        want_stats: token_stats.is_some(),
     };
 
     let w_native = as_compute(weight.data());
@@ -271,7 +290,7 @@ pub(crate) fn run<S: Storage>(
         max: S::C::ZERO,
         a: S::C::ZERO,
     };
-    let mut losses = vec![(0.0f64, no_stats); r_max];
+    let mut losses = vec![(0.0f64, no_stats, [0.0f64; TOKEN_STATS]); r_max];
     prof.lap(5);
     let mut idx: Vec<usize> = Vec::with_capacity(r_max);
 
@@ -368,7 +387,7 @@ pub(crate) fn run<S: Storage>(
             // In range: validated before any work.
             let t = targets[i] as usize;
             let res = process_row(level, row, t, s, want_grad, &params);
-            *out = (res.loss, res.stats);
+            *out = (res.loss, res.stats, res.token_stats);
         };
         if parallel {
             lg.par_chunks_mut(v)
@@ -388,6 +407,9 @@ pub(crate) fn run<S: Storage>(
             }
             if let Some(l) = per_row_loss.as_deref_mut() {
                 l[i] = losses[j].0;
+            }
+            if let Some(st) = token_stats.as_deref_mut() {
+                st[i * TOKEN_STATS..(i + 1) * TOKEN_STATS].copy_from_slice(&losses[j].2);
             }
         }
         if !want_grad {

@@ -164,6 +164,9 @@ pub struct Epilogue<'a> {
     pub scale_divide: Option<f32>,
     /// `c · tanh(z / c)` (Gemma `final_logit_softcapping`).
     pub softcap: Option<f32>,
+    /// `/ t` after every other step: a sampling temperature (TRL's `temperature`), which divides the model's
+    /// final logits, softcapped or not.
+    pub temperature: Option<f32>,
 }
 
 /// How the weight gradient of a bf16/f16 weight is formed: the speed/memory trade-off of the call.
@@ -224,6 +227,33 @@ pub enum GradScale<'a> {
     /// One `s_i` per row (reduction "none": the incoming per-row gradient). Length N.
     PerRow(&'a [f32]),
 }
+
+/// Per-row outputs besides the gradients; `None` = not wanted. Rows whose target is ignored are written as zeros.
+#[derive(Default)]
+pub struct RowOutputs<'a> {
+    /// `N` losses `l_i` (unweighted by `GradScale`).
+    pub loss: Option<&'a mut [f64]>,
+    /// `N × TOKEN_STATS` statistics of each row's distribution `p = softmax(z)`, row-major, in the order of
+    /// [`TokenStat`]. Computed in the same row pass as the loss, with no gradient.
+    pub stats: Option<&'a mut [f64]>,
+}
+
+/// The columns of [`RowOutputs::stats`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub enum TokenStat {
+    /// `-Σ_j p_j log p_j = lse - Σ_j p_j z_j`.
+    Entropy = 0,
+    /// `Σ_j z_j / V`.
+    MeanLogit = 1,
+    /// `log Σ_j p_j²`.
+    LogSumSqProbs = 2,
+    /// 1.0 when the target is the argmax of `z` (ties go to the lowest index), else 0.0.
+    IsTop1 = 3,
+}
+
+/// Columns of [`RowOutputs::stats`].
+pub const TOKEN_STATS: usize = 4;
 
 /// Where to write gradients; `None` means "not wanted" and skips that work entirely (a frozen head skips the
 /// weight-gradient GEMM). Buffers are contiguous row-major: d_hidden `N×H`, d_weight `V×H`, d_bias `V`.
@@ -314,7 +344,8 @@ pub mod bench_support {
 
 /// Loss (always) and the requested gradients, in one pass.
 ///
-/// `hidden`: N×H, `weight`: V×H, `bias`: V, `targets`: N, `per_row_loss`: N (written when given; ignored rows 0).
+/// `hidden`: N×H, `weight`: V×H, `bias`: V, `targets`: N; `rows` (per-row losses and statistics, see [`RowOutputs`]) are
+/// written when given, zeros for ignored rows.
 ///
 /// Every argument is checked before any work (targets first-bad-row first, then shapes and options); outputs are
 /// fully written (zeros where nothing contributes). Scratch memory: at most `options.chunk_budget_bytes`, but never
@@ -330,7 +361,7 @@ pub fn fused_linear_cross_entropy<T: Element>(
     targets: &[i64],
     options: &Options<'_>,
     grad_scale: GradScale<'_>,
-    per_row_loss: Option<&mut [f64]>,
+    rows: RowOutputs<'_>,
     grads: Grads<'_, T>,
 ) -> Result<LossSummary, KernelError> {
     validate(
@@ -340,49 +371,21 @@ pub fn fused_linear_cross_entropy<T: Element>(
         targets,
         options,
         &grad_scale,
-        per_row_loss.as_deref(),
+        &rows,
         &grads,
     )?;
     match T::DTYPE {
         DType::F32 => run_as::<T, f32>(
-            hidden,
-            weight,
-            bias,
-            targets,
-            options,
-            grad_scale,
-            per_row_loss,
-            grads,
+            hidden, weight, bias, targets, options, grad_scale, rows, grads,
         ),
         DType::F64 => run_as::<T, f64>(
-            hidden,
-            weight,
-            bias,
-            targets,
-            options,
-            grad_scale,
-            per_row_loss,
-            grads,
+            hidden, weight, bias, targets, options, grad_scale, rows, grads,
         ),
         DType::BF16 => run_as::<T, bf16>(
-            hidden,
-            weight,
-            bias,
-            targets,
-            options,
-            grad_scale,
-            per_row_loss,
-            grads,
+            hidden, weight, bias, targets, options, grad_scale, rows, grads,
         ),
         DType::F16 => run_as::<T, f16>(
-            hidden,
-            weight,
-            bias,
-            targets,
-            options,
-            grad_scale,
-            per_row_loss,
-            grads,
+            hidden, weight, bias, targets, options, grad_scale, rows, grads,
         ),
     }
 }
@@ -432,7 +435,7 @@ fn run_as<T: Element, S: storage::Storage>(
     targets: &[i64],
     options: &Options<'_>,
     grad_scale: GradScale<'_>,
-    per_row_loss: Option<&mut [f64]>,
+    rows: RowOutputs<'_>,
     grads: Grads<'_, T>,
 ) -> Result<LossSummary, KernelError> {
     let job = fused::Job {
@@ -448,7 +451,7 @@ fn run_as<T: Element, S: storage::Storage>(
         d_weight: cast_mut::<T, S>(grads.d_weight)?,
         d_bias: cast_mut::<T, S>(grads.d_bias)?,
     };
-    Ok(fused::run(job, per_row_loss, grads))
+    Ok(fused::run(job, rows, grads))
 }
 
 fn check_len(what: &'static str, got: usize, expected: usize) -> Result<(), KernelError> {
@@ -481,7 +484,7 @@ fn validate<T>(
     targets: &[i64],
     options: &Options<'_>,
     grad_scale: &GradScale<'_>,
-    per_row_loss: Option<&[f64]>,
+    rows: &RowOutputs<'_>,
     grads: &Grads<'_, T>,
 ) -> Result<(), KernelError> {
     let (n, h, v) = (hidden.rows(), hidden.cols(), weight.rows());
@@ -515,8 +518,11 @@ fn validate<T>(
     if let GradScale::PerRow(s) = grad_scale {
         check_len("grad_scale (per row)", s.len(), n)?;
     }
-    if let Some(l) = per_row_loss {
+    if let Some(l) = rows.loss.as_deref() {
         check_len("per_row_loss", l.len(), n)?;
+    }
+    if let Some(st) = rows.stats.as_deref() {
+        check_len("token_stats", st.len(), n.saturating_mul(TOKEN_STATS))?;
     }
     if let Some(g) = grads.d_hidden.as_deref() {
         check_len("d_hidden", g.len(), n * h)?;
@@ -538,6 +544,13 @@ fn validate<T>(
     check_finite("scale_multiply", options.epilogue.scale_multiply)?;
     check_finite("scale_divide", options.epilogue.scale_divide)?;
     check_finite("softcap", options.epilogue.softcap)?;
+    check_finite("temperature", options.epilogue.temperature)?;
+    if options.epilogue.temperature.is_some_and(|t| t <= 0.0) {
+        return Err(KernelError::InvalidOption {
+            what: "temperature",
+            why: "expected a value > 0".into(),
+        });
+    }
     if let GradScale::Uniform(s) = grad_scale
         && !s.is_finite()
     {

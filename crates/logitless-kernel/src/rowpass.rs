@@ -18,14 +18,20 @@ pub(crate) struct RowParams<'a, C> {
     /// `multiply / divide`, when either is set.
     pub scale: Option<C>,
     pub softcap: Option<C>,
+    /// `1 / temperature` applied after the softcap (without a softcap the temperature is folded into `scale`).
+    pub post_scale: Option<C>,
     pub smoothing: f64,
     pub z_loss: f64,
+    /// Compute [`RowResult::token_stats`].
+    pub want_stats: bool,
 }
 
 /// What one row contributes, and what [`process_slab`] needs to rebuild any slab of its logits gradient.
 pub(crate) struct RowResult<C> {
     pub loss: f64,
     pub stats: RowStats<C>,
+    /// The row's distribution statistics, in `crate::TokenStat` order (zeros unless `RowParams::want_stats`).
+    pub token_stats: [f64; crate::TOKEN_STATS],
 }
 
 /// A row's softmax constants: `p_j = exp(z_j - max) / Σ`, and `a = s·(1 + 2·z_loss·lse) / Σ`.
@@ -220,8 +226,9 @@ fn apply_epilogue<C: Real>(row: &mut [C], cols: std::ops::Range<usize>, p: &RowP
     }
     if let Some(c) = p.softcap {
         let inv = C::ONE / c;
+        let out = c * p.post_scale.unwrap_or(C::ONE);
         for z in row.iter_mut() {
-            *z = c * (*z * inv).tanh();
+            *z = out * (*z * inv).tanh();
         }
     }
 }
@@ -241,9 +248,12 @@ fn write_gradient<C: Real>(
     let k = p.scale.unwrap_or(C::ONE);
     match p.softcap {
         Some(c) => {
-            // dz/dy = k·(1 - tanh²) = k·(1 - (z/c)²), from z itself, before it is overwritten.
-            let inv = C::ONE / c;
-            let fac = |z: C| k * (C::ONE - (z * inv) * (z * inv));
+            // z = q·c·tanh(y'/c) (q = 1/temperature, y' = k·y), so dz/dy = k·q·(1 - tanh²) with tanh = z/(q·c),
+            // taken from z itself before it is overwritten.
+            let q = p.post_scale.unwrap_or(C::ONE);
+            let inv = C::ONE / (c * q);
+            let kq = k * q;
+            let fac = |z: C| kq * (C::ONE - (z * inv) * (z * inv));
             let z_t = target.map(|t| z[t]);
             for z in z.iter_mut() {
                 *z = (a * (*z - max).exp() - base) * fac(*z);
@@ -288,8 +298,36 @@ fn row_body<C: Real>(
         max,
         a: s * C::from_f64((1.0 + 2.0 * p.z_loss * lse) / sum_exp.to_f64()),
     };
+    let token_stats = if p.want_stats {
+        token_stats(row, target, max, sum_exp)
+    } else {
+        [0.0; crate::TOKEN_STATS]
+    };
     if grad {
         write_gradient(row, Some(target), v, s, stats, p);
     }
-    RowResult { loss, stats }
+    RowResult {
+        loss,
+        stats,
+        token_stats,
+    }
+}
+
+/// Entropy, mean logit, log Σp² and "target is the argmax" of the post-epilogue row `z` (`crate::TokenStat`).
+/// Entropy is `log Σ - Σ_j p_j (z_j - max)`: both terms relative to the max, so a peaked row loses no digits to
+/// the cancellation `lse - Σ p z` would have.
+#[inline(always)]
+fn token_stats<C: Real>(z: &[C], target: usize, max: C, sum_exp: C) -> [f64; crate::TOKEN_STATS] {
+    let log_sum = sum_exp.to_f64().ln();
+    let weighted = lane_sum(z, |z| (z - max).exp() * (z - max)).to_f64() / sum_exp.to_f64();
+    let mean = lane_sum(z, |z| z).to_f64() / z.len() as f64;
+    let sum_sq = lane_sum(z, |z| ((z - max) + (z - max)).exp()).to_f64();
+    // The first index holding the max: ties go to the lowest index.
+    let top1 = z.iter().position(|&x| x == max) == Some(target);
+    [
+        log_sum - weighted,
+        mean,
+        sum_sq.ln() - 2.0 * log_sum,
+        f64::from(u8::from(top1)),
+    ]
 }

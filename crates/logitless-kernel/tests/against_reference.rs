@@ -76,6 +76,16 @@ fn each_epilogue_step_alone() {
             z_loss: 1e-2,
             ..base.clone()
         },
+        // A sampling temperature, with and without a softcap before it (without one it joins the scale).
+        Case {
+            temperature: Some(0.7),
+            ..base.clone()
+        },
+        Case {
+            softcap: Some(1.5),
+            temperature: Some(2.5),
+            ..base.clone()
+        },
     ];
     for case in &variants {
         check_all(case, Want::default());
@@ -91,6 +101,7 @@ fn everything_together() {
     case.multiply = Some(3.0);
     case.divide = Some(1.7);
     case.softcap = Some(2.0);
+    case.temperature = Some(0.6);
     case.smoothing = 0.1;
     case.z_loss = 1e-3;
     case.row_scale = Some(rng.vec(23, 2.0).iter().map(|&x| x as f32).collect());
@@ -103,6 +114,55 @@ fn everything_together() {
             ..Want::default()
         },
     );
+}
+
+#[test]
+fn token_stats_on_peaked_flat_and_tied_rows() {
+    // Rows built to stress the statistics: one logit far above the rest (entropy ~ 0, log Σp² ~ 0), all equal
+    // (entropy = log V, log Σp² = -log V, the argmax is column 0), and a tie for the max at the target and an
+    // earlier column (ties go to the lowest index, so the target is not the top-1).
+    let (n, h, v) = (3, 2, 40);
+    let mut hidden = vec![0.0; n * h];
+    let mut weight = vec![0.0; v * h];
+    hidden[0] = 1.0; // row 0: z = w[:, 0]
+    weight[7 * h] = 30.0;
+    hidden[2 * h + 1] = 1.0; // row 2: z = w[:, 1]
+    weight[3 * h + 1] = 2.0;
+    weight[9 * h + 1] = 2.0;
+    let case = Case {
+        n,
+        h,
+        v,
+        hidden,
+        weight,
+        targets: vec![7, 0, 9],
+        ..Case::random(&mut Rng::new(5), n, h, v, 0.0)
+    };
+    check_all(&case, Want::default());
+    let want = common::reference(&case);
+    assert!(
+        want.stats[0] < 1e-8 && want.stats[3] == 1.0,
+        "{:?}",
+        &want.stats[..4]
+    );
+    assert!((want.stats[4] - (v as f64).ln()).abs() < 1e-12 && want.stats[7] == 1.0);
+    assert_eq!(want.stats[11], 0.0, "a tie goes to the lower index");
+    // check_all tolerates a flipped argmax where the gap is within rounding, so the tie is asserted exactly here.
+    for parallel in [true, false] {
+        let want_stats = Want {
+            parallel,
+            ..Want::default()
+        };
+        let got = common::run::<f32>(&case, want_stats);
+        let stats = got.stats.expect("stats");
+        assert_eq!(
+            (stats[3], stats[7], stats[11]),
+            (1.0, 1.0, 0.0),
+            "{stats:?}"
+        );
+        let got = common::run::<bf16>(&case.clone().rounded::<bf16>(), want_stats);
+        assert_eq!(got.stats.expect("stats")[11], 0.0);
+    }
 }
 
 #[test]
@@ -296,7 +356,9 @@ fn bf16_blocks_rounded_to_32_rows_and_partial_tiles() {
 fn single_row_views_may_have_short_strides() {
     // MatRef accepts row_stride < cols when there is one row; V = 1 gives lse = z_0, so the loss is exactly
     // ε·0 + (1-ε)·0 = 0 without z_loss, and every gradient is 0.
-    use logitless_kernel::{GradScale, Grads, MatRef, Options, fused_linear_cross_entropy};
+    use logitless_kernel::{
+        GradScale, Grads, MatRef, Options, RowOutputs, fused_linear_cross_entropy,
+    };
     let x = [bf16::from_f32(0.5); 8];
     let w = [bf16::from_f32(0.25); 4];
     let mut dh = [bf16::from_f32(9.0); 8];
@@ -311,7 +373,7 @@ fn single_row_views_may_have_short_strides() {
             ..Options::default()
         },
         GradScale::Uniform(1.0),
-        None,
+        RowOutputs::default(),
         Grads {
             d_hidden: Some(&mut dh),
             d_weight: Some(&mut dw),

@@ -2,7 +2,8 @@
 
 use half::bf16;
 use logitless_kernel::{
-    Epilogue, GradScale, Grads, KernelError, MatRef, Options, fused_linear_cross_entropy,
+    Epilogue, GradScale, Grads, KernelError, MatRef, Options, RowOutputs,
+    fused_linear_cross_entropy,
 };
 
 fn call(
@@ -23,7 +24,7 @@ fn call(
         targets,
         options,
         GradScale::Uniform(1.0),
-        None,
+        RowOutputs::default(),
         Grads {
             d_hidden: Some(&mut dh),
             ..Grads::default()
@@ -107,7 +108,7 @@ fn shape_mismatches() {
         &[0, 1],
         &o,
         GradScale::Uniform(1.0),
-        None,
+        RowOutputs::default(),
         Grads::<f32>::default(),
     );
     assert!(
@@ -119,6 +120,7 @@ fn shape_mismatches() {
     let bias = vec![0.0f32; 9];
     let lb = vec![0.0f32; 11];
     let mut loss = vec![0.0f64; 3];
+    let mut stats = vec![0.0f64; 7];
     let mut dw = vec![0.0f32; 29];
     let mut db = vec![0.0f32; 11];
     let cases: Vec<(&str, Result<_, _>)> = vec![
@@ -131,7 +133,7 @@ fn shape_mismatches() {
                 &[0, 1],
                 &o,
                 GradScale::Uniform(1.0),
-                None,
+                RowOutputs::default(),
                 Grads::default(),
             ),
         ),
@@ -150,7 +152,7 @@ fn shape_mismatches() {
                     ..o
                 },
                 GradScale::Uniform(1.0),
-                None,
+                RowOutputs::default(),
                 Grads::default(),
             ),
         ),
@@ -163,7 +165,7 @@ fn shape_mismatches() {
                 &[0, 1],
                 &o,
                 GradScale::PerRow(&[1.0]),
-                None,
+                RowOutputs::default(),
                 Grads::default(),
             ),
         ),
@@ -176,7 +178,26 @@ fn shape_mismatches() {
                 &[0, 1],
                 &o,
                 GradScale::Uniform(1.0),
-                Some(&mut loss),
+                RowOutputs {
+                    loss: Some(&mut loss),
+                    ..RowOutputs::default()
+                },
+                Grads::default(),
+            ),
+        ),
+        (
+            "token_stats",
+            fused_linear_cross_entropy(
+                hidden,
+                weight,
+                None,
+                &[0, 1],
+                &o,
+                GradScale::Uniform(1.0),
+                RowOutputs {
+                    stats: Some(&mut stats),
+                    ..RowOutputs::default()
+                },
                 Grads::default(),
             ),
         ),
@@ -189,7 +210,7 @@ fn shape_mismatches() {
                 &[0, 1],
                 &o,
                 GradScale::Uniform(1.0),
-                None,
+                RowOutputs::default(),
                 Grads {
                     d_weight: Some(&mut dw),
                     ..Grads::default()
@@ -205,7 +226,7 @@ fn shape_mismatches() {
                 &[0, 1],
                 &o,
                 GradScale::Uniform(1.0),
-                None,
+                RowOutputs::default(),
                 Grads {
                     d_bias: Some(&mut db),
                     ..Grads::default()
@@ -298,6 +319,20 @@ fn invalid_options() {
             },
             ..Options::default()
         },
+        Options {
+            epilogue: Epilogue {
+                temperature: Some(-1.0),
+                ..Epilogue::default()
+            },
+            ..Options::default()
+        },
+        Options {
+            epilogue: Epilogue {
+                temperature: Some(f32::NAN),
+                ..Epilogue::default()
+            },
+            ..Options::default()
+        },
     ];
     for o in &bad {
         assert!(
@@ -317,7 +352,7 @@ fn invalid_options() {
         &[0, 1],
         &Options::default(),
         GradScale::Uniform(f64::NAN),
-        None,
+        RowOutputs::default(),
         Grads::<f32>::default(),
     );
     assert!(matches!(

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex, TryLockError};
 use half::{bf16, f16};
 use logitless_kernel::isa::{self, Isa};
 use logitless_kernel::{
-    Element, Epilogue, GradScale, Grads, KernelError, LossSummary, MatRef, Options, WeightGrad,
-    fused_linear_cross_entropy,
+    Element, Epilogue, GradScale, Grads, KernelError, LossSummary, MatRef, Options, RowOutputs,
+    TOKEN_STATS, WeightGrad, fused_linear_cross_entropy,
 };
 use pyo3::prelude::*;
 
@@ -224,6 +224,7 @@ struct Call {
     logits_bias: Option<Buf>,
     row_scale: Option<Buf>,
     per_row_loss: Option<Buf>,
+    token_stats: Option<Buf>,
     d_hidden: Option<Buf>,
     d_weight: Option<Buf>,
     d_bias: Option<Buf>,
@@ -234,6 +235,7 @@ struct Call {
     scale_multiply: Option<f32>,
     scale_divide: Option<f32>,
     softcap: Option<f32>,
+    temperature: Option<f32>,
     chunk_budget_bytes: Option<usize>,
     weight_grad: WeightGrad,
     parallel: bool,
@@ -244,7 +246,13 @@ impl Call {
     /// Inputs may alias one another (all read-only); each output must overlap nothing else, so that the
     /// `&mut` slices formed from them are unique.
     fn check_outputs_disjoint(&self) -> PyResult<()> {
-        let outputs = [self.per_row_loss, self.d_hidden, self.d_weight, self.d_bias];
+        let outputs = [
+            self.per_row_loss,
+            self.token_stats,
+            self.d_hidden,
+            self.d_weight,
+            self.d_bias,
+        ];
         let all = [self.hidden, self.weight, self.targets]
             .into_iter()
             .chain(self.bias)
@@ -316,6 +324,9 @@ fn run<T: Element>(call: &Call) -> Result<LossSummary, KernelError> {
     // SAFETY: as above (float64 output, unaliased).
     let per_row_loss: Option<&mut [f64]> =
         call.per_row_loss.as_ref().map(|b| unsafe { slice_mut(b) });
+    // SAFETY: as above (float64 output, unaliased).
+    let token_stats: Option<&mut [f64]> =
+        call.token_stats.as_ref().map(|b| unsafe { slice_mut(b) });
     let grads = Grads::<T> {
         // SAFETY: as above (outputs, unaliased).
         d_hidden: call.d_hidden.as_ref().map(|b| unsafe { slice_mut(b) }),
@@ -337,6 +348,7 @@ fn run<T: Element>(call: &Call) -> Result<LossSummary, KernelError> {
             scale_multiply: call.scale_multiply,
             scale_divide: call.scale_divide,
             softcap: call.softcap,
+            temperature: call.temperature,
         },
         weight_grad: call.weight_grad,
         parallel: call.parallel,
@@ -357,7 +369,10 @@ fn run<T: Element>(call: &Call) -> Result<LossSummary, KernelError> {
         targets,
         &options,
         grad_scale,
-        per_row_loss,
+        RowOutputs {
+            loss: per_row_loss,
+            stats: token_stats,
+        },
         grads,
     )
 }
@@ -421,8 +436,8 @@ fn nonzero(x: Option<f64>) -> Option<f32> {
 /// Fused linear + cross-entropy on CPU tensors; see `_core.pyi` and docs/design.md ("Binding contract").
 #[pyfunction]
 #[pyo3(name = "fused_linear_cross_entropy", signature = (hidden, weight, bias, targets, *, ignore_index, label_smoothing, z_loss, logits_bias=None,
-    scale_multiply=None, scale_divide=None, softcap=None, grad_scale=None, row_scale=None, per_row_loss=None,
-    d_hidden=None, d_weight=None, d_bias=None, chunk_budget_bytes=None, weight_grad="accumulate", num_threads=1,
+    scale_multiply=None, scale_divide=None, softcap=None, temperature=None, grad_scale=None, row_scale=None,
+    per_row_loss=None, token_stats=None, d_hidden=None, d_weight=None, d_bias=None, chunk_budget_bytes=None, weight_grad="accumulate", num_threads=1,
     kernel_isa=None, profile=false))]
 #[allow(clippy::too_many_arguments)]
 fn fused_linear_cross_entropy_py(
@@ -438,9 +453,11 @@ fn fused_linear_cross_entropy_py(
     scale_multiply: Option<f64>,
     scale_divide: Option<f64>,
     softcap: Option<f64>,
+    temperature: Option<f64>,
     grad_scale: Option<f64>,
     row_scale: Option<TensorArg>,
     per_row_loss: Option<TensorArg>,
+    token_stats: Option<TensorArg>,
     d_hidden: Option<TensorArg>,
     d_weight: Option<TensorArg>,
     d_bias: Option<TensorArg>,
@@ -502,6 +519,12 @@ fn fused_linear_cross_entropy_py(
     if let Some(b) = &per_row_loss {
         expect(b, DType::F64, &[n], &[b.len])?;
     }
+    let token_stats = token_stats
+        .map(|b| matrix("token_stats", &b, true))
+        .transpose()?;
+    if let Some(b) = &token_stats {
+        expect(b, DType::F64, &[n, TOKEN_STATS], &[b.rows, b.cols])?;
+    }
     let d_hidden = d_hidden.map(|b| matrix("d_hidden", &b, true)).transpose()?;
     if let Some(b) = &d_hidden {
         expect(b, dt, &[n, hd], &[b.rows, b.cols])?;
@@ -522,6 +545,7 @@ fn fused_linear_cross_entropy_py(
         logits_bias,
         row_scale,
         per_row_loss,
+        token_stats,
         d_hidden,
         d_weight,
         d_bias,
@@ -532,6 +556,7 @@ fn fused_linear_cross_entropy_py(
         scale_multiply: nonzero(scale_multiply),
         scale_divide: nonzero(scale_divide),
         softcap: nonzero(softcap),
+        temperature: nonzero(temperature),
         chunk_budget_bytes,
         weight_grad,
         parallel: false,

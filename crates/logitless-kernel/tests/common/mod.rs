@@ -4,8 +4,8 @@
 
 use half::{bf16, f16};
 use logitless_kernel::{
-    Element, Epilogue, GradScale, Grads, LossSummary, MatRef, Options, WeightGrad,
-    fused_linear_cross_entropy,
+    Element, Epilogue, GradScale, Grads, LossSummary, MatRef, Options, RowOutputs, TOKEN_STATS,
+    WeightGrad, fused_linear_cross_entropy,
 };
 
 /// Conversions the tests need for each element type.
@@ -99,6 +99,8 @@ pub struct Case {
     pub multiply: Option<f32>,
     pub divide: Option<f32>,
     pub softcap: Option<f32>,
+    /// Divides the logits after every other epilogue step.
+    pub temperature: Option<f32>,
     /// Per-row scale (GradScale::PerRow) or one uniform scale.
     pub row_scale: Option<Vec<f32>>,
     pub uniform_scale: f64,
@@ -133,6 +135,7 @@ impl Case {
             multiply: None,
             divide: None,
             softcap: None,
+            temperature: None,
             row_scale: None,
             uniform_scale: 1.0,
         }
@@ -166,6 +169,10 @@ pub struct Out {
     pub d_hidden: Vec<f64>,
     pub d_weight: Vec<f64>,
     pub d_bias: Vec<f64>,
+    /// `N × TOKEN_STATS` (entropy, mean logit, log Σp², target is argmax), zeros for ignored rows.
+    pub stats: Vec<f64>,
+    /// Per row, |z_t - max_{j≠t} z_j|: how close the argmax question is (1/0 may flip under rounding when tiny).
+    pub top_gap: Vec<f64>,
 }
 
 /// The naive reference: the full logits matrix in f64, loss and gradients written out term by term.
@@ -178,6 +185,8 @@ pub fn reference(c: &Case) -> Out {
         d_hidden: vec![0.0; n * h],
         d_weight: vec![0.0; v * h],
         d_bias: vec![0.0; v],
+        stats: vec![0.0; n * TOKEN_STATS],
+        top_gap: vec![f64::INFINITY; n],
     };
     let nz = |x: Option<f32>| x.filter(|&x| x != 0.0).map(|x| x as f64);
     for i in 0..n {
@@ -210,6 +219,9 @@ pub fn reference(c: &Case) -> Out {
                 Some(cap) => cap * (y / cap).tanh(),
                 None => y,
             };
+            if let Some(temp) = nz(c.temperature) {
+                z[j] /= temp;
+            }
         }
         let max = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let lse = max + z.iter().map(|&x| (x - max).exp()).sum::<f64>().ln();
@@ -221,6 +233,26 @@ pub fn reference(c: &Case) -> Out {
         out.per_row[i] = loss;
         out.loss_sum += loss;
         out.count += 1;
+        // Token statistics of p = softmax(z), written out as defined.
+        let p: Vec<f64> = z.iter().map(|&x| (x - lse).exp()).collect();
+        let entropy = -p
+            .iter()
+            .map(|&q| if q > 0.0 { q * q.ln() } else { 0.0 })
+            .sum::<f64>();
+        let log_sum_sq = p.iter().map(|&q| q * q).sum::<f64>().ln();
+        let argmax = (0..v).fold(0, |best, j| if z[j] > z[best] { j } else { best });
+        let stats = [
+            entropy,
+            mean,
+            log_sum_sq,
+            if argmax == t { 1.0 } else { 0.0 },
+        ];
+        out.stats[i * TOKEN_STATS..(i + 1) * TOKEN_STATS].copy_from_slice(&stats);
+        let other = (0..v)
+            .filter(|&j| j != t)
+            .map(|j| z[j])
+            .fold(f64::NEG_INFINITY, f64::max);
+        out.top_gap[i] = (z[t] - other).abs();
         let s = c.scale_of(i);
         for j in 0..v {
             let p = (z[j] - lse).exp();
@@ -229,6 +261,9 @@ pub fn reference(c: &Case) -> Out {
                 dz -= 1.0 - eps;
             }
             let mut dy = dz;
+            if let Some(temp) = nz(c.temperature) {
+                dy /= temp;
+            }
             if let Some(cap) = nz(c.softcap) {
                 let th = (u[j] / cap).tanh();
                 dy *= 1.0 - th * th;
@@ -257,6 +292,8 @@ pub struct Want {
     pub d_weight: bool,
     pub d_bias: bool,
     pub per_row: bool,
+    /// Ask for the token statistics too.
+    pub stats: bool,
     pub parallel: bool,
     pub budget: usize,
     pub weight_grad: WeightGrad,
@@ -272,6 +309,7 @@ impl Default for Want {
             d_weight: true,
             d_bias: true,
             per_row: true,
+            stats: true,
             parallel: true,
             budget: 32 << 20,
             weight_grad: WeightGrad::Accumulate,
@@ -285,6 +323,7 @@ impl Default for Want {
 pub struct Got {
     pub summary: LossSummary,
     pub per_row: Option<Vec<f64>>,
+    pub stats: Option<Vec<f64>>,
     pub d_hidden: Option<Vec<f64>>,
     pub d_weight: Option<Vec<f64>>,
     pub d_bias: Option<Vec<f64>>,
@@ -320,6 +359,7 @@ pub fn run<T: TestElement>(c: &Case, w: Want) -> Got {
             scale_multiply: c.multiply,
             scale_divide: c.divide,
             softcap: c.softcap,
+            temperature: c.temperature,
         },
         chunk_budget_bytes: w.budget,
         weight_grad: w.weight_grad,
@@ -332,6 +372,7 @@ pub fn run<T: TestElement>(c: &Case, w: Want) -> Got {
     let mut dw = vec![junk; v * h];
     let mut db = vec![junk; v];
     let mut pr = vec![7.0f64; n];
+    let mut st = vec![7.0f64; n * TOKEN_STATS];
     let scale = match &c.row_scale {
         Some(s) => GradScale::PerRow(s),
         None => GradScale::Uniform(c.uniform_scale),
@@ -348,7 +389,10 @@ pub fn run<T: TestElement>(c: &Case, w: Want) -> Got {
         &c.targets,
         &options,
         scale,
-        w.per_row.then_some(&mut pr[..]),
+        RowOutputs {
+            loss: w.per_row.then_some(&mut pr[..]),
+            stats: w.stats.then_some(&mut st[..]),
+        },
         grads,
     )
     .expect("kernel call");
@@ -356,6 +400,7 @@ pub fn run<T: TestElement>(c: &Case, w: Want) -> Got {
     Got {
         summary,
         per_row: w.per_row.then_some(pr),
+        stats: w.stats.then_some(st),
         d_hidden: w.d_hidden.then(|| f(&dh)),
         d_weight: w.d_weight.then(|| f(&dw)),
         d_bias: w.d_bias.then(|| f(&db)),
@@ -422,6 +467,9 @@ fn check_against<T: TestElement>(case: &Case, want: &Out, w: Want) {
         let scale = want.per_row.iter().fold(1.0f64, |m, x| m.max(x.abs()));
         assert_close(&format!("{ctx}: per_row"), pr, &want.per_row, lt, scale);
     }
+    if let Some(st) = &got.stats {
+        check_stats(&ctx, case, want, st, lt);
+    }
     let gt = T::GRAD_TOL;
     if let Some(g) = &got.d_hidden {
         assert_close(
@@ -452,6 +500,38 @@ fn check_against<T: TestElement>(case: &Case, want: &Out, w: Want) {
     }
     if let Some(g) = &got.d_bias {
         assert_close(&format!("{ctx}: d_bias"), g, &want.d_bias, gt, GRAD_FLOOR);
+    }
+}
+
+fn check_stats(ctx: &str, case: &Case, want: &Out, got: &[f64], tol: f64) {
+    for i in 0..case.n {
+        let (g, w) = (
+            &got[i * TOKEN_STATS..(i + 1) * TOKEN_STATS],
+            &want.stats[i * TOKEN_STATS..(i + 1) * TOKEN_STATS],
+        );
+        if case.targets[i] == case.ignore_index {
+            assert!(
+                g.iter().all(|&x| x == 0.0),
+                "{ctx}: token stats of ignored row {i}: {g:?}"
+            );
+            continue;
+        }
+        for (k, name) in ["entropy", "mean logit", "log sum p^2"].iter().enumerate() {
+            assert!(
+                (g[k] - w[k]).abs() <= tol * (w[k].abs() + 1.0),
+                "{ctx}: row {i} {name}: got {}, want {}",
+                g[k],
+                w[k]
+            );
+        }
+        // Logits formed in f32 may order two near-equal entries differently from f64.
+        assert!(
+            g[3] == w[3] || want.top_gap[i] <= 1e-4 * (w[1].abs() + 1.0),
+            "{ctx}: row {i} is_top1: got {}, want {} (gap {})",
+            g[3],
+            w[3],
+            want.top_gap[i]
+        );
     }
 }
 
