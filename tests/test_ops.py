@@ -554,3 +554,93 @@ def test_low_precision_loss_is_at_least_as_accurate_as_stock(impl: str, reductio
         if abs(ours - exact) > abs(stock - exact) + 1e-6 * abs(exact):
             worse.append((seed, abs(ours - exact) / abs(exact), abs(stock - exact) / abs(exact)))
     assert not worse, f"(seed, our relative error, stock's): {worse}"
+
+
+def _per_position_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, multiply: float,
+                            softcap: float | None, temperature: float) -> dict[str, torch.Tensor]:  # fmt: skip
+    """float64, materialised: log-prob of the shifted target and the distribution's statistics, per position."""
+    z = hidden.double() @ weight.double().T * multiply
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    z = z / temperature
+    targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+    valid = targets != -100
+    logp = torch.log_softmax(z, dim=-1)
+    p = logp.exp()
+    zero = torch.zeros((), dtype=torch.float64)
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return {
+        "log_probs": torch.where(valid, picked, zero),
+        "entropy": torch.where(valid, -(p * logp).sum(-1), zero),
+        "mean_logits": torch.where(valid, z.mean(-1), zero),
+        "log_sum_sq_probs": torch.where(valid, (2 * logp).logsumexp(-1), zero),
+        "is_top1": valid & (z.argmax(-1) == targets),
+        "valid": valid,
+        # How far the target is from being (or from not being) the argmax: rounding may flip it only when tiny.
+        "top_gap": (picked - torch.where(torch.nn.functional.one_hot(targets.clamp(min=0), z.shape[-1]).bool(),
+                                         -torch.inf, logp).amax(-1)).abs(),  # fmt: skip
+    }
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0], ids=["no-softcap", "softcap"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_temperature_log_probs_and_token_stats_match_float64(impl: str, dtype: torch.dtype,
+                                                            softcap: float | None) -> None:  # fmt: skip
+    """What TRL's trainers need from one pass: per-token log-probs at a temperature (with a gradient for any
+    per-token upstream gradient) and the distribution's statistics."""
+    hidden, weight, _, labels = make(dtype=dtype)
+    temperature = 0.7
+    ref_h = hidden.detach().double().requires_grad_()
+    ref_w = weight.detach().double().requires_grad_()
+    ref = _per_position_reference(ref_h, ref_w, labels, multiply=1.3, softcap=softcap, temperature=temperature)
+    nll, stats = linear_cross_entropy(hidden, weight, labels, reduction="none", logit_scale_multiply=1.3,
+                                      logit_softcapping=softcap, temperature=temperature, impl=impl,
+                                      return_token_stats=True)  # fmt: skip
+    # The torch path on CPU forms bf16 logits as stock does, so bf16 gets stock's tolerance (ops_reference).
+    tol, grad_tol = TOLERANCES[dtype]
+    assert_close(-nll, ref["log_probs"], tol, "log_probs")
+    assert_close(stats.entropy, ref["entropy"], tol, "entropy")
+    assert_close(stats.mean_logits, ref["mean_logits"], tol, "mean_logits")
+    assert_close(stats.log_sum_sq_probs, ref["log_sum_sq_probs"], tol, "log_sum_sq_probs")
+    assert stats.is_top1.dtype == torch.bool
+    flipped = stats.is_top1 != ref["is_top1"]
+    assert not flipped.any() or float(ref["top_gap"][flipped].max()) < 5 * tol, ref["top_gap"][flipped]
+    if dtype == torch.float32:
+        assert torch.equal(stats.is_top1, ref["is_top1"])
+    assert not stats.entropy.requires_grad
+    # Any per-token upstream gradient through the log-probs (what DPO / GRPO / KTO backpropagate).
+    upstream = torch.randn(nll.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    (-nll * upstream.to(nll.dtype)).sum().backward()
+    (ref["log_probs"] * upstream).sum().backward()
+    assert_close(hidden.grad, ref_h.grad, grad_tol, "d_hidden")
+    assert_close(weight.grad, ref_w.grad, grad_tol, "d_weight")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_token_stats_with_mean_reduction_and_bad_temperature(impl: str) -> None:
+    hidden, weight, _, labels = make()
+    loss, stats = linear_cross_entropy(hidden, weight, labels, impl=impl, return_token_stats=True)
+    ref = _per_position_reference(hidden, weight, labels, multiply=1.0, softcap=None, temperature=1.0)
+    assert_close(loss, -ref["log_probs"].sum() / ref["valid"].sum(), 2e-5, "loss")
+    assert_close(stats.entropy, ref["entropy"], 2e-5, "entropy")
+    assert stats.entropy.shape == labels.shape
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="^temperature: expected"):
+            linear_cross_entropy(hidden, weight, labels, impl=impl, temperature=bad)
+
+
+def test_torch_path_token_stats_equal_in_both_modes() -> None:
+    """The sync-free mode (every row enters, ignored rows masked) gives the compacting mode's statistics: zeros on
+    ignored rows, the same values elsewhere, across several chunks."""
+    hidden, weight, _, labels = make(three_d=False)
+    targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[1:]
+    opts = LossOptions(epilogue=Epilogue(softcap=3.0, temperature=1.5))
+    kw = {"grad_scale": None, "row_scale": None, "want_per_row": False, "need_d_hidden": False,
+          "need_d_weight": False, "need_d_bias": False, "want_stats": True, "budget_bytes": V * 4 * 3 * 4}  # fmt: skip
+    dense = torch_path.fused_lce(hidden.detach(), weight.detach(), None, targets, opts, compact=False, **kw)
+    compact = torch_path.fused_lce(hidden.detach(), weight.detach(), None, targets, opts, compact=True, **kw)
+    assert dense.token_stats is not None and compact.token_stats is not None
+    torch.testing.assert_close(dense.token_stats, compact.token_stats, rtol=1e-6, atol=1e-7)
+    assert (dense.token_stats[targets == -100] == 0).all()
+    assert (dense.token_stats[targets != -100, 0] > 0).all()  # entropies of real rows

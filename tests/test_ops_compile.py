@@ -26,19 +26,20 @@ def make(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch
     return hidden, weight, bias, labels
 
 
+@pytest.mark.parametrize("extra", [(), (0.8, True)], ids=["defaults", "temperature+stats"])
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_opcheck(impl: str, reduction: str) -> None:
+def test_opcheck(impl: str, reduction: str, extra: tuple) -> None:
     """Schema, fake implementation, autograd registration and AOT dispatch agree with the real op."""
     hidden, weight, bias, labels = make()
     args = (hidden.reshape(-1, H), weight, bias, labels.reshape(-1), torch.randn(V), None, -100, 0.1, 0.01, 1.5,
-            0.0, 3.0, reduction, impl, True, False, True)  # fmt: skip
+            0.0, 3.0, reduction, impl, True, False, True, *extra)  # fmt: skip
     torch.library.opcheck(torch.ops.logitless.linear_cross_entropy.default, args)
     if reduction == "none":
         # The backward op itself is never differentiated (double backward raises first): plain tensors.
         hidden, weight, bias = hidden.detach(), weight.detach(), bias.detach()
         rows = (hidden.reshape(-1, H), weight, bias, labels.reshape(-1), None, torch.rand(B * T), -100, 0.0, 0.0,
-                0.0, 2.0, 0.0, impl, True, True, False)  # fmt: skip
+                0.0, 2.0, 0.0, impl, True, True, False, *extra[:1])  # fmt: skip
         torch.library.opcheck(torch.ops.logitless.linear_cross_entropy_rows_backward.default, rows)
 
 
@@ -119,7 +120,7 @@ def _child(queue: Any) -> None:
     hidden, weight, bias, labels = make(seed=1)
     targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1)
     with torch.no_grad():
-        loss, d_hidden, d_weight, _ = torch.ops.logitless.linear_cross_entropy(
+        loss, d_hidden, d_weight, _, _ = torch.ops.logitless.linear_cross_entropy(
             hidden.reshape(-1, H), weight, bias, targets, None, None, -100, 0.0, 0.0, 0.0, 0.0, 0.0, "mean", "rust",
             True, True, True,
         )  # fmt: skip

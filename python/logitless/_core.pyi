@@ -26,9 +26,11 @@ def fused_linear_cross_entropy(
     scale_multiply: float | None = None,
     scale_divide: float | None = None,
     softcap: float | None = None,
+    temperature: float | None = None,
     grad_scale: float | None = None,
     row_scale: TensorView | None = None,
     per_row_loss: TensorView | None = None,
+    token_stats: TensorView | None = None,
     d_hidden: TensorView | None = None,
     d_weight: TensorView | None = None,
     d_bias: TensorView | None = None,
@@ -41,7 +43,8 @@ def fused_linear_cross_entropy(
     """Fused linear + cross-entropy on CPU: (sum of per-row losses, non-ignored rows), gradients written in place.
 
     hidden [N, H], weight [V, H], bias [V] (same float dtype: float32/bfloat16/float16/float64), targets int64 [N],
-    logits_bias float32 [V], row_scale float32 [N], per_row_loss float64 [N], d_* like their inputs. Gradients are
+    logits_bias float32 [V], row_scale float32 [N], per_row_loss float64 [N], token_stats float64 [N, 4] (entropy,
+    mean logit, log sum p^2, target is argmax; written in the same pass), d_* like their inputs. Gradients are
     those of sum_i s_i * loss_i with s_i = row_scale[i], else grad_scale (default 1). Epilogue values of None or 0
     are not applied. Runs with the GIL released on a pool of num_threads threads (1: the calling thread only),
     owned by this process (a fork()ed child builds its own). kernel_isa caps the instruction set (portable, avx2,

@@ -28,6 +28,8 @@ class Epilogue:
     multiply: float | None = None
     divide: float | None = None
     softcap: float | None = None
+    # Divides the logits after every other step (a sampling temperature); None = 1.
+    temperature: float | None = None
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,9 @@ class LossOptions:
         divide: float,
         softcap: float,
         impl: str,
+        temperature: float = 0.0,
     ) -> LossOptions:
-        epilogue = Epilogue(logits_bias, multiply or None, divide or None, softcap or None)
+        epilogue = Epilogue(logits_bias, multiply or None, divide or None, softcap or None, temperature or None)
         return cls(ignore_index, label_smoothing, z_loss, epilogue, impl)
 
 
@@ -91,6 +94,15 @@ def _epilogue_value(value: Any, what: str) -> float | None:
     return _number(value, what) or None
 
 
+def _temperature(value: Any) -> float | None:
+    if value is None:
+        return None
+    t = _number(value, "temperature")
+    if not t > 0.0:
+        raise ValueError(f"temperature: expected a value > 0, got {t}")
+    return None if t == 1.0 else t
+
+
 def parse(
     *,
     device: torch.device,
@@ -103,6 +115,7 @@ def parse(
     logit_softcapping: Any,
     logits_bias: torch.Tensor | None,
     impl: str,
+    temperature: Any = None,
 ) -> LossOptions:
     """Validates the user's arguments (errors name them as the user wrote them) and resolves ``impl="auto"``."""
     if impl not in IMPLS:
@@ -137,5 +150,6 @@ def parse(
         multiply=_epilogue_value(logit_scale_multiply, "logit_scale_multiply"),
         divide=_epilogue_value(logit_scale_divide, "logit_scale_divide"),
         softcap=_epilogue_value(logit_softcapping, "logit_softcapping"),
+        temperature=_temperature(temperature),
     )
     return LossOptions(ignore, smoothing, z, epilogue, impl)

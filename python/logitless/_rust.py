@@ -11,7 +11,7 @@ import torch
 
 from logitless import _config, _core
 from logitless._options import LossOptions
-from logitless.torch_path import Result, weight_grad_mode
+from logitless.torch_path import TOKEN_STATS, Result, weight_grad_mode
 
 TensorView = tuple[int, tuple[int, ...], tuple[int, ...], str]
 
@@ -58,6 +58,7 @@ def fused_lce(
     need_d_hidden: bool,
     need_d_weight: bool,
     need_d_bias: bool,
+    want_stats: bool = False,
 ) -> Result:
     """Same contract as ``torch_path.fused_lce`` (CPU tensors; targets already validated)."""
     hidden = _unit_columns(hidden)
@@ -71,6 +72,7 @@ def fused_lce(
     d_weight = torch.empty(weight.shape, dtype=weight.dtype) if need_d_weight else None
     d_bias = torch.empty(weight.shape[0], dtype=hidden.dtype) if need_d_bias and bias is not None else None
     per_row = torch.empty(n, dtype=torch.float64) if want_per_row else None
+    token_stats = torch.empty(n, TOKEN_STATS, dtype=torch.float64) if want_stats else None
     mode = weight_grad_mode()
     accumulator = d_weight is not None and weight.dtype in (torch.bfloat16, torch.float16) and mode == "accumulate"
     epilogue = options.epilogue
@@ -89,9 +91,11 @@ def fused_lce(
         scale_multiply=epilogue.multiply,
         scale_divide=epilogue.divide,
         softcap=epilogue.softcap,
+        temperature=epilogue.temperature,
         grad_scale=float(grad_scale) if grad_scale is not None else None,
         row_scale=_view(row_scale) if row_scale is not None else None,
         per_row_loss=_view(per_row) if per_row is not None else None,
+        token_stats=_view(token_stats) if token_stats is not None else None,
         d_hidden=_view(d_hidden) if d_hidden is not None else None,
         d_weight=_view(d_weight) if d_weight is not None else None,
         d_bias=_view(d_bias) if d_bias is not None else None,
@@ -107,6 +111,7 @@ def fused_lce(
         loss_sum=torch.tensor(loss_sum, dtype=acc),
         count=torch.tensor(count, dtype=torch.int64),
         per_row=per_row.to(acc) if per_row is not None else None,
+        token_stats=token_stats,
         d_hidden=d_hidden,
         d_weight=d_weight,
         d_bias=d_bias,

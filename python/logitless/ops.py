@@ -21,14 +21,23 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from logitless import _options, torch_path
 from logitless._options import LossOptions
 
-__all__ = ["linear_cross_entropy"]
+__all__ = ["TokenStats", "linear_cross_entropy"]
+
+
+class TokenStats(NamedTuple):
+    """Per-position statistics of ``softmax(epilogue(logits))``, shaped like the per-position loss."""
+
+    entropy: torch.Tensor
+    mean_logits: torch.Tensor
+    log_sum_sq_probs: torch.Tensor
+    is_top1: torch.Tensor
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _REDUCTIONS = ("mean", "sum", "none")
@@ -73,7 +82,9 @@ def linear_cross_entropy(
     logit_softcapping: float | None = None,
     logits_bias: torch.Tensor | None = None,
     impl: str = "auto",
-) -> torch.Tensor:
+    temperature: float | None = None,
+    return_token_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
     """``ForCausalLMLoss(epilogue(F.linear(hidden, weight, bias)), labels, V, ...)`` without materialising logits.
 
     ``hidden`` is ``[B, T, H]`` or ``[N, H]`` with ``labels`` of shape ``hidden.shape[:-1]``. With ``shift=True``
@@ -82,6 +93,12 @@ def linear_cross_entropy(
     loss by the number of non-ignored targets, or by ``num_items_in_batch`` when given; ``"none"`` returns the
     per-position losses with shape ``hidden.shape[:-1]`` (0 where ignored). The loss is float32 (float64 for float64
     inputs). A batch whose targets are all ignored has loss 0 and zero gradients.
+
+    ``temperature`` divides the logits after every other epilogue step (a sampling temperature: the per-token
+    ``-loss`` with ``reduction="none"`` is then the target's log-probability at that temperature).
+    ``return_token_stats=True`` also returns ``TokenStats`` of each position's distribution, computed in the same
+    pass and without gradient: entropy, mean logit, log Σp², and whether the target is the argmax (ties go to the
+    lowest index), each shaped like the per-position loss, 0 / False where the target is ignored.
     """
     for what, value in (("hidden", hidden), ("weight", weight)):
         if not isinstance(value, torch.Tensor):
@@ -130,6 +147,7 @@ def linear_cross_entropy(
         logit_softcapping=logit_softcapping,
         logits_bias=logits_bias,
         impl=impl,
+        temperature=temperature,
     )
 
     targets = _targets(hidden, labels, shift, shift_labels, options.ignore_index, device)
@@ -142,7 +160,7 @@ def linear_cross_entropy(
 
     lead_shape = hidden.shape[:-1]
     rows = math.prod(lead_shape)  # not reshape(-1, H): ambiguous when H == 0
-    loss, _, _, _ = torch.ops.logitless.linear_cross_entropy(
+    loss, _, _, _, stats = torch.ops.logitless.linear_cross_entropy(
         hidden.reshape(rows, hidden.shape[-1]),
         weight,
         bias,
@@ -155,10 +173,21 @@ def linear_cross_entropy(
         need_dh,
         need_dw,
         need_db,
+        options.epilogue.temperature or 0.0,
+        return_token_stats,
     )
     if reduction == "none":
         loss = loss.reshape(lead_shape)
-    return loss
+    if not return_token_stats:
+        return loss
+    stats = stats.detach().reshape(*lead_shape, 4)
+    token_stats = TokenStats(
+        entropy=stats[..., 0].to(loss.dtype),
+        mean_logits=stats[..., 1].to(loss.dtype),
+        log_sum_sq_probs=stats[..., 2].to(loss.dtype),
+        is_top1=stats[..., 3] != 0,
+    )
+    return loss, token_stats
 
 
 def _targets(
@@ -234,6 +263,7 @@ def _run(
     row_scale: torch.Tensor | None,
     want_per_row: bool,
     need: tuple[bool, bool, bool],
+    want_stats: bool = False,
 ) -> torch_path.Result:
     """One fused pass through the chosen implementation."""
     # The op's inputs are already in their final dtype; autocast must not recast the torch path's matmuls.
@@ -258,6 +288,7 @@ def _run(
             need_d_hidden=need[0],
             need_d_weight=need[1],
             need_d_bias=need[2],
+            want_stats=want_stats,
         )
 
 
@@ -280,9 +311,14 @@ def _lce_op(
     need_d_hidden: bool,
     need_d_weight: bool,
     need_d_bias: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, d_hidden, d_weight, d_bias); the gradients are those of the returned loss, empty when not needed."""
-    options = LossOptions.from_op(logits_bias, ignore_index, label_smoothing, z_loss, multiply, divide, softcap, impl)
+    temperature: float = 0.0,
+    want_stats: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, d_hidden, d_weight, d_bias, token_stats); the gradients are those of the returned loss, empty when not
+    needed; token_stats is float64 [N, 4] (entropy, mean logit, log Σp², target is argmax) when ``want_stats``."""
+    options = LossOptions.from_op(
+        logits_bias, ignore_index, label_smoothing, z_loss, multiply, divide, softcap, impl, temperature
+    )
     acc = _acc_dtype(hidden.dtype)
     device = hidden.device
     count_host = None
@@ -306,7 +342,7 @@ def _lce_op(
         grad_scale = torch.ones((), dtype=acc, device=device)
 
     res = _run(hidden, weight, bias, targets, options, grad_scale=grad_scale, row_scale=None, want_per_row=per_row,
-               need=need)  # fmt: skip
+               need=need, want_stats=want_stats)  # fmt: skip
     if per_row:
         assert res.per_row is not None
         loss = res.per_row.to(acc)
@@ -320,6 +356,7 @@ def _lce_op(
         res.d_hidden if res.d_hidden is not None else hidden.new_empty(_EMPTY_GRAD),
         res.d_weight if res.d_weight is not None else weight.new_empty(_EMPTY_GRAD),
         res.d_bias if res.d_bias is not None else hidden.new_empty(_EMPTY_GRAD),
+        res.token_stats if res.token_stats is not None else hidden.new_empty(_EMPTY_GRAD, dtype=torch.float64),
     )
 
 
@@ -368,7 +405,9 @@ def _lce_fake(
     need_d_hidden: bool,
     need_d_weight: bool,
     need_d_bias: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    temperature: float = 0.0,
+    want_stats: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     acc = _acc_dtype(hidden.dtype)
     per_row = reduction == "none"
     loss = hidden.new_empty((hidden.shape[0],) if per_row else (), dtype=acc)
@@ -378,6 +417,7 @@ def _lce_fake(
         hidden.new_empty(hidden.shape if grads and need_d_hidden else _EMPTY_GRAD),
         weight.new_empty(weight.shape if grads and need_d_weight else _EMPTY_GRAD),
         hidden.new_empty((weight.shape[0],) if grads and need_d_bias and bias is not None else _EMPTY_GRAD),
+        hidden.new_empty((hidden.shape[0], 4) if want_stats else _EMPTY_GRAD, dtype=torch.float64),
     )
 
 
@@ -399,9 +439,12 @@ def _rows_backward_op(
     need_d_hidden: bool,
     need_d_weight: bool,
     need_d_bias: bool,
+    temperature: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``Σ_i grad_rows[i] · l_i`` (reduction="none"): a second fused pass, no logits were kept."""
-    options = LossOptions.from_op(logits_bias, ignore_index, label_smoothing, z_loss, multiply, divide, softcap, impl)
+    options = LossOptions.from_op(
+        logits_bias, ignore_index, label_smoothing, z_loss, multiply, divide, softcap, impl, temperature
+    )
     res = _run(hidden, weight, bias, targets, options, grad_scale=None,
                row_scale=grad_rows.to(torch.float32).contiguous(), want_per_row=False,
                need=(need_d_hidden, need_d_weight, need_d_bias))  # fmt: skip
@@ -430,6 +473,7 @@ def _rows_backward_fake(
     need_d_hidden: bool,
     need_d_weight: bool,
     need_d_bias: bool,
+    temperature: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return (
         hidden.new_empty(hidden.shape if need_d_hidden else _EMPTY_GRAD),
@@ -443,13 +487,13 @@ def _rows_backward_fake(
 # ---------------------------------------------------------------------------------------------------------------
 
 # Positions of the custom op's arguments (its schema above).
-_N_INPUTS = 17
+_N_INPUTS = 19
 _HIDDEN, _WEIGHT, _BIAS = 0, 1, 2
 
 
 def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
     (hidden, weight, bias, targets, logits_bias, _num_items, ignore_index, label_smoothing, z_loss, multiply,
-     divide, softcap, reduction, impl, need_dh, need_dw, need_db) = inputs  # fmt: skip
+     divide, softcap, reduction, impl, need_dh, need_dw, need_db, temperature, _want_stats) = inputs  # fmt: skip
     ctx.reduction = reduction
     ctx.need = (need_dh, need_dw, need_db)
     # The gradient outputs are never differentiated; materialised zero "gradients" for them would cost a V×H
@@ -457,9 +501,11 @@ def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, outp
     ctx.set_materialize_grads(False)
     if reduction == "none":
         ctx.save_for_backward(hidden, weight, bias, targets, logits_bias)
-        ctx.options = LossOptions.from_op(None, ignore_index, label_smoothing, z_loss, multiply, divide, softcap, impl)
+        ctx.options = LossOptions.from_op(
+            None, ignore_index, label_smoothing, z_loss, multiply, divide, softcap, impl, temperature
+        )
     else:
-        _, d_hidden, d_weight, d_bias = output
+        _, d_hidden, d_weight, d_bias, _stats = output
         ctx.save_for_backward(d_hidden, d_weight, d_bias)
 
 
@@ -487,6 +533,7 @@ def _backward(
         options: LossOptions = ctx.options
         d_hidden, d_weight, d_bias = torch.ops.logitless.linear_cross_entropy_rows_backward(
             hidden, weight, bias, targets, logits_bias, grad_loss, *options.scalars(), options.impl, *ctx.need,
+            options.epilogue.temperature or 0.0,
         )  # fmt: skip
     else:
         d_hidden, d_weight, d_bias = ctx.saved_tensors

@@ -85,6 +85,8 @@ class Result:
     d_hidden: torch.Tensor | None
     d_weight: torch.Tensor | None
     d_bias: torch.Tensor | None
+    # [N, 4] float64 entropy, mean logit, log Σp², target-is-argmax (0 where ignored), when asked for
+    token_stats: torch.Tensor | None = None
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -120,6 +122,8 @@ def _epilogue_forward(
     if epilogue.softcap is not None:
         capped = torch.tanh(z / epilogue.softcap)
         z = capped * epilogue.softcap
+    if epilogue.temperature is not None:
+        z = z / epilogue.temperature
     return z, capped
 
 
@@ -137,6 +141,8 @@ def _softmax_part(
 
 def _epilogue_backward(g: torch.Tensor, capped: torch.Tensor | None, epilogue: Epilogue) -> None:
     """``g`` from ``d l / d epilogue(y)`` to ``d l / d y``, in place, last step first."""
+    if epilogue.temperature is not None:
+        g /= epilogue.temperature
     if capped is not None:
         g *= 1.0 - capped * capped
     if epilogue.divide is not None:
@@ -188,6 +194,7 @@ def fused_lce(
     need_d_bias: bool,
     compact: bool,
     budget_bytes: int | None = None,
+    want_stats: bool = False,
 ) -> Result:
     """Loss and requested gradients of ``Σ_i s_i · l_i`` for ``hidden`` [N, H], ``weight`` [V, H], ``targets`` [N].
 
@@ -226,6 +233,7 @@ def fused_lce(
         rows = None
 
     per_row = torch.zeros(n, dtype=acc, device=dev) if want_per_row else None
+    stats = torch.zeros(n, TOKEN_STATS, dtype=torch.float64, device=dev) if want_stats else None
     d_hidden = torch.zeros_like(hidden) if need_d_hidden else None
     d_weight_acc = torch.zeros(v, h_dim, dtype=acc, device=dev) if need_d_weight and not recompute else None
     saved: list[_SavedChunk] = []
@@ -265,6 +273,12 @@ def fused_lce(
                 per_row.index_copy_(0, idx, loss)
             else:
                 per_row[start:stop] = loss
+        if stats is not None:
+            chunk = _token_stats(z, t, mask)
+            if idx is not None:
+                stats.index_copy_(0, idx, chunk)
+            else:
+                stats[start:stop] = chunk
 
         if not any_grad:
             continue
@@ -305,14 +319,35 @@ def fused_lce(
         loss_sum = torch.where(bad, torch.nan, loss_sum)
         if per_row is not None:
             per_row = torch.where(bad, torch.nan, per_row)
+        if stats is not None:
+            stats = torch.where(bad, torch.nan, stats)
     return Result(
         loss_sum=loss_sum,
         count=count,
         per_row=per_row,
+        token_stats=stats,
         d_hidden=d_hidden,
         d_weight=d_weight,
         d_bias=d_bias_acc.to(bias.dtype) if d_bias_acc is not None and bias is not None else None,
     )
+
+
+TOKEN_STATS = 4
+
+
+def _token_stats(z: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Entropy, mean logit, log Σp² and "target is the argmax" (ties: lowest index, as ``argmax``) of each row of
+    post-epilogue logits ``z``, as float64 ``[rows, 4]``. Entropy is ``lse - Σ p·z`` taken relative to the row max
+    (no digits lost to the cancellation on peaked rows)."""
+    top = z.max(dim=1, keepdim=True).values
+    shifted = z - top
+    weights = shifted.exp()
+    total = weights.sum(dim=1)
+    entropy = total.log() - (weights * shifted).sum(dim=1) / total
+    log_sum_sq = torch.logsumexp(2.0 * shifted, dim=1) - 2.0 * total.log()
+    top1 = z.argmax(dim=1) == t
+    out = torch.stack([entropy, z.mean(dim=1), log_sum_sq, top1.to(z.dtype)], dim=1).to(torch.float64)
+    return out if mask is None else out * mask.unsqueeze(1)
 
 
 @dataclass(frozen=True)
