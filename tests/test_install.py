@@ -203,7 +203,9 @@ def test_install_is_idempotent_and_thread_safe(tier: int) -> None:
     for t in threads:
         t.join()
     logitless.install()
-    assert sum(isinstance(f, ModelingImportHook) for f in sys.meta_path) == 1
+    # One hook per pattern (transformers modeling modules, TRL modules), however many installs raced.
+    hooks = [f for f in sys.meta_path if isinstance(f, ModelingImportHook)]
+    assert sorted(h.pattern.pattern for h in hooks) == sorted({h.pattern.pattern for h in hooks}) and len(hooks) == 2
     assert logitless.audit()["classes"][LLAMA_KEY]["status"] == "patched"
     if tier == 1:
         assert LlamaForCausalLM.__dict__["forward"] is forward

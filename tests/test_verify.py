@@ -60,6 +60,9 @@ def test_quick_classes_are_verified(tmp_path: pathlib.Path) -> None:
         assert numbers["loss_num_items_rel"] <= compare.LOSS_RTOL
         assert numbers["grad_mean_count"] > 0 and numbers["grad_num_items_count"] > 0
         assert numbers["logits_identical"] is True
+        # The TRL drop-in on the installed class: fused, loss and gradients equal to the model's own.
+        assert result["trl"]["status"] == "fused", (name, result["trl"])
+        assert result["trl"]["loss_rel"] <= compare.LOSS_RTOL
     # The VLM case really fed an image (pixel values and image tokens), not only text.
     assert "images" in by_class["LlavaForConditionalGeneration"]["inputs"]
     assert code == 0, output
@@ -175,3 +178,30 @@ def test_every_class_no_mismatch_and_committed_coverage(tmp_path: pathlib.Path) 
     assert code == 0, output
     if floor is None:
         pytest.skip(f"docs/coverage.md was not generated for transformers {transformers.__version__}")
+
+
+@pytest.mark.parametrize("bug", ["log-probs-scaled", "fallback-wrong"])
+def test_a_wrong_trl_drop_in_is_a_mismatch(bug: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The TRL column catches a drop-in whose fields are off, on the fused path and on the fallback."""
+    import logitless
+    from logitless.integrations import _per_token
+
+    model, _, feeds = _tiny_llama()
+    stock = compare._side(model, feeds, None)
+    target = "fused_per_token" if bug == "log-probs-scaled" else "materialised_per_token"
+    original = getattr(_per_token, target)
+
+    def wrong(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        fields = original(*args, **kwargs)
+        return {**fields, "log_probs": fields["log_probs"] * (1 + 1e-4)}
+
+    monkeypatch.setattr(_per_token, target, wrong)
+    if bug == "fallback-wrong":
+        monkeypatch.setattr("logitless.integrations.trl.materialised_per_token", wrong)
+    else:
+        logitless.patch(model)
+    try:
+        result = compare._trl_check(model, feeds, stock)
+    finally:
+        logitless.uninstall()
+    assert result["status"] == "MISMATCH", result

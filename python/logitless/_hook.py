@@ -1,4 +1,5 @@
-"""A ``sys.meta_path`` finder that runs a callback on ``transformers.models.*.modeling_*`` modules once executed.
+"""A ``sys.meta_path`` finder that runs a callback on matching modules once executed (``transformers.models.*.modeling_*``
+for the installer's class patching, ``trl.*`` for the TRL integration).
 
 The finder never loads anything itself: it asks the finders behind it for the real spec and wraps only the spec's
 loader, so transformers' ``_LazyModule`` (which imports submodules through ``importlib``) keeps working and the
@@ -15,10 +16,12 @@ from importlib.machinery import ModuleSpec
 from types import ModuleType
 from typing import Any
 
-__all__ = ["MODELING_MODULE", "ModelingImportHook"]
+__all__ = ["MODELING_MODULE", "TRL_MODULE", "ModelingImportHook"]
 
 # transformers.models.llama.modeling_llama, transformers.models.deprecated.x.modeling_x, ...
 MODELING_MODULE = re.compile(r"^transformers\.models\.(?:\w+\.)+modeling_\w+$")
+# trl.trainer.utils (where add_fused_lm_head lives) and the trainer modules that import it by name.
+TRL_MODULE = re.compile(r"^trl(?:\.\w+)*$")
 
 
 class _PatchingLoader:
@@ -45,8 +48,9 @@ class _PatchingLoader:
 class ModelingImportHook:
     """``sys.meta_path`` entry; ``on_loaded(module)`` is called after each matching module has executed."""
 
-    def __init__(self, on_loaded: Callable[[ModuleType], None]) -> None:
+    def __init__(self, on_loaded: Callable[[ModuleType], None], pattern: re.Pattern[str] = MODELING_MODULE) -> None:
         self.on_loaded = on_loaded
+        self.pattern = pattern
         self.active = True
         # find_spec asks the other finders, which never call back into us, but a finder behind us could import
         # something matching while it searches: the guard keeps that from recursing.
@@ -55,7 +59,7 @@ class ModelingImportHook:
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
     ) -> ModuleSpec | None:
-        if not self.active or not MODELING_MODULE.match(fullname) or getattr(self._busy, "on", False):
+        if not self.active or not self.pattern.match(fullname) or getattr(self._busy, "on", False):
             return None
         self._busy.on = True
         try:

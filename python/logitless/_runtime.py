@@ -8,16 +8,24 @@ never fused" from "fused".
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "Capture",
+    "capturing",
+    "current_capture",
     "fusable",
     "hf_loss",
     "no_logits",
+    "record",
     "return_logits",
     "runtime_counts",
     "reset_counts",
@@ -69,6 +77,11 @@ def _stock_causal_loss() -> Any:
     return _stock_loss
 
 
+def record(model: Any, reason: str | None) -> None:
+    """Counts one labelled forward of ``model``'s class: fused (``None``) or stock with ``reason``."""
+    _record(model, reason)
+
+
 def _record(model: Any, reason: str | None) -> None:
     cls = type(model)
     key = f"{cls.__module__}.{cls.__qualname__}"
@@ -91,10 +104,41 @@ def reset_counts() -> None:
         _counts.clear()
 
 
+@dataclass
+class Capture:
+    """A forward run for its per-token outputs (logitless.integrations.trl): the rewritten forward's ``hf_loss``
+    computes them with the class's own epilogue and leaves them here; eval mode does not matter (reference models
+    run in it) and no logits are formed."""
+
+    temperature: float
+    outputs: frozenset[str]
+    fp32_head: bool = False
+    result: dict[str, Any] | None = None
+    # Set when the labels branch was reached but the stock path taken (the reason), for audit().
+    refused: str | None = None
+
+
+_capture: contextvars.ContextVar[Capture | None] = contextvars.ContextVar("logitless_capture", default=None)
+
+
+@contextlib.contextmanager
+def capturing(capture: Capture) -> Iterator[Capture]:
+    token = _capture.set(capture)
+    try:
+        yield capture
+    finally:
+        _capture.reset(token)
+
+
+def current_capture() -> Capture | None:
+    return _capture.get()
+
+
 def _stock_reason(model: Any, head: Any) -> str | None:
-    if not _enabled:
+    capture = _capture.get()
+    if not _enabled and capture is None:
         return "uninstalled"
-    if not getattr(model, "training", True) and not _fuse_eval:
+    if not getattr(model, "training", True) and not _fuse_eval and capture is None:
         # Trainer.evaluate / predict and compute_metrics read the logits: eval mode keeps the stock forward.
         return "eval-mode"
     try:
@@ -121,6 +165,9 @@ def fusable(model: Any, head: Any) -> bool:
     """
     reason = _stock_reason(model, head)
     _record(model, reason)
+    capture = _capture.get()
+    if capture is not None and reason is not None:
+        capture.refused = reason
     return reason is None
 
 
@@ -131,8 +178,9 @@ def no_logits(hidden: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
 
 
 def return_logits() -> bool:
-    """``install(return_logits=True)`` (or ``LOGITLESS_RETURN_LOGITS=1`` when not given): also compute the logits."""
-    return _return_logits
+    """``install(return_logits=True)`` (or ``LOGITLESS_RETURN_LOGITS=1`` when not given): also compute the logits.
+    Never while capturing per-token outputs (their caller wants no logits)."""
+    return _return_logits and _capture.get() is None
 
 
 def __getattr__(name: str) -> Any:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from logitless import _runtime
 from logitless._heads import HeadPlan, explain_head
 from logitless.ops import linear_cross_entropy
 
@@ -53,6 +54,37 @@ def hf_loss(
             f"vocab_size: expected the head's output size {vocab}, got {vocab_size} "
             "(the stock loss would reshape the logits to a different vocabulary)"
         )
+
+    capture = _runtime.current_capture()
+    if capture is not None:
+        # Per-token outputs for logitless.integrations.trl, with this class's own epilogue.
+        def per_token(x: torch.Tensor) -> torch.Tensor:
+            from logitless.integrations._per_token import fused_per_token
+
+            weight, bias = plan.linear.weight, plan.linear.bias
+            if capture.fp32_head:
+                # TRL's cast_lm_head_to_fp32: the head in float32 (gradients flow back through the casts).
+                x, weight = x.float(), weight.float()
+                bias = bias.float() if bias is not None else None
+            capture.result = fused_per_token(
+                x,
+                weight,
+                bias,
+                labels,
+                shift_labels=shift_labels,
+                ignore_index=ignore_index,
+                logits_bias=logits_bias,
+                logit_scale_multiply=logit_scale_multiply,
+                logit_scale_divide=logit_scale_divide,
+                logit_softcapping=logit_softcapping,
+                temperature=capture.temperature,
+                outputs=capture.outputs,
+            )
+            nll = -capture.result["log_probs"]
+            count = capture.result["label_mask"].sum().clamp(min=1)
+            return nll.sum() / (count if num_items_in_batch is None else num_items_in_batch)
+
+        return plan.apply(hidden, per_token)
 
     def fused(x: torch.Tensor) -> torch.Tensor:
         # The weight is read here, after any offloading hook has brought it in.

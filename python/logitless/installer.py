@@ -27,7 +27,7 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 from logitless import _config, _runtime
-from logitless._hook import MODELING_MODULE, ModelingImportHook
+from logitless._hook import MODELING_MODULE, TRL_MODULE, ModelingImportHook
 from logitless._patching import PatchError, build_forward, forget_source, forward_hash, forward_source
 
 __all__ = ["audit", "canonical_hash", "install", "patch", "register_canonical", "uninstall"]
@@ -62,6 +62,11 @@ _patched: dict[type, _Patch] = {}
 _records: dict[str, dict[str, Any]] = {}
 _hashes: dict[type, str] = {}
 _canonical: dict[str, _Canonical] = {}
+# The TRL integration: a second hook on trl.* modules, and every module whose `add_fused_lm_head` was replaced,
+# with TRL's original to put back.
+_trl_hook: ModelingImportHook | None = None
+_trl_patched: dict[str, tuple[ModuleType, Any]] = {}
+_TRL_ORIGIN = "trl.trainer.utils"
 
 canonical_hash = forward_hash
 
@@ -112,6 +117,7 @@ def install(return_logits: bool | None = None, fuse_eval: bool | None = None) ->
         for name, module in list(sys.modules.items()):
             if module is not None and MODELING_MODULE.match(name) and not _initializing(module):
                 _patch_module(module)
+        _install_trl()
 
 
 def uninstall() -> None:
@@ -121,6 +127,7 @@ def uninstall() -> None:
         if _hook is not None:
             _hook.remove()
             _hook = None
+        _uninstall_trl()
         _runtime.set_enabled(False)
         for cls, record in _patched.items():
             # Someone may have replaced our forward since; theirs is left alone rather than clobbered.
@@ -209,7 +216,69 @@ def audit() -> dict[str, Any]:
             "counts": counts,
             "classes": classes,
             "runtime": total,
+            "integrations": {"trl": _trl_report()},
         }
+
+
+def _install_trl() -> None:
+    """TRL >= 1.15 trainers call ``add_fused_lm_head`` by the name they imported from ``trl.trainer.utils``: point
+    each such name (in modules imported now or later) at logitless's drop-in. TRL without it is left alone."""
+    global _trl_hook
+    _trl_hook = ModelingImportHook(_on_trl_module_loaded, TRL_MODULE)
+    _trl_hook.insert()
+    for name in sorted(sys.modules):  # trl.trainer.utils sorts before the trainers that import from it
+        module = sys.modules.get(name)
+        if module is not None and TRL_MODULE.match(name) and not _initializing(module):
+            _patch_trl_module(module)
+
+
+def _on_trl_module_loaded(module: ModuleType) -> None:
+    with _LOCK:
+        if _trl_hook is not None:
+            _patch_trl_module(module)
+
+
+def _trl_original() -> Any:
+    utils = _trl_patched.get(_TRL_ORIGIN)
+    return utils[1] if utils is not None else None
+
+
+def _patch_trl_module(module: ModuleType) -> None:
+    current = module.__dict__.get("add_fused_lm_head")
+    if current is None or module.__name__ in _trl_patched:
+        return
+    if getattr(current, "__module__", None) == _TRL_ORIGIN:
+        original = current
+    elif getattr(current, "__module__", None) == "logitless.integrations.trl":
+        # Imported from trl.trainer.utils after that was patched: it holds ours already; remember TRL's for uninstall.
+        original = _trl_original()
+    else:
+        return  # somebody else's function of that name
+    from logitless.integrations import trl as drop_in
+
+    module.add_fused_lm_head = drop_in.add_fused_lm_head  # type: ignore[attr-defined]
+    _trl_patched[module.__name__] = (module, original)
+
+
+def _uninstall_trl() -> None:
+    global _trl_hook
+    if _trl_hook is not None:
+        _trl_hook.remove()
+        _trl_hook = None
+    for module, original in _trl_patched.values():
+        current = module.__dict__.get("add_fused_lm_head")
+        if original is not None and getattr(current, "__module__", None) == "logitless.integrations.trl":
+            module.add_fused_lm_head = original  # type: ignore[attr-defined]
+    _trl_patched.clear()
+    drop_in = sys.modules.get("logitless.integrations.trl")
+    if drop_in is not None:
+        drop_in.CALLS.update(fused=0, materialised=0)
+
+
+def _trl_report() -> dict[str, Any]:
+    drop_in = sys.modules.get("logitless.integrations.trl")
+    calls = dict(drop_in.CALLS) if drop_in is not None else {"fused": 0, "materialised": 0}
+    return {"patched_modules": sorted(_trl_patched), "calls": calls}
 
 
 def _json_safe(value: Any) -> Any:

@@ -226,6 +226,64 @@ def _why_unfused(model: torch.nn.Module, audit: dict[str, Any]) -> str:
     return f"loss_function is {getattr(loss, '__name__', loss)!s}, not the stock ForCausalLMLoss"
 
 
+TRL_FUSED = "fused"
+TRL_FALLBACK = "exact-fallback"
+TRL_NOT_CAUSAL = "not-causal"
+
+
+def _trl_check(model: torch.nn.Module, feeds: inputs_mod.Feeds, stock: Side) -> dict[str, Any]:
+    """logitless's drop-in for TRL's fused head on this class (installed): its loss and gradients against the
+    model's own stock loss (TRL's contract: at temperature 1 the loss is the model's)."""
+    from logitless.integrations import trl as drop_in
+
+    if stock.loss is None or stock.logits is None:
+        return {"status": "n/a", "reason": "no stock loss or logits"}
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    # TRL's contract: at temperature 1 the loss is the causal cross-entropy of the model's logits. Where the
+    # model's own loss is that, the drop-in is held to it (loss and every gradient); where it is something else
+    # (a masked-LM loss, a loss on slices), the drop-in's loss is held to that contract computed from the stock
+    # logits instead.
+    try:
+        contract = float(ForCausalLMLoss(stock.logits.float(), feeds.labels.to(stock.logits.device),
+                                         stock.logits.shape[-1]))  # fmt: skip
+    except (ValueError, RuntimeError) as exc:
+        # E.g. logits over image positions the labels do not cover: TRL's head has no meaning there either.
+        return {"status": "n/a", "reason": f"the logits do not line up with the labels: {_short(exc)}"}
+    own_loss_is_causal = _loss_diff(stock.loss, contract)[2]
+    before = dict(drop_in.CALLS)
+    had_forward = "forward" in model.__dict__
+    saved = model.__dict__.get("forward")
+    try:
+        drop_in.add_fused_lm_head(model)
+        model.zero_grad(set_to_none=True)
+        out = _run(model, {**feeds.base, "labels": feeds.labels, "fused_lm_head": True})
+        out.loss.backward()
+        grads = _grads(model)
+    except Exception as exc:  # noqa: BLE001 - reported per class
+        return {"status": MISMATCH, "reason": f"drop-in failed where stock ran: {_short(exc)}"}
+    finally:
+        model.zero_grad(set_to_none=True)
+        if had_forward:
+            model.forward = saved
+        else:
+            model.__dict__.pop("forward", None)
+    how = TRL_FUSED if drop_in.CALLS["fused"] > before["fused"] else TRL_FALLBACK
+    got = float(out.loss.detach())
+    _, rel, ok = _loss_diff(stock.loss, got)
+    _, grel, gprob = _grad_diff(stock.grads, grads)
+    if ok and not gprob:
+        return {"status": how, "loss_rel": rel, "grad_rel": grel, "reason": ""}
+    if not own_loss_is_causal:
+        _, crel, cok = _loss_diff(contract, got)
+        if cok:
+            return {"status": TRL_NOT_CAUSAL, "loss_rel": crel,
+                    "reason": f"the model's own loss ({stock.loss:.6g}) is not the causal CE of its logits "
+                              f"({contract:.6g}); the drop-in's {how} loss equals the latter"}  # fmt: skip
+    problems = ([] if ok else [f"loss {got!r} != stock {stock.loss!r}"]) + gprob[:3]
+    return {"status": MISMATCH, "loss_rel": rel, "grad_rel": grel, "reason": "; ".join(problems)[:500]}
+
+
 def run_case(module_name: str, cls_name: str, kind: str, installer: Installer) -> dict[str, Any]:
     started = time.perf_counter()
     result: dict[str, Any] = {"class": cls_name, "module": module_name, "kind": kind}
@@ -259,6 +317,8 @@ def _run_case(module_name: str, cls_name: str, installer: Installer) -> dict[str
     patched = _side(model, feeds, stock)
     numbers, problems = compare(stock, patched)
     out["numbers"] = numbers
+    if installer.mode == "install":
+        out["trl"] = _trl_check(model, feeds, stock)
     out["stock_errors"] = stock.errors
     if problems:
         out.update(status=MISMATCH, reason="; ".join(problems)[:1000])

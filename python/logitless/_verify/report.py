@@ -8,6 +8,7 @@ from typing import Any
 from logitless._verify.discover import CAUSAL, CONDITIONAL
 
 STATUSES = ["verified", "refused", "not-built", "unfused", "MISMATCH"]
+TRL_STATUSES = ["fused", "exact-fallback", "not-causal", "n/a", "MISMATCH"]
 
 
 def summary(results: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
@@ -16,6 +17,20 @@ def summary(results: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
         counts = Counter(r["status"] for r in results if r["kind"] == kind)
         out[kind] = {s: counts.get(s, 0) for s in STATUSES} | {"total": sum(counts.values())}
     return out
+
+
+def trl_summary(results: list[dict[str, Any]]) -> dict[str, int]:
+    """The TRL drop-in column (classes that were built): how many were fused, exact by fallback, mismatched."""
+    counts = Counter(r["trl"]["status"] for r in results if r.get("trl"))
+    return {s: counts.get(s, 0) for s in TRL_STATUSES}
+
+
+def _trl_cell(result: dict[str, Any]) -> str:
+    trl = result.get("trl")
+    if not trl:
+        return ""
+    rel = trl.get("loss_rel")
+    return trl["status"] + (f" ({rel:.1e})" if isinstance(rel, float) else "")
 
 
 def _fmt(x: Any) -> str:
@@ -53,6 +68,20 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     ]
     for kind, c in counts.items():
         lines.append(f"| {kind} | " + " | ".join(str(c[s]) for s in STATUSES) + f" | {c['total']} |")
+    trl = trl_summary(results)
+    lines += [
+        "",
+        "TRL column: logitless's drop-in for TRL's fused LM head (`logitless.integrations.trl.add_fused_lm_head`) on",
+        "the same installed model, its loss and every gradient against the model's own loss (TRL's contract at",
+        "temperature 1). `fused`: computed by the op with the class's epilogue; `exact-fallback`: from the model's",
+        "materialised logits (class refused or head not fusable); `not-causal`: the model's own loss is not the causal",
+        "cross-entropy of its logits, so the drop-in's loss is checked against that instead; `n/a`: no comparable",
+        "stock loss.",
+        "",
+        "| TRL drop-in | " + " | ".join(TRL_STATUSES) + " |",
+        "| --- |" + " ---: |" * len(TRL_STATUSES),
+        "| classes | " + " | ".join(str(trl[s]) for s in TRL_STATUSES) + " |",
+    ]
     lines += [
         "",
         "Columns: relative loss difference and largest gradient difference (relative to the largest stock gradient",
@@ -60,15 +89,15 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "was also fed pixel values and image tokens.",
         "",
         "| class | kind | status | loss rel | grad rel | loss rel (num_items) | grad rel (num_items) "
-        "| logits identical | inputs | detail |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- | --- |",
+        "| logits identical | TRL drop-in | inputs | detail |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- | --- | --- |",
     ]
     for r in sorted(results, key=lambda r: (r["kind"], r["class"])):
         n = r.get("numbers", {})
         lines.append(
             f"| {r['class']} | {r['kind']} | {r['status']} | {_fmt(n.get('loss_mean_rel'))} | "
             f"{_fmt(n.get('grad_mean_rel'))} | {_fmt(n.get('loss_num_items_rel'))} | "
-            f"{_fmt(n.get('grad_num_items_rel'))} | {_fmt(n.get('logits_identical'))} | {_inputs(r)} | "
+            f"{_fmt(n.get('grad_num_items_rel'))} | {_fmt(n.get('logits_identical'))} | {_trl_cell(r)} | {_inputs(r)} | "
             f"{_cell(r.get('reason', ''))} |"
         )
     return "\n".join(lines) + "\n"

@@ -1,0 +1,303 @@
+"""logitless as TRL's fused LM head: the drop-in (``logitless.integrations.trl.add_fused_lm_head``) against an exact
+materialised reference written here, and TRL's SFTTrainer running through it under ``logitless.install()``.
+
+The reference head below computes every field from the model's own full logits in float64: it is what TRL's fused
+head promises, with no chunking and no guessing of the model's epilogue.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import math
+import tempfile
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+import _tiny_lm as tiny
+import logitless
+from logitless.integrations.trl import add_fused_lm_head
+
+trl = pytest.importorskip("trl")
+trl_utils = pytest.importorskip("trl.trainer.utils")
+if not hasattr(trl_utils, "add_fused_lm_head"):  # pragma: no cover - TRL < 1.15 has no fused head
+    pytest.skip("this TRL has no fused LM head", allow_module_level=True)
+
+FAMILIES = ["llama", "gemma3", "cohere", "granite"]  # plain, softcap, multiply, divide
+ALL_FIELDS = ("log_probs", "entropy", "is_top1", "mean_logits", "log_sum_sq_probs")
+
+
+@pytest.fixture(autouse=True)
+def _clean() -> Iterator[None]:
+    logitless.uninstall()
+    with tiny.one_thread():
+        yield
+    logitless.uninstall()
+
+
+def _exact_head(model: Any, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
+                outputs: tuple[str, ...] = ("log_probs",)) -> None:  # fmt: skip
+    """The reference: TRL's contract computed from the full logits of the model's own stock forward, in float64."""
+    del cast_lm_head_to_fp32
+    original = model.forward
+
+    @functools.wraps(type(model).forward)
+    def forward(self: Any, *args: Any, fused_lm_head: bool = False, labels: Any = None, shift_labels: Any = None,
+                num_items_in_batch: Any = None, **kwargs: Any) -> Any:  # fmt: skip
+        if not fused_lm_head:
+            extra = {k: v for k, v in (("labels", labels), ("shift_labels", shift_labels)) if v is not None}
+            return original(*args, **kwargs, **extra)
+        kwargs["use_cache"] = False
+        logits = original(*args, **kwargs).logits.double() / temperature
+        if shift_labels is None:
+            logits, targets = logits[:, :-1], labels[:, 1:]
+        else:
+            targets = shift_labels
+        mask = targets != -100
+        logp = torch.log_softmax(logits, dim=-1)
+        zero = torch.zeros((), dtype=torch.float64)
+        log_probs = torch.where(mask, logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1), zero)
+        fields = {
+            "log_probs": log_probs,
+            "entropy": torch.where(mask, -(logp.exp() * logp).sum(-1), zero),
+            "mean_logits": torch.where(mask, logits.mean(-1), zero).detach(),
+            "log_sum_sq_probs": torch.where(mask, (2 * logp).logsumexp(-1), zero).detach(),
+            "is_top1": mask & (logits.argmax(-1) == targets),
+        }
+        fields = {k: (v.float() if v.is_floating_point() else v) if k in outputs or k == "log_probs" else None
+                  for k, v in fields.items()}  # fmt: skip
+        denominator = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return trl_utils.FusedCausalLMOutput(loss=-fields["log_probs"].sum() / denominator, label_mask=mask, **fields)
+
+    model.forward = types.MethodType(forward, model)
+
+
+def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, tiny.VOCAB, (2, 12), generator=g)
+    labels = ids.clone()
+    labels[0, :4] = -100
+    return {"input_ids": ids, "labels": labels}
+
+
+def _run(model: Any, head: Any, *, temperature: float = 1.0, entropy_weight: float = 0.0, **call: Any) -> tuple:
+    head(model, temperature=temperature, outputs=ALL_FIELDS)
+    out = model(**_batch(), fused_lm_head=True, **call)
+    (out.loss + entropy_weight * out.entropy.sum()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_drop_in_matches_the_exact_reference(name: str, temperature: float) -> None:
+    """Every field, the loss, and every gradient (through log-probs and entropy, as GRPO's entropy bonus does)."""
+    reference = tiny.build(name)
+    ref_out, ref_grads = _run(copy.deepcopy(reference), _exact_head, temperature=temperature, entropy_weight=0.1)
+    logitless.install()  # the class's forward is rewritten: the fields come from the fused op
+    model = tiny.build(name)
+    out, grads = _run(model, add_fused_lm_head, temperature=temperature, entropy_weight=0.1)
+    assert logitless.audit()["integrations"]["trl"]["calls"] == {"fused": 1, "materialised": 0}
+    assert out.log_probs.shape == (2, 11) and out.label_mask.shape == (2, 11)
+    for field in ("log_probs", "entropy", "mean_logits", "log_sum_sq_probs"):
+        torch.testing.assert_close(getattr(out, field), getattr(ref_out, field), rtol=1e-5, atol=2e-6, msg=field)
+    assert torch.equal(out.is_top1, ref_out.is_top1) and torch.equal(out.label_mask, ref_out.label_mask)
+    assert math.isclose(float(out.loss), float(ref_out.loss), rel_tol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_fields_not_asked_for_are_none_and_shift_labels_keep_the_length() -> None:
+    logitless.install()
+    model = tiny.build("llama")
+    add_fused_lm_head(model)
+    batch = _batch()
+    shift = torch.nn.functional.pad(batch["labels"], (0, 1), value=-100)[:, 1:].contiguous()
+    out = model(input_ids=batch["input_ids"], shift_labels=shift, fused_lm_head=True)
+    assert out.log_probs.shape == (2, 12) and out.entropy is None and out.is_top1 is None
+    ref = tiny.build("llama")
+    _exact_head(ref)
+    ref_out = ref(input_ids=batch["input_ids"], shift_labels=shift, fused_lm_head=True)
+    torch.testing.assert_close(out.log_probs, ref_out.log_probs, rtol=1e-5, atol=2e-6)
+
+
+def test_without_a_fused_branch_the_values_come_from_the_model_logits() -> None:
+    """Not installed (the class forward is stock): exact values from the materialised logits, counted in audit()."""
+    reference = tiny.build("gemma3")
+    ref_out, ref_grads = _run(copy.deepcopy(reference), _exact_head, temperature=0.8)
+    out, grads = _run(tiny.build("gemma3"), add_fused_lm_head, temperature=0.8)
+    torch.testing.assert_close(out.log_probs, ref_out.log_probs, rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(out.entropy, ref_out.entropy, rtol=1e-5, atol=2e-6)
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    from logitless.integrations import trl as drop_in
+
+    assert drop_in.CALLS == {"fused": 0, "materialised": 1}
+
+
+def test_forward_signature_and_generate_are_unchanged() -> None:
+    logitless.install()
+    model = tiny.build("llama").eval()
+    prompt = torch.randint(3, tiny.VOCAB, (1, 5), generator=torch.Generator().manual_seed(2))
+    before = model.generate(prompt, max_new_tokens=5, do_sample=False)
+    signature = inspect.signature(model.forward)
+    add_fused_lm_head(model)
+    assert inspect.signature(model.forward) == signature
+    assert torch.equal(model.generate(prompt, max_new_tokens=5, do_sample=False), before)
+
+
+def test_install_points_trl_at_the_drop_in_and_uninstall_restores() -> None:
+    import trl.trainer.sft_trainer as sft
+
+    original = trl_utils.add_fused_lm_head
+    assert original.__module__ == "trl.trainer.utils"
+    logitless.install()
+    assert sft.add_fused_lm_head is add_fused_lm_head and trl_utils.add_fused_lm_head is add_fused_lm_head
+    assert {"trl.trainer.utils", "trl.trainer.sft_trainer"} <= set(
+        logitless.audit()["integrations"]["trl"]["patched_modules"]
+    )
+    logitless.uninstall()
+    assert sft.add_fused_lm_head is original and trl_utils.add_fused_lm_head is original
+
+
+def _tokenizer() -> Any:
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(tiny.VOCAB)}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab=vocab, unk_token="t1")),
+                                   pad_token="t0", eos_token="t2", bos_token="t1", unk_token="t1")  # fmt: skip
+
+
+def _sft_run(name: str) -> list[dict[str, float]]:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(3, tiny.VOCAB, (int(torch.randint(6, 16, (1,), generator=g)),),
+                                        generator=g).tolist()} for _ in range(16)]  # fmt: skip
+    # float32 (no bf16 autocast) so the reference is exact, and SGD: Adam's first steps move every weight by about
+    # the learning rate whatever its gradient's size, so a rounding-level difference in a near-zero gradient
+    # would become a visible one in the next step's loss.
+    args = SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=3, per_device_train_batch_size=4, logging_steps=1,
+                     report_to=[], use_cpu=True, seed=1, learning_rate=0.5, optim="sgd", disable_tqdm=True, bf16=False,
+                     save_strategy="no",
+                     dataset_kwargs={"skip_prepare_dataset": True})  # fmt: skip
+    trainer = SFTTrainer(model=tiny.build(name), args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=_tokenizer())  # fmt: skip
+    trainer.train()
+    return [e for e in trainer.state.log_history if "grad_norm" in e]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_sft_trainer_runs_through_logitless(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SFTTrainer unchanged: its fused head is logitless's under install(); losses, grad norms, token accuracy and
+    entropy equal a run whose head is the exact reference; TRL's own kernel is never called."""
+    import trl.trainer.sft_trainer as sft
+
+    monkeypatch.setattr(sft, "add_fused_lm_head", _exact_head)
+    reference = _sft_run(name)
+    monkeypatch.undo()
+
+    def forbidden(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("TRL's own fused head kernel was called")
+
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", forbidden)
+    logitless.install()
+    ours = _sft_run(name)
+    report = logitless.audit()
+    assert report["integrations"]["trl"]["calls"] == {"fused": 3, "materialised": 0}  # one forward per step
+    assert len(ours) == len(reference) == 3
+    for step, (a, b) in enumerate(zip(ours, reference, strict=True)):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (step, a, b)
+        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-4), (step, a, b)
+        assert math.isclose(a["entropy"], b["entropy"], rel_tol=1e-5), (step, a, b)
+        assert a["mean_token_accuracy"] == b["mean_token_accuracy"], (step, a, b)
+
+
+def _word_tokenizer() -> Any:
+    from tokenizers.pre_tokenizers import Whitespace
+
+    tok = _tokenizer()
+    tok.backend_tokenizer.pre_tokenizer = Whitespace()
+    return tok
+
+
+def _words(g: torch.Generator, n: int) -> str:
+    return " ".join(f"t{int(x)}" for x in torch.randint(3, tiny.VOCAB, (n,), generator=g))
+
+
+def _compare_logs(ours: list[dict[str, float]], reference: list[dict[str, float]], keys: tuple[str, ...]) -> None:
+    assert len(ours) == len(reference) > 0
+    for step, (a, b) in enumerate(zip(ours, reference, strict=True)):
+        for key in keys:
+            assert math.isclose(a[key], b[key], rel_tol=1e-5, abs_tol=1e-6), (step, key, a[key], b[key])
+
+
+def _dpo_run(name: str) -> list[dict[str, float]]:
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    g = torch.Generator().manual_seed(0)
+    rows = [{"prompt": _words(g, 5), "chosen": " " + _words(g, 4), "rejected": " " + _words(g, 3)} for _ in range(8)]
+    args = DPOConfig(output_dir=tempfile.mkdtemp(), max_steps=2, per_device_train_batch_size=4, logging_steps=1,
+                     report_to=[], use_cpu=True, seed=1, learning_rate=0.5, optim="sgd", disable_tqdm=True,
+                     bf16=False, save_strategy="no")  # fmt: skip
+    trainer = DPOTrainer(model=tiny.build(name), ref_model=tiny.build(name), args=args,
+                         train_dataset=Dataset.from_list(rows), processing_class=_word_tokenizer())  # fmt: skip
+    trainer.train()
+    return [e for e in trainer.state.log_history if "grad_norm" in e]
+
+
+def _grpo_run(name: str) -> list[dict[str, float]]:
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    def reward(completions: list[str], **kwargs: Any) -> list[float]:
+        return [float(len(c) % 7) for c in completions]
+
+    g = torch.Generator().manual_seed(0)
+    rows = [{"prompt": _words(g, 5)} for _ in range(8)]
+    # entropy_coef: the loss differentiates the entropy, so its gradient is checked too.
+    args = GRPOConfig(output_dir=tempfile.mkdtemp(), max_steps=2, per_device_train_batch_size=4, num_generations=4,
+                      max_completion_length=6, logging_steps=1, report_to=[], use_cpu=True, seed=1, learning_rate=0.5,
+                      optim="sgd", disable_tqdm=True, bf16=False, save_strategy="no", entropy_coef=0.1, beta=0.0)  # fmt: skip
+    trainer = GRPOTrainer(model=tiny.build(name), reward_funcs=reward, args=args,
+                          train_dataset=Dataset.from_list(rows), processing_class=_word_tokenizer())  # fmt: skip
+    trainer.train()
+    return [e for e in trainer.state.log_history if "grad_norm" in e]
+
+
+@pytest.mark.parametrize(
+    ("trainer", "name", "keys"),
+    [
+        ("dpo", "gemma3", ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "logps/chosen")),
+        ("grpo", "cohere", ("loss", "grad_norm", "entropy", "reward")),
+    ],
+)
+def test_dpo_and_grpo_trainers_run_through_logitless(trainer: str, name: str, keys: tuple[str, ...],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """DPO (policy and reference model both through the drop-in) and GRPO (a toy reward, transformers' own
+    generate(), an entropy bonus) equal runs with the exact reference head; TRL's kernel is never called."""
+    module = __import__(f"trl.trainer.{trainer}_trainer", fromlist=["add_fused_lm_head"])
+    run = _dpo_run if trainer == "dpo" else _grpo_run
+    monkeypatch.setattr(module, "add_fused_lm_head", _exact_head)
+    reference = run(name)
+    monkeypatch.undo()
+
+    def forbidden(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("TRL's own fused head kernel was called")
+
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", forbidden)
+    logitless.install()
+    ours = run(name)
+    # DPO: policy and reference model each step; GRPO: one policy forward per step.
+    expected = 4 if trainer == "dpo" else 2
+    assert logitless.audit()["integrations"]["trl"]["calls"] == {"fused": expected, "materialised": 0}
+    _compare_logs(ours, reference, keys)
