@@ -42,7 +42,15 @@ METHODS = [
     "torch_lce",
     "cce_torch_compile",
     "trl_chunked_logprob",
+    "logitless_tokens",
+    "trl_tokens",
+    "materialised_tokens",
 ]
+# Per-token rows (what TRL's trainers ask of a fused head): log-probs at temperature 0.7 with entropy and top-1,
+# forward + backward with a random per-token upstream gradient through the log-probs. Their loss is
+# -Σ u_i·log p_i / count, not the cross-entropy, so they have no error columns against the reference.
+TOKEN_METHODS = {"logitless_tokens", "trl_tokens", "materialised_tokens"}
+TEMPERATURE = 0.7
 LABELS = {
     "stock": "stock HF (materialised)",
     "logitless_rust": "logitless (Rust)",
@@ -51,6 +59,9 @@ LABELS = {
     "torch_lce": "torch F.linear_cross_entropy",
     "cce_torch_compile": "cut-cross-entropy torch_compile",
     "trl_chunked_logprob": "TRL ChunkedLogProbFunction",
+    "logitless_tokens": "per-token: logitless (Rust)",
+    "trl_tokens": "per-token: TRL ChunkedLogProbFunction",
+    "materialised_tokens": "per-token: materialised log_softmax + gather",
 }
 IGNORE_INDEX = -100
 
@@ -120,7 +131,50 @@ def method_fn(name: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
             return -logprobs[0].sum() / mask.sum().clamp(min=1)
 
         return trl_fn
+    if name in TOKEN_METHODS:
+        return token_method_fn(name)
     raise SystemExit(f"unknown method {name!r}; expected one of {METHODS}")
+
+
+def _upstream(targets: torch.Tensor) -> torch.Tensor:
+    """The per-token upstream gradient (an advantage, a DPO weight): fixed random values in [0.5, 1.5]."""
+    return torch.rand(targets.shape, generator=torch.Generator().manual_seed(7)) + 0.5
+
+
+def token_method_fn(name: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``-Σ u_i·log p(t_i) / count`` at temperature 0.7, with the entropy and top-1 flags formed too."""
+    if name == "logitless_tokens":
+        from logitless import linear_cross_entropy
+
+        def ours(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            nll, stats = linear_cross_entropy(hidden, weight, None, shift_labels=targets, reduction="none",
+                                              temperature=TEMPERATURE, return_token_stats=True)  # fmt: skip
+            del stats  # formed in the same pass: its cost is in the time
+            return (nll * _upstream(targets)).sum() / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+        return ours
+    if name == "trl_tokens":
+        from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+        def trl_tokens(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            mask = targets != IGNORE_INDEX
+            logprobs, *_ = ChunkedLogProbFunction.apply(hidden[mask], weight, None, targets[mask], TEMPERATURE,
+                                                        32768, None, 1.0, ("entropy", "is_top1"))  # fmt: skip
+            return -(logprobs * _upstream(targets)[mask]).sum() / mask.sum().clamp(min=1)
+
+        return trl_tokens
+
+    def materialised(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        mask = targets != IGNORE_INDEX
+        logp = torch.log_softmax(torch.nn.functional.linear(hidden, weight).float() / TEMPERATURE, dim=-1)
+        picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        with torch.no_grad():
+            entropy = -(logp.exp() * logp).sum(-1)
+            top1 = logp.argmax(-1) == targets
+        del entropy, top1
+        return -(picked * _upstream(targets) * mask).sum() / mask.sum().clamp(min=1)
+
+    return materialised
 
 
 def maxrss_mib() -> float:
@@ -184,7 +238,7 @@ def run_child(args: argparse.Namespace) -> None:
         "extra_mib": peak - baseline - grad_mib,
         "loss": float(loss.detach()),
     }
-    if args.reference:
+    if args.reference and args.method not in TOKEN_METHODS:
         ref = torch.load(args.reference, mmap=True)
 
         def rel(a: torch.Tensor, e: torch.Tensor) -> float:

@@ -301,3 +301,16 @@ def test_dpo_and_grpo_trainers_run_through_logitless(trainer: str, name: str, ke
     expected = 4 if trainer == "dpo" else 2
     assert logitless.audit()["integrations"]["trl"]["calls"] == {"fused": expected, "materialised": 0}
     _compare_logs(ours, reference, keys)
+
+
+def test_readme_example_runs_through_logitless() -> None:
+    """examples/trl_sft.py (the README's TRL example) runs offline and every SFT step is fused."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "trl_sft.py"
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, check=True)
+    last = done.stdout.strip().splitlines()[-1]
+    assert last == "logitless: {'patched_modules': ['trl.trainer.sft_trainer', 'trl.trainer.utils'], " \
+                   "'calls': {'fused': 4, 'materialised': 0}}", done.stdout  # fmt: skip
