@@ -141,6 +141,15 @@ def test_without_a_fused_branch_the_values_come_from_the_model_logits() -> None:
     assert drop_in.CALLS == {"fused": 0, "materialised": 1}
 
 
+def test_install_after_adding_the_head_still_fuses() -> None:
+    """TRL may add its head before logitless.install() runs: the class forward is looked up on each call."""
+    model = tiny.build("llama")
+    add_fused_lm_head(model)
+    logitless.install()
+    model(**_batch(), fused_lm_head=True)
+    assert logitless.audit()["integrations"]["trl"]["calls"] == {"fused": 1, "materialised": 0}
+
+
 def test_forward_signature_and_generate_are_unchanged() -> None:
     logitless.install()
     model = tiny.build("llama").eval()

@@ -79,10 +79,6 @@ def _stock_causal_loss() -> Any:
 
 def record(model: Any, reason: str | None) -> None:
     """Counts one labelled forward of ``model``'s class: fused (``None``) or stock with ``reason``."""
-    _record(model, reason)
-
-
-def _record(model: Any, reason: str | None) -> None:
     cls = type(model)
     key = f"{cls.__module__}.{cls.__qualname__}"
     with _counts_lock:
@@ -114,7 +110,7 @@ class Capture:
     outputs: frozenset[str]
     fp32_head: bool = False
     result: dict[str, Any] | None = None
-    # Set when the labels branch was reached but the stock path taken (the reason), for audit().
+    # Set when a rewritten forward's labels branch took its stock path (the reason, already counted by fusable).
     refused: str | None = None
 
 
@@ -164,7 +160,7 @@ def fusable(model: Any, head: Any) -> bool:
     ``install(fuse_eval=True)``. Every answer is counted for ``audit()``, with its reason when False.
     """
     reason = _stock_reason(model, head)
-    _record(model, reason)
+    record(model, reason)
     capture = _capture.get()
     if capture is not None and reason is not None:
         capture.refused = reason

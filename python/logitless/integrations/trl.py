@@ -57,7 +57,14 @@ def add_fused_lm_head(
     if not float(temperature) > 0.0:
         raise ValueError(f"temperature: expected a value > 0, got {temperature}")
     wanted = frozenset(outputs) | {"log_probs"}
-    original_forward = model.forward
+    if "forward" in model.__dict__:
+        original_forward = model.forward  # an instance forward (accelerate's hooks, another wrapper): kept as is
+    else:
+
+        def original_forward(*args: Any, **kwargs: Any) -> Any:
+            # The class's forward looked up on every call, so install() after this still rewires it.
+            return type(model).forward(model, *args, **kwargs)
+
     text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
 
     # Keep the original signature: generate() validates its model kwargs against it.
@@ -112,8 +119,9 @@ def _fused_outputs(
     CALLS["fused" if fields is not None else "materialised"] += 1
     if fields is None:
         # The class's forward has no fused branch (refused, not installed) or took its stock path: exact values
-        # from the logits it returned.
-        _runtime.record(model, "trl-materialised")
+        # from the logits it returned. A stock path taken by a rewritten forward was counted with its reason.
+        if capture.refused is None:
+            _runtime.record(model, "trl-materialised")
         fields = materialised_per_token(out.logits, labels, shift_labels=shift_labels, ignore_index=-100,
                                         temperature=temperature, outputs=wanted)  # fmt: skip
     mask = fields["label_mask"]
