@@ -204,14 +204,12 @@ def _sft_run(name: str) -> list[dict[str, float]]:
     return [e for e in trainer.state.log_history if "grad_norm" in e]
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_sft_trainer_runs_through_logitless(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """SFTTrainer unchanged: its fused head is logitless's under install(); losses, grad norms, token accuracy and
-    entropy equal a run whose head is the exact reference; TRL's own kernel is never called."""
-    import trl.trainer.sft_trainer as sft
-
-    monkeypatch.setattr(sft, "add_fused_lm_head", _exact_head)
-    reference = _sft_run(name)
+def _reference_then_ours(trainer: str, run: Any, name: str, monkeypatch: pytest.MonkeyPatch) -> tuple[list, list]:
+    """The trainer run twice: with the exact reference head in place of TRL's, then under logitless.install() with
+    TRL's own kernel made to fail if anything calls it."""
+    module = __import__(f"trl.trainer.{trainer}_trainer", fromlist=["add_fused_lm_head"])
+    monkeypatch.setattr(module, "add_fused_lm_head", _exact_head)
+    reference = run(name)
     monkeypatch.undo()
 
     def forbidden(*args: Any, **kwargs: Any) -> Any:
@@ -219,15 +217,17 @@ def test_sft_trainer_runs_through_logitless(name: str, monkeypatch: pytest.Monke
 
     monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", forbidden)
     logitless.install()
-    ours = _sft_run(name)
-    report = logitless.audit()
-    assert report["integrations"]["trl"]["calls"] == {"fused": 3, "materialised": 0}  # one forward per step
-    assert len(ours) == len(reference) == 3
-    for step, (a, b) in enumerate(zip(ours, reference, strict=True)):
-        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (step, a, b)
-        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-4), (step, a, b)
-        assert math.isclose(a["entropy"], b["entropy"], rel_tol=1e-5), (step, a, b)
-        assert a["mean_token_accuracy"] == b["mean_token_accuracy"], (step, a, b)
+    return reference, run(name)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_sft_trainer_runs_through_logitless(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SFTTrainer unchanged: its fused head is logitless's under install(); losses, grad norms, token accuracy and
+    entropy equal a run whose head is the exact reference; TRL's own kernel is never called."""
+    reference, ours = _reference_then_ours("sft", _sft_run, name, monkeypatch)
+    assert logitless.audit()["integrations"]["trl"]["calls"] == {"fused": 3, "materialised": 0}  # one per step
+    assert len(ours) == 3
+    _compare_logs(ours, reference, ("loss", "grad_norm", "entropy", "mean_token_accuracy"))
 
 
 def _word_tokenizer() -> Any:
@@ -294,18 +294,7 @@ def test_dpo_and_grpo_trainers_run_through_logitless(trainer: str, name: str, ke
                                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """DPO (policy and reference model both through the drop-in) and GRPO (a toy reward, transformers' own
     generate(), an entropy bonus) equal runs with the exact reference head; TRL's kernel is never called."""
-    module = __import__(f"trl.trainer.{trainer}_trainer", fromlist=["add_fused_lm_head"])
-    run = _dpo_run if trainer == "dpo" else _grpo_run
-    monkeypatch.setattr(module, "add_fused_lm_head", _exact_head)
-    reference = run(name)
-    monkeypatch.undo()
-
-    def forbidden(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("TRL's own fused head kernel was called")
-
-    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", forbidden)
-    logitless.install()
-    ours = run(name)
+    reference, ours = _reference_then_ours(trainer, _dpo_run if trainer == "dpo" else _grpo_run, name, monkeypatch)
     # DPO: policy and reference model each step; GRPO: one policy forward per step.
     expected = 4 if trainer == "dpo" else 2
     assert logitless.audit()["integrations"]["trl"]["calls"] == {"fused": expected, "materialised": 0}
