@@ -101,9 +101,8 @@ def _fused_outputs(
     wanted: frozenset[str],
 ) -> Any:
     kwargs["use_cache"] = False
-    # MoE models: like the model's own forward (and TRL's head), ask for router logits when the config does.
-    if getattr(text_config, "output_router_logits", False):
-        kwargs.setdefault("output_router_logits", True)
+    # MoE router logits: the model's own forward asks for them when its config does (TRL's head, which calls the
+    # backbone itself, has to force it); forcing it here would also hit models whose aux-loss code is broken.
     if labels is None:
         # Only pre-shifted labels: the model's loss branch still needs a labels tensor to run.
         labels = torch.full_like(shift_labels, -100)
@@ -127,7 +126,7 @@ def _fused_outputs(
     mask = fields["label_mask"]
     denominator = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
     loss = -fields["log_probs"].sum() / denominator
-    aux_loss = getattr(out, "aux_loss", None) if kwargs.get("output_router_logits") else None
+    aux_loss = getattr(out, "aux_loss", None)
     if aux_loss is not None:
         loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss
     return _output_class()(
