@@ -283,20 +283,57 @@ def _grpo_run(name: str) -> list[dict[str, float]]:
     return [e for e in trainer.state.log_history if "grad_norm" in e]
 
 
-@pytest.mark.parametrize(
-    ("trainer", "name", "keys"),
-    [
-        ("dpo", "gemma3", ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "logps/chosen")),
-        ("grpo", "cohere", ("loss", "grad_norm", "entropy", "reward")),
-    ],
-)
-def test_dpo_and_grpo_trainers_run_through_logitless(trainer: str, name: str, keys: tuple[str, ...],
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    """DPO (policy and reference model both through the drop-in) and GRPO (a toy reward, transformers' own
-    generate(), an entropy bonus) equal runs with the exact reference head; TRL's kernel is never called."""
-    reference, ours = _reference_then_ours(trainer, _dpo_run if trainer == "dpo" else _grpo_run, name, monkeypatch)
-    # DPO: policy and reference model each step; GRPO: one policy forward per step.
-    expected = 4 if trainer == "dpo" else 2
+def _kto_run(name: str) -> list[dict[str, float]]:
+    from datasets import Dataset
+    from trl import KTOConfig, KTOTrainer
+
+    g = torch.Generator().manual_seed(0)
+    rows = [{"prompt": _words(g, 5), "completion": " " + _words(g, 4), "label": bool(i % 2)} for i in range(8)]
+    args = KTOConfig(output_dir=tempfile.mkdtemp(), max_steps=2, per_device_train_batch_size=4, logging_steps=1,
+                     report_to=[], use_cpu=True, seed=1, learning_rate=0.5, optim="sgd", disable_tqdm=True,
+                     bf16=False, save_strategy="no")  # fmt: skip
+    trainer = KTOTrainer(model=tiny.build(name), ref_model=tiny.build(name), args=args,
+                         train_dataset=Dataset.from_list(rows), processing_class=_word_tokenizer())  # fmt: skip
+    trainer.train()
+    return [e for e in trainer.state.log_history if "grad_norm" in e]
+
+
+def _rloo_run(name: str) -> list[dict[str, float]]:
+    from datasets import Dataset
+    from trl import RLOOConfig, RLOOTrainer
+
+    def reward(completions: list[str], **kwargs: Any) -> list[float]:
+        return [float(len(c) % 7) for c in completions]
+
+    g = torch.Generator().manual_seed(0)
+    rows = [{"prompt": _words(g, 5)} for _ in range(8)]
+    args = RLOOConfig(output_dir=tempfile.mkdtemp(), max_steps=2, per_device_train_batch_size=4, num_generations=4,
+                      max_completion_length=6, logging_steps=1, report_to=[], use_cpu=True, seed=1, learning_rate=0.5,
+                      optim="sgd", disable_tqdm=True, bf16=False, save_strategy="no", beta=0.0)  # fmt: skip
+    trainer = RLOOTrainer(model=tiny.build(name), reward_funcs=reward, args=args,
+                          train_dataset=Dataset.from_list(rows), processing_class=_word_tokenizer())  # fmt: skip
+    trainer.train()
+    return [e for e in trainer.state.log_history if "grad_norm" in e]
+
+
+# trainer -> (its run, model family, logged keys compared, fused forwards in its two steps)
+_TRAINERS = {
+    # policy and reference model each step
+    "dpo": (_dpo_run, "gemma3", ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "logps/chosen"), 4),
+    # toy reward, transformers' own generate(), an entropy bonus: one policy forward per step
+    "grpo": (_grpo_run, "cohere", ("loss", "grad_norm", "entropy", "reward"), 2),
+    "rloo": (_rloo_run, "granite", ("loss", "grad_norm", "reward"), 4),
+    # policy and reference model, each on the batch and on its mismatched KL batch, each step
+    "kto": (_kto_run, "gemma3", ("loss", "grad_norm", "rewards/chosen", "logps/chosen", "kl"), 8),
+}
+
+
+@pytest.mark.parametrize("trainer", sorted(_TRAINERS))
+def test_preference_and_rl_trainers_run_through_logitless(trainer: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DPO, KTO (policy and reference model through the drop-in), GRPO and RLOO (a toy reward, transformers' own
+    generate()) equal runs with the exact reference head; TRL's kernel is never called."""
+    run, name, keys, expected = _TRAINERS[trainer]
+    reference, ours = _reference_then_ours(trainer, run, name, monkeypatch)
     assert logitless.audit()["integrations"]["trl"]["calls"] == {"fused": expected, "materialised": 0}
     _compare_logs(ours, reference, keys)
 
