@@ -184,6 +184,15 @@ def _tokenizer() -> Any:
                                    pad_token="t0", eos_token="t2", bos_token="t1", unk_token="t1")  # fmt: skip
 
 
+def _training_args(max_steps: int = 2) -> dict[str, Any]:
+    """What every trainer run here shares. float32 (no bf16 autocast) so the reference is exact, and SGD: Adam's
+    first steps move every weight by about the learning rate whatever its gradient's size, so a rounding-level
+    difference in a near-zero gradient would become a visible one in the next step's loss."""
+    return dict(output_dir=tempfile.mkdtemp(), max_steps=max_steps, per_device_train_batch_size=4, logging_steps=1,
+                report_to=[], use_cpu=True, seed=1, learning_rate=0.5, optim="sgd", disable_tqdm=True, bf16=False,
+                save_strategy="no")  # fmt: skip
+
+
 def _sft_run(name: str) -> list[dict[str, float]]:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -191,13 +200,7 @@ def _sft_run(name: str) -> list[dict[str, float]]:
     g = torch.Generator().manual_seed(0)
     rows = [{"input_ids": torch.randint(3, tiny.VOCAB, (int(torch.randint(6, 16, (1,), generator=g)),),
                                         generator=g).tolist()} for _ in range(16)]  # fmt: skip
-    # float32 (no bf16 autocast) so the reference is exact, and SGD: Adam's first steps move every weight by about
-    # the learning rate whatever its gradient's size, so a rounding-level difference in a near-zero gradient
-    # would become a visible one in the next step's loss.
-    args = SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=3, per_device_train_batch_size=4, logging_steps=1,
-                     report_to=[], use_cpu=True, seed=1, learning_rate=0.5, optim="sgd", disable_tqdm=True, bf16=False,
-                     save_strategy="no",
-                     dataset_kwargs={"skip_prepare_dataset": True})  # fmt: skip
+    args = SFTConfig(**_training_args(max_steps=3), dataset_kwargs={"skip_prepare_dataset": True})
     trainer = SFTTrainer(model=tiny.build(name), args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=_tokenizer())  # fmt: skip
     trainer.train()
@@ -255,9 +258,7 @@ def _dpo_run(name: str) -> list[dict[str, float]]:
 
     g = torch.Generator().manual_seed(0)
     rows = [{"prompt": _words(g, 5), "chosen": " " + _words(g, 4), "rejected": " " + _words(g, 3)} for _ in range(8)]
-    args = DPOConfig(output_dir=tempfile.mkdtemp(), max_steps=2, per_device_train_batch_size=4, logging_steps=1,
-                     report_to=[], use_cpu=True, seed=1, learning_rate=0.5, optim="sgd", disable_tqdm=True,
-                     bf16=False, save_strategy="no")  # fmt: skip
+    args = DPOConfig(**_training_args())
     trainer = DPOTrainer(model=tiny.build(name), ref_model=tiny.build(name), args=args,
                          train_dataset=Dataset.from_list(rows), processing_class=_word_tokenizer())  # fmt: skip
     trainer.train()
@@ -274,9 +275,7 @@ def _grpo_run(name: str) -> list[dict[str, float]]:
     g = torch.Generator().manual_seed(0)
     rows = [{"prompt": _words(g, 5)} for _ in range(8)]
     # entropy_coef: the loss differentiates the entropy, so its gradient is checked too.
-    args = GRPOConfig(output_dir=tempfile.mkdtemp(), max_steps=2, per_device_train_batch_size=4, num_generations=4,
-                      max_completion_length=6, logging_steps=1, report_to=[], use_cpu=True, seed=1, learning_rate=0.5,
-                      optim="sgd", disable_tqdm=True, bf16=False, save_strategy="no", entropy_coef=0.1, beta=0.0)  # fmt: skip
+    args = GRPOConfig(**_training_args(), num_generations=4, max_completion_length=6, entropy_coef=0.1, beta=0.0)
     trainer = GRPOTrainer(model=tiny.build(name), reward_funcs=reward, args=args,
                           train_dataset=Dataset.from_list(rows), processing_class=_word_tokenizer())  # fmt: skip
     trainer.train()
@@ -289,9 +288,7 @@ def _kto_run(name: str) -> list[dict[str, float]]:
 
     g = torch.Generator().manual_seed(0)
     rows = [{"prompt": _words(g, 5), "completion": " " + _words(g, 4), "label": bool(i % 2)} for i in range(8)]
-    args = KTOConfig(output_dir=tempfile.mkdtemp(), max_steps=2, per_device_train_batch_size=4, logging_steps=1,
-                     report_to=[], use_cpu=True, seed=1, learning_rate=0.5, optim="sgd", disable_tqdm=True,
-                     bf16=False, save_strategy="no")  # fmt: skip
+    args = KTOConfig(**_training_args())
     trainer = KTOTrainer(model=tiny.build(name), ref_model=tiny.build(name), args=args,
                          train_dataset=Dataset.from_list(rows), processing_class=_word_tokenizer())  # fmt: skip
     trainer.train()
@@ -307,9 +304,7 @@ def _rloo_run(name: str) -> list[dict[str, float]]:
 
     g = torch.Generator().manual_seed(0)
     rows = [{"prompt": _words(g, 5)} for _ in range(8)]
-    args = RLOOConfig(output_dir=tempfile.mkdtemp(), max_steps=2, per_device_train_batch_size=4, num_generations=4,
-                      max_completion_length=6, logging_steps=1, report_to=[], use_cpu=True, seed=1, learning_rate=0.5,
-                      optim="sgd", disable_tqdm=True, bf16=False, save_strategy="no", beta=0.0)  # fmt: skip
+    args = RLOOConfig(**_training_args(), num_generations=4, max_completion_length=6, beta=0.0)
     trainer = RLOOTrainer(model=tiny.build(name), reward_funcs=reward, args=args,
                           train_dataset=Dataset.from_list(rows), processing_class=_word_tokenizer())  # fmt: skip
     trainer.train()

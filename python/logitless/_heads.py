@@ -60,10 +60,6 @@ class HeadPlan:
     def prefixes(self) -> tuple[Callable[[torch.Tensor], torch.Tensor], ...]:
         return tuple(e.prefix for e in self.entries if e.prefix is not None)
 
-    @property
-    def hooked(self) -> bool:
-        return any(e.hook is not None for e in self.entries)
-
     def transform(self, hidden: torch.Tensor) -> torch.Tensor:
         """The head's leading statements alone (no hooks)."""
         for prefix in self.prefixes:

@@ -180,7 +180,7 @@ def linear_cross_entropy(
         loss = loss.reshape(lead_shape)
     if not return_token_stats:
         return loss
-    stats = stats.detach().reshape(*lead_shape, 4)
+    stats = stats.detach().reshape(*lead_shape, torch_path.TOKEN_STATS)
     token_stats = TokenStats(
         entropy=stats[..., 0].to(loss.dtype),
         mean_logits=stats[..., 1].to(loss.dtype),
@@ -417,7 +417,7 @@ def _lce_fake(
         hidden.new_empty(hidden.shape if grads and need_d_hidden else _EMPTY_GRAD),
         weight.new_empty(weight.shape if grads and need_d_weight else _EMPTY_GRAD),
         hidden.new_empty((weight.shape[0],) if grads and need_d_bias and bias is not None else _EMPTY_GRAD),
-        hidden.new_empty((hidden.shape[0], 4) if want_stats else _EMPTY_GRAD, dtype=torch.float64),
+        hidden.new_empty((hidden.shape[0], torch_path.TOKEN_STATS) if want_stats else _EMPTY_GRAD, dtype=torch.float64),
     )
 
 
