@@ -35,7 +35,7 @@ build: $(STAMP)
 $(STAMP): requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements-dev.txt
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
 bench: build

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
+from logitless import _engines
+from logitless._engines import VocabShard
 from logitless._patching import FUTURE_FLAGS, forward_source
 
 __all__ = ["HeadPlan", "explain_head", "resolve_head"]
@@ -36,12 +38,14 @@ class _Step:
 
 @dataclass(frozen=True)
 class _Entry:
-    """A module the plan enters instead of calling it: its accelerate hook (if any) and its prefix (None for the
-    final ``nn.Linear``, whose call the fused loss replaces)."""
+    """A module the plan enters instead of calling it: how (its accelerate hook, if any; ``engine_hooks`` when an
+    engine's hooks (FSDP2, ZeRO-3) must run around it) and its prefix (None for the final ``nn.Linear``, whose call the fused loss
+    replaces)."""
 
     module: nn.Module
     hook: Any | None
     prefix: Callable[[torch.Tensor], torch.Tensor] | None
+    engine_hooks: bool = False
 
 
 @dataclass(frozen=True)
@@ -50,11 +54,14 @@ class HeadPlan:
 
     Modules carrying accelerate's device-alignment hook are entered as accelerate's own forward wrapper would:
     ``pre_forward`` before the module's statements (loading offloaded weights, moving the input to the execution
-    device), ``post_forward`` on the result (offloading again, moving the output back).
+    device), ``post_forward`` on the result (offloading again, moving the output back). Modules managed by FSDP2 or
+    DeepSpeed ZeRO-3 are called through their own hooks (``logitless._engines``). ``shard`` is set when the final linear is split over
+    the vocabulary (tensor parallel): the loss must then be the vocabulary-parallel one.
     """
 
     entries: tuple[_Entry, ...]
     linear: nn.Linear
+    shard: VocabShard | None = None
 
     @property
     def prefixes(self) -> tuple[Callable[[torch.Tensor], torch.Tensor], ...]:
@@ -66,24 +73,48 @@ class HeadPlan:
             hidden = prefix(hidden)
         return hidden
 
+    def weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The linear's parameters as the fused loss takes them: a tensor-parallel ``DTensor``'s local part
+        (differentiable back to the parameter). Read inside ``apply``'s callback, once hooks have run."""
+        weight, bias = self.linear.weight, self.linear.bias
+        if self.shard is not None or _is_dtensor(weight):
+            weight = weight.to_local()
+            bias = bias.to_local() if bias is not None else None
+        return weight, bias
+
     def apply(self, hidden: torch.Tensor, fused: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """``fused(x)`` where ``x`` is what the final linear would receive, with every hook applied around it.
 
-        ``fused`` must read ``self.linear.weight`` when called: an offloading hook materialises it only then."""
-        entered: list[_Entry] = []
-        for entry in self.entries:
-            if entry.hook is not None:
-                args, kwargs = entry.hook.pre_forward(entry.module, hidden)
-                if kwargs or len(args) != 1:
-                    raise RuntimeError(f"accelerate pre_forward returned {len(args)} args and {sorted(kwargs)}")
-                hidden = args[0]
-                entered.append(entry)
+        ``fused`` must read the linear's parameters when called: an offloading hook materialises them only then,
+        and FSDP2 / ZeRO-3 all-gather them only then."""
+        return self._enter(0, hidden, fused)
+
+    def _enter(self, i: int, hidden: torch.Tensor, fused: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        if i == len(self.entries):
+            return fused(hidden)
+        entry = self.entries[i]
+
+        def rest(x: torch.Tensor) -> torch.Tensor:
             if entry.prefix is not None:
-                hidden = entry.prefix(hidden)
-        out = fused(hidden)
-        for entry in reversed(entered):
-            out = entry.hook.post_forward(entry.module, out)
-        return out
+                x = entry.prefix(x)
+            return self._enter(i + 1, x, fused)
+
+        if entry.engine_hooks:
+            return _engines.call_through(entry.module, rest, hidden)
+        if entry.hook is None:
+            return rest(hidden)
+        args, kwargs = entry.hook.pre_forward(entry.module, hidden)
+        if kwargs or len(args) != 1:
+            raise RuntimeError(f"accelerate pre_forward returned {len(args)} args and {sorted(kwargs)}")
+        return entry.hook.post_forward(entry.module, rest(args[0]))
+
+
+def _is_dtensor(t: Any) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(t, DTensor)
 
 
 # Keyed by the class's forward function: a class whose forward is replaced later is analysed again.
@@ -170,23 +201,38 @@ def _accelerate_hook(module: nn.Module) -> Any | None:
     return hook
 
 
-def _bypass_refusal(module: nn.Module) -> tuple[str | None, Any | None]:
-    """Why calling the prefix / the fused linear instead of ``module(...)`` would skip something, or
-    ``(None, accelerate_hook_or_None)`` when it would not (an understood accelerate hook is applied by the caller)."""
+@dataclass(frozen=True)
+class _Way:
+    """How a module can be entered without calling it: the refusal, or the hook / engine to honour."""
+
+    refusal: str | None = None
+    hook: Any | None = None
+    engine_hooks: bool = False
+    shard: VocabShard | str | None = None
+
+
+def _way_in(module: nn.Module) -> _Way:
+    """Why calling the prefix / the fused linear instead of ``module(...)`` would skip something (``refusal``), or
+    what the caller must apply instead: accelerate's alignment hook, FSDP2's hooks, or a tensor-parallel shard."""
     if type(module).__call__ is not nn.Module.__call__:
-        return "custom-call", None
-    if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
-        return "hooked-head", None
-    if getattr(module, "_backward_pre_hooks", None):
-        return "hooked-head", None
+        return _Way("custom-call")
     if _global_hooks():
-        return "global-module-hooks", None
+        return _Way("global-module-hooks")
+    if _engines.fsdp_state(module) is not None or _engines.deepspeed_zero3_hooks(module):
+        return _Way(engine_hooks=True)
+    if type(module) is nn.Linear and _is_dtensor(module.weight):
+        shard = _engines.tensor_parallel_head(module)
+        return _Way("tensor-parallel-layout") if shard is None else _Way(shard=shard)
+    if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
+        return _Way("hooked-head")
+    if getattr(module, "_backward_pre_hooks", None):
+        return _Way("hooked-head")
     if "forward" in module.__dict__:
         hook = _accelerate_hook(module)
         if hook is None:
-            return ("hooked-head" if "_hf_hook" in module.__dict__ else "instance-forward"), None
-        return None, hook
-    return None, None
+            return _Way("hooked-head" if "_hf_hook" in module.__dict__ else "instance-forward")
+        return _Way(hook=hook)
+    return _Way()
 
 
 def explain_head(head: Any) -> HeadPlan | str:
@@ -202,19 +248,23 @@ def explain_head(head: Any) -> HeadPlan | str:
     entries: list[_Entry] = []
     module: nn.Module = head
     for _ in range(_MAX_DEPTH + 1):
-        refusal, hook = _bypass_refusal(module)
-        if refusal is not None:
-            return refusal
-        if type(module) is nn.Linear:
-            entries.append(_Entry(module, hook, None))
-            return HeadPlan(entries=tuple(entries), linear=module)
-        step = _step_for(type(module))
+        way = _way_in(module)
+        if way.refusal is not None:
+            return way.refusal
+        cls = _engines.base_class(module)
+        if cls is nn.Linear:
+            entries.append(_Entry(module, way.hook, None, way.engine_hooks))
+            shard = way.shard if isinstance(way.shard, _engines.VocabShard) else None
+            return HeadPlan(entries=tuple(entries), linear=module, shard=shard)  # type: ignore[arg-type]
+        if way.shard is not None:
+            return "tensor-parallel-layout"
+        step = _step_for(cls)
         if step is None:
             return "linear-subclass" if isinstance(module, nn.Linear) else "wrapped-head"
         child = module._modules.get(step.final)
         if child is None or getattr(module, step.final, None) is not child:
             return "wrapped-head"
-        entries.append(_Entry(module, hook, functools.partial(step.prefix, module)))
+        entries.append(_Entry(module, way.hook, functools.partial(step.prefix, module), way.engine_hooks))
         module = child
     return "wrapped-head"
 

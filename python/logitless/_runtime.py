@@ -146,7 +146,11 @@ def _stock_reason(model: Any, head: Any) -> str | None:
     from logitless._heads import explain_head
 
     plan = explain_head(head)
-    return plan if isinstance(plan, str) else None
+    if isinstance(plan, str):
+        return plan
+    if capture is not None and plan.shard is not None:
+        return "tensor-parallel-per-token"
+    return None
 
 
 def fusable(model: Any, head: Any) -> bool:

@@ -48,7 +48,7 @@ def hf_loss(
             "expected an nn.Linear, or a composite head ending in one, called without hooks other than "
             "accelerate's device alignment; compute its logits and the stock loss instead"
         )
-    vocab = plan.linear.out_features
+    vocab = plan.shard.total if plan.shard is not None else plan.linear.out_features
     if vocab_size is not None and int(vocab_size) != vocab:
         raise ValueError(
             f"vocab_size: expected the head's output size {vocab}, got {vocab_size} "
@@ -56,12 +56,17 @@ def hf_loss(
         )
 
     capture = _runtime.current_capture()
+    if capture is not None and plan.shard is not None:
+        raise TypeError(
+            "lm_head: per-token outputs of a vocabulary-sharded (tensor-parallel) head are not computed fused; "
+            "compute its logits instead"
+        )
     if capture is not None:
         # Per-token outputs for logitless.integrations.trl, with this class's own epilogue.
         def per_token(x: torch.Tensor) -> torch.Tensor:
             from logitless.integrations._per_token import fused_per_token
 
-            weight, bias = plan.linear.weight, plan.linear.bias
+            weight, bias = plan.weight_and_bias()
             if capture.fp32_head:
                 # TRL's cast_lm_head_to_fp32: the head in float32 (gradients flow back through the casts).
                 x, weight = x.float(), weight.float()
@@ -86,20 +91,27 @@ def hf_loss(
 
         return plan.apply(hidden, per_token)
 
+    epilogue = {
+        "logits_bias": logits_bias,
+        "logit_scale_multiply": logit_scale_multiply,
+        "logit_scale_divide": logit_scale_divide,
+        "logit_softcapping": logit_softcapping,
+    }
+
     def fused(x: torch.Tensor) -> torch.Tensor:
-        # The weight is read here, after any offloading hook has brought it in.
+        # The weight is read here, after any offloading hook has brought it in (or FSDP2 has all-gathered it).
+        weight, bias = plan.weight_and_bias()
+        if plan.shard is not None:
+            from logitless.vocab_parallel import vocab_parallel_linear_cross_entropy
+
+            return vocab_parallel_linear_cross_entropy(
+                x, weight, labels, vocab_start=plan.shard.start, vocab_size=plan.shard.total, group=plan.shard.group,
+                bias=bias, shift_labels=shift_labels, ignore_index=ignore_index, num_items_in_batch=num_items_in_batch,
+                **epilogue,
+            )  # fmt: skip
         return linear_cross_entropy(
-            x,
-            plan.linear.weight,
-            labels,
-            bias=plan.linear.bias,
-            shift_labels=shift_labels,
-            ignore_index=ignore_index,
-            num_items_in_batch=num_items_in_batch,
-            logits_bias=logits_bias,
-            logit_scale_multiply=logit_scale_multiply,
-            logit_scale_divide=logit_scale_divide,
-            logit_softcapping=logit_softcapping,
-        )
+            x, weight, labels, bias=bias, shift_labels=shift_labels, ignore_index=ignore_index,
+            num_items_in_batch=num_items_in_batch, **epilogue,
+        )  # fmt: skip
 
     return plan.apply(hidden, fused)

@@ -1,0 +1,228 @@
+"""Heads that distributed engines manage, recognised exactly or not at all.
+
+The fused loss reads ``lm_head.weight`` instead of calling the head, which is exactly what these engines hook:
+
+* **FSDP2** (``fully_shard``, alone or as a group such as transformers' norm + head): the module's forward pre-hook
+  all-gathers the parameters, casts the inputs (``MixedPrecisionPolicy``) and arranges the post-backward
+  reduce-scatter; its forward hook reshards and arranges the pre-backward all-gather. A head carrying only these
+  hooks is *entered* through ``nn.Module.__call__`` with the fused computation standing in for its forward, so every
+  one of them runs as for a stock call (what ``register_fsdp_forward_method`` does for a named method).
+* **DeepSpeed ZeRO-3**: the same shape of hooks (gather the partitioned parameters before the forward, release
+  them after it, and autograd functions on the inputs and outputs for the backward fetch and release); the
+  gradient reaches the partitioned parameter through its own accumulation hook, as for a stock call. Entered the
+  same way, so a parameter is gathered only when DeepSpeed would gather it.
+* **Tensor parallel** (torch's ``ColwiseParallel`` or transformers' ``colwise*`` styles, replicated input): the
+  head's weight is a ``DTensor`` sharded over the vocabulary. Its hooks only re-lay-out the input and the logits,
+  so the loss over the whole vocabulary is computed by ``logitless.vocab_parallel`` from the local shard.
+
+Anything else on a head (another hook, another placement, a 2-D mesh) is not recognised and keeps the stock path.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["VocabShard", "base_class", "call_through", "deepspeed_zero3_hooks", "fsdp_state", "tensor_parallel_head"]
+
+# functools.wraps chains (FSDP's group hooks wrap the state's bound methods, dynamo's disable wraps again).
+_MAX_WRAPS = 4
+# What fully_shard's dynamic ``FSDP<cls>`` class defines itself: nothing that changes the forward.
+_FSDP_CLASS_ATTRS = {"__module__", "__doc__", "__qualname__", "__deepcopy__"}
+
+
+@dataclass(frozen=True)
+class VocabShard:
+    """This rank's rows ``[start, start + rows)`` of a ``total``-row head, and the group holding the others."""
+
+    group: Any  # torch.distributed.ProcessGroup
+    start: int
+    total: int
+
+
+def _fsdp_module_type() -> type | None:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return None
+    return FSDPModule
+
+
+def base_class(module: nn.Module) -> type:
+    """The class the module had before ``fully_shard`` made it an ``FSDP<cls>`` (itself otherwise)."""
+    cls = type(module)
+    fsdp = _fsdp_module_type()
+    if fsdp is not None and isinstance(module, fsdp):
+        bases = cls.__bases__
+        if len(bases) == 2 and bases[0] is fsdp and cls.__dict__.keys() <= _FSDP_CLASS_ATTRS:
+            return bases[1]
+    return cls
+
+
+def _owner(hook: Any) -> Any:
+    for _ in range(_MAX_WRAPS + 1):
+        owner = getattr(hook, "__self__", None)
+        if owner is not None:
+            return owner
+        hook = getattr(hook, "__wrapped__", None)
+        if hook is None:
+            return None
+    return None
+
+
+def fsdp_state(module: nn.Module) -> Any | None:
+    """The module's FSDP2 state when FSDP's own forward hooks are the only hooks on it, else None.
+
+    Refused: backward hooks, any other forward hook, an instance ``forward``, and an ``output_dtype`` cast (FSDP would
+    cast the loss where stock casts the logits)."""
+    fsdp = _fsdp_module_type()
+    if fsdp is None or not isinstance(module, fsdp) or base_class(module) is type(module):
+        return None
+    try:
+        state = module._get_fsdp_state()
+    except (AttributeError, AssertionError):
+        return None
+    hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
+    if not hooks or any(_owner(h) is not state for h in hooks):
+        return None
+    if module._backward_hooks or getattr(module, "_backward_pre_hooks", None) or "forward" in module.__dict__:
+        return None
+    if getattr(getattr(state, "_mp_policy", None), "output_dtype", None) is not None:
+        return None
+    return state
+
+
+_ZERO3_MODULE = "deepspeed.runtime.zero.parameter_offload"
+_ZERO3_QUALNAME = "DeepSpeedZeRoOffload._register_deepspeed_module.<locals>."
+_ZERO3_HOOKS = {
+    "_pre_forward_module_hook",
+    "_post_forward_module_hook",
+    "_pre_backward_module_hook",
+    "_post_backward_module_hook",
+}
+
+
+def _zero3_hook_name(hook: Any) -> str | None:
+    for _ in range(_MAX_WRAPS + 1):
+        if getattr(hook, "__module__", None) == _ZERO3_MODULE:
+            qualname = getattr(hook, "__qualname__", "")
+            name = qualname.removeprefix(_ZERO3_QUALNAME)
+            return name if name != qualname and name in _ZERO3_HOOKS else None
+        # functools.wraps wrappers expose __wrapped__; DeepSpeed's nvtx wrapper keeps the function as ``func``.
+        inner = getattr(hook, "__wrapped__", None)
+        if inner is None and getattr(hook, "__module__", None) == "deepspeed.utils.nvtx":
+            inner = inspect.getclosurevars(hook).nonlocals.get("func")
+        if inner is None:
+            return None
+        hook = inner
+    return None
+
+
+def deepspeed_zero3_hooks(module: nn.Module) -> bool:
+    """True when the module's hooks are exactly the four ZeRO-3 registers on every module it manages."""
+    hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
+    names = [_zero3_hook_name(h) for h in hooks]
+    if sorted(n or "" for n in names) != sorted(_ZERO3_HOOKS):
+        return False
+    return not (module._backward_hooks or getattr(module, "_backward_pre_hooks", None) or "forward" in module.__dict__)
+
+
+def call_through(module: nn.Module, forward: Any, x: torch.Tensor) -> Any:
+    """``module(x)`` with every hook the module has, but ``forward`` computing in place of its forward."""
+    module.__dict__["forward"] = forward
+    try:
+        return module(x)
+    finally:
+        del module.__dict__["forward"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tensor parallel
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _replicate(placement: Any) -> bool:
+    from torch.distributed.tensor import Replicate
+
+    return isinstance(placement, Replicate)
+
+
+def _is_vocab_shard(placement: Any) -> bool:
+    from torch.distributed.tensor import Shard
+
+    return isinstance(placement, Shard) and placement.dim == 0
+
+
+def _torch_colwise_hooks(module: nn.Module) -> bool:
+    """The two hooks of ``parallelize_module(..., ColwiseParallel(input_layouts=Replicate()))``, and nothing else."""
+    pre, post = list(module._forward_pre_hooks.values()), list(module._forward_hooks.values())
+    if len(pre) != 1 or len(post) != 1:
+        return False
+    fns = []
+    for hook, name in ((pre[0], "input_fn"), (post[0], "output_fn")):
+        if getattr(hook, "__module__", None) != "torch.distributed.tensor._api":
+            return False
+        fn = inspect.getclosurevars(hook).nonlocals.get(name)
+        if not isinstance(fn, functools.partial):
+            return False
+        fns.append(fn)
+    inp, out = fns
+    if getattr(inp.func, "__qualname__", "") != "ColwiseParallel._prepare_input_fn":
+        return False
+    if getattr(out.func, "__qualname__", "") != "ColwiseParallel._prepare_output_fn":
+        return False
+    layouts = inp.args[0] if inp.args else None
+    return isinstance(layouts, tuple) and len(layouts) == 1 and _replicate(layouts[0])
+
+
+def _transformers_colwise_forward(module: nn.Module) -> bool:
+    """transformers' ``ColwiseParallel.install_forward`` (input replicated), wrapping the class's own forward."""
+    forward = module.__dict__.get("forward")
+    if getattr(forward, "__name__", None) != "tp_forward" or not str(getattr(forward, "__module__", "")).startswith(
+        "transformers."
+    ):
+        return False
+    names = inspect.getclosurevars(forward).nonlocals
+    style, original = names.get("self"), names.get("original_forward")
+    if type(style).__name__ != "ColwiseParallel" or not type(style).__module__.startswith("transformers."):
+        return False
+    if not _replicate(getattr(style, "input_layouts", None)):
+        return False
+    if getattr(module, "_hf_quantized_needs_local_tp", False):  # a quantised local kernel, not a plain F.linear
+        return False
+    bound_self = getattr(original, "__self__", None)
+    return bound_self is module and getattr(original, "__func__", None) is type(module).forward
+
+
+def tensor_parallel_head(module: nn.Module) -> VocabShard | str | None:
+    """For an ``nn.Linear`` whose weight is a ``DTensor``: its vocabulary shard (``Shard(0)`` on a 1-D mesh under a
+    recognised colwise style), ``"local"`` for a replicated weight with no hooks, or None (not understood)."""
+    from torch.distributed.tensor import DTensor
+
+    weight = module.weight
+    if not isinstance(weight, DTensor) or weight.device_mesh.ndim != 1 or len(weight.placements) != 1:
+        return None
+    bias = module.bias
+    if bias is not None and (not isinstance(bias, DTensor) or bias.placements != weight.placements):
+        return None
+    if module._backward_hooks or getattr(module, "_backward_pre_hooks", None):
+        return None
+    placement = weight.placements[0]
+    hooked = bool(module._forward_pre_hooks or module._forward_hooks or "forward" in module.__dict__)
+    if _replicate(placement):
+        return None if hooked else "local"
+    if not _is_vocab_shard(placement):
+        return None
+    if not (_torch_colwise_hooks(module) or (not module._forward_pre_hooks and not module._forward_hooks
+                                             and _transformers_colwise_forward(module))):  # fmt: skip
+        return None
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    mesh = weight.device_mesh
+    _, offset = compute_local_shape_and_global_offset(weight.shape, mesh, weight.placements)
+    return VocabShard(group=mesh.get_group(), start=int(offset[0]), total=int(weight.shape[0]))

@@ -1,0 +1,272 @@
+"""The fused loss of a head split over the vocabulary (tensor parallel): each rank holds rows
+``[start, start + V_local)`` of the head and the same hidden states; no rank forms more than a chunk of its own
+shard's logits.
+
+Per chunk of rows, two passes over the local shard:
+
+1. statistics: the row max, ``Σ exp(z - max)``, the target's logit (on the rank that owns it) and, with label
+   smoothing, ``Σ z``. One all-reduce of the maxima (MAX) and one of the rest (SUM, rescaled to the global max)
+   give every rank the global log-sum-exp and the loss of every row.
+2. gradients: the shard's logits again, turned into ``d loss / d logits`` with the global log-sum-exp;
+   ``d_weight`` (and ``d_bias``) stay local, each rank's ``d_hidden`` is its shard's part and is summed over the
+   group (float32).
+
+That is four matmuls' worth of work (the logits twice) instead of three: the global normaliser is only known after
+every rank has seen its whole shard. Same maths and epilogue as the torch path (``torch_path``), whose helpers it
+uses; the loss is identical on every rank.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from logitless import _options, ops, torch_path
+from logitless._options import LossOptions
+
+__all__ = ["vocab_parallel_linear_cross_entropy"]
+
+_REDUCTIONS = ("mean", "sum")
+
+
+def vocab_parallel_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor | None,
+    *,
+    vocab_start: int,
+    vocab_size: int,
+    group: dist.ProcessGroup | None = None,
+    bias: torch.Tensor | None = None,
+    shift: bool = True,
+    shift_labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_scale_multiply: float | None = None,
+    logit_scale_divide: float | None = None,
+    logit_softcapping: float | None = None,
+    logits_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``logitless.linear_cross_entropy`` over a ``vocab_size``-row head of which this rank holds ``weight`` (rows
+    ``[vocab_start, vocab_start + weight.shape[0])``, ``bias`` likewise); every rank of ``group`` calls it with the
+    same ``hidden`` and labels. Labels are global token ids; ``logits_bias`` covers the whole vocabulary.
+
+    Returns the same loss on every rank. Gradients: ``weight`` / ``bias`` receive their shard's gradient, ``hidden``
+    the full gradient (summed over the group), as a replicated input of a colwise-parallel ``nn.Linear`` does.
+    """
+    for what, value in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{what}: expected a torch.Tensor, got {type(value).__name__}")
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden: expected [B, T, H] or [N, H], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight: expected [V_local, {hidden.shape[-1]}], got {tuple(weight.shape)}")
+    local = weight.shape[0]
+    if not (0 <= vocab_start and vocab_start + local <= vocab_size):
+        raise ValueError(
+            f"vocab_start: expected the shard [{vocab_start}, {vocab_start + local}) inside [0, {vocab_size})"
+        )
+    if ops._autocast_on(hidden.device.type) and hidden.dtype != torch.float64:
+        amp = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(amp), weight.to(amp)
+        bias = bias.to(amp) if bias is not None else None
+    if weight.dtype != hidden.dtype or weight.device != hidden.device:
+        raise TypeError(
+            f"weight: expected {hidden.dtype} on {hidden.device} (as hidden), got {weight.dtype} on {weight.device}"
+        )
+    if bias is not None and (bias.shape != (local,) or bias.dtype != hidden.dtype):
+        raise ValueError(f"bias: expected shape ({local},) and dtype {hidden.dtype}, got {tuple(bias.shape)}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {_REDUCTIONS} (vocab parallel), got {reduction!r}")
+    if num_items_in_batch is not None and reduction != "mean":
+        raise ValueError('num_items_in_batch: only meaningful with reduction="mean" (sum / num_items_in_batch)')
+    options = _options.parse(
+        device=hidden.device,
+        vocab=vocab_size,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        logit_scale_multiply=logit_scale_multiply,
+        logit_scale_divide=logit_scale_divide,
+        logit_softcapping=logit_softcapping,
+        logits_bias=logits_bias,
+        impl="torch",
+    )
+    targets = ops._targets(hidden, labels, shift, shift_labels, options.ignore_index, hidden.device)
+    rows = math.prod(hidden.shape[:-1])
+    shard = _Shard(group=group, start=vocab_start, total=vocab_size)
+    loss: torch.Tensor = _VocabParallel.apply(
+        hidden.reshape(rows, hidden.shape[-1]),
+        weight,
+        bias,
+        targets.reshape(rows),
+        ops._num_items(num_items_in_batch),
+        options,
+        shard,
+        reduction,
+    )
+    return loss
+
+
+@dataclass(frozen=True)
+class _Shard:
+    group: dist.ProcessGroup | None
+    start: int
+    total: int
+
+
+@dataclass
+class _Chunk:
+    h: torch.Tensor
+    t: torch.Tensor  # global targets (0 where masked)
+    mask: torch.Tensor | None  # None when ignored rows were dropped (CPU)
+    idx: torch.Tensor | None
+    start: int
+    stop: int
+
+
+def _chunks(hidden: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, rows_per_chunk: int) -> Iterator[_Chunk]:
+    """The rows in chunks: on CPU only the scored ones (their count on the host is free), elsewhere all, masked."""
+    if hidden.device.type == "cpu":
+        rows = valid.nonzero().squeeze(1)
+        for a in range(0, rows.numel(), rows_per_chunk):
+            idx = rows[a : a + rows_per_chunk]
+            yield _Chunk(hidden.index_select(0, idx), targets.index_select(0, idx), None, idx, a, a + idx.numel())
+        return
+    n = hidden.shape[0]
+    for a in range(0, n, rows_per_chunk):
+        b = min(n, a + rows_per_chunk)
+        mask = valid[a:b]
+        yield _Chunk(hidden[a:b], torch.where(mask, targets[a:b], 0), mask, None, a, b)
+
+
+def _shard_logits(
+    c: _Chunk, weight: torch.Tensor, bias: torch.Tensor | None, options: LossOptions, cols: slice, acc: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    z = torch_path._logits(c.h, weight, bias, acc)
+    return torch_path._epilogue_forward(z, options.epilogue, acc, cols)
+
+
+class _VocabParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        num_items: torch.Tensor | None,
+        options: LossOptions,
+        shard: _Shard,
+        reduction: str,
+    ) -> torch.Tensor:
+        n, h_dim = hidden.shape
+        local = weight.shape[0]
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        dev = hidden.device
+        eps, zl, ignore = options.label_smoothing, options.z_loss, options.ignore_index
+        cols = slice(shard.start, shard.start + local)
+        valid = targets != ignore
+        count_host = None
+        if dev.type == "cpu":
+            count_host = ops._check_targets_cpu(targets, shard.total, ignore)
+        else:
+            bad = (valid & ((targets < 0) | (targets >= shard.total))).any()
+            torch._assert_async(~bad, "logitless: a target is outside [0, vocab) and is not ignore_index")
+        scored = count_host if count_host is not None else n
+        budget = torch_path.chunk_budget_bytes(n, max(local, 1), h_dim, low_precision_weight_grad=weight.dtype != acc)
+        rows_per_chunk = max(1, budget // max(1, local * 3 * torch.finfo(acc).bits // 8))
+
+        # Pass 1: this shard's row statistics.
+        row_max = torch.full((scored,), -math.inf, dtype=acc, device=dev)
+        sums = torch.zeros(3, scored, dtype=acc, device=dev)  # Σ exp(z - max), target logit, Σ z
+        for c in _chunks(hidden, targets, valid, rows_per_chunk):
+            if local == 0:
+                break
+            z, _ = _shard_logits(c, weight, bias, options, cols, acc)
+            m = z.max(dim=1).values
+            row_max[c.start : c.stop] = m
+            sums[0, c.start : c.stop] = (z - m.unsqueeze(1)).exp().sum(dim=1)
+            mine = (c.t >= cols.start) & (c.t < cols.stop)
+            z_t = z.gather(1, (c.t - cols.start).clamp(0, max(local - 1, 0)).unsqueeze(1)).squeeze(1)
+            sums[1, c.start : c.stop] = torch.where(mine, z_t, 0.0)
+            if eps:
+                sums[2, c.start : c.stop] = z.sum(dim=1)
+        global_max = row_max.clone()
+        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=shard.group)
+        sums[0] *= torch.exp(row_max - global_max)
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=shard.group)
+        lse = global_max + sums[0].log()
+        loss_rows = (1.0 - eps) * (lse - sums[1]) + zl * lse * lse
+        if eps:
+            loss_rows = loss_rows + eps * (lse - sums[2] / shard.total)
+        if count_host is None:
+            loss_rows = torch.where(valid, loss_rows, 0.0)
+        count = valid.sum()
+
+        if reduction == "mean":
+            if num_items is not None:
+                normaliser = ops._checked_num_items(num_items.to(dev, acc), count_host, targets, ignore)
+            else:
+                normaliser = count.clamp(min=1).to(acc)
+        else:
+            normaliser = torch.ones((), dtype=acc, device=dev)
+        loss = torch.where(count == 0, 0.0, loss_rows.sum() / normaliser).to(acc)
+
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_db = bias is not None and ctx.needs_input_grad[2]
+        d_hidden = torch.zeros(n, h_dim, dtype=acc, device=dev) if need_dh else None
+        d_weight = torch.zeros(local, h_dim, dtype=acc, device=dev) if need_dw else None
+        d_bias = torch.zeros(local, dtype=acc, device=dev) if need_db else None
+        if need_dh or need_dw or need_db:
+            scale = normaliser.reciprocal()
+            for c in _chunks(hidden, targets, valid, rows_per_chunk):
+                if local == 0:
+                    break
+                z, capped = _shard_logits(c, weight, bias, options, cols, acc)
+                g = torch_path._softmax_part(z, lse[c.start : c.stop], z_loss=zl, label_smoothing=eps,
+                                             vocab=shard.total)  # fmt: skip
+                mine = (c.t >= cols.start) & (c.t < cols.stop)
+                col = (c.t - cols.start).clamp(0, local - 1).unsqueeze(1)
+                g.scatter_add_(1, col, torch.where(mine, eps - 1.0, 0.0).to(acc).unsqueeze(1))
+                s = scale.expand(g.shape[0]) if c.mask is None else scale * c.mask
+                g *= s.unsqueeze(1)
+                torch_path._epilogue_backward(g, capped, options.epilogue)
+                g_lp = g.to(hidden.dtype)
+                if d_hidden is not None:
+                    dh = torch_path._mm(g_lp, weight, acc)
+                    if c.idx is not None:
+                        d_hidden.index_copy_(0, c.idx, dh)
+                    else:
+                        d_hidden[c.start : c.stop] = dh
+                if d_weight is not None:
+                    torch_path._add_mm(d_weight, g, g_lp, c.h)
+                if d_bias is not None:
+                    d_bias += g.sum(dim=0)
+            if d_hidden is not None:
+                # Each shard contributes its part of d_hidden; summed in float32, as every rank needs all of it.
+                dist.all_reduce(d_hidden, op=dist.ReduceOp.SUM, group=shard.group)
+        ctx.save_for_backward(
+            d_hidden.to(hidden.dtype) if d_hidden is not None else None,
+            d_weight.to(weight.dtype) if d_weight is not None else None,
+            d_bias.to(bias.dtype) if d_bias is not None and bias is not None else None,
+        )
+        return loss
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        d_hidden, d_weight, d_bias = ctx.saved_tensors
+
+        def scaled(g: torch.Tensor | None) -> torch.Tensor | None:
+            return None if g is None else g * grad_loss
+
+        return scaled(d_hidden), scaled(d_weight), scaled(d_bias), None, None, None, None, None

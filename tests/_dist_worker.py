@@ -1,0 +1,199 @@
+"""One rank of the 2-process gloo runs of tests/test_distributed.py (spawned by it, never collected by pytest).
+
+``python _dist_worker.py OUT_DIR SETUP[,SETUP...]`` with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set. For each
+setup the same tiny model (seed 0) is wrapped by the engine and runs one labelled forward + backward twice: with
+logitless uninstalled (stock) and installed. Each rank saves its losses, the width of ``out.logits``, every
+parameter's full gradient (gathered from shards) and the audit's run-time counts to ``OUT_DIR/rank{r}.pt``.
+
+Data-parallel setups (DDP, FSDP2, ZeRO-3) give each rank its own batch (``batch(rank)``); tensor-parallel ones give
+every rank the same batch (``batch(0)``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import _tiny_lm as tiny  # noqa: E402
+
+import logitless  # noqa: E402
+
+SEQ = 12
+LR = 0.5  # SGD, so that the second step's loss depends visibly on the first step's gradients
+TP_VOCAB_UNEVEN = 251
+
+
+def batch(rank: int, vocab: int = tiny.VOCAB) -> torch.Tensor:
+    ids = torch.randint(3, vocab, (2, SEQ), generator=torch.Generator().manual_seed(100 + rank))
+    return ids
+
+
+def labels_of(ids: torch.Tensor) -> torch.Tensor:
+    labels = ids.clone()
+    labels[0, :3] = -100  # some ignored targets on every rank
+    return labels
+
+
+def build_llama(vocab: int = tiny.VOCAB) -> torch.nn.Module:
+    import transformers
+
+    config = transformers.LlamaConfig(**{**tiny._COMMON, "vocab_size": vocab})
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).float()
+
+
+def _fsdp(model: torch.nn.Module, *, head: str, bf16: bool = False) -> torch.nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    kw: dict[str, Any] = {"mesh": mesh}
+    if bf16:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, **kw)
+    if head == "own":
+        fully_shard(model.lm_head, **kw)
+    elif head == "grouped":
+        # transformers' FSDP plan for a "keep_full_weight" head: the final norm and the head as one unit.
+        fully_shard([model.model.norm, model.lm_head], reshard_after_forward=False, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def _ddp(model: torch.nn.Module) -> torch.nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model)
+
+
+def _tp_torch(model: torch.nn.Module) -> torch.nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    return parallelize_module(model, mesh, {"lm_head": ColwiseParallel(output_layouts=Replicate())})
+
+
+def _tp_transformers(model: torch.nn.Module) -> torch.nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from transformers.distributed.tensor_parallel import apply_tensor_parallelism
+
+    from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    # transformers shards the parameters while loading a checkpoint (the style's shard_param), then installs the
+    # layout transforms around the head's forward (apply_tensor_parallelism).
+    style = ALL_PARALLEL_STYLES["colwise_gather_output"]
+    style.shard_param(model.lm_head, "weight", mesh)
+    return apply_tensor_parallelism(model, mesh, {"lm_head": "colwise_gather_output"})
+
+
+def _zero3(model: torch.nn.Module) -> torch.nn.Module:
+    import deepspeed
+    import deepspeed.comm.torch  # noqa: F401 - the module, looked up below (the package's ``torch`` is torch)
+
+    # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce (C++, ninja) when it starts; gloo alone
+    # is enough for two tiny processes and keeps the test free of a compiler.
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "zero_allow_untested_optimizer": True,
+    }
+    engine, *_ = deepspeed.initialize(
+        model=model, config=config, optimizer=torch.optim.SGD(model.parameters(), lr=LR)
+    )
+    return engine
+
+
+# name -> (builder, wrapper, tensor parallel?)
+SETUPS: dict[str, tuple[Callable[[], torch.nn.Module], Callable[[torch.nn.Module], torch.nn.Module], bool]] = {
+    "ddp": (build_llama, _ddp, False),
+    "fsdp2-head-in-root": (build_llama, lambda m: _fsdp(m, head="root"), False),
+    "fsdp2-head-own-unit": (build_llama, lambda m: _fsdp(m, head="own"), False),
+    "fsdp2-head-grouped": (build_llama, lambda m: _fsdp(m, head="grouped"), False),
+    "fsdp2-bf16": (build_llama, lambda m: _fsdp(m, head="own", bf16=True), False),
+    "zero3": (build_llama, _zero3, False),
+    "tp-torch-colwise": (build_llama, _tp_torch, True),
+    "tp-transformers-colwise": (build_llama, _tp_transformers, True),
+    "tp-uneven-vocab": (lambda: build_llama(TP_VOCAB_UNEVEN), _tp_transformers, True),
+}
+
+
+def _full_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from torch.distributed.tensor import DTensor
+
+    grads = {}
+    for name, p in model.named_parameters():
+        g = p.grad
+        if hasattr(p, "ds_id"):  # ZeRO-3: the partitioned gradient, gathered
+            from deepspeed.utils import safe_get_full_grad
+
+            g = safe_get_full_grad(p)
+        if g is None:
+            continue
+        if isinstance(g, DTensor):
+            g = g.full_tensor()
+        grads[name.removeprefix("module.")] = g.detach().float().clone()
+    return grads
+
+
+def run(setup: str, rank: int) -> dict[str, Any]:
+    builder, wrap, tensor_parallel = SETUPS[setup]
+    vocab = TP_VOCAB_UNEVEN if setup == "tp-uneven-vocab" else tiny.VOCAB
+    ids = batch(0 if tensor_parallel else rank, vocab)
+    row: dict[str, Any] = {}
+    for mode in ("stock", "logitless"):
+        logitless.uninstall()
+        if mode == "logitless":
+            logitless.install()
+        model = wrap(builder())
+        deepspeed_engine = hasattr(model, "backward")
+        optimizer = None if deepspeed_engine else torch.optim.SGD(model.parameters(), lr=LR)
+        losses, widths = [], []
+        for step in range(2):
+            # Step 2 runs on the updated (resharded, re-gathered) parameters: the engines' state after a fused step.
+            out = model(input_ids=ids, labels=labels_of(ids))
+            losses.append(float(out.loss.detach().float()))
+            widths.append(int(out.logits.shape[-1]))
+            if deepspeed_engine:
+                model.backward(out.loss)
+            else:
+                out.loss.backward()
+            if step == 0:
+                grads = _full_grads(model)
+                if deepspeed_engine:
+                    model.step()
+                else:
+                    optimizer.step()
+                    optimizer.zero_grad()
+        row[mode] = {"losses": losses, "logits_widths": widths, "grads": grads}
+    row["runtime"] = logitless.audit()["runtime"]
+    logitless.uninstall()
+    return row
+
+
+def main() -> None:
+    out_dir, setups = Path(sys.argv[1]), sys.argv[2].split(",")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    results = {setup: run(setup, rank) for setup in setups}
+    torch.save(results, out_dir / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

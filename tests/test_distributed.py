@@ -1,0 +1,131 @@
+"""Distributed engines, 2 gloo processes on CPU standing in for 2 GPUs (tests/_dist_worker.py is one rank).
+
+Every setup trains two SGD steps with logitless uninstalled and installed. Checked here:
+
+* the fused path ran on every rank, at every step (``out.logits`` is empty, the audit counts 2 fused forwards);
+* each rank's loss and every parameter's gradient equal a single-process stock reference computed here under the
+  engine's semantics: data parallel (DDP, FSDP2, ZeRO-3) averages the two ranks' gradients of their own batches;
+  tensor parallel gives both ranks the same batch and the same full gradient;
+* the second step's losses equal stock's run under the same engine (the update went through the engine's
+  resharding / reduce-scatter / partitioned gradients exactly as a stock step's does).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import _dist_worker as worker  # noqa: E402
+
+import logitless  # noqa: E402
+
+DATA_PARALLEL = ("ddp", "fsdp2-head-in-root", "fsdp2-head-own-unit", "fsdp2-head-grouped", "zero3")
+TENSOR_PARALLEL = ("tp-torch-colwise", "tp-transformers-colwise", "tp-uneven-vocab")
+ALL = (*DATA_PARALLEL, "fsdp2-bf16", *TENSOR_PARALLEL)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    out = tmp_path_factory.mktemp("dist")
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
+           "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(Path(worker.__file__)), str(out), ",".join(ALL)],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-4000:]
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+def _reference(setup: str, rank: int) -> dict[str, Any]:
+    """Single-process stock: step-1 loss of this rank's batch, the engine-averaged gradients, step-2 loss after
+    SGD with them."""
+    logitless.uninstall()
+    vocab = worker.TP_VOCAB_UNEVEN if setup == "tp-uneven-vocab" else worker.tiny.VOCAB
+    tensor_parallel = setup in TENSOR_PARALLEL
+    batches = [worker.batch(0, vocab)] * 2 if tensor_parallel else [worker.batch(r, vocab) for r in range(2)]
+    grads: list[dict[str, torch.Tensor]] = []
+    losses = []
+    for ids in batches:
+        model = worker.build_llama(vocab)
+        out = model(input_ids=ids, labels=worker.labels_of(ids))
+        out.loss.backward()
+        losses.append(float(out.loss.detach()))
+        grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+    mean = {n: (grads[0][n] + grads[1][n]) / 2 for n in grads[0]}
+    model = worker.build_llama(vocab)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p -= worker.LR * mean[n]
+        ids = batches[rank]
+        step2 = float(model(input_ids=ids, labels=worker.labels_of(ids)).loss)
+    return {"loss": losses[rank], "grads": mean, "step2": step2}
+
+
+def _close_grads(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], rel: float) -> None:
+    assert got.keys() == want.keys()
+    for name, g in got.items():
+        w = want[name]
+        scale = float(w.abs().max()) + 1e-12
+        err = float((g - w).abs().max()) / scale
+        assert err <= rel, (name, err)
+
+
+@pytest.mark.parametrize("setup", ALL)
+def test_fused_on_every_rank_at_every_step(ranks: list[dict[str, Any]], setup: str) -> None:
+    for r in range(2):
+        row = ranks[r][setup]
+        assert row["runtime"] == {"fused": 2, "stock": {}}, (r, row["runtime"])
+        assert row["logitless"]["logits_widths"] == [0, 0]
+        assert min(row["stock"]["logits_widths"]) > 0
+
+
+@pytest.mark.parametrize("setup", [*DATA_PARALLEL, *TENSOR_PARALLEL])
+def test_equal_to_single_process_stock(ranks: list[dict[str, Any]], setup: str) -> None:
+    for r in range(2):
+        row = ranks[r][setup]
+        ref = _reference(setup, r)
+        fused, stock = row["logitless"], row["stock"]
+        assert fused["losses"][0] == pytest.approx(ref["loss"], rel=1e-6)
+        _close_grads(fused["grads"], ref["grads"], rel=2e-5)
+        # The engine's own stock run is the reference for step 2 (DeepSpeed's optimizer wrapper is its own).
+        assert fused["losses"][1] == pytest.approx(stock["losses"][1], rel=1e-5)
+        if setup != "zero3":
+            assert fused["losses"][1] == pytest.approx(ref["step2"], rel=1e-5)
+
+
+def test_fsdp2_bf16_mixed_precision_no_worse_than_stock(ranks: list[dict[str, Any]]) -> None:
+    """``MixedPrecisionPolicy(param_dtype=bf16)``: the kernel gets the bf16 weight FSDP computes with; its loss and
+    gradients are at least as close to the float32 reference as stock's bf16 step."""
+    for r in range(2):
+        row = ranks[r]["fsdp2-bf16"]
+        ref = _reference("fsdp2-bf16", r)
+        fused, stock = row["logitless"], row["stock"]
+        assert abs(fused["losses"][0] - ref["loss"]) <= max(2 * abs(stock["losses"][0] - ref["loss"]), 1e-4)
+        for name, want in ref["grads"].items():
+            e_fused = float((fused["grads"][name] - want).norm())
+            e_stock = float((stock["grads"][name] - want).norm())
+            assert e_fused <= 1.25 * e_stock + 1e-6 * float(want.norm()), (name, e_fused, e_stock)
