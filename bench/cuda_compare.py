@@ -1,4 +1,5 @@
-"""Fused linear + cross-entropy on one CUDA device: logitless's torch path against stock transformers and its peers.
+"""Fused linear + cross-entropy on one CUDA device: logitless's Triton and torch paths against stock transformers
+and its peers, plus a correctness block, in one run sized for a lent device's 15-minute window (about 5 minutes).
 
 One process, methods run one after another on the same inputs: time of forward + backward (median of ``--reps``
 after a warm-up, CUDA-synchronised) and peak CUDA memory above what the inputs and the returned gradients take
@@ -6,6 +7,13 @@ after a warm-up, CUDA-synchronised) and peak CUDA memory above what the inputs a
 holds; loss and gradient errors against a float32 reference (row-chunked materialised logits).
 
     python bench/cuda_compare.py [--cases small,big] [--dtypes bf16,f32] [--ignored 0,0.5] [--out FILE]
+    python bench/cuda_compare.py --out-dir "$OUT"      # on the lent device: Markdown + JSON there
+    python bench/cuda_compare.py --dry-run             # CPU, Triton's interpreter, a tiny case: the script itself
+
+Correctness first: about 40 cases (every epilogue, bf16 / f32, 0 / 50 % ignored, both weight-gradient modes)
+against a float64 materialised reference on the device, each implementation's loss and gradient errors no worse
+than stock's (1.5x plus a float32 ulp), Triton results bitwise equal across two runs, and (on CUDA) one chunk of
+more than 2^31 logits elements.
 
 Peers run when installed: cut-cross-entropy (``impl="cce"``, its Triton kernels), Liger-Kernel
 (``LigerFusedLinearCrossEntropyLoss``), ``torch.nn.functional.linear_cross_entropy``.
@@ -14,6 +22,7 @@ Peers run when installed: cut-cross-entropy (``impl="cce"``, its Triton kernels)
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -22,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-CASES = {"small": (2048, 1024, 32000), "big": (8192, 2048, 128256)}
+CASES = {"small": (2048, 1024, 32000), "big": (8192, 2048, 128256), "tiny": (64, 64, 3000)}
 DTYPES = {"bf16": torch.bfloat16, "f32": torch.float32}
 IGNORE = -100
 Fn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -36,15 +45,17 @@ def methods() -> dict[str, Fn]:
     def stock(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return ForCausalLMLoss(torch.nn.functional.linear(h, w), None, w.shape[0], shift_labels=y)
 
-    def ours(mode: str) -> Fn:
+    def ours(mode: str, impl: str = "torch") -> Fn:
         def f(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             os.environ["LOGITLESS_WEIGHT_GRAD"] = mode
-            return linear_cross_entropy(h, w, None, shift_labels=y)
+            return linear_cross_entropy(h, w, None, shift_labels=y, impl=impl)
 
         return f
 
     out: dict[str, Fn] = {
         "stock HF (materialised)": stock,
+        "logitless (triton, accumulate)": ours("accumulate", "triton"),
+        "logitless (triton, recompute)": ours("recompute", "triton"),
         "logitless (torch path)": ours("accumulate"),
         "logitless (torch path, recompute)": ours("recompute"),
     }
@@ -91,8 +102,25 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def run_case(n: int, hd: int, v: int, dtype: torch.dtype, ignored: float, reps: int) -> list[str]:
-    dev = torch.device("cuda")
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak(dev: torch.device) -> int:
+    return torch.cuda.max_memory_allocated() if dev.type == "cuda" else 0
+
+
+def _allocated(dev: torch.device) -> int:
+    if dev.type != "cuda":
+        return 0
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def run_case(
+    n: int, hd: int, v: int, dtype: torch.dtype, ignored: float, reps: int, dev: torch.device, records: list[dict]
+) -> list[str]:
     g = torch.Generator(device=dev).manual_seed(1234)
     hidden = torch.randn(n, hd, generator=g, device=dev, dtype=dtype)
     weight = torch.randn(v, hd, generator=g, device=dev, dtype=dtype).mul_(2.0 / hd**0.5)
@@ -110,21 +138,23 @@ def run_case(n: int, hd: int, v: int, dtype: torch.dtype, ignored: float, reps: 
             for rep in range(reps + 1):
                 h.grad = None
                 w.grad = None
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
+                _sync(dev)
+                base = _allocated(dev)
                 t0 = time.perf_counter()
                 loss = fn(h, w, y)
                 loss.backward()
-                torch.cuda.synchronize()
+                _sync(dev)
                 if rep:
                     times.append(time.perf_counter() - t0)
             assert h.grad is not None and w.grad is not None
             grads = (h.grad.numel() + w.grad.numel()) * h.grad.element_size()
-            extra = (torch.cuda.max_memory_allocated() - base - grads) / 2**20
+            extra = max(_peak(dev) - base - grads, 0) / 2**20
             t = statistics.median(times)
             stock_time = stock_time or t
             loss_err = abs(float(loss.detach()) - ref_loss)
+            records.append({"case": [n, hd, v], "dtype": str(dtype).removeprefix("torch."), "ignored": ignored,
+                            "method": name, "ms": t * 1e3, "extra_mib": extra, "loss_err": loss_err,
+                            "d_hidden_err": rel(h.grad, ref_dh), "d_weight_err": rel(w.grad, ref_dw)})  # fmt: skip
             rows.append(
                 f"| {n}/{hd}/{v} | {str(dtype).removeprefix('torch.')} | {ignored:.0%} | {name} | {t * 1e3:.1f} "
                 f"| {stock_time / t:.2f}× | {extra:.0f} | {extra / logits_mib:.1%} | {loss_err:.1e} "
@@ -135,7 +165,122 @@ def run_case(n: int, hd: int, v: int, dtype: torch.dtype, ignored: float, reps: 
             rows.append(f"| {n}/{hd}/{v} | {dt} | {ignored:.0%} | {name} | failed: {type(e).__name__}: {e} |")
         print(rows[-1], flush=True)
         del h, w
-        torch.cuda.empty_cache()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+EPILOGUES = {
+    "plain": {},
+    "softcap": {"logit_softcapping": 3.0},
+    "multiply": {"logit_scale_multiply": 2.0},
+    "divide": {"logit_scale_divide": 0.5},
+    "smoothing+z-loss": {"label_smoothing": 0.1, "z_loss": 1e-4},
+    "all+logits bias": {"logit_softcapping": 3.0, "logit_scale_multiply": 1.5, "label_smoothing": 0.1,
+                        "z_loss": 1e-4, "logits_bias": True},
+}  # fmt: skip
+
+
+def _reference64(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, kw: dict) -> tuple[torch.Tensor, ...]:
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    z = h64 @ w64.T
+    if kw.get("logits_bias") is not None:
+        z = z + kw["logits_bias"].double()
+    z = z * kw.get("logit_scale_multiply", 1.0) / kw.get("logit_scale_divide", 1.0)
+    if "logit_softcapping" in kw:
+        c = kw["logit_softcapping"]
+        z = c * torch.tanh(z / c)
+    keep = y != IGNORE
+    logp = torch.log_softmax(z, -1)
+    t = torch.where(keep, y, 0)
+    eps, zl = kw.get("label_smoothing", 0.0), kw.get("z_loss", 0.0)
+    per = -(1 - eps) * logp.gather(1, t[:, None])[:, 0] - eps * logp.mean(-1) + zl * torch.logsumexp(z, -1) ** 2
+    loss = torch.where(keep, per, 0.0).sum() / keep.sum().clamp(min=1)
+    loss.backward()
+    return loss.detach(), h64.grad, w64.grad
+
+
+def correctness(dev: torch.device, small: bool) -> list[str]:
+    """Errors against float64, as multiples of stock's (materialised logits in the inputs' dtype, upcast)."""
+    from logitless import linear_cross_entropy
+
+    n, hd, v = (32, 32, 1500) if small else (512, 256, 32000)
+    rows = ["| case | impl | loss err / stock's | d_hidden err / stock's | d_weight err / stock's | repeatable |",
+            "|---|---|---|---|---|---|"]  # fmt: skip
+    failures = 0
+    for dt_name, dtype in DTYPES.items():
+        for ignored in (0.0, 0.5):
+            for ep_name, spec in EPILOGUES.items():
+                g = torch.Generator(device=dev).manual_seed(7)
+                h = torch.randn(n, hd, generator=g, device=dev).to(dtype)
+                w = (torch.randn(v, hd, generator=g, device=dev) * 2 / hd**0.5).to(dtype)
+                y = torch.randint(0, v, (n,), generator=g, device=dev)
+                y[torch.rand(n, generator=g, device=dev) < ignored] = IGNORE
+                y[0] = v - 1
+                kw = dict(spec)
+                if kw.pop("logits_bias", False):
+                    kw["logits_bias"] = torch.randn(v, generator=g, device=dev)
+                ref = _reference64(h, w, y, kw)
+
+                def errors(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[tuple[float, ...], tuple]:
+                    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+                    loss = fn(hh, ww)
+                    loss.backward()
+                    got = (loss.detach(), hh.grad, ww.grad)
+                    errs = tuple(float((a.double() - b).abs().max()) / max(float(b.abs().max()), 1e-30)
+                                 for a, b in zip(got, ref))  # fmt: skip
+                    return errs, got
+
+                def stock(hh: torch.Tensor, ww: torch.Tensor) -> torch.Tensor:
+                    z = hh @ ww.T
+                    z = z.float()
+                    if kw.get("logits_bias") is not None:
+                        z = z + kw["logits_bias"]
+                    z = z * kw.get("logit_scale_multiply", 1.0) / kw.get("logit_scale_divide", 1.0)
+                    if "logit_softcapping" in kw:
+                        z = kw["logit_softcapping"] * torch.tanh(z / kw["logit_softcapping"])
+                    keep = y != IGNORE
+                    logp = torch.log_softmax(z, -1)
+                    t = torch.where(keep, y, 0)
+                    eps, zl = kw.get("label_smoothing", 0.0), kw.get("z_loss", 0.0)
+                    per = (-(1 - eps) * logp.gather(1, t[:, None])[:, 0] - eps * logp.mean(-1)
+                           + zl * torch.logsumexp(z, -1) ** 2)  # fmt: skip
+                    return torch.where(keep, per, 0.0).sum() / keep.sum().clamp(min=1)
+
+                base, _ = errors(stock)
+                floor = 2.0**-23 if dtype == torch.float32 else 2.0**-8
+                for impl, mode in (("triton", "accumulate"), ("triton", "recompute"), ("torch", "accumulate")):
+                    os.environ["LOGITLESS_WEIGHT_GRAD"] = mode
+
+                    def ours(hh: torch.Tensor, ww: torch.Tensor, impl: str = impl) -> torch.Tensor:
+                        return linear_cross_entropy(hh, ww, None, shift_labels=y, impl=impl, **kw)
+
+                    errs, got = errors(ours)
+                    _, again = errors(ours)
+                    same = all(torch.equal(a, b) for a, b in zip(got, again))
+                    ratios = [e / max(b, floor) for e, b in zip(errs, base)]
+                    ok = all(e <= 1.5 * b + floor for e, b in zip(errs, base)) and (same or impl == "torch")
+                    failures += not ok
+                    rows.append(f"| {dt_name} {ignored:.0%} {ep_name} | {impl} {mode} | "
+                                + " | ".join(f"{r:.2f}" for r in ratios) + f" | {same} |" + ("" if ok else " **FAIL**"))  # fmt: skip
+    os.environ["LOGITLESS_WEIGHT_GRAD"] = "accumulate"
+    if dev.type == "cuda":
+        # One chunk of more than 2^31 float32 logits elements: 64-bit row offsets in the kernel.
+        n2, v2 = 16640, 131072
+        os.environ["LOGITLESS_CHUNK_MB"] = str(n2 * v2 * 3 * 4 // 2**20 + 1)
+        h = torch.randn(n2, 64, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(v2, 64, device=dev, dtype=torch.bfloat16) * 0.25
+        y = torch.randint(0, v2, (n2,), device=dev)
+        y[-1] = v2 - 1
+        got = float(linear_cross_entropy(h, w, None, shift_labels=y, impl="triton"))
+        want = float(torch.nn.functional.cross_entropy((h[-4096:].float() @ w.float().T), y[-4096:]))
+        head = float(torch.nn.functional.cross_entropy((h[:4096].float() @ w.float().T), y[:4096]))
+        ok = abs(got - (want + head) / 2) < 0.05 * abs(got)
+        failures += not ok
+        rows.append(f"| bf16 {n2}x{v2} one chunk (>2^31 elements) | triton | loss {got:.4f} vs sampled {(want + head) / 2:.4f} | | | |"
+                    + ("" if ok else " **FAIL**"))  # fmt: skip
+        del os.environ["LOGITLESS_CHUNK_MB"]
+    rows.append(f"\n{failures} failing case(s)")
     return rows
 
 
@@ -144,22 +289,45 @@ def main() -> None:
     p.add_argument("--cases", default="small,big")
     p.add_argument("--dtypes", default="bf16,f32")
     p.add_argument("--ignored", default="0,0.5")
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=10)
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("results-cuda.md"))
+    p.add_argument("--out-dir", type=Path, default=None, help="write results-cuda.md and results-cuda.json there")
+    p.add_argument("--dry-run", action="store_true", help="CPU, Triton's interpreter, the tiny case, 1 rep")
     args = p.parse_args()
-    header = [
-        f"# bench/cuda_compare.py on {torch.cuda.get_device_name()} (torch {torch.__version__})\n",
+    if args.dry_run:
+        # Read by Triton when the kernels are decorated: before logitless.triton_path is imported.
+        os.environ["TRITON_INTERPRET"] = "1"
+        args.cases, args.reps = "tiny", 1
+        if args.out_dir is None:
+            args.out_dir = Path("/tmp/logitless-cuda-dry-run")
+    dev = torch.device("cpu" if args.dry_run else "cuda")
+    import triton
+
+    name = "CPU (Triton interpreter, dry run)" if args.dry_run else torch.cuda.get_device_name()
+    header = [f"# bench/cuda_compare.py on {name} (torch {torch.__version__}, triton {triton.__version__})\n"]
+    t0 = time.perf_counter()
+    checks = correctness(dev, small=args.dry_run)
+    header += ["## Correctness (errors vs float64, as multiples of stock's)\n", *checks, "",
+               f"({time.perf_counter() - t0:.0f} s, JIT warm-up included)\n", "## Speed and memory\n"]  # fmt: skip
+    header += [
         "| N/H/V | dtype | ignored | method | ms | speed-up vs stock | extra (MiB) | extra / f32 logits "
         "| loss err | d_hidden err | d_weight err |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    rows = []
+    print("\n".join(header), flush=True)
+    rows: list[str] = []
+    records: list[dict] = []
     for case in args.cases.split(","):
         for dt in args.dtypes.split(","):
             for ig in args.ignored.split(","):
-                rows += run_case(*CASES[case], DTYPES[dt], float(ig), args.reps)
-    args.out.write_text("\n".join(header + rows) + "\n")
-    print(f"wrote {args.out}")
+                rows += run_case(*CASES[case], DTYPES[dt], float(ig), args.reps, dev, records)
+    out = args.out
+    if args.out_dir is not None:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        out = args.out_dir / "results-cuda.md"
+        (args.out_dir / "results-cuda.json").write_text(json.dumps({"checks": checks, "rows": records}, indent=1))
+    out.write_text("\n".join(header + rows) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ implementations, and (if the schema must carry it) one slot in ``scalars``/``fro
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +19,7 @@ import torch
 
 __all__ = ["Epilogue", "LossOptions", "parse"]
 
-IMPLS = ("auto", "rust", "torch")
+IMPLS = ("auto", "rust", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,20 @@ class LossOptions:
         return cls(ignore_index, label_smoothing, z_loss, epilogue, impl)
 
 
+@functools.cache
+def triton_usable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_interpreted() -> bool:
+    # Triton's own switch, not a LOGITLESS_* setting: it decides how the kernels run, so it is read as Triton does.
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _number(value: Any, what: str) -> float:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
@@ -121,9 +137,17 @@ def parse(
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        impl = "rust" if device.type == "cpu" else "torch"
+        impl = "rust" if device.type == "cpu" else ("triton" if device.type == "cuda" and triton_usable() else "torch")
     if impl == "rust" and device.type != "cpu":
         raise ValueError(f'impl="rust": expected CPU tensors, got device {device}; use impl="torch" or "auto"')
+    if impl == "triton":
+        if not triton_usable():
+            raise ValueError('impl="triton": expected an importable triton package; use impl="torch" or "auto"')
+        if device.type != "cuda" and not triton_interpreted():
+            raise ValueError(
+                f'impl="triton": expected CUDA tensors, got device {device} (CPU tensors only under Triton\'s '
+                'interpreter, TRITON_INTERPRET=1, for tests)'
+            )
     try:
         if isinstance(ignore_index, bool):
             raise TypeError

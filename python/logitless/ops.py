@@ -274,6 +274,15 @@ def _run(
             from logitless import _rust  # imports the extension: only when the Rust kernel is wanted
 
             fused_lce = _rust.fused_lce
+        elif options.impl == "triton":
+            from logitless import triton_path  # imports triton: only when its kernels are wanted
+
+            fused_lce = functools.partial(
+                torch_path.fused_lce,
+                compact=hidden.device.type == "cpu",
+                row_pass=triton_path.row_pass,
+                slab_pass=triton_path.slab_pass,
+            )
         else:
             fused_lce = functools.partial(torch_path.fused_lce, compact=hidden.device.type == "cpu")
         return fused_lce(

@@ -18,6 +18,7 @@ Two modes:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -195,17 +196,20 @@ def fused_lce(
     compact: bool,
     budget_bytes: int | None = None,
     want_stats: bool = False,
+    row_pass: RowPassFn | None = None,
+    slab_pass: SlabPassFn | None = None,
 ) -> Result:
     """Loss and requested gradients of ``Σ_i s_i · l_i`` for ``hidden`` [N, H], ``weight`` [V, H], ``targets`` [N].
 
     ``s_i`` is ``grad_scale`` (0-d tensor) or ``row_scale[i]`` ([N]). Targets must already be validated when
-    ``compact`` is True; otherwise out-of-range ones poison the loss (see the module docstring).
+    ``compact`` is True; otherwise out-of-range ones poison the loss (see the module docstring). ``row_pass`` /
+    ``slab_pass`` do the elementwise work between the GEMMs (torch ops by default; ``triton_path`` has kernels).
     """
+    row_pass = row_pass or torch_row_pass
+    slab_pass = slab_pass or torch_slab_pass
     n, h_dim = hidden.shape
     v = weight.shape[0]
-    ignore_index, label_smoothing, z_loss, epilogue = (
-        options.ignore_index, options.label_smoothing, options.z_loss, options.epilogue
-    )
+    ignore_index = options.ignore_index
     acc = _acc_dtype(hidden.dtype)
     dev = hidden.device
     # A low-precision weight gradient summed over chunks in its own dtype would lose bits at every chunk: it is
@@ -256,17 +260,10 @@ def fused_lce(
             mask = valid[start:stop]
             t = torch.where(mask, t, 0).clamp(0, max(v - 1, 0))
 
-        z, capped = _epilogue_forward(_logits(h, weight, bias, acc), epilogue, acc)
-
-        lse = torch.logsumexp(z, dim=1)
-        z_t = z.gather(1, t.unsqueeze(1)).squeeze(1)
-        loss = (1.0 - label_smoothing) * (lse - z_t)
-        if label_smoothing:
-            loss = loss + label_smoothing * (lse - z.mean(dim=1))
-        if z_loss:
-            loss = loss + z_loss * lse * lse
-        if mask is not None:
-            loss = torch.where(mask, loss, 0.0)
+        s_rows = _row_weights(t.shape[0], row_scale, grad_scale, idx, start, stop, mask, acc, dev)
+        rp = row_pass(_logits(h, weight, bias, acc), t, s_rows, options, vocab=v, want_stats=stats is not None,
+                      grad=any_grad)  # fmt: skip
+        loss = rp.loss if mask is None else torch.where(mask, rp.loss, 0.0)
         loss_sum += loss.sum()
         if per_row is not None:
             if idx is not None:
@@ -274,7 +271,8 @@ def fused_lce(
             else:
                 per_row[start:stop] = loss
         if stats is not None:
-            chunk = _token_stats(z, t, mask)
+            assert rp.stats is not None
+            chunk = rp.stats if mask is None else rp.stats * mask.unsqueeze(1)
             if idx is not None:
                 stats.index_copy_(0, idx, chunk)
             else:
@@ -282,13 +280,10 @@ def fused_lce(
 
         if not any_grad:
             continue
-        g = _softmax_part(z, lse, z_loss=z_loss, label_smoothing=label_smoothing, vocab=v)
-        g.scatter_add_(1, t.unsqueeze(1), torch.full_like(z_t, label_smoothing - 1.0).unsqueeze(1))
-        s_rows = _row_weights(lse, row_scale, grad_scale, idx, start, stop, mask, acc)
-        g *= s_rows.unsqueeze(1)
+        g = rp.grad
+        assert g is not None
         if recompute:
-            saved.append(_SavedChunk(idx=idx, start=start, stop=stop, t=t, lse=lse, scale=s_rows))
-        _epilogue_backward(g, capped, epilogue)
+            saved.append(_SavedChunk(idx=idx, start=start, stop=stop, t=t, lse=rp.lse, scale=s_rows))
 
         g_lp = g.to(hidden.dtype)
         if d_hidden is not None:
@@ -305,15 +300,7 @@ def fused_lce(
     d_weight = d_weight_acc.to(weight.dtype) if d_weight_acc is not None else None
     if recompute:
         d_weight = _weight_grad_by_slabs(
-            hidden,
-            weight,
-            bias,
-            saved,
-            label_smoothing=label_smoothing,
-            z_loss=z_loss,
-            epilogue=epilogue,
-            budget=budget,
-            acc=acc,
+            hidden, weight, bias, saved, options=options, budget=budget, acc=acc, slab_pass=slab_pass
         )
     if bad is not None:
         loss_sum = torch.where(bad, torch.nan, loss_sum)
@@ -364,7 +351,7 @@ class _SavedChunk:
 
 
 def _row_weights(
-    lse: torch.Tensor,
+    rows: int,
     row_scale: torch.Tensor | None,
     grad_scale: torch.Tensor | None,
     idx: torch.Tensor | None,
@@ -372,9 +359,10 @@ def _row_weights(
     stop: int,
     mask: torch.Tensor | None,
     acc: torch.dtype,
+    device: torch.device,
 ) -> torch.Tensor:
     """Each row's ``s_i`` (its loss weight in the gradient; 0 where masked)."""
-    s = torch.ones_like(lse)
+    s = torch.ones(rows, dtype=acc, device=device)
     if row_scale is not None:
         s = s * (row_scale.index_select(0, idx) if idx is not None else row_scale[start:stop]).to(acc)
     elif grad_scale is not None:
@@ -384,17 +372,72 @@ def _row_weights(
     return s
 
 
+@dataclass
+class RowPass:
+    """What the elementwise work of one chunk gives: each row's loss and log-sum-exp (post-epilogue), its token
+    statistics when asked, and ``d(Σ s_i l_i) / d y`` written over the pre-epilogue logits ``y`` when asked."""
+
+    loss: torch.Tensor
+    lse: torch.Tensor
+    stats: torch.Tensor | None
+    grad: torch.Tensor | None
+
+
+RowPassFn = Callable[..., RowPass]
+SlabPassFn = Callable[..., torch.Tensor]
+
+
+def torch_row_pass(
+    y: torch.Tensor, t: torch.Tensor, s_rows: torch.Tensor, options: LossOptions, *, vocab: int, want_stats: bool,
+    grad: bool,
+) -> RowPass:  # fmt: skip
+    """The row pass in torch ops (about ten float32 passes over the chunk's logits)."""
+    label_smoothing, z_loss, epilogue = options.label_smoothing, options.z_loss, options.epilogue
+    z, capped = _epilogue_forward(y, epilogue, y.dtype)
+    lse = torch.logsumexp(z, dim=1)
+    z_t = z.gather(1, t.unsqueeze(1)).squeeze(1)
+    loss = (1.0 - label_smoothing) * (lse - z_t)
+    if label_smoothing:
+        loss = loss + label_smoothing * (lse - z.mean(dim=1))
+    if z_loss:
+        loss = loss + z_loss * lse * lse
+    stats = _token_stats(z, t, None) if want_stats else None
+    if not grad:
+        return RowPass(loss, lse, stats, None)
+    g = _softmax_part(z, lse, z_loss=z_loss, label_smoothing=label_smoothing, vocab=vocab)
+    g.scatter_add_(1, t.unsqueeze(1), torch.full_like(z_t, label_smoothing - 1.0).unsqueeze(1))
+    g *= s_rows.unsqueeze(1)
+    _epilogue_backward(g, capped, epilogue)
+    return RowPass(loss, lse, stats, g)
+
+
+def torch_slab_pass(
+    y: torch.Tensor, t: torch.Tensor, lse: torch.Tensor, s_rows: torch.Tensor, options: LossOptions, *, v0: int,
+    vocab: int,
+) -> torch.Tensor:  # fmt: skip
+    """``d(Σ s_i l_i) / d y`` on the columns ``[v0, v0 + y.shape[1])`` of rows whose log-sum-exp is known, over
+    ``y``'s storage."""
+    v1 = v0 + y.shape[1]
+    z, capped = _epilogue_forward(y, options.epilogue, y.dtype, slice(v0, v1))
+    g = _softmax_part(z, lse, z_loss=options.z_loss, label_smoothing=options.label_smoothing, vocab=vocab)
+    inside = (t >= v0) & (t < v1)
+    col = (t - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)
+    g.scatter_add_(1, col, torch.where(inside, options.label_smoothing - 1.0, 0.0).to(g.dtype).unsqueeze(1))
+    g *= s_rows.unsqueeze(1)
+    _epilogue_backward(g, capped, options.epilogue)
+    return g
+
+
 def _weight_grad_by_slabs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     saved: list[_SavedChunk],
     *,
-    label_smoothing: float,
-    epilogue: Epilogue,
-    z_loss: float,
+    options: LossOptions,
     budget: int,
     acc: torch.dtype,
+    slab_pass: SlabPassFn,
 ) -> torch.Tensor:
     """``LOGITLESS_WEIGHT_GRAD=recompute``: the weight gradient slab by slab of W's rows, recomputing each chunk's
     logits on the slab from its saved log-sum-exp, so no V×H float32 buffer is held (four matmuls' worth)."""
@@ -407,14 +450,8 @@ def _weight_grad_by_slabs(
         acc_w = torch.zeros(v1 - v0, h_dim, dtype=acc, device=weight.device)
         for c in saved:
             h = hidden.index_select(0, c.idx) if c.idx is not None else hidden[c.start : c.stop]
-            z = _logits(h, weight[v0:v1], bias[v0:v1] if bias is not None else None, acc)
-            z, capped = _epilogue_forward(z, epilogue, acc, slice(v0, v1))
-            g = _softmax_part(z, c.lse, z_loss=z_loss, label_smoothing=label_smoothing, vocab=v)
-            inside = (c.t >= v0) & (c.t < v1)
-            col = (c.t - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)
-            g.scatter_add_(1, col, torch.where(inside, label_smoothing - 1.0, 0.0).to(acc).unsqueeze(1))
-            g *= c.scale.unsqueeze(1)
-            _epilogue_backward(g, capped, epilogue)
+            y = _logits(h, weight[v0:v1], bias[v0:v1] if bias is not None else None, acc)
+            g = slab_pass(y, c.t, c.lse, c.scale, options, v0=v0, vocab=v)
             _add_mm(acc_w, g, g.to(hidden.dtype), h)
         out[v0:v1] = acc_w.to(weight.dtype)
     return out

@@ -1,0 +1,219 @@
+"""Triton kernels for the elementwise work of the fused op on GPUs (``impl="triton"``).
+
+The chunk loop, the GEMMs (torch, so cuBLAS) and both weight-gradient modes are ``torch_path.fused_lce``'s; this
+module replaces its row pass (about ten float32 passes of torch ops over each chunk's logits) by one program per
+row that reads the row twice and writes it once:
+
+1. online max / Σexp over vocabulary blocks with every epilogue step applied on the fly (logits bias, scale
+   multiply / divide, softcap, temperature), the target's logit, Σz (label smoothing) and the first argmax;
+   the loss (label smoothing, z-loss) and log-sum-exp of the row;
+2. (token statistics only) entropy and log Σp² against the known max;
+3. the logits gradient ``s·(p·(1 + 2·z_loss·lse) - ε/V - (1-ε)·[j = t])`` through the epilogue's derivative,
+   written over the logits in place.
+
+``slab_pass`` is step 3 alone on a vocabulary slab, from a row's saved log-sum-exp (the ``recompute`` mode).
+
+Kernels run on CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``, read by Triton
+when the kernels are decorated, i.e. when this module is first imported): the tests use that. ``tanh`` is
+``2·sigmoid(2x) - 1`` (the interpreter has no ``libdevice.tanh``); float64 inputs use the torch row pass.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import triton
+import triton.language as tl
+
+from logitless import torch_path
+from logitless._options import LossOptions
+
+__all__ = ["row_pass", "slab_pass"]
+
+_BLOCK = 1024
+
+
+@triton.jit
+def _tanh(x):
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _epilogue(y, cols, in_row, lb_ptr, k, cap, inv_t, HAS_LB: tl.constexpr, HAS_CAP: tl.constexpr):
+    """Post-epilogue logits of a block, and ``tanh`` (softcap) for the derivative."""
+    z = y
+    if HAS_LB:
+        z = z + tl.load(lb_ptr + cols, mask=in_row, other=0.0)
+    z = z * k
+    th = z * 0.0
+    if HAS_CAP:
+        th = _tanh(z / cap)
+        z = th * cap
+    z = z * inv_t
+    return z, th
+
+
+@triton.jit
+def _gradient(z, th, cols, t, lse, s, k, inv_t, eps, z_loss, V, HAS_CAP: tl.constexpr):
+    """``d(s·l)/dy`` of a block from its post-epilogue logits ``z``."""
+    p = tl.exp(z - lse)
+    g = s * (p * (1.0 + 2.0 * z_loss * lse) - eps / V)
+    g = g - tl.where(cols == t, s * (1.0 - eps), 0.0)
+    g = g * inv_t
+    if HAS_CAP:
+        g = g * (1.0 - th * th)
+    return g * k
+
+
+@triton.jit
+def _row_kernel(
+    y_ptr, stride, t_ptr, s_ptr, lb_ptr, loss_ptr, lse_ptr, stats_ptr,
+    V, k, cap, inv_t, eps, z_loss,
+    HAS_LB: tl.constexpr, HAS_CAP: tl.constexpr, GRAD: tl.constexpr, STATS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    base = y_ptr + row * stride
+    t = tl.load(t_ptr + row)
+    m = float("-inf")
+    sum_exp = 0.0
+    z_sum = 0.0
+    z_t = 0.0
+    top = 0
+    for v0 in range(0, V, BLOCK):
+        cols = v0 + tl.arange(0, BLOCK)
+        in_row = cols < V
+        y = tl.load(base + cols, mask=in_row, other=0.0)
+        z, th = _epilogue(y, cols, in_row, lb_ptr, k, cap, inv_t, HAS_LB, HAS_CAP)
+        z = tl.where(in_row, z, float("-inf"))
+        block_max = tl.max(z, axis=0)
+        # Ties go to the lowest index: a later block must be strictly greater.
+        top = tl.where(block_max > m, v0 + tl.argmax(z, axis=0), top)
+        m_new = tl.maximum(m, block_max)
+        sum_exp = sum_exp * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m = m_new
+        z_sum += tl.sum(tl.where(in_row, z, 0.0), axis=0)
+        z_t += tl.sum(tl.where(cols == t, z, 0.0), axis=0)
+    lse = m + tl.log(sum_exp)
+    loss = (1.0 - eps) * (lse - z_t) + eps * (lse - z_sum / V) + z_loss * lse * lse
+    tl.store(loss_ptr + row, loss)
+    tl.store(lse_ptr + row, lse)
+    if STATS:
+        weighted = 0.0
+        sum_sq = 0.0
+        for v0 in range(0, V, BLOCK):
+            cols = v0 + tl.arange(0, BLOCK)
+            in_row = cols < V
+            y = tl.load(base + cols, mask=in_row, other=0.0)
+            z, th = _epilogue(y, cols, in_row, lb_ptr, k, cap, inv_t, HAS_LB, HAS_CAP)
+            d = tl.where(in_row, z - m, 0.0)
+            e = tl.where(in_row, tl.exp(d), 0.0)
+            weighted += tl.sum(e * d, axis=0)
+            sum_sq += tl.sum(e * e, axis=0)
+        log_sum = tl.log(sum_exp)
+        tl.store(stats_ptr + row * 4, log_sum - weighted / sum_exp)
+        tl.store(stats_ptr + row * 4 + 1, z_sum / V)
+        tl.store(stats_ptr + row * 4 + 2, tl.log(sum_sq) - 2.0 * log_sum)
+        tl.store(stats_ptr + row * 4 + 3, tl.where(top == t, 1.0, 0.0))
+    if GRAD:
+        s = tl.load(s_ptr + row)
+        for v0 in range(0, V, BLOCK):
+            cols = v0 + tl.arange(0, BLOCK)
+            in_row = cols < V
+            y = tl.load(base + cols, mask=in_row, other=0.0)
+            z, th = _epilogue(y, cols, in_row, lb_ptr, k, cap, inv_t, HAS_LB, HAS_CAP)
+            g = _gradient(z, th, cols, t, lse, s, k, inv_t, eps, z_loss, V, HAS_CAP)
+            tl.store(base + cols, g, mask=in_row)
+
+
+@triton.jit
+def _slab_kernel(
+    y_ptr, stride, t_ptr, s_ptr, lse_ptr, lb_ptr,
+    W, v_start, V, k, cap, inv_t, eps, z_loss,
+    HAS_LB: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    base = y_ptr + row * stride
+    t = tl.load(t_ptr + row)
+    lse = tl.load(lse_ptr + row)
+    s = tl.load(s_ptr + row)
+    for w0 in range(0, W, BLOCK):
+        local = w0 + tl.arange(0, BLOCK)
+        in_row = local < W
+        cols = v_start + local
+        y = tl.load(base + local, mask=in_row, other=0.0)
+        z, th = _epilogue(y, cols, in_row, lb_ptr, k, cap, inv_t, HAS_LB, HAS_CAP)
+        g = _gradient(z, th, cols, t, lse, s, k, inv_t, eps, z_loss, V, HAS_CAP)
+        tl.store(base + local, g, mask=in_row)
+
+
+def _constants(options: LossOptions) -> tuple[float, float, float, bool, bool]:
+    e = options.epilogue
+    k = (e.multiply or 1.0) / (e.divide or 1.0)
+    return k, e.softcap or 1.0, 1.0 / (e.temperature or 1.0), e.logits_bias is not None, e.softcap is not None
+
+
+_broken: list[BaseException] = []
+
+
+def _fallback(error: BaseException) -> None:
+    """A kernel that does not compile on this GPU / Triton: the torch row pass from then on, said once."""
+    if not _broken:
+        warnings.warn(
+            f"logitless: the Triton row kernel failed ({type(error).__name__}: {error}); using the torch path",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    _broken.append(error)
+
+
+def row_pass(
+    y: torch.Tensor, t: torch.Tensor, s_rows: torch.Tensor, options: LossOptions, *, vocab: int, want_stats: bool,
+    grad: bool,
+) -> torch_path.RowPass:  # fmt: skip
+    """``torch_path.torch_row_pass`` as one Triton program per row (float32 logits ``y``, contiguous rows)."""
+    if y.dtype != torch.float32 or _broken or y.shape[0] == 0:
+        return torch_path.torch_row_pass(y, t, s_rows, options, vocab=vocab, want_stats=want_stats, grad=grad)
+    rows, v = y.shape
+    y = y.contiguous()
+    k, cap, inv_t, has_lb, has_cap = _constants(options)
+    loss = torch.empty(rows, dtype=torch.float32, device=y.device)
+    lse = torch.empty_like(loss)
+    stats = torch.empty(rows, torch_path.TOKEN_STATS, dtype=torch.float32, device=y.device) if want_stats else loss
+    lb = options.epilogue.logits_bias if has_lb else y
+    scale = s_rows.to(torch.float32).contiguous()
+    try:
+        _row_kernel[(rows,)](
+            y, y.stride(0), t.contiguous(), scale, lb, loss, lse, stats,
+            v, k, cap, inv_t, options.label_smoothing, options.z_loss,
+            HAS_LB=has_lb, HAS_CAP=has_cap, GRAD=grad, STATS=want_stats, BLOCK=_BLOCK,
+        )  # fmt: skip
+    except Exception as error:  # noqa: BLE001 - a compile / launch failure of this kernel, not of the maths
+        _fallback(error)
+        return torch_path.torch_row_pass(y, t, s_rows, options, vocab=vocab, want_stats=want_stats, grad=grad)
+    return torch_path.RowPass(
+        loss=loss, lse=lse, stats=stats.to(torch.float64) if want_stats else None, grad=y if grad else None
+    )
+
+
+def slab_pass(
+    y: torch.Tensor, t: torch.Tensor, lse: torch.Tensor, s_rows: torch.Tensor, options: LossOptions, *, v0: int,
+    vocab: int,
+) -> torch.Tensor:  # fmt: skip
+    """``torch_path.torch_slab_pass`` as one Triton program per row."""
+    if y.dtype != torch.float32 or _broken or y.shape[0] == 0:
+        return torch_path.torch_slab_pass(y, t, lse, s_rows, options, v0=v0, vocab=vocab)
+    rows, width = y.shape
+    y = y.contiguous()
+    k, cap, inv_t, has_lb, has_cap = _constants(options)
+    lb = options.epilogue.logits_bias if has_lb else y
+    try:
+        _slab_kernel[(rows,)](
+            y, y.stride(0), t.contiguous(), s_rows.to(torch.float32).contiguous(), lse.to(torch.float32).contiguous(),
+            lb, width, v0, vocab, k, cap, inv_t, options.label_smoothing, options.z_loss,
+            HAS_LB=has_lb, HAS_CAP=has_cap, BLOCK=_BLOCK,
+        )  # fmt: skip
+    except Exception as error:  # noqa: BLE001
+        _fallback(error)
+        return torch_path.torch_slab_pass(y, t, lse, s_rows, options, v0=v0, vocab=vocab)
+    return y

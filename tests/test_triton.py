@@ -1,0 +1,213 @@
+"""``impl="triton"`` through Triton's interpreter on CPU tensors (no GPU needed), against float64 references.
+
+TRITON_INTERPRET is read when ``@triton.jit`` decorates, so it is set before anything imports
+``logitless.triton_path`` (which ops.py imports only when ``impl="triton"`` runs). Shapes stay small: the
+interpreter runs a kernel's blocks in numpy (about 1 s for a 64 x 32000 row pass).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from ops_reference import TOLERANCES, assert_close, reference  # noqa: E402
+
+import logitless  # noqa: E402
+from logitless import torch_path  # noqa: E402
+
+pytest.importorskip("triton")
+
+N, H, V = 24, 16, 1300  # V spans two kernel blocks of 1024 and is not a multiple of one
+
+EPILOGUES = {
+    "plain": {},
+    "bias-in-linear": {"bias": True},
+    "logits-bias": {"logits_bias": True},
+    "multiply": {"logit_scale_multiply": 2.5},
+    "divide": {"logit_scale_divide": 0.4},
+    "softcap": {"logit_softcapping": 2.0},
+    "smoothing": {"label_smoothing": 0.2},
+    "z-loss": {"z_loss": 1e-2},
+    "all": {"bias": True, "logits_bias": True, "logit_scale_multiply": 1.5, "logit_scale_divide": 0.8,
+            "logit_softcapping": 3.0, "label_smoothing": 0.1, "z_loss": 1e-3},
+}  # fmt: skip
+
+
+def _problem(n: int = N, v: int = V, dtype: torch.dtype = torch.float32, seed: int = 0, **spec: object) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, H, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(v, H, generator=g) * 0.5).to(dtype).requires_grad_()
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[1] = v - 1  # the last column
+    labels[2:5] = -100
+    kw: dict = {k: val for k, val in spec.items() if k not in ("bias", "logits_bias")}
+    if spec.get("bias"):
+        kw["bias"] = torch.randn(v, generator=g).to(dtype).requires_grad_()
+    if spec.get("logits_bias"):
+        kw["logits_bias"] = torch.randn(v, generator=g)
+    return {"hidden": hidden, "weight": weight, "labels": labels, **kw}
+
+
+def _check(p: dict, *, reduction: str = "mean", **call: object) -> None:
+    loss = logitless.linear_cross_entropy(
+        p["hidden"], p["weight"], p["labels"], shift=False, impl="triton", reduction=reduction,
+        **{k: v for k, v in p.items() if k not in ("hidden", "weight", "labels")}, **call,
+    )  # fmt: skip
+    go = torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape) if reduction == "none" else torch.tensor(1.0)
+    (loss * go).sum().backward()
+    ref = reference(
+        p["hidden"], p["weight"], p["labels"], shift=False, reduction=reduction, grad_output=go,
+        **{k: v for k, v in p.items() if k not in ("hidden", "weight", "labels")}, **call,
+    )  # fmt: skip
+    tol_loss, tol_grad = TOLERANCES[p["hidden"].dtype]
+    assert_close(loss, ref.loss, tol_loss, "loss")
+    assert_close(p["hidden"].grad, ref.d_hidden, tol_grad, "d_hidden")
+    assert_close(p["weight"].grad, ref.d_weight, tol_grad, "d_weight")
+    if p.get("bias") is not None:
+        assert_close(p["bias"].grad, ref.d_bias, tol_grad, "d_bias")
+
+
+@pytest.mark.parametrize("name", list(EPILOGUES))
+def test_every_epilogue_alone_and_together(name: str) -> None:
+    _check(_problem(**EPILOGUES[name]))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_reductions(reduction: str) -> None:
+    _check(_problem(**EPILOGUES["all"]), reduction=reduction)
+
+
+def test_num_items_in_batch() -> None:
+    _check(_problem(logit_softcapping=2.0), num_items_in_batch=37)
+
+
+@pytest.mark.parametrize("chunk_mb", [0.05, 64])
+def test_one_chunk_and_many_with_boundaries(chunk_mb: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """0.05 MiB: 4 rows of V=1300 float32 temporaries per chunk, so 24 rows (19 scored) split 5 ways."""
+    monkeypatch.setenv("LOGITLESS_CHUNK_MB", str(chunk_mb))
+    _check(_problem(**EPILOGUES["all"]))
+
+
+def test_fully_ignored_rows_and_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOGITLESS_CHUNK_MB", "0.05")
+    p = _problem()
+    p["labels"][:12] = -100  # whole chunks without a target
+    _check(p)
+    q = _problem()
+    q["labels"][:] = -100
+    loss = logitless.linear_cross_entropy(q["hidden"], q["weight"], q["labels"], shift=False, impl="triton")
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and not q["hidden"].grad.any() and not q["weight"].grad.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs(dtype: torch.dtype) -> None:
+    _check(_problem(dtype=dtype, **EPILOGUES["all"]))
+
+
+def test_accumulate_and_recompute_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 weight gradient: a float32 V x H accumulator, or slab by slab from each row's saved log-sum-exp (the
+    slab kernel); both against the reference, and with each other to within one bf16 rounding."""
+    monkeypatch.setenv("LOGITLESS_CHUNK_MB", "0.05")  # several chunks and several slabs
+    grads = {}
+    for mode in ("accumulate", "recompute"):
+        monkeypatch.setenv("LOGITLESS_WEIGHT_GRAD", mode)
+        p = _problem(dtype=torch.bfloat16, **EPILOGUES["all"])
+        _check(p)
+        grads[mode] = p["weight"].grad.double()
+    scale = float(grads["accumulate"].abs().max())
+    assert float((grads["accumulate"] - grads["recompute"]).abs().max()) <= scale * 2**-7
+
+
+def test_per_token_outputs_at_a_temperature() -> None:
+    """log-probs (differentiable), entropy, mean logit, log Σp² and top-1 against float64 log_softmax."""
+    p = _problem(v=700, logit_softcapping=3.0)
+    temperature = 0.7
+    loss, stats = logitless.linear_cross_entropy(
+        p["hidden"], p["weight"], p["labels"], shift=False, impl="triton", reduction="none", temperature=temperature,
+        logit_softcapping=3.0, return_token_stats=True,
+    )  # fmt: skip
+    h, w = p["hidden"].detach().double().requires_grad_(), p["weight"].detach().double().requires_grad_()
+    z = 3.0 * torch.tanh((h @ w.T) / 3.0) / temperature
+    logp = torch.log_softmax(z, dim=-1)
+    keep = p["labels"] != -100
+    t = torch.where(keep, p["labels"], 0)
+    nll = torch.where(keep, -logp.gather(1, t[:, None])[:, 0], 0.0)
+    prob = logp.exp()
+    entropy = torch.where(keep, -(prob * logp).sum(-1), 0.0)
+    mean = torch.where(keep, z.mean(-1), 0.0)
+    log_sum_sq = torch.where(keep, torch.logsumexp(2 * logp, -1), 0.0)
+    top1 = keep & (z.argmax(-1) == t)
+    assert_close(loss, nll, 2e-5, "nll")
+    assert_close(stats.entropy, entropy.detach(), 2e-5, "entropy")
+    assert_close(stats.mean_logits, mean.detach(), 2e-5, "mean logit")
+    assert_close(stats.log_sum_sq_probs, log_sum_sq.detach(), 2e-5, "log Σp²")
+    assert torch.equal(stats.is_top1, top1)
+    u = torch.linspace(0.5, 1.5, N)
+    (loss * u).sum().backward()
+    (nll * u).sum().backward()
+    assert_close(p["hidden"].grad, h.grad, 2e-5, "d_hidden")
+    assert_close(p["weight"].grad, w.grad, 2e-5, "d_weight")
+
+
+def test_top1_ties_go_to_the_lowest_index_across_blocks() -> None:
+    """Two equal maxima, one in each kernel block: the first wins, as ``argmax``."""
+    hidden = torch.ones(2, 1)
+    weight = torch.zeros(1300, 1)
+    weight[5, 0] = weight[1200, 0] = 1.0
+    labels = torch.tensor([5, 1200])
+    _, stats = logitless.linear_cross_entropy(hidden, weight, labels, shift=False, impl="triton", reduction="none",
+                                              return_token_stats=True)  # fmt: skip
+    assert stats.is_top1.tolist() == [True, False]
+
+
+def test_matches_the_torch_path_bitwise_close_and_repeatable() -> None:
+    """Two runs give identical results (no atomics); the torch path agrees to float32 rounding."""
+    runs = []
+    for impl in ("triton", "triton", "torch"):
+        p = _problem(**EPILOGUES["all"])
+        loss = logitless.linear_cross_entropy(p["hidden"], p["weight"], p["labels"], shift=False, impl=impl,
+                                              **{k: v for k, v in p.items() if k not in ("hidden", "weight", "labels")})  # fmt: skip
+        loss.backward()
+        runs.append((loss.detach(), p["hidden"].grad, p["weight"].grad))
+    for a, b in zip(runs[0], runs[1]):
+        assert torch.equal(a, b)
+    for a, b in zip(runs[0], runs[2]):
+        assert_close(a, b, 1e-5, "triton vs torch")
+
+
+def test_bad_inputs_rejected_as_on_the_other_paths() -> None:
+    p = _problem()
+    with pytest.raises(ValueError, match=r"labels: target 1300 .* outside \[0, 1300\)"):
+        bad = p["labels"].clone()
+        bad[0] = V
+        logitless.linear_cross_entropy(p["hidden"], p["weight"], bad, shift=False, impl="triton")
+    with pytest.raises(TypeError, match="weight: expected dtype"):
+        logitless.linear_cross_entropy(p["hidden"], p["weight"].double(), p["labels"], shift=False, impl="triton")
+    with pytest.raises(ValueError, match="logit_softcapping"):
+        logitless.linear_cross_entropy(p["hidden"], p["weight"], p["labels"], impl="triton", logit_softcapping=float("inf"))
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET")
+    p = _problem()
+    with pytest.raises(ValueError, match='impl="triton": expected CUDA tensors, got device cpu'):
+        logitless.linear_cross_entropy(p["hidden"], p["weight"], p["labels"], impl="triton")
+
+
+def test_the_row_pass_is_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The interpreter really ran the Triton kernels: with the torch row and slab passes made to fail, impl="triton"
+    still computes (no silent fallback)."""
+    from logitless import triton_path
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the torch row pass ran under impl='triton'")
+
+    monkeypatch.setattr(torch_path, "torch_row_pass", forbidden)
+    monkeypatch.setattr(torch_path, "torch_slab_pass", forbidden)
+    monkeypatch.setenv("LOGITLESS_WEIGHT_GRAD", "recompute")
+    _check(_problem(dtype=torch.bfloat16, **EPILOGUES["all"]))
+    assert not triton_path._broken
