@@ -221,8 +221,10 @@ def tensor_parallel_head(module: nn.Module) -> VocabShard | str | None:
     if not (_torch_colwise_hooks(module) or (not module._forward_pre_hooks and not module._forward_hooks
                                              and _transformers_colwise_forward(module))):  # fmt: skip
         return None
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
+    try:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    except ImportError:  # a private helper: without it the shard's offset is unknown, so the stock path runs
+        return None
     mesh = weight.device_mesh
     _, offset = compute_local_shape_and_global_offset(weight.shape, mesh, weight.placements)
     return VocabShard(group=mesh.get_group(), start=int(offset[0]), total=int(weight.shape[0]))
