@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from logitless import torch_path
+from logitless import _options, torch_path
 from logitless._options import LossOptions
 
 __all__ = ["row_pass", "slab_pass"]
@@ -157,7 +157,10 @@ _broken: list[BaseException] = []
 
 
 def _fallback(error: BaseException) -> None:
-    """A kernel that does not compile on this GPU / Triton: the torch row pass from then on, said once."""
+    """A kernel that does not compile on this GPU / Triton: the torch row pass from then on, said once. Under the
+    interpreter (tests) a failure is an error: a test must never pass on the fallback."""
+    if _options.triton_interpreted():
+        raise error
     if not _broken:
         warnings.warn(
             f"logitless: the Triton row kernel failed ({type(error).__name__}: {error}); using the torch path",
