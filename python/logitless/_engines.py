@@ -21,7 +21,6 @@ Anything else on a head (another hook, another placement, a 2-D mesh) is not rec
 from __future__ import annotations
 
 import functools
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +61,18 @@ def base_class(module: nn.Module) -> type:
         if len(bases) == 2 and bases[0] is fsdp and cls.__dict__.keys() <= _FSDP_CLASS_ATTRS:
             return bases[1]
     return cls
+
+
+def _closure_var(fn: Any, name: str) -> Any:
+    """The value ``fn`` closes over as ``name`` (None if it does not): read straight from its cells, since this
+    runs on every labelled forward (``inspect.getclosurevars`` also resolves every global the code names)."""
+    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
+    if code is None or cells is None or name not in code.co_freevars:
+        return None
+    try:
+        return cells[code.co_freevars.index(name)].cell_contents
+    except ValueError:  # an empty cell
+        return None
 
 
 def _owner(hook: Any) -> Any:
@@ -116,7 +127,7 @@ def _zero3_hook_name(hook: Any) -> str | None:
         # functools.wraps wrappers expose __wrapped__; DeepSpeed's nvtx wrapper keeps the function as ``func``.
         inner = getattr(hook, "__wrapped__", None)
         if inner is None and getattr(hook, "__module__", None) == "deepspeed.utils.nvtx":
-            inner = inspect.getclosurevars(hook).nonlocals.get("func")
+            inner = _closure_var(hook, "func")
         if inner is None:
             return None
         hook = inner
@@ -167,7 +178,7 @@ def _torch_colwise_hooks(module: nn.Module) -> bool:
     for hook, name in ((pre[0], "input_fn"), (post[0], "output_fn")):
         if getattr(hook, "__module__", None) != "torch.distributed.tensor._api":
             return False
-        fn = inspect.getclosurevars(hook).nonlocals.get(name)
+        fn = _closure_var(hook, name)
         if not isinstance(fn, functools.partial):
             return False
         fns.append(fn)
@@ -187,8 +198,7 @@ def _transformers_colwise_forward(module: nn.Module) -> bool:
         "transformers."
     ):
         return False
-    names = inspect.getclosurevars(forward).nonlocals
-    style, original = names.get("self"), names.get("original_forward")
+    style, original = _closure_var(forward, "self"), _closure_var(forward, "original_forward")
     if type(style).__name__ != "ColwiseParallel" or not type(style).__module__.startswith("transformers."):
         return False
     if not _replicate(getattr(style, "input_layouts", None)):

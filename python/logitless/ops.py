@@ -100,38 +100,11 @@ def linear_cross_entropy(
     pass and without gradient: entropy, mean logit, log Σp², and whether the target is the argmax (ties go to the
     lowest index), each shaped like the per-position loss, 0 / False where the target is ignored.
     """
-    for what, value in (("hidden", hidden), ("weight", weight)):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{what}: expected a torch.Tensor, got {type(value).__name__}")
-    if hidden.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"hidden: expected float32, bfloat16, float16 or float64, got {hidden.dtype}")
-    if hidden.dim() not in (2, 3):
-        raise ValueError(f"hidden: expected [B, T, H] or [N, H], got shape {tuple(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(
-            f"weight: expected [V, {hidden.shape[-1]}] (hidden size {hidden.shape[-1]}), got {tuple(weight.shape)}"
-        )
-    if _autocast_on(hidden.device.type) and hidden.dtype != torch.float64:
-        # Under autocast, stock's lm_head (F.linear) runs in the autocast dtype whatever the parameters' dtype;
-        # do the same so mixed-precision training (fp32 master weights) behaves as stock.
-        amp = torch.get_autocast_dtype(hidden.device.type)
-        hidden, weight = hidden.to(amp), weight.to(amp)
-        bias = bias.to(amp) if bias is not None else None
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight: expected dtype {hidden.dtype} (the dtype of hidden), got {weight.dtype}")
+    hidden, weight, bias = _checked_tensors(hidden, weight, bias, rows="V")
     vocab = weight.shape[0]
     if vocab == 0:
         raise ValueError("weight: expected at least one row (the vocabulary is empty)")
     device = hidden.device
-    if weight.device != device:
-        raise ValueError(f"weight: expected device {device} (the device of hidden), got {weight.device}")
-    if bias is not None:
-        if bias.shape != (vocab,):
-            raise ValueError(f"bias: expected shape ({vocab},), got {tuple(bias.shape)}")
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias: expected dtype {hidden.dtype} (the dtype of hidden), got {bias.dtype}")
-        if bias.device != device:
-            raise ValueError(f"bias: expected device {device} (the device of hidden), got {bias.device}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
     if num_items_in_batch is not None and reduction != "mean":
@@ -188,6 +161,43 @@ def linear_cross_entropy(
         is_top1=stats[..., 3] != 0,
     )
     return loss, token_stats
+
+
+def _checked_tensors(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, rows: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Types, shapes, dtypes and devices of the op's tensors (``rows`` names the weight's first dimension in the
+    messages), cast to the autocast dtype when autocast is on, as stock's ``F.linear`` would be."""
+    for what, value in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{what}: expected a torch.Tensor, got {type(value).__name__}")
+    if hidden.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"hidden: expected float32, bfloat16, float16 or float64, got {hidden.dtype}")
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden: expected [B, T, H] or [N, H], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight: expected [{rows}, {hidden.shape[-1]}] (hidden size {hidden.shape[-1]}), got {tuple(weight.shape)}"
+        )
+    if _autocast_on(hidden.device.type) and hidden.dtype != torch.float64:
+        # Under autocast, stock's lm_head (F.linear) runs in the autocast dtype whatever the parameters' dtype;
+        # do the same so mixed-precision training (fp32 master weights) behaves as stock.
+        amp = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(amp), weight.to(amp)
+        bias = bias.to(amp) if bias is not None else None
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight: expected dtype {hidden.dtype} (the dtype of hidden), got {weight.dtype}")
+    device = hidden.device
+    if weight.device != device:
+        raise ValueError(f"weight: expected device {device} (the device of hidden), got {weight.device}")
+    if bias is not None:
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias: expected dtype {hidden.dtype} (the dtype of hidden), got {bias.dtype}")
+        if bias.device != device:
+            raise ValueError(f"bias: expected device {device} (the device of hidden), got {bias.device}")
+    return hidden, weight, bias
 
 
 def _targets(

@@ -322,7 +322,7 @@ def fused_lce(
 TOKEN_STATS = 4
 
 
-def _token_stats(z: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def _token_stats(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Entropy, mean logit, log Σp² and "target is the argmax" (ties: lowest index, as ``argmax``) of each row of
     post-epilogue logits ``z``, as float64 ``[rows, 4]``. Entropy is ``lse - Σ p·z`` taken relative to the row max
     (no digits lost to the cancellation on peaked rows)."""
@@ -334,7 +334,7 @@ def _token_stats(z: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None) ->
     log_sum_sq = torch.logsumexp(2.0 * shifted, dim=1) - 2.0 * total.log()
     top1 = z.argmax(dim=1) == t
     out = torch.stack([entropy, z.mean(dim=1), log_sum_sq, top1.to(z.dtype)], dim=1).to(torch.float64)
-    return out if mask is None else out * mask.unsqueeze(1)
+    return out
 
 
 @dataclass(frozen=True)
@@ -401,7 +401,7 @@ def torch_row_pass(
         loss = loss + label_smoothing * (lse - z.mean(dim=1))
     if z_loss:
         loss = loss + z_loss * lse * lse
-    stats = _token_stats(z, t, None) if want_stats else None
+    stats = _token_stats(z, t) if want_stats else None
     if not grad:
         return RowPass(loss, lse, stats, None)
     g = _softmax_part(z, lse, z_loss=z_loss, label_smoothing=label_smoothing, vocab=vocab)

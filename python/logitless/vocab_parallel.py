@@ -61,28 +61,12 @@ def vocab_parallel_linear_cross_entropy(
     Returns the same loss on every rank. Gradients: ``weight`` / ``bias`` receive their shard's gradient, ``hidden``
     the full gradient (summed over the group), as a replicated input of a colwise-parallel ``nn.Linear`` does.
     """
-    for what, value in (("hidden", hidden), ("weight", weight)):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{what}: expected a torch.Tensor, got {type(value).__name__}")
-    if hidden.dim() not in (2, 3):
-        raise ValueError(f"hidden: expected [B, T, H] or [N, H], got shape {tuple(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight: expected [V_local, {hidden.shape[-1]}], got {tuple(weight.shape)}")
+    hidden, weight, bias = ops._checked_tensors(hidden, weight, bias, rows="V_local")
     local = weight.shape[0]
     if not (0 <= vocab_start and vocab_start + local <= vocab_size):
         raise ValueError(
             f"vocab_start: expected the shard [{vocab_start}, {vocab_start + local}) inside [0, {vocab_size})"
         )
-    if ops._autocast_on(hidden.device.type) and hidden.dtype != torch.float64:
-        amp = torch.get_autocast_dtype(hidden.device.type)
-        hidden, weight = hidden.to(amp), weight.to(amp)
-        bias = bias.to(amp) if bias is not None else None
-    if weight.dtype != hidden.dtype or weight.device != hidden.device:
-        raise TypeError(
-            f"weight: expected {hidden.dtype} on {hidden.device} (as hidden), got {weight.dtype} on {weight.device}"
-        )
-    if bias is not None and (bias.shape != (local,) or bias.dtype != hidden.dtype):
-        raise ValueError(f"bias: expected shape ({local},) and dtype {hidden.dtype}, got {tuple(bias.shape)}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction: expected one of {_REDUCTIONS} (vocab parallel), got {reduction!r}")
     if num_items_in_batch is not None and reduction != "mean":
