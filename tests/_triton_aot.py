@@ -1,0 +1,104 @@
+"""Compiles logitless's Triton kernels ahead of time for real NVIDIA targets, on a machine with no GPU.
+
+Run by tests/test_triton_compile.py in a child process without TRITON_INTERPRET (the test process has the
+interpreter on, and Triton fixes that choice when it decorates). ``triton.compile`` with an explicit ``GPUTarget``
+goes through Triton's whole pipeline (TTIR, TTGIR, LLVM IR, PTX) and the bundled ``ptxas`` to a cubin, so a kernel
+that the interpreter runs but the compiler rejects fails here, not in a lent-device window. ``ptxas -v`` on the same
+PTX reports registers and spills; the PTX itself shows whether the loads of the logits are vectorised. Prints one JSON object: one row per (target, kernel, specialisation).
+
+Usage: python tests/_triton_aot.py CAPABILITY [CAPABILITY ...]   e.g. 80 90
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile as triton_compile
+from triton.backends.nvidia.compiler import get_ptxas
+
+from logitless import triton_path
+
+_ROW_ARGS = {
+    "y_ptr": "*fp32", "stride": "i64", "t_ptr": "*i64", "s_ptr": "*fp32", "lb_ptr": "*fp32", "loss_ptr": "*fp32",
+    "lse_ptr": "*fp32", "stats_ptr": "*fp32", "V": "i32", "k": "fp32", "cap": "fp32", "inv_t": "fp32",
+    "eps": "fp32", "z_loss": "fp32",
+}  # fmt: skip
+_SLAB_ARGS = {
+    "y_ptr": "*fp32", "stride": "i64", "t_ptr": "*i64", "s_ptr": "*fp32", "lse_ptr": "*fp32", "lb_ptr": "*fp32",
+    "W": "i32", "v_start": "i32", "V": "i32", "k": "fp32", "cap": "fp32", "inv_t": "fp32", "eps": "fp32",
+    "z_loss": "fp32",
+}  # fmt: skip
+
+
+def _source(fn: object, args: dict[str, str], flags: dict[str, object], aligned: bool) -> ASTSource:
+    names = list(args) + list(flags)
+    signature = {**args, **{name: "constexpr" for name in flags}}
+    constexprs = {(names.index(name),): value for name, value in flags.items()}
+    # A launch on 16-byte aligned pointers and 16-divisible ints (strides, widths) specialises on that (wider
+    # loads): both variants.
+    attrs = (
+        {(names.index(n),): [["tt.divisibility", 16]] for n, kind in args.items() if kind[0] in "*i"}
+        if aligned
+        else {}
+    )
+    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+
+
+def _cases() -> list[tuple[str, object, dict[str, str], dict[str, object]]]:
+    cases = []
+    for lb, cap, grad, stats in itertools.product((False, True), repeat=4):
+        flags = {"HAS_LB": lb, "HAS_CAP": cap, "GRAD": grad, "STATS": stats, "BLOCK": triton_path._BLOCK}
+        cases.append(("row", triton_path._row_kernel, _ROW_ARGS, flags))
+    for lb, cap in itertools.product((False, True), repeat=2):
+        flags = {"HAS_LB": lb, "HAS_CAP": cap, "BLOCK": triton_path._BLOCK}
+        cases.append(("slab", triton_path._slab_kernel, _SLAB_ARGS, flags))
+    return cases
+
+
+def _ptxas_report(ptx: str, capability: int) -> dict[str, int]:
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        out = subprocess.run(
+            [get_ptxas(capability).path, f"-arch=sm_{capability}a" if capability >= 90 else f"-arch=sm_{capability}",
+             "-v", f.name, "-o", os.devnull],
+            capture_output=True, text=True, check=True,
+        ).stderr  # fmt: skip
+    finally:
+        os.unlink(f.name)
+    registers = re.search(r"Used (\d+) registers", out)
+    spills = re.findall(r"(\d+) bytes spill (?:stores|loads)", out)
+    return {"registers": int(registers.group(1)) if registers else -1, "spill_bytes": sum(map(int, spills))}
+
+
+def main(capabilities: list[int]) -> None:
+    rows = []
+    for capability in capabilities:
+        target = GPUTarget("cuda", capability, 32)
+        for (name, fn, args, flags), aligned in itertools.product(_cases(), (False, True)):
+            row = {"capability": capability, "kernel": name, "aligned": aligned,
+                   **{k: v for k, v in flags.items() if k != "BLOCK"}}  # fmt: skip
+            try:
+                compiled = triton_compile(
+                    _source(fn, args, flags, aligned), target=target, options=triton_path._COMPILE
+                )
+                ptx = compiled.asm["ptx"]
+                row.update(
+                    ok=True, cubin_bytes=len(compiled.asm["cubin"]), **_ptxas_report(ptx, capability),
+                    vector_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.v[24]\.", ptx)),
+                )  # fmt: skip
+            except Exception as error:  # noqa: BLE001 - reported, the test fails on it
+                row.update(ok=False, error=f"{type(error).__name__}: {error}"[:2000])
+            rows.append(row)
+    json.dump({"rows": rows}, sys.stdout)
+
+
+if __name__ == "__main__":
+    main([int(c) for c in sys.argv[1:]])
