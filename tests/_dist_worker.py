@@ -183,12 +183,81 @@ def run(setup: str, rank: int) -> dict[str, Any]:
     return row
 
 
+# The vocabulary-parallel op itself (``vocab-parallel-op``): the whole head is made on both ranks from one seed and
+# each rank keeps rows [VP_SPLIT[r], VP_SPLIT[r + 1]) -- uneven, and the boundary is a target.
+VP_ROWS, VP_HIDDEN, VP_VOCAB = 24, 16, 1301
+VP_SPLIT = (0, 651, VP_VOCAB)
+VP_ALL = {"bias": True, "logits_bias": True, "logit_scale_multiply": 1.5, "logit_scale_divide": 0.8,
+          "logit_softcapping": 3.0, "label_smoothing": 0.1, "z_loss": 1e-3}  # fmt: skip
+# name -> (problem options, call options, LOGITLESS_CHUNK_MB or None). 0.02 MiB: about 2 rows per chunk.
+VP_CASES: dict[str, tuple[dict[str, Any], dict[str, Any], float | None]] = {
+    "plain": ({}, {}, None),
+    "every-epilogue": (VP_ALL, {}, None),
+    "every-epilogue-many-chunks": (VP_ALL, {}, 0.02),
+    "sum": (VP_ALL, {"reduction": "sum"}, 0.02),
+    "num-items": ({"logit_softcapping": 2.0}, {"num_items_in_batch": 37}, 0.02),
+    "ignored-chunks": ({"ignore_first": 12}, {}, 0.02),
+    "all-ignored": ({"ignore_first": VP_ROWS}, {}, 0.02),
+    "shifted-batch": ({"batch": True}, {"shift": True}, 0.02),
+    "bf16": ({**VP_ALL, "dtype": torch.bfloat16}, {}, 0.02),
+}
+
+
+def vp_problem(spec: dict[str, Any]) -> dict[str, Any]:
+    """The whole problem of a case, identical on every rank (and in the test's float64 reference)."""
+    g = torch.Generator().manual_seed(7)
+    dtype = spec.get("dtype", torch.float32)
+    hidden = torch.randn(VP_ROWS, VP_HIDDEN, generator=g).to(dtype)
+    weight = (torch.randn(VP_VOCAB, VP_HIDDEN, generator=g) * 0.5).to(dtype)
+    labels = torch.randint(0, VP_VOCAB, (VP_ROWS,), generator=g)
+    labels[1], labels[2], labels[3] = VP_VOCAB - 1, VP_SPLIT[1] - 1, VP_SPLIT[1]  # last column, either side of the cut
+    labels[5:7] = -100
+    labels[: spec.get("ignore_first", 0)] = -100
+    out: dict[str, Any] = {"hidden": hidden, "weight": weight, "labels": labels}
+    if spec.get("bias"):
+        out["bias"] = torch.randn(VP_VOCAB, generator=g).to(dtype)
+    if spec.get("logits_bias"):
+        out["logits_bias"] = torch.randn(VP_VOCAB, generator=g)
+    if spec.get("batch"):
+        out["hidden"], out["labels"] = hidden.reshape(2, VP_ROWS // 2, VP_HIDDEN), labels.reshape(2, VP_ROWS // 2)
+    options = ("label_smoothing", "z_loss", "logit_scale_multiply", "logit_scale_divide", "logit_softcapping")
+    out.update({k: v for k, v in spec.items() if k in options})
+    return out
+
+
+def run_vocab_parallel_op(rank: int) -> dict[str, Any]:
+    """Loss and gradients of every VP_CASES case on this rank's shard."""
+    from logitless.vocab_parallel import vocab_parallel_linear_cross_entropy
+
+    start, stop = VP_SPLIT[rank], VP_SPLIT[rank + 1]
+    rows: dict[str, Any] = {}
+    for name, (spec, call, chunk_mb) in VP_CASES.items():
+        if chunk_mb is None:
+            os.environ.pop("LOGITLESS_CHUNK_MB", None)
+        else:
+            os.environ["LOGITLESS_CHUNK_MB"] = str(chunk_mb)
+        p = vp_problem(spec)
+        hidden = p.pop("hidden").requires_grad_()
+        weight = p.pop("weight")[start:stop].clone().requires_grad_()
+        bias = p.pop("bias")[start:stop].clone().requires_grad_() if "bias" in p else None
+        labels = p.pop("labels")
+        loss = vocab_parallel_linear_cross_entropy(
+            hidden, weight, labels, vocab_start=start, vocab_size=VP_VOCAB, bias=bias, **{"shift": False, **call}, **p
+        )
+        loss.backward()
+        rows[name] = {"loss": loss.detach(), "d_hidden": hidden.grad, "d_weight": weight.grad,
+                      "d_bias": None if bias is None else bias.grad}  # fmt: skip
+    os.environ.pop("LOGITLESS_CHUNK_MB", None)
+    return rows
+
+
 def main() -> None:
     out_dir, setups = Path(sys.argv[1]), sys.argv[2].split(",")
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    results = {setup: run(setup, rank) for setup in setups}
+    results = {setup: run_vocab_parallel_op(rank) if setup == "vocab-parallel-op" else run(setup, rank)
+               for setup in setups}  # fmt: skip
     torch.save(results, out_dir / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
