@@ -2,18 +2,19 @@
 ``[start, start + V_local)`` of the head and the same hidden states; no rank forms more than a chunk of its own
 shard's logits.
 
-Per chunk of rows, two passes over the local shard:
+Per chunk of rows, one pass over the local shard, with the chunk's logits held throughout:
 
-1. statistics: the row max, ``Σ exp(z - max)``, the target's logit (on the rank that owns it) and, with label
-   smoothing, ``Σ z``. One all-reduce of the maxima (MAX) and one of the rest (SUM, rescaled to the global max)
-   give every rank the global log-sum-exp and the loss of every row.
-2. gradients: the shard's logits again, turned into ``d loss / d logits`` with the global log-sum-exp;
-   ``d_weight`` (and ``d_bias``) stay local, each rank's ``d_hidden`` is its shard's part and is summed over the
-   group (float32).
+1. the row max, all-reduced (MAX) over the group: the global max;
+2. ``Σ exp(z - max)`` (the logits become ``exp(z - max)`` in place), the target's logit (on the rank that owns it)
+   and, with label smoothing, ``Σ z``: one SUM all-reduce of the three gives every rank the chunk's global
+   log-sum-exp and the loss of each row;
+3. ``d loss / d logits`` from the kept exponentials over the global sum; ``d_weight`` (and ``d_bias``) stay local,
+   each rank's ``d_hidden`` is its shard's part, summed over the group (float32) once after the last chunk.
 
-That is four matmuls' worth of work (the logits twice) instead of three: the global normaliser is only known after
-every rank has seen its whole shard. Same maths and epilogue as the torch path (``torch_path``), whose helpers it
-uses; the loss is identical on every rank.
+Three matmuls' worth of work, as the single-device op (the normaliser a chunk needs is complete after its two small
+all-reduces), so every rank must run the same chunks: their size comes from the vocabulary and the group size, not
+the rank's own shard. Same maths and epilogue as the torch path (``torch_path``), whose helpers it uses; the loss
+is identical on every rank.
 """
 
 from __future__ import annotations
@@ -164,37 +165,13 @@ class _VocabParallel(torch.autograd.Function):
         else:
             bad = (valid & ((targets < 0) | (targets >= shard.total))).any()
             torch._assert_async(~bad, "logitless: a target is outside [0, vocab) and is not ignore_index")
-        scored = count_host if count_host is not None else n
-        budget = torch_path.chunk_budget_bytes(n, max(local, 1), h_dim, low_precision_weight_grad=weight.dtype != acc)
-        rows_per_chunk = max(1, budget // max(1, local * 3 * torch.finfo(acc).bits // 8))
+        # Every rank must run the same chunks (each chunk is a pair of collectives): size them from a shard width
+        # all ranks compute alike, not from this rank's own (an uneven split differs by a row).
+        width = max(1, -(-shard.total // dist.get_world_size(shard.group)))
+        budget = torch_path.chunk_budget_bytes(n, width, h_dim, low_precision_weight_grad=weight.dtype != acc)
+        rows_per_chunk = max(1, budget // (width * 3 * torch.finfo(acc).bits // 8))
 
-        # Pass 1: this shard's row statistics.
-        row_max = torch.full((scored,), -math.inf, dtype=acc, device=dev)
-        sums = torch.zeros(3, scored, dtype=acc, device=dev)  # Σ exp(z - max), target logit, Σ z
-        for c in _chunks(hidden, targets, valid, rows_per_chunk):
-            if local == 0:
-                break
-            z, _ = _shard_logits(c, weight, bias, options, cols, acc)
-            m = z.max(dim=1).values
-            row_max[c.start : c.stop] = m
-            sums[0, c.start : c.stop] = (z - m.unsqueeze(1)).exp().sum(dim=1)
-            mine = (c.t >= cols.start) & (c.t < cols.stop)
-            z_t = z.gather(1, (c.t - cols.start).clamp(0, max(local - 1, 0)).unsqueeze(1)).squeeze(1)
-            sums[1, c.start : c.stop] = torch.where(mine, z_t, 0.0)
-            if eps:
-                sums[2, c.start : c.stop] = z.sum(dim=1)
-        global_max = row_max.clone()
-        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=shard.group)
-        sums[0] *= torch.exp(row_max - global_max)
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=shard.group)
-        lse = global_max + sums[0].log()
-        loss_rows = (1.0 - eps) * (lse - sums[1]) + zl * lse * lse
-        if eps:
-            loss_rows = loss_rows + eps * (lse - sums[2] / shard.total)
-        if count_host is None:
-            loss_rows = torch.where(valid, loss_rows, 0.0)
         count = valid.sum()
-
         if reduction == "mean":
             if num_items is not None:
                 normaliser = ops._checked_num_items(num_items.to(dev, acc), count_host, targets, ignore)
@@ -202,41 +179,66 @@ class _VocabParallel(torch.autograd.Function):
                 normaliser = count.clamp(min=1).to(acc)
         else:
             normaliser = torch.ones((), dtype=acc, device=dev)
-        loss = torch.where(count == 0, 0.0, loss_rows.sum() / normaliser).to(acc)
+        scale = normaliser.reciprocal()
 
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_db = bias is not None and ctx.needs_input_grad[2]
         d_hidden = torch.zeros(n, h_dim, dtype=acc, device=dev) if need_dh else None
         d_weight = torch.zeros(local, h_dim, dtype=acc, device=dev) if need_dw else None
         d_bias = torch.zeros(local, dtype=acc, device=dev) if need_db else None
-        if need_dh or need_dw or need_db:
-            scale = normaliser.reciprocal()
-            for c in _chunks(hidden, targets, valid, rows_per_chunk):
-                if local == 0:
-                    break
+        loss_sum = torch.zeros((), dtype=acc, device=dev)
+        for c in _chunks(hidden, targets, valid, rows_per_chunk):
+            rows = c.stop - c.start
+            z = capped = None
+            if local:
                 z, capped = _shard_logits(c, weight, bias, options, cols, acc)
-                g = torch_path._softmax_part(z, lse[c.start : c.stop], z_loss=zl, label_smoothing=eps,
-                                             vocab=shard.total)  # fmt: skip
+                row_max = z.max(dim=1).values
+            else:
+                row_max = torch.full((rows,), -math.inf, dtype=acc, device=dev)
+            dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=shard.group)
+            stats = torch.zeros(3, rows, dtype=acc, device=dev)  # Σ exp(z - max), the target's logit, Σ z
+            if z is not None:
                 mine = (c.t >= cols.start) & (c.t < cols.stop)
                 col = (c.t - cols.start).clamp(0, local - 1).unsqueeze(1)
-                g.scatter_add_(1, col, torch.where(mine, eps - 1.0, 0.0).to(acc).unsqueeze(1))
-                s = scale.expand(g.shape[0]) if c.mask is None else scale * c.mask
-                g *= s.unsqueeze(1)
-                torch_path._epilogue_backward(g, capped, options.epilogue)
-                g_lp = g.to(hidden.dtype)
-                if d_hidden is not None:
-                    dh = torch_path._mm(g_lp, weight, acc)
-                    if c.idx is not None:
-                        d_hidden.index_copy_(0, c.idx, dh)
-                    else:
-                        d_hidden[c.start : c.stop] = dh
-                if d_weight is not None:
-                    torch_path._add_mm(d_weight, g, g_lp, c.h)
-                if d_bias is not None:
-                    d_bias += g.sum(dim=0)
+                stats[1] = torch.where(mine, z.gather(1, col).squeeze(1), 0.0)
+                if eps:
+                    stats[2] = z.sum(dim=1)
+                z.sub_(row_max.unsqueeze(1)).exp_()  # kept: over the global Σ it is the gradient's p
+                stats[0] = z.sum(dim=1)
+            dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=shard.group)
+            lse = row_max + stats[0].log()
+            loss_rows = (1.0 - eps) * (lse - stats[1]) + zl * lse * lse
+            if eps:
+                loss_rows = loss_rows + eps * (lse - stats[2] / shard.total)
+            if c.mask is not None:
+                loss_rows = torch.where(c.mask, loss_rows, 0.0)
+            loss_sum += loss_rows.sum()
+            if z is None or not (need_dh or need_dw or need_db):
+                continue
+            g = z.mul_(stats[0].reciprocal().unsqueeze(1))
+            if zl:
+                g *= (1.0 + 2.0 * zl * lse).unsqueeze(1)
+            if eps:
+                g -= eps / shard.total
+            g.scatter_add_(1, col, torch.where(mine, eps - 1.0, 0.0).to(acc).unsqueeze(1))
+            s = scale.expand(rows) if c.mask is None else scale * c.mask
+            g *= s.unsqueeze(1)
+            torch_path._epilogue_backward(g, capped, options.epilogue)
+            g_lp = g.to(hidden.dtype)
             if d_hidden is not None:
-                # Each shard contributes its part of d_hidden; summed in float32, as every rank needs all of it.
-                dist.all_reduce(d_hidden, op=dist.ReduceOp.SUM, group=shard.group)
+                dh = torch_path._mm(g_lp, weight, acc)
+                if c.idx is not None:
+                    d_hidden.index_copy_(0, c.idx, dh)
+                else:
+                    d_hidden[c.start : c.stop] = dh
+            if d_weight is not None:
+                torch_path._add_mm(d_weight, g, g_lp, c.h)
+            if d_bias is not None:
+                d_bias += g.sum(dim=0)
+        if d_hidden is not None:
+            # Each shard contributes its part of d_hidden; summed in float32, as every rank needs all of it.
+            dist.all_reduce(d_hidden, op=dist.ReduceOp.SUM, group=shard.group)
+        loss = torch.where(count == 0, 0.0, loss_sum / normaliser).to(acc)
         ctx.save_for_backward(
             d_hidden.to(hidden.dtype) if d_hidden is not None else None,
             d_weight.to(weight.dtype) if d_weight is not None else None,
