@@ -422,29 +422,91 @@ def test_float64_gradcheck(impl: str) -> None:
     assert torch.autograd.gradcheck(none, (hidden, weight, bias))
 
 
-def test_torch_path_sync_free_mode_matches_reference() -> None:
-    """The accelerator mode of the torch path (no compaction, masked rows) run on CPU, with several chunks."""
-    hidden, weight, bias, labels = make(with_bias=True, three_d=False)
-    targets = torch.full_like(labels, -100)
-    targets[:-1] = labels[1:]
+def _sync_free(
+    targets: torch.Tensor, *, skip_ignored: bool, budget_rows: int, dtype: torch.dtype = torch.float32,
+    seed: int = 0, monkeypatch: pytest.MonkeyPatch | None = None,
+) -> tuple[torch_path.Result, Any, list[int]]:  # fmt: skip
+    """The accelerator mode of the torch path (``compact=False``) run on CPU: result, float64 reference, and the
+    number of rows each chunk sent through the GEMMs."""
+    hidden, weight, bias, _ = make(dtype, with_bias=True, three_d=False, seed=seed)
     n = int((targets != -100).sum())
+    entered: list[int] = []
+
+    def counting_row_pass(y: torch.Tensor, *args: Any, **kw: Any) -> torch_path.RowPass:
+        entered.append(y.shape[0])
+        return torch_path.torch_row_pass(y, *args, **kw)
+
+    assert bias is not None
     res = torch_path.fused_lce(
-        hidden.detach(), weight.detach(), bias.detach() if bias is not None else None, targets,
+        hidden.detach(), weight.detach(), bias.detach(), targets,
         LossOptions(label_smoothing=0.1, z_loss=1e-3, epilogue=Epilogue(multiply=0.5, softcap=4.0)),
-        grad_scale=torch.tensor(1.0 / n),
+        grad_scale=torch.tensor(1.0 / max(n, 1)),
         row_scale=None, want_per_row=True, need_d_hidden=True, need_d_weight=True, need_d_bias=True,
-        compact=False, budget_bytes=V * 4 * 3 * 5,
+        compact=False, budget_bytes=V * 4 * 3 * budget_rows, skip_ignored=skip_ignored, row_pass=counting_row_pass,
     )  # fmt: skip
     ref = reference(
         hidden, weight, targets, bias=bias, shift=False, label_smoothing=0.1, z_loss=1e-3,
-        logit_scale_multiply=0.5, logit_softcapping=4.0,
+        logit_scale_multiply=0.5, logit_softcapping=4.0, reduction="sum",
+        grad_output=torch.tensor(1.0 / max(n, 1), dtype=torch.float64),
     )  # fmt: skip
+    return res, ref, entered
+
+
+@pytest.mark.parametrize("skip_ignored", [True, False])
+@pytest.mark.parametrize("budget_rows", [5, 1000])
+def test_torch_path_sync_free_mode_matches_reference(skip_ignored: bool, budget_rows: int) -> None:
+    """Several chunks (5 rows each) or one; ignored rows sorted behind the scored ones (skip_ignored) or masked
+    in place: loss, per-row losses and every gradient equal the float64 reference."""
+    _, _, _, labels = make(three_d=False)
+    targets = torch.full_like(labels, -100)
+    targets[:-1] = labels[1:]
+    n = int((targets != -100).sum())
+    res, ref, _ = _sync_free(targets, skip_ignored=skip_ignored, budget_rows=budget_rows)
     assert int(res.count) == n
-    assert_close(res.loss_sum / n, ref.loss, 2e-5, "loss")
+    assert_close(res.loss_sum / n, ref.loss / n, 2e-5, "loss")
     assert res.d_hidden is not None and res.d_weight is not None and res.d_bias is not None
     assert_close(res.d_hidden, ref.d_hidden, 2e-5, "d_hidden")
     assert_close(res.d_weight, ref.d_weight, 2e-5, "d_weight")
     assert_close(res.d_bias, ref.d_bias, 2e-5, "d_bias")
+    hidden, weight, bias, _ = make(with_bias=True, three_d=False)
+    per_row = reference(
+        hidden, weight, targets, bias=bias, shift=False, label_smoothing=0.1, z_loss=1e-3,
+        logit_scale_multiply=0.5, logit_softcapping=4.0, reduction="none",
+    ).loss  # fmt: skip
+    assert res.per_row is not None
+    assert_close(res.per_row, per_row, 2e-5, "per-row loss")
+
+
+def test_sync_free_mode_keeps_ignored_rows_out_of_the_gemms_after_the_first_chunk() -> None:
+    """Two thirds of the rows ignored, scattered: the first chunk may hold some (it is queued before the host knows
+    the count), every later one is all scored, and no chunk runs past the scored rows."""
+    targets = torch.randint(0, V, (B * T,), generator=torch.Generator().manual_seed(3))
+    targets[torch.arange(B * T) % 3 != 0] = -100
+    n = int((targets != -100).sum())
+    res, ref, entered = _sync_free(targets, skip_ignored=True, budget_rows=2)
+    assert sum(entered) == n and all(rows == 2 for rows in entered[:-1])
+    _, _, dense = _sync_free(targets, skip_ignored=False, budget_rows=2)
+    assert sum(dense) == B * T
+    assert_close(res.d_weight, ref.d_weight, 2e-5, "d_weight")
+    assert_close(res.d_hidden, ref.d_hidden, 2e-5, "d_hidden")
+    none, _, entered = _sync_free(torch.full((B * T,), -100), skip_ignored=True, budget_rows=2)
+    assert entered == [2]  # one masked chunk, queued before the count was known
+    assert float(none.loss_sum) == 0.0 and not none.d_weight.any() and not none.d_hidden.any()
+
+
+@pytest.mark.parametrize("budget_rows", [1000, 5])
+def test_weight_gradient_one_chunk_straight_into_its_dtype(budget_rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 head: one chunk writes the weight gradient in bf16 with no float32 V×H buffer (nothing is accumulated);
+    several write the first chunk's product and add the rest. Both against float64, at bf16's tolerance."""
+    adds: list[int] = []
+    real_add_mm = torch_path._add_mm
+    monkeypatch.setattr(torch_path, "_add_mm", lambda out, *a: (adds.append(out.shape[0]), real_add_mm(out, *a)))
+    _, _, _, labels = make(three_d=False)
+    res, ref, entered = _sync_free(labels, skip_ignored=True, budget_rows=budget_rows, dtype=torch.bfloat16)
+    assert res.d_weight is not None and res.d_weight.dtype == torch.bfloat16
+    assert len(adds) == len(entered) - 1
+    assert_close(res.d_weight, ref.d_weight, 3e-2, "d_weight")
+    assert_close(res.loss_sum, ref.loss, 2e-2, "loss")
 
 
 def test_torch_path_sync_free_mode_poisons_out_of_range_targets() -> None:

@@ -10,10 +10,17 @@ Two modes:
 
 * ``compact=True`` (CPU): ignored rows are dropped before any GEMM. Finding them needs their count on the host,
   which is free on CPU.
-* ``compact=False`` (accelerators): every row enters the GEMMs and ignored rows are masked, so the call never waits
-  for the device. Out-of-range targets cannot raise a Python error without a sync; instead they are clamped, the
-  loss becomes NaN and ``torch._assert_async`` fires a device-side assert (the behaviour of torch's own
-  ``cross_entropy`` on CUDA).
+* ``compact=False`` (accelerators): the call never stalls the device. Rows are sorted on the device, scored ones
+  first, and chunks are masked; the first chunk's kernels are queued before the host reads (through a pinned
+  copy and an event recorded ahead of them) how many rows are scored, and the chunks stop there, so ignored rows
+  past the first chunk never enter a GEMM. While a CUDA graph is being captured (no host reads allowed) every row
+  enters and ignored rows are masked. Out-of-range targets cannot raise a Python error without a sync; instead
+  they are clamped, the loss becomes NaN and ``torch._assert_async`` fires a device-side assert (the behaviour of
+  torch's own ``cross_entropy`` on CUDA).
+
+The weight gradient (``accumulate``, the default) is the first chunk's product written into a float32 buffer
+and every later chunk's added to it; a problem that fits one chunk writes it straight in the weight's dtype, with
+no buffer. On CUDA a chunk that feeds that buffer holds at least 2048 rows (its read-modify-write per chunk).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from logitless._options import Epilogue, LossOptions
 _MIN_AUTO_CHUNK_MB = 4
 _MAX_AUTO_CHUNK_MB = 512
 _TORCH_PATH_MIN_CHUNK_MB = 64
+_GPU_MIN_CHUNK_ROWS = 2048
 _AUTO_FRACTION_OF_LOGITS = 16
 # float32 temporaries alive per chunk row, in units of V: logits, probabilities / d_logits, and a low-precision
 # copy of d_logits for the GEMMs.
@@ -165,6 +173,33 @@ def _add_mm(out: torch.Tensor, g: torch.Tensor, g_lp: torch.Tensor, h: torch.Ten
         out += _mm(g_lp.T, h, out.dtype)
 
 
+def _weight_grad_of(g: torch.Tensor, g_lp: torch.Tensor, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``gᵀ·h`` of one chunk as a new ``dtype`` tensor, accumulated as ``_add_mm`` does (float32 inside the GEMM;
+    unrounded ``g`` off CUDA)."""
+    if h.device.type == "cuda" and h.dtype != g.dtype:
+        return g_lp.T @ h if dtype == h.dtype else _mm(g_lp.T, h, dtype)
+    return (g.T @ h.to(g.dtype)).to(dtype)
+
+
+class _PendingCount:
+    """The number of scored rows on its way to the host behind the work already queued: reading it after the first
+    chunk's kernels are launched waits for the count, not for them."""
+
+    def __init__(self, count: torch.Tensor) -> None:
+        self._event: torch.cuda.Event | None = None
+        self._count = count
+        if count.device.type == "cuda":
+            self._count = torch.empty((), dtype=count.dtype, pin_memory=True)
+            self._count.copy_(count, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def value(self) -> int:
+        if self._event is not None:
+            self._event.synchronize()
+        return int(self._count)
+
+
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor:
     """``h · Wᵀ + b`` in the accumulation dtype.
 
@@ -196,6 +231,7 @@ def fused_lce(
     compact: bool,
     budget_bytes: int | None = None,
     want_stats: bool = False,
+    skip_ignored: bool | None = None,
     row_pass: RowPassFn | None = None,
     slab_pass: SlabPassFn | None = None,
 ) -> Result:
@@ -204,6 +240,8 @@ def fused_lce(
     ``s_i`` is ``grad_scale`` (0-d tensor) or ``row_scale[i]`` ([N]). Targets must already be validated when
     ``compact`` is True; otherwise out-of-range ones poison the loss (see the module docstring). ``row_pass`` /
     ``slab_pass`` do the elementwise work between the GEMMs (torch ops by default; ``triton_path`` has kernels).
+    ``skip_ignored`` (``compact=False`` only; default: unless a CUDA graph is being captured) keeps ignored rows
+    out of every chunk after the first without a device stall (module docstring).
     """
     row_pass = row_pass or torch_row_pass
     slab_pass = slab_pass or torch_slab_pass
@@ -216,53 +254,69 @@ def fused_lce(
     # accumulated in float32, or (recompute) formed slab by slab in a later pass.
     low_precision_dw = need_d_weight and weight.dtype != acc
     recompute = low_precision_dw and weight_grad_mode() == "recompute"
+    accumulate = need_d_weight and not recompute
     if budget_bytes is None:
         # The float32 weight-gradient buffer (held anyway) sets a floor; the recompute mode holds none.
         # Short chunks cost this path a round of kernel launches each: never below 64 MiB by default.
         budget_bytes = chunk_budget_bytes(
             n, v, h_dim, low_precision_weight_grad=low_precision_dw and not recompute, min_mb=_TORCH_PATH_MIN_CHUNK_MB
         )
+        if accumulate and dev.type == "cuda" and _config.chunk_mb() is None:
+            # Every chunk reads and writes the whole V×H float32 weight gradient (8·V·H bytes) against 6·rows·V·H
+            # flops of GEMMs: on an H100-class GPU (≈600 TFLOP/s, ≈3.3 TB/s) that traffic costs ≈240/rows of the
+            # GEMM time, so a chunk holds at least _GPU_MIN_CHUNK_ROWS rows (≈12%).
+            budget_bytes = max(budget_bytes, min(n, _GPU_MIN_CHUNK_ROWS) * v * _TEMPS_PER_ROW * 4)
     budget = budget_bytes
     rows_per_chunk = max(1, budget // max(1, v * _TEMPS_PER_ROW * torch.finfo(acc).bits // 8))
 
     valid = targets != ignore_index
     count = valid.sum()
     bad = None
+    pending: _PendingCount | None = None
     if compact:
         rows = valid.nonzero().squeeze(1)
+        total = int(rows.numel())
     else:
         in_range = (targets >= 0) & (targets < v)
         bad = (valid & ~in_range).any()
         torch._assert_async(~bad, "logitless: a target is outside [0, vocab) and is not ignore_index")
         rows = None
+        total = n
+        if skip_ignored is None:
+            skip_ignored = not (dev.type == "cuda" and torch.cuda.is_current_stream_capturing())
+        if skip_ignored and n > rows_per_chunk:
+            # Scored rows first (a stable sort on the device), chunks masked; where they end is read on the host
+            # once the first chunk's work is queued, so the device never waits for the host.
+            rows = torch.argsort((~valid).to(torch.uint8), stable=True)
+            pending = _PendingCount(count)
 
     per_row = torch.zeros(n, dtype=acc, device=dev) if want_per_row else None
     stats = torch.zeros(n, TOKEN_STATS, dtype=torch.float64, device=dev) if want_stats else None
     d_hidden = torch.zeros_like(hidden) if need_d_hidden else None
-    d_weight_acc = torch.zeros(v, h_dim, dtype=acc, device=dev) if need_d_weight and not recompute else None
+    d_weight_acc: torch.Tensor | None = None
+    d_weight: torch.Tensor | None = None
     saved: list[_SavedChunk] = []
     d_bias_acc = torch.zeros(v, dtype=acc, device=dev) if need_d_bias else None
     loss_sum = torch.zeros((), dtype=acc, device=dev)
     any_grad = need_d_hidden or need_d_weight or need_d_bias
 
-    total = int(rows.numel()) if rows is not None else n
-    for start in range(0, total, rows_per_chunk):
-        stop = min(total, start + rows_per_chunk)
-        if rows is not None:
-            idx = rows[start:stop]
-            h = hidden.index_select(0, idx)
-            t = targets.index_select(0, idx)
-            mask = None
-        else:
-            idx = None
-            h = hidden[start:stop]
-            t = targets[start:stop]
-            mask = valid[start:stop]
+    stop = 0
+    while stop < total:  # ``total`` can shrink after the first chunk (skip_ignored)
+        start, stop = stop, min(total, stop + rows_per_chunk)
+        idx = rows[start:stop] if rows is not None else None
+        h = hidden.index_select(0, idx) if idx is not None else hidden[start:stop]
+        t = targets.index_select(0, idx) if idx is not None else targets[start:stop]
+        mask = None
+        if not compact:
+            mask = valid.index_select(0, idx) if idx is not None else valid[start:stop]
             t = torch.where(mask, t, 0).clamp(0, max(v - 1, 0))
 
         s_rows = _row_weights(t.shape[0], row_scale, grad_scale, idx, start, stop, mask, acc, dev)
         rp = row_pass(_logits(h, weight, bias, acc), t, s_rows, options, vocab=v, want_stats=stats is not None,
                       grad=any_grad)  # fmt: skip
+        if pending is not None:
+            total = max(stop, pending.value())
+            pending = None
         loss = rp.loss if mask is None else torch.where(mask, rp.loss, 0.0)
         loss_sum += loss.sum()
         if per_row is not None:
@@ -292,12 +346,20 @@ def fused_lce(
                 d_hidden.index_copy_(0, idx, dh)
             else:
                 d_hidden[start:stop] = dh
-        if d_weight_acc is not None:
-            _add_mm(d_weight_acc, g, g_lp, h)
+        if accumulate:
+            if d_weight_acc is not None:
+                _add_mm(d_weight_acc, g, g_lp, h)
+            elif stop >= total:
+                d_weight = _weight_grad_of(g, g_lp, h, weight.dtype)  # the only chunk: no float32 buffer
+            else:
+                d_weight_acc = _weight_grad_of(g, g_lp, h, acc)  # the first chunk, written, not added to zeros
         if d_bias_acc is not None:
             d_bias_acc += g.sum(dim=0)
 
-    d_weight = d_weight_acc.to(weight.dtype) if d_weight_acc is not None else None
+    if d_weight_acc is not None:
+        d_weight = d_weight_acc.to(weight.dtype)
+    elif accumulate and d_weight is None:  # no scored row
+        d_weight = torch.zeros_like(weight)
     if recompute:
         d_weight = _weight_grad_by_slabs(
             hidden, weight, bias, saved, options=options, budget=budget, acc=acc, slab_pass=slab_pass
