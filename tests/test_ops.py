@@ -706,3 +706,16 @@ def test_torch_path_token_stats_equal_in_both_modes() -> None:
     torch.testing.assert_close(dense.token_stats, compact.token_stats, rtol=1e-6, atol=1e-7)
     assert (dense.token_stats[targets == -100] == 0).all()
     assert (dense.token_stats[targets != -100, 0] > 0).all()  # entropies of real rows
+
+
+@pytest.mark.parametrize("budget_rows", [1000, 5])
+@pytest.mark.parametrize("skip_ignored", [True, False])
+def test_recompute_in_sync_free_mode(budget_rows: int, skip_ignored: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``recompute`` after sorted (or masked) chunks: the slab pass takes every chunk's rows, masked ones with a
+    zero weight, and gives the float64 reference's weight gradient at bf16's tolerance."""
+    monkeypatch.setenv("LOGITLESS_WEIGHT_GRAD", "recompute")
+    _, _, _, labels = make(three_d=False, ignore_frac=0.5)
+    res, ref, _ = _sync_free(labels, skip_ignored=skip_ignored, budget_rows=budget_rows, dtype=torch.bfloat16)
+    assert res.d_weight is not None and res.d_weight.dtype == torch.bfloat16
+    assert_close(res.d_weight, ref.d_weight, 3e-2, "d_weight")
+    assert_close(res.d_hidden, ref.d_hidden, 3e-2, "d_hidden")

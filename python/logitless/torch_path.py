@@ -490,6 +490,10 @@ def torch_slab_pass(
     return g
 
 
+# Below this many columns a slab over every scored row is too thin a GEMM: blocks of rows instead.
+_MIN_SLAB_COLUMNS = 256
+
+
 def _weight_grad_by_slabs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -501,10 +505,34 @@ def _weight_grad_by_slabs(
     acc: torch.dtype,
     slab_pass: SlabPassFn,
 ) -> torch.Tensor:
-    """``LOGITLESS_WEIGHT_GRAD=recompute``: the weight gradient slab by slab of W's rows, recomputing each chunk's
-    logits on the slab from its saved log-sum-exp, so no V×H float32 buffer is held (four matmuls' worth)."""
+    """``LOGITLESS_WEIGHT_GRAD=recompute``: the weight gradient slab by slab of W's rows, recomputing the logits on
+    the slab from each row's saved log-sum-exp, so no V×H float32 buffer is held (four matmuls' worth).
+
+    Where the budget holds a slab at least _MIN_SLAB_COLUMNS wide over every scored row, each slab's gradient is
+    one GEMM over all of them (float32 accumulation inside it), written once in the weight's dtype. Otherwise the
+    chunks' rows are taken block by block, summed in a float32 buffer of the slab."""
     v, h_dim = weight.shape
     out = torch.empty(v, h_dim, dtype=weight.dtype, device=weight.device)
+    if not saved:
+        return out.zero_()
+    rows = sum(c.stop - c.start for c in saved)
+    # Per slab element: its float32 logits / gradient and their low-precision copy for the GEMM.
+    per_column = rows * (torch.finfo(acc).bits // 8 + hidden.element_size())
+    slab = min(v, budget // max(1, per_column))
+    if slab >= min(v, _MIN_SLAB_COLUMNS):
+        if saved[0].idx is None:  # one call's chunks all have indices, or are consecutive slices
+            h = hidden[saved[0].start : saved[-1].stop]
+        else:
+            h = hidden.index_select(0, torch.cat([c.idx for c in saved if c.idx is not None]))
+        t = torch.cat([c.t for c in saved])
+        lse = torch.cat([c.lse for c in saved])
+        scale = torch.cat([c.scale for c in saved])
+        for v0 in range(0, v, slab):
+            v1 = min(v, v0 + slab)
+            y = _logits(h, weight[v0:v1], bias[v0:v1] if bias is not None else None, acc)
+            g = slab_pass(y, t, lse, scale, options, v0=v0, vocab=v)
+            out[v0:v1] = _weight_grad_of(g, g.to(hidden.dtype), h, weight.dtype)
+        return out
     # Half the budget for the slab's float32 gradient, the rest for a chunk's logits on it (as in the main pass).
     slab = max(1, min(v, budget // 2 // max(1, h_dim * 4)))
     for v0 in range(0, v, slab):
