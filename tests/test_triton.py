@@ -17,7 +17,7 @@ import torch  # noqa: E402
 from ops_reference import TOLERANCES, assert_close, reference  # noqa: E402
 
 import logitless  # noqa: E402
-from logitless import torch_path  # noqa: E402
+from logitless import _options, torch_path  # noqa: E402
 
 pytest.importorskip("triton")
 from logitless import triton_path  # noqa: E402
@@ -219,3 +219,39 @@ def test_the_row_pass_is_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LOGITLESS_WEIGHT_GRAD", "recompute")
     _check(_problem(dtype=torch.bfloat16, **EPILOGUES["all"]))
     assert not triton_path._broken
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("chunk_mb", [0.05, 64])
+def test_gradient_written_in_the_gemm_dtype(dtype: torch.dtype, chunk_mb: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What CUDA does for bf16/f16 inputs: the kernel rounds the logits gradient once into the inputs' dtype as it
+    writes it (no float32 gradient, no cast pass). Loss and gradients against float64, one chunk and many."""
+    monkeypatch.setenv("LOGITLESS_CHUNK_MB", str(chunk_mb))
+    p = _problem(dtype=dtype, **{k: v for k, v in EPILOGUES["all"].items() if k != "bias"})
+    opts = _options.parse(
+        device=p["hidden"].device, vocab=V, ignore_index=-100, impl="triton",
+        **{k: v for k, v in p.items() if k not in ("hidden", "weight", "labels")},
+    )  # fmt: skip
+    seen: list[torch.dtype] = []
+
+    def row_pass(*args: object, **kw: object) -> torch_path.RowPass:
+        out = triton_path.row_pass(*args, **kw)
+        assert out.grad is not None
+        seen.append(out.grad.dtype)
+        return out
+
+    n = int((p["labels"] != -100).sum())
+    res = torch_path.fused_lce(
+        p["hidden"].detach(), p["weight"].detach(), None, p["labels"], opts, grad_scale=torch.tensor(1.0 / n),
+        row_scale=None, want_per_row=False, need_d_hidden=True, need_d_weight=True, need_d_bias=False,
+        compact=False, low_precision_grad=True, row_pass=row_pass,
+    )  # fmt: skip
+    assert seen and set(seen) == {dtype}
+    ref = reference(
+        p["hidden"].requires_grad_(), p["weight"].requires_grad_(), p["labels"], shift=False,
+        **{k: v for k, v in p.items() if k not in ("hidden", "weight", "labels")},
+    )  # fmt: skip
+    tol_loss, tol_grad = TOLERANCES[dtype]
+    assert_close(res.loss_sum / n, ref.loss, tol_loss, "loss")
+    assert_close(res.d_hidden, ref.d_hidden, tol_grad, "d_hidden")
+    assert_close(res.d_weight, ref.d_weight, tol_grad, "d_weight")

@@ -160,9 +160,11 @@ def _epilogue_backward(g: torch.Tensor, capped: torch.Tensor | None, epilogue: E
         g *= epilogue.multiply
 
 
-def _add_mm(out: torch.Tensor, g: torch.Tensor, g_lp: torch.Tensor, h: torch.Tensor) -> None:
-    """``out += gᵀ·h`` in place, ``out`` in the accumulation dtype: never a [V, H] temporary per chunk."""
+def _add_mm(out: torch.Tensor, g: torch.Tensor | None, g_lp: torch.Tensor, h: torch.Tensor) -> None:
+    """``out += gᵀ·h`` in place, ``out`` in the accumulation dtype: never a [V, H] temporary per chunk. ``g`` is
+    None where only its rounded copy ``g_lp`` was made."""
     if h.dtype == out.dtype or h.device.type != "cuda":
+        g = g if g is not None else g_lp.to(out.dtype)
         # The chunk's h is small to upcast; g stays unrounded.
         out.addmm_(g.T, h.to(out.dtype))
         return
@@ -173,11 +175,14 @@ def _add_mm(out: torch.Tensor, g: torch.Tensor, g_lp: torch.Tensor, h: torch.Ten
         out += _mm(g_lp.T, h, out.dtype)
 
 
-def _weight_grad_of(g: torch.Tensor, g_lp: torch.Tensor, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _weight_grad_of(
+    g: torch.Tensor | None, g_lp: torch.Tensor, h: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     """``gᵀ·h`` of one chunk as a new ``dtype`` tensor, accumulated as ``_add_mm`` does (float32 inside the GEMM;
-    unrounded ``g`` off CUDA)."""
-    if h.device.type == "cuda" and h.dtype != g.dtype:
+    unrounded ``g`` off CUDA, where there is one)."""
+    if h.device.type == "cuda" and h.dtype == g_lp.dtype and (g is None or h.dtype != g.dtype):
         return g_lp.T @ h if dtype == h.dtype else _mm(g_lp.T, h, dtype)
+    g = g if g is not None else g_lp.to(_acc_dtype(h.dtype))
     return (g.T @ h.to(g.dtype)).to(dtype)
 
 
@@ -232,6 +237,7 @@ def fused_lce(
     budget_bytes: int | None = None,
     want_stats: bool = False,
     skip_ignored: bool | None = None,
+    low_precision_grad: bool | None = None,
     row_pass: RowPassFn | None = None,
     slab_pass: SlabPassFn | None = None,
 ) -> Result:
@@ -241,7 +247,9 @@ def fused_lce(
     ``compact`` is True; otherwise out-of-range ones poison the loss (see the module docstring). ``row_pass`` /
     ``slab_pass`` do the elementwise work between the GEMMs (torch ops by default; ``triton_path`` has kernels).
     ``skip_ignored`` (``compact=False`` only; default: unless a CUDA graph is being captured) keeps ignored rows
-    out of every chunk after the first without a device stall (module docstring).
+    out of every chunk after the first without a device stall (module docstring). ``low_precision_grad``
+    (default: on CUDA, for bf16/f16 inputs without a bias gradient) has the row pass write the logits gradient
+    straight in the inputs' dtype, the only one the GEMMs read.
     """
     row_pass = row_pass or torch_row_pass
     slab_pass = slab_pass or torch_slab_pass
@@ -299,6 +307,10 @@ def fused_lce(
     d_bias_acc = torch.zeros(v, dtype=acc, device=dev) if need_d_bias else None
     loss_sum = torch.zeros((), dtype=acc, device=dev)
     any_grad = need_d_hidden or need_d_weight or need_d_bias
+    if low_precision_grad is None:
+        # On CUDA the GEMMs take the bf16/f16 gradient only (mixed-precision GEMMs), so the row pass can round it
+        # once as it writes it; the bias gradient is summed from the unrounded one.
+        low_precision_grad = dev.type == "cuda" and hidden.dtype != acc and not need_d_bias
 
     stop = 0
     while stop < total:  # ``total`` can shrink after the first chunk (skip_ignored)
@@ -313,7 +325,7 @@ def fused_lce(
 
         s_rows = _row_weights(t.shape[0], row_scale, grad_scale, idx, start, stop, mask, acc, dev)
         rp = row_pass(_logits(h, weight, bias, acc), t, s_rows, options, vocab=v, want_stats=stats is not None,
-                      grad=any_grad)  # fmt: skip
+                      grad=any_grad, grad_dtype=hidden.dtype if low_precision_grad else None)  # fmt: skip
         if pending is not None:
             total = max(stop, pending.value())
             pending = None
@@ -334,12 +346,15 @@ def fused_lce(
 
         if not any_grad:
             continue
-        g = rp.grad
-        assert g is not None
+        assert rp.grad is not None
         if recompute:
             saved.append(_SavedChunk(idx=idx, start=start, stop=stop, t=t, lse=rp.lse, scale=s_rows))
 
-        g_lp = g.to(hidden.dtype)
+        g: torch.Tensor | None = rp.grad
+        if rp.grad.dtype == acc:
+            g_lp = rp.grad.to(hidden.dtype)
+        else:  # rounded by the row pass already
+            g_lp, g = rp.grad, None
         if d_hidden is not None:
             dh = g_lp @ weight
             if idx is not None:
@@ -354,6 +369,7 @@ def fused_lce(
             else:
                 d_weight_acc = _weight_grad_of(g, g_lp, h, acc)  # the first chunk, written, not added to zeros
         if d_bias_acc is not None:
+            assert g is not None
             d_bias_acc += g.sum(dim=0)
 
     if d_weight_acc is not None:
@@ -451,9 +467,10 @@ SlabPassFn = Callable[..., torch.Tensor]
 
 def torch_row_pass(
     y: torch.Tensor, t: torch.Tensor, s_rows: torch.Tensor, options: LossOptions, *, vocab: int, want_stats: bool,
-    grad: bool,
+    grad: bool, grad_dtype: torch.dtype | None = None,
 ) -> RowPass:  # fmt: skip
-    """The row pass in torch ops (about ten float32 passes over the chunk's logits)."""
+    """The row pass in torch ops (about ten float32 passes over the chunk's logits); the gradient in ``grad_dtype``
+    when given."""
     label_smoothing, z_loss, epilogue = options.label_smoothing, options.z_loss, options.epilogue
     z, capped = _epilogue_forward(y, epilogue, y.dtype)
     lse = torch.logsumexp(z, dim=1)
@@ -470,7 +487,7 @@ def torch_row_pass(
     g.scatter_add_(1, t.unsqueeze(1), torch.full_like(z_t, label_smoothing - 1.0).unsqueeze(1))
     g *= s_rows.unsqueeze(1)
     _epilogue_backward(g, capped, epilogue)
-    return RowPass(loss, lse, stats, g)
+    return RowPass(loss, lse, stats, g if grad_dtype is None else g.to(grad_dtype))
 
 
 def torch_slab_pass(

@@ -9,7 +9,7 @@ row that reads the row twice and writes it once:
    the loss (label smoothing, z-loss) and log-sum-exp of the row;
 2. (token statistics only) entropy and log Σp² against the known max;
 3. the logits gradient ``s·(p·(1 + 2·z_loss·lse) - ε/V - (1-ε)·[j = t])`` through the epilogue's derivative,
-   written over the logits in place.
+   written over the logits in place, or (``grad_dtype``) rounded once into a bf16/f16 buffer for the GEMMs.
 
 ``slab_pass`` is step 3 alone on a vocabulary slab, from a row's saved log-sum-exp (the ``recompute`` mode).
 
@@ -71,7 +71,7 @@ def _gradient(z, th, cols, t, lse, s, k, inv_t, eps, z_loss, V, HAS_CAP: tl.cons
 
 @triton.jit
 def _row_kernel(
-    y_ptr, stride, t_ptr, s_ptr, lb_ptr, loss_ptr, lse_ptr, stats_ptr,
+    y_ptr, stride, t_ptr, s_ptr, lb_ptr, loss_ptr, lse_ptr, stats_ptr, g_ptr, g_stride,
     V, k, cap, inv_t, eps, z_loss,
     HAS_LB: tl.constexpr, HAS_CAP: tl.constexpr, GRAD: tl.constexpr, STATS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
@@ -120,13 +120,15 @@ def _row_kernel(
         tl.store(stats_ptr + row * 4 + 3, tl.where(top == t, 1.0, 0.0))
     if GRAD:
         s = tl.load(s_ptr + row)
+        g_base = g_ptr + row * g_stride
         for v0 in range(0, V, BLOCK):
             cols = v0 + tl.arange(0, BLOCK)
             in_row = cols < V
             y = tl.load(base + cols, mask=in_row, other=0.0)
             z, th = _epilogue(y, cols, in_row, lb_ptr, k, cap, inv_t, HAS_LB, HAS_CAP)
             g = _gradient(z, th, cols, t, lse, s, k, inv_t, eps, z_loss, V, HAS_CAP)
-            tl.store(base + cols, g, mask=in_row)
+            # Over the logits (float32), or rounded once into the GEMMs' dtype (one fewer pass over the chunk).
+            tl.store(g_base + cols, g.to(g_ptr.dtype.element_ty), mask=in_row)
 
 
 @triton.jit
@@ -175,11 +177,13 @@ def _fallback(error: BaseException) -> None:
 
 def row_pass(
     y: torch.Tensor, t: torch.Tensor, s_rows: torch.Tensor, options: LossOptions, *, vocab: int, want_stats: bool,
-    grad: bool,
+    grad: bool, grad_dtype: torch.dtype | None = None,
 ) -> torch_path.RowPass:  # fmt: skip
     """``torch_path.torch_row_pass`` as one Triton program per row (float32 logits ``y``, contiguous rows)."""
     if y.dtype != torch.float32 or _broken or y.shape[0] == 0:
-        return torch_path.torch_row_pass(y, t, s_rows, options, vocab=vocab, want_stats=want_stats, grad=grad)
+        return torch_path.torch_row_pass(
+            y, t, s_rows, options, vocab=vocab, want_stats=want_stats, grad=grad, grad_dtype=grad_dtype
+        )
     rows, v = y.shape
     y = y.contiguous()
     k, cap, inv_t, has_lb, has_cap = _constants(options)
@@ -188,17 +192,20 @@ def row_pass(
     stats = torch.empty(rows, torch_path.TOKEN_STATS, dtype=torch.float32, device=y.device) if want_stats else loss
     lb = options.epilogue.logits_bias if has_lb else y
     scale = s_rows.to(torch.float32).contiguous()
+    g = y if not grad or grad_dtype in (None, torch.float32) else torch.empty(rows, v, dtype=grad_dtype, device=y.device)
     try:
         _row_kernel[(rows,)](
-            y, y.stride(0), t.contiguous(), scale, lb, loss, lse, stats,
+            y, y.stride(0), t.contiguous(), scale, lb, loss, lse, stats, g, g.stride(0),
             v, k, cap, inv_t, options.label_smoothing, options.z_loss,
             HAS_LB=has_lb, HAS_CAP=has_cap, GRAD=grad, STATS=want_stats, BLOCK=_BLOCK, **_COMPILE,
         )  # fmt: skip
     except Exception as error:  # noqa: BLE001 - a compile / launch failure of this kernel, not of the maths
         _fallback(error)
-        return torch_path.torch_row_pass(y, t, s_rows, options, vocab=vocab, want_stats=want_stats, grad=grad)
+        return torch_path.torch_row_pass(
+            y, t, s_rows, options, vocab=vocab, want_stats=want_stats, grad=grad, grad_dtype=grad_dtype
+        )
     return torch_path.RowPass(
-        loss=loss, lse=lse, stats=stats.to(torch.float64) if want_stats else None, grad=y if grad else None
+        loss=loss, lse=lse, stats=stats.to(torch.float64) if want_stats else None, grad=g if grad else None
     )
 
 
