@@ -200,7 +200,12 @@ VP_CASES: dict[str, tuple[dict[str, Any], dict[str, Any], float | None]] = {
     "all-ignored": ({"ignore_first": VP_ROWS}, {}, 0.02),
     "shifted-batch": ({"batch": True}, {"shift": True}, 0.02),
     "bf16": ({**VP_ALL, "dtype": torch.bfloat16}, {}, 0.02),
+    # The accelerators' chunking, on CPU: rows sorted scored-first, masked, stopping at the scored count.
+    "device-chunks": (VP_ALL, {}, 0.02),
+    "device-chunks-ignored": ({**VP_ALL, "ignore_first": 12}, {}, 0.02),
+    "device-one-chunk": (VP_ALL, {}, None),
 }
+VP_DEVICE_CHUNKING = {"device-chunks", "device-chunks-ignored", "device-one-chunk"}
 
 
 def vp_problem(spec: dict[str, Any]) -> dict[str, Any]:
@@ -227,11 +232,14 @@ def vp_problem(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run_vocab_parallel_op(rank: int) -> dict[str, Any]:
     """Loss and gradients of every VP_CASES case on this rank's shard."""
+    from logitless import vocab_parallel
     from logitless.vocab_parallel import vocab_parallel_linear_cross_entropy
 
     start, stop = VP_SPLIT[rank], VP_SPLIT[rank + 1]
     rows: dict[str, Any] = {}
+    compact = vocab_parallel._compact
     for name, (spec, call, chunk_mb) in VP_CASES.items():
+        vocab_parallel._compact = (lambda device: False) if name in VP_DEVICE_CHUNKING else compact
         if chunk_mb is None:
             os.environ.pop("LOGITLESS_CHUNK_MB", None)
         else:
@@ -247,6 +255,7 @@ def run_vocab_parallel_op(rank: int) -> dict[str, Any]:
         loss.backward()
         rows[name] = {"loss": loss.detach(), "d_hidden": hidden.grad, "d_weight": weight.grad,
                       "d_bias": None if bias is None else bias.grad}  # fmt: skip
+    vocab_parallel._compact = compact
     os.environ.pop("LOGITLESS_CHUNK_MB", None)
     return rows
 
