@@ -205,7 +205,15 @@ VP_CASES: dict[str, tuple[dict[str, Any], dict[str, Any], float | None]] = {
     "device-chunks-ignored": ({**VP_ALL, "ignore_first": 12}, {}, 0.02),
     "device-one-chunk": (VP_ALL, {}, None),
 }
-VP_DEVICE_CHUNKING = {"device-chunks", "device-chunks-ignored", "device-one-chunk"}
+VP_DEVICE_CHUNKING = {"device-chunks", "device-chunks-ignored", "device-one-chunk", "triton-device-chunks"}
+if os.environ.get("TRITON_INTERPRET") == "1":  # the Triton kernels on CPU tensors (tests/conftest.py sets it)
+    VP_CASES.update({
+        "triton-every-epilogue": (VP_ALL, {"impl": "triton"}, None),
+        "triton-sum-many-chunks": (VP_ALL, {"impl": "triton", "reduction": "sum"}, 0.02),
+        "triton-num-items": ({"logit_softcapping": 2.0}, {"impl": "triton", "num_items_in_batch": 37}, 0.02),
+        "triton-bf16": ({**VP_ALL, "dtype": torch.bfloat16}, {"impl": "triton"}, 0.02),
+        "triton-device-chunks": ({**VP_ALL, "ignore_first": 12}, {"impl": "triton"}, 0.02),
+    })  # fmt: skip
 
 
 def vp_problem(spec: dict[str, Any]) -> dict[str, Any]:

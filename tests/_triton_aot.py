@@ -27,12 +27,12 @@ from logitless import triton_path
 
 _ROW_ARGS = {
     "y_ptr": "*fp32", "stride": "i64", "t_ptr": "*i64", "s_ptr": "*fp32", "lb_ptr": "*fp32", "loss_ptr": "*fp32",
-    "lse_ptr": "*fp32", "stats_ptr": "*fp32", "g_ptr": "*fp32", "g_stride": "i64", "V": "i32", "k": "fp32",
-    "cap": "fp32", "inv_t": "fp32", "eps": "fp32", "z_loss": "fp32",
+    "lse_ptr": "*fp32", "stats_ptr": "*fp32", "g_ptr": "*fp32", "g_stride": "i64", "parts_ptr": "*fp32",
+    "V": "i32", "k": "fp32", "cap": "fp32", "inv_t": "fp32", "eps": "fp32", "z_loss": "fp32",
 }  # fmt: skip
 _SLAB_ARGS = {
     "y_ptr": "*fp32", "stride": "i64", "t_ptr": "*i64", "s_ptr": "*fp32", "lse_ptr": "*fp32", "lb_ptr": "*fp32",
-    "W": "i32", "v_start": "i32", "V": "i32", "k": "fp32", "cap": "fp32", "inv_t": "fp32", "eps": "fp32",
+    "g_ptr": "*fp32", "g_stride": "i64", "W": "i32", "v_start": "i32", "V": "i32", "k": "fp32", "cap": "fp32", "inv_t": "fp32", "eps": "fp32",
     "z_loss": "fp32",
 }  # fmt: skip
 
@@ -54,14 +54,18 @@ def _source(fn: object, args: dict[str, str], flags: dict[str, object], aligned:
 def _cases() -> list[tuple[str, object, dict[str, str], dict[str, object]]]:
     cases = []
     for lb, cap, grad, stats in itertools.product((False, True), repeat=4):
-        flags = {"HAS_LB": lb, "HAS_CAP": cap, "GRAD": grad, "STATS": stats, "BLOCK": triton_path._BLOCK}
+        flags = {"HAS_LB": lb, "HAS_CAP": cap, "GRAD": grad, "STATS": stats, "PARTS": False,
+                 "BLOCK": triton_path._BLOCK}  # fmt: skip
         cases.append(("row", triton_path._row_kernel, _ROW_ARGS, flags))
         if grad:  # the gradient rounded into the GEMMs' dtype as it is written (CUDA, bf16 / f16 inputs)
             for lp in ("bf16", "fp16"):
                 cases.append((f"row-grad-{lp}", triton_path._row_kernel, {**_ROW_ARGS, "g_ptr": f"*{lp}"}, flags))
+        if not grad and not stats:  # a vocabulary shard's statistics (shard_pass)
+            cases.append(("row-shard", triton_path._row_kernel, _ROW_ARGS, {**flags, "PARTS": True}))
     for lb, cap in itertools.product((False, True), repeat=2):
         flags = {"HAS_LB": lb, "HAS_CAP": cap, "BLOCK": triton_path._BLOCK}
-        cases.append(("slab", triton_path._slab_kernel, _SLAB_ARGS, flags))
+        for store in ("fp32", "bf16", "fp16"):
+            cases.append((f"slab-{store}", triton_path._slab_kernel, {**_SLAB_ARGS, "g_ptr": f"*{store}"}, flags))
     return cases
 
 

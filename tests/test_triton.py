@@ -255,3 +255,24 @@ def test_gradient_written_in_the_gemm_dtype(dtype: torch.dtype, chunk_mb: float,
     assert_close(res.loss_sum / n, ref.loss, tol_loss, "loss")
     assert_close(res.d_hidden, ref.d_hidden, tol_grad, "d_hidden")
     assert_close(res.d_weight, ref.d_weight, tol_grad, "d_weight")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_slab_kernel_stores_in_the_gemm_dtype(dtype: torch.dtype) -> None:
+    """The slab kernel (recompute, and the vocabulary-parallel loss on CUDA) writing a bf16/f16 gradient: the float32
+    one it writes in place, rounded (the interpreter truncates where a GPU rounds: one ulp)."""
+    p = _problem(**{k: v for k, v in EPILOGUES["all"].items() if k != "bias"})
+    opts = _options.parse(
+        device=p["hidden"].device, vocab=V, ignore_index=-100, impl="triton",
+        **{k: v for k, v in p.items() if k not in ("hidden", "weight", "labels")},
+    )  # fmt: skip
+    y = (p["hidden"].detach() @ p["weight"].detach()[300:1200].T).contiguous()
+    t = p["labels"].clamp(min=0)
+    lse = torch.logsumexp(p["hidden"].detach() @ p["weight"].detach().T, dim=1)  # any per-row value will do
+    s = torch.linspace(0.0, 1.0, N)
+    exact = triton_path.slab_pass(y.clone(), t, lse, s, opts, v0=300, vocab=V)
+    rounded = triton_path.slab_pass(y.clone(), t, lse, s, opts, v0=300, vocab=V, grad_dtype=dtype)
+    assert rounded.dtype == dtype and exact.dtype == torch.float32
+    ulp = exact.abs() * torch.finfo(dtype).eps + torch.finfo(dtype).tiny
+    assert bool(((rounded.double() - exact.double()).abs() <= ulp.double()).all())
+    assert bool((exact != 0).any())

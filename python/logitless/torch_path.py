@@ -492,7 +492,7 @@ def torch_row_pass(
 
 def torch_slab_pass(
     y: torch.Tensor, t: torch.Tensor, lse: torch.Tensor, s_rows: torch.Tensor, options: LossOptions, *, v0: int,
-    vocab: int,
+    vocab: int, grad_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """``d(Σ s_i l_i) / d y`` on the columns ``[v0, v0 + y.shape[1])`` of rows whose log-sum-exp is known, over
     ``y``'s storage."""
@@ -504,7 +504,7 @@ def torch_slab_pass(
     g.scatter_add_(1, col, torch.where(inside, options.label_smoothing - 1.0, 0.0).to(g.dtype).unsqueeze(1))
     g *= s_rows.unsqueeze(1)
     _epilogue_backward(g, capped, options.epilogue)
-    return g
+    return g if grad_dtype is None else g.to(grad_dtype)
 
 
 # Below this many columns a slab over every scored row is too thin a GEMM: blocks of rows instead.

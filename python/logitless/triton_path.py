@@ -29,7 +29,7 @@ import triton.language as tl
 from logitless import _options, torch_path
 from logitless._options import LossOptions
 
-__all__ = ["row_pass", "slab_pass"]
+__all__ = ["row_pass", "shard_pass", "slab_pass"]
 
 _BLOCK = 1024
 # Explicit, so the result does not change with Triton's default (3.9 warns that it will flip in 3.10) and users see
@@ -71,9 +71,10 @@ def _gradient(z, th, cols, t, lse, s, k, inv_t, eps, z_loss, V, HAS_CAP: tl.cons
 
 @triton.jit
 def _row_kernel(
-    y_ptr, stride, t_ptr, s_ptr, lb_ptr, loss_ptr, lse_ptr, stats_ptr, g_ptr, g_stride,
+    y_ptr, stride, t_ptr, s_ptr, lb_ptr, loss_ptr, lse_ptr, stats_ptr, g_ptr, g_stride, parts_ptr,
     V, k, cap, inv_t, eps, z_loss,
-    HAS_LB: tl.constexpr, HAS_CAP: tl.constexpr, GRAD: tl.constexpr, STATS: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_LB: tl.constexpr, HAS_CAP: tl.constexpr, GRAD: tl.constexpr, STATS: tl.constexpr, PARTS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     base = y_ptr + row * stride
@@ -101,6 +102,9 @@ def _row_kernel(
     loss = (1.0 - eps) * (lse - z_t) + eps * (lse - z_sum / V) + z_loss * lse * lse
     tl.store(loss_ptr + row, loss)
     tl.store(lse_ptr + row, lse)
+    if PARTS:  # a vocabulary shard's share of the row, for the vocabulary-parallel loss
+        tl.store(parts_ptr + row * 2, z_t)
+        tl.store(parts_ptr + row * 2 + 1, z_sum)
     if STATS:
         weighted = 0.0
         sum_sq = 0.0
@@ -133,7 +137,7 @@ def _row_kernel(
 
 @triton.jit
 def _slab_kernel(
-    y_ptr, stride, t_ptr, s_ptr, lse_ptr, lb_ptr,
+    y_ptr, stride, t_ptr, s_ptr, lse_ptr, lb_ptr, g_ptr, g_stride,
     W, v_start, V, k, cap, inv_t, eps, z_loss,
     HAS_LB: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
@@ -142,6 +146,7 @@ def _slab_kernel(
     t = tl.load(t_ptr + row)
     lse = tl.load(lse_ptr + row)
     s = tl.load(s_ptr + row)
+    g_base = g_ptr + row * g_stride
     for w0 in range(0, W, BLOCK):
         local = w0 + tl.arange(0, BLOCK)
         in_row = local < W
@@ -149,7 +154,7 @@ def _slab_kernel(
         y = tl.load(base + local, mask=in_row, other=0.0)
         z, th = _epilogue(y, cols, in_row, lb_ptr, k, cap, inv_t, HAS_LB, HAS_CAP)
         g = _gradient(z, th, cols, t, lse, s, k, inv_t, eps, z_loss, V, HAS_CAP)
-        tl.store(base + local, g, mask=in_row)
+        tl.store(g_base + local, g.to(g_ptr.dtype.element_ty), mask=in_row)
 
 
 def _constants(options: LossOptions) -> tuple[float, float, float, bool, bool]:
@@ -195,9 +200,9 @@ def row_pass(
     g = y if not grad or grad_dtype in (None, torch.float32) else torch.empty(rows, v, dtype=grad_dtype, device=y.device)
     try:
         _row_kernel[(rows,)](
-            y, y.stride(0), t.contiguous(), scale, lb, loss, lse, stats, g, g.stride(0),
+            y, y.stride(0), t.contiguous(), scale, lb, loss, lse, stats, g, g.stride(0), loss,
             v, k, cap, inv_t, options.label_smoothing, options.z_loss,
-            HAS_LB=has_lb, HAS_CAP=has_cap, GRAD=grad, STATS=want_stats, BLOCK=_BLOCK, **_COMPILE,
+            HAS_LB=has_lb, HAS_CAP=has_cap, GRAD=grad, STATS=want_stats, PARTS=False, BLOCK=_BLOCK, **_COMPILE,
         )  # fmt: skip
     except Exception as error:  # noqa: BLE001 - a compile / launch failure of this kernel, not of the maths
         _fallback(error)
@@ -211,22 +216,43 @@ def row_pass(
 
 def slab_pass(
     y: torch.Tensor, t: torch.Tensor, lse: torch.Tensor, s_rows: torch.Tensor, options: LossOptions, *, v0: int,
-    vocab: int,
+    vocab: int, grad_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """``torch_path.torch_slab_pass`` as one Triton program per row."""
     if y.dtype != torch.float32 or _broken or y.shape[0] == 0:
-        return torch_path.torch_slab_pass(y, t, lse, s_rows, options, v0=v0, vocab=vocab)
+        return torch_path.torch_slab_pass(y, t, lse, s_rows, options, v0=v0, vocab=vocab, grad_dtype=grad_dtype)
     rows, width = y.shape
     y = y.contiguous()
     k, cap, inv_t, has_lb, has_cap = _constants(options)
     lb = options.epilogue.logits_bias if has_lb else y
+    g = y if grad_dtype in (None, torch.float32) else torch.empty(rows, width, dtype=grad_dtype, device=y.device)
     try:
         _slab_kernel[(rows,)](
             y, y.stride(0), t.contiguous(), s_rows.to(torch.float32).contiguous(), lse.to(torch.float32).contiguous(),
-            lb, width, v0, vocab, k, cap, inv_t, options.label_smoothing, options.z_loss,
+            lb, g, g.stride(0), width, v0, vocab, k, cap, inv_t, options.label_smoothing, options.z_loss,
             HAS_LB=has_lb, HAS_CAP=has_cap, BLOCK=_BLOCK, **_COMPILE,
         )  # fmt: skip
     except Exception as error:  # noqa: BLE001
         _fallback(error)
-        return torch_path.torch_slab_pass(y, t, lse, s_rows, options, v0=v0, vocab=vocab)
-    return y
+        return torch_path.torch_slab_pass(y, t, lse, s_rows, options, v0=v0, vocab=vocab, grad_dtype=grad_dtype)
+    return g
+
+
+def shard_pass(
+    y: torch.Tensor, t_local: torch.Tensor, options: LossOptions, *, v0: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A vocabulary shard's share of each row (``vocab_parallel``): over the post-epilogue logits of the columns
+    ``[v0, v0 + y.shape[1])``, their log-sum-exp, the target's logit (0 where ``t_local`` is outside the shard) and
+    their sum. Reads ``y`` once and leaves it as it was."""
+    rows, width = y.shape
+    y = y.contiguous()
+    k, cap, inv_t, has_lb, has_cap = _constants(options)
+    loss, lse = torch.empty(2, rows, dtype=torch.float32, device=y.device)  # this shard's own loss: unused
+    parts = torch.empty(rows, 2, dtype=torch.float32, device=y.device)
+    lb = options.epilogue.logits_bias[v0 : v0 + width] if has_lb else y
+    _row_kernel[(rows,)](
+        y, y.stride(0), t_local.contiguous(), lse, lb, loss, lse, lse, y, y.stride(0), parts,
+        width, k, cap, inv_t, 0.0, 0.0,
+        HAS_LB=has_lb, HAS_CAP=has_cap, GRAD=False, STATS=False, PARTS=True, BLOCK=_BLOCK, **_COMPILE,
+    )  # fmt: skip
+    return lse, parts[:, 0], parts[:, 1]

@@ -19,6 +19,7 @@ is identical on every rank.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from logitless._options import LossOptions
 __all__ = ["vocab_parallel_linear_cross_entropy"]
 
 _REDUCTIONS = ("mean", "sum")
+_IMPLS = ("auto", "torch", "triton")
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -54,6 +56,7 @@ def vocab_parallel_linear_cross_entropy(
     logit_scale_divide: float | None = None,
     logit_softcapping: float | None = None,
     logits_bias: torch.Tensor | None = None,
+    impl: str = "auto",
 ) -> torch.Tensor:
     """``logitless.linear_cross_entropy`` over a ``vocab_size``-row head of which this rank holds ``weight`` (rows
     ``[vocab_start, vocab_start + weight.shape[0])``, ``bias`` likewise); every rank of ``group`` calls it with the
@@ -61,7 +64,11 @@ def vocab_parallel_linear_cross_entropy(
 
     Returns the same loss on every rank. Gradients: ``weight`` / ``bias`` receive their shard's gradient, ``hidden``
     the full gradient (summed over the group), as a replicated input of a colwise-parallel ``nn.Linear`` does.
+    ``impl``: ``"auto"`` (the Triton kernels on CUDA when Triton imports, torch ops otherwise), ``"torch"`` or
+    ``"triton"``; there is no Rust kernel for a vocabulary shard.
     """
+    if impl not in _IMPLS:
+        raise ValueError(f"impl: expected one of {_IMPLS} (vocab parallel), got {impl!r}")
     hidden, weight, bias = ops._checked_tensors(hidden, weight, bias, rows="V_local")
     local = weight.shape[0]
     if not (0 <= vocab_start and vocab_start + local <= vocab_size):
@@ -82,8 +89,10 @@ def vocab_parallel_linear_cross_entropy(
         logit_scale_divide=logit_scale_divide,
         logit_softcapping=logit_softcapping,
         logits_bias=logits_bias,
-        impl="torch",
+        impl=impl,
     )
+    if options.impl == "rust":  # "auto" on CPU
+        options = dataclasses.replace(options, impl="torch")
     targets = ops._targets(hidden, labels, shift, shift_labels, options.ignore_index, hidden.device)
     rows = math.prod(hidden.shape[:-1])
     shard = _Shard(group=group, start=vocab_start, total=vocab_size)
@@ -206,24 +215,40 @@ class _VocabParallel(torch.autograd.Function):
         d_weight = torch.zeros(local, h_dim, dtype=acc, device=dev) if need_dw else None
         d_bias = torch.zeros(local, dtype=acc, device=dev) if need_db else None
         loss_sum = torch.zeros((), dtype=acc, device=dev)
+        kernels = options.impl == "triton" and acc == torch.float32 and local > 0
+        if kernels:
+            from logitless import triton_path  # imports triton: only when its kernels are wanted
+        # With the kernels on CUDA the gradient is written straight in the GEMMs' dtype (as in torch_path).
+        low_precision_grad = kernels and dev.type == "cuda" and hidden.dtype != acc and not need_db
         for c in _chunks(hidden, targets, valid, rows_per_chunk):
             rows = c.stop - c.start
+            mine = (c.t >= cols.start) & (c.t < cols.stop)
             z = capped = None
-            if local:
-                z, capped = _shard_logits(c, weight, bias, options, cols, acc)
-                row_max = z.max(dim=1).values
-            else:
-                row_max = torch.full((rows,), -math.inf, dtype=acc, device=dev)
-            dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=shard.group)
             stats = torch.zeros(3, rows, dtype=acc, device=dev)  # Σ exp(z - max), the target's logit, Σ z
-            if z is not None:
-                mine = (c.t >= cols.start) & (c.t < cols.stop)
-                col = (c.t - cols.start).clamp(0, local - 1).unsqueeze(1)
-                stats[1] = torch.where(mine, z.gather(1, col).squeeze(1), 0.0)
-                if eps:
-                    stats[2] = z.sum(dim=1)
-                z.sub_(row_max.unsqueeze(1)).exp_()  # kept: over the global Σ it is the gradient's p
-                stats[0] = z.sum(dim=1)
+            if kernels:
+                # One read of the shard's logits for its log-sum-exp, target logit and Σz; the two all-reduces
+                # combine the shards' log-sum-exps (MAX, then SUM of exp(lse - max)).
+                z = torch_path._logits(c.h, weight, bias, acc)
+                lse_local, stats[1], stats[2] = triton_path.shard_pass(
+                    z, torch.where(mine, c.t - cols.start, -1), options, v0=cols.start
+                )
+                row_max = lse_local.clone()
+                dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=shard.group)
+                stats[0] = torch.exp(lse_local - row_max)
+            else:
+                if local:
+                    z, capped = _shard_logits(c, weight, bias, options, cols, acc)
+                    row_max = z.max(dim=1).values
+                else:
+                    row_max = torch.full((rows,), -math.inf, dtype=acc, device=dev)
+                dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=shard.group)
+                if z is not None:
+                    col = (c.t - cols.start).clamp(0, local - 1).unsqueeze(1)
+                    stats[1] = torch.where(mine, z.gather(1, col).squeeze(1), 0.0)
+                    if eps:
+                        stats[2] = z.sum(dim=1)
+                    z.sub_(row_max.unsqueeze(1)).exp_()  # kept: over the global Σ it is the gradient's p
+                    stats[0] = z.sum(dim=1)
             dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=shard.group)
             lse = row_max + stats[0].log()
             loss_rows = (1.0 - eps) * (lse - stats[1]) + zl * lse * lse
@@ -234,16 +259,26 @@ class _VocabParallel(torch.autograd.Function):
             loss_sum += loss_rows.sum()
             if z is None or not (need_dh or need_dw or need_db):
                 continue
-            g = z.mul_(stats[0].reciprocal().unsqueeze(1))
-            if zl:
-                g *= (1.0 + 2.0 * zl * lse).unsqueeze(1)
-            if eps:
-                g -= eps / shard.total
-            g.scatter_add_(1, col, torch.where(mine, eps - 1.0, 0.0).to(acc).unsqueeze(1))
             s = scale.expand(rows) if c.mask is None else scale * c.mask
-            g *= s.unsqueeze(1)
-            torch_path._epilogue_backward(g, capped, options.epilogue)
-            g_lp = g.to(hidden.dtype)
+            g: torch.Tensor | None
+            if kernels:
+                g = triton_path.slab_pass(
+                    z, c.t, lse, s, options, v0=cols.start, vocab=shard.total,
+                    grad_dtype=hidden.dtype if low_precision_grad else None,
+                )  # fmt: skip
+            else:
+                g = z.mul_(stats[0].reciprocal().unsqueeze(1))
+                if zl:
+                    g *= (1.0 + 2.0 * zl * lse).unsqueeze(1)
+                if eps:
+                    g -= eps / shard.total
+                g.scatter_add_(1, col, torch.where(mine, eps - 1.0, 0.0).to(acc).unsqueeze(1))
+                g *= s.unsqueeze(1)
+                torch_path._epilogue_backward(g, capped, options.epilogue)
+            if g.dtype == acc:
+                g_lp = g.to(hidden.dtype)
+            else:  # rounded by the kernel already
+                g_lp, g = g, None
             if d_hidden is not None:
                 dh = torch_path._mm(g_lp, weight, acc)
                 if c.idx is not None:
@@ -253,6 +288,7 @@ class _VocabParallel(torch.autograd.Function):
             if d_weight is not None:
                 torch_path._add_mm(d_weight, g, g_lp, c.h)
             if d_bias is not None:
+                assert g is not None
                 d_bias += g.sum(dim=0)
         if d_hidden is not None:
             # Each shard contributes its part of d_hidden; summed in float32, as every rank needs all of it.
