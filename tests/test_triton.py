@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("a GPU machine: the kernels are checked on the device by bench/cuda_compare.py", allow_module_level=True)
 import torch  # noqa: E402
-from ops_reference import TOLERANCES, assert_close, reference  # noqa: E402
+from ops_reference import TOLERANCES, assert_close, epilogue64, reference  # noqa: E402
 
 import logitless  # noqa: E402
 from logitless import _options, torch_path  # noqa: E402
@@ -276,3 +276,32 @@ def test_slab_kernel_stores_in_the_gemm_dtype(dtype: torch.dtype) -> None:
     ulp = exact.abs() * torch.finfo(dtype).eps + torch.finfo(dtype).tiny
     assert bool(((rounded.double() - exact.double()).abs() <= ulp.double()).all())
     assert bool((exact != 0).any())
+
+
+def test_shard_pass_and_its_torch_fallback_against_float64() -> None:
+    """A vocabulary shard's log-sum-exp, target logit (0 off the shard) and logit sum, through every epilogue: the
+    kernel, and the torch ops a GPU without a working kernel falls back to."""
+    p = _problem(**{k: v for k, v in EPILOGUES["all"].items() if k != "bias"})
+    opts = _options.parse(
+        device=p["hidden"].device, vocab=V, ignore_index=-100, impl="triton",
+        **{k: v for k, v in p.items() if k not in ("hidden", "weight", "labels")},
+    )  # fmt: skip
+    v0, v1 = 300, 1250
+    y = (p["hidden"].detach() @ p["weight"].detach()[v0:v1].T).contiguous()
+    t = p["labels"].clamp(min=0)
+    t_local = torch.where((t >= v0) & (t < v1), t - v0, -1)
+    assert bool((t_local >= 0).any()) and bool((t_local < 0).any())
+    z = epilogue64(
+        y.double(), logits_bias=p["logits_bias"][v0:v1], logit_scale_multiply=1.5, logit_scale_divide=0.8,
+        logit_softcapping=3.0,
+    )  # fmt: skip
+    want = (
+        torch.logsumexp(z, dim=1),
+        torch.where(t_local >= 0, z.gather(1, t_local.clamp(min=0)[:, None])[:, 0], 0.0),
+        z.sum(dim=1),
+    )
+    before = y.clone()
+    for got in (triton_path.shard_pass(y, t_local, opts, v0=v0), triton_path.torch_shard_pass(y, t_local, opts, v0=v0)):
+        for g, w, what in zip(got, want, ("lse", "target logit", "sum")):
+            assert_close(g, w, 2e-5, what)
+    assert torch.equal(y, before)

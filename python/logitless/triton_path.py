@@ -244,15 +244,31 @@ def shard_pass(
     """A vocabulary shard's share of each row (``vocab_parallel``): over the post-epilogue logits of the columns
     ``[v0, v0 + y.shape[1])``, their log-sum-exp, the target's logit (0 where ``t_local`` is outside the shard) and
     their sum. Reads ``y`` once and leaves it as it was."""
+    if _broken:
+        return torch_shard_pass(y, t_local, options, v0=v0)
     rows, width = y.shape
     y = y.contiguous()
     k, cap, inv_t, has_lb, has_cap = _constants(options)
     loss, lse = torch.empty(2, rows, dtype=torch.float32, device=y.device)  # this shard's own loss: unused
     parts = torch.empty(rows, 2, dtype=torch.float32, device=y.device)
     lb = options.epilogue.logits_bias[v0 : v0 + width] if has_lb else y
-    _row_kernel[(rows,)](
-        y, y.stride(0), t_local.contiguous(), lse, lb, loss, lse, lse, y, y.stride(0), parts,
-        width, k, cap, inv_t, 0.0, 0.0,
-        HAS_LB=has_lb, HAS_CAP=has_cap, GRAD=False, STATS=False, PARTS=True, BLOCK=_BLOCK, **_COMPILE,
-    )  # fmt: skip
+    try:
+        _row_kernel[(rows,)](
+            y, y.stride(0), t_local.contiguous(), lse, lb, loss, lse, lse, y, y.stride(0), parts,
+            width, k, cap, inv_t, 0.0, 0.0,
+            HAS_LB=has_lb, HAS_CAP=has_cap, GRAD=False, STATS=False, PARTS=True, BLOCK=_BLOCK, **_COMPILE,
+        )  # fmt: skip
+    except Exception as error:  # noqa: BLE001
+        _fallback(error)
+        return torch_shard_pass(y, t_local, options, v0=v0)
     return lse, parts[:, 0], parts[:, 1]
+
+
+def torch_shard_pass(
+    y: torch.Tensor, t_local: torch.Tensor, options: LossOptions, *, v0: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``shard_pass`` in torch ops, for a GPU where the kernel does not compile (``y`` is left as it was)."""
+    z, _ = torch_path._epilogue_forward(y.clone(), options.epilogue, y.dtype, slice(v0, v0 + y.shape[1]))
+    mine = t_local >= 0
+    z_t = z.gather(1, t_local.clamp(min=0).unsqueeze(1)).squeeze(1)
+    return torch.logsumexp(z, dim=1), torch.where(mine, z_t, 0.0), z.sum(dim=1)
