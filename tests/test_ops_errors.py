@@ -154,3 +154,29 @@ def test_binding_refuses_output_overlapping_an_input() -> None:
             view(hidden), view(weight), None, view(labels), ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
             d_hidden=view(hidden),
         )  # fmt: skip
+
+
+VOCAB_PARALLEL_ERRORS = [
+    ({"impl": "rust"}, ValueError, r"^impl: expected one of \('auto', 'torch', 'triton'\)"),
+    ({"impl": "fast"}, ValueError, r"^impl: expected one of"),
+    ({"vocab_start": 5}, ValueError, r"^vocab_start: expected the shard \[5, 16\) inside \[0, 11\)"),
+    ({"vocab_start": -1}, ValueError, r"^vocab_start: expected the shard"),
+    ({"reduction": "none"}, ValueError, r"^reduction: expected one of \('mean', 'sum'\)"),
+    ({"reduction": "sum", "num_items_in_batch": 3}, ValueError, r"^num_items_in_batch: only meaningful"),
+    ({"label_smoothing": 2.0}, ValueError, r"^label_smoothing: expected a value in \[0, 1\]"),
+    ({"hidden": torch.randn(N, H + 1)}, ValueError, r"^weight: expected \[V_local, 9\] \(hidden size 9\), got \(11, 8\)"),
+]
+
+
+@pytest.mark.parametrize(("change", "error", "message"), VOCAB_PARALLEL_ERRORS)
+def test_vocab_parallel_op_rejects_bad_arguments_before_any_collective(
+    change: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    """No process group exists here: each error is raised before the op would communicate."""
+    from logitless.vocab_parallel import vocab_parallel_linear_cross_entropy
+
+    hidden, weight, labels = inputs()
+    kwargs: dict[str, Any] = {"hidden": hidden, "weight": weight, "labels": labels, "vocab_start": 0,
+                              "vocab_size": V, **change}  # fmt: skip
+    with pytest.raises(error, match=message):
+        vocab_parallel_linear_cross_entropy(**kwargs)
