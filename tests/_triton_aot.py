@@ -4,7 +4,8 @@ Run by tests/test_triton_compile.py in a child process without TRITON_INTERPRET 
 interpreter on, and Triton fixes that choice when it decorates). ``triton.compile`` with an explicit ``GPUTarget``
 goes through Triton's whole pipeline (TTIR, TTGIR, LLVM IR, PTX) and the bundled ``ptxas`` to a cubin, so a kernel
 that the interpreter runs but the compiler rejects fails here, not in a lent-device window. ``ptxas -v`` on the same
-PTX reports registers and spills; the PTX itself shows whether the loads of the logits are vectorised. Prints one JSON object: one row per (target, kernel, specialisation).
+PTX reports registers and spills; the PTX itself shows whether the loads of the logits are vectorised. Prints one
+JSON object: one row per (target, kernel, specialisation).
 
 Usage: python tests/_triton_aot.py CAPABILITY [CAPABILITY ...]   e.g. 80 90
 """
@@ -32,8 +33,8 @@ _ROW_ARGS = {
 }  # fmt: skip
 _SLAB_ARGS = {
     "y_ptr": "*fp32", "stride": "i64", "t_ptr": "*i64", "s_ptr": "*fp32", "lse_ptr": "*fp32", "lb_ptr": "*fp32",
-    "g_ptr": "*fp32", "g_stride": "i64", "W": "i32", "v_start": "i32", "V": "i32", "k": "fp32", "cap": "fp32", "inv_t": "fp32", "eps": "fp32",
-    "z_loss": "fp32",
+    "g_ptr": "*fp32", "g_stride": "i64", "W": "i32", "v_start": "i32", "V": "i32", "k": "fp32", "cap": "fp32",
+    "inv_t": "fp32", "eps": "fp32", "z_loss": "fp32",
 }  # fmt: skip
 
 

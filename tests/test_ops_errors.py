@@ -164,7 +164,8 @@ VOCAB_PARALLEL_ERRORS = [
     ({"reduction": "none"}, ValueError, r"^reduction: expected one of \('mean', 'sum'\)"),
     ({"reduction": "sum", "num_items_in_batch": 3}, ValueError, r"^num_items_in_batch: only meaningful"),
     ({"label_smoothing": 2.0}, ValueError, r"^label_smoothing: expected a value in \[0, 1\]"),
-    ({"hidden": torch.randn(N, H + 1)}, ValueError, r"^weight: expected \[V_local, 9\] \(hidden size 9\), got \(11, 8\)"),
+    ({"hidden": torch.randn(N, H + 1)}, ValueError,
+     r"^weight: expected \[V_local, 9\] \(hidden size 9\), got \(11, 8\)"),  # fmt: skip
 ]
 
 

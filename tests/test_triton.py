@@ -223,7 +223,9 @@ def test_the_row_pass_is_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("chunk_mb", [0.05, 64])
-def test_gradient_written_in_the_gemm_dtype(dtype: torch.dtype, chunk_mb: float, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gradient_written_in_the_gemm_dtype(
+    dtype: torch.dtype, chunk_mb: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """What CUDA does for bf16/f16 inputs: the kernel rounds the logits gradient once into the inputs' dtype as it
     writes it (no float32 gradient, no cast pass). Loss and gradients against float64, one chunk and many."""
     monkeypatch.setenv("LOGITLESS_CHUNK_MB", str(chunk_mb))

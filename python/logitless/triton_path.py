@@ -197,7 +197,8 @@ def row_pass(
     stats = torch.empty(rows, torch_path.TOKEN_STATS, dtype=torch.float32, device=y.device) if want_stats else loss
     lb = options.epilogue.logits_bias if has_lb else y
     scale = s_rows.to(torch.float32).contiguous()
-    g = y if not grad or grad_dtype in (None, torch.float32) else torch.empty(rows, v, dtype=grad_dtype, device=y.device)
+    in_place = not grad or grad_dtype in (None, torch.float32)
+    g = y if in_place else torch.empty(rows, v, dtype=grad_dtype, device=y.device)
     try:
         _row_kernel[(rows,)](
             y, y.stride(0), t.contiguous(), scale, lb, loss, lse, stats, g, g.stride(0), loss,
