@@ -206,14 +206,20 @@ VP_CASES: dict[str, tuple[dict[str, Any], dict[str, Any], float | None]] = {
     "device-one-chunk": (VP_ALL, {}, None),
 }
 VP_DEVICE_CHUNKING = {"device-chunks", "device-chunks-ignored", "device-one-chunk", "triton-device-chunks"}
-if os.environ.get("TRITON_INTERPRET") == "1":  # the Triton kernels on CPU tensors (tests/conftest.py sets it)
-    VP_CASES.update({
-        "triton-every-epilogue": (VP_ALL, {"impl": "triton"}, None),
-        "triton-sum-many-chunks": (VP_ALL, {"impl": "triton", "reduction": "sum"}, 0.02),
-        "triton-num-items": ({"logit_softcapping": 2.0}, {"impl": "triton", "num_items_in_batch": 37}, 0.02),
-        "triton-bf16": ({**VP_ALL, "dtype": torch.bfloat16}, {"impl": "triton"}, 0.02),
-        "triton-device-chunks": ({**VP_ALL, "ignore_first": 12}, {"impl": "triton"}, 0.02),
-    })  # fmt: skip
+VP_TRITON_CASES: dict[str, tuple[dict[str, Any], dict[str, Any], float | None]] = {
+    "triton-every-epilogue": (VP_ALL, {"impl": "triton"}, None),
+    "triton-sum-many-chunks": (VP_ALL, {"impl": "triton", "reduction": "sum"}, 0.02),
+    "triton-num-items": ({"logit_softcapping": 2.0}, {"impl": "triton", "num_items_in_batch": 37}, 0.02),
+    "triton-bf16": ({**VP_ALL, "dtype": torch.bfloat16}, {"impl": "triton"}, 0.02),
+    "triton-device-chunks": ({**VP_ALL, "ignore_first": 12}, {"impl": "triton"}, 0.02),
+}  # fmt: skip
+
+
+def vp_cases(device: str) -> dict[str, tuple[dict[str, Any], dict[str, Any], float | None]]:
+    """The cases run on ``device``: the Triton ones on CUDA, and on CPU tensors under Triton's interpreter
+    (tests/conftest.py turns it on where there is no GPU)."""
+    triton = device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return {**VP_CASES, **(VP_TRITON_CASES if triton else {})}
 
 
 def vp_problem(spec: dict[str, Any]) -> dict[str, Any]:
@@ -238,21 +244,22 @@ def vp_problem(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_vocab_parallel_op(rank: int) -> dict[str, Any]:
-    """Loss and gradients of every VP_CASES case on this rank's shard."""
+def run_vocab_parallel_op(rank: int, device: str = "cpu") -> dict[str, Any]:
+    """Loss and gradients of every case of ``vp_cases(device)`` on this rank's shard, on ``device`` (results on
+    CPU)."""
     from logitless import vocab_parallel
     from logitless.vocab_parallel import vocab_parallel_linear_cross_entropy
 
     start, stop = VP_SPLIT[rank], VP_SPLIT[rank + 1]
     rows: dict[str, Any] = {}
     compact = vocab_parallel._compact
-    for name, (spec, call, chunk_mb) in VP_CASES.items():
+    for name, (spec, call, chunk_mb) in vp_cases(device).items():
         vocab_parallel._compact = (lambda device: False) if name in VP_DEVICE_CHUNKING else compact
         if chunk_mb is None:
             os.environ.pop("LOGITLESS_CHUNK_MB", None)
         else:
             os.environ["LOGITLESS_CHUNK_MB"] = str(chunk_mb)
-        p = vp_problem(spec)
+        p = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vp_problem(spec).items()}
         hidden = p.pop("hidden").requires_grad_()
         weight = p.pop("weight")[start:stop].clone().requires_grad_()
         bias = p.pop("bias")[start:stop].clone().requires_grad_() if "bias" in p else None
@@ -261,8 +268,8 @@ def run_vocab_parallel_op(rank: int) -> dict[str, Any]:
             hidden, weight, labels, vocab_start=start, vocab_size=VP_VOCAB, bias=bias, **{"shift": False, **call}, **p
         )
         loss.backward()
-        rows[name] = {"loss": loss.detach(), "d_hidden": hidden.grad, "d_weight": weight.grad,
-                      "d_bias": None if bias is None else bias.grad}  # fmt: skip
+        rows[name] = {"loss": loss.detach().cpu(), "d_hidden": hidden.grad.cpu(), "d_weight": weight.grad.cpu(),
+                      "d_bias": None if bias is None else bias.grad.cpu()}  # fmt: skip
     vocab_parallel._compact = compact
     os.environ.pop("LOGITLESS_CHUNK_MB", None)
     return rows
@@ -273,8 +280,14 @@ def main() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    results = {setup: run_vocab_parallel_op(rank) if setup == "vocab-parallel-op" else run(setup, rank)
-               for setup in setups}  # fmt: skip
+    results = {}
+    for setup in setups:
+        if setup == "vocab-parallel-op":
+            results[setup] = run_vocab_parallel_op(rank)
+        elif setup == "vocab-parallel-op-cuda":  # both ranks on one GPU: gloo moves CUDA tensors through the host
+            results[setup] = run_vocab_parallel_op(rank, "cuda")
+        else:
+            results[setup] = run(setup, rank)
     torch.save(results, out_dir / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
@@ -283,3 +296,27 @@ def main() -> None:
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main()
+
+
+def check_vocab_parallel_case(rows: list[dict[str, Any]], case: str, device: str) -> None:
+    """Both ranks' results of a ``vp_cases(device)`` case against the float64 reference of the whole head: every
+    rank returns the reference's loss (the same bits on both) and the full d_hidden; the shards' d_weight / d_bias,
+    put together, are the reference's."""
+    from ops_reference import TOLERANCES, assert_close, reference
+
+    spec, call, _ = vp_cases(device)[case]
+    p = vp_problem(spec)
+    for name in ("hidden", "weight", "bias"):
+        if name in p:
+            p[name].requires_grad_()
+    ref = reference(**{"shift": False, **{k: v for k, v in call.items() if k != "impl"}}, **p)
+    tol_loss, tol_grad = TOLERANCES[p["hidden"].dtype]
+    assert torch.equal(rows[0]["loss"], rows[1]["loss"])
+    for r, row in enumerate(rows):
+        assert_close(row["loss"], ref.loss, tol_loss, f"rank {r} loss")
+        assert_close(row["d_hidden"], ref.d_hidden, tol_grad, f"rank {r} d_hidden")
+    assert_close(torch.cat([row["d_weight"] for row in rows]), ref.d_weight, tol_grad, "d_weight")
+    if ref.d_bias is not None:
+        assert_close(torch.cat([row["d_bias"] for row in rows]), ref.d_bias, tol_grad, "d_bias")
+    if spec.get("ignore_first") == VP_ROWS:
+        assert float(rows[0]["loss"]) == 0.0 and not rows[0]["d_hidden"].any()

@@ -1,6 +1,10 @@
-"""The op on CUDA (the torch path), against the float64 CPU reference. Skipped where no CUDA device is present.
+"""The op on CUDA (``impl="auto"``: the Triton kernels when Triton imports, else the torch path), against the float64
+CPU reference. Skipped where no CUDA device is present.
 
-CI has no GPU; these ran on an H100 through the project's device tool (see the README's CUDA figures).
+CI has no GPU. These ran on an H100 through the project's device tool with the torch path (see the README's CUDA
+figures); the Triton kernels, now chosen by ``auto``, and the vocabulary-parallel cases have not run on a GPU yet:
+the next lent device runs ``pytest tests/test_cuda.py`` (Triton's interpreter and tests/test_triton_compile.py cover
+them on CPU meanwhile).
 """
 
 from __future__ import annotations
@@ -147,3 +151,45 @@ def test_out_of_range_label_fails_loudly_on_cuda() -> None:
     assert proc.returncode != 3, f"an out-of-range label gave a finite loss: {out}"
     # Exit 0 means the loss was NaN; otherwise it must be the device-side assert, not some other failure.
     assert proc.returncode == 0 or "assert" in out.lower(), out
+
+
+@pytest.fixture(scope="module")
+def vocab_parallel_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """tests/_dist_worker.py's vocabulary-parallel cases on CUDA: 2 gloo ranks sharing the one GPU (gloo stages CUDA
+    tensors through the host, so one device is enough), including the Triton kernels."""
+    import socket
+    from pathlib import Path
+
+    import _dist_worker as worker
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path_factory.mktemp("vp-cuda")
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(Path(worker.__file__)), str(out), "vocab-parallel-op-cuda"],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for r in range(2)
+    ]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-4000:]
+    return [torch.load(out / f"rank{r}.pt")["vocab-parallel-op-cuda"] for r in range(2)]
+
+
+def _vocab_parallel_cases() -> list[str]:
+    import _dist_worker as worker
+
+    return list(worker.vp_cases("cuda"))
+
+
+@pytest.mark.parametrize("case", _vocab_parallel_cases())
+def test_vocab_parallel_op_on_cuda(vocab_parallel_ranks: list[dict[str, Any]], case: str) -> None:
+    import _dist_worker as worker
+
+    worker.check_vocab_parallel_case([vocab_parallel_ranks[r][case] for r in range(2)], case, "cuda")
