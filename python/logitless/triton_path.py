@@ -70,6 +70,32 @@ def _gradient(z, th, cols, t, lse, s, k, inv_t, eps, z_loss, V, HAS_CAP: tl.cons
 
 
 @triton.jit
+def _block(base, w0, W, v_start, lb_ptr, k, cap, inv_t, HAS_LB: tl.constexpr, HAS_CAP: tl.constexpr,
+           BLOCK: tl.constexpr):  # fmt: skip
+    """Block ``w0`` of a row of ``W`` logits (vocabulary columns from ``v_start``): its offsets in the row, its
+    columns, which are in the row, and its post-epilogue logits with ``tanh`` (softcap)."""
+    local = w0 + tl.arange(0, BLOCK)
+    in_row = local < W
+    cols = v_start + local
+    y = tl.load(base + local, mask=in_row, other=0.0)
+    z, th = _epilogue(y, cols, in_row, lb_ptr, k, cap, inv_t, HAS_LB, HAS_CAP)
+    return local, cols, in_row, z, th
+
+
+@triton.jit
+def _write_gradient(
+    base, g_base, W, v_start, t, lse, s, lb_ptr, k, cap, inv_t, eps, z_loss, V,
+    HAS_LB: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """A row's logits gradient from its log-sum-exp, over the float32 logits, or rounded once into the GEMMs'
+    dtype (one fewer pass over the chunk)."""
+    for w0 in range(0, W, BLOCK):
+        local, cols, in_row, z, th = _block(base, w0, W, v_start, lb_ptr, k, cap, inv_t, HAS_LB, HAS_CAP, BLOCK)
+        g = _gradient(z, th, cols, t, lse, s, k, inv_t, eps, z_loss, V, HAS_CAP)
+        tl.store(g_base + local, g.to(g_base.dtype.element_ty), mask=in_row)
+
+
+@triton.jit
 def _row_kernel(
     y_ptr, stride, t_ptr, s_ptr, lb_ptr, loss_ptr, lse_ptr, stats_ptr, g_ptr, g_stride, parts_ptr,
     V, k, cap, inv_t, eps, z_loss,
@@ -85,10 +111,7 @@ def _row_kernel(
     z_t = 0.0
     top = 0
     for v0 in range(0, V, BLOCK):
-        cols = v0 + tl.arange(0, BLOCK)
-        in_row = cols < V
-        y = tl.load(base + cols, mask=in_row, other=0.0)
-        z, th = _epilogue(y, cols, in_row, lb_ptr, k, cap, inv_t, HAS_LB, HAS_CAP)
+        _, cols, in_row, z, _ = _block(base, v0, V, 0, lb_ptr, k, cap, inv_t, HAS_LB, HAS_CAP, BLOCK)
         z = tl.where(in_row, z, float("-inf"))
         block_max = tl.max(z, axis=0)
         # Ties go to the lowest index: a later block must be strictly greater.
@@ -109,10 +132,7 @@ def _row_kernel(
         weighted = 0.0
         sum_sq = 0.0
         for v0 in range(0, V, BLOCK):
-            cols = v0 + tl.arange(0, BLOCK)
-            in_row = cols < V
-            y = tl.load(base + cols, mask=in_row, other=0.0)
-            z, th = _epilogue(y, cols, in_row, lb_ptr, k, cap, inv_t, HAS_LB, HAS_CAP)
+            _, _, in_row, z, _ = _block(base, v0, V, 0, lb_ptr, k, cap, inv_t, HAS_LB, HAS_CAP, BLOCK)
             d = tl.where(in_row, z - m, 0.0)
             e = tl.where(in_row, tl.exp(d), 0.0)
             weighted += tl.sum(e * d, axis=0)
@@ -124,15 +144,8 @@ def _row_kernel(
         tl.store(stats_ptr + row * 4 + 3, tl.where(top == t, 1.0, 0.0))
     if GRAD:
         s = tl.load(s_ptr + row)
-        g_base = g_ptr + row * g_stride
-        for v0 in range(0, V, BLOCK):
-            cols = v0 + tl.arange(0, BLOCK)
-            in_row = cols < V
-            y = tl.load(base + cols, mask=in_row, other=0.0)
-            z, th = _epilogue(y, cols, in_row, lb_ptr, k, cap, inv_t, HAS_LB, HAS_CAP)
-            g = _gradient(z, th, cols, t, lse, s, k, inv_t, eps, z_loss, V, HAS_CAP)
-            # Over the logits (float32), or rounded once into the GEMMs' dtype (one fewer pass over the chunk).
-            tl.store(g_base + cols, g.to(g_ptr.dtype.element_ty), mask=in_row)
+        _write_gradient(base, g_ptr + row * g_stride, V, 0, t, lse, s, lb_ptr, k, cap, inv_t, eps, z_loss, V,
+                        HAS_LB, HAS_CAP, BLOCK)  # fmt: skip
 
 
 @triton.jit
@@ -142,19 +155,10 @@ def _slab_kernel(
     HAS_LB: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
-    base = y_ptr + row * stride
-    t = tl.load(t_ptr + row)
-    lse = tl.load(lse_ptr + row)
-    s = tl.load(s_ptr + row)
-    g_base = g_ptr + row * g_stride
-    for w0 in range(0, W, BLOCK):
-        local = w0 + tl.arange(0, BLOCK)
-        in_row = local < W
-        cols = v_start + local
-        y = tl.load(base + local, mask=in_row, other=0.0)
-        z, th = _epilogue(y, cols, in_row, lb_ptr, k, cap, inv_t, HAS_LB, HAS_CAP)
-        g = _gradient(z, th, cols, t, lse, s, k, inv_t, eps, z_loss, V, HAS_CAP)
-        tl.store(g_base + local, g.to(g_ptr.dtype.element_ty), mask=in_row)
+    _write_gradient(
+        y_ptr + row * stride, g_ptr + row * g_stride, W, v_start, tl.load(t_ptr + row), tl.load(lse_ptr + row),
+        tl.load(s_ptr + row), lb_ptr, k, cap, inv_t, eps, z_loss, V, HAS_LB, HAS_CAP, BLOCK,
+    )  # fmt: skip
 
 
 def _constants(options: LossOptions) -> tuple[float, float, float, bool, bool]:
