@@ -25,7 +25,7 @@ no buffer. On CUDA a chunk that feeds that buffer holds at least 2048 rows (its 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -205,6 +205,68 @@ class _PendingCount:
         return int(self._count)
 
 
+@dataclass
+class RowChunk:
+    """Rows ``[start, stop)`` of a call's order: ``idx`` (None: the rows themselves), ``mask`` the scored ones
+    (None: all are)."""
+
+    start: int
+    stop: int
+    idx: torch.Tensor | None
+    mask: torch.Tensor | None
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        return x.index_select(0, self.idx) if self.idx is not None else x[self.start : self.stop]
+
+
+class RowChunks:
+    """The rows of one call in chunks of ``rows_per_chunk``, ignored ones kept out of them (module docstring):
+
+    * ``compact`` (CPU): only the scored rows, found on the host;
+    * otherwise, with ``skip_ignored`` (default: unless a CUDA graph is being captured): sorted scored-first on the
+      device and masked; the first chunk is handed out before the host knows how many rows are scored, and
+      ``total()`` (or the next chunk) reads that count once the caller has queued the first chunk's work;
+    * otherwise every row, masked.
+
+    The chunks depend on ``valid`` alone, so ranks with the same labels get the same chunks."""
+
+    def __init__(
+        self, valid: torch.Tensor, rows_per_chunk: int, *, compact: bool, skip_ignored: bool | None = None
+    ) -> None:
+        self._valid, self._per_chunk, self._compact = valid, rows_per_chunk, compact
+        self._order: torch.Tensor | None = None
+        self._pending: _PendingCount | None = None
+        n = valid.shape[0]
+        if compact:
+            self._order = valid.nonzero().squeeze(1)
+            self._total = int(self._order.numel())
+            return
+        self._total = n
+        if skip_ignored is None:
+            skip_ignored = not (valid.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+        if skip_ignored and n > rows_per_chunk:
+            self._order = torch.argsort((~valid).to(torch.uint8), stable=True)
+            self._pending = _PendingCount(valid.sum())
+
+    def total(self) -> int:
+        """How many rows of the order the chunks cover (reading it settles the scored count)."""
+        if self._pending is not None:
+            self._total = max(min(self._total, self._per_chunk), self._pending.value())
+            self._pending = None
+        return self._total
+
+    def __iter__(self) -> Iterator[RowChunk]:
+        stop = 0
+        # The first chunk's bounds come from the provisional total: the count is read only after it is handed out.
+        while stop < (self._total if stop == 0 else self.total()):
+            start, stop = stop, min(self._total, stop + self._per_chunk)
+            idx = self._order[start:stop] if self._order is not None else None
+            mask = None
+            if not self._compact:
+                mask = self._valid.index_select(0, idx) if idx is not None else self._valid[start:stop]
+            yield RowChunk(start, stop, idx, mask)
+
+
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor:
     """``h · Wᵀ + b`` in the accumulation dtype.
 
@@ -280,23 +342,11 @@ def fused_lce(
     valid = targets != ignore_index
     count = valid.sum()
     bad = None
-    pending: _PendingCount | None = None
-    if compact:
-        rows = valid.nonzero().squeeze(1)
-        total = int(rows.numel())
-    else:
+    if not compact:
         in_range = (targets >= 0) & (targets < v)
         bad = (valid & ~in_range).any()
         torch._assert_async(~bad, "logitless: a target is outside [0, vocab) and is not ignore_index")
-        rows = None
-        total = n
-        if skip_ignored is None:
-            skip_ignored = not (dev.type == "cuda" and torch.cuda.is_current_stream_capturing())
-        if skip_ignored and n > rows_per_chunk:
-            # Scored rows first (a stable sort on the device), chunks masked; where they end is read on the host
-            # once the first chunk's work is queued, so the device never waits for the host.
-            rows = torch.argsort((~valid).to(torch.uint8), stable=True)
-            pending = _PendingCount(count)
+    chunks = RowChunks(valid, rows_per_chunk, compact=compact, skip_ignored=skip_ignored)
 
     per_row = torch.zeros(n, dtype=acc, device=dev) if want_per_row else None
     stats = torch.zeros(n, TOKEN_STATS, dtype=torch.float64, device=dev) if want_stats else None
@@ -312,23 +362,16 @@ def fused_lce(
         # once as it writes it; the bias gradient is summed from the unrounded one.
         low_precision_grad = dev.type == "cuda" and hidden.dtype != acc and not need_d_bias
 
-    stop = 0
-    while stop < total:  # ``total`` can shrink after the first chunk (skip_ignored)
-        start, stop = stop, min(total, stop + rows_per_chunk)
-        idx = rows[start:stop] if rows is not None else None
-        h = hidden.index_select(0, idx) if idx is not None else hidden[start:stop]
-        t = targets.index_select(0, idx) if idx is not None else targets[start:stop]
-        mask = None
-        if not compact:
-            mask = valid.index_select(0, idx) if idx is not None else valid[start:stop]
+    for c in chunks:
+        start, stop, idx, mask = c.start, c.stop, c.idx, c.mask
+        h, t = c.take(hidden), c.take(targets)
+        if mask is not None:
             t = torch.where(mask, t, 0).clamp(0, max(v - 1, 0))
 
         s_rows = _row_weights(t.shape[0], row_scale, grad_scale, idx, start, stop, mask, acc, dev)
         rp = row_pass(_logits(h, weight, bias, acc), t, s_rows, options, vocab=v, want_stats=stats is not None,
                       grad=any_grad, grad_dtype=hidden.dtype if low_precision_grad else None)  # fmt: skip
-        if pending is not None:
-            total = max(stop, pending.value())
-            pending = None
+        last = stop >= chunks.total()  # the first chunk's kernels are queued: reading the count costs no stall
         loss = rp.loss if mask is None else torch.where(mask, rp.loss, 0.0)
         loss_sum += loss.sum()
         if per_row is not None:
@@ -364,7 +407,7 @@ def fused_lce(
         if accumulate:
             if d_weight_acc is not None:
                 _add_mm(d_weight_acc, g, g_lp, h)
-            elif stop >= total:
+            elif last:
                 d_weight = _weight_grad_of(g, g_lp, h, weight.dtype)  # the only chunk: no float32 buffer
             else:
                 d_weight_acc = _weight_grad_of(g, g_lp, h, acc)  # the first chunk, written, not added to zeros

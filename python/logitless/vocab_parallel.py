@@ -132,32 +132,13 @@ def _compact(device: torch.device) -> bool:
 
 
 def _chunks(hidden: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, rows_per_chunk: int) -> Iterator[_Chunk]:
-    """The scored rows in chunks, the same on every rank (their labels are). On CPU only those rows, found on the
-    host; elsewhere, as ``torch_path.fused_lce`` does without stalling the device, the rows sorted scored-first and
-    masked, the first chunk handed out before the host reads the scored count, the chunks stopping there."""
-    if _compact(hidden.device):
-        rows = valid.nonzero().squeeze(1)
-        for a in range(0, rows.numel(), rows_per_chunk):
-            idx = rows[a : a + rows_per_chunk]
-            yield _Chunk(hidden.index_select(0, idx), targets.index_select(0, idx), None, idx, a, a + idx.numel())
-        return
-    n = hidden.shape[0]
-    if n <= rows_per_chunk:
-        yield _Chunk(hidden, torch.where(valid, targets, 0), valid, None, 0, n)
-        return
-    order = torch.argsort((~valid).to(torch.uint8), stable=True)
-    pending = torch_path._PendingCount(valid.sum())
-    total = n
-    for a in range(0, n, rows_per_chunk):
-        if a >= total:
-            return
-        idx = order[a : min(total, a + rows_per_chunk)]
-        mask = valid.index_select(0, idx)
-        t = torch.where(mask, targets.index_select(0, idx), 0)
-        yield _Chunk(hidden.index_select(0, idx), t, mask, idx, a, a + idx.numel())
-        if pending is not None:  # the consumer has queued the first chunk's work
-            total = pending.value()
-            pending = None
+    """The scored rows in chunks as ``torch_path.fused_lce`` takes them (``torch_path.RowChunks``), the same on every
+    rank (their labels are)."""
+    for c in torch_path.RowChunks(valid, rows_per_chunk, compact=_compact(hidden.device)):
+        t = c.take(targets)
+        if c.mask is not None:
+            t = torch.where(c.mask, t, 0)
+        yield _Chunk(c.take(hidden), t, c.mask, c.idx, c.start, c.stop)
 
 
 def _shard_logits(
