@@ -218,6 +218,13 @@ class RowChunk:
     def take(self, x: torch.Tensor) -> torch.Tensor:
         return x.index_select(0, self.idx) if self.idx is not None else x[self.start : self.stop]
 
+    def put(self, out: torch.Tensor, x: torch.Tensor) -> None:
+        """Writes the chunk's rows ``x`` into their places in ``out``."""
+        if self.idx is not None:
+            out.index_copy_(0, self.idx, x)
+        else:
+            out[self.start : self.stop] = x
+
 
 class RowChunks:
     """The rows of one call in chunks of ``rows_per_chunk``, ignored ones kept out of them (module docstring):
@@ -363,35 +370,27 @@ def fused_lce(
         low_precision_grad = dev.type == "cuda" and hidden.dtype != acc and not need_d_bias
 
     for c in chunks:
-        start, stop, idx, mask = c.start, c.stop, c.idx, c.mask
-        h, t = c.take(hidden), c.take(targets)
+        h, t, mask = c.take(hidden), c.take(targets), c.mask
         if mask is not None:
             t = torch.where(mask, t, 0).clamp(0, max(v - 1, 0))
 
-        s_rows = _row_weights(t.shape[0], row_scale, grad_scale, idx, start, stop, mask, acc, dev)
+        s_rows = _row_weights(c, row_scale, grad_scale, acc, dev)
         rp = row_pass(_logits(h, weight, bias, acc), t, s_rows, options, vocab=v, want_stats=stats is not None,
                       grad=any_grad, grad_dtype=hidden.dtype if low_precision_grad else None)  # fmt: skip
-        last = stop >= chunks.total()  # the first chunk's kernels are queued: reading the count costs no stall
+        last = c.stop >= chunks.total()  # the first chunk's kernels are queued: reading the count costs no stall
         loss = rp.loss if mask is None else torch.where(mask, rp.loss, 0.0)
         loss_sum += loss.sum()
         if per_row is not None:
-            if idx is not None:
-                per_row.index_copy_(0, idx, loss)
-            else:
-                per_row[start:stop] = loss
+            c.put(per_row, loss)
         if stats is not None:
             assert rp.stats is not None
-            chunk = rp.stats if mask is None else rp.stats * mask.unsqueeze(1)
-            if idx is not None:
-                stats.index_copy_(0, idx, chunk)
-            else:
-                stats[start:stop] = chunk
+            c.put(stats, rp.stats if mask is None else rp.stats * mask.unsqueeze(1))
 
         if not any_grad:
             continue
         assert rp.grad is not None
         if recompute:
-            saved.append(_SavedChunk(idx=idx, start=start, stop=stop, t=t, lse=rp.lse, scale=s_rows))
+            saved.append(_SavedChunk(rows=c, t=t, lse=rp.lse, scale=s_rows))
 
         g: torch.Tensor | None = rp.grad
         if rp.grad.dtype == acc:
@@ -399,11 +398,7 @@ def fused_lce(
         else:  # rounded by the row pass already
             g_lp, g = rp.grad, None
         if d_hidden is not None:
-            dh = g_lp @ weight
-            if idx is not None:
-                d_hidden.index_copy_(0, idx, dh)
-            else:
-                d_hidden[start:stop] = dh
+            c.put(d_hidden, g_lp @ weight)
         if accumulate:
             if d_weight_acc is not None:
                 _add_mm(d_weight_acc, g, g_lp, h)
@@ -460,36 +455,26 @@ def _token_stats(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class _SavedChunk:
-    """What the slab pass needs of one chunk: its rows (``idx`` or ``start:stop``), targets, log-sum-exp, and each
-    row's gradient weight ``s_i`` (0 for masked rows)."""
+    """What the slab pass needs of one chunk: its rows, targets, log-sum-exp, and each row's gradient weight
+    ``s_i`` (0 for masked rows)."""
 
-    idx: torch.Tensor | None
-    start: int
-    stop: int
+    rows: RowChunk
     t: torch.Tensor
     lse: torch.Tensor
     scale: torch.Tensor
 
 
 def _row_weights(
-    rows: int,
-    row_scale: torch.Tensor | None,
-    grad_scale: torch.Tensor | None,
-    idx: torch.Tensor | None,
-    start: int,
-    stop: int,
-    mask: torch.Tensor | None,
-    acc: torch.dtype,
-    device: torch.device,
+    c: RowChunk, row_scale: torch.Tensor | None, grad_scale: torch.Tensor | None, acc: torch.dtype, device: torch.device
 ) -> torch.Tensor:
     """Each row's ``s_i`` (its loss weight in the gradient; 0 where masked)."""
-    s = torch.ones(rows, dtype=acc, device=device)
+    s = torch.ones(c.stop - c.start, dtype=acc, device=device)
     if row_scale is not None:
-        s = s * (row_scale.index_select(0, idx) if idx is not None else row_scale[start:stop]).to(acc)
+        s = s * c.take(row_scale).to(acc)
     elif grad_scale is not None:
         s = s * grad_scale.to(acc)
-    if mask is not None:
-        s = s * mask
+    if c.mask is not None:
+        s = s * c.mask
     return s
 
 
@@ -575,15 +560,15 @@ def _weight_grad_by_slabs(
     out = torch.empty(v, h_dim, dtype=weight.dtype, device=weight.device)
     if not saved:
         return out.zero_()
-    rows = sum(c.stop - c.start for c in saved)
+    rows = sum(c.rows.stop - c.rows.start for c in saved)
     # Per slab element: its float32 logits / gradient and their low-precision copy for the GEMM.
     per_column = rows * (torch.finfo(acc).bits // 8 + hidden.element_size())
     slab = min(v, budget // max(1, per_column))
     if slab >= min(v, _MIN_SLAB_COLUMNS):
-        if saved[0].idx is None:  # one call's chunks all have indices, or are consecutive slices
-            h = hidden[saved[0].start : saved[-1].stop]
+        if saved[0].rows.idx is None:  # one call's chunks all have indices, or are consecutive slices
+            h = hidden[saved[0].rows.start : saved[-1].rows.stop]
         else:
-            h = hidden.index_select(0, torch.cat([c.idx for c in saved if c.idx is not None]))
+            h = hidden.index_select(0, torch.cat([c.rows.idx for c in saved if c.rows.idx is not None]))
         t = torch.cat([c.t for c in saved])
         lse = torch.cat([c.lse for c in saved])
         scale = torch.cat([c.scale for c in saved])
@@ -599,7 +584,7 @@ def _weight_grad_by_slabs(
         v1 = min(v, v0 + slab)
         acc_w = torch.zeros(v1 - v0, h_dim, dtype=acc, device=weight.device)
         for c in saved:
-            h = hidden.index_select(0, c.idx) if c.idx is not None else hidden[c.start : c.stop]
+            h = c.rows.take(hidden)
             y = _logits(h, weight[v0:v1], bias[v0:v1] if bias is not None else None, acc)
             g = slab_pass(y, c.t, c.lse, c.scale, options, v0=v0, vocab=v)
             _add_mm(acc_w, g, g.to(hidden.dtype), h)

@@ -121,9 +121,7 @@ class _Chunk:
     h: torch.Tensor
     t: torch.Tensor  # global targets (0 where masked)
     mask: torch.Tensor | None  # None when ignored rows were dropped (CPU)
-    idx: torch.Tensor | None
-    start: int
-    stop: int
+    rows: torch_path.RowChunk  # where they are in the call
 
 
 def _compact(device: torch.device) -> bool:
@@ -138,7 +136,7 @@ def _chunks(hidden: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, ro
         t = c.take(targets)
         if c.mask is not None:
             t = torch.where(c.mask, t, 0)
-        yield _Chunk(c.take(hidden), t, c.mask, c.idx, c.start, c.stop)
+        yield _Chunk(c.take(hidden), t, c.mask, c)
 
 
 def _shard_logits(
@@ -202,7 +200,7 @@ class _VocabParallel(torch.autograd.Function):
         # With the kernels on CUDA the gradient is written straight in the GEMMs' dtype (as in torch_path).
         low_precision_grad = kernels and dev.type == "cuda" and hidden.dtype != acc and not need_db
         for c in _chunks(hidden, targets, valid, rows_per_chunk):
-            rows = c.stop - c.start
+            rows = c.h.shape[0]
             mine = (c.t >= cols.start) & (c.t < cols.stop)
             z = capped = None
             stats = torch.zeros(3, rows, dtype=acc, device=dev)  # Σ exp(z - max), the target's logit, Σ z
@@ -261,11 +259,7 @@ class _VocabParallel(torch.autograd.Function):
             else:  # rounded by the kernel already
                 g_lp, g = g, None
             if d_hidden is not None:
-                dh = torch_path._mm(g_lp, weight, acc)
-                if c.idx is not None:
-                    d_hidden.index_copy_(0, c.idx, dh)
-                else:
-                    d_hidden[c.start : c.stop] = dh
+                c.rows.put(d_hidden, torch_path._mm(g_lp, weight, acc))
             if d_weight is not None:
                 torch_path._add_mm(d_weight, g, g_lp, c.h)
             if d_bias is not None:
