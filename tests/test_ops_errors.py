@@ -69,6 +69,13 @@ CASES: list[tuple[str, type[Exception], str, dict[str, Any]]] = [
     ("z_loss nan", ValueError, "^z_loss: expected a finite number", {"z_loss": math.nan}),
     ("ignore_index float", TypeError, "^ignore_index: expected an int", {"ignore_index": -100.0}),
     ("hidden type", TypeError, "^hidden: expected a torch.Tensor, got list", {"hidden": [1.0]}),
+    # Constants that want a gradient would silently get none.
+    ("multiply learned", TypeError, "^logit_scale_multiply: expected a number or a tensor that does not require grad",
+     {"logit_scale_multiply": torch.tensor(2.0, requires_grad=True)}),
+    ("softcap learned", TypeError, "^logit_softcapping: expected a number or a tensor that does not require grad",
+     {"logit_softcapping": torch.nn.Parameter(torch.tensor(30.0))}),
+    ("logits_bias learned", TypeError, r"^logits_bias: expected a tensor \(a buffer\) that does not require grad",
+     {"logits_bias": torch.zeros(V, requires_grad=True)}),
 ]
 
 
@@ -79,6 +86,15 @@ def test_bad_arguments(case: str, exc: type[Exception], match: str, override: di
     args.update(override)
     with pytest.raises(exc, match=match):
         linear_cross_entropy(args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args)
+
+
+def test_constants_that_require_grad_are_taken_as_constants_without_grad_mode() -> None:
+    hidden, weight, labels = inputs()
+    scale = torch.tensor(2.0, requires_grad=True)
+    with torch.no_grad():
+        loss = linear_cross_entropy(hidden, weight, labels, logit_scale_multiply=scale)
+        ref = linear_cross_entropy(hidden, weight, labels, logit_scale_multiply=2.0)
+    assert torch.equal(loss, ref)
 
 
 def test_rust_impl_refuses_non_cpu_tensors() -> None:

@@ -87,8 +87,19 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _no_gradient_wanted(value: torch.Tensor, what: str, expected: str = "a number or a tensor") -> None:
+    """Epilogue and loss constants enter the op as constants: a tensor that wants a gradient would silently get
+    none, so it is refused."""
+    if value.requires_grad and torch.is_grad_enabled():
+        raise TypeError(
+            f"{what}: expected {expected} that does not require grad; the op computes no gradient for "
+            "it (pass a float, or .detach() it)"
+        )
+
+
 def _number(value: Any, what: str) -> float:
     if isinstance(value, torch.Tensor):
+        _no_gradient_wanted(value, what)
         if value.numel() != 1:
             raise ValueError(f"{what}: expected a number, got a tensor of shape {tuple(value.shape)}")
         value = value.item()
@@ -168,6 +179,7 @@ def parse(
         if logits_bias.device != device:
             raise ValueError(f"logits_bias: expected device {device} (the device of hidden), got {logits_bias.device}")
         # The logits bias receives no gradient (a buffer in the models that have one).
+        _no_gradient_wanted(logits_bias, "logits_bias", expected="a tensor (a buffer)")
         logits_bias = logits_bias.detach().to(torch.float32).contiguous()
     epilogue = Epilogue(
         logits_bias=logits_bias,
