@@ -1,6 +1,7 @@
 """``python -m logitless audit`` over the installed transformers: coverage floor and known outcomes.
 
-Expected outcomes below were read by hand from the transformers 5.23.0 sources, not from the audit's output.
+Expected outcomes below were read by hand from the transformers sources (5.23.0, unchanged in 5.24.0; Inkling2 and
+Dory from 5.24.0), not from the audit's output.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import pytest
 
 from logitless.audit_cli import audit_report, find_transformers, transformers_version
 
-# Committed floor: patched *ForCausalLM classes in transformers 5.23.0 (of 173). Raise it when coverage grows.
-MIN_PATCHED_CAUSAL_LM_5_23 = 161
-MIN_PATCHED_CONDITIONAL_GENERATION_5_23 = 91
+# Committed floor: patched *ForCausalLM classes in transformers 5.24.0 (of 176). Raise it when coverage grows.
+PINNED = "5.24.0"
+MIN_PATCHED_CAUSAL_LM = 165
+MIN_PATCHED_CONDITIONAL_GENERATION = 96
 REASON_CODES = {
     "parse-error", "no-forward", "no-labels-branch", "non-empty-else", "unsupported-loss", "loss-input-not-logits",
     "no-head-call", "head-not-linear", "head-unresolved", "stacked-heads", "head-call-shape", "hidden-reads-logits",
@@ -38,8 +40,8 @@ def _by_class(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def is_5_23(report: dict[str, Any]) -> bool:
-    return report["transformers"] == "5.23.0"
+def is_pinned(report: dict[str, Any]) -> bool:
+    return report["transformers"] == PINNED
 
 
 def test_version_is_read_from_metadata_without_import() -> None:
@@ -48,14 +50,14 @@ def test_version_is_read_from_metadata_without_import() -> None:
     assert transformers_version(find_transformers()) == transformers.__version__
 
 
-def test_patched_causal_lm_count_does_not_drop(report: dict[str, Any], is_5_23: bool) -> None:
-    if not is_5_23:
-        pytest.skip("the committed figure is for transformers 5.23.0")
+def test_patched_causal_lm_count_does_not_drop(report: dict[str, Any], is_pinned: bool) -> None:
+    if not is_pinned:
+        pytest.skip(f"the committed figure is for transformers {PINNED}")
     causal = report["summary"]["causal-lm"]
-    assert causal["total"] == 172  # AutoModelForCausalLM is a factory, not a model: not counted
-    assert causal["patched"] >= MIN_PATCHED_CAUSAL_LM_5_23, causal
+    assert causal["total"] == 176  # AutoModelForCausalLM is a factory, not a model: not counted
+    assert causal["patched"] >= MIN_PATCHED_CAUSAL_LM, causal
     cond = report["summary"]["conditional-generation"]
-    assert cond["patched"] >= MIN_PATCHED_CONDITIONAL_GENERATION_5_23, cond
+    assert cond["patched"] >= MIN_PATCHED_CONDITIONAL_GENERATION, cond
 
 
 def test_every_refusal_has_a_known_code_and_a_reason(report: dict[str, Any]) -> None:
@@ -90,11 +92,13 @@ def _epilogue(c: dict[str, Any]) -> list[tuple[str, str]]:
             "lm_head",
             [("softcap", "(final_logit_softcapping := self.config.get_text_config().final_logit_softcapping)")],
         ),
+        # `logits = self.logit_softcap(logits)`: an Inkling2Softcap, whose forward is `tanh(x / c) * c`.
+        ("Inkling2ForCausalLM", "lm_head", [("module", "self.logit_softcap")]),
     ],
 )
-def test_known_patched_classes(report: dict[str, Any], is_5_23: bool, name: str, head: str, epilogue: list) -> None:
-    if not is_5_23:
-        pytest.skip("outcomes read from transformers 5.23.0")
+def test_known_patched_classes(report: dict[str, Any], is_pinned: bool, name: str, head: str, epilogue: list) -> None:
+    if not is_pinned:
+        pytest.skip(f"outcomes read from transformers {PINNED}")
     c = _by_class(report)[name]
     assert (c["status"], c["head"], _epilogue(c)) == ("patched", head, epilogue), c
 
@@ -109,10 +113,10 @@ def test_known_patched_classes(report: dict[str, Any], is_5_23: bool, name: str,
     ],
 )
 def test_composite_heads_are_patched_with_their_path(
-    report: dict[str, Any], is_5_23: bool, name: str, head: str, path: list[str]
+    report: dict[str, Any], is_pinned: bool, name: str, head: str, path: list[str]
 ) -> None:
-    if not is_5_23:
-        pytest.skip("outcomes read from transformers 5.23.0")
+    if not is_pinned:
+        pytest.skip(f"outcomes read from transformers {PINNED}")
     c = _by_class(report)[name]
     assert (c["status"], c["head"], c["head_is_linear"], c["head_path"]) == ("patched", head, False, path), c
 
@@ -126,11 +130,12 @@ def test_composite_heads_are_patched_with_their_path(
         ("ChameleonForConditionalGeneration", "logits-mutated"),  # image-token logits set to -inf in place
         ("GitForCausalLM", "loss-input-not-logits"),  # loss on shifted logits slices
         ("InklingForCausalLM", "epilogue-guard"),  # vocab slice guarded by logits.shape
+        ("DoryForCausalLM", "head-not-linear"),  # DoryLMHead: nn.Linear times a learned per-token scale
     ],
 )
-def test_known_refusals(report: dict[str, Any], is_5_23: bool, name: str, code: str) -> None:
-    if not is_5_23:
-        pytest.skip("outcomes read from transformers 5.23.0")
+def test_known_refusals(report: dict[str, Any], is_pinned: bool, name: str, code: str) -> None:
+    if not is_pinned:
+        pytest.skip(f"outcomes read from transformers {PINNED}")
     c = _by_class(report)[name]
     assert (c["status"], c["code"]) == ("refused", code), c
 

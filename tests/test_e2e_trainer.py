@@ -67,7 +67,7 @@ def test_grad_accumulation_with_padding_matches_stock(
 
 
 def test_gradient_checkpointing_matches_stock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    extra = {"gradient_checkpointing": True}
+    extra = {"activation_checkpointing": True}  # transformers 5.24 renamed gradient_checkpointing
     stock, fused, calls = _stock_and_fused("llama", tiny.random_examples(40), tmp_path, monkeypatch, extra_args=extra)
     assert calls == 10
     tiny.assert_runs_match(stock, fused)

@@ -42,7 +42,7 @@ def fused_llama_forward(
     input_ids: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
-    past_key_values: Any = None,
+    cache: Any = None,
     inputs_embeds: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     use_cache: bool | None = None,
@@ -54,7 +54,7 @@ def fused_llama_forward(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        past_key_values=past_key_values,
+        cache=cache,
         inputs_embeds=inputs_embeds,
         use_cache=use_cache,
         **kwargs,
@@ -68,7 +68,7 @@ def fused_llama_forward(
         logits = self.lm_head(hidden)
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-    return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+    return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
 
 
 @pytest.fixture(autouse=True)

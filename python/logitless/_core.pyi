@@ -76,3 +76,11 @@ def split_head_forward(source: str) -> dict[str, Any]:
     returning the final call's argument instead of calling ``self.<final>``; or ``{"status": "refused", "code",
     "reason", "line"}``. Never raises for bad source.
     """
+
+def analyse_epilogue_module(source: str) -> dict[str, Any]:
+    """The epilogue an epilogue module's dedented ``def forward(self, x)`` applies to ``x``.
+
+    ``{"status": "understood", "steps": [{"kind", "attribute" | "number"}]}`` in the order the fused op applies
+    them (``kind`` one of ``"logits_bias"``, ``"multiply"``, ``"divide"``, ``"softcap"``; ``attribute`` a path of
+    names under ``self``); or ``{"status": "refused", "code", "reason", "line"}``. Never raises for bad source.
+    """

@@ -24,7 +24,7 @@ from logitless import _engines
 from logitless._engines import VocabShard
 from logitless._patching import FUTURE_FLAGS, forward_source
 
-__all__ = ["HeadPlan", "explain_head", "resolve_head"]
+__all__ = ["HeadPlan", "accelerate_hook", "analysable_source", "explain_head", "global_hooks", "resolve_head"]
 
 # BERT nests two levels (cls → predictions → decoder); deeper chains are not something transformers builds.
 _MAX_DEPTH = 4
@@ -121,15 +121,22 @@ def _is_dtensor(t: Any) -> bool:
 _steps: dict[Any, _Step | None] = {}
 
 
-def _build_step(forward: Any) -> _Step | None:
-    from logitless import _core
-
+def analysable_source(forward: Any) -> str | None:
+    """The dedented source of a class's ``forward`` when it is exactly what runs, else None."""
     # A wrapped forward (functools.wraps) runs code its source does not show; a closure cannot be recompiled.
     if not isinstance(forward, FunctionType) or hasattr(forward, "__wrapped__") or forward.__code__.co_freevars:
         return None
     try:
-        source = forward_source(forward)
+        return forward_source(forward)
     except (OSError, TypeError):
+        return None
+
+
+def _build_step(forward: Any) -> _Step | None:
+    from logitless import _core
+
+    source = analysable_source(forward)
+    if source is None:
         return None
     split = _core.split_head_forward(source)
     if split["status"] != "split":
@@ -161,7 +168,7 @@ def _step_for(cls: type) -> _Step | None:
     return _steps[forward]
 
 
-def _global_hooks() -> bool:
+def global_hooks() -> bool:
     return bool(
         _module._global_forward_hooks
         or _module._global_forward_pre_hooks
@@ -170,7 +177,7 @@ def _global_hooks() -> bool:
     )
 
 
-def _accelerate_hook(module: nn.Module) -> Any | None:
+def accelerate_hook(module: nn.Module) -> Any | None:
     """The module's accelerate hook when it is one whose effect is understood exactly, else None.
 
     ``accelerate.hooks.add_hook_to_module`` keeps the class forward as ``_old_forward`` and sets an instance
@@ -216,7 +223,7 @@ def _way_in(module: nn.Module) -> _Way:
     what the caller must apply instead: accelerate's alignment hook, FSDP2's hooks, or a tensor-parallel shard."""
     if type(module).__call__ is not nn.Module.__call__:
         return _Way("custom-call")
-    if _global_hooks():
+    if global_hooks():
         return _Way("global-module-hooks")
     if _engines.fsdp_state(module) is not None or _engines.deepspeed_zero3_hooks(module):
         return _Way(engine_hooks=True)
@@ -228,7 +235,7 @@ def _way_in(module: nn.Module) -> _Way:
     if getattr(module, "_backward_pre_hooks", None):
         return _Way("hooked-head")
     if "forward" in module.__dict__:
-        hook = _accelerate_hook(module)
+        hook = accelerate_hook(module)
         if hook is None:
             return _Way("hooked-head" if "_hf_hook" in module.__dict__ else "instance-forward")
         return _Way(hook=hook)

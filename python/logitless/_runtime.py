@@ -130,7 +130,7 @@ def current_capture() -> Capture | None:
     return _capture.get()
 
 
-def _stock_reason(model: Any, head: Any) -> str | None:
+def _stock_reason(model: Any, head: Any, epilogue_modules: tuple[Any, ...]) -> str | None:
     capture = _capture.get()
     if not _enabled and capture is None:
         return "uninstalled"
@@ -150,20 +150,29 @@ def _stock_reason(model: Any, head: Any) -> str | None:
         return plan
     if capture is not None and plan.shard is not None:
         return "tensor-parallel-per-token"
+    if epilogue_modules:
+        from logitless._epilogue_modules import epilogue_keywords
+
+        for module in epilogue_modules:
+            keywords = epilogue_keywords(module)
+            if isinstance(keywords, str):
+                return keywords
     return None
 
 
-def fusable(model: Any, head: Any) -> bool:
+def fusable(model: Any, head: Any, *epilogue_modules: Any) -> bool:
     """True when the fused loss computes exactly what ``model.loss_function`` would on ``head``'s logits.
 
     ``PreTrainedModel.loss_function`` is a property: a user-assigned loss is stored in ``_loss_function`` and
     returned as is, otherwise ``LOSS_MAPPING[loss_type]`` is returned. Only the stock causal-LM loss object itself
     is fused; anything else (a custom loss, a wrapped loss, another loss type) keeps the original statements. The
     head must reduce exactly to an ``nn.Linear`` (``logitless._heads.explain_head``): hooked, wrapped or subclassed
-    heads are never reduced to their ``.weight``. In eval mode the stock path runs (real logits) unless
+    heads are never reduced to their ``.weight``. An epilogue module called on the logits after the head
+    (``epilogue_modules``) must be one whose effect the fused op reproduces (``logitless._epilogue_modules``). In
+    eval mode the stock path runs (real logits) unless
     ``install(fuse_eval=True)``. Every answer is counted for ``audit()``, with its reason when False.
     """
-    reason = _stock_reason(model, head)
+    reason = _stock_reason(model, head, epilogue_modules)
     record(model, reason)
     capture = _capture.get()
     if capture is not None and reason is not None:

@@ -33,13 +33,32 @@ def hf_loss(
     num_items_in_batch: int | torch.Tensor | None = None,
     ignore_index: int = -100,
     shift_labels: torch.Tensor | None = None,
+    epilogue_module: torch.nn.Module | None = None,
     **kwargs: Any,
 ) -> torch.Tensor:
     """The causal-LM loss of ``epilogue(lm_head(hidden))`` against ``labels``, without the logits.
 
     Epilogue values of ``None`` mean "not set" (models read them from configs where they are often ``None``).
+    ``epilogue_module``: a module the forward calls on the logits instead (``self.logit_softcap``), alone; its
+    epilogue is read off it (``logitless._epilogue_modules``).
     """
     del kwargs  # ForCausalLMLoss forwards extras to fixed_cross_entropy, which ignores them.
+    if epilogue_module is not None:
+        from logitless._epilogue_modules import epilogue_keywords
+
+        if any(v is not None for v in (logits_bias, logit_scale_multiply, logit_scale_divide, logit_softcapping)):
+            raise ValueError("epilogue_module: expected no other epilogue keyword beside it")
+        resolved = epilogue_keywords(epilogue_module)
+        if isinstance(resolved, str):
+            raise TypeError(
+                f"epilogue_module: cannot fuse a {type(epilogue_module).__module__}."
+                f"{type(epilogue_module).__qualname__} exactly ({resolved}): expected a module whose forward is "
+                "a bias / multiply / divide / softcap of its input with constant attributes, called without hooks"
+            )
+        logits_bias = resolved.get("logits_bias")
+        logit_scale_multiply = resolved.get("logit_scale_multiply")
+        logit_scale_divide = resolved.get("logit_scale_divide")
+        logit_softcapping = resolved.get("logit_softcapping")
     plan = explain_head(lm_head)
     if not isinstance(plan, HeadPlan):
         # Reading .weight off a hooked, wrapped (PEFT, quantised) or subclassed head would drop what its call adds.

@@ -1,7 +1,9 @@
 //! Bindings for the forward rewriter: conversions to dicts only (docs/design.md §"Rewrite contract").
 use std::path::Path;
 
-use logitless_rewrite::{ClassReport, EpilogueStep, Outcome, Refusal, Rewrite, RewriteOptions};
+use logitless_rewrite::{
+    ClassReport, EpilogueStep, ModuleValue, Outcome, Refusal, Rewrite, RewriteOptions,
+};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
@@ -80,6 +82,31 @@ fn split_head_forward_py<'py>(py: Python<'py>, source: &str) -> PyResult<Bound<'
     }
 }
 
+/// `analyse_epilogue_module(source) -> dict`: the epilogue an epilogue module's forward applies, or the refusal.
+#[pyfunction]
+#[pyo3(name = "analyse_epilogue_module")]
+fn analyse_epilogue_module_py<'py>(py: Python<'py>, source: &str) -> PyResult<Bound<'py, PyDict>> {
+    match py.detach(|| guarded(|| logitless_rewrite::analyse_epilogue_module(source)))? {
+        Ok(steps) => {
+            let list = PyList::empty(py);
+            for step in &steps {
+                let d = PyDict::new(py);
+                d.set_item("kind", step.kind.as_str())?;
+                match &step.value {
+                    ModuleValue::Attribute(path) => d.set_item("attribute", path)?,
+                    ModuleValue::Number(n) => d.set_item("number", n)?,
+                }
+                list.append(d)?;
+            }
+            let d = PyDict::new(py);
+            d.set_item("status", "understood")?;
+            d.set_item("steps", list)?;
+            Ok(d)
+        }
+        Err(refusal) => refusal_dict(py, &refusal),
+    }
+}
+
 fn report_dict<'py>(py: Python<'py>, r: &ClassReport) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("class", &r.class)?;
@@ -124,5 +151,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rewrite_forward_py, m)?)?;
     m.add_function(wrap_pyfunction!(audit_tree_py, m)?)?;
     m.add_function(wrap_pyfunction!(split_head_forward_py, m)?)?;
+    m.add_function(wrap_pyfunction!(analyse_epilogue_module_py, m)?)?;
     Ok(())
 }

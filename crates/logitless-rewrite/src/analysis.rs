@@ -8,8 +8,8 @@ use ruff_python_ast::{Expr, Stmt, StmtFunctionDef, StmtIf};
 use ruff_text_size::Ranged;
 
 use crate::epilogue::{
-    EpilogueStep, HeadProblem, Op, epilogue_walrus_names, merge_epilogue, parse_epilogue,
-    parse_head,
+    EpilogueStep, HeadProblem, Op, epilogue_walrus_names, is_logits_operand, is_minus_one,
+    merge_epilogue, parse_epilogue, parse_head,
 };
 use crate::loss::{LossCall, LossForm, find_loss_call, labels_test};
 use crate::refusal::{ReasonCode as R, Refusal};
@@ -188,6 +188,42 @@ fn split_branch<'a>(
     })
 }
 
+/// `logits.shape[-1]` or `logits.size(-1)`.
+fn is_last_dim_of(expr: &Expr, logits: &str) -> bool {
+    match expr {
+        Expr::Subscript(sub) => {
+            is_minus_one(&sub.slice)
+                && matches!(sub.value.as_ref(), Expr::Attribute(a) if a.attr.id.as_str() == "shape" && is_name(&a.value, logits))
+        }
+        Expr::Call(call) => {
+            call.arguments.keywords.is_empty()
+                && matches!(call.arguments.args.as_ref(), [arg] if is_minus_one(arg))
+                && matches!(call.func.as_ref(), Expr::Attribute(a) if a.attr.id.as_str() == "size" && is_name(&a.value, logits))
+        }
+        _ => false,
+    }
+}
+
+/// Whether a module called on the logits is named like an output head: then the earlier call is a transform
+/// before the head (`logits = self.final_norm(h); logits = self.lm_head(logits)`), not a head followed by an
+/// epilogue module. The run time checks the classes either way; this keeps such forwards refused by name.
+fn names_a_head(attr: &str) -> bool {
+    attr.contains("head")
+        || matches!(
+            attr,
+            "output"
+                | "embed_out"
+                | "decoder"
+                | "proj_out"
+                | "out_proj"
+                | "cls"
+                | "logits_proj"
+                | "output_projection"
+                | "score"
+                | "classifier"
+        )
+}
+
 /// Reads the function body backwards from the labels branch to the head statement.
 fn walk_region<'a>(
     src: &Source<'a>,
@@ -218,6 +254,15 @@ fn walk_region<'a>(
                                 .filter(|e| t == logits && !expr_reads(e.hidden, logits))?;
                             Some(e.attr)
                         });
+                        if earlier_head.is_some()
+                            && is_logits_operand(h.hidden, logits)
+                            && !names_a_head(&h.attr)
+                        {
+                            let mut ops = vec![Op::Module(h.callee)];
+                            ops.extend(h.ops.iter().copied());
+                            items.push(Item::Epilogue(stmt, ops, None));
+                            continue;
+                        }
                         let (code, msg) = if let Some(first) = earlier_head {
                             (
                                 R::LogitsRebound,
@@ -564,7 +609,10 @@ pub(crate) fn analyse<'a>(
             None => Ok(()),
         }
     };
-    if let Some(v) = call.vocab {
+    // `vocab_size=logits.shape[-1]`: every epilogue step is elementwise, so this is the head's output size,
+    // which hf_loss takes when no vocabulary size is given.
+    let vocab = call.vocab.filter(|v| !is_last_dim_of(v, logits));
+    if let Some(v) = vocab {
         check_free(v, "vocab size")?;
     }
     for (_, v) in &call.keywords {
@@ -680,7 +728,7 @@ pub(crate) fn analyse<'a>(
         loss: call.loss,
         labels: labels.to_string(),
         labels_arg: src.slice(call.labels).to_string(),
-        vocab: call.vocab.map(|v| src.slice(v).to_string()),
+        vocab: vocab.map(|v| src.slice(v).to_string()),
         epilogue,
         loss_keywords: call
             .keywords

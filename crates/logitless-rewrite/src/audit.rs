@@ -5,11 +5,12 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use ruff_python_ast::{Expr, Stmt, StmtClassDef, StmtFunctionDef};
 
-use crate::epilogue::EpilogueStep;
+use crate::epilogue::{EpilogueKind, EpilogueStep};
+use crate::epilogue_module::analyse_function as analyse_epilogue_function;
 use crate::head::split_head_function;
 use crate::refusal::{ReasonCode, Refusal};
 use crate::source::{Source, dotted};
-use crate::{LossForm, RewriteOptions, rewrite_function};
+use crate::{LossForm, Rewrite, RewriteOptions, rewrite_function};
 
 /// Errors reading the tree (a file that does not parse is reported per class, not as an error).
 #[derive(Debug, thiserror::Error)]
@@ -273,6 +274,9 @@ fn base_names(class_line: &str) -> Vec<&str> {
 }
 
 /// The file with every line outside the reported classes (and their in-file bases) emptied.
+/// Classes up to this long that a reported class constructs are kept for their forward (epilogue modules).
+const SMALL_CLASS_LINES: usize = 30;
+
 fn compact_text(text: &str) -> String {
     let spans = class_spans(text);
     let mut keep = vec![false; spans.len()];
@@ -290,10 +294,12 @@ fn compact_text(text: &str) -> String {
         for base in base_names(first_line) {
             stack.extend((0..spans.len()).filter(|&j| spans[j].0 == base && !keep[j]));
         }
-        // Composite heads (`self.cls = BertOnlyMLMHead(config)`) are resolved through their own forward.
+        // Composite heads (`self.cls = BertOnlyMLMHead(config)`) and epilogue modules (`self.logit_softcap =
+        // Inkling2Softcap(...)`, a few lines) are resolved through their own forward.
         stack.extend((0..spans.len()).filter(|&j| {
-            let name = spans[j].0;
-            !keep[j] && name.contains("Head") && body.contains(&format!("{name}("))
+            let (name, j_start, j_end) = spans[j];
+            let small = text[j_start..j_end].lines().count() <= SMALL_CLASS_LINES;
+            !keep[j] && (name.contains("Head") || small) && body.contains(&format!("{name}("))
         }));
     }
     let mut out = String::with_capacity(text.len() / 4);
@@ -526,6 +532,36 @@ fn collect_self_assignments<'a>(body: &'a [Stmt], attr: &str, out: &mut Vec<&'a 
     }
 }
 
+/// An epilogue module built in `__init__` from a class of this file whose forward is not an epilogue: the run time
+/// would always take the stock path, so the audit says so. One built elsewhere is left to the run time.
+fn epilogue_module_refusal(
+    src: &Source<'_>,
+    classes: &[&StmtClassDef],
+    class: &StmtClassDef,
+    rewrite: &Rewrite,
+) -> Option<Refusal> {
+    let step = rewrite
+        .epilogue
+        .iter()
+        .find(|s| s.kind == EpilogueKind::Module)?;
+    let attr = step.expr.strip_prefix("self.")?;
+    let values = init_assignments(classes, class, attr)?;
+    let [value] = values.as_slice() else {
+        return None;
+    };
+    let module_class = constructed_class(classes, value)?;
+    let (_, forward) = find_method(classes, module_class, "forward")?;
+    let refusal = analyse_epilogue_function(src, forward).err()?;
+    Some(Refusal::new(
+        refusal.code,
+        rewrite.line,
+        format!(
+            "`{}` is a `{}` ({})",
+            step.expr, module_class.name.id, refusal.message
+        ),
+    ))
+}
+
 fn audit_class(
     src: &Source<'_>,
     classes: &[&StmtClassDef],
@@ -591,6 +627,11 @@ fn audit_class(
                 HeadResolution::Unresolved => None,
                 _ => Some(false),
             };
+            if let Some(refusal) = epilogue_module_refusal(src, classes, class, &rewrite) {
+                report.head = Some(rewrite.head);
+                report.outcome = Outcome::Refused(refusal);
+                return report;
+            }
             report.epilogue = rewrite.epilogue;
             report.loss_form = Some(rewrite.loss_form);
             report.outcome = match resolution {

@@ -4,6 +4,7 @@ use ruff_python_ast::{Expr, Stmt, StmtFunctionDef};
 use ruff_text_size::{Ranged, TextRange};
 
 use crate::analysis::Plan;
+use crate::epilogue::EpilogueKind;
 use crate::loss::LossForm;
 use crate::source::{Source, atom_text, dotted, has_call, reindent};
 
@@ -57,8 +58,15 @@ pub(crate) fn emit(
         .iter()
         .map(|g| format!(" and {g}"))
         .collect();
+    // An epilogue module's class is checked at run time, with the head.
+    let modules: String = plan
+        .epilogue
+        .iter()
+        .filter(|s| s.kind == EpilogueKind::Module)
+        .map(|s| format!(", {}", s.expr))
+        .collect();
     out.push_str(&format!(
-        "if {} is not None and __logitless__.fusable(self, {head}){guards}:\n",
+        "if {} is not None and __logitless__.fusable(self, {head}{modules}){guards}:\n",
         plan.labels
     ));
     if has_call(plan.hidden) {

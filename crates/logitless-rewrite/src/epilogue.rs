@@ -16,6 +16,9 @@ pub enum EpilogueKind {
     Divide,
     /// `c * tanh(logits / c)`.
     Softcap,
+    /// `self.<module>(logits)`: a sub-module whose own forward is an epilogue, resolved at run time
+    /// ([`crate::analyse_epilogue_module`] on the module's class); always the only step.
+    Module,
 }
 
 impl EpilogueKind {
@@ -26,6 +29,7 @@ impl EpilogueKind {
             Self::Multiply => "multiply",
             Self::Divide => "divide",
             Self::Softcap => "softcap",
+            Self::Module => "module",
         }
     }
 
@@ -36,6 +40,7 @@ impl EpilogueKind {
             Self::Multiply => "logit_scale_multiply",
             Self::Divide => "logit_scale_divide",
             Self::Softcap => "logit_softcapping",
+            Self::Module => "epilogue_module",
         }
     }
 }
@@ -57,6 +62,8 @@ pub(crate) enum Op<'a> {
     Div(&'a Expr),
     Add(&'a Expr),
     Softcap(&'a Expr),
+    /// `self.<module>(logits)`; the expression is the called attribute.
+    Module(&'a Expr),
 }
 
 /// `x.float()`, `x.contiguous()`, `x.to(...)` → `x`.
@@ -83,7 +90,7 @@ fn strip_wraps(mut expr: &Expr) -> &Expr {
 }
 
 /// Whether `expr` is the logits name, possibly under wrappers.
-fn is_logits_operand(expr: &Expr, logits: &str) -> bool {
+pub(crate) fn is_logits_operand(expr: &Expr, logits: &str) -> bool {
     is_name(strip_wraps(expr), logits)
 }
 
@@ -200,6 +207,8 @@ pub(crate) fn parse_epilogue<'a>(
 /// What the head statement's value is made of.
 pub(crate) struct HeadCall<'a> {
     pub attr: String,
+    /// The called attribute, `self.<attr>`.
+    pub callee: &'a Expr,
     pub hidden: &'a Expr,
     /// Operations applied to the head's output inside the same expression, innermost first.
     pub ops: Vec<Op<'a>>,
@@ -293,6 +302,7 @@ pub(crate) fn parse_head<'a>(value: &'a Expr, logits: &str) -> Result<HeadCall<'
     outer.reverse();
     Ok(HeadCall {
         attr: name,
+        callee: &call.func,
         hidden,
         ops: outer,
     })
@@ -415,6 +425,7 @@ pub(crate) fn merge_epilogue(
             Op::Mul(c) => steps.push((EpilogueKind::Multiply, c, guard, stmt)),
             Op::Add(c) => steps.push((EpilogueKind::LogitsBias, c, guard, stmt)),
             Op::Softcap(c) => steps.push((EpilogueKind::Softcap, c, guard, stmt)),
+            Op::Module(m) => steps.push((EpilogueKind::Module, m, guard, stmt)),
             Op::Tanh => {
                 return Err(refuse(
                     R::LogitsRebound,
@@ -426,6 +437,19 @@ pub(crate) fn merge_epilogue(
             Op::Wrap => {}
         }
         i += 1;
+    }
+    if steps.len() > 1
+        && let Some(module) = steps.iter().find(|s| s.0 == EpilogueKind::Module)
+    {
+        return Err(refuse(
+            R::EpilogueOrder,
+            src,
+            module.3,
+            format!(
+                "epilogue module `{}` together with other epilogue steps: only a module alone is fused",
+                src.slice(module.1)
+            ),
+        ));
     }
     for pair in steps.windows(2) {
         if pair[1].0 <= pair[0].0 {

@@ -17,6 +17,8 @@
 //! ```
 //!
 //! - [`rewrite_forward`]: one `def forward` in, a [`Rewrite`] or a [`Refusal`] (reason code + message + line) out.
+//! - [`analyse_epilogue_module`]: a sub-module called on the logits (`logits = self.logit_softcap(logits)`), whose
+//!   class is only known at run time: the epilogue its `forward` applies, or a [`Refusal`].
 //! - [`audit_tree`]: every `*ForCausalLM` and causal-loss `*ForConditionalGeneration` class under a `models/`
 //!   directory, scanned in parallel.
 //!
@@ -26,6 +28,7 @@ mod analysis;
 mod audit;
 mod emit;
 mod epilogue;
+mod epilogue_module;
 mod head;
 mod loss;
 mod refusal;
@@ -33,6 +36,7 @@ mod source;
 
 pub use audit::{AuditError, ClassKind, ClassReport, Outcome, audit_file, audit_tree};
 pub use epilogue::{EpilogueKind, EpilogueStep};
+pub use epilogue_module::{ModuleStep, ModuleValue, analyse_epilogue_module};
 pub use head::{HeadSplit, split_head_forward};
 pub use loss::LossForm;
 pub use refusal::{ReasonCode, Refusal};

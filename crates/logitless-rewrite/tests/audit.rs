@@ -225,3 +225,74 @@ fn audit_resolves_composite_heads_and_loss_types() {
         matches!(&masked.outcome, Outcome::Refused(r) if r.code == ReasonCode::UnsupportedLoss && r.message.contains("ForMaskedLM"))
     );
 }
+
+const EPILOGUE_MODULES: &str = r#"
+class TinySoftcap(nn.Module):
+    def __init__(self, cap):
+        super().__init__()
+        self.cap = cap
+
+    def forward(self, x):
+        return torch.tanh(x / self.cap) * self.cap
+
+
+class TinyClamp(nn.Module):
+    def forward(self, x):
+        return x.clamp(-30.0, 30.0)
+
+
+class TinyCappedForCausalLM(TinyPreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.logit_softcap = TinySoftcap(config.final_logit_softcapping)
+
+    def forward(self, input_ids=None, labels=None, **kwargs):
+        hidden_states = self.model(input_ids)[0]
+        logits = self.lm_head(hidden_states).float()
+        logits = self.logit_softcap(logits)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1], **kwargs)
+        return (loss, logits)
+
+
+class TinyClampedForCausalLM(TinyCappedForCausalLM):
+    def __init__(self, config):
+        super().__init__(config)
+        self.logit_softcap = TinyClamp()
+
+
+class TinyImportedCapForCausalLM(TinyCappedForCausalLM):
+    def __init__(self, config):
+        super().__init__(config)
+        self.logit_softcap = other.Softcap(config.final_logit_softcapping)
+"#;
+
+#[test]
+fn audit_resolves_epilogue_modules_of_the_file() {
+    let text = format!("{}\n{EPILOGUE_MODULES}", MODELING);
+    let reports = audit_file(&text, "tiny");
+    let get = |name: &str| {
+        reports
+            .iter()
+            .find(|r| r.class == name)
+            .unwrap_or_else(|| panic!("{name} not reported"))
+    };
+    // Understood in this file: patched, the module's class checked again at run time.
+    let capped = get("TinyCappedForCausalLM");
+    assert_eq!(capped.outcome, Outcome::Patched, "{capped:?}");
+    assert_eq!(capped.epilogue.len(), 1);
+    assert_eq!(capped.epilogue[0].expr, "self.logit_softcap");
+    // A class of this file whose forward is no epilogue: refused by the audit, with the class named.
+    let clamped = get("TinyClampedForCausalLM");
+    match &clamped.outcome {
+        Outcome::Refused(r) => {
+            assert_eq!(r.code, ReasonCode::LogitsRebound);
+            assert!(r.message.contains("TinyClamp"), "{}", r.message);
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // Built from another module: left to the run time.
+    assert_eq!(get("TinyImportedCapForCausalLM").outcome, Outcome::Patched);
+}

@@ -63,14 +63,19 @@ fn no_snapshot_outlives_its_fixture() {
         .expect("snapshots dir")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
         .filter(|name| {
-            // `fixtures__<name>.snap` (tests/fixtures.rs) and `heads__<name>.snap` (tests/heads.rs).
-            let found = [("fixtures__", "fixtures"), ("heads__", "head_fixtures")]
-                .iter()
-                .any(|(prefix, dir)| {
-                    name.strip_prefix(prefix)
-                        .and_then(|n| n.strip_suffix(".snap"))
-                        .is_some_and(|f| root.join(dir).join(format!("{f}.py")).is_file())
-                });
+            // `fixtures__<name>.snap` (tests/fixtures.rs), `heads__<name>.snap` (tests/heads.rs) and
+            // `epilogue_modules__<name>.snap` (tests/epilogue_modules.rs).
+            let found = [
+                ("fixtures__", "fixtures"),
+                ("heads__", "head_fixtures"),
+                ("epilogue_modules__", "module_fixtures"),
+            ]
+            .iter()
+            .any(|(prefix, dir)| {
+                name.strip_prefix(prefix)
+                    .and_then(|n| n.strip_suffix(".snap"))
+                    .is_some_and(|f| root.join(dir).join(format!("{f}.py")).is_file())
+            });
             !found
         })
         .collect();

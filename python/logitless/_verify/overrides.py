@@ -73,6 +73,9 @@ OVERRIDES: dict[str, Override] = {
     "Gemma4AssistantForCausalLM": Override(skip=_DRAFTER),
     "Gemma4UnifiedAssistantForCausalLM": Override(skip=_DRAFTER),
     "GitForCausalLM": Override(inputs=_pixels_only),
+    # Its layers split into input / recurrent / output sections that must add up to the layer count.
+    "DoryForCausalLM": Override(config=_set(num_hidden_layers=3, n_input_layers=1, n_recurrent_layers=1,
+                                            n_output_layers=1, layer_types=None)),
     # transformers 4.x: attention_types must describe exactly num_layers layers.
     "GPTNeoForCausalLM": Override(
         config=_set(attention_types=[[["global", "local"], 1]], attention_layers=["global", "local"])

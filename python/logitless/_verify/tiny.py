@@ -93,7 +93,7 @@ SIZES: dict[str, int] = {
 LAYER_COUNTS = ["num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers", "encoder_layers",
                 "num_decoder_layers", "num_encoder_layers", "text_num_hidden_layers", "vision_num_hidden_layers",
                 "conf_num_hidden_layers", "num_text_layers"]
-VOCABS = ["vocab_size", "text_vocab_size", "vocab_size_per_layer_input", "decoder_vocab_size"]
+VOCABS = ["vocab_size", "text_vocab_size", "vocab_size_per_layer_input", "decoder_vocab_size", "unpadded_vocab_size"]
 # Keys that are never shrunk even though they look like sizes.
 KEEP = {"max_position_embeddings", "original_max_position_embeddings", "sliding_window", "num_labels"}
 

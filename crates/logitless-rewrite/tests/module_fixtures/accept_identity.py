@@ -1,0 +1,3 @@
+# expect: understood
+def forward(self, input: Tensor) -> Tensor:
+    return input

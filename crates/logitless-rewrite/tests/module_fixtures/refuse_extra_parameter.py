@@ -1,0 +1,3 @@
+# expect: refused logits-rebound
+def forward(self, x, temperature=1.0):
+    return x / temperature

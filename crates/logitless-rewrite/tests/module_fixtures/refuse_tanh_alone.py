@@ -1,0 +1,3 @@
+# expect: refused logits-rebound
+def forward(self, x):
+    return torch.tanh(x)
