@@ -168,6 +168,25 @@ def test_an_epilogue_module_it_cannot_vouch_for_keeps_the_stock_path(
         assert "logit_softcap.softcap" in grads  # the learned cap got its gradient
 
 
+def test_accelerates_alignment_hook_on_a_module_without_tensors_is_fused(stock_model: nn.Module) -> None:
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    model = copy.deepcopy(stock_model)
+    batch = _batch(model.config.vocab_size)
+    ref_loss, ref_grads, _ = _loss_and_grads(copy.deepcopy(model), batch)
+    # What device_map dispatch puts on every top-level module: it only moves tensors between devices.
+    add_hook_to_module(model.logit_softcap, AlignDevicesHook(execution_device="cpu", io_same_device=True))
+    logitless.install()
+    loss, grads, out = _loss_and_grads(model, batch)
+    assert out.logits.numel() == 0
+    assert _counts() == {"fused": 1, "stock": {}}
+    _assert_close(loss, grads, ref_loss, ref_grads)
+    # A torch hook beside it is not understood.
+    model.logit_softcap.register_full_backward_hook(lambda *args: None)
+    _loss_and_grads(model, batch)
+    assert _counts() == {"fused": 1, "stock": {"hooked-epilogue": 1}}
+
+
 class _Scaled(nn.Module):
     """Every step kind, constants from attributes and literals."""
 

@@ -50,7 +50,13 @@ def _hooks_are_harmless(module: nn.Module) -> bool:
         return False
     if _engines.deepspeed_zero3_hooks(module):
         return True
-    return accelerate_hook(module) is not None and not (module._forward_hooks or module._forward_pre_hooks)
+    torch_hooks = (
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or getattr(module, "_backward_pre_hooks", None)
+    )
+    return accelerate_hook(module) is not None and not torch_hooks
 
 
 def _call_reason(module: nn.Module) -> str | None:
