@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from logitless import _engines
-from logitless._heads import accelerate_hook, analysable_source, global_hooks
+from logitless._heads import accelerate_hook, analysable_source, global_hooks, local_hooks
 
 __all__ = ["epilogue_keywords"]
 
@@ -50,13 +50,7 @@ def _hooks_are_harmless(module: nn.Module) -> bool:
         return False
     if _engines.deepspeed_zero3_hooks(module):
         return True
-    torch_hooks = (
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or getattr(module, "_backward_pre_hooks", None)
-    )
-    return accelerate_hook(module) is not None and not torch_hooks
+    return accelerate_hook(module) is not None and not local_hooks(module)
 
 
 def _call_reason(module: nn.Module) -> str | None:
@@ -65,13 +59,7 @@ def _call_reason(module: nn.Module) -> str | None:
         return "epilogue-custom-call"
     if global_hooks():
         return "global-module-hooks"
-    hooked = bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or getattr(module, "_backward_pre_hooks", None)
-        or "forward" in module.__dict__
-    )
+    hooked = local_hooks(module) or "forward" in module.__dict__
     if hooked and not _hooks_are_harmless(module):
         return "hooked-epilogue"
     return None

@@ -24,7 +24,9 @@ from logitless import _engines
 from logitless._engines import VocabShard
 from logitless._patching import FUTURE_FLAGS, forward_source
 
-__all__ = ["HeadPlan", "accelerate_hook", "analysable_source", "explain_head", "global_hooks", "resolve_head"]
+__all__ = [
+    "HeadPlan", "accelerate_hook", "analysable_source", "explain_head", "global_hooks", "local_hooks", "resolve_head",
+]
 
 # BERT nests two levels (cls → predictions → decoder); deeper chains are not something transformers builds.
 _MAX_DEPTH = 4
@@ -177,6 +179,16 @@ def global_hooks() -> bool:
     )
 
 
+def local_hooks(module: nn.Module) -> bool:
+    """Whether torch hooks (forward, forward-pre, backward, backward-pre) are registered on the module itself."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or getattr(module, "_backward_pre_hooks", None)
+    )
+
+
 def accelerate_hook(module: nn.Module) -> Any | None:
     """The module's accelerate hook when it is one whose effect is understood exactly, else None.
 
@@ -230,9 +242,7 @@ def _way_in(module: nn.Module) -> _Way:
     if type(module) is nn.Linear and _is_dtensor(module.weight):
         shard = _engines.tensor_parallel_head(module)
         return _Way("tensor-parallel-layout") if shard is None else _Way(shard=shard)
-    if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
-        return _Way("hooked-head")
-    if getattr(module, "_backward_pre_hooks", None):
+    if local_hooks(module):
         return _Way("hooked-head")
     if "forward" in module.__dict__:
         hook = accelerate_hook(module)
