@@ -1,7 +1,7 @@
 """One rank of the 2-process gloo runs of tests/test_distributed.py (spawned by it, never collected by pytest).
 
 ``python _dist_worker.py OUT_DIR SETUP[,SETUP...]`` with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set. For each
-setup the same tiny model (seed 0) is wrapped by the engine and runs one labelled forward + backward twice: with
+setup the same tiny model (Llama; Inkling2 for its epilogue module; seed 0) is wrapped by the engine and runs one labelled forward + backward twice: with
 logitless uninstalled (stock) and installed. Each rank saves its losses, the width of ``out.logits``, every
 parameter's full gradient (gathered from shards) and the audit's run-time counts to ``OUT_DIR/rank{r}.pt``.
 
@@ -48,6 +48,18 @@ def build_llama(vocab: int = tiny.VOCAB) -> torch.nn.Module:
     config = transformers.LlamaConfig(**{**tiny._COMMON, "vocab_size": vocab})
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config).float()
+
+
+def build_inkling2() -> torch.nn.Module:
+    """Inkling2 ends with an epilogue module (``self.logit_softcap``); a small cap, so that it matters."""
+    from logitless._verify.compare import build
+
+    torch.manual_seed(0)
+    model, _, _ = build("transformers.models.inkling2.modeling_inkling2", "Inkling2ForCausalLM")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4.0)
+    model.logit_softcap.softcap = 1.5
+    return model.float()
 
 
 def _fsdp(model: torch.nn.Module, *, head: str, bf16: bool = False) -> torch.nn.Module:
@@ -124,6 +136,9 @@ SETUPS: dict[str, tuple[Callable[[], torch.nn.Module], Callable[[torch.nn.Module
     "fsdp2-head-grouped": (build_llama, lambda m: _fsdp(m, head="grouped"), False),
     "fsdp2-bf16": (build_llama, lambda m: _fsdp(m, head="own", bf16=True), False),
     "zero3": (build_llama, _zero3, False),
+    # ZeRO-3 hooks every module, the epilogue module included (harmless there: it holds no tensors).
+    "inkling2-ddp": (build_inkling2, _ddp, False),
+    "inkling2-zero3": (build_inkling2, _zero3, False),
     "tp-torch-colwise": (build_llama, _tp_torch, True),
     "tp-transformers-colwise": (build_llama, _tp_transformers, True),
     "tp-uneven-vocab": (lambda: build_llama(TP_VOCAB_UNEVEN), _tp_transformers, True),
