@@ -1,9 +1,10 @@
 """One rank of the 2-process gloo runs of tests/test_distributed.py (spawned by it, never collected by pytest).
 
 ``python _dist_worker.py OUT_DIR SETUP[,SETUP...]`` with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set. For each
-setup the same tiny model (Llama; Inkling2 for its epilogue module; seed 0) is wrapped by the engine and runs one labelled forward + backward twice: with
-logitless uninstalled (stock) and installed. Each rank saves its losses, the width of ``out.logits``, every
-parameter's full gradient (gathered from shards) and the audit's run-time counts to ``OUT_DIR/rank{r}.pt``.
+setup the same tiny model (Llama; Inkling2 for its epilogue module; seed 0) is wrapped by the engine and runs one
+labelled forward + backward twice: with logitless uninstalled (stock) and installed. Each rank saves its losses, the
+width of ``out.logits``, every parameter's full gradient (gathered from shards) and the audit's run-time counts to
+``OUT_DIR/rank{r}.pt``.
 
 Data-parallel setups (DDP, FSDP2, ZeRO-3) give each rank its own batch (``batch(rank)``); tensor-parallel ones give
 every rank the same batch (``batch(0)``).
