@@ -193,7 +193,7 @@ def _training_args(max_steps: int = 2) -> dict[str, Any]:
                 save_strategy="no")  # fmt: skip
 
 
-def _sft_run(name: str) -> list[dict[str, float]]:
+def _sft_run(name: str, peft_config: Any = None) -> list[dict[str, float]]:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -201,8 +201,10 @@ def _sft_run(name: str) -> list[dict[str, float]]:
     rows = [{"input_ids": torch.randint(3, tiny.VOCAB, (int(torch.randint(6, 16, (1,), generator=g)),),
                                         generator=g).tolist()} for _ in range(16)]  # fmt: skip
     args = SFTConfig(**_training_args(max_steps=3), dataset_kwargs={"skip_prepare_dataset": True})
+    if peft_config is not None:
+        torch.manual_seed(7)  # LoRA A matrices are random: the same in both runs
     trainer = SFTTrainer(model=tiny.build(name), args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=_tokenizer())  # fmt: skip
+                         processing_class=_tokenizer(), peft_config=peft_config)  # fmt: skip
     trainer.train()
     return [e for e in trainer.state.log_history if "grad_norm" in e]
 
@@ -229,6 +231,20 @@ def test_sft_trainer_runs_through_logitless(name: str, monkeypatch: pytest.Monke
     entropy equal a run whose head is the exact reference; TRL's own kernel is never called."""
     reference, ours = _reference_then_ours("sft", _sft_run, name, monkeypatch)
     assert logitless.audit()["integrations"]["trl"]["calls"] == {"fused": 3, "materialised": 0}  # one per step
+    assert len(ours) == 3
+    _compare_logs(ours, reference, ("loss", "grad_norm", "entropy", "mean_token_accuracy"))
+
+
+def test_sft_trainer_with_peft_modules_to_save_runs_through_logitless(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SFTTrainer's ``peft_config`` with a trained copy of the head (``modules_to_save``): TRL puts its fused head
+    on the PEFT base model, whose ``lm_head`` is PEFT's wrapper; logitless fuses it (no materialised call)."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"], lora_dropout=0.0)
+    run = functools.partial(_sft_run, peft_config=config)
+    reference, ours = _reference_then_ours("sft", lambda name: run(name), "llama", monkeypatch)
+    assert logitless.audit()["integrations"]["trl"]["calls"] == {"fused": 3, "materialised": 0}
+    assert logitless.audit()["runtime"] == {"fused": 3, "stock": {}}
     assert len(ours) == 3
     _compare_logs(ours, reference, ("loss", "grad_norm", "entropy", "mean_token_accuracy"))
 

@@ -41,8 +41,8 @@ class _Step:
 @dataclass(frozen=True)
 class _Entry:
     """A module the plan enters instead of calling it: how (its accelerate hook, if any; ``engine_hooks`` when an
-    engine's hooks (FSDP2, ZeRO-3) must run around it) and its prefix (None for the final ``nn.Linear``, whose call the fused loss
-    replaces)."""
+    engine's hooks (FSDP2, ZeRO-3) must run around it) and its prefix (None for the final ``nn.Linear``, whose call
+    the fused loss replaces, and for a PEFT wrapper, which passes its input on unchanged)."""
 
     module: nn.Module
     hook: Any | None
@@ -64,6 +64,9 @@ class HeadPlan:
     entries: tuple[_Entry, ...]
     linear: nn.Linear
     shard: VocabShard | None = None
+    # Set when the forward computes F.linear(x, weight()) off ``linear``'s weight instead of calling it (PEFT's
+    # trainable tokens: the base weight with the adapter's rows in place); there is then no bias.
+    merged_weight: Callable[[], torch.Tensor] | None = None
 
     @property
     def prefixes(self) -> tuple[Callable[[torch.Tensor], torch.Tensor], ...]:
@@ -78,6 +81,8 @@ class HeadPlan:
     def weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The linear's parameters as the fused loss takes them: a tensor-parallel ``DTensor``'s local part
         (differentiable back to the parameter). Read inside ``apply``'s callback, once hooks have run."""
+        if self.merged_weight is not None:
+            return self.merged_weight(), None
         weight, bias = self.linear.weight, self.linear.bias
         if self.shard is not None or _is_dtensor(weight):
             weight = weight.to_local()
@@ -257,8 +262,10 @@ def explain_head(head: Any) -> HeadPlan | str:
 
     A plain ``nn.Linear`` (exactly that type: subclasses and PEFT/quantised wrappers may compute something else)
     is its own plan. A composite head must be a chain of modules whose forwards the splitter understands, ending
-    in an ``nn.Linear``. Every module entered is called through ``nn.Module.__call__`` with no hooks (local or
-    global) and no instance ``forward``, except accelerate's device-alignment hook, which the plan applies.
+    in an ``nn.Linear``. PEFT's ``modules_to_save`` and trainable-tokens wrappers are followed to the module or
+    merged weight their forward uses (``logitless._peft``). Every module entered is called through
+    ``nn.Module.__call__`` with no hooks (local or global) and no instance ``forward``, except accelerate's
+    device-alignment hook, which the plan applies.
     """
     if not isinstance(head, nn.Module):
         return "not-a-module"
@@ -275,6 +282,17 @@ def explain_head(head: Any) -> HeadPlan | str:
             return HeadPlan(entries=tuple(entries), linear=module, shard=shard)  # type: ignore[arg-type]
         if way.shard is not None:
             return "tensor-parallel-layout"
+        from logitless import _peft
+
+        peft = _peft.route(module, cls)
+        if isinstance(peft, str):
+            return peft
+        if peft is not None:
+            entries.append(_Entry(module, way.hook, None, way.engine_hooks))
+            if peft.child is None:
+                return HeadPlan(entries=tuple(entries), linear=peft.linear, merged_weight=peft.weight)  # type: ignore[arg-type]
+            module = peft.child
+            continue
         step = _step_for(cls)
         if step is None:
             return "linear-subclass" if isinstance(module, nn.Linear) else "wrapped-head"

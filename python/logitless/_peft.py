@@ -1,0 +1,154 @@
+"""PEFT's head wrappers, reduced exactly to the module or weight their forward uses.
+
+Two PEFT features put a wrapper where ``lm_head`` was, and both leave the logits a plain ``F.linear``:
+
+- ``modules_to_save=["lm_head"]`` (``ModulesToSaveWrapper``): the forward calls one module, the active adapter's
+  trainable copy or, with adapters disabled, the original head;
+- ``trainable_token_indices`` on a model with tied embeddings (``TrainableTokensWrapper`` around a
+  ``TrainableTokensLayer``): the forward is ``F.linear(x, W)`` with ``W`` the base weight whose trainable rows are
+  replaced by the adapter's deltas (``get_merged_weights``), or the base layer itself when disabled or merged.
+
+Which one runs is decided by a few lines of PEFT's code. Rather than trusting that those lines never change, the
+route is taken only when the source of every method and property it depends on hashes to what was reviewed here
+(``_REVIEWED``); other PEFT code, a subclass or an instance override keeps the stock path (``peft-unverified``).
+Adapter layers that add a term to the head's output (LoRA and the other tuners) are not reduced (``peft-layer``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from logitless import _engines
+
+__all__ = ["Route", "route"]
+
+_MODULES_TO_SAVE = ("peft.utils.other", "ModulesToSaveWrapper")
+_TOKENS_WRAPPER = ("peft.utils.other", "TrainableTokensWrapper")
+_TOKENS_LAYER = ("peft.tuners.trainable_tokens.layer", "TrainableTokensLayer")
+
+# The members whose code decides what each class's forward calls.
+_MEMBERS: dict[tuple[str, str], tuple[str, ...]] = {
+    _MODULES_TO_SAVE: (
+        "forward", "_forward_wrapped", "_forward_wrapped_passthrough", "disable_adapters", "active_adapters",
+        "active_adapter",
+    ),
+    _TOKENS_WRAPPER: (
+        "forward", "_forward_wrapped", "_forward_wrapped_passthrough", "disable_adapters", "active_adapters",
+        "active_adapter",
+    ),
+    _TOKENS_LAYER: (
+        "forward", "forward_adapters", "get_merged_weights", "_check_overlapping_tokens", "disable_adapters",
+        "active_adapters", "active_adapter", "merged",
+    ),
+}  # fmt: skip
+
+# sha256 of those members' sources (``_fingerprint``), as reviewed in peft 0.21.2. A PEFT release that changes any
+# of them keeps the stock path until its code is read and its hash added here (tests/test_peft.py names it).
+_REVIEWED: dict[tuple[str, str], frozenset[str]] = {
+    _MODULES_TO_SAVE: frozenset({"37cc48da0e82145356fbd2276f05ac583ef5a53698f5bebc46961bb3d3a0ee9e"}),
+    _TOKENS_WRAPPER: frozenset({"4fd66441b57d42a03755f5b749620b6c2d3cdd2170694f2053acdf49af0d6f58"}),
+    _TOKENS_LAYER: frozenset({"2847650d6715c894f09b873ad2cc4ea0ee346c4203963ef8e6a9f32028fe0cc0"}),
+}
+
+_fingerprints: dict[type, str | None] = {}
+
+
+@dataclass(frozen=True)
+class Route:
+    """What a PEFT wrapper's forward does with its input: call ``child``, or compute ``F.linear(x, weight())``
+    with ``linear`` the layer whose (merged) weight that is."""
+
+    child: nn.Module | None = None
+    linear: nn.Linear | None = None
+    weight: Callable[[], torch.Tensor] | None = None
+
+
+def _key(cls: type) -> tuple[str, str]:
+    return (cls.__module__, cls.__qualname__)
+
+
+def _fingerprint(cls: type) -> str | None:
+    """The hash of the sources of ``cls``'s deciding members as ``cls`` resolves them, or None if one of them is
+    not plain analysable code (a wrapped or closure function, a C function)."""
+    from logitless._heads import analysable_source
+
+    if cls not in _fingerprints:
+        digest = hashlib.sha256()
+        for name in _MEMBERS[_key(cls)]:
+            member = inspect.getattr_static(cls, name, None)
+            function = member.fget if isinstance(member, property) else member
+            source = analysable_source(function)
+            if source is None:
+                _fingerprints[cls] = None
+                break
+            digest.update(f"{name}\0{source}\0".encode())
+        else:
+            _fingerprints[cls] = digest.hexdigest()
+    return _fingerprints[cls]
+
+
+def _verified(module: nn.Module, cls: type) -> bool:
+    if any(name in module.__dict__ for name in _MEMBERS[_key(cls)]):
+        return False
+    fingerprint = _fingerprint(cls)
+    return fingerprint is not None and fingerprint in _REVIEWED[_key(cls)]
+
+
+def _tokens_layer(layer: Any) -> Route | str:
+    active = layer.active_adapters
+    base = layer.base_layer
+    if layer.disable_adapters or not active:
+        # A merged layer's forward unmerges here, writing the base weight: a side effect the fused path would skip.
+        return "peft-merged" if layer.merged else Route(child=base)
+    if layer.merged:
+        return Route(child=base)
+    # F.linear(x, W) reads the base layer's weight without calling it: it must be a plain, local, bias-free linear
+    # (PEFT drops a bias here; a tied head has none) that no engine or offloading hook manages.
+    from logitless._heads import _is_dtensor, local_hooks
+
+    if (
+        type(base) is not nn.Linear
+        or base.bias is not None
+        or local_hooks(base)
+        or "forward" in base.__dict__
+        or _engines.fsdp_state(base) is not None
+        or _engines.deepspeed_zero3_hooks(base)
+        or _is_dtensor(base.weight)
+    ):
+        return "peft-tokens-layout"
+
+    def weight() -> torch.Tensor:
+        layer._check_overlapping_tokens(active)
+        merged: torch.Tensor = layer.get_merged_weights(active)
+        return merged
+
+    return Route(linear=base, weight=weight)
+
+
+def route(module: nn.Module, cls: type) -> Route | str | None:
+    """What PEFT's wrapper ``module`` (of class ``cls``, FSDP's wrapping class removed) computes, a refusal
+    reason, or None when ``module`` is not PEFT's."""
+    if not cls.__module__.startswith("peft."):
+        return None
+    key = _key(cls)
+    if key not in _MEMBERS:
+        return "peft-layer"
+    if not _verified(module, cls):
+        return "peft-unverified"
+    wrapper: Any = module
+    if key == _MODULES_TO_SAVE:
+        adapters = wrapper.active_adapters
+        if wrapper.disable_adapters or any(a not in wrapper._adapters for a in adapters) or not adapters:
+            return Route(child=wrapper.original_module)
+        return Route(child=wrapper.modules_to_save[adapters[0]])
+    if key == _TOKENS_WRAPPER:
+        # Enabled or not, with adapters or without, this wrapper calls its token layer.
+        return Route(child=wrapper.token_adapter)
+    return _tokens_layer(wrapper)
