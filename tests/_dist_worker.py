@@ -63,6 +63,27 @@ def build_inkling2() -> torch.nn.Module:
     return model.float()
 
 
+def build_peft(kind: str) -> torch.nn.Module:
+    """LoRA on the attention with the head trained as PEFT does it: a copy of it (``modules_to_save``) or new-token
+    rows of a tied head (``trainable_token_indices``). The injected model itself, as engines wrap it. The trained
+    copy, the token rows and LoRA's B are moved off their initial values so that each shows in the loss."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    tied = kind == "tokens"
+    config = transformers.LlamaConfig(**{**tiny._COMMON, "tie_word_embeddings": tied})
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).float()
+    head = {"trainable_token_indices": [3, 5, 7, 200]} if tied else {"modules_to_save": ["lm_head"]}
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], **head))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if p.requires_grad and ("lora_B" in name or "modules_to_save" in name or "tokens_delta" in name):
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    return peft_model.base_model.model
+
+
 def _fsdp(model: torch.nn.Module, *, head: str, bf16: bool = False) -> torch.nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -111,6 +132,22 @@ def _tp_transformers(model: torch.nn.Module) -> torch.nn.Module:
     return apply_tensor_parallelism(model, mesh, {"lm_head": "colwise_gather_output"})
 
 
+def _fsdp_over_tp(model: torch.nn.Module) -> torch.nn.Module:
+    """2-D parallelism on two ranks: the head vocabulary-sharded over a tensor-parallel dimension of 2, then
+    ``fully_shard`` over a data-parallel dimension of 1. Inside the head's FSDP unit its weight is still a
+    tensor-parallel ``DTensor``: a layout the fused path must recognise or leave to stock."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (1, dist.get_world_size()), mesh_dim_names=("dp", "tp"))
+    model = parallelize_module(model, mesh["tp"], {"lm_head": ColwiseParallel(output_layouts=Replicate())})
+    fully_shard(model.lm_head, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    return model
+
+
 def _zero3(model: torch.nn.Module) -> torch.nn.Module:
     import deepspeed
     import deepspeed.comm.torch  # noqa: F401 - the module, looked up below (the package's ``torch`` is torch)
@@ -140,9 +177,15 @@ SETUPS: dict[str, tuple[Callable[[], torch.nn.Module], Callable[[torch.nn.Module
     # ZeRO-3 hooks every module, the epilogue module included (harmless there: it holds no tensors).
     "inkling2-ddp": (build_inkling2, _ddp, False),
     "inkling2-zero3": (build_inkling2, _zero3, False),
+    # PEFT's head wrappers: the wrapper is what FSDP2 shards as the head's unit and what ZeRO-3 hooks.
+    "peft-save-ddp": (lambda: build_peft("save"), _ddp, False),
+    "peft-save-fsdp2": (lambda: build_peft("save"), lambda m: _fsdp(m, head="own"), False),
+    "peft-save-zero3": (lambda: build_peft("save"), _zero3, False),
+    "peft-tokens-ddp": (lambda: build_peft("tokens"), _ddp, False),
     "tp-torch-colwise": (build_llama, _tp_torch, True),
     "tp-transformers-colwise": (build_llama, _tp_transformers, True),
     "tp-uneven-vocab": (lambda: build_llama(TP_VOCAB_UNEVEN), _tp_transformers, True),
+    "fsdp2-over-tp": (build_llama, _fsdp_over_tp, True),
 }
 
 

@@ -29,9 +29,11 @@ import _dist_worker as worker  # noqa: E402
 import logitless  # noqa: E402
 
 DATA_PARALLEL = ("ddp", "fsdp2-head-in-root", "fsdp2-head-own-unit", "fsdp2-head-grouped", "zero3", "inkling2-ddp",
-                 "inkling2-zero3")
+                 "inkling2-zero3", "peft-save-ddp", "peft-save-fsdp2", "peft-save-zero3", "peft-tokens-ddp")
 TENSOR_PARALLEL = ("tp-torch-colwise", "tp-transformers-colwise", "tp-uneven-vocab")
 ALL = (*DATA_PARALLEL, "fsdp2-bf16", *TENSOR_PARALLEL)
+# Layouts the fused path does not reproduce: stock on every rank, counted with the reason.
+STOCK = {"fsdp2-over-tp": "hooked-head"}
 
 
 def _free_port() -> int:
@@ -47,7 +49,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
            "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}  # fmt: skip
     procs = [
         subprocess.Popen(
-            [sys.executable, str(Path(worker.__file__)), str(out), ",".join((*ALL, "vocab-parallel-op"))],
+            [sys.executable, str(Path(worker.__file__)), str(out), ",".join((*ALL, *STOCK, "vocab-parallel-op"))],
             env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -67,7 +69,7 @@ def _reference(setup: str, rank: int) -> dict[str, Any]:
     logitless.uninstall()
     vocab = worker.TP_VOCAB_UNEVEN if setup == "tp-uneven-vocab" else worker.tiny.VOCAB
     build = worker.SETUPS[setup][0]
-    tensor_parallel = setup in TENSOR_PARALLEL
+    tensor_parallel = worker.SETUPS[setup][2]
     batches = [worker.batch(0, vocab)] * 2 if tensor_parallel else [worker.batch(r, vocab) for r in range(2)]
     grads: list[dict[str, torch.Tensor]] = []
     losses = []
@@ -76,12 +78,14 @@ def _reference(setup: str, rank: int) -> dict[str, Any]:
         out = model(input_ids=ids, labels=worker.labels_of(ids))
         out.loss.backward()
         losses.append(float(out.loss.detach()))
-        grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+        # Frozen parameters (PEFT's base weights) have no gradient, as under the engines.
+        grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
     mean = {n: (grads[0][n] + grads[1][n]) / 2 for n in grads[0]}
     model = build()
     with torch.no_grad():
         for n, p in model.named_parameters():
-            p -= worker.LR * mean[n]
+            if n in mean:
+                p -= worker.LR * mean[n]
         ids = batches[rank]
         step2 = float(model(input_ids=ids, labels=worker.labels_of(ids)).loss)
     return {"loss": losses[rank], "grads": mean, "step2": step2}
@@ -117,6 +121,20 @@ def test_equal_to_single_process_stock(ranks: list[dict[str, Any]], setup: str) 
         assert fused["losses"][1] == pytest.approx(stock["losses"][1], rel=1e-5)
         if "zero3" not in setup:
             assert fused["losses"][1] == pytest.approx(ref["step2"], rel=1e-5)
+
+
+@pytest.mark.parametrize("setup", sorted(STOCK))
+def test_layouts_not_reproduced_keep_the_stock_path(ranks: list[dict[str, Any]], setup: str) -> None:
+    """FSDP2 over a tensor-parallel head (2-D): FSDP's hooks beside the layout hooks are not an engine's own
+    alone, so both steps run stock, equal to stock under the same engines and to the single-process reference."""
+    for r in range(2):
+        row = ranks[r][setup]
+        assert row["runtime"] == {"fused": 0, "stock": {STOCK[setup]: 2}}, (r, row["runtime"])
+        assert row["logitless"]["losses"] == row["stock"]["losses"]
+        assert row["logitless"]["logits_widths"] == row["stock"]["logits_widths"] == [worker.tiny.VOCAB] * 2
+        ref = _reference(setup, r)
+        assert row["logitless"]["losses"][0] == pytest.approx(ref["loss"], rel=1e-6)
+        _close_grads(row["logitless"]["grads"], ref["grads"], rel=2e-5)
 
 
 def test_fsdp2_bf16_mixed_precision_no_worse_than_stock(ranks: list[dict[str, Any]]) -> None:

@@ -27,7 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["VocabShard", "base_class", "call_through", "deepspeed_zero3_hooks", "fsdp_state", "tensor_parallel_head"]
+__all__ = [
+    "VocabShard", "base_class", "call_through", "deepspeed_zero3_hooks", "fsdp_managed", "fsdp_state",
+    "tensor_parallel_head",
+]
 
 # functools.wraps chains (FSDP's group hooks wrap the state's bound methods, dynamo's disable wraps again).
 _MAX_WRAPS = 4
@@ -106,6 +109,20 @@ def fsdp_state(module: nn.Module) -> Any | None:
     if getattr(getattr(state, "_mp_policy", None), "output_dtype", None) is not None:
         return None
     return state
+
+
+def fsdp_managed(state: Any) -> tuple[frozenset[int], frozenset[int]]:
+    """The ids of the sharded parameters an FSDP2 state all-gathers before its module's forward, split in two: those
+    that are then plain tensors (inside that forward a sub-module sees them unsharded, so a ``DTensor`` weight seen
+    before entering is FSDP's shard, not a tensor-parallel layout), and those that stay ``DTensor``s (FSDP over a
+    tensor-parallel parameter: 2-D parallelism, whose vocabulary sharding the plan does not see)."""
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:
+        group = getattr(state, "_fsdp_param_group", None)
+        groups = [group] if group is not None else []
+    params = [p for group in groups for p in getattr(group, "fsdp_params", ())]
+    plain = frozenset(id(p.sharded_param) for p in params if not getattr(p, "is_dtensor", True))
+    return plain, frozenset(id(p.sharded_param) for p in params) - plain
 
 
 _ZERO3_MODULE = "deepspeed.runtime.zero.parameter_offload"

@@ -233,18 +233,26 @@ class _Way:
     hook: Any | None = None
     engine_hooks: bool = False
     shard: VocabShard | str | None = None
+    fsdp_unsharded: frozenset[int] = frozenset()  # parameters FSDP2 all-gathers on entering the module
 
 
-def _way_in(module: nn.Module) -> _Way:
+def _way_in(module: nn.Module, unsharded: frozenset[int] = frozenset()) -> _Way:
     """Why calling the prefix / the fused linear instead of ``module(...)`` would skip something (``refusal``), or
-    what the caller must apply instead: accelerate's alignment hook, FSDP2's hooks, or a tensor-parallel shard."""
+    what the caller must apply instead: accelerate's alignment hook, FSDP2's hooks, or a tensor-parallel shard.
+    ``unsharded``: parameters an FSDP2 unit entered above will have all-gathered by the time this module runs."""
     if type(module).__call__ is not nn.Module.__call__:
         return _Way("custom-call")
     if global_hooks():
         return _Way("global-module-hooks")
-    if _engines.fsdp_state(module) is not None or _engines.deepspeed_zero3_hooks(module):
+    state = _engines.fsdp_state(module)
+    if state is not None:
+        plain, still_dtensor = _engines.fsdp_managed(state)
+        if isinstance(module, nn.Linear) and id(module.weight) in still_dtensor:
+            return _Way("tensor-parallel-layout")
+        return _Way(engine_hooks=True, fsdp_unsharded=plain)
+    if _engines.deepspeed_zero3_hooks(module):
         return _Way(engine_hooks=True)
-    if type(module) is nn.Linear and _is_dtensor(module.weight):
+    if type(module) is nn.Linear and _is_dtensor(module.weight) and id(module.weight) not in unsharded:
         shard = _engines.tensor_parallel_head(module)
         return _Way("tensor-parallel-layout") if shard is None else _Way(shard=shard)
     if local_hooks(module):
@@ -271,10 +279,12 @@ def explain_head(head: Any) -> HeadPlan | str:
         return "not-a-module"
     entries: list[_Entry] = []
     module: nn.Module = head
+    unsharded: frozenset[int] = frozenset()
     for _ in range(_MAX_DEPTH + 1):
-        way = _way_in(module)
+        way = _way_in(module, unsharded)
         if way.refusal is not None:
             return way.refusal
+        unsharded |= way.fsdp_unsharded
         cls = _engines.base_class(module)
         if cls is nn.Linear:
             entries.append(_Entry(module, way.hook, None, way.engine_hooks))
