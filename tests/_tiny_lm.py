@@ -113,6 +113,7 @@ def train(
     grad_accum: int = 1,
     output_dir: str,
     extra_args: dict[str, Any] | None = None,
+    collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]] = collate,
 ) -> RunResult:
     """``steps`` optimizer steps of HF Trainer on CPU; per-step loss and grad norm from ``state.log_history``."""
     assert len(examples) >= steps * batch_size * grad_accum
@@ -132,7 +133,7 @@ def train(
         disable_tqdm=True,
         **(extra_args or {}),
     )
-    trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collate)
+    trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collator)
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry and "grad_norm" in entry]
     assert len(logs) == steps, logs

@@ -19,7 +19,7 @@ from logitless.audit_cli import audit_report, find_transformers, transformers_ve
 # Committed floor: patched *ForCausalLM classes in transformers 5.24.0 (of 176). Raise it when coverage grows.
 PINNED = "5.24.0"
 MIN_PATCHED_CAUSAL_LM = 165
-MIN_PATCHED_CONDITIONAL_GENERATION = 96
+MIN_PATCHED_CONDITIONAL_GENERATION = 119
 REASON_CODES = {
     "parse-error", "no-forward", "no-labels-branch", "non-empty-else", "unsupported-loss", "loss-input-not-logits",
     "no-head-call", "head-not-linear", "head-unresolved", "stacked-heads", "head-call-shape", "hidden-reads-logits",

@@ -143,7 +143,7 @@ def test_special_tokens_are_remapped_into_the_tiny_vocab() -> None:
 def test_discovers_every_causal_lm() -> None:
     found = discover()
     assert sum(c.kind == CAUSAL for c in found) == 176  # not the AutoModelForCausalLM factory
-    assert sum(c.kind == CONDITIONAL for c in found) >= 92
+    assert sum(c.kind == CONDITIONAL for c in found) >= 124  # causal-loss and encoder-decoder CE classes
 
 
 def test_installer_mode_is_validated() -> None:

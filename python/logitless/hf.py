@@ -59,6 +59,7 @@ def hf_loss(
         logit_scale_multiply = resolved.get("logit_scale_multiply")
         logit_scale_divide = resolved.get("logit_scale_divide")
         logit_softcapping = resolved.get("logit_softcapping")
+    logits_bias = _vocab_vector(logits_bias)
     plan = explain_head(lm_head)
     if not isinstance(plan, HeadPlan):
         # Reading .weight off a hooked, wrapped (PEFT, quantised) or subclassed head would drop what its call adds.
@@ -97,7 +98,7 @@ def hf_loss(
                 labels,
                 shift_labels=shift_labels,
                 ignore_index=ignore_index,
-                logits_bias=logits_bias,
+                logits_bias=_on(logits_bias, x),
                 logit_scale_multiply=logit_scale_multiply,
                 logit_scale_divide=logit_scale_divide,
                 logit_softcapping=logit_softcapping,
@@ -110,16 +111,15 @@ def hf_loss(
 
         return plan.apply(hidden, per_token)
 
-    epilogue = {
-        "logits_bias": logits_bias,
-        "logit_scale_multiply": logit_scale_multiply,
-        "logit_scale_divide": logit_scale_divide,
-        "logit_softcapping": logit_softcapping,
-    }
-
     def fused(x: torch.Tensor) -> torch.Tensor:
         # The weight is read here, after any offloading hook has brought it in (or FSDP2 has all-gathered it).
         weight, bias = plan.weight_and_bias()
+        epilogue = {
+            "logits_bias": _on(logits_bias, x),
+            "logit_scale_multiply": logit_scale_multiply,
+            "logit_scale_divide": logit_scale_divide,
+            "logit_softcapping": logit_softcapping,
+        }
         if plan.shard is not None:
             from logitless.vocab_parallel import vocab_parallel_linear_cross_entropy
 
@@ -134,3 +134,16 @@ def hf_loss(
         )  # fmt: skip
 
     return plan.apply(hidden, fused)
+
+
+def _vocab_vector(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """Stock adds the logits bias by broadcasting, so a ``(1, V)`` buffer (BART's ``final_logits_bias``) is the
+    ``(V,)`` vector the op takes. Any other shape is passed on for the op to refuse."""
+    if isinstance(bias, torch.Tensor) and bias.ndim > 1 and all(d == 1 for d in bias.shape[:-1]):
+        return bias.reshape(bias.shape[-1])
+    return bias
+
+
+def _on(bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """The logits bias on the device the head computes on, as stock's ``bias.to(lm_logits.device)``."""
+    return bias.to(x.device) if bias is not None else None

@@ -204,10 +204,14 @@ pub fn audit_file(text: &str, module: &str) -> Vec<ClassReport> {
             continue;
         }
         if kind == ClassKind::ConditionalGeneration {
-            // Only those whose labels branch uses transformers' loss_function (the causal-LM loss).
-            let uses_loss_function =
-                forward.is_some_and(|(_, f)| src.slice(f).contains("self.loss_function("));
-            if !uses_loss_function {
+            // Only those whose loss is a cross-entropy of the logits: transformers' loss_function (the causal-LM
+            // loss) or an encoder-decoder's `CrossEntropyLoss` on its decoder labels. Generators with other
+            // losses are not logitless' business (and are refused at run time all the same).
+            let cross_entropy = forward.is_some_and(|(_, f)| {
+                let text = src.slice(f);
+                text.contains("self.loss_function(") || text.contains("CrossEntropyLoss(")
+            });
+            if !cross_entropy {
                 continue;
             }
         }

@@ -1,7 +1,7 @@
 //! Recognising the loss of a labels branch: `self.loss_function(...)`, or `CrossEntropyLoss()` on aligned or
 //! causally shifted logits and labels (the 4.x manual shift), traced back through the branch's statements.
 
-use ruff_python_ast::{CmpOp, Expr, Stmt, StmtIf};
+use ruff_python_ast::{CmpOp, Expr, Stmt, StmtIf, UnaryOp};
 
 use crate::epilogue::{is_minus_one, strip_wrap};
 use crate::refusal::{ReasonCode as R, Refusal};
@@ -115,24 +115,61 @@ fn trace<'a>(
     }
 }
 
-pub(crate) fn is_ce_constructor(expr: &Expr) -> bool {
+/// `CrossEntropyLoss()` and the constructor keywords whose effect the fused loss reproduces exactly:
+/// `ignore_index=<int literal>` (returned, to be passed on) and `reduction="mean"` (the default). `None` when
+/// `expr` is not such a constructor: other keywords (`weight`, `label_smoothing`, another reduction) and positional
+/// arguments are not understood.
+pub(crate) fn ce_constructor(expr: &Expr) -> Option<Option<&Expr>> {
+    let Expr::Call(call) = expr else { return None };
+    if !names_ce(expr) || !call.arguments.args.is_empty() {
+        return None;
+    }
+    let mut ignore_index = None;
+    for kw in &call.arguments.keywords {
+        match kw.arg.as_ref().map(|a| a.id.as_str()) {
+            Some("ignore_index") if int_literal(&kw.value) => ignore_index = Some(&kw.value),
+            Some("reduction") if is_string(&kw.value, "mean") => {}
+            _ => return None,
+        }
+    }
+    Some(ignore_index)
+}
+
+/// A call of `CrossEntropyLoss`, whatever its arguments.
+fn names_ce(expr: &Expr) -> bool {
     let Expr::Call(call) = expr else { return false };
-    let named = dotted(&call.func).is_some_and(|d| {
+    dotted(&call.func).is_some_and(|d| {
         matches!(
             d.as_str(),
             "CrossEntropyLoss" | "nn.CrossEntropyLoss" | "torch.nn.CrossEntropyLoss"
         )
-    });
-    named && call.arguments.args.is_empty() && call.arguments.keywords.is_empty()
+    })
 }
 
-/// `x.view(-1, V)` → (x, V); `x.view(-1)` → (x, None).
+fn is_ce_constructor(expr: &Expr) -> bool {
+    ce_constructor(expr).is_some()
+}
+
+/// `7`, `-100`: an integer literal, possibly negated.
+fn int_literal(expr: &Expr) -> bool {
+    let e = match expr {
+        Expr::UnaryOp(u) if u.op == UnaryOp::USub => u.operand.as_ref(),
+        e => e,
+    };
+    matches!(e, Expr::NumberLiteral(n) if n.value.as_int().is_some())
+}
+
+fn is_string(expr: &Expr, value: &str) -> bool {
+    matches!(expr, Expr::StringLiteral(s) if s.value.to_str() == value)
+}
+
+/// `x.view(-1, V)` → (x, V); `x.view(-1)` → (x, None); the same with `reshape` (same values, a copy at most).
 pub(crate) fn view_call(expr: &Expr) -> Option<(&Expr, Option<&Expr>)> {
     let Expr::Call(call) = expr else { return None };
     let Expr::Attribute(attr) = call.func.as_ref() else {
         return None;
     };
-    if attr.attr.id.as_str() != "view" || !call.arguments.keywords.is_empty() {
+    if !matches!(attr.attr.id.as_str(), "view" | "reshape") || !call.arguments.keywords.is_empty() {
         return None;
     }
     match call.arguments.args.as_ref() {
@@ -155,6 +192,14 @@ pub(crate) fn find_loss_call<'a>(
         if is_ce_constructor(value) {
             ce_names.push(target);
             continue;
+        }
+        if names_ce(value) {
+            return Err(refuse(
+                R::UnsupportedLoss,
+                src,
+                value,
+                "`CrossEntropyLoss` with options other than a literal `ignore_index` and `reduction=\"mean\"`",
+            ));
         }
         let Expr::Call(call) = value else { continue };
         let func = dotted(&call.func);
@@ -251,6 +296,10 @@ pub(crate) fn find_loss_call<'a>(
                 simple_assign(s)
                     .is_some_and(|(t, v)| Some(t) == func.as_deref() && is_ce_constructor(v))
             });
+            let ignore_index = ce_def
+                .and_then(|j| simple_assign(&body[j]))
+                .and_then(|(_, v)| ce_constructor(v))
+                .flatten();
             let mut consumed: Vec<usize> = lt
                 .consumed
                 .iter()
@@ -280,7 +329,10 @@ pub(crate) fn find_loss_call<'a>(
                 logits: lt.origin,
                 labels: bt.origin,
                 vocab,
-                keywords: Vec::new(),
+                keywords: ignore_index
+                    .map(|v| (Some("ignore_index".to_string()), v))
+                    .into_iter()
+                    .collect(),
                 form,
                 consumed,
             });

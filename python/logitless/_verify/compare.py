@@ -89,6 +89,13 @@ def build(module_name: str, cls_name: str) -> tuple[torch.nn.Module, Any, Overri
         for p in model.parameters():
             if p.is_floating_point():
                 p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.02)
+        # Per-vocabulary buffers added to the logits (BART's final_logits_bias) start at zero: a fused path that
+        # dropped them would match. Give them values that move the loss well past the tolerance.
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        vocab = getattr(head, "out_features", None)
+        for b in model.buffers():
+            if vocab and b.is_floating_point() and b.ndim >= 1 and b.shape[-1] == vocab:
+                b.add_(torch.randn(b.shape, generator=gen, dtype=b.dtype) * 0.5)
     model.train()
     return model, config, override
 

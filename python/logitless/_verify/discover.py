@@ -1,5 +1,5 @@
 """Which transformers classes verify checks: every ``*ForCausalLM`` and every ``*ForConditionalGeneration`` whose
-forward calls ``self.loss_function`` on lm_head logits.
+forward calls ``self.loss_function`` on lm_head logits or a ``CrossEntropyLoss`` (encoder-decoders).
 
 Found by parsing the installed transformers' modeling files (no import), so the list is exactly what is on disk and
 the parent process stays free of torch.
@@ -70,8 +70,9 @@ def discover(root: pathlib.Path | None = None) -> list[Candidate]:
             elif name.endswith("ForConditionalGeneration"):
                 end = classes[i + 1].start() if i + 1 < len(classes) else len(source)
                 forward = _forward_source(source[match.start() : end])
-                # Only the classes whose loss is the causal-LM loss on the head's logits are logitless' business;
-                # encoder-decoder or audio-codec generators with their own losses are not candidates.
-                if forward and "self.loss_function(" in forward and "lm_head" in forward:
+                # The classes whose loss is a cross-entropy of the head's logits: the causal-LM loss_function, or
+                # an encoder-decoder's CrossEntropyLoss on its decoder labels (the installer rewrites those too).
+                if forward and (("self.loss_function(" in forward and "lm_head" in forward)
+                                or "CrossEntropyLoss(" in forward):
                     found.append(Candidate(name, module, CONDITIONAL))
     return found

@@ -47,6 +47,22 @@ def _pixels_only(model: Any, config: Any, feeds: Feeds) -> None:
     feeds.description = "text + images (prepended patches)"
 
 
+def _audio_features(model: Any, config: Any, feeds: Feeds) -> None:
+    """Speech encoder-decoders take log-mel features instead of token ids (Whisper: a fixed number of frames,
+    twice its source positions); the labels are the decoder's, as in speech-recognition fine-tuning."""
+    import torch
+
+    batch = feeds.base.pop("input_ids").shape[0]
+    feeds.base.pop("attention_mask", None)
+    gen = torch.Generator().manual_seed(2)
+    if hasattr(config, "num_mel_bins"):  # Whisper
+        shape = (batch, config.num_mel_bins, 2 * config.max_source_positions)
+    else:  # Speech2Text: (batch, frames, features)
+        shape = (batch, 16, config.input_feat_per_channel * config.input_channels)
+    feeds.base["input_features"] = torch.randn(shape, generator=gen)
+    feeds.description = "audio features + decoder labels"
+
+
 _DRAFTER = "draft model: all its layers share the target model's KV cache, so it cannot run alone"
 
 OVERRIDES: dict[str, Override] = {
@@ -54,6 +70,13 @@ OVERRIDES: dict[str, Override] = {
     "Lfm2MoeForCausalLM": Override(config=_set(layer_types=["conv", "full_attention"])),
     # Adapters are chosen per language; without a default the forward refuses to run.
     "XmodForCausalLM": Override(config=_set(default_language="en_XX")),
+    # T5's configs leave decoder_start_token_id to the checkpoint; _shift_right needs it to make decoder inputs.
+    **{
+        name: Override(config=_set(decoder_start_token_id=0))
+        for name in ("T5ForConditionalGeneration", "MT5ForConditionalGeneration", "UMT5ForConditionalGeneration",
+                     "LongT5ForConditionalGeneration", "SwitchTransformersForConditionalGeneration",
+                     "Pop2PianoForConditionalGeneration")
+    },
     "Qwen4ExpForCausalLM": Override(config=_QWEN4_QSA),
     "Qwen4ExpForConditionalGeneration": Override(config=_QWEN4_QSA),
     # Zamba2's shared attention block works on [hidden, hidden] concatenated and its mamba head dim is separate.
@@ -73,6 +96,8 @@ OVERRIDES: dict[str, Override] = {
     "Gemma4AssistantForCausalLM": Override(skip=_DRAFTER),
     "Gemma4UnifiedAssistantForCausalLM": Override(skip=_DRAFTER),
     "GitForCausalLM": Override(inputs=_pixels_only),
+    "WhisperForConditionalGeneration": Override(inputs=_audio_features),
+    "Speech2TextForConditionalGeneration": Override(inputs=_audio_features),
     # Its layers split into input / recurrent / output sections that must add up to the layer count.
     "DoryForCausalLM": Override(config=_set(num_hidden_layers=3, n_input_layers=1, n_recurrent_layers=1,
                                             n_output_layers=1, layer_types=None)),
