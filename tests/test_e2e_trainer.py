@@ -6,7 +6,6 @@ checks that the fused loss was really called, so a run that matches because noth
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,17 +15,12 @@ import logitless
 from logitless import _core
 import _tiny_lm as tiny
 
-pytestmark = pytest.mark.skipif(
-    not hasattr(_core, "rewrite_forward"), reason="logitless._core.rewrite_forward is not built (tier-2 rewriter)"
-)
-
-
-@pytest.fixture(autouse=True)
-def _stock_world() -> Iterator[None]:
-    logitless.uninstall()
-    with tiny.one_thread():
-        yield
-    logitless.uninstall()
+pytestmark = [
+    pytest.mark.skipif(
+        not hasattr(_core, "rewrite_forward"), reason="logitless._core.rewrite_forward is not built (tier-2 rewriter)"
+    ),
+    pytest.mark.usefixtures("stock_world"),
+]
 
 
 def _assert_patched(name: str) -> None:

@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +26,7 @@ from logitless import _runtime
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _clean_world() -> Iterator[None]:
-    logitless.uninstall()
-    with tiny.one_thread():
-        yield
-    logitless.uninstall()
+pytestmark = pytest.mark.usefixtures("stock_world")
 
 
 def _batch(seed: int = 0) -> dict[str, torch.Tensor]:

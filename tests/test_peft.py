@@ -10,7 +10,7 @@ runtime count), so a silent fallback to stock cannot pass as a match.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -28,12 +28,7 @@ from peft.utils.other import ModulesToSaveWrapper, TrainableTokensWrapper  # noq
 TOKENS = [3, 5, 7, 200]
 
 
-@pytest.fixture(autouse=True)
-def _clean() -> Iterator[None]:
-    logitless.uninstall()
-    with tiny.one_thread():
-        yield
-    logitless.uninstall()
+pytestmark = pytest.mark.usefixtures("stock_world")
 
 
 def _batch() -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ per-vocabulary buffer perturbed, so BART's ``final_logits_bias``, a ``(1, V)`` b
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -30,12 +30,7 @@ MODELS = {
 STEPS, BATCH = 4, 2
 
 
-@pytest.fixture(autouse=True)
-def _clean() -> Iterator[None]:
-    logitless.uninstall()
-    with tiny.one_thread():
-        yield
-    logitless.uninstall()
+pytestmark = pytest.mark.usefixtures("stock_world")
 
 
 def _model(name: str) -> torch.nn.Module:

@@ -13,7 +13,6 @@ import inspect
 import math
 import tempfile
 import types
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -32,12 +31,7 @@ FAMILIES = ["llama", "gemma3", "cohere", "granite"]  # plain, softcap, multiply,
 ALL_FIELDS = ("log_probs", "entropy", "is_top1", "mean_logits", "log_sum_sq_probs")
 
 
-@pytest.fixture(autouse=True)
-def _clean() -> Iterator[None]:
-    logitless.uninstall()
-    with tiny.one_thread():
-        yield
-    logitless.uninstall()
+pytestmark = pytest.mark.usefixtures("stock_world")
 
 
 def _exact_head(model: Any, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
