@@ -210,8 +210,11 @@ def test_changed_peft_code_keeps_the_stock_path(monkeypatch: pytest.MonkeyPatch)
     def _forward_wrapped(self: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.original_module(*args, **kwargs)
 
+    logitless.install()
+    _modules_to_save()(**_batch())  # a fused forward hashes PEFT's reviewed code; the patch below must still be seen
+    assert logitless.audit()["runtime"] == {"fused": 1, "stock": {}}
+    logitless.uninstall()
     monkeypatch.setattr(ModulesToSaveWrapper, "_forward_wrapped", _forward_wrapped)
-    monkeypatch.setattr(_peft, "_fingerprints", {})
     _compare(_modules_to_save, fused=False, reason="peft-unverified")
 
 

@@ -57,7 +57,9 @@ _REVIEWED: dict[tuple[str, str], frozenset[str]] = {
     _TOKENS_LAYER: frozenset({"2847650d6715c894f09b873ad2cc4ea0ee346c4203963ef8e6a9f32028fe0cc0"}),
 }
 
-_fingerprints: dict[type, str | None] = {}
+# Keyed by the member objects themselves (as the composite-head steps are keyed by the forward function), so a
+# method patched onto PEFT's class after a first call is hashed again rather than trusted from the cache.
+_fingerprints: dict[tuple[Any, ...], str | None] = {}
 
 
 @dataclass(frozen=True)
@@ -79,19 +81,20 @@ def _fingerprint(cls: type) -> str | None:
     not plain analysable code (a wrapped or closure function, a C function)."""
     from logitless._heads import analysable_source
 
-    if cls not in _fingerprints:
+    names = _MEMBERS[_key(cls)]
+    members = tuple(inspect.getattr_static(cls, name, None) for name in names)
+    if members not in _fingerprints:
         digest = hashlib.sha256()
-        for name in _MEMBERS[_key(cls)]:
-            member = inspect.getattr_static(cls, name, None)
+        for name, member in zip(names, members):
             function = member.fget if isinstance(member, property) else member
             source = analysable_source(function)
             if source is None:
-                _fingerprints[cls] = None
+                _fingerprints[members] = None
                 break
             digest.update(f"{name}\0{source}\0".encode())
         else:
-            _fingerprints[cls] = digest.hexdigest()
-    return _fingerprints[cls]
+            _fingerprints[members] = digest.hexdigest()
+    return _fingerprints[members]
 
 
 def _verified(module: nn.Module, cls: type) -> bool:
