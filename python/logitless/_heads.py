@@ -300,7 +300,8 @@ def explain_head(head: Any) -> HeadPlan | str:
         if peft is not None:
             entries.append(_Entry(module, way.hook, None, way.engine_hooks))
             if peft.child is None:
-                return HeadPlan(entries=tuple(entries), linear=peft.linear, merged_weight=peft.weight)  # type: ignore[arg-type]
+                linear: Any = peft.linear
+                return HeadPlan(entries=tuple(entries), linear=linear, merged_weight=peft.weight)
             module = peft.child
             continue
         step = _step_for(cls)
