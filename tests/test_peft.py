@@ -192,6 +192,17 @@ def test_trainable_tokens_disabled_while_merged_keep_the_stock_path() -> None:
     _compare(build, fused=False, reason="peft-merged")
 
 
+def test_trainable_tokens_with_a_hooked_base_layer_keep_the_stock_path() -> None:
+    # PEFT reads the base layer's weight without calling it, so the hook never runs in stock; a hook (or an engine)
+    # on that layer may still manage the weight, so the fused path does not read it either.
+    def build() -> torch.nn.Module:
+        model = _trainable_tokens()
+        model.base_model.model.lm_head.token_adapter.base_layer.register_forward_pre_hook(lambda m, i: None)
+        return model
+
+    _compare(build, fused=False, reason="peft-tokens-layout")
+
+
 # --- what is not reduced -----------------------------------------------------------------------------------------
 
 

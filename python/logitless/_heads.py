@@ -300,7 +300,10 @@ def explain_head(head: Any) -> HeadPlan | str:
         if peft is not None:
             entries.append(_Entry(module, way.hook, None, way.engine_hooks))
             if peft.child is None:
+                # The base layer is read, not called: no hook, engine or layout may be managing its weight.
                 linear: Any = peft.linear
+                if _way_in(linear, unsharded) != _Way():
+                    return "peft-tokens-layout"
                 return HeadPlan(entries=tuple(entries), linear=linear, merged_weight=peft.weight)
             module = peft.child
             continue

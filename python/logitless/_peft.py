@@ -25,8 +25,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from logitless import _engines
-
 __all__ = ["Route", "route"]
 
 _MODULES_TO_SAVE = ("peft.utils.other", "ModulesToSaveWrapper")
@@ -34,15 +32,13 @@ _TOKENS_WRAPPER = ("peft.utils.other", "TrainableTokensWrapper")
 _TOKENS_LAYER = ("peft.tuners.trainable_tokens.layer", "TrainableTokensLayer")
 
 # The members whose code decides what each class's forward calls.
+_WRAPPER_MEMBERS = (
+    "forward", "_forward_wrapped", "_forward_wrapped_passthrough", "disable_adapters", "active_adapters",
+    "active_adapter",
+)  # fmt: skip
 _MEMBERS: dict[tuple[str, str], tuple[str, ...]] = {
-    _MODULES_TO_SAVE: (
-        "forward", "_forward_wrapped", "_forward_wrapped_passthrough", "disable_adapters", "active_adapters",
-        "active_adapter",
-    ),
-    _TOKENS_WRAPPER: (
-        "forward", "_forward_wrapped", "_forward_wrapped_passthrough", "disable_adapters", "active_adapters",
-        "active_adapter",
-    ),
+    _MODULES_TO_SAVE: _WRAPPER_MEMBERS,
+    _TOKENS_WRAPPER: _WRAPPER_MEMBERS,
     _TOKENS_LAYER: (
         "forward", "forward_adapters", "get_merged_weights", "_check_overlapping_tokens", "disable_adapters",
         "active_adapters", "active_adapter", "merged",
@@ -112,19 +108,9 @@ def _tokens_layer(layer: Any) -> Route | str:
         return "peft-merged" if layer.merged else Route(child=base)
     if layer.merged:
         return Route(child=base)
-    # F.linear(x, W) reads the base layer's weight without calling it: it must be a plain, local, bias-free linear
-    # (PEFT drops a bias here; a tied head has none) that no engine or offloading hook manages.
-    from logitless._heads import _is_dtensor, local_hooks
-
-    if (
-        type(base) is not nn.Linear
-        or base.bias is not None
-        or local_hooks(base)
-        or "forward" in base.__dict__
-        or _engines.fsdp_state(base) is not None
-        or _engines.deepspeed_zero3_hooks(base)
-        or _is_dtensor(base.weight)
-    ):
+    # F.linear(x, W) reads the base layer's weight without calling it: it must be a bias-free nn.Linear (PEFT drops
+    # a bias here; a tied head has none). explain_head also requires that nothing (hook, engine, layout) manages it.
+    if type(base) is not nn.Linear or base.bias is not None:
         return "peft-tokens-layout"
 
     def weight() -> torch.Tensor:
