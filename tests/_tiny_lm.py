@@ -45,6 +45,12 @@ def _configs() -> dict[str, tuple[type, transformers.PretrainedConfig]]:
         ),
         "cohere": (transformers.CohereForCausalLM, transformers.CohereConfig(logit_scale=3.0, **_COMMON)),
         "granite": (transformers.GraniteForCausalLM, transformers.GraniteConfig(logits_scaling=0.25, **_COMMON)),
+        # Named GPT2LMHeadModel, not *ForCausalLM; tied head, Conv1D projections, dropout 0.1 left on.
+        "gpt2": (
+            transformers.GPT2LMHeadModel,
+            transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                    pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        ),
     }
 
 

@@ -1,4 +1,4 @@
-"""Encoder-decoder models (BART's family, T5's, Whisper) fused exactly: their forwards compute
+"""Encoder-decoder models (BART's family, Marian, T5's, Whisper) fused exactly: their forwards compute
 ``CrossEntropyLoss(...)(lm_logits.view(-1, V), labels.view(-1))`` on decoder labels, which the rewriter fuses as the
 op with ``shift_labels=labels`` (no shift). HF Trainer runs on tiny random models, stock against
 ``logitless.install()`` on identical weights: every step's loss and grad norm and the final weights equal.
@@ -22,6 +22,9 @@ from logitless._verify.compare import build
 MODELS = {
     # (1, V) logits bias added after the head
     "bart": ("transformers.models.bart.modeling_bart", "BartForConditionalGeneration"),
+    # Named MarianMTModel, not *ForConditionalGeneration (the installer's class_kind takes it); (1, V) bias,
+    # vocabulary from config.decoder_vocab_size
+    "marian": ("transformers.models.marian.modeling_marian", "MarianMTModel"),
     # CrossEntropyLoss(ignore_index=-100), vocabulary read off the logits, decoder outputs scaled before the head
     "t5": ("transformers.models.t5.modeling_t5", "T5ForConditionalGeneration"),
     # audio features in, a head named proj_out, labels.reshape(-1)

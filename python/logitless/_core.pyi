@@ -61,9 +61,15 @@ def rewrite_forward(source: str) -> dict[str, Any]:
     ``{"status": "refused", "code", "reason", "line"}``. Never raises for bad source (it is refused).
     """
 
+def class_kind(name: str) -> str | None:
+    """``"causal-lm"`` / ``"conditional-generation"`` when a class of this name is a language-model head logitless
+    patches (``*ForCausalLM``, ``*ForConditionalGeneration`` and the older names of transformers' LM auto mappings:
+    ``GPT2LMHeadModel``, ``MarianMTModel``, ...), else None. The one rule of the installer, audit and verify.
+    """
+
 def audit_tree(models_dir: str) -> list[dict[str, Any]]:
-    """One dict per ``*ForCausalLM`` / causal-loss ``*ForConditionalGeneration`` class under a transformers
-    ``models/`` directory: ``{"class", "module", "kind", "status", "head", "head_is_linear", "head_path",
+    """One dict per language-model head (``class_kind``; a conditional one only when its loss is a cross-entropy)
+    under a transformers ``models/`` directory: ``{"class", "module", "kind", "status", "head", "head_is_linear", "head_path",
     "epilogue", "code", "reason", "line", "loss_form", "forward_from"}``; ``head_path`` is the sub-module path from a
     composite head to the ``nn.Linear`` the loss is fused on (empty for a plain head). Raises LogitlessError if the
     directory cannot be read.

@@ -1,7 +1,8 @@
 """Opt-in patching of transformers' causal LMs (spec §3).
 
-``install()`` puts an import hook on ``sys.meta_path`` and patches the ``*ForCausalLM`` (and causal-loss
-``*ForConditionalGeneration``) classes of every ``transformers.models.*.modeling_*`` module, already imported or
+``install()`` puts an import hook on ``sys.meta_path`` and patches the language-model heads (``*ForCausalLM``,
+``*ForConditionalGeneration`` and the older names of transformers' LM auto mappings such as ``GPT2LMHeadModel`` and
+``MarianMTModel``: ``_core.class_kind``) of every ``transformers.models.*.modeling_*`` module, already imported or
 imported later. For each class's ``forward``:
 
 * tier 1: if the sha256 of its dedented source (see ``canonical_hash``) was registered with ``register_canonical``,
@@ -33,7 +34,6 @@ from logitless._patching import PatchError, build_forward, forget_source, forwar
 __all__ = ["audit", "canonical_hash", "install", "patch", "register_canonical", "uninstall"]
 
 MIN_TRANSFORMERS = (4, 56)
-_CAUSAL_CLASS = re.compile(r"\w+(ForCausalLM|ForConditionalGeneration)$")
 _HASH = re.compile(r"^[0-9a-f]{64}$")
 
 ModelT = TypeVar("ModelT")
@@ -156,7 +156,7 @@ def patch(model: ModelT) -> ModelT:
             targets.append(get_base_model())
         for target in targets:
             for cls in type(target).__mro__:
-                if "forward" in cls.__dict__ and _CAUSAL_CLASS.match(cls.__name__):
+                if "forward" in cls.__dict__ and _lm_class(cls):
                     _patch_class(cls)
     return model
 
@@ -291,6 +291,13 @@ def _json_safe(value: Any) -> Any:
     return str(value)
 
 
+def _lm_class(cls: type) -> bool:
+    """Whether ``cls`` is named as a language-model head (the rule the Rust audit applies to the source)."""
+    from logitless import _core
+
+    return _core.class_kind(cls.__name__) is not None
+
+
 def _initializing(module: ModuleType) -> bool:
     # A module another thread is still executing: the hook patches it when it finishes.
     return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
@@ -304,7 +311,7 @@ def _on_module_loaded(module: ModuleType) -> None:
 
 def _patch_module(module: ModuleType) -> None:
     for value in list(vars(module).values()):
-        if isinstance(value, type) and value.__module__ == module.__name__ and _CAUSAL_CLASS.match(value.__name__):
+        if isinstance(value, type) and value.__module__ == module.__name__ and _lm_class(value):
             _patch_class(value)
 
 
@@ -331,7 +338,7 @@ def _patch_class(cls: type) -> None:
     if "forward" not in cls.__dict__:
         owner = next((c for c in cls.__mro__ if "forward" in c.__dict__), None)
         # Auto classes and the like have no causal forward of their own: nothing to report.
-        if owner is not None and _CAUSAL_CLASS.match(owner.__name__):
+        if owner is not None and _lm_class(owner):
             _records[key] = {"status": "inherited", "from": f"{owner.__module__}.{owner.__qualname__}"}
         return
     original = cls.__dict__["forward"]

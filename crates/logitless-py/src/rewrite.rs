@@ -147,7 +147,15 @@ fn audit_tree_py<'py>(py: Python<'py>, models_dir: &str) -> PyResult<Bound<'py, 
     Ok(list)
 }
 
+/// `class_kind(name) -> str | None`: whether the installer patches a class of this name, and as which kind.
+#[pyfunction]
+#[pyo3(name = "class_kind")]
+fn class_kind_py(name: &str) -> Option<&'static str> {
+    logitless_rewrite::class_kind(name).map(|k| k.as_str())
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(class_kind_py, m)?)?;
     m.add_function(wrap_pyfunction!(rewrite_forward_py, m)?)?;
     m.add_function(wrap_pyfunction!(audit_tree_py, m)?)?;
     m.add_function(wrap_pyfunction!(split_head_forward_py, m)?)?;

@@ -84,7 +84,8 @@ pub fn audit_tree(models_dir: &Path) -> Result<Vec<ClassReport>, AuditError> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(models_dir).map_err(io(models_dir))? {
         let dir = entry.map_err(io(models_dir))?.path();
-        if !dir.is_dir() {
+        // `models/auto` holds factories (`AutoModelForCausalLM`, 4.x's `AutoModelWithLMHead`), not models.
+        if !dir.is_dir() || dir.file_name().is_some_and(|n| n == "auto") {
             continue;
         }
         for file in std::fs::read_dir(&dir).map_err(io(&dir))? {
@@ -133,20 +134,53 @@ fn audit_path(path: &Path) -> Result<Vec<ClassReport>, AuditError> {
     ))
 }
 
-fn kind_of(name: &str) -> Option<ClassKind> {
-    if name.ends_with("ForCausalLM") {
+/// Transformers names its language-modelling heads `*ForCausalLM` and `*ForConditionalGeneration`; its causal-LM
+/// and seq2seq-LM auto mappings still register older heads under other names (GPT-2's `GPT2LMHeadModel`,
+/// `MarianMTModel`, ...). These are all the names the installer patches and the audit reports.
+const CAUSAL_SUFFIXES: &[&str] = &["ForCausalLM", "LMHeadModel", "ModelWithLMHead"];
+const CAUSAL_NAMES: &[&str] = &["BertGenerationDecoder"];
+const CONDITIONAL_SUFFIXES: &[&str] = &[
+    "ForConditionalGeneration",
+    "ForTextToText",
+    "ForSpeechToText",
+];
+const CONDITIONAL_NAMES: &[&str] = &["MarianMTModel"];
+
+/// Whether a class of this name is a language-model head logitless patches, and of which kind: the one rule
+/// the audit, the installer and verify share (exposed to Python as `_core.class_kind`).
+pub fn class_kind(name: &str) -> Option<ClassKind> {
+    let named = |suffixes: &[&str], names: &[&str]| {
+        names.contains(&name)
+            || suffixes
+                .iter()
+                .any(|s| name.len() > s.len() && name.ends_with(s))
+    };
+    if named(CAUSAL_SUFFIXES, CAUSAL_NAMES) {
         Some(ClassKind::CausalLm)
-    } else if name.ends_with("ForConditionalGeneration") {
+    } else if named(CONDITIONAL_SUFFIXES, CONDITIONAL_NAMES) {
         Some(ClassKind::ConditionalGeneration)
     } else {
         None
     }
 }
 
+/// Whether a file's text may define a class `class_kind` accepts (a cheap pre-check before parsing).
+fn mentions_candidate(text: &str) -> bool {
+    [
+        CAUSAL_SUFFIXES,
+        CAUSAL_NAMES,
+        CONDITIONAL_SUFFIXES,
+        CONDITIONAL_NAMES,
+    ]
+    .iter()
+    .flat_map(|words| words.iter())
+    .any(|word| text.contains(word))
+}
+
 /// Audits one modeling file's text.
 pub fn audit_file(text: &str, module: &str) -> Vec<ClassReport> {
     // Cheap pre-check: most modeling files define no class we report.
-    if !text.contains("ForCausalLM") && !text.contains("ForConditionalGeneration") {
+    if !mentions_candidate(text) {
         return Vec::new();
     }
     // Parse only the classes we report and their bases: the rest of the file is blanked to newlines (line
@@ -194,7 +228,7 @@ pub fn audit_file(text: &str, module: &str) -> Vec<ClassReport> {
         .collect();
     let mut out = Vec::new();
     for class in &classes {
-        let Some(kind) = kind_of(class.name.id.as_str()) else {
+        let Some(kind) = class_kind(class.name.id.as_str()) else {
             continue;
         };
         let forward = find_method(&classes, class, "forward");
@@ -232,7 +266,7 @@ fn inherits_model_class(class: &StmtClassDef) -> bool {
                 Expr::Attribute(a) => a.attr.id.as_str(),
                 _ => return false,
             };
-            kind_of(name).is_some()
+            class_kind(name).is_some()
         })
 }
 
@@ -285,7 +319,7 @@ fn compact_text(text: &str) -> String {
     let spans = class_spans(text);
     let mut keep = vec![false; spans.len()];
     let mut stack: Vec<usize> = (0..spans.len())
-        .filter(|&i| kind_of(spans[i].0).is_some())
+        .filter(|&i| class_kind(spans[i].0).is_some())
         .collect();
     while let Some(i) = stack.pop() {
         if keep[i] {
@@ -331,7 +365,7 @@ fn candidate_names(text: &str) -> Vec<(String, ClassKind)> {
                 .chars()
                 .take_while(|c| c.is_alphanumeric() || *c == '_')
                 .collect();
-            kind_of(&name).map(|k| (name, k))
+            class_kind(&name).map(|k| (name, k))
         })
         .filter(|(_, k)| *k == ClassKind::CausalLm)
         .collect()

@@ -19,8 +19,9 @@
 //! - [`rewrite_forward`]: one `def forward` in, a [`Rewrite`] or a [`Refusal`] (reason code + message + line) out.
 //! - [`analyse_epilogue_module`]: a sub-module called on the logits (`logits = self.logit_softcap(logits)`), whose
 //!   class is only known at run time: the epilogue its `forward` applies, or a [`Refusal`].
-//! - [`audit_tree`]: every `*ForCausalLM` and causal-loss `*ForConditionalGeneration` class under a `models/`
-//!   directory, scanned in parallel.
+//! - [`audit_tree`]: every language-model head ([`class_kind`]: `*ForCausalLM`, cross-entropy
+//!   `*ForConditionalGeneration`, and the older names such as `GPT2LMHeadModel` and `MarianMTModel`) under a
+//!   `models/` directory, scanned in parallel.
 //!
 //! The emitted code calls the `__logitless__` runtime object as fixed in docs/design.md.
 
@@ -34,7 +35,7 @@ mod loss;
 mod refusal;
 mod source;
 
-pub use audit::{AuditError, ClassKind, ClassReport, Outcome, audit_file, audit_tree};
+pub use audit::{AuditError, ClassKind, ClassReport, Outcome, audit_file, audit_tree, class_kind};
 pub use epilogue::{EpilogueKind, EpilogueStep};
 pub use epilogue_module::{ModuleStep, ModuleValue, analyse_epilogue_module};
 pub use head::{HeadSplit, split_head_forward};

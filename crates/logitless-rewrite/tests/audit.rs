@@ -1,6 +1,6 @@
 //! audit_file on a small hand-written modeling file: class selection, head construction, inheritance.
 
-use logitless_rewrite::{ClassKind, Outcome, ReasonCode, audit_file};
+use logitless_rewrite::{ClassKind, Outcome, ReasonCode, audit_file, class_kind};
 
 const MODELING: &str = r#"
 import torch
@@ -301,4 +301,52 @@ fn audit_resolves_epilogue_modules_of_the_file() {
     }
     // Built from another module: left to the run time.
     assert_eq!(get("TinyImportedCapForCausalLM").outcome, Outcome::Patched);
+}
+
+#[test]
+fn class_kind_takes_the_older_lm_head_names_of_the_auto_mappings() {
+    use ClassKind::{CausalLm, ConditionalGeneration};
+    for (name, kind) in [
+        ("LlamaForCausalLM", Some(CausalLm)),
+        ("GPT2LMHeadModel", Some(CausalLm)),
+        ("XLMWithLMHeadModel", Some(CausalLm)),
+        ("ReformerModelWithLMHead", Some(CausalLm)),
+        ("BertGenerationDecoder", Some(CausalLm)),
+        ("BartForConditionalGeneration", Some(ConditionalGeneration)),
+        ("MarianMTModel", Some(ConditionalGeneration)),
+        ("SeamlessM4TForTextToText", Some(ConditionalGeneration)),
+        ("SpeechT5ForSpeechToText", Some(ConditionalGeneration)),
+        // Base models, heads of other tasks and the bare suffixes are not.
+        ("FSMTModel", None),
+        ("GPT2Model", None),
+        ("GPT2DoubleHeadsModel", None),
+        ("BertForMaskedLM", None),
+        ("LMHeadModel", None),
+        ("ForCausalLM", None),
+        ("BertGenerationEncoder", None),
+    ] {
+        assert_eq!(class_kind(name), kind, "{name}");
+    }
+}
+
+#[test]
+fn audit_reports_an_lm_head_model_with_no_transformers_convention_name() {
+    let text = MODELING.replace("TinyForCausalLM", "TinyLMHeadModel");
+    let reports = audit_file(&text, "transformers.models.tiny.modeling_tiny");
+    let gpt2 = reports
+        .iter()
+        .find(|r| r.class == "TinyLMHeadModel")
+        .expect("TinyLMHeadModel reported");
+    assert_eq!(
+        (gpt2.kind, &gpt2.outcome),
+        (ClassKind::CausalLm, &Outcome::Patched)
+    );
+    // Its subclass inherits the forward as from any model class.
+    let child = reports
+        .iter()
+        .find(|r| r.class == "TinyScaledForCausalLM")
+        .expect("subclass reported");
+    assert_eq!(child.forward_from.as_deref(), Some("TinyLMHeadModel"));
+    // Without a candidate name the file is skipped before it is parsed.
+    assert!(audit_file("class GPT2Model(nn.Module):\n    pass\n", "m").is_empty());
 }

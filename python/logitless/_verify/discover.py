@@ -1,5 +1,7 @@
-"""Which transformers classes verify checks: every ``*ForCausalLM`` and every ``*ForConditionalGeneration`` whose
-forward calls ``self.loss_function`` on lm_head logits or a ``CrossEntropyLoss`` (encoder-decoders).
+"""Which transformers classes verify checks: every causal-LM head (``*ForCausalLM``, ``GPT2LMHeadModel``, ...) and
+every conditional generator (``*ForConditionalGeneration``, ``MarianMTModel``, ...) whose forward calls
+``self.loss_function`` on lm_head logits or a ``CrossEntropyLoss`` (encoder-decoders). Names are judged by the
+installer's own rule, ``_core.class_kind``.
 
 Found by parsing the installed transformers' modeling files (no import), so the list is exactly what is on disk and
 the parent process stays free of torch.
@@ -11,6 +13,8 @@ import importlib.util
 import pathlib
 import re
 from dataclasses import asdict, dataclass
+
+from logitless._core import class_kind
 
 CAUSAL = "causal-lm"
 CONDITIONAL = "conditional-generation"
@@ -59,15 +63,14 @@ def discover(root: pathlib.Path | None = None) -> list[Candidate]:
             # AutoModelForCausalLM and the like are factories, not model classes (the audit skips them too).
             continue
         source = path.read_text(encoding="utf-8")
-        if "ForCausalLM" not in source and "ForConditionalGeneration" not in source:
-            continue
         module = f"transformers.models.{path.parent.name}.{path.stem}"
         classes = list(_CLASS.finditer(source))
         for i, match in enumerate(classes):
             name = match.group(1)
-            if name.endswith("ForCausalLM"):
+            kind = class_kind(name)
+            if kind == CAUSAL:
                 found.append(Candidate(name, module, CAUSAL))
-            elif name.endswith("ForConditionalGeneration"):
+            elif kind == CONDITIONAL:
                 end = classes[i + 1].start() if i + 1 < len(classes) else len(source)
                 forward = _forward_source(source[match.start() : end])
                 # The classes whose loss is a cross-entropy of the head's logits: the causal-LM loss_function, or

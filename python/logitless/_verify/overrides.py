@@ -48,19 +48,25 @@ def _pixels_only(model: Any, config: Any, feeds: Feeds) -> None:
 
 
 def _audio_features(model: Any, config: Any, feeds: Feeds) -> None:
-    """Speech encoder-decoders take log-mel features instead of token ids (Whisper: a fixed number of frames,
-    twice its source positions); the labels are the decoder's, as in speech-recognition fine-tuning."""
+    """Speech encoder-decoders take log-mel features (Whisper: a fixed number of frames, twice its source
+    positions) or a waveform instead of token ids; the labels are the decoder's, as in speech-recognition
+    fine-tuning."""
     import torch
 
     batch = feeds.base.pop("input_ids").shape[0]
     feeds.base.pop("attention_mask", None)
     gen = torch.Generator().manual_seed(2)
-    if hasattr(config, "num_mel_bins"):  # Whisper
+    name = "input_features"
+    if hasattr(config, "conv_stride"):  # SpeechT5: the raw waveform, 320 samples a frame
+        name, shape = "input_values", (batch, 320 * 16)
+    elif hasattr(config, "feature_projection_input_dim"):  # SeamlessM4T: (batch, frames, features)
+        shape = (batch, 32, config.feature_projection_input_dim)
+    elif hasattr(config, "num_mel_bins"):  # Whisper
         shape = (batch, config.num_mel_bins, 2 * config.max_source_positions)
     else:  # Speech2Text: (batch, frames, features)
         shape = (batch, 16, config.input_feat_per_channel * config.input_channels)
-    feeds.base["input_features"] = torch.randn(shape, generator=gen)
-    feeds.description = "audio features + decoder labels"
+    feeds.base[name] = torch.randn(shape, generator=gen)
+    feeds.description = "audio + decoder labels"
 
 
 _DRAFTER = "draft model: all its layers share the target model's KV cache, so it cannot run alone"
@@ -98,6 +104,18 @@ OVERRIDES: dict[str, Override] = {
     "GitForCausalLM": Override(inputs=_pixels_only),
     "WhisperForConditionalGeneration": Override(inputs=_audio_features),
     "Speech2TextForConditionalGeneration": Override(inputs=_audio_features),
+    "SeamlessM4TForSpeechToText": Override(inputs=_audio_features),
+    "SeamlessM4Tv2ForSpeechToText": Override(inputs=_audio_features),
+    # SpecAugment draws its time masks from numpy's global generator: stock would not even match stock.
+    "SpeechT5ForSpeechToText": Override(config=_set(mask_time_prob=0.0), inputs=_audio_features),
+    # Its LM head asserts a decoder config (the default is an encoder); the axial position embeddings must add
+    # up to the shrunk hidden size; local attention keeps LSH's random hashing out, and no dropout because its
+    # reversible layers reseed torch's generator from the OS (`torch.seed()`) in training mode.
+    "ReformerModelWithLMHead": Override(config=_set(is_decoder=True, axial_pos_embds=False,
+                                                    attn_layers=["local", "local"], hidden_dropout_prob=0.0,
+                                                    local_attention_probs_dropout_prob=0.0)),
+    # The shrunk d_model must still be n_head * d_head.
+    "XLNetLMHeadModel": Override(config=lambda d: d.update(d_head=d["d_model"] // d["n_head"])),
     # Its layers split into input / recurrent / output sections that must add up to the layer count.
     "DoryForCausalLM": Override(config=_set(num_hidden_layers=3, n_input_layers=1, n_recurrent_layers=1,
                                             n_output_layers=1, layer_types=None)),
