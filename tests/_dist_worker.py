@@ -182,6 +182,9 @@ SETUPS: dict[str, tuple[Callable[[], torch.nn.Module], Callable[[torch.nn.Module
     "peft-save-fsdp2": (lambda: build_peft("save"), lambda m: _fsdp(m, head="own"), False),
     "peft-save-zero3": (lambda: build_peft("save"), _zero3, False),
     "peft-tokens-ddp": (lambda: build_peft("tokens"), _ddp, False),
+    # The tied head's weight is the embedding's: both wrappers stay in the root unit.
+    "peft-tokens-fsdp2": (lambda: build_peft("tokens"), lambda m: _fsdp(m, head="root"), False),
+    "peft-tokens-zero3": (lambda: build_peft("tokens"), _zero3, False),
     "tp-torch-colwise": (build_llama, _tp_torch, True),
     "tp-transformers-colwise": (build_llama, _tp_transformers, True),
     "tp-uneven-vocab": (lambda: build_llama(TP_VOCAB_UNEVEN), _tp_transformers, True),
