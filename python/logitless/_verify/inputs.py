@@ -54,6 +54,9 @@ def make_feeds(model: torch.nn.Module, config: Any, override: Override) -> Feeds
         # As a trainer with two accumulation steps passes it: the count over both micro-batches.
         num_items=torch.tensor(2 * valid + 1),
     )
+    if "mm_token_type_ids" in _forward_params(model):
+        # Which positions are image tokens (none, in text); some models require it in training (Molmo2).
+        feeds.base["mm_token_type_ids"] = torch.zeros_like(ids)
     if override.inputs is not None:
         override.inputs(model, config, feeds)
     elif "pixel_values" in _forward_params(model) and image_token(config) is not None:

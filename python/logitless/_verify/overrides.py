@@ -50,14 +50,19 @@ def _pixels_only(model: Any, config: Any, feeds: Feeds) -> None:
 def _audio_features(model: Any, config: Any, feeds: Feeds) -> None:
     """Speech encoder-decoders take log-mel features (Whisper: a fixed number of frames, twice its source
     positions) or a waveform instead of token ids; the labels are the decoder's, as in speech-recognition
-    fine-tuning."""
+    fine-tuning. Voxtral realtime is a decoder that adds audio frames, aligned with the tokens, to its text."""
     import torch
 
-    batch = feeds.base.pop("input_ids").shape[0]
+    ids = feeds.base.pop("input_ids")
+    batch = ids.shape[0]
     feeds.base.pop("attention_mask", None)
     gen = torch.Generator().manual_seed(2)
-    name = "input_features"
-    if hasattr(config, "conv_stride"):  # SpeechT5: the raw waveform, 320 samples a frame
+    name, description = "input_features", "audio + decoder labels"
+    if hasattr(config, "audio_length_per_tok"):  # Voxtral realtime: (batch, mels, frames per token x tokens)
+        shape = (batch, config.audio_config.num_mel_bins, ids.shape[1] * config.audio_length_per_tok)
+        feeds.base["input_ids"] = ids
+        description = "text + aligned audio"
+    elif hasattr(config, "conv_stride"):  # SpeechT5: the raw waveform, 320 samples a frame
         name, shape = "input_values", (batch, 320 * 16)
     elif hasattr(config, "feature_projection_input_dim"):  # SeamlessM4T: (batch, frames, features)
         shape = (batch, 32, config.feature_projection_input_dim)
@@ -66,7 +71,18 @@ def _audio_features(model: Any, config: Any, feeds: Feeds) -> None:
     else:  # Speech2Text: (batch, frames, features)
         shape = (batch, 16, config.input_feat_per_channel * config.input_channels)
     feeds.base[name] = torch.randn(shape, generator=gen)
-    feeds.description = "audio + decoder labels"
+    feeds.description = description
+
+
+def _layout_boxes(model: Any, config: Any, feeds: Feeds) -> None:
+    """UDOP's relative position bias reads a box per token (x0, y0, x1, y1 in [0, 1]); text only, no page image."""
+    import torch
+
+    ids = feeds.base["input_ids"]
+    gen = torch.Generator().manual_seed(2)
+    corners = torch.rand(*ids.shape, 2, 2, generator=gen).sort(dim=-2).values  # [(x0, y0), (x1, y1)], x0 <= x1
+    feeds.base["bbox"] = corners.reshape(*ids.shape, 4)
+    feeds.description = "text + layout boxes"
 
 
 _DRAFTER = "draft model: all its layers share the target model's KV cache, so it cannot run alone"
@@ -83,6 +99,38 @@ OVERRIDES: dict[str, Override] = {
                      "LongT5ForConditionalGeneration", "SwitchTransformersForConditionalGeneration",
                      "Pop2PianoForConditionalGeneration")
     },
+    "UdopForConditionalGeneration": Override(config=_set(decoder_start_token_id=0), inputs=_layout_boxes),
+    # The image tokenizer's vocabulary map comes with a checkpoint; text only needs its two special entries.
+    "Emu3ForConditionalGeneration": Override(config=lambda d: d.update(vocabulary_map={
+        "<|extra_200|>": 250, "<image>": 251, "<|visual token000000|>": 252, "<|visual token000001|>": 253})),
+    # Per-layer dense / sparse MLP choice left unset by default (a checkpoint sets it).
+    "DeepseekOcr2ForConditionalGeneration": Override(config=_set(mlp_layer_types=["dense", "sparse"])),
+    # Which vision layers feed which language layers is a checkpoint's choice; one of each within the tiny depths.
+    "Granite4VisionForConditionalGeneration": Override(
+        config=lambda d: d.update(deepstack_layer_map=[[-2, 0]], spatial_target_layers=[1], downsample_rate="2/4")
+    ),
+    # The omni thinkers read the vision-start token from their own config, where only the full omni config
+    # declares it; any id outside the text the inputs draw from.
+    **{
+        name: Override(post=lambda c: setattr(c, "vision_start_token_id", 250))
+        for name in ("Qwen2_5OmniThinkerForConditionalGeneration", "Qwen3OmniMoeThinkerForConditionalGeneration")
+    },
+    # Its rotary sections (default in code: [22, 22, 20]) must split the tiny head's 8 rotary pairs with height
+    # and width equal, which the generic three-way split ([2, 3, 3]) does not.
+    "Ernie4_5_VLMoeForConditionalGeneration": Override(
+        post=lambda c: c.text_config.rope_parameters.update(mrope_section=[3, 3, 2])
+    ),
+    # Which layer's KV cache each layer reads, by layer index (by default its own): the per-layer cut keeps the
+    # original indices [0, 71].
+    "MistralLarge4ForConditionalGeneration": Override(config=_set(kv_source_layers=[0, 1])),
+    # The adapter reads two vision layers, by original index: the tiny tower's last two.
+    "Molmo2ForConditionalGeneration": Override(
+        config=lambda d: d["adapter_config"].update(vision_feature_layer=[-1, -2])
+    ),
+    # A coupling between sub-configs that the generic shrink does not know of, checked by the config class.
+    "FunAsrNanoForConditionalGeneration": Override(
+        config=lambda d: d["adaptor_config"].update(intermediate_size=d["text_config"]["hidden_size"] // 4)
+    ),
     "Qwen4ExpForCausalLM": Override(config=_QWEN4_QSA),
     "Qwen4ExpForConditionalGeneration": Override(config=_QWEN4_QSA),
     # Zamba2's shared attention block works on [hidden, hidden] concatenated and its mamba head dim is separate.
@@ -107,7 +155,10 @@ OVERRIDES: dict[str, Override] = {
     "SeamlessM4TForSpeechToText": Override(inputs=_audio_features),
     "SeamlessM4Tv2ForSpeechToText": Override(inputs=_audio_features),
     # SpecAugment draws its time masks from numpy's global generator: stock would not even match stock.
+    "VoxtralRealtimeForConditionalGeneration": Override(inputs=_audio_features),
     "SpeechT5ForSpeechToText": Override(config=_set(mask_time_prob=0.0), inputs=_audio_features),
+    # One sparse layer in four by default: the two tiny layers would have none, and its router loss needs one.
+    "NllbMoeForConditionalGeneration": Override(config=_set(encoder_sparse_step=2, decoder_sparse_step=2)),
     # Its LM head asserts a decoder config (the default is an encoder); the axial position embeddings must add
     # up to the shrunk hidden size; local attention keeps LSH's random hashing out, and no dropout because its
     # reversible layers reseed torch's generator from the OS (`torch.seed()`) in training mode.
