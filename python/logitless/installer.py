@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 from logitless import _config, _runtime
 from logitless._hook import MODELING_MODULE, TRL_MODULE, ModelingImportHook
 from logitless._patching import PatchError, build_forward, forget_source, forward_hash, forward_source
+from logitless._remote import RemoteCodeHook
 
 __all__ = ["audit", "canonical_hash", "install", "patch", "register_canonical", "uninstall"]
 
@@ -58,6 +59,7 @@ class _Patch:
 # patching already-imported modules on another thread.
 _LOCK = threading.RLock()
 _hook: ModelingImportHook | None = None
+_remote_hook: RemoteCodeHook | None = None
 _patched: dict[type, _Patch] = {}
 _records: dict[str, dict[str, Any]] = {}
 _hashes: dict[type, str] = {}
@@ -103,7 +105,7 @@ def install(return_logits: bool | None = None, fuse_eval: bool | None = None) ->
     (``LOGITLESS_RETURN_LOGITS``, ``LOGITLESS_FUSE_EVAL``); an explicit argument wins over the environment. A later
     call updates them.
     """
-    global _hook
+    global _hook, _remote_hook
     with _LOCK:
         _runtime.set_return_logits(_config.return_logits() if return_logits is None else return_logits)
         _runtime.set_fuse_eval(_config.fuse_eval() if fuse_eval is None else fuse_eval)
@@ -117,16 +119,21 @@ def install(return_logits: bool | None = None, fuse_eval: bool | None = None) ->
         for name, module in list(sys.modules.items()):
             if module is not None and MODELING_MODULE.match(name) and not _initializing(module):
                 _patch_module(module)
+        _remote_hook = RemoteCodeHook(_on_module_loaded)
+        _remote_hook.install()
         _install_trl()
 
 
 def uninstall() -> None:
     """Remove the hook and put every original ``forward`` object back, exactly."""
-    global _hook
+    global _hook, _remote_hook
     with _LOCK:
         if _hook is not None:
             _hook.remove()
             _hook = None
+        if _remote_hook is not None:
+            _remote_hook.uninstall()
+            _remote_hook = None
         _uninstall_trl()
         _runtime.set_enabled(False)
         for cls, record in _patched.items():
@@ -371,6 +378,15 @@ def _try_patch(cls: type, original: Callable[..., Any]) -> dict[str, Any]:
             "reason": result.get("reason", ""),
             "line": result.get("line"),
         }
+    ce_class = result.get("ce_class")
+    if ce_class and not _names_torch_cross_entropy(ce_class, original):
+        # Remote code (or a module) may bind `CrossEntropyLoss` to a class of its own, whose loss is not ours.
+        return {
+            "status": "refused",
+            "code": "loss-class-not-torch",
+            "reason": f"`{ce_class}` does not resolve to torch.nn.CrossEntropyLoss in {cls.__module__}",
+            "line": result.get("line"),
+        }
     forward, filename, added = build_forward(cls, original, result["source"])
     setattr(cls, "forward", forward)
     _patched[cls] = _Patch(original=original, forward=forward, filename=filename, added_globals=added)
@@ -383,6 +399,22 @@ def _try_patch(cls: type, original: Callable[..., Any]) -> dict[str, Any]:
         "source_file": filename,
         "hash": digest,
     }
+
+
+def _names_torch_cross_entropy(dotted: str, original: Callable[..., Any]) -> bool:
+    """Whether ``dotted`` (``CrossEntropyLoss``, ``nn.CrossEntropyLoss``, ...) names torch's class where the forward
+    runs (its module's globals, then builtins)."""
+    import builtins
+
+    import torch
+
+    missing = object()
+    namespace = getattr(inspect.unwrap(original), "__globals__", {})
+    first, *rest = dotted.split(".")
+    value = namespace.get(first, getattr(builtins, first, missing))
+    for part in rest:
+        value = getattr(value, part, missing)
+    return value is torch.nn.CrossEntropyLoss
 
 
 def _check_signature(forward: Callable[..., Any], original: Callable[..., Any]) -> None:

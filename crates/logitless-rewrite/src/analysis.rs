@@ -32,6 +32,7 @@ pub(crate) struct Plan<'a> {
     /// (name, expression); `None` name is the `**kwargs` entry.
     pub loss_keywords: Vec<(Option<String>, String)>,
     pub form: LossForm,
+    pub ce_class: Option<String>,
     /// Index of the head statement and of the labels branch in the function body.
     pub head_idx: usize,
     pub labels_idx: usize,
@@ -736,6 +737,7 @@ pub(crate) fn analyse<'a>(
             .map(|(n, v)| (n.clone(), src.slice(*v).to_string()))
             .collect(),
         form: call.form,
+        ce_class: call.ce_class.clone(),
         head_idx,
         labels_idx,
         setup,

@@ -78,6 +78,9 @@ pub struct Rewrite {
     /// The `**kwargs` name passed to the loss, if any.
     pub kwargs: Option<String>,
     pub loss_form: LossForm,
+    /// For the cross-entropy forms, the loss class as the source names it (`CrossEntropyLoss`,
+    /// `nn.CrossEntropyLoss`, `torch.nn.CrossEntropyLoss`); the caller checks what it resolves to.
+    pub ce_class: Option<String>,
     /// Extra run-time conditions of the fused path (`not (<guard>)` of auxiliary terms that read the logits).
     pub fused_guards: Vec<String>,
     /// 1-based line of the head statement in the input.
@@ -118,6 +121,7 @@ pub(crate) fn rewrite_function(
         extra_loss_kwargs: extra,
         kwargs,
         loss_form: plan.form,
+        ce_class: plan.ce_class.clone(),
         fused_guards: plan.fused_guards.clone(),
         line: src.line(&func.body[plan.head_idx]),
     })

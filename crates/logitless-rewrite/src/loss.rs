@@ -39,6 +39,9 @@ pub(crate) struct LossCall<'a> {
     pub(crate) vocab: Option<&'a Expr>,
     pub(crate) keywords: Vec<(Option<String>, &'a Expr)>,
     pub(crate) form: LossForm,
+    /// The cross-entropy forms' constructor as written (`CrossEntropyLoss`, `nn.CrossEntropyLoss`, ...): the
+    /// installer checks that it names torch's class in the module it runs in.
+    pub(crate) ce_class: Option<String>,
     /// Statements of the branch that only prepare the loss's arguments (shift, view, device move, the
     /// `CrossEntropyLoss()` object): replaced by the fused call.
     pub(crate) consumed: Vec<usize>,
@@ -265,6 +268,7 @@ pub(crate) fn find_loss_call<'a>(
                 vocab,
                 keywords,
                 form: LossForm::LossFunction,
+                ce_class: None,
                 consumed: Vec::new(),
             });
         }
@@ -296,10 +300,12 @@ pub(crate) fn find_loss_call<'a>(
                 simple_assign(s)
                     .is_some_and(|(t, v)| Some(t) == func.as_deref() && is_ce_constructor(v))
             });
-            let ignore_index = ce_def
-                .and_then(|j| simple_assign(&body[j]))
-                .and_then(|(_, v)| ce_constructor(v))
-                .flatten();
+            let constructor = ce_def.and_then(|j| simple_assign(&body[j])).map(|(_, v)| v);
+            let ignore_index = constructor.and_then(ce_constructor).flatten();
+            let ce_class = constructor.and_then(|v| match v {
+                Expr::Call(c) => dotted(&c.func),
+                _ => None,
+            });
             let mut consumed: Vec<usize> = lt
                 .consumed
                 .iter()
@@ -334,6 +340,7 @@ pub(crate) fn find_loss_call<'a>(
                     .into_iter()
                     .collect(),
                 form,
+                ce_class,
                 consumed,
             });
         }

@@ -23,6 +23,9 @@ fn render(r: &Rewrite) -> String {
         r.loss_form.as_str(),
         r.kwargs
     );
+    if let Some(class) = &r.ce_class {
+        let _ = writeln!(out, "ce_class: {class}");
+    }
     for step in &r.epilogue {
         let _ = writeln!(out, "epilogue: {} = {}", step.kind.as_str(), step.expr);
     }
