@@ -27,7 +27,7 @@ trl_utils = pytest.importorskip("trl.trainer.utils")
 if not hasattr(trl_utils, "add_fused_lm_head"):  # pragma: no cover - TRL < 1.15 has no fused head
     pytest.skip("this TRL has no fused LM head", allow_module_level=True)
 
-FAMILIES = ["llama", "gemma3", "cohere", "granite"]  # plain, softcap, multiply, divide
+FAMILIES = ["llama", "gemma3", "cohere", "granite", "gpt2"]  # plain, softcap, multiply, divide, GPT2LMHeadModel
 ALL_FIELDS = ("log_probs", "entropy", "is_top1", "mean_logits", "log_sum_sq_probs")
 
 
