@@ -85,6 +85,17 @@ def _layout_boxes(model: Any, config: Any, feeds: Feeds) -> None:
     feeds.description = "text + layout boxes"
 
 
+def _hidden_states_in(model: Any, config: Any, feeds: Feeds) -> None:
+    """SeamlessM4T's text-to-unit models read the text decoder's hidden states (``inputs_embeds``), not token ids;
+    the labels are unit ids."""
+    import torch
+
+    ids = feeds.base.pop("input_ids")
+    gen = torch.Generator().manual_seed(2)
+    feeds.base["inputs_embeds"] = torch.randn(*ids.shape, config.hidden_size, generator=gen)
+    feeds.description = "hidden states + unit labels"
+
+
 _DRAFTER = "draft model: all its layers share the target model's KV cache, so it cannot run alone"
 
 OVERRIDES: dict[str, Override] = {
@@ -131,6 +142,7 @@ OVERRIDES: dict[str, Override] = {
     "FunAsrNanoForConditionalGeneration": Override(
         config=lambda d: d["adaptor_config"].update(intermediate_size=d["text_config"]["hidden_size"] // 4)
     ),
+    "SeamlessM4TTextToUnitForConditionalGeneration": Override(inputs=_hidden_states_in),
     "Qwen4ExpForCausalLM": Override(config=_QWEN4_QSA),
     "Qwen4ExpForConditionalGeneration": Override(config=_QWEN4_QSA),
     # Zamba2's shared attention block works on [hidden, hidden] concatenated and its mamba head dim is separate.

@@ -254,10 +254,12 @@ def _shrink_rope(d: dict[str, Any]) -> None:
         if not isinstance(rope, dict):
             continue
         targets = [rope] + [v for v in rope.values() if isinstance(v, dict)]
+        # MLA attention rotates only its qk_rope_head_dim part of each head.
+        rotary = d["qk_rope_head_dim"] if _is_size(d.get("qk_rope_head_dim")) else HEAD_DIM
         for r in targets:
             section = r.get("mrope_section")
             if isinstance(section, list) and section:
-                r["mrope_section"] = _split(HEAD_DIM // 2, len(section))
+                r["mrope_section"] = _split(rotary // 2, len(section))
 
 
 def _split(total: int, parts: int) -> list[int]:
@@ -335,6 +337,8 @@ def fix_mrope(config: Any, force: bool = False) -> None:
             continue
         heads = getattr(cfg, "num_attention_heads", None) or HEADS
         head_dim = getattr(cfg, "head_dim", None) or getattr(cfg, "hidden_size", HIDDEN) // heads
+        # MLA attention rotates only its qk_rope_head_dim part of each head.
+        head_dim = getattr(cfg, "qk_rope_head_dim", None) or head_dim
         factor = rope.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", None)) or 1.0
         parts = len(rope.get("mrope_section") or [0, 0, 0])
         rope["mrope_section"] = _split(int(head_dim * factor) // 2, parts)
