@@ -57,7 +57,7 @@ def rewrite_forward(source: str) -> dict[str, Any]:
     """Rewrite one dedented ``def forward`` (decorators included); docs/design.md "Rewrite contract".
 
     ``{"status": "patched", "source", "head", "hidden", "logits", "loss", "labels", "vocab", "epilogue":
-    [{"kind", "expr"}], "extra_loss_kwargs", "kwargs", "loss_form", "fused_guards", "line"}`` or
+    [{"kind", "expr"}], "extra_loss_kwargs", "kwargs", "loss_form", "ce_class", "fused_guards", "line"}`` or
     ``{"status": "refused", "code", "reason", "line"}``. Never raises for bad source (it is refused).
     """
 

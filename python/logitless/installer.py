@@ -3,7 +3,8 @@
 ``install()`` puts an import hook on ``sys.meta_path`` and patches the language-model heads (``*ForCausalLM``,
 ``*ForConditionalGeneration`` and the older names of transformers' LM auto mappings such as ``GPT2LMHeadModel`` and
 ``MarianMTModel``: ``_core.class_kind``) of every ``transformers.models.*.modeling_*`` module, already imported or
-imported later. For each class's ``forward``:
+imported later, and of every remote-code module transformers executes (``trust_remote_code=True``: ``_remote``).
+For each class's ``forward``:
 
 * tier 1: if the sha256 of its dedented source (see ``canonical_hash``) was registered with ``register_canonical``,
   the registered hand-written forward replaces it;
