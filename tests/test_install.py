@@ -71,6 +71,28 @@ def fused_llama_forward(
     return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
 
 
+class ResearchLM(LlamaForCausalLM):
+    """A user's own subclass with its own forward (a name install() does not take as a language-model head)."""
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        hidden_states = outputs.last_hidden_state
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+STOCK_RESEARCH_FORWARD = ResearchLM.__dict__["forward"]
+
+
 @pytest.fixture(autouse=True)
 def _clean_world(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     logitless.uninstall()
@@ -79,6 +101,7 @@ def _clean_world(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         yield
     logitless.uninstall()
     assert LlamaForCausalLM.__dict__["forward"] is STOCK_LLAMA_FORWARD
+    assert ResearchLM.__dict__["forward"] is STOCK_RESEARCH_FORWARD
 
 
 @pytest.fixture(params=["tier1", "tier2"])
@@ -236,6 +259,25 @@ def test_patch_built_model(monkeypatch: pytest.MonkeyPatch) -> None:
     assert LlamaForCausalLM.__dict__["forward"] is fused_llama_forward
     counter = tiny.fused_forward_counter(monkeypatch)
     assert model(**_batch()).logits.shape[-1] == 0 and counter.calls == 1
+
+
+def test_patch_takes_the_class_a_model_runs_whatever_its_name() -> None:
+    """install() patches classes by name; patch(model) also patches the class whose forward the model runs."""
+    model = ResearchLM(tiny.build("llama").config).float()
+    model.load_state_dict(tiny.build("llama").state_dict())
+    batch = _batch()
+    stock = _loss_and_grads(model, batch)
+    logitless.install()
+    assert ResearchLM.__dict__["forward"] is STOCK_RESEARCH_FORWARD  # not a language-model head's name
+    key = f"{ResearchLM.__module__}.ResearchLM"
+    assert logitless.patch(model) is model
+    assert logitless.audit()["classes"][key]["status"] == "patched"
+    fused = _loss_and_grads(model, batch)
+    assert fused[2].logits.shape[-1] == 0
+    assert logitless.audit()["classes"][key]["runtime"] == {"fused": 1, "stock": {}}
+    torch.testing.assert_close(fused[0], stock[0], rtol=1e-6, atol=0)
+    for name, grad in stock[1].items():
+        torch.testing.assert_close(fused[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_patch_peft_model_patches_its_base_class(monkeypatch: pytest.MonkeyPatch) -> None:

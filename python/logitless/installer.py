@@ -153,7 +153,11 @@ def uninstall() -> None:
 
 
 def patch(model: ModelT) -> ModelT:
-    """Patch the class(es) of an already built model (and of its PEFT base model) and return the model."""
+    """Patch the class(es) of an already built model (and of its PEFT base model) and return the model.
+
+    The language-model classes of its MRO are patched, and the class whose ``forward`` it runs whatever its name:
+    a model passed here explicitly (a user's subclass, research code) is fused when the rewriter understands it.
+    """
     with _LOCK:
         if not _supported():
             return model
@@ -163,8 +167,10 @@ def patch(model: ModelT) -> ModelT:
         if callable(get_base_model):
             targets.append(get_base_model())
         for target in targets:
-            for cls in type(target).__mro__:
-                if "forward" in cls.__dict__ and _lm_class(cls):
+            mro = type(target).__mro__
+            runs = next((cls for cls in mro if "forward" in cls.__dict__), None)
+            for cls in mro:
+                if "forward" in cls.__dict__ and (cls is runs or _lm_class(cls)):
                     _patch_class(cls)
     return model
 
