@@ -1,6 +1,8 @@
 """Encoder-decoder models (BART's family, Marian, T5's, Whisper) fused exactly: their forwards compute
 ``CrossEntropyLoss(...)(lm_logits.view(-1, V), labels.view(-1))`` on decoder labels, which the rewriter fuses as the
-op with ``shift_labels=labels`` (no shift). HF Trainer runs on tiny random models, stock against
+op with ``shift_labels=labels`` (no shift). The encoder-decoder wrappers (``VisionEncoderDecoderModel``: TrOCR,
+Donut; ``EncoderDecoderModel``) compute that loss on their decoder's logits; fused, they hand the labels to a
+decoder whose own loss is exactly that (TrOCR's, BART's), and keep the stock path otherwise. HF Trainer runs on tiny random models, stock against
 ``logitless.install()`` on identical weights: every step's loss and grad norm and the final weights equal.
 
 The models are built as ``python -m logitless verify`` builds them (shrunk default configs, every parameter and every
@@ -29,8 +31,14 @@ MODELS = {
     "t5": ("transformers.models.t5.modeling_t5", "T5ForConditionalGeneration"),
     # audio features in, a head named proj_out, labels.reshape(-1)
     "whisper": ("transformers.models.whisper.modeling_whisper", "WhisperForConditionalGeneration"),
+    # ViT encoder, TrOCR decoder (as verify builds it): the loss is handed to the decoder
+    "trocr": ("transformers.models.vision_encoder_decoder.modeling_vision_encoder_decoder", "VisionEncoderDecoderModel"),
+    # BERT encoder, BART decoder (BartForCausalLM)
+    "bert2bart": ("transformers.models.encoder_decoder.modeling_encoder_decoder", "EncoderDecoderModel"),
 }
+WRAPPERS = ("trocr", "bert2bart")
 STEPS, BATCH = 4, 2
+_SOURCE = {"whisper": "input_features", "trocr": "pixel_values"}
 
 
 pytestmark = pytest.mark.usefixtures("stock_world")
@@ -50,9 +58,11 @@ def _examples(name: str, model: torch.nn.Module) -> list[dict[str, Any]]:
         if name == "whisper":
             config = model.config
             source: Any = torch.randn(config.num_mel_bins, 2 * config.max_source_positions, generator=g)
+        elif name == "trocr":
+            source = torch.randn(3, model.config.encoder.image_size, model.config.encoder.image_size, generator=g)
         else:
             source = torch.randint(3, vocab, (12,), generator=g).tolist()
-        key = "input_features" if name == "whisper" else "input_ids"  # Trainer drops columns forward does not take
+        key = _SOURCE.get(name, "input_ids")  # Trainer drops columns forward does not take
         examples.append({key: source, "labels": target})
     return examples
 
@@ -63,8 +73,9 @@ def _collator(name: str) -> Callable[[list[dict[str, Any]]], dict[str, torch.Ten
         labels = torch.full((len(batch), width), -100, dtype=torch.long)  # padded targets are ignored
         for row, e in enumerate(batch):
             labels[row, : len(e["labels"])] = torch.tensor(e["labels"])
-        if name == "whisper":
-            return {"input_features": torch.stack([e["input_features"] for e in batch]), "labels": labels}
+        if name in _SOURCE:
+            key = _SOURCE[name]
+            return {key: torch.stack([e[key] for e in batch]), "labels": labels}
         return {"input_ids": torch.tensor([e["input_ids"] for e in batch]), "labels": labels}
 
     return collate
@@ -79,8 +90,9 @@ def test_trainer_run_matches_stock(name: str, tmp_path: Any) -> None:
     stock = tiny.train(_model(name), examples, output_dir=str(tmp_path / "stock"), **args)
     logitless.install()
     fused = tiny.train(_model(name), examples, output_dir=str(tmp_path / "fused"), **args)
+    # A wrapper's forward and its decoder's each count as fused.
     runtime = logitless.audit()["runtime"]
-    assert runtime == {"fused": STEPS, "stock": {}}, runtime
+    assert runtime == {"fused": STEPS * (2 if name in WRAPPERS else 1), "stock": {}}, runtime
     tiny.assert_runs_match(stock, fused)
 
 
@@ -94,3 +106,67 @@ def test_fused_forward_returns_no_logits_and_the_stock_loss() -> None:
     assert fused.logits.shape[-1] == 0 and stock.logits.shape[-1] == model.config.vocab_size
     assert float(model.final_logits_bias.abs().max()) > 0.1
     assert torch.allclose(fused.loss, stock.loss, rtol=1e-6, atol=0)
+
+
+def _wrapper_runs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(4)  # the same dropout masks in both runs
+    out = model(**batch)
+    loss = out.loss if hasattr(out, "loss") else out[0]
+    loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(got: tuple[Any, dict], want: tuple[Any, dict]) -> None:
+    torch.testing.assert_close(got[0][0], want[0][0], rtol=1e-6, atol=0)  # the loss, in outputs and tuples alike
+    assert got[1].keys() == want[1].keys()
+    for name, grad in want[1].items():
+        torch.testing.assert_close(got[1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _wrapper_record(model: torch.nn.Module) -> dict[str, Any]:
+    cls = type(model)
+    return logitless.audit()["classes"][f"{cls.__module__}.{cls.__qualname__}"]["runtime"]
+
+
+def test_wrapper_hands_its_loss_to_the_decoder() -> None:
+    """TrOCR: the wrapper's decoder computes the loss fused and returns no logits; equal to stock."""
+    model = _model("trocr")
+    batch = _collator("trocr")(_examples("trocr", model)[:2])
+    stock = _wrapper_runs(model, batch)
+    logitless.install()
+    fused = _wrapper_runs(model, batch)
+    assert fused[0].logits.shape[-1] == 0 and stock[0].logits.shape[-1] == model.decoder.config.vocab_size
+    assert _wrapper_record(model) == {"fused": 1, "stock": {}}
+    _assert_same(fused, stock)
+
+
+@pytest.mark.parametrize("case", ["bert2bert", "hooked-decoder", "tuple-outputs"])
+def test_wrapper_keeps_the_stock_path_when_the_decoder_cannot_take_the_loss(case: str) -> None:
+    """A decoder whose loss is not the wrapper's (BERT's shifts the labels), a hooked decoder (its hook would see
+    the empty logits), and tuple outputs (they would carry the decoder's loss): stock, counted, equal to stock."""
+    if case == "bert2bert":
+        from transformers import BertConfig, EncoderDecoderConfig, EncoderDecoderModel
+
+        small = dict(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+        config = EncoderDecoderConfig.from_encoder_decoder_configs(BertConfig(**small), BertConfig(**small))
+        config.decoder_start_token_id, config.pad_token_id = 2, 0
+        torch.manual_seed(0)
+        model: torch.nn.Module = EncoderDecoderModel(config).train()
+        batch = {"input_ids": torch.randint(3, 128, (2, 9)), "labels": torch.randint(3, 128, (2, 6))}
+    else:
+        model = _model("trocr")
+        batch = _collator("trocr")(_examples("trocr", model)[:2])
+        if case == "hooked-decoder":
+            model.decoder.register_forward_hook(lambda module, args, out: None)
+        else:
+            batch["return_dict"] = False  # type: ignore[assignment]
+    stock = _wrapper_runs(model, batch)
+    logitless.install()
+    ours = _wrapper_runs(model, batch)
+    reason = {"bert2bert": "delegate-not-exact", "hooked-decoder": "delegate-hooked",
+              "tuple-outputs": "delegate-tuple-outputs"}[case]  # fmt: skip
+    assert _wrapper_record(model) == {"fused": 0, "stock": {reason: 1}}
+    logits = ours[0].logits if case != "tuple-outputs" else ours[0][1]
+    assert logits.shape[-1] == model.decoder.config.vocab_size
+    _assert_same(ours, stock)

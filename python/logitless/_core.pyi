@@ -57,14 +57,16 @@ def rewrite_forward(source: str) -> dict[str, Any]:
     """Rewrite one dedented ``def forward`` (decorators included); docs/design.md "Rewrite contract".
 
     ``{"status": "patched", "source", "head", "hidden", "logits", "loss", "labels", "vocab", "epilogue":
-    [{"kind", "expr"}], "extra_loss_kwargs", "kwargs", "loss_form", "ce_class", "fused_guards", "line"}`` or
+    [{"kind", "expr"}], "extra_loss_kwargs", "kwargs", "loss_form", "ce_class", "fused_guards", "delegate_target",
+    "line"}`` or
     ``{"status": "refused", "code", "reason", "line"}``. Never raises for bad source (it is refused).
     """
 
 def class_kind(name: str) -> str | None:
     """``"causal-lm"`` / ``"conditional-generation"`` when a class of this name is a language-model head logitless
     patches (``*ForCausalLM``, ``*ForConditionalGeneration`` and the older names of transformers' LM auto mappings:
-    ``GPT2LMHeadModel``, ``MarianMTModel``, ...), else None. The one rule of the installer, audit and verify.
+    ``GPT2LMHeadModel``, ``MarianMTModel``, the encoder-decoder wrappers, ...), else None. The one rule of the
+    installer, audit and verify.
     """
 
 def audit_tree(models_dir: str) -> list[dict[str, Any]]:

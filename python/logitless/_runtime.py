@@ -180,6 +180,43 @@ def fusable(model: Any, head: Any, *epilogue_modules: Any) -> bool:
     return reason is None
 
 
+def delegable(model: Any, sub: Any, as_dict: Any = True) -> bool:
+    """True when an encoder-decoder wrapper may hand its loss to its decoder ``sub``: given the labels, the decoder
+    computes exactly the wrapper's ``CrossEntropyLoss()`` of its logits (its own fused forward then forms none).
+
+    That holds when ``sub`` runs, unchanged, a forward of a class logitless rewrote whose loss is that and whose
+    labels are read nowhere else (``Rewrite::delegate_target``), with no hooks that would see its outputs or its
+    arguments. ``as_dict``: the wrapper's ``return_dict``; its tuple outputs would carry the decoder's loss as an
+    extra first element, so they keep the stock path. Counted for ``audit()`` on the wrapper's class; the decoder
+    counts its own forward as usual.
+    """
+    reason = _delegation_reason(model, sub)
+    if reason is None and not as_dict:
+        reason = "delegate-tuple-outputs"
+    record(model, reason)
+    return reason is None
+
+
+def _delegation_reason(model: Any, sub: Any) -> str | None:
+    if not _enabled and _capture.get() is None:
+        return "uninstalled"
+    if not getattr(model, "training", True) and not _fuse_eval and _capture.get() is None:
+        return "eval-mode"
+    import torch
+
+    from logitless import installer
+    from logitless._heads import global_hooks, local_hooks
+
+    if not isinstance(sub, torch.nn.Module) or "forward" in sub.__dict__:
+        return "delegate-not-exact"
+    if local_hooks(sub) or global_hooks():
+        return "delegate-hooked"
+    owner = next((cls for cls in type(sub).__mro__ if "forward" in cls.__dict__), None)
+    if owner is None or not installer.is_delegate_target(owner):
+        return "delegate-not-exact"
+    return None
+
+
 def no_logits(hidden: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
     """The empty stand-in for the logits the fused path never computes: ``[*hidden.shape[:-1], 0]``."""
     del head  # part of the contract so a future head-dependent dtype can be honoured without a rewrite change

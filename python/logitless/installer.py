@@ -157,6 +157,8 @@ def patch(model: ModelT) -> ModelT:
 
     The language-model classes of its MRO are patched, and the class whose ``forward`` it runs whatever its name:
     a model passed here explicitly (a user's subclass, research code) is fused when the rewriter understands it.
+    So are the language-model classes of its sub-modules (an encoder-decoder wrapper's decoder, which its fused
+    loss is handed to).
     """
     with _LOCK:
         if not _supported():
@@ -171,6 +173,11 @@ def patch(model: ModelT) -> ModelT:
             runs = next((cls for cls in mro if "forward" in cls.__dict__), None)
             for cls in mro:
                 if "forward" in cls.__dict__ and (cls is runs or _lm_class(cls)):
+                    _patch_class(cls)
+        modules = getattr(model, "modules", None)
+        for module in modules() if callable(modules) else ():
+            for cls in type(module).__mro__:
+                if "forward" in cls.__dict__ and _lm_class(cls):
                     _patch_class(cls)
     return model
 
@@ -305,6 +312,15 @@ def _json_safe(value: Any) -> Any:
     return str(value)
 
 
+def is_delegate_target(cls: type) -> bool:
+    """Whether ``cls`` runs our rewrite of a forward whose loss, given labels, is exactly ``CrossEntropyLoss()`` of
+    its logits (``_runtime.delegable``)."""
+    with _LOCK:
+        patch = _patched.get(cls)
+        record = _records.get(f"{cls.__module__}.{cls.__qualname__}", {})
+        return patch is not None and cls.__dict__.get("forward") is patch.forward and bool(record.get("delegate_target"))
+
+
 def _lm_class(cls: type) -> bool:
     """Whether ``cls`` is named as a language-model head (the rule the Rust audit applies to the source)."""
     from logitless import _core
@@ -403,6 +419,7 @@ def _try_patch(cls: type, original: Callable[..., Any]) -> dict[str, Any]:
         "head": result.get("head"),
         "epilogue": result.get("epilogue", []),
         "loss_form": result.get("loss_form"),
+        "delegate_target": bool(result.get("delegate_target")),
         "source_file": filename,
         "hash": digest,
     }

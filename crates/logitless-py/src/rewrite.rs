@@ -49,6 +49,7 @@ fn rewrite_dict<'py>(py: Python<'py>, r: &Rewrite) -> PyResult<Bound<'py, PyDict
     d.set_item("loss_form", r.loss_form.as_str())?;
     d.set_item("ce_class", r.ce_class.as_deref())?;
     d.set_item("fused_guards", &r.fused_guards)?;
+    d.set_item("delegate_target", r.delegate_target)?;
     d.set_item("line", r.line)?;
     Ok(d)
 }

@@ -136,15 +136,18 @@ fn audit_path(path: &Path) -> Result<Vec<ClassReport>, AuditError> {
 
 /// Transformers names its language-modelling heads `*ForCausalLM` and `*ForConditionalGeneration`; its causal-LM
 /// and seq2seq-LM auto mappings still register older heads under other names (GPT-2's `GPT2LMHeadModel`,
-/// `MarianMTModel`, ...). These are all the names the installer patches and the audit reports.
+/// `MarianMTModel`, the encoder-decoder wrappers, ...). These are all the names the installer patches and the
+/// audit reports.
 const CAUSAL_SUFFIXES: &[&str] = &["ForCausalLM", "LMHeadModel", "ModelWithLMHead"];
 const CAUSAL_NAMES: &[&str] = &["BertGenerationDecoder"];
 const CONDITIONAL_SUFFIXES: &[&str] = &[
     "ForConditionalGeneration",
     "ForTextToText",
     "ForSpeechToText",
+    // VisionEncoderDecoderModel, SpeechEncoderDecoderModel: wrappers around any encoder and decoder.
+    "EncoderDecoderModel",
 ];
-const CONDITIONAL_NAMES: &[&str] = &["MarianMTModel"];
+const CONDITIONAL_NAMES: &[&str] = &["MarianMTModel", "EncoderDecoderModel"];
 
 /// Whether a class of this name is a language-model head logitless patches, and of which kind: the one rule
 /// the audit, the installer and verify share (exposed to Python as `_core.class_kind`).
@@ -648,6 +651,12 @@ fn audit_class(
         }
         Ok(rewrite) => {
             report.line = rewrite.line;
+            if rewrite.loss_form == LossForm::Delegated {
+                // The loss is handed to a sub-model: its own class is audited (and checked at run time).
+                report.loss_form = Some(rewrite.loss_form);
+                report.head = Some(rewrite.head);
+                return report;
+            }
             if let Some(loss_type) = non_causal_loss_type(classes, class) {
                 report.outcome = Outcome::Refused(Refusal::new(
                     ReasonCode::UnsupportedLoss,

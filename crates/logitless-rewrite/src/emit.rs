@@ -117,7 +117,24 @@ pub(crate) fn emit(
     let region = src.range(TextRange::new(head_stmt.start(), labels_stmt.end()));
     out.push_str(&reindent(region, &ind4, "    "));
 
-    // Splice: decorators dropped, region replaced.
+    splice(
+        src,
+        func,
+        (head_stmt.start().to_usize(), labels_stmt.end().to_usize()),
+        out,
+        drop_doc_decorators,
+    )
+}
+
+/// The function from its first decorator's line to its end, with `region` (byte offsets) replaced by
+/// `replacement` and the documentation decorators dropped when asked.
+pub(crate) fn splice(
+    src: &Source<'_>,
+    func: &StmtFunctionDef,
+    region: (usize, usize),
+    replacement: String,
+    drop_doc_decorators: bool,
+) -> String {
     let mut edits: Vec<(usize, usize, String)> = Vec::new();
     if drop_doc_decorators {
         for d in &func.decorator_list {
@@ -128,11 +145,7 @@ pub(crate) fn emit(
             }
         }
     }
-    edits.push((
-        head_stmt.start().to_usize(),
-        labels_stmt.end().to_usize(),
-        out,
-    ));
+    edits.push((region.0, region.1, replacement));
     edits.sort_by_key(|e| e.0);
     // Only the function itself is returned: from its first decorator's line to its end.
     let first = func

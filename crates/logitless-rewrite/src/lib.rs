@@ -27,6 +27,7 @@
 
 mod analysis;
 mod audit;
+mod delegate;
 mod emit;
 mod epilogue;
 mod epilogue_module;
@@ -83,6 +84,10 @@ pub struct Rewrite {
     pub ce_class: Option<String>,
     /// Extra run-time conditions of the fused path (`not (<guard>)` of auxiliary terms that read the logits).
     pub fused_guards: Vec<String>,
+    /// Given `labels`, this forward's loss is exactly `CrossEntropyLoss()` of its (unshifted) logits against them,
+    /// and the labels are read nowhere else: a wrapper computing that loss on this model's logits may hand it its
+    /// labels instead ([`LossForm::Delegated`]).
+    pub delegate_target: bool,
     /// 1-based line of the head statement in the input.
     pub line: usize,
 }
@@ -98,7 +103,15 @@ pub(crate) fn rewrite_function(
     func: &ruff_python_ast::StmtFunctionDef,
     options: &RewriteOptions,
 ) -> Result<Rewrite, Refusal> {
-    let plan = analysis::analyse(src, func)?;
+    let plan = match analysis::analyse(src, func) {
+        Ok(plan) => plan,
+        Err(refusal) => {
+            return match delegate::recognise(src, func) {
+                None => Err(refusal),
+                Some(d) => delegated(src, func, &d?, options),
+            };
+        }
+    };
     let new_source = emit::emit(src, func, &plan, options.drop_doc_decorators);
     source::check_reparse(&new_source, "emitted code")?;
     let mut extra = Vec::new();
@@ -123,6 +136,43 @@ pub(crate) fn rewrite_function(
         loss_form: plan.form,
         ce_class: plan.ce_class.clone(),
         fused_guards: plan.fused_guards.clone(),
+        delegate_target: plan.form == LossForm::CrossEntropy
+            && plan.loss_keywords.is_empty()
+            && plan.pre.is_empty()
+            && plan.post.is_empty()
+            && plan.fused_guards.is_empty()
+            && func
+                .body
+                .iter()
+                .enumerate()
+                .all(|(i, s)| i == plan.labels_idx || !source::stmt_reads(s, &plan.labels)),
         line: src.line(&func.body[plan.head_idx]),
+    })
+}
+
+fn delegated(
+    src: &source::Source<'_>,
+    func: &ruff_python_ast::StmtFunctionDef,
+    d: &delegate::Delegation<'_>,
+    options: &RewriteOptions,
+) -> Result<Rewrite, Refusal> {
+    let new_source = delegate::emit(src, func, d, options.drop_doc_decorators);
+    source::check_reparse(&new_source, "emitted code")?;
+    Ok(Rewrite {
+        source: new_source,
+        head: d.sub.clone(),
+        hidden: String::new(),
+        logits: d.logits.to_string(),
+        loss: d.loss.to_string(),
+        labels: d.labels.to_string(),
+        vocab: Some(d.vocab.clone()),
+        epilogue: Vec::new(),
+        extra_loss_kwargs: Vec::new(),
+        kwargs: None,
+        loss_form: LossForm::Delegated,
+        ce_class: Some(d.ce_class.clone()),
+        fused_guards: Vec::new(),
+        delegate_target: false,
+        line: d.line,
     })
 }

@@ -18,6 +18,9 @@ pub enum LossForm {
     /// `CrossEntropyLoss()` on `logits[..., :-1, :]` and `labels[..., 1:]` (the 4.x manual shift): the causal
     /// loss with its mean, fused as `hf_loss(..., labels)` without `**kwargs`.
     ShiftedCrossEntropy,
+    /// `CrossEntropyLoss()` of a sub-model's logits (encoder-decoder wrappers): fused by handing the labels to the
+    /// sub-model, whose own loss is that (`crate::delegate`).
+    Delegated,
 }
 
 impl LossForm {
@@ -26,6 +29,7 @@ impl LossForm {
             Self::LossFunction => "loss_function",
             Self::CrossEntropy => "cross_entropy",
             Self::ShiftedCrossEntropy => "shifted_cross_entropy",
+            Self::Delegated => "delegated",
         }
     }
 }

@@ -316,6 +316,9 @@ fn class_kind_takes_the_older_lm_head_names_of_the_auto_mappings() {
         ("MarianMTModel", Some(ConditionalGeneration)),
         ("SeamlessM4TForTextToText", Some(ConditionalGeneration)),
         ("SpeechT5ForSpeechToText", Some(ConditionalGeneration)),
+        ("EncoderDecoderModel", Some(ConditionalGeneration)),
+        ("VisionEncoderDecoderModel", Some(ConditionalGeneration)),
+        ("SpeechEncoderDecoderModel", Some(ConditionalGeneration)),
         // Base models, heads of other tasks and the bare suffixes are not.
         ("FSMTModel", None),
         ("GPT2Model", None),

@@ -26,6 +26,9 @@ fn render(r: &Rewrite) -> String {
     if let Some(class) = &r.ce_class {
         let _ = writeln!(out, "ce_class: {class}");
     }
+    if r.delegate_target {
+        let _ = writeln!(out, "delegate_target: true");
+    }
     for step in &r.epilogue {
         let _ = writeln!(out, "epilogue: {} = {}", step.kind.as_str(), step.expr);
     }

@@ -63,7 +63,7 @@ def build(module_name: str, cls_name: str) -> tuple[torch.nn.Module, Any, Overri
     if config_cls is None:
         raise NotBuilt("class has no config_class (not a model)")
     try:
-        d = config_cls().to_dict()
+        d = override.base() if override.base is not None else config_cls().to_dict()
     except Exception as exc:  # noqa: BLE001 - any failure is reported per class
         raise NotBuilt(f"default config: {_short(exc)}") from exc
     d = tiny.remap_special_tokens(tiny.shrink_dict(d))

@@ -19,6 +19,8 @@ class Override:
     skip: str = ""
     # Edits the built config object (for attributes the config class does not declare).
     post: Callable[[Any], None] | None = None
+    # The default config as a dict, for config classes that cannot be built without arguments.
+    base: Callable[[], dict[str, Any]] | None = None
 
 
 def _text(d: dict[str, Any]) -> dict[str, Any]:
@@ -96,6 +98,41 @@ def _hidden_states_in(model: Any, config: Any, feeds: Feeds) -> None:
     feeds.description = "hidden states + unit labels"
 
 
+def _encoder_decoder(wrapper: str, encoder: str, decoder: str) -> Callable[[], dict[str, Any]]:
+    """An encoder-decoder wrapper's default config: two default configs put together as
+    ``from_encoder_decoder_configs`` does, with the decoder's start and pad ids, which ``shift_tokens_right`` reads
+    off the wrapper's config."""
+
+    def base() -> dict[str, Any]:
+        import transformers
+
+        dec = getattr(transformers, decoder)()
+        config = getattr(transformers, wrapper).from_encoder_decoder_configs(getattr(transformers, encoder)(), dec)
+        config.decoder_start_token_id = dec.decoder_start_token_id or dec.bos_token_id
+        config.pad_token_id = dec.pad_token_id
+        return config.to_dict()
+
+    return base
+
+
+def _decoder_labels_only(model: Any, config: Any, feeds: Feeds) -> None:
+    """A wrapper's encoder input in place of the token ids (pixels, or a waveform of 16 frames of 320 samples); the
+    labels are the decoder's."""
+    import torch
+
+    batch = feeds.base.pop("input_ids").shape[0]
+    feeds.base.pop("attention_mask", None)
+    if hasattr(config.encoder, "conv_stride"):
+        gen = torch.Generator().manual_seed(2)
+        feeds.base["input_values"] = torch.randn(batch, 320 * 16, generator=gen)
+        feeds.description = "audio + decoder labels"
+    else:
+        size = config.encoder.image_size
+        feeds.base["pixel_values"] = torch.randn(batch, config.encoder.num_channels, size, size,
+                                                 generator=torch.Generator().manual_seed(2))
+        feeds.description = "image + decoder labels"
+
+
 _DRAFTER = "draft model: all its layers share the target model's KV cache, so it cannot run alone"
 
 OVERRIDES: dict[str, Override] = {
@@ -143,6 +180,18 @@ OVERRIDES: dict[str, Override] = {
         config=lambda d: d["adaptor_config"].update(intermediate_size=d["text_config"]["hidden_size"] // 4)
     ),
     "SeamlessM4TTextToUnitForConditionalGeneration": Override(inputs=_hidden_states_in),
+    # The wrappers hold any encoder and decoder; built as TrOCR (ViT + TrOCR decoder), bert2bart and wav2vec2-BART
+    # are: decoders whose own loss is the wrapper's, so the fused path hands it over.
+    "VisionEncoderDecoderModel": Override(
+        base=_encoder_decoder("VisionEncoderDecoderConfig", "ViTConfig", "TrOCRConfig"), inputs=_decoder_labels_only
+    ),
+    "EncoderDecoderModel": Override(base=_encoder_decoder("EncoderDecoderConfig", "BertConfig", "BartConfig")),
+    # wav2vec2's SpecAugment draws its masks from numpy's global generator: off, or stock would not match stock.
+    "SpeechEncoderDecoderModel": Override(
+        base=_encoder_decoder("SpeechEncoderDecoderConfig", "Wav2Vec2Config", "BartConfig"),
+        config=lambda d: d["encoder"].update(mask_time_prob=0.0),
+        inputs=_decoder_labels_only,
+    ),
     "Qwen4ExpForCausalLM": Override(config=_QWEN4_QSA),
     "Qwen4ExpForConditionalGeneration": Override(config=_QWEN4_QSA),
     # Zamba2's shared attention block works on [hidden, hidden] concatenated and its mamba head dim is separate.
