@@ -279,6 +279,25 @@ def test_runtime_counts_tell_fused_from_fallback() -> None:
     assert _runtime.runtime_counts() == {}
 
 
+def test_an_auxiliary_term_on_the_logits_keeps_the_stock_path_and_is_counted() -> None:
+    """Bamba adds a z-loss from the logits when ``z_loss_coefficient > 0``: then the stock statements run (counted
+    ``logits-term``, loss with the z-loss, equal to stock); at 0 the loss is fused."""
+    from logitless._verify.compare import build
+
+    model = build("transformers.models.bamba.modeling_bamba", "BambaForCausalLM")[0]
+    batch = {**{k: v for k, v in _batch().items() if k != "attention_mask"}, "use_cache": False}
+    key = f"{type(model).__module__}.BambaForCausalLM"
+    model.z_loss_coefficient = 0.5
+    stock = model(**batch).loss
+    logitless.install()
+    out = model(**batch)
+    assert out.logits.shape[-1] == model.config.vocab_size
+    assert torch.equal(out.loss, stock)
+    model.z_loss_coefficient = 0.0
+    assert model(**batch).logits.shape[-1] == 0
+    assert logitless.audit()["classes"][key]["runtime"] == {"fused": 1, "stock": {"logits-term": 1}}
+
+
 def test_explicit_return_logits_beats_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LOGITLESS_RETURN_LOGITS", "1")
     logitless.install(return_logits=False)

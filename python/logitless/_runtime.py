@@ -160,7 +160,7 @@ def _stock_reason(model: Any, head: Any, epilogue_modules: tuple[Any, ...]) -> s
     return None
 
 
-def fusable(model: Any, head: Any, *epilogue_modules: Any) -> bool:
+def fusable(model: Any, head: Any, *epilogue_modules: Any, logits_terms_off: bool = True) -> bool:
     """True when the fused loss computes exactly what ``model.loss_function`` would on ``head``'s logits.
 
     ``PreTrainedModel.loss_function`` is a property: a user-assigned loss is stored in ``_loss_function`` and
@@ -170,9 +170,13 @@ def fusable(model: Any, head: Any, *epilogue_modules: Any) -> bool:
     heads are never reduced to their ``.weight``. An epilogue module called on the logits after the head
     (``epilogue_modules``) must be one whose effect the fused op reproduces (``logitless._epilogue_modules``). In
     eval mode the stock path runs (real logits) unless
-    ``install(fuse_eval=True)``. Every answer is counted for ``audit()``, with its reason when False.
+    ``install(fuse_eval=True)``. ``logits_terms_off``: the guards of the forward's auxiliary loss terms that read
+    the logits (a z-loss) are all off; when one is on, the stock statements compute the loss (``logits-term``).
+    Every answer is counted for ``audit()``, with its reason when False.
     """
     reason = _stock_reason(model, head, epilogue_modules)
+    if reason is None and not logits_terms_off:
+        reason = "logits-term"
     record(model, reason)
     capture = _capture.get()
     if capture is not None and reason is not None:

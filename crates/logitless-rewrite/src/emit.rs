@@ -53,11 +53,13 @@ pub(crate) fn emit(
     let head = format!("self.{}", plan.head);
 
     let mut out = String::new();
-    let guards: String = plan
-        .fused_guards
-        .iter()
-        .map(|g| format!(" and {g}"))
-        .collect();
+    // Guards of auxiliary terms that read the logits: evaluated by `fusable` (they hold no calls and do not read
+    // the logits), so a forward they send to the stock path is counted as such.
+    let guards = if plan.fused_guards.is_empty() {
+        String::new()
+    } else {
+        format!(", logits_terms_off={}", plan.fused_guards.join(" and "))
+    };
     // An epilogue module's class is checked at run time, with the head.
     let modules: String = plan
         .epilogue
@@ -66,7 +68,7 @@ pub(crate) fn emit(
         .map(|s| format!(", {}", s.expr))
         .collect();
     out.push_str(&format!(
-        "if {} is not None and __logitless__.fusable(self, {head}{modules}){guards}:\n",
+        "if {} is not None and __logitless__.fusable(self, {head}{modules}{guards}):\n",
         plan.labels
     ));
     if has_call(plan.hidden) {
