@@ -170,3 +170,17 @@ def test_wrapper_keeps_the_stock_path_when_the_decoder_cannot_take_the_loss(case
     logits = ours[0].logits if case != "tuple-outputs" else ours[0][1]
     assert logits.shape[-1] == model.decoder.config.vocab_size
     _assert_same(ours, stock)
+
+
+def test_wrapper_vocabulary_not_the_decoders_fails_as_stock_does() -> None:
+    """The wrapper reshapes the logits to its config's vocabulary: when that is not the decoder's output size stock
+    raises, and the fused path must not compute a loss instead."""
+    model = _model("trocr")
+    batch = _collator("trocr")(_examples("trocr", model)[:2])
+    model.decoder.config.vocab_size += 1
+    with pytest.raises(RuntimeError):
+        model(**batch)
+    logitless.install()
+    with pytest.raises(RuntimeError):
+        model(**batch)
+    assert _wrapper_record(model) == {"fused": 0, "stock": {"delegate-not-exact": 1}}

@@ -184,19 +184,24 @@ def fusable(model: Any, head: Any, *epilogue_modules: Any, logits_terms_off: boo
     return reason is None
 
 
-def delegable(model: Any, sub: Any, as_dict: Any = True) -> bool:
+def delegable(model: Any, sub: Any, vocab_size: Any, as_dict: Any = True) -> bool:
     """True when an encoder-decoder wrapper may hand its loss to its decoder ``sub``: given the labels, the decoder
     computes exactly the wrapper's ``CrossEntropyLoss()`` of its logits (its own fused forward then forms none).
 
     That holds when ``sub`` runs, unchanged, a forward of a class logitless rewrote whose loss is that and whose
     labels are read nowhere else (``Rewrite::delegate_target``), with no hooks that would see its outputs or its
-    arguments. ``as_dict``: the wrapper's ``return_dict``; its tuple outputs would carry the decoder's loss as an
-    extra first element, so they keep the stock path. Counted for ``audit()`` on the wrapper's class; the decoder
+    arguments. ``vocab_size``: what the wrapper reshapes the logits to, which must be the decoder's output size
+    (else stock raises, and so does the stock path taken here). ``as_dict``: the wrapper's ``return_dict``; its
+    tuple outputs would carry the decoder's loss as an extra first element, so they keep the stock path. Counted for ``audit()`` on the wrapper's class; the decoder
     counts its own forward as usual.
     """
     reason = _delegation_reason(model, sub)
-    if reason is None and not as_dict:
-        reason = "delegate-tuple-outputs"
+    if reason is None:
+        head = sub.get_output_embeddings() if hasattr(sub, "get_output_embeddings") else None
+        if getattr(head, "out_features", None) != vocab_size:
+            reason = "delegate-not-exact"
+        elif not as_dict:
+            reason = "delegate-tuple-outputs"
     record(model, reason)
     return reason is None
 

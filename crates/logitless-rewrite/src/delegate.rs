@@ -337,9 +337,10 @@ pub(crate) fn emit(
         .unwrap_or_default();
     let call_with_labels = with_labels(src.slice(d.call), d.labels);
 
+    // The vocabulary the wrapper reshapes to: stock fails when it is not the decoder's, and so must the fused path.
     let mut out = format!(
-        "if {} is not None and __logitless__.delegable(self, self.{}{as_dict}):\n",
-        d.labels, d.sub
+        "if {} is not None and __logitless__.delegable(self, self.{}, {}{as_dict}):\n",
+        d.labels, d.sub, d.vocab
     );
     out.push_str(&reindent(
         &format!("{} = {call_with_labels}", d.outputs),
