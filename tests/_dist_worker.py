@@ -84,6 +84,23 @@ def build_peft(kind: str) -> torch.nn.Module:
     return peft_model.base_model.model
 
 
+def build_bert2bart() -> torch.nn.Module:
+    """An encoder-decoder wrapper (BERT encoder, BART decoder) that hands its loss to the decoder; dropout off so
+    that the ranks and the single-process reference draw nothing."""
+    import transformers
+
+    size = dict(vocab_size=tiny.VOCAB, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    encoder = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **size)
+    decoder = transformers.BartConfig(d_model=32, decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=64,
+                                      encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=64, dropout=0.0,
+                                      attention_dropout=0.0, activation_dropout=0.0, **size)  # fmt: skip
+    config = transformers.EncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    config.decoder_start_token_id, config.pad_token_id = 2, 1
+    torch.manual_seed(0)
+    return transformers.EncoderDecoderModel(config).float()
+
+
 def _fsdp(model: torch.nn.Module, *, head: str, bf16: bool = False) -> torch.nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -103,10 +120,10 @@ def _fsdp(model: torch.nn.Module, *, head: str, bf16: bool = False) -> torch.nn.
     return model
 
 
-def _ddp(model: torch.nn.Module) -> torch.nn.Module:
+def _ddp(model: torch.nn.Module, find_unused_parameters: bool = False) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model)
+    return DistributedDataParallel(model, find_unused_parameters=find_unused_parameters)
 
 
 def _tp_torch(model: torch.nn.Module) -> torch.nn.Module:
@@ -185,6 +202,9 @@ SETUPS: dict[str, tuple[Callable[[], torch.nn.Module], Callable[[torch.nn.Module
     # The tied head's weight is the embedding's: both wrappers stay in the root unit.
     "peft-tokens-fsdp2": (lambda: build_peft("tokens"), lambda m: _fsdp(m, head="root"), False),
     "peft-tokens-zero3": (lambda: build_peft("tokens"), _zero3, False),
+    # The wrapper's forward and its decoder's both run fused: two counts a step.
+    # BERT's pooler is not used by the wrapper, in stock as here.
+    "bert2bart-ddp": (build_bert2bart, lambda m: _ddp(m, find_unused_parameters=True), False),
     "tp-torch-colwise": (build_llama, _tp_torch, True),
     "tp-transformers-colwise": (build_llama, _tp_transformers, True),
     "tp-uneven-vocab": (lambda: build_llama(TP_VOCAB_UNEVEN), _tp_transformers, True),

@@ -30,7 +30,9 @@ import logitless  # noqa: E402
 
 DATA_PARALLEL = ("ddp", "fsdp2-head-in-root", "fsdp2-head-own-unit", "fsdp2-head-grouped", "zero3", "inkling2-ddp",
                  "inkling2-zero3", "peft-save-ddp", "peft-save-fsdp2", "peft-save-zero3", "peft-tokens-ddp",
-                 "peft-tokens-fsdp2")
+                 "peft-tokens-fsdp2", "bert2bart-ddp")
+# Fused forwards counted per step: an encoder-decoder wrapper's and its decoder's.
+COUNTS_PER_STEP = {"bert2bart-ddp": 2}
 TENSOR_PARALLEL = ("tp-torch-colwise", "tp-transformers-colwise", "tp-uneven-vocab")
 ALL = (*DATA_PARALLEL, "fsdp2-bf16", *TENSOR_PARALLEL)
 # Layouts the fused path does not reproduce: stock on every rank, counted with the reason.
@@ -99,9 +101,13 @@ def _reference(setup: str, rank: int) -> dict[str, Any]:
 
 def _close_grads(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], rel: float) -> None:
     assert got.keys() == want.keys()
+    # Attention key biases have a gradient that is zero up to rounding (softmax ignores a shift shared by all keys):
+    # relative to their own largest entry, that rounding is all there is. They are held to a millionth of the
+    # model's largest gradient instead.
+    floor = 1e-6 * max(float(w.abs().max()) for w in want.values())
     for name, g in got.items():
         w = want[name]
-        scale = float(w.abs().max()) + 1e-12
+        scale = max(float(w.abs().max()), floor) + 1e-12
         err = float((g - w).abs().max()) / scale
         assert err <= rel, (name, err)
 
@@ -110,7 +116,7 @@ def _close_grads(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], re
 def test_fused_on_every_rank_at_every_step(ranks: list[dict[str, Any]], setup: str) -> None:
     for r in range(2):
         row = ranks[r][setup]
-        assert row["runtime"] == {"fused": 2, "stock": {}}, (r, row["runtime"])
+        assert row["runtime"] == {"fused": 2 * COUNTS_PER_STEP.get(setup, 1), "stock": {}}, (r, row["runtime"])
         assert row["logitless"]["logits_widths"] == [0, 0]
         assert min(row["stock"]["logits_widths"]) > 0
 

@@ -141,6 +141,17 @@ def test_wrapper_hands_its_loss_to_the_decoder() -> None:
     _assert_same(fused, stock)
 
 
+def test_wrapper_in_eval_mode_returns_stock_logits_and_loss() -> None:
+    model = _model("trocr").eval()
+    batch = _collator("trocr")(_examples("trocr", model)[:2])
+    with torch.no_grad():
+        stock = model(**batch)
+        logitless.install()
+        ours = model(**batch)
+    assert torch.equal(ours.logits, stock.logits) and torch.equal(ours.loss, stock.loss)
+    assert _wrapper_record(model) == {"fused": 0, "stock": {"eval-mode": 1}}
+
+
 @pytest.mark.parametrize("case", ["bert2bert", "hooked-decoder", "tuple-outputs"])
 def test_wrapper_keeps_the_stock_path_when_the_decoder_cannot_take_the_loss(case: str) -> None:
     """A decoder whose loss is not the wrapper's (BERT's shifts the labels), a hooked decoder (its hook would see

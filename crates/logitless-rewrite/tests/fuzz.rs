@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use logitless_rewrite::{ReasonCode, RewriteOptions, rewrite_forward};
+use logitless_rewrite::{LossForm, ReasonCode, RewriteOptions, rewrite_forward};
 use proptest::prelude::*;
 
 fn fixtures() -> Vec<String> {
@@ -123,7 +123,13 @@ proptest! {
                     matches!(m.syntax().body.as_slice(), [ruff_python_ast::Stmt::FunctionDef(_)])
                 });
                 prop_assert!(is_one_function, "emitted code is not one function:\n{}", rewrite.source);
-                prop_assert!(rewrite.source.contains("__logitless__.hf_loss("));
+                // The fused path computes the loss itself, or (an encoder-decoder wrapper) hands it to a sub-model.
+                let fused_call = if rewrite.loss_form == LossForm::Delegated {
+                    "__logitless__.delegable("
+                } else {
+                    "__logitless__.hf_loss("
+                };
+                prop_assert!(rewrite.source.contains(fused_call), "no `{}` in:\n{}", fused_call, rewrite.source);
             }
             Err(refusal) => {
                 prop_assert_ne!(refusal.code, ReasonCode::ReparseFailed, "emitter produced unparsable code for:\n{}", text);
