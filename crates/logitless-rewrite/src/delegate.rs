@@ -21,7 +21,7 @@ use ruff_text_size::{Ranged, TextRange};
 use crate::loss::{ce_constructor, labels_test, view_call};
 use crate::refusal::{ReasonCode as R, Refusal};
 use crate::source::{
-    Source, dotted, is_name, refuse, reindent, simple_assign, stmt_binds, stmt_reads,
+    Source, dotted, expr_reads, is_name, refuse, reindent, simple_assign, stmt_binds, stmt_reads,
 };
 
 /// A recognised delegation.
@@ -158,7 +158,7 @@ fn analyse<'a>(
     if reads_any(ce_stmt, &[logits])
         || [logits, outputs, labels]
             .iter()
-            .any(|n| expr_mentions(vocab, n))
+            .any(|n| expr_reads(vocab, n))
     {
         return Err(unsupported(
             loss_call,
@@ -310,10 +310,6 @@ fn sub_logits(value: &Expr) -> Option<&str> {
 
 fn reads_any(stmt: &Stmt, names: &[&str]) -> bool {
     names.iter().any(|n| stmt_reads(stmt, n))
-}
-
-fn expr_mentions(expr: &Expr, name: &str) -> bool {
-    crate::source::expr_reads(expr, name)
 }
 
 /// The forward with the region from the sub-model call to the labels branch replaced by a fused path and the
