@@ -1,0 +1,89 @@
+"""One training step of an encoder-decoder wrapper (TrOCR's shape: a ViT encoder, a TrOCR decoder with a 50265-token
+vocabulary), stock against logitless, each in its own process.
+
+```
+python bench/encoder_decoder.py                  # batch 8, 256 target tokens, widths 256, float32, 1 thread
+python bench/encoder_decoder.py --targets 512 --threads 2
+```
+
+The wrapper computes ``CrossEntropyLoss`` of its decoder's logits; under logitless it hands the labels to the decoder,
+whose fused forward forms no logits (docs/spec.md §2). Reported per mode: the loss, the seconds of a step (mean of
+two after one warm-up step) and the memory the steps added to the process's peak RSS. There are no peers here:
+Liger, cut-cross-entropy and TRL's head patch decoder-only models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+
+def _step(args: argparse.Namespace) -> dict[str, float]:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.mode == "logitless":
+        import logitless
+
+        logitless.install()
+    from transformers import TrOCRConfig, ViTConfig, VisionEncoderDecoderConfig, VisionEncoderDecoderModel
+
+    encoder = ViTConfig(hidden_size=args.width, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=2 * args.width, image_size=128, patch_size=16)
+    decoder = TrOCRConfig(vocab_size=args.vocab, d_model=args.width, decoder_layers=2, decoder_attention_heads=4,
+                          decoder_ffn_dim=2 * args.width)  # fmt: skip
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    config.decoder_start_token_id, config.pad_token_id = 2, 1
+    torch.manual_seed(0)
+    model = VisionEncoderDecoderModel(config).train()
+    pixels = torch.randn(args.batch, 3, 128, 128)
+    labels = torch.randint(3, args.vocab, (args.batch, args.targets))
+
+    def step() -> float:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        out = model(pixel_values=pixels, labels=labels)
+        out.loss.backward()
+        return float(out.loss)
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step()
+    start = time.perf_counter()
+    loss = [step() for _ in range(2)][-1]
+    seconds = (time.perf_counter() - start) / 2
+    added = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    return {"loss": loss, "seconds": seconds, "added_mib": added}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--targets", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=50265)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--mode", choices=["stock", "logitless"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.mode is not None:
+        print(json.dumps(_step(args)))
+        return
+    rows = {}
+    for mode in ("stock", "logitless"):
+        done = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--mode", mode], capture_output=True,
+                              text=True, check=True)  # fmt: skip
+        rows[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"TrOCR-shaped step: batch {args.batch} x {args.targets} targets, vocab {args.vocab}, width {args.width}, "
+          f"{args.threads} thread(s)")  # fmt: skip
+    for mode, r in rows.items():
+        print(f"  {mode:9}  loss {r['loss']:.6f}  {r['seconds']:.2f} s/step  peak RSS +{r['added_mib']:,.0f} MiB")
+    s, f = rows["stock"], rows["logitless"]
+    print(f"  memory added: stock / logitless = {s['added_mib'] / f['added_mib']:.2f}x; "
+          f"speed: {s['seconds'] / f['seconds']:.2f}x; loss rel diff {abs(s['loss'] - f['loss']) / s['loss']:.1e}")
+
+
+if __name__ == "__main__":
+    main()
