@@ -98,7 +98,9 @@ def build_bert2bart() -> torch.nn.Module:
     config = transformers.EncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
     config.decoder_start_token_id, config.pad_token_id = 2, 1
     torch.manual_seed(0)
-    return transformers.EncoderDecoderModel(config).float()
+    model = transformers.EncoderDecoderModel(config).float()
+    model.encoder.pooler = None  # the wrapper never uses it: no parameters without a gradient
+    return model
 
 
 def _fsdp(model: torch.nn.Module, *, head: str, bf16: bool = False) -> torch.nn.Module:
@@ -120,10 +122,22 @@ def _fsdp(model: torch.nn.Module, *, head: str, bf16: bool = False) -> torch.nn.
     return model
 
 
-def _ddp(model: torch.nn.Module, find_unused_parameters: bool = False) -> torch.nn.Module:
+def _fsdp_wrapper(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2 on an encoder-decoder wrapper: the decoder as its own unit (its hooks run around the call the wrapper
+    hands the labels to), then the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    fully_shard(model.decoder, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _ddp(model: torch.nn.Module) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, find_unused_parameters=find_unused_parameters)
+    return DistributedDataParallel(model)
 
 
 def _tp_torch(model: torch.nn.Module) -> torch.nn.Module:
@@ -203,8 +217,9 @@ SETUPS: dict[str, tuple[Callable[[], torch.nn.Module], Callable[[torch.nn.Module
     "peft-tokens-fsdp2": (lambda: build_peft("tokens"), lambda m: _fsdp(m, head="root"), False),
     "peft-tokens-zero3": (lambda: build_peft("tokens"), _zero3, False),
     # The wrapper's forward and its decoder's both run fused: two counts a step.
-    # BERT's pooler is not used by the wrapper, in stock as here.
-    "bert2bart-ddp": (build_bert2bart, lambda m: _ddp(m, find_unused_parameters=True), False),
+    "bert2bart-ddp": (build_bert2bart, _ddp, False),
+    "bert2bart-fsdp2": (build_bert2bart, _fsdp_wrapper, False),
+    "bert2bart-zero3": (build_bert2bart, _zero3, False),
     "tp-torch-colwise": (build_llama, _tp_torch, True),
     "tp-transformers-colwise": (build_llama, _tp_transformers, True),
     "tp-uneven-vocab": (lambda: build_llama(TP_VOCAB_UNEVEN), _tp_transformers, True),

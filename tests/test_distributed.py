@@ -30,9 +30,9 @@ import logitless  # noqa: E402
 
 DATA_PARALLEL = ("ddp", "fsdp2-head-in-root", "fsdp2-head-own-unit", "fsdp2-head-grouped", "zero3", "inkling2-ddp",
                  "inkling2-zero3", "peft-save-ddp", "peft-save-fsdp2", "peft-save-zero3", "peft-tokens-ddp",
-                 "peft-tokens-fsdp2", "bert2bart-ddp")
+                 "peft-tokens-fsdp2", "bert2bart-ddp", "bert2bart-fsdp2", "bert2bart-zero3")
 # Fused forwards counted per step: an encoder-decoder wrapper's and its decoder's.
-COUNTS_PER_STEP = {"bert2bart-ddp": 2}
+COUNTS_PER_STEP = {"bert2bart-ddp": 2, "bert2bart-fsdp2": 2, "bert2bart-zero3": 2}
 TENSOR_PARALLEL = ("tp-torch-colwise", "tp-transformers-colwise", "tp-uneven-vocab")
 ALL = (*DATA_PARALLEL, "fsdp2-bf16", *TENSOR_PARALLEL)
 # Layouts the fused path does not reproduce: stock on every rank, counted with the reason.

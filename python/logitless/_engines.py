@@ -61,7 +61,12 @@ def base_class(module: nn.Module) -> type:
     fsdp = _fsdp_module_type()
     if fsdp is not None and isinstance(module, fsdp):
         bases = cls.__bases__
-        if len(bases) == 2 and bases[0] is fsdp and cls.__dict__.keys() <= _FSDP_CLASS_ATTRS:
+        # transformers' PreTrainedModel.__init_subclass__ gives every subclass, FSDP's included, its config class.
+        extra = {k: v for k, v in cls.__dict__.items() if k not in _FSDP_CLASS_ATTRS}
+        inherited = len(bases) == 2 and all(
+            k == "config_class" and v is getattr(bases[1], k, None) for k, v in extra.items()
+        )
+        if len(bases) == 2 and bases[0] is fsdp and inherited:
             return bases[1]
     return cls
 
