@@ -189,11 +189,11 @@ def delegable(model: Any, sub: Any, vocab_size: Any, as_dict: Any = True) -> boo
     computes exactly the wrapper's ``CrossEntropyLoss()`` of its logits (its own fused forward then forms none).
 
     That holds when ``sub`` runs, unchanged, a forward of a class logitless rewrote whose loss is that and whose
-    labels are read nowhere else (``Rewrite::delegate_target``), with no hooks but the engines' (which would see
-    its outputs or its arguments). ``vocab_size``: what the wrapper reshapes the logits to, which must be the decoder's output size
-    (else stock raises, and so does the stock path taken here). ``as_dict``: the wrapper's ``return_dict``; its
-    tuple outputs would carry the decoder's loss as an extra first element, so they keep the stock path. Counted for ``audit()`` on the wrapper's class; the decoder
-    counts its own forward as usual.
+    labels are read nowhere else (``Rewrite::delegate_target``), with no hooks but the engines' (another hook would
+    see outputs without logits). ``vocab_size``: what the wrapper reshapes the logits to, which must be the
+    decoder's output size (else stock raises, and so does the stock path taken here). ``as_dict``: the wrapper's
+    ``return_dict``; its tuple outputs would carry the decoder's loss as an extra first element, so they keep the
+    stock path. Counted for ``audit()`` on the wrapper's class; the decoder counts its own forward as usual.
     """
     reason = _delegation_reason(model, sub)
     if reason is None:
@@ -220,12 +220,10 @@ def _delegation_reason(model: Any, sub: Any) -> str | None:
         return "delegate-not-exact"
     # The decoder is called as stock calls it, so its hooks all run; only hooks that may observe or change what it
     # returns (the logits it no longer forms) are a problem. Engines' hooks (FSDP2, ZeRO-3, accelerate's device
-    # alignment) only gather, move and free parameters.
+    # alignment) only gather, move and free parameters; an instance forward other than accelerate's is refused too.
     way = _way_in(sub)
     if way.refusal is not None or way.shard is not None:
         return "delegate-hooked"
-    if "forward" in sub.__dict__ and way.hook is None:
-        return "delegate-not-exact"
     owner = next((cls for cls in type(sub).__mro__ if "forward" in cls.__dict__), None)
     if owner is None or not installer.is_delegate_target(owner):
         return "delegate-not-exact"
