@@ -470,3 +470,43 @@ def test_engine_layouts_not_understood_take_the_stock_path() -> None:
         assert math.isclose(row["logitless"][0], row["stock"][0], rel_tol=1e-6), (name, row)
         assert row["runtime"] == {"fused": 0, "stock": {reasons[name]: 1}}, (name, row)
         assert row["logitless"][1] > 0
+
+
+def test_a_masked_shift_is_fused_with_the_masked_positions_ignored() -> None:
+    """Granite Speech computes its loss on the shifted positions its attention mask keeps (boolean selection);
+    fused, the labels are ignored where the shifted mask is 0. Padded rows, against stock's loss and gradients."""
+    from logitless import _runtime
+    from logitless._verify.compare import build
+
+    model = build("transformers.models.granite_speech.modeling_granite_speech",
+                  "GraniteSpeechForConditionalGeneration")[0]  # fmt: skip
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 200, (3, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0  # right padding
+    mask[1, :3] = 0  # left padding
+    labels = ids.clone()
+    labels[2, :4] = -100  # a masked prompt
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        model.zero_grad(set_to_none=True)
+        out = model(**batch)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out.loss.detach(), grads, out.logits.shape[-1]
+
+    stock = run()
+    # The `attention_mask[..., 1:]` crop (Qwen2-Audio's) equals Granite's last T - 1 columns for a mask of the
+    # labels' length.
+    assert torch.equal(_runtime.mask_shifted_labels(labels, mask, "skip-first"),
+                       _runtime.mask_shifted_labels(labels, mask, "last"))  # fmt: skip
+    logitless.install()
+    fused = run()
+    assert fused[2] == 0 and stock[2] == model.config.text_config.vocab_size
+    torch.testing.assert_close(fused[0], stock[0], rtol=1e-6, atol=0)
+    for name, grad in stock[1].items():
+        torch.testing.assert_close(fused[1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    # A mask that does not fit the labels fails as stock's selection does.
+    with pytest.raises(IndexError, match="attention_mask"):
+        _runtime.mask_shifted_labels(labels, mask[:, :-2], "skip-first")

@@ -22,7 +22,7 @@ import pytest
 from logitless.audit_cli import _forward_source, audit_report, find_transformers
 from logitless.rewrite import rewrite_forward
 
-RUNTIME_API = {"fusable", "hf_loss", "no_logits", "return_logits"}
+RUNTIME_API = {"fusable", "hf_loss", "mask_shifted_labels", "no_logits", "return_logits"}
 
 
 @pytest.fixture(scope="module")

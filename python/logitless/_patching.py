@@ -34,7 +34,7 @@ __all__ = [
 
 RUNTIME_NAME = "__logitless__"
 # What generated code may call on __logitless__ (docs/design.md); anything else is a rewriter bug caught here.
-_RUNTIME_API = frozenset({"delegable", "fusable", "hf_loss", "no_logits", "return_logits"})
+_RUNTIME_API = frozenset({"delegable", "fusable", "hf_loss", "mask_shifted_labels", "no_logits", "return_logits"})
 _FACTORY = "__logitless_factory__"
 FUTURE_FLAGS = 0
 for _feature in __future__.all_feature_names:

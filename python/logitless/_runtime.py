@@ -230,6 +230,24 @@ def _delegation_reason(model: Any, sub: Any) -> str | None:
     return None
 
 
+def mask_shifted_labels(labels: torch.Tensor, mask: torch.Tensor | None, crop: str) -> torch.Tensor:
+    """The labels of a masked causal shift (Qwen2-Audio, Granite Speech): stock keeps the shifted positions where
+    ``mask[..., 1:]`` (``crop="skip-first"``) or the mask's last ``T - 1`` columns (``"last"``) are non-zero, which is
+    the causal loss on these labels with the others ignored (-100). No mask: the labels unchanged."""
+    if mask is None:
+        return labels
+    shifted = mask[..., 1:] if crop == "skip-first" else mask[:, -(labels.shape[-1] - 1) :]
+    if shifted.shape != labels[..., 1:].shape:
+        # Stock's boolean selection fails the same way.
+        raise IndexError(
+            f"attention_mask: expected the shifted mask to have the shifted labels' shape "
+            f"{tuple(labels[..., 1:].shape)}, got {tuple(shifted.shape)}"
+        )
+    masked = labels.clone()
+    masked[..., 1:] = labels[..., 1:].masked_fill(shifted.to(labels.device) == 0, -100)
+    return masked
+
+
 def no_logits(hidden: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
     """The empty stand-in for the logits the fused path never computes: ``[*hidden.shape[:-1], 0]``."""
     del head  # part of the contract so a future head-dependent dtype can be honoured without a rewrite change

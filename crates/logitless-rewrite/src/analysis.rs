@@ -728,7 +728,15 @@ pub(crate) fn analyse<'a>(
         logits: logits.to_string(),
         loss: call.loss,
         labels: labels.to_string(),
-        labels_arg: src.slice(call.labels).to_string(),
+        labels_arg: match &call.label_mask {
+            // The masked shift: the labels ignored where the shifted mask is 0, then the plain causal loss.
+            Some((mask, crop)) => format!(
+                "__logitless__.mask_shifted_labels({}, {mask}, {:?})",
+                src.slice(call.labels),
+                crop.as_str()
+            ),
+            None => src.slice(call.labels).to_string(),
+        },
         vocab: vocab.map(|v| src.slice(v).to_string()),
         epilogue,
         loss_keywords: call

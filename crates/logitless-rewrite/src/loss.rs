@@ -5,7 +5,7 @@ use ruff_python_ast::{CmpOp, Expr, Stmt, StmtIf, UnaryOp};
 
 use crate::epilogue::{is_minus_one, strip_wrap};
 use crate::refusal::{ReasonCode as R, Refusal};
-use crate::source::{Source, bound_names, dotted, expr_reads, refuse, simple_assign};
+use crate::source::{Source, bound_names, dotted, expr_reads, is_name, refuse, simple_assign};
 
 /// How the loss is computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +49,161 @@ pub(crate) struct LossCall<'a> {
     /// Statements of the branch that only prepare the loss's arguments (shift, view, device move, the
     /// `CrossEntropyLoss()` object): replaced by the fused call.
     pub(crate) consumed: Vec<usize>,
+    /// A shift that keeps only the positions an attention mask marks (`MaskedShift`): the mask's name and crop.
+    pub(crate) label_mask: Option<(String, MaskCrop)>,
+}
+
+/// How a masked shift takes the attention mask of the shifted positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaskCrop {
+    /// `mask[..., 1:]`.
+    SkipFirst,
+    /// `mask[:, -(logits.shape[1] - 1):]`: the last positions (a mask longer than the sequence, prefix tuning).
+    Last,
+}
+
+impl MaskCrop {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SkipFirst => "skip-first",
+            Self::Last => "last",
+        }
+    }
+}
+
+/// ```python
+/// if attention_mask is not None:
+///     shift_attention_mask = attention_mask[..., 1:]           # or [:, -(logits.shape[1] - 1):], .to(...)
+///     shift_logits = logits[..., :-1, :][shift_attention_mask.to(logits.device) != 0].contiguous()
+///     shift_labels = labels[..., 1:][shift_attention_mask.to(labels.device) != 0].contiguous()
+/// else:
+///     shift_logits = logits[..., :-1, :].contiguous()
+///     shift_labels = labels[..., 1:].contiguous()
+/// ```
+///
+/// The causal shift restricted to the positions the mask keeps (Qwen2-Audio, Granite Speech): the same loss as the
+/// plain shift on labels ignored wherever the shifted mask is 0.
+struct MaskedShift<'a> {
+    mask: &'a str,
+    crop: MaskCrop,
+    logits_target: &'a str,
+    labels_target: &'a str,
+    logits: &'a Expr,
+    labels: &'a Expr,
+}
+
+fn masked_shift<'a>(src: &Source<'a>, stmt: &'a Stmt) -> Option<MaskedShift<'a>> {
+    let Stmt::If(s) = stmt else { return None };
+    let Expr::Compare(test) = s.test.as_ref() else {
+        return None;
+    };
+    let Expr::Name(mask) = test.left.as_ref() else {
+        return None;
+    };
+    if test.ops.as_ref() != [CmpOp::IsNot]
+        || !matches!(test.comparators.as_ref(), [Expr::NoneLiteral(_)])
+    {
+        return None;
+    }
+    let [otherwise] = s.elif_else_clauses.as_slice() else {
+        return None;
+    };
+    if otherwise.test.is_some() {
+        return None;
+    }
+    let slice_is = |e: &Expr, allowed: &[&str]| -> bool {
+        let text: String = src
+            .slice(e)
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .collect();
+        allowed.contains(&text.as_str())
+    };
+    // `base[<slice>]` under `.contiguous()` / `.to(...)`: (base name expr, the subscript).
+    let shifted = |e: &'a Expr, allowed: &[&str]| -> Option<&'a Expr> {
+        let mut e = e;
+        while let Some(inner) = strip_wrap(e) {
+            e = inner;
+        }
+        let Expr::Subscript(sub) = e else { return None };
+        (matches!(sub.value.as_ref(), Expr::Name(_)) && slice_is(&sub.slice, allowed))
+            .then_some(&*sub.value)
+    };
+    const LOGITS: &[&str] = &["...,:-1,:", ":,:-1,:"];
+    const LABELS: &[&str] = &["...,1:", ":,1:"];
+    // The else arm: the plain shift.
+    let [Some((lt, lv)), Some((bt, bv))] =
+        [otherwise.body.first(), otherwise.body.get(1)].map(|s| s.and_then(simple_assign))
+    else {
+        return None;
+    };
+    let (logits, labels) = (shifted(lv, LOGITS)?, shifted(bv, LABELS)?);
+    if otherwise.body.len() != 2 {
+        return None;
+    }
+    let Expr::Name(logits_name) = logits else {
+        return None;
+    };
+    // The masked arm: the crop, then the same two selected by `crop != 0`.
+    let [Some((mt, mv)), Some((lt2, lv2)), Some((bt2, bv2))] =
+        [s.body.first(), s.body.get(1), s.body.get(2)].map(|s| s.and_then(simple_assign))
+    else {
+        return None;
+    };
+    if s.body.len() != 3 || (lt2, bt2) != (lt, bt) || mt == mask.id.as_str() {
+        return None;
+    }
+    let mut m = mv;
+    while let Some(inner) = strip_wrap(m) {
+        m = inner;
+    }
+    let Expr::Subscript(crop_sub) = m else {
+        return None;
+    };
+    if !is_name(&crop_sub.value, mask.id.as_str()) {
+        return None;
+    }
+    let last = format!(":,-({}.shape[1]-1):", logits_name.id);
+    let crop = if slice_is(&crop_sub.slice, LABELS) {
+        MaskCrop::SkipFirst
+    } else if slice_is(&crop_sub.slice, &[last.as_str()]) {
+        MaskCrop::Last
+    } else {
+        return None;
+    };
+    // `<shifted>[<crop> != 0]` under wrappers, the shifted part as in the else arm.
+    let selected = |e: &'a Expr, allowed: &[&str], base: &Expr| -> bool {
+        let mut e = e;
+        while let Some(inner) = strip_wrap(e) {
+            e = inner;
+        }
+        let Expr::Subscript(sel) = e else {
+            return false;
+        };
+        let Expr::Compare(cmp) = sel.slice.as_ref() else {
+            return false;
+        };
+        let mut left = cmp.left.as_ref();
+        while let Some(inner) = strip_wrap(left) {
+            left = inner;
+        }
+        let zero = matches!(cmp.comparators.as_ref(), [Expr::NumberLiteral(n)] if n.value.as_int().and_then(|i| i.as_u64()) == Some(0));
+        cmp.ops.as_ref() == [CmpOp::NotEq]
+            && zero
+            && is_name(left, mt)
+            && shifted(&sel.value, allowed).is_some_and(|b| src.slice(b) == src.slice(base))
+    };
+    if !selected(lv2, LOGITS, logits) || !selected(bv2, LABELS, labels) {
+        return None;
+    }
+    Some(MaskedShift {
+        mask: mask.id.as_str(),
+        crop,
+        logits_target: lt,
+        labels_target: bt,
+        logits,
+        labels,
+    })
 }
 
 /// Where a cross-entropy argument comes from, followed back through the branch.
@@ -57,6 +212,7 @@ struct Traced<'a> {
     shifted: bool,
     vocab: Option<&'a Expr>,
     consumed: Vec<usize>,
+    label_mask: Option<(String, MaskCrop)>,
 }
 
 /// Follows a cross-entropy argument back through `body[..upto]`: `.view(-1[, V])`, `.contiguous()`, `.to(...)`,
@@ -73,6 +229,7 @@ fn trace<'a>(
         shifted: false,
         vocab: None,
         consumed: Vec::new(),
+        label_mask: None,
     };
     let mut e = arg;
     loop {
@@ -112,6 +269,26 @@ fn trace<'a>(
                     e = simple_assign(&body[j]).map(|(_, v)| v)?;
                 }
                 None => {
+                    // Bound by a masked shift (both arms): the shift's origin, with the mask to apply to the labels.
+                    let found = body[..upto].iter().enumerate().rev().find_map(|(j, s)| {
+                        let m = masked_shift(src, s)?;
+                        let target = if logits_side {
+                            m.logits_target
+                        } else {
+                            m.labels_target
+                        };
+                        (target == n.id.as_str()).then_some((j, m))
+                    });
+                    if let Some((j, m)) = found {
+                        if t.shifted {
+                            return None;
+                        }
+                        t.consumed.push(j);
+                        t.shifted = true;
+                        t.label_mask = Some((m.mask.to_string(), m.crop));
+                        t.origin = if logits_side { m.logits } else { m.labels };
+                        return Some(t);
+                    }
                     t.origin = e;
                     return Some(t);
                 }
@@ -274,6 +451,7 @@ pub(crate) fn find_loss_call<'a>(
                 form: LossForm::LossFunction,
                 ce_class: None,
                 consumed: Vec::new(),
+                label_mask: None,
             });
         }
         if func.as_deref().is_some_and(|f| ce_names.contains(&f)) {
@@ -290,9 +468,9 @@ pub(crate) fn find_loss_call<'a>(
             let body = branch.body.as_slice();
             let traced =
                 trace(src, body, i, logits_view, true).zip(trace(src, body, i, labels_view, false));
-            let Some((lt, bt)) =
-                traced.filter(|(lt, bt)| lt.shifted == bt.shifted && lt.vocab.is_some())
-            else {
+            let Some((lt, bt)) = traced.filter(|(lt, bt)| {
+                lt.shifted == bt.shifted && lt.vocab.is_some() && lt.label_mask == bt.label_mask
+            }) else {
                 return Err(refuse(
                     R::UnsupportedLoss,
                     src,
@@ -346,6 +524,7 @@ pub(crate) fn find_loss_call<'a>(
                 form,
                 ce_class,
                 consumed,
+                label_mask: lt.label_mask,
             });
         }
     }
