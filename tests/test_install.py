@@ -354,7 +354,9 @@ def test_broken_rewrite_keeps_original(
     assert record["status"] == "failed" and record["code"] == code and words in record["error"], record
     assert LlamaForCausalLM.__dict__["forward"] is STOCK_LLAMA_FORWARD
     assert "__logitless__" not in module_globals
-    assert not [k for k in set(linecache.cache) - before if k.startswith("<logitless")]
+    # Llama's broken rewrite left no source behind. (Other imported classes whose forward the mutation leaves
+    # valid, e.g. BLIP-2's, which Granite Speech imports, are patched with their stock source: not this test's.)
+    assert not [k for k in set(linecache.cache) - before if k.startswith(f"<logitless-rewrite:{LLAMA_KEY}.")]
     json.dumps(logitless.audit())
 
 
