@@ -130,13 +130,22 @@ def current_capture() -> Capture | None:
     return _capture.get()
 
 
-def _stock_reason(model: Any, head: Any, epilogue_modules: tuple[Any, ...]) -> str | None:
+def _mode_reason(model: Any) -> str | None:
+    """The installer's state and the model's mode: what every fused path (own loss or a delegated one) needs."""
     capture = _capture.get()
     if not _enabled and capture is None:
         return "uninstalled"
     if not getattr(model, "training", True) and not _fuse_eval and capture is None:
         # Trainer.evaluate / predict and compute_metrics read the logits: eval mode keeps the stock forward.
         return "eval-mode"
+    return None
+
+
+def _stock_reason(model: Any, head: Any, epilogue_modules: tuple[Any, ...]) -> str | None:
+    capture = _capture.get()
+    reason = _mode_reason(model)
+    if reason is not None:
+        return reason
     try:
         loss_function = model.loss_function
     except AttributeError:
@@ -207,10 +216,9 @@ def delegable(model: Any, sub: Any, vocab_size: Any, as_dict: Any = True) -> boo
 
 
 def _delegation_reason(model: Any, sub: Any) -> str | None:
-    if not _enabled and _capture.get() is None:
-        return "uninstalled"
-    if not getattr(model, "training", True) and not _fuse_eval and _capture.get() is None:
-        return "eval-mode"
+    reason = _mode_reason(model)
+    if reason is not None:
+        return reason
     import torch
 
     from logitless import installer
