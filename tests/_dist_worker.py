@@ -245,8 +245,40 @@ def _full_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return grads
 
 
+# HF Trainer's label smoothing (logitless.integrations.hf_trainer) on an engine: setup -> the engine's setup.
+SMOOTHING_SETUPS = {"smooth-ddp": "ddp", "smooth-fsdp2-head-own-unit": "fsdp2-head-own-unit", "smooth-zero3": "zero3",
+                    "smooth-tp-transformers-colwise": "tp-transformers-colwise"}  # fmt: skip
+SMOOTHING = 0.1
+
+
+def trainer_shifts(setup: str) -> bool:
+    """Whether ``Trainer.compute_loss`` shifts the labels for its smoother: only when the unwrapped model's class
+    name is a causal LM's. FSDP2 renames the class it shards (``FSDPLlamaForCausalLM``), so stock Trainer smooths
+    that model's logits unshifted; logitless computes what stock computes."""
+    return "fsdp2" not in setup
+
+
+def smoothed_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """``Trainer.compute_loss`` itself with ``label_smoothing_factor=SMOOTHING``, on a stand-in for the Trainer
+    holding what that method reads (a Trainer cannot be built around an engine-wrapped model here)."""
+    from types import SimpleNamespace
+
+    import transformers
+    from accelerate.utils import extract_model_from_parallel
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    trainer = SimpleNamespace(
+        label_smoother=LabelSmoother(epsilon=SMOOTHING), compute_loss_func=None, model_accepts_loss_kwargs=False,
+        accelerator=SimpleNamespace(unwrap_model=extract_model_from_parallel, parallelism_config=None),
+        args=SimpleNamespace(average_tokens_across_devices=False, torch_compile=False, past_index=-1, n_gpu=1),
+        get_tp_size=lambda: 1,
+    )  # fmt: skip
+    return transformers.Trainer.compute_loss(trainer, model, {"input_ids": ids, "labels": labels_of(ids)})
+
+
 def run(setup: str, rank: int) -> dict[str, Any]:
-    builder, wrap, tensor_parallel = SETUPS[setup]
+    smoothing = setup in SMOOTHING_SETUPS
+    builder, wrap, tensor_parallel = SETUPS[SMOOTHING_SETUPS.get(setup, setup)]
     vocab = TP_VOCAB_UNEVEN if setup == "tp-uneven-vocab" else tiny.VOCAB
     ids = batch(0 if tensor_parallel else rank, vocab)
     row: dict[str, Any] = {}
@@ -260,13 +292,17 @@ def run(setup: str, rank: int) -> dict[str, Any]:
         losses, widths = [], []
         for step in range(2):
             # Step 2 runs on the updated (resharded, re-gathered) parameters: the engines' state after a fused step.
-            out = model(input_ids=ids, labels=labels_of(ids))
-            losses.append(float(out.loss.detach().float()))
-            widths.append(int(out.logits.shape[-1]))
-            if deepspeed_engine:
-                model.backward(out.loss)
+            if smoothing:
+                loss = smoothed_loss(model, ids)
             else:
-                out.loss.backward()
+                out = model(input_ids=ids, labels=labels_of(ids))
+                loss = out.loss
+                widths.append(int(out.logits.shape[-1]))
+            losses.append(float(loss.detach().float()))
+            if deepspeed_engine:
+                model.backward(loss)
+            else:
+                loss.backward()
             if step == 0:
                 grads = _full_grads(model)
                 if deepspeed_engine:
@@ -275,7 +311,9 @@ def run(setup: str, rank: int) -> dict[str, Any]:
                     optimizer.step()
                     optimizer.zero_grad()
         row[mode] = {"losses": losses, "logits_widths": widths, "grads": grads}
-    row["runtime"] = logitless.audit()["runtime"]
+    report = logitless.audit()
+    row["runtime"] = report["runtime"]
+    row["smoothing_calls"] = report["integrations"]["hf_trainer"]["calls"]
     logitless.uninstall()
     return row
 

@@ -57,7 +57,8 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
            "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}  # fmt: skip
     procs = [
         subprocess.Popen(
-            [sys.executable, str(Path(worker.__file__)), str(out), ",".join((*ALL, *STOCK, "vocab-parallel-op"))],
+            [sys.executable, str(Path(worker.__file__)), str(out),
+             ",".join((*ALL, *STOCK, *worker.SMOOTHING_SETUPS, "vocab-parallel-op"))],  # fmt: skip
             env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -71,10 +72,23 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 
+def _stock_loss(model: torch.nn.Module, ids: torch.Tensor, smoothing: str | None) -> torch.Tensor:
+    if smoothing is None:
+        return model(input_ids=ids, labels=worker.labels_of(ids)).loss
+    # What HF Trainer computes with label_smoothing_factor: the model without labels, its logits smoothed.
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    out = model(input_ids=ids)
+    smoother = LabelSmoother(epsilon=worker.SMOOTHING)
+    return smoother(out, worker.labels_of(ids), shift_labels=worker.trainer_shifts(smoothing))
+
+
 def _reference(setup: str, rank: int) -> dict[str, Any]:
     """Single-process stock: step-1 loss of this rank's batch, the engine-averaged gradients, step-2 loss after
     SGD with them."""
     logitless.uninstall()
+    smoothing = setup if setup in worker.SMOOTHING_SETUPS else None
+    setup = worker.SMOOTHING_SETUPS.get(setup, setup)
     vocab = worker.TP_VOCAB_UNEVEN if setup == "tp-uneven-vocab" else worker.tiny.VOCAB
     build = worker.SETUPS[setup][0]
     tensor_parallel = worker.SETUPS[setup][2]
@@ -83,9 +97,9 @@ def _reference(setup: str, rank: int) -> dict[str, Any]:
     losses = []
     for ids in batches:
         model = build()
-        out = model(input_ids=ids, labels=worker.labels_of(ids))
-        out.loss.backward()
-        losses.append(float(out.loss.detach()))
+        loss = _stock_loss(model, ids, smoothing)
+        loss.backward()
+        losses.append(float(loss.detach()))
         # Frozen parameters (PEFT's base weights) have no gradient, as under the engines.
         grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
     mean = {n: (grads[0][n] + grads[1][n]) / 2 for n in grads[0]}
@@ -95,7 +109,7 @@ def _reference(setup: str, rank: int) -> dict[str, Any]:
             if n in mean:
                 p -= worker.LR * mean[n]
         ids = batches[rank]
-        step2 = float(model(input_ids=ids, labels=worker.labels_of(ids)).loss)
+        step2 = float(_stock_loss(model, ids, smoothing))
     return {"loss": losses[rank], "grads": mean, "step2": step2}
 
 
@@ -130,6 +144,25 @@ def test_equal_to_single_process_stock(ranks: list[dict[str, Any]], setup: str) 
         assert fused["losses"][0] == pytest.approx(ref["loss"], rel=1e-6)
         _close_grads(fused["grads"], ref["grads"], rel=2e-5)
         # The engine's own stock run is the reference for step 2 (DeepSpeed's optimizer wrapper is its own).
+        assert fused["losses"][1] == pytest.approx(stock["losses"][1], rel=1e-5)
+        if "zero3" not in setup:
+            assert fused["losses"][1] == pytest.approx(ref["step2"], rel=1e-5)
+
+
+@pytest.mark.parametrize("setup", sorted(worker.SMOOTHING_SETUPS))
+def test_trainer_label_smoothing_fused_and_equal_to_stock(ranks: list[dict[str, Any]], setup: str) -> None:
+    """HF Trainer's ``compute_loss`` with label smoothing on a model under DDP, FSDP2 (head its own unit), ZeRO-3
+    and tensor parallelism (vocabulary-parallel smoothing): the labels reach the forward through the engine's
+    wrapper, the smoothed loss is fused on every rank, and loss and gradients equal the single-process stock
+    Trainer loss (``LabelSmoother`` on materialised logits)."""
+    for r in range(2):
+        row = ranks[r][setup]
+        assert row["runtime"] == {"fused": 2, "stock": {}}, (r, row["runtime"])
+        assert row["smoothing_calls"] == {"fused": 2, "materialised": 0}
+        ref = _reference(setup, r)
+        fused, stock = row["logitless"], row["stock"]
+        assert fused["losses"][0] == pytest.approx(ref["loss"], rel=1e-6)
+        _close_grads(fused["grads"], ref["grads"], rel=2e-5)
         assert fused["losses"][1] == pytest.approx(stock["losses"][1], rel=1e-5)
         if "zero3" not in setup:
             assert fused["losses"][1] == pytest.approx(ref["step2"], rel=1e-5)

@@ -226,10 +226,10 @@ def test_install_is_idempotent_and_thread_safe(tier: int) -> None:
     for t in threads:
         t.join()
     logitless.install()
-    # One hook per pattern (transformers modeling modules, its remote-code loader, TRL modules), however many
-    # installs raced.
+    # One hook per pattern (transformers modeling modules, its remote-code loader, TRL modules, transformers.trainer),
+    # however many installs raced.
     hooks = [f for f in sys.meta_path if isinstance(f, ModelingImportHook)]
-    assert sorted(h.pattern.pattern for h in hooks) == sorted({h.pattern.pattern for h in hooks}) and len(hooks) == 3
+    assert sorted(h.pattern.pattern for h in hooks) == sorted({h.pattern.pattern for h in hooks}) and len(hooks) == 4
     assert logitless.audit()["classes"][LLAMA_KEY]["status"] == "patched"
     if tier == 1:
         assert LlamaForCausalLM.__dict__["forward"] is forward

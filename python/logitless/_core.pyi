@@ -58,7 +58,7 @@ def rewrite_forward(source: str) -> dict[str, Any]:
 
     ``{"status": "patched", "source", "head", "hidden", "logits", "loss", "labels", "vocab", "epilogue":
     [{"kind", "expr"}], "extra_loss_kwargs", "kwargs", "loss_form", "ce_class", "fused_guards", "delegate_target",
-    "line"}`` or
+    "labels_elsewhere", "line"}`` or
     ``{"status": "refused", "code", "reason", "line"}``. Never raises for bad source (it is refused).
     """
 

@@ -20,8 +20,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Capture",
+    "Smoothing",
     "capturing",
     "current_capture",
+    "current_smoothing",
     "fusable",
     "hf_loss",
     "no_logits",
@@ -32,6 +34,7 @@ __all__ = [
     "set_enabled",
     "set_fuse_eval",
     "set_return_logits",
+    "smoothing",
 ]
 
 # Flipped by logitless.installer: a forward that outlives uninstall() (e.g. a bound method someone kept) must fall
@@ -128,6 +131,39 @@ def capturing(capture: Capture) -> Iterator[Capture]:
 
 def current_capture() -> Capture | None:
     return _capture.get()
+
+
+@dataclass
+class Smoothing:
+    """A forward run for HF Trainer's label smoothing (logitless.integrations.hf_trainer): the Trainer calls the
+    model without labels and smooths the loss of the logits it returns; the integration hands the forward the
+    labels, and the rewritten forward's ``hf_loss`` computes that smoothed loss instead of the model's own (whatever
+    its shift, labels masking or ``ignore_index``), summed, and leaves it here. ``shift``: the Trainer's own choice
+    (a causal-LM class name: logits ``[..., :-1]`` against labels ``[..., 1:]``)."""
+
+    labels: torch.Tensor
+    epsilon: float
+    ignore_index: int
+    shift: bool
+    loss: torch.Tensor | None = None
+    # How many fused forwards filled it: anything but one makes ``loss`` not the Trainer's.
+    fills: int = 0
+
+
+_smoothing: contextvars.ContextVar[Smoothing | None] = contextvars.ContextVar("logitless_smoothing", default=None)
+
+
+@contextlib.contextmanager
+def smoothing(state: Smoothing) -> Iterator[Smoothing]:
+    token = _smoothing.set(state)
+    try:
+        yield state
+    finally:
+        _smoothing.reset(token)
+
+
+def current_smoothing() -> Smoothing | None:
+    return _smoothing.get()
 
 
 def _mode_reason(model: Any) -> str | None:

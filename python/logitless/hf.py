@@ -111,6 +111,8 @@ def hf_loss(
 
         return plan.apply(hidden, per_token)
 
+    smoothing = _runtime.current_smoothing()
+
     def fused(x: torch.Tensor) -> torch.Tensor:
         # The weight is read here, after any offloading hook has brought it in (or FSDP2 has all-gathered it).
         weight, bias = plan.weight_and_bias()
@@ -120,6 +122,8 @@ def hf_loss(
             "logit_scale_divide": logit_scale_divide,
             "logit_softcapping": logit_softcapping,
         }
+        if smoothing is not None:
+            return _smoothed(x, weight, bias, plan, epilogue, smoothing)
         if plan.shard is not None:
             from logitless.vocab_parallel import vocab_parallel_linear_cross_entropy
 
@@ -133,7 +137,45 @@ def hf_loss(
             num_items_in_batch=num_items_in_batch, **epilogue,
         )  # fmt: skip
 
-    return plan.apply(hidden, fused)
+    loss = plan.apply(hidden, fused)
+    if smoothing is not None:
+        # Kept as the head's call returned it: engines (FSDP2, ZeRO-3) hook their backward gathers on that tensor.
+        smoothing.loss = loss
+        smoothing.fills += 1
+        # A copy for the forward: it may add its own terms in place (Mixtral's `loss += aux`), which the Trainer's
+        # smoothed loss does not have.
+        return loss.clone()
+    return loss
+
+
+def _smoothed(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    plan: HeadPlan,
+    epilogue: dict[str, Any],
+    smoothing: _runtime.Smoothing,
+) -> torch.Tensor:
+    """HF Trainer's ``LabelSmoother`` loss of these logits, summed (the Trainer divides it): its labels, shift and
+    ``ignore_index``, not the model's (logitless.integrations.hf_trainer). ``hf_loss`` leaves it in ``smoothing``."""
+    options = {
+        "shift": smoothing.shift,
+        "ignore_index": smoothing.ignore_index,
+        "label_smoothing": smoothing.epsilon,
+        "reduction": "sum",
+        **epilogue,
+    }
+    labels = smoothing.labels.to(x.device)
+    if plan.shard is not None:
+        from logitless.vocab_parallel import vocab_parallel_linear_cross_entropy
+
+        loss = vocab_parallel_linear_cross_entropy(
+            x, weight, labels, vocab_start=plan.shard.start, vocab_size=plan.shard.total, group=plan.shard.group,
+            bias=bias, **options,
+        )  # fmt: skip
+    else:
+        loss = linear_cross_entropy(x, weight, labels, bias=bias, **options)
+    return loss
 
 
 def _vocab_vector(bias: torch.Tensor | None) -> torch.Tensor | None:

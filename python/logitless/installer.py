@@ -32,6 +32,7 @@ from logitless import _config, _runtime
 from logitless._hook import MODELING_MODULE, TRL_MODULE, ModelingImportHook
 from logitless._patching import PatchError, build_forward, forget_source, forward_hash, forward_source
 from logitless._remote import RemoteCodeHook
+from logitless.integrations import hf_trainer
 
 __all__ = ["audit", "canonical_hash", "install", "patch", "register_canonical", "uninstall"]
 
@@ -54,6 +55,8 @@ class _Patch:
     forward: Callable[..., Any]
     filename: str | None = None
     added_globals: list[str] = field(default_factory=list)
+    # The rewriter's `labels_elsewhere` (None: the labels are read beside the loss in a way it did not list).
+    labels_elsewhere: dict[str, bool] | None = None
 
 
 # One re-entrant lock guards all state: the import hook calls back into _patch_module while install() may be
@@ -123,6 +126,7 @@ def install(return_logits: bool | None = None, fuse_eval: bool | None = None) ->
         _remote_hook = RemoteCodeHook(_on_module_loaded)
         _remote_hook.install()
         _install_trl()
+        hf_trainer.install()
 
 
 def uninstall() -> None:
@@ -136,6 +140,7 @@ def uninstall() -> None:
             _remote_hook.uninstall()
             _remote_hook = None
         _uninstall_trl()
+        hf_trainer.uninstall()
         _runtime.set_enabled(False)
         for cls, record in _patched.items():
             # Someone may have replaced our forward since; theirs is left alone rather than clobbered.
@@ -237,7 +242,7 @@ def audit() -> dict[str, Any]:
             "counts": counts,
             "classes": classes,
             "runtime": total,
-            "integrations": {"trl": _trl_report()},
+            "integrations": {"trl": _trl_report(), "hf_trainer": hf_trainer.report()},
         }
 
 
@@ -319,6 +324,17 @@ def is_delegate_target(cls: type) -> bool:
         patch = _patched.get(cls)
         record = _records.get(f"{cls.__module__}.{cls.__qualname__}", {})
         return patch is not None and cls.__dict__.get("forward") is patch.forward and bool(record.get("delegate_target"))
+
+
+def labels_elsewhere(cls: type) -> dict[str, bool] | None:
+    """For a class running our rewrite, what its forward does with the labels besides the loss
+    (``{"decoder_inputs", "disables_cache"}``, the Rust ``LabelsElsewhere``); ``None`` when that is unknown or
+    more (logitless.integrations.hf_trainer hands labels only to forwards where they change nothing else)."""
+    with _LOCK:
+        patch = _patched.get(cls)
+        if patch is None or cls.__dict__.get("forward") is not patch.forward or patch.labels_elsewhere is None:
+            return None
+        return dict(patch.labels_elsewhere)
 
 
 def _lm_class(cls: type) -> bool:
@@ -412,7 +428,8 @@ def _try_patch(cls: type, original: Callable[..., Any]) -> dict[str, Any]:
         }
     forward, filename, added = build_forward(cls, original, result["source"])
     setattr(cls, "forward", forward)
-    _patched[cls] = _Patch(original=original, forward=forward, filename=filename, added_globals=added)
+    _patched[cls] = _Patch(original=original, forward=forward, filename=filename, added_globals=added,
+                           labels_elsewhere=result.get("labels_elsewhere"))  # fmt: skip
     return {
         "status": "patched",
         "tier": 2,

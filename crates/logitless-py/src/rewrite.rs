@@ -50,6 +50,16 @@ fn rewrite_dict<'py>(py: Python<'py>, r: &Rewrite) -> PyResult<Bound<'py, PyDict
     d.set_item("ce_class", r.ce_class.as_deref())?;
     d.set_item("fused_guards", &r.fused_guards)?;
     d.set_item("delegate_target", r.delegate_target)?;
+    let elsewhere = match &r.labels_elsewhere {
+        None => None,
+        Some(e) => {
+            let u = PyDict::new(py);
+            u.set_item("decoder_inputs", e.decoder_inputs)?;
+            u.set_item("disables_cache", e.disables_cache)?;
+            Some(u)
+        }
+    };
+    d.set_item("labels_elsewhere", elsewhere)?;
     d.set_item("line", r.line)?;
     Ok(d)
 }

@@ -32,6 +32,7 @@ mod emit;
 mod epilogue;
 mod epilogue_module;
 mod head;
+mod labels_use;
 mod loss;
 mod refusal;
 mod source;
@@ -40,6 +41,7 @@ pub use audit::{AuditError, ClassKind, ClassReport, Outcome, audit_file, audit_t
 pub use epilogue::{EpilogueKind, EpilogueStep};
 pub use epilogue_module::{ModuleStep, ModuleValue, analyse_epilogue_module};
 pub use head::{HeadSplit, split_head_forward};
+pub use labels_use::LabelsElsewhere;
 pub use loss::LossForm;
 pub use refusal::{ReasonCode, Refusal};
 
@@ -88,6 +90,10 @@ pub struct Rewrite {
     /// and the labels are read nowhere else: a wrapper computing that loss on this model's logits may hand it its
     /// labels instead ([`LossForm::Delegated`]).
     pub delegate_target: bool,
+    /// What the labels do besides the loss, when that is nothing or only what [`LabelsElsewhere`] lists: a
+    /// caller may then add labels to a call made without them (HF Trainer's label smoothing) and get the same
+    /// logits. `None` when they are read anywhere else.
+    pub labels_elsewhere: Option<LabelsElsewhere>,
     /// 1-based line of the head statement in the input.
     pub line: usize,
 }
@@ -146,6 +152,7 @@ pub(crate) fn rewrite_function(
                 .iter()
                 .enumerate()
                 .all(|(i, s)| i == plan.labels_idx || !source::stmt_reads(s, &plan.labels)),
+        labels_elsewhere: labels_use::labels_elsewhere(&func.body, &plan),
         line: src.line(&func.body[plan.head_idx]),
     })
 }
@@ -173,6 +180,7 @@ fn delegated(
         ce_class: Some(d.ce_class.clone()),
         fused_guards: Vec::new(),
         delegate_target: false,
+        labels_elsewhere: None,
         line: d.line,
     })
 }

@@ -29,6 +29,20 @@ fn render(r: &Rewrite) -> String {
     if r.delegate_target {
         let _ = writeln!(out, "delegate_target: true");
     }
+    // Shown when the labels do anything besides the loss (the usual case, nothing, prints nothing).
+    match &r.labels_elsewhere {
+        None => {
+            let _ = writeln!(out, "labels elsewhere: unknown");
+        }
+        Some(e) if e.decoder_inputs || e.disables_cache => {
+            let _ = writeln!(
+                out,
+                "labels elsewhere: decoder_inputs={} disables_cache={}",
+                e.decoder_inputs, e.disables_cache
+            );
+        }
+        Some(_) => {}
+    }
     for step in &r.epilogue {
         let _ = writeln!(out, "epilogue: {} = {}", step.kind.as_str(), step.expr);
     }

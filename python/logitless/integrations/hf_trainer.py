@@ -1,0 +1,249 @@
+"""HF Trainer's label smoothing (``TrainingArguments(label_smoothing_factor=ε)``), fused.
+
+With a label smoother the Trainer pops the labels, calls the model without them and smooths the loss of the
+logits it returns (``LabelSmoother``: ``(1-ε)·nll + ε·mean_j(-log p_j)``, summed over the targets and divided by
+``num_items_in_batch`` or their count; the logits shifted when the class is a causal LM). The model's own fused
+loss never runs, so the logits (and their log-softmax) are formed as without logitless.
+
+Under ``logitless.install()``, ``Trainer.compute_loss`` is wrapped: when the model runs a rewritten forward that
+reads its labels for nothing but the loss (the rewriter's ``labels_elsewhere``; for encoder-decoders, the decoder
+inputs the batch already carries), the labels are handed to that forward (a forward pre-hook for this one call) and
+its ``hf_loss`` computes the Trainer's smoothed loss, summed, with the Trainer's labels and shift; the Trainer's own
+``compute_loss`` then runs unchanged, with a label smoother that divides that sum exactly as ``LabelSmoother``
+does. Anything else (eval mode, a custom ``compute_loss_func`` or label smoother, a class that reads the labels
+elsewhere, a compiled model) keeps the stock path, and a forward that took its stock path after all is smoothed
+from its materialised logits by the Trainer's own smoother (counted ``materialised``).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from logitless import _runtime
+from logitless._hook import ModelingImportHook
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["CALLS", "install", "report", "uninstall"]
+
+TRAINER_MODULE = re.compile(r"^transformers\.trainer$")
+# compute_loss calls with a label smoother that logitless took over, by how the loss was formed.
+CALLS = {"fused": 0, "materialised": 0}
+
+_LOCK = threading.RLock()
+_hook: ModelingImportHook | None = None
+# Trainer class -> its compute_loss before logitless wrapped it.
+_originals: dict[type, Callable[..., Any]] = {}
+
+
+def install() -> None:
+    """Wrap ``transformers.Trainer.compute_loss``, now or when ``transformers.trainer`` is imported."""
+    global _hook
+    with _LOCK:
+        if _hook is not None:
+            return
+        _hook = ModelingImportHook(_on_loaded, TRAINER_MODULE)
+        _hook.insert()
+        module = sys.modules.get("transformers.trainer")
+        if module is not None:
+            _wrap(module)
+
+
+def uninstall() -> None:
+    global _hook
+    with _LOCK:
+        if _hook is not None:
+            _hook.remove()
+            _hook = None
+        for cls, original in _originals.items():
+            current = cls.__dict__.get("compute_loss")
+            if getattr(current, "__wrapped__", None) is original:  # someone else's since: left alone
+                cls.compute_loss = original
+        _originals.clear()
+        CALLS.update(fused=0, materialised=0)
+
+
+def report() -> dict[str, Any]:
+    with _LOCK:
+        return {"patched": bool(_originals), "calls": dict(CALLS)}
+
+
+def _on_loaded(module: ModuleType) -> None:
+    with _LOCK:
+        if _hook is not None:
+            _wrap(module)
+
+
+def _wrap(module: ModuleType) -> None:
+    trainer = getattr(module, "Trainer", None)
+    original = getattr(trainer, "__dict__", {}).get("compute_loss")
+    if trainer is None or original is None or trainer in _originals:
+        return
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def compute_loss(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            bound = signature.bind(self, *args, **kwargs)
+        except TypeError:
+            return original(self, *args, **kwargs)  # raises as stock does
+        plan = _plan(self, bound.arguments.get("model"), bound.arguments.get("inputs"))
+        if plan is None:
+            return original(self, *args, **kwargs)
+        return _fused_call(self, plan, lambda: original(self, *args, **kwargs))
+
+    trainer.compute_loss = compute_loss
+    _originals[trainer] = original
+
+
+@dataclass
+class _Plan:
+    module: torch.nn.Module  # the model the Trainer unwraps: its forward is handed the labels
+    state: _runtime.Smoothing
+    extra: dict[str, Any]  # the keyword arguments handed to it
+
+
+def _plan(trainer: Any, model: Any, inputs: Any) -> _Plan | None:
+    """What this compute_loss call needs to be fused, or ``None`` where it keeps the stock path."""
+    import torch  # not at import: install() runs in processes that never import torch (``audit``)
+
+    if not _runtime._enabled or _runtime.current_capture() is not None or _runtime.current_smoothing() is not None:
+        return None
+    smoother = getattr(trainer, "label_smoother", None)
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    # A subclass may smooth otherwise; a custom loss function sees the logits.
+    if type(smoother) is not LabelSmoother or getattr(trainer, "compute_loss_func", None) is not None:
+        return None
+    labels = inputs.get("labels") if isinstance(inputs, dict) else None
+    if not isinstance(labels, torch.Tensor) or not isinstance(model, torch.nn.Module):
+        return None
+    if _compiled(model) or getattr(getattr(trainer, "args", None), "torch_compile", False):
+        return None  # the pre-hook and the run-time checks would run under dynamo
+    unwrapped = trainer.accelerator.unwrap_model(model)
+    peft = _peft_base(unwrapped)
+    if peft is False:
+        return None  # a PEFT wrapper that adds to the labels (prompt learning)
+    lm = peft if peft is not None else unwrapped
+    if _runtime._mode_reason(lm) is not None:
+        return None  # eval mode: Trainer.evaluate / predict read the logits
+    from logitless import installer
+
+    owner = next((cls for cls in type(lm).__mro__ if "forward" in cls.__dict__), None)
+    elsewhere = installer.labels_elsewhere(owner) if owner is not None else None
+    if elsewhere is None:
+        return None
+    if elsewhere["decoder_inputs"] and inputs.get("decoder_input_ids") is None:
+        return None  # with labels, the forward would build its decoder inputs from them
+    shift = _trainer_shifts(unwrapped, peft)
+    if shift is None:
+        return None
+    state = _runtime.Smoothing(
+        labels=labels, epsilon=float(smoother.epsilon), ignore_index=int(smoother.ignore_index), shift=shift
+    )
+    extra: dict[str, Any] = {"labels": labels}
+    if elsewhere["disables_cache"] and "use_cache" not in inputs:
+        extra["use_cache"] = False  # what the forward does given labels, without its warning
+    return _Plan(unwrapped, state, extra)
+
+
+def _compiled(model: torch.nn.Module) -> bool:
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")
+    return dynamo is not None and isinstance(model, dynamo.OptimizedModule)
+
+
+def _peft_base(model: torch.nn.Module) -> torch.nn.Module | bool | None:
+    """The model under a PEFT wrapper (``peft.PeftModel``), which passes the labels through unchanged unless it
+    prompt-learns (``False``: it prepends to them); ``None`` for a model that is not such a wrapper."""
+    import torch
+
+    config = getattr(model, "active_peft_config", None)
+    get_base_model = getattr(model, "get_base_model", None)
+    if config is None or not callable(get_base_model):
+        return None
+    base = get_base_model()
+    if getattr(config, "is_prompt_learning", True) or not isinstance(base, torch.nn.Module):
+        return False
+    return base
+
+
+def _trainer_shifts(unwrapped: torch.nn.Module, peft: torch.nn.Module | bool | None) -> bool | None:
+    """``shift_labels`` as ``Trainer.compute_loss`` passes it to its label smoother: whether the model's class name
+    is a causal LM's. ``None`` when this transformers has no such mapping."""
+    import torch
+
+    module = sys.modules.get("transformers.trainer")
+    names = getattr(module, "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", None)
+    if names is None:
+        return None
+    name = (peft if isinstance(peft, torch.nn.Module) else unwrapped)._get_name()
+    return name in names.values()
+
+
+def _fused_call(trainer: Any, plan: _Plan, call: Callable[[], Any]) -> Any:
+    def add_labels(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        for key, value in plan.extra.items():
+            if kwargs.get(key) is None:
+                kwargs[key] = value
+        return args, kwargs
+
+    stock = trainer.label_smoother
+    handle = plan.module.register_forward_pre_hook(add_labels, with_kwargs=True)
+    trainer.label_smoother = _SummedSmoother(stock, plan.state)
+    try:
+        with _runtime.smoothing(plan.state):
+            return call()
+    finally:
+        handle.remove()
+        trainer.label_smoother = stock
+
+
+class _SummedSmoother:
+    """Stands in for the Trainer's ``LabelSmoother`` during one fused call: the forward left the smoothed loss
+    summed; this divides it as ``LabelSmoother`` divides (``num_items_in_batch`` when the Trainer passes it, else the
+    count of targets), or, when the forward took its stock path, smooths its logits with the stock smoother."""
+
+    def __init__(self, stock: Any, state: _runtime.Smoothing) -> None:
+        self.stock = stock
+        self.state = state
+        self.epsilon = stock.epsilon
+        self.ignore_index = stock.ignore_index
+
+    def __call__(
+        self, model_output: Any, labels: torch.Tensor, shift_labels: bool = False, num_items_in_batch: Any = None
+    ) -> torch.Tensor:
+        import torch
+
+        state = self.state
+        kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+        if state.fills == 0:
+            CALLS["materialised"] += 1
+            if not isinstance(model_output, dict):
+                model_output = model_output[1:]  # tuple outputs: the model's own loss came first, given labels
+            return self.stock(model_output, labels, shift_labels=shift_labels, **kwargs)
+        if state.fills != 1 or bool(shift_labels) != state.shift or labels is not state.labels or state.loss is None:
+            # Only a Trainer whose compute_loss differs from the one this integration mirrors gets here.
+            raise RuntimeError(
+                "logitless: HF Trainer's label smoothing was fused for a different call "
+                f"(forwards filled {state.fills}, shift {state.shift} vs {bool(shift_labels)}); "
+                "run without logitless (LOGITLESS=0) and report this"
+            )
+        CALLS["fused"] += 1
+        loss = state.loss
+        if num_items_in_batch is None:
+            targets = labels[..., 1:] if shift_labels else labels
+            denominator: Any = (targets != state.ignore_index).sum().to(loss.device)
+        elif isinstance(num_items_in_batch, torch.Tensor):
+            denominator = num_items_in_batch.to(loss.device)
+        else:
+            denominator = num_items_in_batch
+        return loss / denominator
