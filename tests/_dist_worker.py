@@ -122,6 +122,26 @@ def _fsdp(model: torch.nn.Module, *, head: str, bf16: bool = False) -> torch.nn.
     return model
 
 
+def _fsdp1(model: torch.nn.Module, *, head: str, orig_params: bool = True, bf16: bool = False) -> torch.nn.Module:
+    """FSDP1 (``FullyShardedDataParallel``, accelerate's default) with the decoder layers as units, as
+    transformers' layer-class auto-wrap makes them; the head in the root unit, or in its own (a size-based policy
+    wraps a large head). ``orig_params=False``: the flat parameter's views stand in for the parameters."""
+    import functools
+
+    from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
+    from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+
+    layer, lm_head = type(model.model.layers[0]), model.lm_head
+    units = functools.partial(
+        lambda_auto_wrap_policy, lambda_fn=lambda m: isinstance(m, layer) or (head == "own" and m is lm_head)
+    )
+    precision = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    return FullyShardedDataParallel(
+        model, auto_wrap_policy=units, use_orig_params=orig_params, device_id=torch.device("cpu"),
+        mixed_precision=precision,
+    )  # fmt: skip
+
+
 def _fsdp_wrapper(model: torch.nn.Module) -> torch.nn.Module:
     """FSDP2 on an encoder-decoder wrapper: the decoder as its own unit (its hooks run around the call the wrapper
     hands the labels to), then the root."""
@@ -205,6 +225,10 @@ SETUPS: dict[str, tuple[Callable[[], torch.nn.Module], Callable[[torch.nn.Module
     "fsdp2-head-grouped": (build_llama, lambda m: _fsdp(m, head="grouped"), False),
     "fsdp2-bf16": (build_llama, lambda m: _fsdp(m, head="own", bf16=True), False),
     "zero3": (build_llama, _zero3, False),
+    "fsdp1-head-in-root": (build_llama, lambda m: _fsdp1(m, head="root"), False),
+    "fsdp1-head-own-unit": (build_llama, lambda m: _fsdp1(m, head="own"), False),
+    "fsdp1-head-own-unit-flat": (build_llama, lambda m: _fsdp1(m, head="own", orig_params=False), False),
+    "fsdp1-bf16": (build_llama, lambda m: _fsdp1(m, head="own", bf16=True), False),
     # ZeRO-3 hooks every module, the epilogue module included (harmless there: it holds no tensors).
     "inkling2-ddp": (build_inkling2, _ddp, False),
     "inkling2-zero3": (build_inkling2, _zero3, False),
@@ -227,8 +251,16 @@ SETUPS: dict[str, tuple[Callable[[], torch.nn.Module], Callable[[torch.nn.Module
 }
 
 
-def _full_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _full_grads(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.tensor import DTensor
+
+    if isinstance(model, FullyShardedDataParallel):
+        if not model._use_orig_params:
+            return None  # no per-parameter gradients to gather: the second step's loss checks them
+        with FullyShardedDataParallel.summon_full_params(model, with_grads=True):
+            return {n.replace("_fsdp_wrapped_module.", ""): p.grad.detach().float().clone()
+                    for n, p in model.named_parameters() if p.grad is not None}  # fmt: skip
 
     grads = {}
     for name, p in model.named_parameters():
@@ -246,7 +278,8 @@ def _full_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 # HF Trainer's label smoothing (logitless.integrations.hf_trainer) on an engine: setup -> the engine's setup.
-SMOOTHING_SETUPS = {"smooth-ddp": "ddp", "smooth-fsdp2-head-own-unit": "fsdp2-head-own-unit", "smooth-zero3": "zero3",
+SMOOTHING_SETUPS = {"smooth-ddp": "ddp", "smooth-fsdp2-head-own-unit": "fsdp2-head-own-unit",
+                    "smooth-fsdp1-head-own-unit": "fsdp1-head-own-unit", "smooth-zero3": "zero3",
                     "smooth-tp-transformers-colwise": "tp-transformers-colwise"}  # fmt: skip
 SMOOTHING = 0.1
 

@@ -11,6 +11,11 @@ The fused loss reads ``lm_head.weight`` instead of calling the head, which is ex
   them after it, and autograd functions on the inputs and outputs for the backward fetch and release); the
   gradient reaches the partitioned parameter through its own accumulation hook, as for a stock call. Entered the
   same way, so a parameter is gathered only when DeepSpeed would gather it.
+* **FSDP1** (``FullyShardedDataParallel``, accelerate's default FSDP): a head wrapped in its own unit is a wrapper
+  module whose forward unshards the flat parameter, calls the wrapped module, reshards and registers the
+  pre-backward unshard on the output. The wrapper is called as stock calls it, with the fused computation standing
+  in for the wrapped module's forward. (A head inside another unit is a plain module whose parameters that unit's
+  forward has unsharded.)
 * **Tensor parallel** (torch's ``ColwiseParallel`` or transformers' ``colwise*`` styles, replicated input): the
   head's weight is a ``DTensor`` sharded over the vocabulary. Its hooks only re-lay-out the input and the logits,
   so the loss over the whole vocabulary is computed by ``logitless.vocab_parallel`` from the local shard.
@@ -28,8 +33,8 @@ import torch
 from torch import nn
 
 __all__ = [
-    "VocabShard", "base_class", "call_through", "deepspeed_zero3_hooks", "fsdp_managed", "fsdp_state",
-    "tensor_parallel_head",
+    "VocabShard", "base_class", "call_inside", "call_through", "deepspeed_zero3_hooks", "fsdp1_wrapped",
+    "fsdp_managed", "fsdp_state", "tensor_parallel_head",
 ]
 
 # functools.wraps chains (FSDP's group hooks wrap the state's bound methods, dynamo's disable wraps again).
@@ -172,6 +177,33 @@ def call_through(module: nn.Module, forward: Any, x: torch.Tensor) -> Any:
         return module(x)
     finally:
         del module.__dict__["forward"]
+
+
+def fsdp1_wrapped(module: nn.Module) -> nn.Module | None:
+    """The module an FSDP1 ``FullyShardedDataParallel`` wrapper holds, when ``module`` is exactly such a wrapper
+    with no hooks or instance ``forward`` of its own, else None."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:
+        return None
+    if type(module) is not FullyShardedDataParallel or "forward" in module.__dict__:
+        return None
+    if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
+        return None
+    if getattr(module, "_backward_pre_hooks", None):
+        return None
+    inner = module._modules.get("_fsdp_wrapped_module")
+    return inner if isinstance(inner, nn.Module) else None
+
+
+def call_inside(wrapper: nn.Module, inner: nn.Module, forward: Any, x: torch.Tensor) -> Any:
+    """``wrapper(x)`` as stock calls it (FSDP1's unshard, reshard and backward hooks), with ``forward`` computing in
+    place of the wrapped module ``inner``'s forward."""
+    inner.__dict__["forward"] = forward
+    try:
+        return wrapper(x)
+    finally:
+        del inner.__dict__["forward"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -48,6 +48,8 @@ class _Entry:
     hook: Any | None
     prefix: Callable[[torch.Tensor], torch.Tensor] | None
     engine_hooks: bool = False
+    # An FSDP1 wrapper: called as is, the rest of the plan standing in for the wrapped module's forward.
+    wraps: nn.Module | None = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,8 @@ class HeadPlan:
                 x = entry.prefix(x)
             return self._enter(i + 1, x, fused)
 
+        if entry.wraps is not None:
+            return _engines.call_inside(entry.module, entry.wraps, rest, hidden)
         if entry.engine_hooks:
             return _engines.call_through(entry.module, rest, hidden)
         if entry.hook is None:
@@ -271,7 +275,8 @@ def explain_head(head: Any) -> HeadPlan | str:
     A plain ``nn.Linear`` (exactly that type: subclasses and PEFT/quantised wrappers may compute something else)
     is its own plan. A composite head must be a chain of modules whose forwards the splitter understands, ending
     in an ``nn.Linear``. PEFT's ``modules_to_save`` and trainable-tokens wrappers are followed to the module or
-    merged weight their forward uses (``logitless._peft``). Every module entered is called through
+    merged weight their forward uses (``logitless._peft``); an FSDP1 wrapper to the module it wraps, which the
+    wrapper's own call then runs (``_engines.call_inside``). Every module entered is called through
     ``nn.Module.__call__`` with no hooks (local or global) and no instance ``forward``, except accelerate's
     device-alignment hook, which the plan applies.
     """
@@ -292,6 +297,11 @@ def explain_head(head: Any) -> HeadPlan | str:
             return HeadPlan(entries=tuple(entries), linear=module, shard=shard)  # type: ignore[arg-type]
         if way.shard is not None:
             return "tensor-parallel-layout"
+        inner = _engines.fsdp1_wrapped(module)
+        if inner is not None:
+            entries.append(_Entry(module, None, None, wraps=inner))
+            module = inner
+            continue
         from logitless import _peft
 
         peft = _peft.route(module, cls)

@@ -196,54 +196,14 @@ def _fused_call(trainer: Any, plan: _Plan, call: Callable[[], Any]) -> Any:
                 kwargs[key] = value
         return args, kwargs
 
+    from logitless.integrations._summed_smoother import SummedSmoother
+
     stock = trainer.label_smoother
     handle = plan.module.register_forward_pre_hook(add_labels, with_kwargs=True)
-    trainer.label_smoother = _SummedSmoother(stock, plan.state)
+    trainer.label_smoother = SummedSmoother(stock, plan.state, CALLS)
     try:
         with _runtime.smoothing(plan.state):
             return call()
     finally:
         handle.remove()
         trainer.label_smoother = stock
-
-
-class _SummedSmoother:
-    """Stands in for the Trainer's ``LabelSmoother`` during one fused call: the forward left the smoothed loss
-    summed; this divides it as ``LabelSmoother`` divides (``num_items_in_batch`` when the Trainer passes it, else the
-    count of targets), or, when the forward took its stock path, smooths its logits with the stock smoother."""
-
-    def __init__(self, stock: Any, state: _runtime.Smoothing) -> None:
-        self.stock = stock
-        self.state = state
-        self.epsilon = stock.epsilon
-        self.ignore_index = stock.ignore_index
-
-    def __call__(
-        self, model_output: Any, labels: torch.Tensor, shift_labels: bool = False, num_items_in_batch: Any = None
-    ) -> torch.Tensor:
-        import torch
-
-        state = self.state
-        kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
-        if state.fills == 0:
-            CALLS["materialised"] += 1
-            if not isinstance(model_output, dict):
-                model_output = model_output[1:]  # tuple outputs: the model's own loss came first, given labels
-            return self.stock(model_output, labels, shift_labels=shift_labels, **kwargs)
-        if state.fills != 1 or bool(shift_labels) != state.shift or labels is not state.labels or state.loss is None:
-            # Only a Trainer whose compute_loss differs from the one this integration mirrors gets here.
-            raise RuntimeError(
-                "logitless: HF Trainer's label smoothing was fused for a different call "
-                f"(forwards filled {state.fills}, shift {state.shift} vs {bool(shift_labels)}); "
-                "run without logitless (LOGITLESS=0) and report this"
-            )
-        CALLS["fused"] += 1
-        loss = state.loss
-        if num_items_in_batch is None:
-            targets = labels[..., 1:] if shift_labels else labels
-            denominator: Any = (targets != state.ignore_index).sum().to(loss.device)
-        elif isinstance(num_items_in_batch, torch.Tensor):
-            denominator = num_items_in_batch.to(loss.device)
-        else:
-            denominator = num_items_in_batch
-        return loss / denominator
