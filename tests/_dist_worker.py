@@ -199,7 +199,7 @@ def _fsdp_over_tp(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _zero3(model: torch.nn.Module) -> torch.nn.Module:
+def _zero3(model: torch.nn.Module, stage: int = 3) -> torch.nn.Module:
     import deepspeed
     import deepspeed.comm.torch  # noqa: F401 - the module, looked up below (the package's ``torch`` is torch)
 
@@ -208,7 +208,7 @@ def _zero3(model: torch.nn.Module) -> torch.nn.Module:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     config = {
         "train_micro_batch_size_per_gpu": 2,
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
         "zero_allow_untested_optimizer": True,
     }
     engine, *_ = deepspeed.initialize(
@@ -225,6 +225,7 @@ SETUPS: dict[str, tuple[Callable[[], torch.nn.Module], Callable[[torch.nn.Module
     "fsdp2-head-grouped": (build_llama, lambda m: _fsdp(m, head="grouped"), False),
     "fsdp2-bf16": (build_llama, lambda m: _fsdp(m, head="own", bf16=True), False),
     "zero3": (build_llama, _zero3, False),
+    "zero2": (build_llama, lambda m: _zero3(m, stage=2), False),
     "fsdp1-head-in-root": (build_llama, lambda m: _fsdp1(m, head="root"), False),
     "fsdp1-head-own-unit": (build_llama, lambda m: _fsdp1(m, head="own"), False),
     "fsdp1-head-own-unit-flat": (build_llama, lambda m: _fsdp1(m, head="own", orig_params=False), False),
@@ -265,7 +266,7 @@ def _full_grads(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     grads = {}
     for name, p in model.named_parameters():
         g = p.grad
-        if hasattr(p, "ds_id"):  # ZeRO-3: the partitioned gradient, gathered
+        if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):  # ZeRO-3 / ZeRO-2: the partitioned gradient, gathered
             from deepspeed.utils import safe_get_full_grad
 
             g = safe_get_full_grad(p)
