@@ -21,4 +21,4 @@ VIRTUAL_ENV="$(pwd)/$VENV" "$VENV/bin/maturin" develop --release -q
     --json "${LOGITLESS_TF4_JSON:-/tmp/logitless-verify-tf4.json}" --markdown docs/coverage-transformers4.md
 # What differs between 4.x and 5.x beyond the forwards: the Trainer's label smoother (no num_items_in_batch in 4.x)
 # and how remote code is loaded.
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_label_smoothing.py tests/test_remote_code.py
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_hf_trainer.py tests/test_remote_code.py

@@ -26,6 +26,7 @@ __all__ = [
     "current_smoothing",
     "fusable",
     "hf_loss",
+    "loss_only",
     "no_logits",
     "record",
     "return_logits",
@@ -166,12 +167,26 @@ def current_smoothing() -> Smoothing | None:
     return _smoothing.get()
 
 
+# Set while HF Trainer computes an evaluation loss whose logits it then drops (logitless.integrations.hf_trainer).
+_loss_only: contextvars.ContextVar[bool] = contextvars.ContextVar("logitless_loss_only", default=False)
+
+
+@contextlib.contextmanager
+def loss_only() -> Iterator[None]:
+    """Forwards in eval mode are fused here: their caller keeps the loss and drops the logits."""
+    token = _loss_only.set(True)
+    try:
+        yield
+    finally:
+        _loss_only.reset(token)
+
+
 def _mode_reason(model: Any) -> str | None:
     """The installer's state and the model's mode: what every fused path (own loss or a delegated one) needs."""
     capture = _capture.get()
     if not _enabled and capture is None:
         return "uninstalled"
-    if not getattr(model, "training", True) and not _fuse_eval and capture is None:
+    if not getattr(model, "training", True) and not (_fuse_eval or capture is not None or _loss_only.get()):
         # Trainer.evaluate / predict and compute_metrics read the logits: eval mode keeps the stock forward.
         return "eval-mode"
     return None

@@ -1,20 +1,22 @@
-"""HF Trainer's label smoothing (``TrainingArguments(label_smoothing_factor=ε)``), fused.
+"""HF Trainer: its label smoothing and its loss-only evaluation, fused.
 
-With a label smoother the Trainer pops the labels, calls the model without them and smooths the loss of the
-logits it returns (``LabelSmoother``: ``(1-ε)·nll + ε·mean_j(-log p_j)``, summed over the targets and divided by
-``num_items_in_batch`` or their count; the logits shifted when the class is a causal LM). The model's own fused
-loss never runs, so the logits (and their log-softmax) are formed as without logitless.
+Label smoothing (``TrainingArguments(label_smoothing_factor=ε)``): the Trainer pops the labels, calls the model
+without them and smooths the loss of the logits it returns (``LabelSmoother``: ``(1-ε)·nll + ε·mean_j(-log p_j)``,
+summed over the targets and divided by ``num_items_in_batch`` or their count; the logits shifted when the class is
+a causal LM). The model's own fused loss never runs, so the logits (and their log-softmax) are formed as without
+logitless. Under ``logitless.install()``, ``Trainer.compute_loss`` is wrapped: when the model runs a rewritten
+forward that reads its labels for nothing but the loss (the rewriter's ``labels_elsewhere``; for encoder-decoders,
+the decoder inputs the batch already carries), the labels are handed to that forward (a forward pre-hook for this
+one call) and its ``hf_loss`` computes the Trainer's smoothed loss, summed, with the Trainer's labels and shift;
+the Trainer's own ``compute_loss`` then runs unchanged, with a label smoother that divides that sum exactly as
+``LabelSmoother`` does. Anything else (eval mode, a custom ``compute_loss_func`` or label smoother, a class that
+reads the labels elsewhere, a compiled model) keeps the stock path, and a forward that took its stock path after
+all is smoothed from its materialised logits by the Trainer's own smoother (counted ``materialised``).
 
-Under ``logitless.install()``, ``Trainer.compute_loss`` is wrapped: when the model runs a rewritten forward that
-reads its labels for nothing but the loss (the rewriter's ``labels_elsewhere``; for encoder-decoders, the decoder
-inputs the batch already carries), the labels are handed to that forward (a forward pre-hook for this one call) and
-its ``hf_loss`` computes the Trainer's smoothed loss, summed, with the Trainer's labels and shift; the Trainer's own
-``compute_loss`` then runs unchanged, with a label smoother that divides that sum exactly as ``LabelSmoother``
-does. Anything else (eval mode, a custom ``compute_loss_func`` or label smoother, a class that reads the labels
-elsewhere, a compiled model) keeps the stock path, and a forward that took its stock path after all is smoothed
-from its materialised logits by the Trainer's own smoother (counted ``materialised``).
+Evaluation: a model in eval mode keeps its stock forward (``compute_metrics`` reads the logits), except inside
+``Trainer.prediction_step`` with ``prediction_loss_only`` (``Trainer.evaluate`` without ``compute_metrics``),
+which keeps the loss and drops the logits: that step runs under ``_runtime.loss_only()`` and is fused.
 """
-
 from __future__ import annotations
 
 import functools
@@ -41,12 +43,13 @@ CALLS = {"fused": 0, "materialised": 0}
 
 _LOCK = threading.RLock()
 _hook: ModelingImportHook | None = None
-# Trainer class -> its compute_loss before logitless wrapped it.
-_originals: dict[type, Callable[..., Any]] = {}
+# Trainer class -> its compute_loss and prediction_step before logitless wrapped them.
+_originals: dict[type, dict[str, Callable[..., Any]]] = {}
 
 
 def install() -> None:
-    """Wrap ``transformers.Trainer.compute_loss``, now or when ``transformers.trainer`` is imported."""
+    """Wrap ``transformers.Trainer.compute_loss`` and ``prediction_step``, now or when ``transformers.trainer`` is
+    imported."""
     global _hook
     with _LOCK:
         if _hook is not None:
@@ -64,10 +67,11 @@ def uninstall() -> None:
         if _hook is not None:
             _hook.remove()
             _hook = None
-        for cls, original in _originals.items():
-            current = cls.__dict__.get("compute_loss")
-            if getattr(current, "__wrapped__", None) is original:  # someone else's since: left alone
-                cls.compute_loss = original
+        for cls, methods in _originals.items():
+            for name, original in methods.items():
+                current = cls.__dict__.get(name)
+                if getattr(current, "__wrapped__", None) is original:  # someone else's since: left alone
+                    setattr(cls, name, original)
         _originals.clear()
         CALLS.update(fused=0, materialised=0)
 
@@ -85,10 +89,24 @@ def _on_loaded(module: ModuleType) -> None:
 
 def _wrap(module: ModuleType) -> None:
     trainer = getattr(module, "Trainer", None)
-    original = getattr(trainer, "__dict__", {}).get("compute_loss")
-    if trainer is None or original is None or trainer in _originals:
+    methods = getattr(trainer, "__dict__", {})
+    original, predict = methods.get("compute_loss"), methods.get("prediction_step")
+    if trainer is None or original is None or predict is None or trainer in _originals:
         return
     signature = inspect.signature(original)
+    predict_signature = inspect.signature(predict)
+
+    @functools.wraps(predict)
+    def prediction_step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            loss_only = bool(predict_signature.bind(self, *args, **kwargs).arguments.get("prediction_loss_only"))
+        except TypeError:
+            loss_only = False
+        if not loss_only:
+            return predict(self, *args, **kwargs)
+        # The Trainer keeps only the loss of this step (no compute_metrics): fused in eval mode too.
+        with _runtime.loss_only():
+            return predict(self, *args, **kwargs)
 
     @functools.wraps(original)
     def compute_loss(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -102,7 +120,8 @@ def _wrap(module: ModuleType) -> None:
         return _fused_call(self, plan, lambda: original(self, *args, **kwargs))
 
     trainer.compute_loss = compute_loss
-    _originals[trainer] = original
+    trainer.prediction_step = prediction_step
+    _originals[trainer] = {"compute_loss": original, "prediction_step": predict}
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""HF Trainer's label smoothing (``label_smoothing_factor``) under logitless: fused where the model's forward reads its
-labels for the loss only, stock elsewhere, and always the loss stock's ``LabelSmoother`` computes.
+"""HF Trainer under logitless: its label smoothing (``label_smoothing_factor``) fused where the model's forward reads
+its labels for the loss only, stock elsewhere, and always the loss stock's ``LabelSmoother`` computes; loss-only
+evaluation (``Trainer.evaluate`` without ``compute_metrics``) fused, evaluation with metrics on real logits.
 
 References: stock Trainer runs on identical weights with logitless uninstalled (every step's loss and grad norm, the
 final weights), and a float64 materialised computation of the smoothed loss written here from its definition.
@@ -262,9 +263,52 @@ def test_other_setups_keep_the_stock_path(case: str, tmp_path: Path, monkeypatch
 
 
 def test_uninstall_restores_compute_loss() -> None:
-    original = transformers.Trainer.__dict__["compute_loss"]
+    originals = {name: transformers.Trainer.__dict__[name] for name in ("compute_loss", "prediction_step")}
     logitless.install()
-    assert transformers.Trainer.__dict__["compute_loss"] is not original
+    assert all(transformers.Trainer.__dict__[name] is not f for name, f in originals.items())
     assert logitless.audit()["integrations"]["hf_trainer"]["patched"]
     logitless.uninstall()
-    assert transformers.Trainer.__dict__["compute_loss"] is original
+    assert all(transformers.Trainer.__dict__[name] is f for name, f in originals.items())
+
+
+def _evaluate(make: Any, tmp_path: Path, *, metrics: bool, smoothing: float = 0.0) -> tuple[dict[str, float], list]:
+    """``Trainer.evaluate`` on padded batches; also the widths of the logits the model returned."""
+    model = make()
+    widths: list[int] = []
+    model.register_forward_hook(lambda module, args, out: widths.append(int(out.logits.shape[-1])))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_eval_batch_size=4,
+        label_smoothing_factor=smoothing,
+    )  # fmt: skip
+
+    def accuracy(pred: Any) -> dict[str, float]:
+        return {"top1": float((pred.predictions.argmax(-1) == pred.label_ids).mean())}
+
+    trainer = transformers.Trainer(
+        model=model, args=args, eval_dataset=tiny.random_examples(12, padded=True), data_collator=tiny.collate,
+        compute_metrics=accuracy if metrics else None,
+    )  # fmt: skip
+    return trainer.evaluate(), widths
+
+
+@pytest.mark.parametrize("smoothing", [0.0, EPS], ids=["plain", "label-smoothing"])
+def test_loss_only_evaluation_is_fused(smoothing: float, tmp_path: Path) -> None:
+    # Trainer.evaluate without compute_metrics keeps the loss only: fused in eval mode, no logits formed.
+    make = lambda: tiny.build("gemma3")  # noqa: E731
+    want, stock_widths = _evaluate(make, tmp_path, metrics=False, smoothing=smoothing)
+    logitless.install()
+    got, widths = _evaluate(make, tmp_path, metrics=False, smoothing=smoothing)
+    assert stock_widths == [tiny.VOCAB] * 3 and widths == [0] * 3
+    assert logitless.audit()["runtime"] == {"fused": 3, "stock": {}}
+    assert got["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-6)
+
+
+def test_evaluation_with_metrics_keeps_the_logits(tmp_path: Path) -> None:
+    make = lambda: tiny.build("llama")  # noqa: E731
+    want, _ = _evaluate(make, tmp_path, metrics=True)
+    logitless.install()
+    got, widths = _evaluate(make, tmp_path, metrics=True)
+    assert widths == [tiny.VOCAB] * 3
+    assert logitless.audit()["runtime"] == {"fused": 0, "stock": {"eval-mode": 3}}
+    assert got["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-6)
+    assert got["eval_top1"] == want["eval_top1"]
