@@ -262,13 +262,20 @@ def test_other_setups_keep_the_stock_path(case: str, tmp_path: Path, monkeypatch
     assert got == pytest.approx(want, rel=1e-6)
 
 
-def test_uninstall_restores_compute_loss() -> None:
-    originals = {name: transformers.Trainer.__dict__[name] for name in ("compute_loss", "prediction_step")}
+def test_uninstall_restores_what_install_wrapped() -> None:
+    wrapped = [(transformers.Trainer, "compute_loss"), (transformers.Trainer, "prediction_step")]
+    try:
+        from trl.trainer.sft_trainer import SFTTrainer
+
+        wrapped.append((SFTTrainer, "compute_loss"))
+    except ImportError:  # pragma: no cover - TRL is in the dev requirements
+        pass
+    originals = [cls.__dict__[name] for cls, name in wrapped]
     logitless.install()
-    assert all(transformers.Trainer.__dict__[name] is not f for name, f in originals.items())
+    assert all(cls.__dict__[name] is not f for (cls, name), f in zip(wrapped, originals))
     assert logitless.audit()["integrations"]["hf_trainer"]["patched"]
     logitless.uninstall()
-    assert all(transformers.Trainer.__dict__[name] is f for name, f in originals.items())
+    assert all(cls.__dict__[name] is f for (cls, name), f in zip(wrapped, originals))
 
 
 def _evaluate(make: Any, tmp_path: Path, *, metrics: bool, smoothing: float = 0.0) -> tuple[dict[str, float], list]:

@@ -187,14 +187,14 @@ def _training_args(max_steps: int = 2) -> dict[str, Any]:
                 save_strategy="no")  # fmt: skip
 
 
-def _sft_run(name: str, peft_config: Any = None) -> list[dict[str, float]]:
+def _sft_run(name: str, peft_config: Any = None, **config: Any) -> list[dict[str, float]]:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     g = torch.Generator().manual_seed(0)
     rows = [{"input_ids": torch.randint(3, tiny.VOCAB, (int(torch.randint(6, 16, (1,), generator=g)),),
                                         generator=g).tolist()} for _ in range(16)]  # fmt: skip
-    args = SFTConfig(**_training_args(max_steps=3), dataset_kwargs={"skip_prepare_dataset": True})
+    args = SFTConfig(**_training_args(max_steps=3), dataset_kwargs={"skip_prepare_dataset": True}, **config)
     if peft_config is not None:
         torch.manual_seed(7)  # LoRA A matrices are random: the same in both runs
     trainer = SFTTrainer(model=tiny.build(name), args=args, train_dataset=Dataset.from_list(rows),
@@ -240,6 +240,22 @@ def test_sft_trainer_with_peft_modules_to_save_runs_through_logitless(monkeypatc
     assert logitless.audit()["integrations"]["trl"]["calls"] == {"fused": 3, "materialised": 0}
     assert logitless.audit()["runtime"] == {"fused": 3, "stock": {}}
     assert len(ours) == 3
+    _compare_logs(ours, reference, ("loss", "grad_norm", "entropy", "mean_token_accuracy"))
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_sft_trainer_label_smoothing_matches_stock_trl(name: str) -> None:
+    """SFTTrainer with ``label_smoothing_factor`` smooths the logits of a forward without labels itself (its fused
+    head only feeds the metrics). Under logitless that forward is handed the labels and computes the smoothed loss
+    fused; losses and grad norms equal stock TRL's (its label smoother on materialised logits), and so do the
+    metrics (TRL's own kernel against the drop-in)."""
+    from logitless.integrations import hf_trainer
+
+    reference = _sft_run(name, label_smoothing_factor=0.1)
+    logitless.install()
+    ours = _sft_run(name, label_smoothing_factor=0.1)
+    assert hf_trainer.CALLS == {"fused": 3, "materialised": 0}
+    assert logitless.audit()["integrations"]["trl"]["calls"] == {"fused": 3, "materialised": 0}
     _compare_logs(ours, reference, ("loss", "grad_norm", "entropy", "mean_token_accuracy"))
 
 

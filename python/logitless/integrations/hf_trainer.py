@@ -13,6 +13,9 @@ the Trainer's own ``compute_loss`` then runs unchanged, with a label smoother th
 reads the labels elsewhere, a compiled model) keeps the stock path, and a forward that took its stock path after
 all is smoothed from its materialised logits by the Trainer's own smoother (counted ``materialised``).
 
+TRL's ``SFTTrainer.compute_loss`` is wrapped the same way: with label smoothing it calls the model without labels
+and its own label smoother itself, always shifted (its fused head then only feeds the metrics).
+
 Evaluation: a model in eval mode keeps its stock forward (``compute_metrics`` reads the logits), except inside
 ``Trainer.prediction_step`` with ``prediction_loss_only`` (``Trainer.evaluate`` without ``compute_metrics``),
 which keeps the loss and drops the logits: that step runs under ``_runtime.loss_only()`` and is fused.
@@ -37,7 +40,8 @@ if TYPE_CHECKING:
 
 __all__ = ["CALLS", "install", "report", "uninstall"]
 
-TRAINER_MODULE = re.compile(r"^transformers\.trainer$")
+# The modules defining the trainers wrapped here: transformers' Trainer, TRL's SFTTrainer.
+TRAINER_MODULE = re.compile(r"^(?:transformers\.trainer|trl\.trainer\.sft_trainer)$")
 # compute_loss calls with a label smoother that logitless took over, by how the loss was formed.
 CALLS = {"fused": 0, "materialised": 0}
 
@@ -56,9 +60,10 @@ def install() -> None:
             return
         _hook = ModelingImportHook(_on_loaded, TRAINER_MODULE)
         _hook.insert()
-        module = sys.modules.get("transformers.trainer")
-        if module is not None:
-            _wrap(module)
+        for name in ("transformers.trainer", "trl.trainer.sft_trainer"):  # the Trainer first: SFTTrainer's base
+            module = sys.modules.get(name)
+            if module is not None:
+                _wrap(module)
 
 
 def uninstall() -> None:
@@ -88,18 +93,56 @@ def _on_loaded(module: ModuleType) -> None:
 
 
 def _wrap(module: ModuleType) -> None:
-    trainer = getattr(module, "Trainer", None)
-    methods = getattr(trainer, "__dict__", {})
-    original, predict = methods.get("compute_loss"), methods.get("prediction_step")
-    if trainer is None or original is None or predict is None or trainer in _originals:
+    if module.__name__ == "transformers.trainer":
+        trainer = getattr(module, "Trainer", None)
+        if isinstance(trainer, type):
+            _wrap_class(trainer, _trainer_shifts, with_prediction_step=True)
+    elif module.__name__ == "trl.trainer.sft_trainer":
+        sft = getattr(module, "SFTTrainer", None)
+        if isinstance(sft, type):
+            # SFTTrainer smooths the logits of a forward without labels itself, always shifted, for loss_type "nll".
+            _wrap_class(sft, lambda trainer, unwrapped, peft: True if _sft_smooths(trainer) else None)
+
+
+def _sft_smooths(trainer: Any) -> bool:
+    return getattr(getattr(trainer, "args", None), "loss_type", None) == "nll"
+
+
+def _wrap_class(cls: type, shifts: Callable[..., bool | None], with_prediction_step: bool = False) -> None:
+    """Wrap ``cls.compute_loss`` (and ``prediction_step``): ``shifts(trainer, unwrapped, peft)`` is the shift the
+    class's compute_loss passes to its label smoother, or None where it does not smooth as ``LabelSmoother``
+    does."""
+    original = cls.__dict__.get("compute_loss")
+    predict = cls.__dict__.get("prediction_step") if with_prediction_step else None
+    if original is None or (with_prediction_step and predict is None) or cls in _originals:
         return
     signature = inspect.signature(original)
-    predict_signature = inspect.signature(predict)
+
+    @functools.wraps(original)
+    def compute_loss(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            bound = signature.bind(self, *args, **kwargs)
+        except TypeError:
+            return original(self, *args, **kwargs)  # raises as stock does
+        plan = _plan(self, bound.arguments.get("model"), bound.arguments.get("inputs"), shifts)
+        if plan is None:
+            return original(self, *args, **kwargs)
+        return _fused_call(self, plan, lambda: original(self, *args, **kwargs))
+
+    cls.compute_loss = compute_loss  # type: ignore[attr-defined]
+    _originals[cls] = {"compute_loss": original}
+    if predict is not None:
+        cls.prediction_step = _loss_only_prediction_step(predict)  # type: ignore[attr-defined]
+        _originals[cls]["prediction_step"] = predict
+
+
+def _loss_only_prediction_step(predict: Callable[..., Any]) -> Callable[..., Any]:
+    signature = inspect.signature(predict)
 
     @functools.wraps(predict)
     def prediction_step(self: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            loss_only = bool(predict_signature.bind(self, *args, **kwargs).arguments.get("prediction_loss_only"))
+            loss_only = bool(signature.bind(self, *args, **kwargs).arguments.get("prediction_loss_only"))
         except TypeError:
             loss_only = False
         if not loss_only:
@@ -108,20 +151,7 @@ def _wrap(module: ModuleType) -> None:
         with _runtime.loss_only():
             return predict(self, *args, **kwargs)
 
-    @functools.wraps(original)
-    def compute_loss(self: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            bound = signature.bind(self, *args, **kwargs)
-        except TypeError:
-            return original(self, *args, **kwargs)  # raises as stock does
-        plan = _plan(self, bound.arguments.get("model"), bound.arguments.get("inputs"))
-        if plan is None:
-            return original(self, *args, **kwargs)
-        return _fused_call(self, plan, lambda: original(self, *args, **kwargs))
-
-    trainer.compute_loss = compute_loss
-    trainer.prediction_step = prediction_step
-    _originals[trainer] = {"compute_loss": original, "prediction_step": predict}
+    return prediction_step
 
 
 @dataclass
@@ -131,7 +161,7 @@ class _Plan:
     extra: dict[str, Any]  # the keyword arguments handed to it
 
 
-def _plan(trainer: Any, model: Any, inputs: Any) -> _Plan | None:
+def _plan(trainer: Any, model: Any, inputs: Any, shifts: Callable[..., bool | None]) -> _Plan | None:
     """What this compute_loss call needs to be fused, or ``None`` where it keeps the stock path."""
     import torch  # not at import: install() runs in processes that never import torch (``audit``)
 
@@ -163,7 +193,7 @@ def _plan(trainer: Any, model: Any, inputs: Any) -> _Plan | None:
         return None
     if elsewhere["decoder_inputs"] and inputs.get("decoder_input_ids") is None:
         return None  # with labels, the forward would build its decoder inputs from them
-    shift = _trainer_shifts(unwrapped, peft)
+    shift = shifts(trainer, unwrapped, peft)
     if shift is None:
         return None
     state = _runtime.Smoothing(
@@ -195,7 +225,7 @@ def _peft_base(model: torch.nn.Module) -> torch.nn.Module | bool | None:
     return base
 
 
-def _trainer_shifts(unwrapped: torch.nn.Module, peft: torch.nn.Module | bool | None) -> bool | None:
+def _trainer_shifts(trainer: Any, unwrapped: torch.nn.Module, peft: torch.nn.Module | bool | None) -> bool | None:
     """``shift_labels`` as ``Trainer.compute_loss`` passes it to its label smoother: whether the model's class name
     is a causal LM's. ``None`` when this transformers has no such mapping."""
     import torch
