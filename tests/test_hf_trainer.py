@@ -8,6 +8,7 @@ final weights), and a float64 materialised computation of the smoothed loss writ
 
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import logitless
 from logitless import _core
 from logitless.integrations import hf_trainer
 from logitless._verify.compare import build
+from transformers.models.bart.modeling_bart import shift_tokens_right
 
 pytestmark = [
     pytest.mark.skipif(not hasattr(_core, "rewrite_forward"), reason="the tier-2 rewriter is not built"),
@@ -96,6 +98,8 @@ def test_fused_loss_against_float64(name: str, tmp_path: Path) -> None:
 SEQ2SEQ = {
     "bart": ("transformers.models.bart.modeling_bart", "BartForConditionalGeneration"),
     "t5": ("transformers.models.t5.modeling_t5", "T5ForConditionalGeneration"),
+    # audio in; its labels are also checked against the decoder's positions (a raise)
+    "whisper": ("transformers.models.whisper.modeling_whisper", "WhisperForConditionalGeneration"),
 }
 
 
@@ -105,12 +109,13 @@ def _seq2seq_examples(model: torch.nn.Module, n: int) -> list[dict[str, Any]]:
     examples = []
     for _ in range(n):
         length = int(torch.randint(4, 11, (1,), generator=g))
-        examples.append(
-            {
-                "input_ids": torch.randint(3, vocab, (12,), generator=g).tolist(),
-                "labels": torch.randint(3, vocab, (length,), generator=g).tolist(),
-            }
-        )
+        labels = torch.randint(3, vocab, (length,), generator=g).tolist()
+        if "input_features" in inspect.signature(model.forward).parameters:  # log-mel frames
+            config = model.config
+            features = torch.randn(config.num_mel_bins, 2 * config.max_source_positions, generator=g)
+            examples.append({"input_features": features, "labels": labels})
+        else:
+            examples.append({"input_ids": torch.randint(3, vocab, (12,), generator=g).tolist(), "labels": labels})
     return examples
 
 
@@ -120,9 +125,14 @@ def _seq2seq_collator(model: torch.nn.Module, decoder_inputs: bool) -> Any:
         labels = torch.full((len(batch), width), -100, dtype=torch.long)
         for row, e in enumerate(batch):
             labels[row, : len(e["labels"])] = torch.tensor(e["labels"])
-        out = {"input_ids": torch.tensor([e["input_ids"] for e in batch]), "labels": labels}
-        if decoder_inputs:  # what DataCollatorForSeq2Seq(model=...) adds
-            out["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels)
+        out: dict[str, torch.Tensor] = {"labels": labels}
+        if "input_features" in batch[0]:
+            out["input_features"] = torch.stack([e["input_features"] for e in batch])
+        else:
+            out["input_ids"] = torch.tensor([e["input_ids"] for e in batch])
+        if decoder_inputs:  # what DataCollatorForSeq2Seq(model=...) adds: the labels shifted right
+            config = model.config
+            out["decoder_input_ids"] = shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
         return out
 
     return collate

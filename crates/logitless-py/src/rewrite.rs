@@ -56,6 +56,7 @@ fn rewrite_dict<'py>(py: Python<'py>, r: &Rewrite) -> PyResult<Bound<'py, PyDict
             let u = PyDict::new(py);
             u.set_item("decoder_inputs", e.decoder_inputs)?;
             u.set_item("disables_cache", e.disables_cache)?;
+            u.set_item("validates", e.validates)?;
             Some(u)
         }
     };

@@ -6,6 +6,8 @@
 //!
 //! ```python
 //! if labels is not None:
+//!     if labels.shape[1] > self.max_target_positions:
+//!         raise ValueError(...)               # a check: may raise where the call without labels did not check
 //!     if use_cache:
 //!         logger.warning("...")
 //!     use_cache = False                       # only the returned cache differs
@@ -34,6 +36,9 @@ pub struct LabelsElsewhere {
     pub decoder_inputs: bool,
     /// `use_cache = False` (after a warning when it was on): only the returned cache differs.
     pub disables_cache: bool,
+    /// `if <test>: raise ...` (Whisper's labels longer than its decoder positions): the call may raise where the
+    /// same call without labels would not have checked.
+    pub validates: bool,
 }
 
 /// `None` when the labels are read anywhere else (another statement, a statement of the labels branch kept
@@ -99,6 +104,8 @@ fn labels_block(stmt: &Stmt, labels: &str, uses: &mut LabelsElsewhere) -> Option
     for inner in block.body.iter().filter(|s| !is_cache_warning(s)) {
         if is_cache_off(inner) {
             uses.disables_cache = true;
+        } else if is_check(inner) {
+            uses.validates = true;
         } else if let Stmt::If(nested) = inner {
             let mut tests = Vec::new();
             conjuncts(&nested.test, &mut tests);
@@ -117,6 +124,12 @@ fn labels_block(stmt: &Stmt, labels: &str, uses: &mut LabelsElsewhere) -> Option
         }
     }
     Some(())
+}
+
+/// `if <test>: raise <...>`, nothing else.
+fn is_check(stmt: &Stmt) -> bool {
+    matches!(stmt, Stmt::If(c) if c.elif_else_clauses.is_empty()
+        && c.body.iter().all(|s| matches!(s, Stmt::Raise(_))))
 }
 
 /// The operands of a chain of `and`s.

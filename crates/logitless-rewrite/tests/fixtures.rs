@@ -34,11 +34,11 @@ fn render(r: &Rewrite) -> String {
         None => {
             let _ = writeln!(out, "labels elsewhere: unknown");
         }
-        Some(e) if e.decoder_inputs || e.disables_cache => {
+        Some(e) if e.decoder_inputs || e.disables_cache || e.validates => {
             let _ = writeln!(
                 out,
-                "labels elsewhere: decoder_inputs={} disables_cache={}",
-                e.decoder_inputs, e.disables_cache
+                "labels elsewhere: decoder_inputs={} disables_cache={} validates={}",
+                e.decoder_inputs, e.disables_cache, e.validates
             );
         }
         Some(_) => {}
