@@ -273,7 +273,8 @@ def test_other_setups_keep_the_stock_path(case: str, tmp_path: Path, monkeypatch
 
 
 def test_uninstall_restores_what_install_wrapped() -> None:
-    wrapped = [(transformers.Trainer, "compute_loss"), (transformers.Trainer, "prediction_step")]
+    wrapped = [(transformers.Trainer, "compute_loss"), (transformers.Trainer, "prediction_step"),
+               (transformers.Seq2SeqTrainer, "prediction_step")]  # fmt: skip
     try:
         from trl.trainer.sft_trainer import SFTTrainer
 
@@ -329,3 +330,44 @@ def test_evaluation_with_metrics_keeps_the_logits(tmp_path: Path) -> None:
     assert logitless.audit()["runtime"] == {"fused": 0, "stock": {"eval-mode": 3}}
     assert got["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-6)
     assert got["eval_top1"] == want["eval_top1"]
+
+
+def _generating_evaluation(tmp_path: Path, smoothing: float) -> tuple[dict[str, float], list[int]]:
+    """``Seq2SeqTrainer.evaluate`` with ``predict_with_generate`` and a metric on the generated tokens; also the
+    logits widths of the labelled forwards (``generate``'s own forwards carry no labels)."""
+    model = build(*SEQ2SEQ["bart"])[0]
+    widths: list[int] = []
+
+    def seen(module: Any, args: Any, kwargs: dict[str, Any], out: Any) -> None:
+        if kwargs.get("labels") is not None:
+            widths.append(int(out.logits.shape[-1]))
+
+    model.register_forward_hook(seen, with_kwargs=True)
+    args = transformers.Seq2SeqTrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_eval_batch_size=2, predict_with_generate=True,
+        generation_max_length=6, label_smoothing_factor=smoothing,
+    )  # fmt: skip
+
+    def first_token(pred: Any) -> dict[str, float]:
+        return {"first": float((pred.predictions[:, 1] == pred.label_ids[:, 0]).mean())}
+
+    trainer = transformers.Seq2SeqTrainer(
+        model=model, args=args, eval_dataset=_seq2seq_examples(model, 4),
+        data_collator=_seq2seq_collator(model, decoder_inputs=True), compute_metrics=first_token,
+    )  # fmt: skip
+    return trainer.evaluate(), widths
+
+
+@pytest.mark.parametrize("smoothing", [0.0, EPS], ids=["plain", "label-smoothing"])
+def test_generating_evaluation_fuses_the_loss_forward(smoothing: float, tmp_path: Path) -> None:
+    # Predictions are generated tokens: the labelled forward only gives the loss, so it is fused; with a label
+    # smoother, which reads that forward's logits, it keeps the stock path.
+    want, stock_widths = _generating_evaluation(tmp_path, smoothing)
+    logitless.install()
+    got, widths = _generating_evaluation(tmp_path, smoothing)
+    vocab = stock_widths[0]
+    assert stock_widths == [vocab] * 2 and widths == ([vocab] * 2 if smoothing else [0] * 2)
+    runtime = {"fused": 0, "stock": {"eval-mode": 2}} if smoothing else {"fused": 2, "stock": {}}
+    assert logitless.audit()["runtime"] == runtime
+    assert got["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-6)
+    assert got["eval_first"] == want["eval_first"]

@@ -17,8 +17,10 @@ TRL's ``SFTTrainer.compute_loss`` is wrapped the same way: with label smoothing 
 and its own label smoother itself, always shifted (its fused head then only feeds the metrics).
 
 Evaluation: a model in eval mode keeps its stock forward (``compute_metrics`` reads the logits), except inside
-``Trainer.prediction_step`` with ``prediction_loss_only`` (``Trainer.evaluate`` without ``compute_metrics``),
-which keeps the loss and drops the logits: that step runs under ``_runtime.loss_only()`` and is fused.
+``Trainer.prediction_step`` with ``prediction_loss_only`` (``Trainer.evaluate`` without ``compute_metrics``), which
+keeps the loss and drops the logits, and inside ``Seq2SeqTrainer.prediction_step`` with ``predict_with_generate``
+and no label smoother (the predictions are generated tokens; the labelled forward only gives the loss): those steps
+run under ``_runtime.loss_only()`` and are fused.
 """
 from __future__ import annotations
 
@@ -40,8 +42,8 @@ if TYPE_CHECKING:
 
 __all__ = ["CALLS", "install", "report", "uninstall"]
 
-# The modules defining the trainers wrapped here: transformers' Trainer, TRL's SFTTrainer.
-TRAINER_MODULE = re.compile(r"^(?:transformers\.trainer|trl\.trainer\.sft_trainer)$")
+# The modules defining the trainers wrapped here: transformers' Trainer and Seq2SeqTrainer, TRL's SFTTrainer.
+TRAINER_MODULE = re.compile(r"^(?:transformers\.trainer|transformers\.trainer_seq2seq|trl\.trainer\.sft_trainer)$")
 # compute_loss calls with a label smoother that logitless took over, by how the loss was formed.
 CALLS = {"fused": 0, "materialised": 0}
 
@@ -60,7 +62,7 @@ def install() -> None:
             return
         _hook = ModelingImportHook(_on_loaded, TRAINER_MODULE)
         _hook.insert()
-        for name in ("transformers.trainer", "trl.trainer.sft_trainer"):  # the Trainer first: SFTTrainer's base
+        for name in ("transformers.trainer", "transformers.trainer_seq2seq", "trl.trainer.sft_trainer"):
             module = sys.modules.get(name)
             if module is not None:
                 _wrap(module)
@@ -97,11 +99,38 @@ def _wrap(module: ModuleType) -> None:
         trainer = getattr(module, "Trainer", None)
         if isinstance(trainer, type):
             _wrap_class(trainer, _trainer_shifts, with_prediction_step=True)
+    elif module.__name__ == "transformers.trainer_seq2seq":
+        seq2seq = getattr(module, "Seq2SeqTrainer", None)
+        predict = getattr(seq2seq, "__dict__", {}).get("prediction_step")
+        if predict is not None and seq2seq not in _originals:
+            seq2seq.prediction_step = _generating_prediction_step(predict)  # type: ignore[union-attr]
+            _originals[seq2seq] = {"prediction_step": predict}  # type: ignore[index]
     elif module.__name__ == "trl.trainer.sft_trainer":
         sft = getattr(module, "SFTTrainer", None)
         if isinstance(sft, type):
             # SFTTrainer smooths the logits of a forward without labels itself, always shifted, for loss_type "nll".
             _wrap_class(sft, lambda trainer, unwrapped, peft: True if _sft_smooths(trainer) else None)
+
+
+def _generating_prediction_step(predict: Callable[..., Any]) -> Callable[..., Any]:
+    """``Seq2SeqTrainer.prediction_step`` with ``predict_with_generate``: its predictions are generated tokens, and
+    the labelled forward after ``generate`` only feeds the loss (unless a label smoother reads its logits), so that
+    forward is fused. ``generate`` passes no labels to the forwards it makes: they keep the stock path."""
+    signature = inspect.signature(predict)
+
+    @functools.wraps(predict)
+    def prediction_step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            loss_only = bool(signature.bind(self, *args, **kwargs).arguments.get("prediction_loss_only"))
+        except TypeError:
+            loss_only = True  # then the call fails as stock's does
+        generating = getattr(getattr(self, "args", None), "predict_with_generate", False) and not loss_only
+        if not generating or getattr(self, "label_smoother", None) is not None:
+            return predict(self, *args, **kwargs)  # (loss-only steps go to Trainer.prediction_step's wrapper)
+        with _runtime.loss_only():
+            return predict(self, *args, **kwargs)
+
+    return prediction_step
 
 
 def _sft_smooths(trainer: Any) -> bool:
