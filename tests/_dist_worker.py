@@ -310,7 +310,35 @@ def smoothed_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return transformers.Trainer.compute_loss(trainer, model, {"input_ids": ids, "labels": labels_of(ids)})
 
 
+# A loss-only evaluation forward (eval mode, no grad, under _runtime.loss_only() as Trainer.prediction_step runs
+# it) on an engine: setup -> the engine's setup.
+EVAL_SETUPS = {"eval-fsdp2-head-own-unit": "fsdp2-head-own-unit", "eval-fsdp1-head-own-unit": "fsdp1-head-own-unit",
+               "eval-zero3": "zero3", "eval-tp-transformers-colwise": "tp-transformers-colwise"}  # fmt: skip
+
+
+def run_eval(setup: str, rank: int) -> dict[str, Any]:
+    from logitless import _runtime
+
+    builder, wrap, tensor_parallel = SETUPS[EVAL_SETUPS[setup]]
+    ids = batch(0 if tensor_parallel else rank)
+    row: dict[str, Any] = {}
+    for mode in ("stock", "logitless"):
+        logitless.uninstall()
+        if mode == "logitless":
+            logitless.install()
+        model = wrap(builder())
+        model.eval()
+        with torch.no_grad(), _runtime.loss_only():
+            out = model(input_ids=ids, labels=labels_of(ids))
+        row[mode] = {"loss": float(out.loss.float()), "logits_width": int(out.logits.shape[-1])}
+    row["runtime"] = logitless.audit()["runtime"]
+    logitless.uninstall()
+    return row
+
+
 def run(setup: str, rank: int) -> dict[str, Any]:
+    if setup in EVAL_SETUPS:
+        return run_eval(setup, rank)
     smoothing = setup in SMOOTHING_SETUPS
     builder, wrap, tensor_parallel = SETUPS[SMOOTHING_SETUPS.get(setup, setup)]
     vocab = TP_VOCAB_UNEVEN if setup == "tp-uneven-vocab" else tiny.VOCAB

@@ -59,7 +59,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     procs = [
         subprocess.Popen(
             [sys.executable, str(Path(worker.__file__)), str(out),
-             ",".join((*ALL, *STOCK, *worker.SMOOTHING_SETUPS, "vocab-parallel-op"))],  # fmt: skip
+             ",".join((*ALL, *STOCK, *worker.SMOOTHING_SETUPS, *worker.EVAL_SETUPS, "vocab-parallel-op"))],  # fmt: skip
             env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -170,6 +170,20 @@ def test_trainer_label_smoothing_fused_and_equal_to_stock(ranks: list[dict[str, 
         assert fused["losses"][1] == pytest.approx(stock["losses"][1], rel=1e-5)
         if "zero" not in setup:
             assert fused["losses"][1] == pytest.approx(ref["step2"], rel=1e-5)
+
+
+@pytest.mark.parametrize("setup", sorted(worker.EVAL_SETUPS))
+def test_loss_only_evaluation_fused_and_equal_to_stock(ranks: list[dict[str, Any]], setup: str) -> None:
+    """An eval-mode forward without grad under ``_runtime.loss_only()`` (what HF Trainer's loss-only
+    ``prediction_step`` runs) through FSDP2, FSDP1, ZeRO-3 and tensor-parallel heads: fused, no logits, the loss
+    equal to stock's under the same engine and to the single-process reference."""
+    for r in range(2):
+        row = ranks[r][setup]
+        assert row["runtime"] == {"fused": 1, "stock": {}}, (r, row["runtime"])
+        assert row["logitless"]["logits_width"] == 0 and row["stock"]["logits_width"] == worker.tiny.VOCAB
+        assert row["logitless"]["loss"] == pytest.approx(row["stock"]["loss"], rel=1e-6)
+        ref = _reference(worker.EVAL_SETUPS[setup], r)
+        assert row["logitless"]["loss"] == pytest.approx(ref["loss"], rel=1e-6)
 
 
 @pytest.mark.parametrize("setup", sorted(STOCK))
