@@ -23,7 +23,7 @@
 use ruff_python_ast::{BoolOp, CmpOp, Expr, Operator, Stmt, StmtIf};
 
 use crate::analysis::Plan;
-use crate::source::{is_name, simple_assign, stmt_reads};
+use crate::source::{dotted, expr_reads, is_name, simple_assign, stmt_reads};
 
 const DECODER_INPUTS: &str = "decoder_input_ids";
 const DECODER_EMBEDS: &str = "decoder_inputs_embeds";
@@ -69,7 +69,7 @@ fn adds_to_loss(stmt: &Stmt, labels: &str, loss: &str) -> bool {
     match stmt {
         Stmt::AugAssign(a) => is_name(&a.target, loss) && a.op == Operator::Add,
         Stmt::If(block) => {
-            let guarded = crate::source::expr_reads(&block.test, labels);
+            let guarded = expr_reads(&block.test, labels);
             block.elif_else_clauses.is_empty()
                 && block.body.iter().all(|s| {
                     adds_to_loss(s, labels, loss)
@@ -190,7 +190,7 @@ fn is_cache_warning(stmt: &Stmt) -> bool {
             let Expr::Call(call) = e.value.as_ref() else {
                 return false;
             };
-            matches!(crate::source::dotted(&call.func).as_deref(),
+            matches!(dotted(&call.func).as_deref(),
                 Some(f) if f == "warnings.warn" || f.starts_with("logger.warning"))
         })
 }

@@ -54,8 +54,8 @@ _originals: dict[type, dict[str, Callable[..., Any]]] = {}
 
 
 def install() -> None:
-    """Wrap ``transformers.Trainer.compute_loss`` and ``prediction_step``, now or when ``transformers.trainer`` is
-    imported."""
+    """Wrap ``Trainer.compute_loss`` / ``prediction_step``, ``Seq2SeqTrainer.prediction_step`` and TRL's
+    ``SFTTrainer.compute_loss``, now for the modules already imported and later for the others."""
     global _hook
     with _LOCK:
         if _hook is not None:
