@@ -95,56 +95,38 @@ def _on_loaded(module: ModuleType) -> None:
 
 
 def _wrap(module: ModuleType) -> None:
-    if module.__name__ == "transformers.trainer":
+    name = module.__name__
+    if name == "transformers.trainer":
         trainer = getattr(module, "Trainer", None)
-        if isinstance(trainer, type):
-            _wrap_class(trainer, _trainer_shifts, with_prediction_step=True)
-    elif module.__name__ == "transformers.trainer_seq2seq":
-        seq2seq = getattr(module, "Seq2SeqTrainer", None)
-        predict = getattr(seq2seq, "__dict__", {}).get("prediction_step")
-        if predict is not None and seq2seq not in _originals:
-            seq2seq.prediction_step = _generating_prediction_step(predict)  # type: ignore[union-attr]
-            _originals[seq2seq] = {"prediction_step": predict}  # type: ignore[index]
-    elif module.__name__ == "trl.trainer.sft_trainer":
-        sft = getattr(module, "SFTTrainer", None)
-        if isinstance(sft, type):
-            # SFTTrainer smooths the logits of a forward without labels itself, always shifted, for loss_type "nll".
-            _wrap_class(sft, lambda trainer, unwrapped, peft: True if _sft_smooths(trainer) else None)
+        _replace(trainer, "compute_loss", lambda f: _smoothing_compute_loss(f, _trainer_shifts))
+        # Loss-only steps (Trainer.evaluate without compute_metrics) drop the logits.
+        _replace(trainer, "prediction_step", lambda f: _eval_step(f, lambda trainer, loss_only: loss_only))
+    elif name == "transformers.trainer_seq2seq":
+        _replace(getattr(module, "Seq2SeqTrainer", None), "prediction_step",
+                 lambda f: _eval_step(f, _seq2seq_generating))  # fmt: skip
+    elif name == "trl.trainer.sft_trainer":
+        _replace(getattr(module, "SFTTrainer", None), "compute_loss",
+                 lambda f: _smoothing_compute_loss(f, _sft_shifts))  # fmt: skip
 
 
-def _generating_prediction_step(predict: Callable[..., Any]) -> Callable[..., Any]:
-    """``Seq2SeqTrainer.prediction_step`` with ``predict_with_generate``: its predictions are generated tokens, and
-    the labelled forward after ``generate`` only feeds the loss (unless a label smoother reads its logits), so that
-    forward is fused. ``generate`` passes no labels to the forwards it makes: they keep the stock path."""
-    signature = inspect.signature(predict)
-
-    @functools.wraps(predict)
-    def prediction_step(self: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            loss_only = bool(signature.bind(self, *args, **kwargs).arguments.get("prediction_loss_only"))
-        except TypeError:
-            loss_only = True  # then the call fails as stock's does
-        generating = getattr(getattr(self, "args", None), "predict_with_generate", False) and not loss_only
-        if not generating or getattr(self, "label_smoother", None) is not None:
-            return predict(self, *args, **kwargs)  # (loss-only steps go to Trainer.prediction_step's wrapper)
-        with _runtime.loss_only():
-            return predict(self, *args, **kwargs)
-
-    return prediction_step
-
-
-def _sft_smooths(trainer: Any) -> bool:
-    return getattr(getattr(trainer, "args", None), "loss_type", None) == "nll"
-
-
-def _wrap_class(cls: type, shifts: Callable[..., bool | None], with_prediction_step: bool = False) -> None:
-    """Wrap ``cls.compute_loss`` (and ``prediction_step``): ``shifts(trainer, unwrapped, peft)`` is the shift the
-    class's compute_loss passes to its label smoother, or None where it does not smooth as ``LabelSmoother``
-    does."""
-    original = cls.__dict__.get("compute_loss")
-    predict = cls.__dict__.get("prediction_step") if with_prediction_step else None
-    if original is None or (with_prediction_step and predict is None) or cls in _originals:
+def _replace(cls: Any, name: str, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+    """``cls.<name> = wrap(cls.<name>)``, once, remembering the original for ``uninstall``."""
+    original = getattr(cls, "__dict__", {}).get(name)
+    if not isinstance(cls, type) or original is None or name in _originals.get(cls, {}):
         return
+    setattr(cls, name, wrap(original))
+    _originals.setdefault(cls, {})[name] = original
+
+
+def _sft_shifts(trainer: Any, unwrapped: Any, peft: Any) -> bool | None:
+    """SFTTrainer smooths the logits of a forward without labels itself, always shifted, for ``loss_type="nll"``."""
+    return True if getattr(getattr(trainer, "args", None), "loss_type", None) == "nll" else None
+
+
+def _smoothing_compute_loss(original: Callable[..., Any], shifts: Callable[..., bool | None]) -> Callable[..., Any]:
+    """``compute_loss`` fused where its label smoother would smooth the logits of a forward without labels:
+    ``shifts(trainer, unwrapped, peft)`` is the shift it passes to that smoother, or None where it does not smooth
+    as ``LabelSmoother`` does."""
     signature = inspect.signature(original)
 
     @functools.wraps(original)
@@ -158,14 +140,12 @@ def _wrap_class(cls: type, shifts: Callable[..., bool | None], with_prediction_s
             return original(self, *args, **kwargs)
         return _fused_call(self, plan, lambda: original(self, *args, **kwargs))
 
-    cls.compute_loss = compute_loss  # type: ignore[attr-defined]
-    _originals[cls] = {"compute_loss": original}
-    if predict is not None:
-        cls.prediction_step = _loss_only_prediction_step(predict)  # type: ignore[attr-defined]
-        _originals[cls]["prediction_step"] = predict
+    return compute_loss
 
 
-def _loss_only_prediction_step(predict: Callable[..., Any]) -> Callable[..., Any]:
+def _eval_step(predict: Callable[..., Any], fuses: Callable[[Any, bool], bool]) -> Callable[..., Any]:
+    """``prediction_step`` run under ``_runtime.loss_only()`` when ``fuses(trainer, prediction_loss_only)``: the
+    step keeps the loss of its labelled forwards and drops their logits, so they are fused in eval mode too."""
     signature = inspect.signature(predict)
 
     @functools.wraps(predict)
@@ -173,14 +153,22 @@ def _loss_only_prediction_step(predict: Callable[..., Any]) -> Callable[..., Any
         try:
             loss_only = bool(signature.bind(self, *args, **kwargs).arguments.get("prediction_loss_only"))
         except TypeError:
-            loss_only = False
-        if not loss_only:
+            return predict(self, *args, **kwargs)  # raises as stock does
+        if not fuses(self, loss_only):
             return predict(self, *args, **kwargs)
-        # The Trainer keeps only the loss of this step (no compute_metrics): fused in eval mode too.
         with _runtime.loss_only():
             return predict(self, *args, **kwargs)
 
     return prediction_step
+
+
+def _seq2seq_generating(trainer: Any, loss_only: bool) -> bool:
+    """``Seq2SeqTrainer.prediction_step`` with ``predict_with_generate``: its predictions are generated tokens and
+    the labelled forward after ``generate`` only gives the loss, unless a label smoother reads its logits.
+    (``generate`` passes no labels to the forwards it makes: they keep the stock path. Loss-only steps go to
+    ``Trainer.prediction_step``.)"""
+    predicts = getattr(getattr(trainer, "args", None), "predict_with_generate", False)
+    return bool(predicts) and not loss_only and getattr(trainer, "label_smoother", None) is None
 
 
 @dataclass
