@@ -20,7 +20,7 @@ from logitless.audit_cli import audit_report, find_transformers, transformers_ve
 # GPT2LMHeadModel among them). Raise it when coverage grows.
 PINNED = "5.24.0"
 MIN_PATCHED_CAUSAL_LM = 171
-MIN_PATCHED_CONDITIONAL_GENERATION = 130
+MIN_PATCHED_CONDITIONAL_GENERATION = 131
 REASON_CODES = {
     "parse-error", "no-forward", "no-labels-branch", "non-empty-else", "unsupported-loss", "loss-input-not-logits",
     "no-head-call", "head-not-linear", "head-unresolved", "stacked-heads", "head-call-shape", "hidden-reads-logits",

@@ -472,14 +472,23 @@ def test_engine_layouts_not_understood_take_the_stock_path() -> None:
         assert row["logitless"][1] > 0
 
 
-def test_a_masked_shift_is_fused_with_the_masked_positions_ignored() -> None:
-    """Granite Speech computes its loss on the shifted positions its attention mask keeps (boolean selection);
-    fused, the labels are ignored where the shifted mask is 0. Padded rows, against stock's loss and gradients."""
+@pytest.mark.parametrize(
+    "module, cls",
+    [
+        ("transformers.models.granite_speech.modeling_granite_speech", "GraniteSpeechForConditionalGeneration"),
+        # also rebinds its labels (and mask) from the backbone's outputs between the head and the loss
+        ("transformers.models.qwen2_audio.modeling_qwen2_audio", "Qwen2AudioForConditionalGeneration"),
+    ],
+    ids=["granite-speech", "qwen2-audio"],
+)
+def test_a_masked_shift_is_fused_with_the_masked_positions_ignored(module: str, cls: str) -> None:
+    """Granite Speech and Qwen2-Audio compute their loss on the shifted positions their attention mask keeps
+    (boolean selection); fused, the labels are ignored where the shifted mask is 0. Padded rows, against stock's
+    loss and gradients."""
     from logitless import _runtime
     from logitless._verify.compare import build
 
-    model = build("transformers.models.granite_speech.modeling_granite_speech",
-                  "GraniteSpeechForConditionalGeneration")[0]  # fmt: skip
+    model = build(module, cls)[0]
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(3, 200, (3, 10), generator=g)
     mask = torch.ones_like(ids)

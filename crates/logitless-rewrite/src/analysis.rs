@@ -38,6 +38,8 @@ pub(crate) struct Plan<'a> {
     pub labels_idx: usize,
     /// Region statements that do not touch the logits, run on the fused path before the loss.
     pub setup: Vec<&'a Stmt>,
+    /// Region statements that rebind the labels: emitted above the fused-path test, run on both paths.
+    pub hoist: Vec<&'a Stmt>,
     /// The head and epilogue statements, replayed when real logits are asked for.
     pub replay: Vec<&'a Stmt>,
     /// Statements of the labels branch kept on the fused path, before and after the loss call.
@@ -53,6 +55,8 @@ enum Item<'a> {
     Epilogue(&'a Stmt, Vec<Op<'a>>, Option<&'a Expr>),
     LossInit,
     Setup(&'a Stmt),
+    /// `labels = ...`: run before the head on both paths (the fused-path test reads the labels).
+    Hoist(&'a Stmt),
 }
 
 /// `labels = labels.to(...)`: a device move, dropped on the fused path.
@@ -387,6 +391,12 @@ fn walk_region<'a>(
             ));
         }
         if stmt_binds(stmt, labels) {
+            // `labels = outputs.labels if ... else labels` (Qwen2-Audio): moved above the fused-path test,
+            // which reads the labels, when that changes nothing else (checked in order below).
+            if matches!(simple_assign(stmt), Some((t, _)) if t == labels) {
+                items.push(Item::Hoist(stmt));
+                continue;
+            }
             return Err(refuse(
                 R::LabelsMutated,
                 src,
@@ -549,6 +559,7 @@ pub(crate) fn analyse<'a>(
     // 4. Order-sensitive checks: names rebound on the fused path before they are read by the head/epilogue.
     let mut replay: Vec<&Stmt> = Vec::new();
     let mut setup: Vec<&Stmt> = Vec::new();
+    let mut hoist: Vec<&Stmt> = Vec::new();
     let mut ops: Vec<(Op<'a>, Option<&'a Expr>, &'a Stmt)> =
         head.ops.iter().map(|o| (*o, None, head_stmt)).collect();
     for item in &items {
@@ -571,6 +582,27 @@ pub(crate) fn analyse<'a>(
                     }
                 }
                 setup.push(s);
+            }
+            Item::Hoist(s) => {
+                // Moving it above the region's earlier statements must not change what they or it read.
+                let earlier = replay.iter().chain(setup.iter());
+                let mut clash = None;
+                for e in earlier {
+                    if stmt_reads(e, labels) {
+                        clash = Some(format!("`{labels}` is read before it is rebound"));
+                    } else if let Some(n) = bound_names(e).into_iter().find(|n| stmt_reads(s, n)) {
+                        clash = Some(format!(
+                            "the rebinding of `{labels}` reads `{n}`, bound after the head"
+                        ));
+                    }
+                    if clash.is_some() {
+                        break;
+                    }
+                }
+                if let Some(message) = clash {
+                    return Err(refuse(R::LabelsMutated, src, *s, message));
+                }
+                hoist.push(s);
             }
         }
     }
@@ -749,6 +781,7 @@ pub(crate) fn analyse<'a>(
         head_idx,
         labels_idx,
         setup,
+        hoist,
         replay,
         pre,
         post,

@@ -1,7 +1,7 @@
 //! Writing the rewritten forward (docs/design.md §"Rewrite contract") by splicing source slices.
 
 use ruff_python_ast::{Expr, Stmt, StmtFunctionDef};
-use ruff_text_size::{Ranged, TextRange};
+use ruff_text_size::Ranged;
 
 use crate::analysis::Plan;
 use crate::epilogue::EpilogueKind;
@@ -67,6 +67,11 @@ pub(crate) fn emit(
         .filter(|s| s.kind == EpilogueKind::Module)
         .map(|s| format!(", {}", s.expr))
         .collect();
+    // The labels' rebinding runs first on both paths: the test below reads them.
+    for s in &plan.hoist {
+        out.push_str(src.slice(*s));
+        out.push_str(&format!("\n{ind}"));
+    }
     out.push_str(&format!(
         "if {} is not None and __logitless__.fusable(self, {head}{modules}{guards}):\n",
         plan.labels
@@ -116,8 +121,11 @@ pub(crate) fn emit(
         out.push('\n');
     }
     out.push_str(&format!("{ind}else:\n"));
-    let region = src.range(TextRange::new(head_stmt.start(), labels_stmt.end()));
-    out.push_str(&reindent(region, &ind4, "    "));
+    out.push_str(&reindent(
+        &stock_region(src, plan, head_stmt, labels_stmt),
+        &ind4,
+        "    ",
+    ));
 
     splice(
         src,
@@ -126,6 +134,23 @@ pub(crate) fn emit(
         out,
         drop_doc_decorators,
     )
+}
+
+/// The region's own text from the head statement to the labels branch, less the hoisted statements' lines (they
+/// already ran above the fused-path test).
+fn stock_region(src: &Source<'_>, plan: &Plan<'_>, head_stmt: &Stmt, labels_stmt: &Stmt) -> String {
+    let (start, end) = (head_stmt.start().to_usize(), labels_stmt.end().to_usize());
+    let mut text = String::new();
+    let mut at = start;
+    for s in &plan.hoist {
+        let line_start = src.line_start(s.start().to_usize());
+        // Through the newline ending the statement's last line.
+        let line_end = src.line_end(s.end().to_usize()).min(end);
+        text.push_str(&src.text[at..line_start]);
+        at = line_end;
+    }
+    text.push_str(&src.text[at..end]);
+    text
 }
 
 /// The function from its first decorator's line to its end, with `region` (byte offsets) replaced by
