@@ -1,4 +1,5 @@
-"""Per-rank peak memory of one training step under FSDP2 and tensor parallelism, stock vs logitless (2 gloo ranks).
+"""Per-rank peak memory of one training step under FSDP2, FSDP1 and tensor parallelism, stock vs logitless (2 gloo
+ranks).
 
 ```
 python bench/distributed_memory.py                     # N=4096 tokens per rank, H=1024, V=128256, bf16
@@ -7,11 +8,12 @@ python bench/distributed_memory.py --tokens 1024 --vocab 32000 --hidden 256   # 
 
 Each (engine, mode) runs as its own pair of processes. A rank builds a one-layer Llama (bf16) with the given
 vocabulary, wraps it (FSDP2: layers, then norm + head grouped as transformers' FSDP plan does, then the root;
-TP: the head colwise over the vocabulary with gathered output, transformers' ``colwise_gather_output``), takes one
-warm-up step on a short batch, then resets the kernel's high-water mark (``/proc/self/clear_refs``) and takes one
-timed step (forward, backward, SGD) on ``tokens`` tokens. Reported per rank: the high-water RSS of that step, and
-how far above the RSS just before the step it went ("extra": activations, logits and their gradients, scratch).
-FSDP2 gives each rank its own batch; TP gives both the same one.
+FSDP1: the layers and the head as units, as a size-based auto-wrap policy makes them; TP: the head colwise over
+the vocabulary with gathered output, transformers' ``colwise_gather_output``), takes one warm-up step on a short
+batch, then resets the kernel's high-water mark (``/proc/self/clear_refs``) and takes one timed step (forward,
+backward, SGD) on ``tokens`` tokens. Reported per rank: the high-water RSS of that step, and how far above the RSS
+just before the step it went ("extra": activations, logits and their gradients, scratch).
+FSDP gives each rank its own batch; TP gives both the same one.
 """
 
 from __future__ import annotations
@@ -65,13 +67,24 @@ def _rank(args: argparse.Namespace) -> None:
             fully_shard(layer, mesh=mesh)
         fully_shard([model.model.norm, model.lm_head], mesh=mesh, reshard_after_forward=False)
         fully_shard(model, mesh=mesh)
+    elif args.engine == "fsdp1":
+        import functools
+
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+
+        # The layers as units, and the head in its own (what a size-based policy does with a 128k-row head).
+        layer, head = type(model.model.layers[0]), model.lm_head
+        units = functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: isinstance(m, layer) or m is head)
+        model = FullyShardedDataParallel(model, auto_wrap_policy=units, use_orig_params=True,
+                                         device_id=torch.device("cpu"))  # fmt: skip
     else:
         from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES, apply_tensor_parallelism
 
         ALL_PARALLEL_STYLES["colwise_gather_output"].shard_param(model.lm_head, "weight", mesh)
         apply_tensor_parallelism(model, mesh, {"lm_head": "colwise_gather_output"})
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    data_rank = rank if args.engine == "fsdp2" else 0
+    data_rank = 0 if args.engine == "tp" else rank
     g = torch.Generator().manual_seed(100 + data_rank)
 
     def step(batch: int, seq: int) -> float:
@@ -131,7 +144,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    ap.add_argument("--engines", default="fsdp2,tp")
+    ap.add_argument("--engines", default="fsdp2,fsdp1,tp")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--engine", default="fsdp2", help=argparse.SUPPRESS)
