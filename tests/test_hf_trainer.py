@@ -48,11 +48,18 @@ def _stock_and_fused(
     return stock, fused, calls
 
 
+def _batch_encoding(batch: list[dict[str, list[int]]]) -> transformers.BatchEncoding:
+    # What tokenizer-padding collators (DataCollatorWithPadding, DataCollatorForSeq2Seq) return: a UserDict.
+    return transformers.BatchEncoding(tiny.collate(batch))
+
+
 @pytest.mark.parametrize("name", ["llama", "gemma3", "cohere", "gpt2"])
 def test_causal_trainer_run_matches_stock(name: str, tmp_path: Path) -> None:
     # Padded rows of different lengths and gradient accumulation: the Trainer divides by num_items_in_batch.
     examples = tiny.random_examples(40, padded=True)
     kwargs = {"steps": STEPS, "batch_size": 2, "grad_accum": 2, "extra_args": _args()}
+    if name in ("llama", "gpt2"):
+        kwargs["collator"] = _batch_encoding
     stock, fused, calls = _stock_and_fused(lambda: tiny.build(name), examples, tmp_path, **kwargs)
     assert calls == {"fused": STEPS * 2, "materialised": 0}
     tiny.assert_runs_match(stock, fused)
@@ -120,7 +127,7 @@ def _seq2seq_examples(model: torch.nn.Module, n: int) -> list[dict[str, Any]]:
 
 
 def _seq2seq_collator(model: torch.nn.Module, decoder_inputs: bool) -> Any:
-    def collate(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def collate(batch: list[dict[str, Any]]) -> transformers.BatchEncoding:
         width = max(len(e["labels"]) for e in batch)
         labels = torch.full((len(batch), width), -100, dtype=torch.long)
         for row, e in enumerate(batch):
@@ -133,7 +140,7 @@ def _seq2seq_collator(model: torch.nn.Module, decoder_inputs: bool) -> Any:
         if decoder_inputs:  # what DataCollatorForSeq2Seq(model=...) adds: the labels shifted right
             config = model.config
             out["decoder_input_ids"] = shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
-        return out
+        return transformers.BatchEncoding(out)  # as DataCollatorForSeq2Seq returns it
 
     return collate
 

@@ -29,7 +29,7 @@ import inspect
 import re
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -190,7 +190,8 @@ def _plan(trainer: Any, model: Any, inputs: Any, shifts: Callable[..., bool | No
     # A subclass may smooth otherwise; a custom loss function sees the logits.
     if type(smoother) is not LabelSmoother or getattr(trainer, "compute_loss_func", None) is not None:
         return None
-    labels = inputs.get("labels") if isinstance(inputs, dict) else None
+    # A Mapping, not only a dict: the Trainer passes on what the collator made, often a BatchEncoding (UserDict).
+    labels = inputs.get("labels") if isinstance(inputs, Mapping) else None
     if not isinstance(labels, torch.Tensor) or not isinstance(model, torch.nn.Module):
         return None
     if _compiled(model) or getattr(getattr(trainer, "args", None), "torch_compile", False):
