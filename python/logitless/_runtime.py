@@ -142,7 +142,8 @@ class Smoothing:
     its shift, labels masking or ``ignore_index``), summed, and leaves it here. ``shift``: the Trainer's own choice
     (a causal-LM class name: logits ``[..., :-1]`` against labels ``[..., 1:]``)."""
 
-    labels: torch.Tensor
+    # None until the forward's own call supplies them (Seq2SeqTrainer's evaluation passes the labels itself).
+    labels: torch.Tensor | None
     epsilon: float
     ignore_index: int
     shift: bool

@@ -123,7 +123,7 @@ def hf_loss(
             "logit_softcapping": logit_softcapping,
         }
         if smoothing is not None:
-            return _smoothed(x, weight, bias, plan, epilogue, smoothing)
+            return _smoothed(x, weight, bias, plan, epilogue, smoothing, labels)
         if plan.shard is not None:
             from logitless.vocab_parallel import vocab_parallel_linear_cross_entropy
 
@@ -155,6 +155,7 @@ def _smoothed(
     plan: HeadPlan,
     epilogue: dict[str, Any],
     smoothing: _runtime.Smoothing,
+    labels: torch.Tensor | None,
 ) -> torch.Tensor:
     """HF Trainer's ``LabelSmoother`` loss of these logits, summed (the Trainer divides it): its labels, shift and
     ``ignore_index``, not the model's (logitless.integrations.hf_trainer). ``hf_loss`` leaves it in ``smoothing``."""
@@ -165,6 +166,12 @@ def _smoothed(
         "reduction": "sum",
         **epilogue,
     }
+    if smoothing.labels is None:
+        # The integration takes the labels from the model's call before this runs; a forward reached otherwise
+        # (labels passed positionally) smooths what it was given.
+        smoothing.labels = labels
+    if smoothing.labels is None:
+        raise RuntimeError("logitless: label smoothing without labels (an internal error; please report it)")
     labels = smoothing.labels.to(x.device)
     if plan.shard is not None:
         from logitless.vocab_parallel import vocab_parallel_linear_cross_entropy

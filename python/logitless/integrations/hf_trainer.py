@@ -19,8 +19,8 @@ and its own label smoother itself, always shifted (its fused head then only feed
 Evaluation: a model in eval mode keeps its stock forward (``compute_metrics`` reads the logits), except inside
 ``Trainer.prediction_step`` with ``prediction_loss_only`` (``Trainer.evaluate`` without ``compute_metrics``), which
 keeps the loss and drops the logits, and inside ``Seq2SeqTrainer.prediction_step`` with ``predict_with_generate``
-and no label smoother (the predictions are generated tokens; the labelled forward only gives the loss): those steps
-run under ``_runtime.loss_only()`` and are fused.
+(the predictions are generated tokens; the labelled forward only gives the loss, smoothed from its logits when
+there is a label smoother): those steps run under ``_runtime.loss_only()`` and are fused.
 """
 from __future__ import annotations
 
@@ -99,11 +99,9 @@ def _wrap(module: ModuleType) -> None:
     if name == "transformers.trainer":
         trainer = getattr(module, "Trainer", None)
         _replace(trainer, "compute_loss", lambda f: _smoothing_compute_loss(f, _trainer_shifts))
-        # Loss-only steps (Trainer.evaluate without compute_metrics) drop the logits.
-        _replace(trainer, "prediction_step", lambda f: _eval_step(f, lambda trainer, loss_only: loss_only))
+        _replace(trainer, "prediction_step", _loss_only_step)
     elif name == "transformers.trainer_seq2seq":
-        _replace(getattr(module, "Seq2SeqTrainer", None), "prediction_step",
-                 lambda f: _eval_step(f, _seq2seq_generating))  # fmt: skip
+        _replace(getattr(module, "Seq2SeqTrainer", None), "prediction_step", _generating_step)
     elif name == "trl.trainer.sft_trainer":
         _replace(getattr(module, "SFTTrainer", None), "compute_loss",
                  lambda f: _smoothing_compute_loss(f, _sft_shifts))  # fmt: skip
@@ -143,9 +141,9 @@ def _smoothing_compute_loss(original: Callable[..., Any], shifts: Callable[..., 
     return compute_loss
 
 
-def _eval_step(predict: Callable[..., Any], fuses: Callable[[Any, bool], bool]) -> Callable[..., Any]:
-    """``prediction_step`` run under ``_runtime.loss_only()`` when ``fuses(trainer, prediction_loss_only)``: the
-    step keeps the loss of its labelled forwards and drops their logits, so they are fused in eval mode too."""
+def _loss_only_step(predict: Callable[..., Any]) -> Callable[..., Any]:
+    """``Trainer.prediction_step`` run under ``_runtime.loss_only()`` when ``prediction_loss_only``
+    (``Trainer.evaluate`` without ``compute_metrics``): the step keeps the loss and drops the logits."""
     signature = inspect.signature(predict)
 
     @functools.wraps(predict)
@@ -154,7 +152,7 @@ def _eval_step(predict: Callable[..., Any], fuses: Callable[[Any, bool], bool]) 
             loss_only = bool(signature.bind(self, *args, **kwargs).arguments.get("prediction_loss_only"))
         except TypeError:
             return predict(self, *args, **kwargs)  # raises as stock does
-        if not fuses(self, loss_only):
+        if not loss_only:
             return predict(self, *args, **kwargs)
         with _runtime.loss_only():
             return predict(self, *args, **kwargs)
@@ -162,18 +160,56 @@ def _eval_step(predict: Callable[..., Any], fuses: Callable[[Any, bool], bool]) 
     return prediction_step
 
 
-def _seq2seq_generating(trainer: Any, loss_only: bool) -> bool:
-    """``Seq2SeqTrainer.prediction_step`` with ``predict_with_generate``: its predictions are generated tokens and
-    the labelled forward after ``generate`` only gives the loss, unless a label smoother reads its logits.
-    (``generate`` passes no labels to the forwards it makes: they keep the stock path. Loss-only steps go to
-    ``Trainer.prediction_step``.)"""
-    predicts = getattr(getattr(trainer, "args", None), "predict_with_generate", False)
-    return bool(predicts) and not loss_only and getattr(trainer, "label_smoother", None) is None
+def _generating_step(predict: Callable[..., Any]) -> Callable[..., Any]:
+    """``Seq2SeqTrainer.prediction_step`` with ``predict_with_generate`` (not loss-only): its predictions are
+    generated tokens, and the labelled forward it then makes only gives the loss, which its label smoother (if any)
+    computes from that forward's logits. That forward is fused (``_runtime.loss_only()``), with the smoothed loss
+    when there is a smoother (the labels the step passes, unshifted, divided by their count). ``generate`` passes no
+    labels to the forwards it makes: they keep the stock path. Loss-only steps go to ``Trainer.prediction_step``."""
+    signature = inspect.signature(predict)
+
+    @functools.wraps(predict)
+    def prediction_step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            bound = signature.bind(self, *args, **kwargs).arguments
+        except TypeError:
+            return predict(self, *args, **kwargs)  # raises as stock does
+        generating = getattr(getattr(self, "args", None), "predict_with_generate", False)
+        if not generating or bound.get("prediction_loss_only"):
+            return predict(self, *args, **kwargs)
+        if getattr(self, "label_smoother", None) is None:
+            with _runtime.loss_only():
+                return predict(self, *args, **kwargs)
+        plan = _eval_smoothing_plan(self, bound.get("model"))
+        if plan is None:
+            return predict(self, *args, **kwargs)
+        with _runtime.loss_only():
+            return _fused_call(self, plan, lambda: predict(self, *args, **kwargs))
+
+    return prediction_step
+
+
+def _eval_smoothing_plan(trainer: Any, model: Any) -> _Plan | None:
+    """The smoothed loss of Seq2SeqTrainer's labelled evaluation forward: the step passes the labels itself (they
+    are captured from that call) and smooths unshifted, over the count of targets."""
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    smoother = trainer.label_smoother
+    if type(smoother) is not LabelSmoother or not _runtime._enabled or _runtime.current_smoothing() is not None:
+        return None
+    if _runtime.current_capture() is not None or _compiled(model):
+        return None
+    unwrapped = trainer.accelerator.unwrap_model(model)
+    if _peft_base(unwrapped) is False:
+        return None  # a PEFT wrapper that adds to the labels (prompt learning)
+    state = _runtime.Smoothing(labels=None, epsilon=float(smoother.epsilon),
+                               ignore_index=int(smoother.ignore_index), shift=False)  # fmt: skip
+    return _Plan(unwrapped, state, {})
 
 
 @dataclass
 class _Plan:
-    module: torch.nn.Module  # the model the Trainer unwraps: its forward is handed the labels
+    module: torch.nn.Module  # the model the Trainer unwraps: a hook on its call hands it the labels (or reads them)
     state: _runtime.Smoothing
     extra: dict[str, Any]  # the keyword arguments handed to it
 
@@ -261,6 +297,8 @@ def _fused_call(trainer: Any, plan: _Plan, call: Callable[[], Any]) -> Any:
         for key, value in plan.extra.items():
             if kwargs.get(key) is None:
                 kwargs[key] = value
+        if plan.state.labels is None and kwargs.get("labels") is not None:
+            plan.state.labels = kwargs["labels"]  # a caller that passes the labels itself (Seq2SeqTrainer's eval)
         return args, kwargs
 
     from logitless.integrations._summed_smoother import SummedSmoother
