@@ -296,7 +296,18 @@ def test_uninstall_restores_what_install_wrapped() -> None:
     assert all(cls.__dict__[name] is f for (cls, name), f in zip(wrapped, originals))
 
 
-def _evaluate(make: Any, tmp_path: Path, *, metrics: bool, smoothing: float = 0.0) -> tuple[dict[str, float], list]:
+class _LogitsReadingTrainer(transformers.Trainer):
+    """A compute_loss override that reads the logits (a metric of its own in eval)."""
+
+    def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False, **kwargs: Any) -> Any:
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
+        self.widths = [*getattr(self, "widths", []), int(outputs.logits.shape[-1])]
+        return (loss, outputs) if return_outputs else loss
+
+
+def _evaluate(
+    make: Any, tmp_path: Path, *, metrics: bool, smoothing: float = 0.0, cls: type = transformers.Trainer
+) -> tuple[dict[str, float], list]:
     """``Trainer.evaluate`` on padded batches; also the widths of the logits the model returned."""
     model = make()
     widths: list[int] = []
@@ -309,7 +320,7 @@ def _evaluate(make: Any, tmp_path: Path, *, metrics: bool, smoothing: float = 0.
     def accuracy(pred: Any) -> dict[str, float]:
         return {"top1": float((pred.predictions.argmax(-1) == pred.label_ids).mean())}
 
-    trainer = transformers.Trainer(
+    trainer = cls(
         model=model, args=args, eval_dataset=tiny.random_examples(12, padded=True), data_collator=tiny.collate,
         compute_metrics=accuracy if metrics else None,
     )  # fmt: skip
@@ -328,15 +339,20 @@ def test_loss_only_evaluation_is_fused(smoothing: float, tmp_path: Path) -> None
     assert got["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-6)
 
 
-def test_evaluation_with_metrics_keeps_the_logits(tmp_path: Path) -> None:
+@pytest.mark.parametrize("case", ["compute-metrics", "compute-loss-override"])
+def test_evaluation_that_may_read_the_logits_keeps_them(case: str, tmp_path: Path) -> None:
+    # compute_metrics reads the logits; so may a compute_loss override (here: it records their width).
     make = lambda: tiny.build("llama")  # noqa: E731
-    want, _ = _evaluate(make, tmp_path, metrics=True)
+    kwargs: dict[str, Any] = {"metrics": True} if case == "compute-metrics" else {
+        "metrics": False, "cls": _LogitsReadingTrainer}
+    want, _ = _evaluate(make, tmp_path, **kwargs)
     logitless.install()
-    got, widths = _evaluate(make, tmp_path, metrics=True)
+    got, widths = _evaluate(make, tmp_path, **kwargs)
     assert widths == [tiny.VOCAB] * 3
     assert logitless.audit()["runtime"] == {"fused": 0, "stock": {"eval-mode": 3}}
     assert got["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-6)
-    assert got["eval_top1"] == want["eval_top1"]
+    if case == "compute-metrics":
+        assert got["eval_top1"] == want["eval_top1"]
 
 
 def _generating_evaluation(tmp_path: Path, smoothing: float) -> tuple[dict[str, float], list[int]]:

@@ -99,7 +99,7 @@ def _wrap(module: ModuleType) -> None:
     if name == "transformers.trainer":
         trainer = getattr(module, "Trainer", None)
         _replace(trainer, "compute_loss", lambda f: _smoothing_compute_loss(f, _trainer_shifts))
-        _replace(trainer, "prediction_step", _loss_only_step)
+        _replace(trainer, "prediction_step", lambda f: _loss_only_step(f, trainer))
     elif name == "transformers.trainer_seq2seq":
         _replace(getattr(module, "Seq2SeqTrainer", None), "prediction_step", _generating_step)
     elif name == "trl.trainer.sft_trainer":
@@ -141,9 +141,10 @@ def _smoothing_compute_loss(original: Callable[..., Any], shifts: Callable[..., 
     return compute_loss
 
 
-def _loss_only_step(predict: Callable[..., Any]) -> Callable[..., Any]:
+def _loss_only_step(predict: Callable[..., Any], trainer: type) -> Callable[..., Any]:
     """``Trainer.prediction_step`` run under ``_runtime.loss_only()`` when ``prediction_loss_only``
-    (``Trainer.evaluate`` without ``compute_metrics``): the step keeps the loss and drops the logits."""
+    (``Trainer.evaluate`` without ``compute_metrics``): the step keeps the loss and drops the logits. Only when the
+    trainer computes its loss with ``trainer``'s own ``compute_loss``: an override may read the logits in eval."""
     signature = inspect.signature(predict)
 
     @functools.wraps(predict)
@@ -152,7 +153,7 @@ def _loss_only_step(predict: Callable[..., Any]) -> Callable[..., Any]:
             loss_only = bool(signature.bind(self, *args, **kwargs).arguments.get("prediction_loss_only"))
         except TypeError:
             return predict(self, *args, **kwargs)  # raises as stock does
-        if not loss_only:
+        if not loss_only or getattr(type(self), "compute_loss", None) is not trainer.__dict__.get("compute_loss"):
             return predict(self, *args, **kwargs)
         with _runtime.loss_only():
             return predict(self, *args, **kwargs)
