@@ -43,7 +43,9 @@ def _stock_and_fused(
     stock = tiny.train(make(), examples, output_dir=str(tmp_path / "stock"), **train_kwargs)
     logitless.install()
     fused = tiny.train(make(), examples, output_dir=str(tmp_path / "fused"), **train_kwargs)
-    calls = dict(logitless.audit()["integrations"]["hf_trainer"]["calls"])
+    report = logitless.audit()["integrations"]["hf_trainer"]
+    calls = dict(report["calls"])
+    assert report["stock"] == {}, report  # every smoothed call was taken over
     logitless.uninstall()
     return stock, fused, calls
 
@@ -179,6 +181,7 @@ def test_seq2seq_without_decoder_inputs_fails_as_stock(
     got = error(build(*SEQ2SEQ[name])[0])
     assert (type(got), str(got)) == (type(want), str(want))
     assert counter.calls == 0 and hf_trainer.CALLS == {"fused": 0, "materialised": 0}
+    assert hf_trainer.STOCK == {"no-decoder-inputs": 1}
 
 
 def test_moe_aux_loss_left_out_as_stock_does(tmp_path: Path) -> None:
@@ -276,6 +279,8 @@ def test_other_setups_keep_the_stock_path(case: str, tmp_path: Path, monkeypatch
     got = loss_of(tiny.build("llama"))
     assert counter.calls == 0  # the model was called without labels, as stock calls it
     assert hf_trainer.CALLS == {"fused": 0, "materialised": 0}
+    # Counted with its reason, so the stock path is never silent (audit()["integrations"]["hf_trainer"]["stock"]).
+    assert logitless.audit()["integrations"]["hf_trainer"]["stock"] == {case: 1}
     assert got == pytest.approx(want, rel=1e-6)
 
 

@@ -326,6 +326,13 @@ def is_delegate_target(cls: type) -> bool:
         return patch is not None and cls.__dict__.get("forward") is patch.forward and bool(record.get("delegate_target"))
 
 
+def rewritten(cls: type) -> bool:
+    """Whether ``cls`` runs the forward logitless's rewriter made for it (tier 2)."""
+    with _LOCK:
+        patch = _patched.get(cls)
+        return patch is not None and patch.filename is not None and cls.__dict__.get("forward") is patch.forward
+
+
 def labels_elsewhere(cls: type) -> dict[str, bool] | None:
     """For a class running our rewrite, what its forward does with the labels besides the loss
     (``{"decoder_inputs", "disables_cache"}``, the Rust ``LabelsElsewhere``); ``None`` when that is unknown or

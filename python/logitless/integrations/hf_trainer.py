@@ -40,12 +40,14 @@ from logitless._hook import ModelingImportHook
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["CALLS", "install", "report", "uninstall"]
+__all__ = ["CALLS", "STOCK", "install", "report", "uninstall"]
 
 # The modules defining the trainers wrapped here: transformers' Trainer and Seq2SeqTrainer, TRL's SFTTrainer.
 TRAINER_MODULE = re.compile(r"^(?:transformers\.trainer|transformers\.trainer_seq2seq|trl\.trainer\.sft_trainer)$")
 # compute_loss calls with a label smoother that logitless took over, by how the loss was formed.
 CALLS = {"fused": 0, "materialised": 0}
+# Those it left on the stock path (label smoothing on, the call not fusable), by reason.
+STOCK: dict[str, int] = {}
 
 _LOCK = threading.RLock()
 _hook: ModelingImportHook | None = None
@@ -81,11 +83,12 @@ def uninstall() -> None:
                     setattr(cls, name, original)
         _originals.clear()
         CALLS.update(fused=0, materialised=0)
+        STOCK.clear()
 
 
 def report() -> dict[str, Any]:
     with _LOCK:
-        return {"patched": bool(_originals), "calls": dict(CALLS)}
+        return {"patched": bool(_originals), "calls": dict(CALLS), "stock": dict(STOCK)}
 
 
 def _on_loaded(module: ModuleType) -> None:
@@ -134,7 +137,10 @@ def _smoothing_compute_loss(original: Callable[..., Any], shifts: Callable[..., 
         except TypeError:
             return original(self, *args, **kwargs)  # raises as stock does
         plan = _plan(self, bound.arguments.get("model"), bound.arguments.get("inputs"), shifts)
-        if plan is None:
+        if not isinstance(plan, _Plan):
+            if plan is not None:
+                with _LOCK:
+                    STOCK[plan] = STOCK.get(plan, 0) + 1
             return original(self, *args, **kwargs)
         return _fused_call(self, plan, lambda: original(self, *args, **kwargs))
 
@@ -215,8 +221,9 @@ class _Plan:
     extra: dict[str, Any]  # the keyword arguments handed to it
 
 
-def _plan(trainer: Any, model: Any, inputs: Any, shifts: Callable[..., bool | None]) -> _Plan | None:
-    """What this compute_loss call needs to be fused, or ``None`` where it keeps the stock path."""
+def _plan(trainer: Any, model: Any, inputs: Any, shifts: Callable[..., bool | None]) -> _Plan | str | None:
+    """What this compute_loss call needs to be fused; the reason it keeps the stock path while label smoothing is
+    on (counted in ``STOCK``); ``None`` where the call does not smooth as ``LabelSmoother`` does at all."""
     import torch  # not at import: install() runs in processes that never import torch (``audit``)
 
     if not _runtime._enabled or _runtime.current_capture() is not None or _runtime.current_smoothing() is not None:
@@ -224,30 +231,36 @@ def _plan(trainer: Any, model: Any, inputs: Any, shifts: Callable[..., bool | No
     smoother = getattr(trainer, "label_smoother", None)
     from transformers.trainer_pt_utils import LabelSmoother
 
-    # A subclass may smooth otherwise; a custom loss function sees the logits.
-    if type(smoother) is not LabelSmoother or getattr(trainer, "compute_loss_func", None) is not None:
+    if not isinstance(smoother, LabelSmoother):
         return None
+    if type(smoother) is not LabelSmoother:
+        return "custom-smoother"  # a subclass may smooth otherwise
+    if getattr(trainer, "compute_loss_func", None) is not None:
+        return "compute-loss-func"  # it sees the logits
     # A Mapping, not only a dict: the Trainer passes on what the collator made, often a BatchEncoding (UserDict).
     labels = inputs.get("labels") if isinstance(inputs, Mapping) else None
     if not isinstance(labels, torch.Tensor) or not isinstance(model, torch.nn.Module):
-        return None
+        return "no-labels"
     if _compiled(model) or getattr(getattr(trainer, "args", None), "torch_compile", False):
-        return None  # the pre-hook and the run-time checks would run under dynamo
+        return "compiled"  # the pre-hook and the run-time checks would run under dynamo
     unwrapped = trainer.accelerator.unwrap_model(model)
     peft = _peft_base(unwrapped)
     if peft is False:
-        return None  # a PEFT wrapper that adds to the labels (prompt learning)
+        return "peft-prompt-learning"  # the wrapper adds to the labels
     lm = peft if peft is not None else unwrapped
-    if _runtime._mode_reason(lm) is not None:
-        return None  # eval mode: Trainer.evaluate / predict read the logits
+    mode = _runtime._mode_reason(lm)
+    if mode is not None:
+        return mode  # eval mode: Trainer.evaluate / predict read the logits
     from logitless import installer
 
     owner = next((cls for cls in type(lm).__mro__ if "forward" in cls.__dict__), None)
-    elsewhere = installer.labels_elsewhere(owner) if owner is not None else None
+    if owner is None or not installer.rewritten(owner):
+        return "not-rewritten"
+    elsewhere = installer.labels_elsewhere(owner)
     if elsewhere is None:
-        return None
+        return "labels-read-elsewhere"
     if elsewhere["decoder_inputs"] and inputs.get("decoder_input_ids") is None:
-        return None  # with labels, the forward would build its decoder inputs from them
+        return "no-decoder-inputs"  # with labels, the forward would build its decoder inputs from them
     shift = shifts(trainer, unwrapped, peft)
     if shift is None:
         return None
