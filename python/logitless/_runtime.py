@@ -122,12 +122,17 @@ _capture: contextvars.ContextVar[Capture | None] = contextvars.ContextVar("logit
 
 
 @contextlib.contextmanager
-def capturing(capture: Capture) -> Iterator[Capture]:
-    token = _capture.set(capture)
+def _holding(var: contextvars.ContextVar[Any], value: Any) -> Iterator[Any]:
+    """``var`` set to ``value`` for the block (the per-call states rewritten forwards read)."""
+    token = var.set(value)
     try:
-        yield capture
+        yield value
     finally:
-        _capture.reset(token)
+        var.reset(token)
+
+
+def capturing(capture: Capture) -> contextlib.AbstractContextManager[Capture]:
+    return _holding(_capture, capture)
 
 
 def current_capture() -> Capture | None:
@@ -155,13 +160,8 @@ class Smoothing:
 _smoothing: contextvars.ContextVar[Smoothing | None] = contextvars.ContextVar("logitless_smoothing", default=None)
 
 
-@contextlib.contextmanager
-def smoothing(state: Smoothing) -> Iterator[Smoothing]:
-    token = _smoothing.set(state)
-    try:
-        yield state
-    finally:
-        _smoothing.reset(token)
+def smoothing(state: Smoothing) -> contextlib.AbstractContextManager[Smoothing]:
+    return _holding(_smoothing, state)
 
 
 def current_smoothing() -> Smoothing | None:
@@ -172,14 +172,9 @@ def current_smoothing() -> Smoothing | None:
 _loss_only: contextvars.ContextVar[bool] = contextvars.ContextVar("logitless_loss_only", default=False)
 
 
-@contextlib.contextmanager
-def loss_only() -> Iterator[None]:
+def loss_only() -> contextlib.AbstractContextManager[bool]:
     """Forwards in eval mode are fused here: their caller keeps the loss and drops the logits."""
-    token = _loss_only.set(True)
-    try:
-        yield
-    finally:
-        _loss_only.reset(token)
+    return _holding(_loss_only, True)
 
 
 def _mode_reason(model: Any) -> str | None:
