@@ -5,6 +5,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.deps-installed
 EXT    := $(VENV)/.ext-built
 CARGO_TEST_FLAGS ?= --release --workspace --exclude logitless-py
+TRL_LEGACY     := 0.19.1 0.24.0 1.5.1 1.14.2
+TRL_LEGACY_DIR := .trl-legacy
 
 .PHONY: demo test test-rust test-python test-transformers4 build bench lint fmt clean
 
@@ -19,8 +21,18 @@ test-rust:
 	cargo test $(CARGO_TEST_FLAGS)
 	cargo test -q --release -p logitless-kernel --test isa_paths -- --nocapture
 
-test-python: build
+test-python: build $(TRL_LEGACY_DIR)/.fetched
 	$(PY) -m pytest -q
+
+# Older TRL releases, their source only (unpacked wheels, not installed), for tests/test_trl_legacy.py: SFTTrainer
+# before TRL 1.15, run with the source first on PYTHONPATH (versions: TRL_LEGACY, above).
+$(TRL_LEGACY_DIR)/.fetched: Makefile $(STAMP)
+	rm -rf $(TRL_LEGACY_DIR)
+	for v in $(TRL_LEGACY); do \
+	  $(PY) -m pip download -q --no-deps "trl==$$v" -d $(TRL_LEGACY_DIR)/wheels && \
+	  $(PY) -m zipfile -e $(TRL_LEGACY_DIR)/wheels/trl-$$v-py3-none-any.whl $(TRL_LEGACY_DIR)/trl-$$v || exit 1; \
+	done
+	touch $@
 
 # transformers 4.57.6 in .venv-tf4: audit + verify (its forwards slice with `slice_indices`).
 test-transformers4:

@@ -113,6 +113,10 @@ class Capture:
     temperature: float
     outputs: frozenset[str]
     fp32_head: bool = False
+    # The forward's own loss (the fused loss op) with the statistics of each position beside it, instead of the
+    # per-token log-probabilities: TRL's chunked SFT head before 1.15 (logitless.integrations.trl_legacy). ``result``
+    # then holds ``entropy``, ``is_top1`` and ``label_mask``.
+    loss_and_stats: bool = False
     result: dict[str, Any] | None = None
     # Set when a rewritten forward's labels branch took its stock path (the reason, already counted by fusable).
     refused: str | None = None
@@ -170,6 +174,16 @@ def current_smoothing() -> Smoothing | None:
 
 # Set while HF Trainer computes an evaluation loss whose logits it then drops (logitless.integrations.hf_trainer).
 _loss_only: contextvars.ContextVar[bool] = contextvars.ContextVar("logitless_loss_only", default=False)
+
+
+# Set while TRL's SFTTrainer before 1.15 computes a loss whose caller then reads the logits for its metrics
+# (logitless.integrations.trl_legacy): fused forwards also return the real logits there.
+_keep_logits: contextvars.ContextVar[bool] = contextvars.ContextVar("logitless_keep_logits", default=False)
+
+
+def keeping_logits() -> contextlib.AbstractContextManager[bool]:
+    """Fused forwards in this block also form the logits their caller reads (the loss stays fused)."""
+    return _holding(_keep_logits, True)
 
 
 def loss_only() -> contextlib.AbstractContextManager[bool]:
@@ -310,9 +324,10 @@ def no_logits(hidden: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
 
 
 def return_logits() -> bool:
-    """``install(return_logits=True)`` (or ``LOGITLESS_RETURN_LOGITS=1`` when not given): also compute the logits.
-    Never while capturing per-token outputs (their caller wants no logits)."""
-    return _return_logits and _capture.get() is None
+    """``install(return_logits=True)`` (or ``LOGITLESS_RETURN_LOGITS=1`` when not given), or inside
+    ``keeping_logits()``: also compute the logits. Never while capturing per-token outputs (their caller wants no
+    logits)."""
+    return (_return_logits or _keep_logits.get()) and _capture.get() is None
 
 
 def __getattr__(name: str) -> Any:

@@ -81,7 +81,7 @@ def hf_loss(
             "lm_head: per-token outputs of a vocabulary-sharded (tensor-parallel) head are not computed fused; "
             "compute its logits instead"
         )
-    if capture is not None:
+    if capture is not None and not capture.loss_and_stats:
         # Per-token outputs for logitless.integrations.trl, with this class's own epilogue.
         def per_token(x: torch.Tensor) -> torch.Tensor:
             from logitless.integrations._per_token import fused_per_token
@@ -124,6 +124,20 @@ def hf_loss(
         }
         if smoothing is not None:
             return _smoothed(x, weight, bias, plan, epilogue, smoothing, labels)
+        if capture is not None:
+            # The loss as below, and each position's entropy and top-1 from the same pass (no head shard here:
+            # _runtime refuses a capture of a vocabulary-sharded head).
+            loss, stats = linear_cross_entropy(
+                x, weight, labels, bias=bias, shift_labels=shift_labels, ignore_index=ignore_index,
+                num_items_in_batch=num_items_in_batch, return_token_stats=True, **epilogue,
+            )  # fmt: skip
+            targets = shift_labels if shift_labels is not None else _shifted(labels, ignore_index)
+            capture.result = {
+                "entropy": stats.entropy,
+                "is_top1": stats.is_top1,
+                "label_mask": targets.to(x.device) != ignore_index,
+            }
+            return loss
         if plan.shard is not None:
             from logitless.vocab_parallel import vocab_parallel_linear_cross_entropy
 
@@ -183,6 +197,11 @@ def _smoothed(
     else:
         loss = linear_cross_entropy(x, weight, labels, bias=bias, **options)
     return loss
+
+
+def _shifted(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """The targets of the causal shift, aligned with the positions: ``labels[..., 1:]`` and ``ignore_index`` last."""
+    return torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
 
 
 def _vocab_vector(bias: torch.Tensor | None) -> torch.Tensor | None:

@@ -68,11 +68,29 @@ _patched: dict[type, _Patch] = {}
 _records: dict[str, dict[str, Any]] = {}
 _hashes: dict[type, str] = {}
 _canonical: dict[str, _Canonical] = {}
-# The TRL integration: a second hook on trl.* modules, and every module whose `add_fused_lm_head` was replaced,
-# with TRL's original to put back.
+# The TRL integration: a second hook on trl.* modules, and every (module, name) whose TRL head was replaced, with
+# TRL's original to put back.
 _trl_hook: ModelingImportHook | None = None
-_trl_patched: dict[str, tuple[ModuleType, Any]] = {}
-_TRL_ORIGIN = "trl.trainer.utils"
+_trl_patched: dict[tuple[str, str], tuple[ModuleType, Any]] = {}
+
+
+@dataclass(frozen=True)
+class _TrlHead:
+    """A TRL function that gives a model TRL's own LM head, where TRL defines it, and logitless's drop-in."""
+
+    name: str
+    origin: str
+    ours: str
+    our_name: str
+
+
+_TRL_HEADS = (
+    # TRL >= 1.15: every trainer, by the name it imported from trl.trainer.utils.
+    _TrlHead("add_fused_lm_head", "trl.trainer.utils", "logitless.integrations.trl", "add_fused_lm_head"),
+    # TRL 1.5 to 1.14: SFTTrainer's loss_type="chunked_nll".
+    _TrlHead("_patch_chunked_ce_lm_head", "trl.trainer.sft_trainer", "logitless.integrations.trl_legacy",
+             "patch_chunked_ce_lm_head"),  # fmt: skip
+)
 
 canonical_hash = forward_hash
 
@@ -247,8 +265,8 @@ def audit() -> dict[str, Any]:
 
 
 def _install_trl() -> None:
-    """TRL >= 1.15 trainers call ``add_fused_lm_head`` by the name they imported from ``trl.trainer.utils``: point
-    each such name (in modules imported now or later) at logitless's drop-in. TRL without it is left alone."""
+    """TRL's trainers give models TRL's own LM head through a function they call by name (``_TRL_HEADS``): point
+    each such name (in modules imported now or later) at logitless's drop-in. TRL without them is left alone."""
     global _trl_hook
     _trl_hook = ModelingImportHook(_on_trl_module_loaded, TRL_MODULE)
     _trl_hook.insert()
@@ -264,26 +282,22 @@ def _on_trl_module_loaded(module: ModuleType) -> None:
             _patch_trl_module(module)
 
 
-def _trl_original() -> Any:
-    utils = _trl_patched.get(_TRL_ORIGIN)
-    return utils[1] if utils is not None else None
-
-
 def _patch_trl_module(module: ModuleType) -> None:
-    current = module.__dict__.get("add_fused_lm_head")
-    if current is None or module.__name__ in _trl_patched:
-        return
-    if getattr(current, "__module__", None) == _TRL_ORIGIN:
-        original = current
-    elif getattr(current, "__module__", None) == "logitless.integrations.trl":
-        # Imported from trl.trainer.utils after that was patched: it holds ours already; remember TRL's for uninstall.
-        original = _trl_original()
-    else:
-        return  # somebody else's function of that name
-    from logitless.integrations import trl as drop_in
-
-    module.add_fused_lm_head = drop_in.add_fused_lm_head  # type: ignore[attr-defined]
-    _trl_patched[module.__name__] = (module, original)
+    for head in _TRL_HEADS:
+        current = module.__dict__.get(head.name)
+        key = (module.__name__, head.name)
+        if current is None or key in _trl_patched:
+            continue
+        if getattr(current, "__module__", None) == head.origin:
+            original = current
+        elif getattr(current, "__module__", None) == head.ours:
+            # Imported from TRL's module after that was patched: it holds ours already; remember TRL's for uninstall.
+            origin = _trl_patched.get((head.origin, head.name))
+            original = origin[1] if origin is not None else None
+        else:
+            continue  # somebody else's function of that name
+        setattr(module, head.name, getattr(importlib.import_module(head.ours), head.our_name))
+        _trl_patched[key] = (module, original)
 
 
 def _uninstall_trl() -> None:
@@ -291,20 +305,26 @@ def _uninstall_trl() -> None:
     if _trl_hook is not None:
         _trl_hook.remove()
         _trl_hook = None
-    for module, original in _trl_patched.values():
-        current = module.__dict__.get("add_fused_lm_head")
-        if original is not None and getattr(current, "__module__", None) == "logitless.integrations.trl":
-            module.add_fused_lm_head = original  # type: ignore[attr-defined]
+    for (_, name), (module, original) in _trl_patched.items():
+        current = module.__dict__.get(name)
+        if original is not None and str(getattr(current, "__module__", "")).startswith("logitless.integrations."):
+            setattr(module, name, original)
     _trl_patched.clear()
     drop_in = sys.modules.get("logitless.integrations.trl")
     if drop_in is not None:
         drop_in.CALLS.update(fused=0, materialised=0)
+    legacy = sys.modules.get("logitless.integrations.trl_legacy")
+    if legacy is not None:
+        legacy.reset()
 
 
 def _trl_report() -> dict[str, Any]:
     drop_in = sys.modules.get("logitless.integrations.trl")
     calls = dict(drop_in.CALLS) if drop_in is not None else {"fused": 0, "materialised": 0}
-    return {"patched_modules": sorted(_trl_patched), "calls": calls}
+    legacy = sys.modules.get("logitless.integrations.trl_legacy")
+    before_1_15 = legacy.report() if legacy is not None else {"chunked": {"fused": 0, "materialised": 0},
+                                                              "logits_for_metrics": 0}  # fmt: skip
+    return {"patched_modules": sorted({name for name, _ in _trl_patched}), "calls": calls, "legacy": before_1_15}
 
 
 def _json_safe(value: Any) -> Any:

@@ -106,8 +106,14 @@ def _wrap(module: ModuleType) -> None:
     elif name == "transformers.trainer_seq2seq":
         _replace(getattr(module, "Seq2SeqTrainer", None), "prediction_step", _generating_step)
     elif name == "trl.trainer.sft_trainer":
-        _replace(getattr(module, "SFTTrainer", None), "compute_loss",
-                 lambda f: _smoothing_compute_loss(f, _sft_shifts))  # fmt: skip
+        if "add_fused_lm_head" in module.__dict__:
+            _replace(getattr(module, "SFTTrainer", None), "compute_loss",
+                     lambda f: _smoothing_compute_loss(f, _sft_shifts))  # fmt: skip
+        else:
+            # Before TRL 1.15 SFTTrainer smooths through Trainer.compute_loss, then reads the logits for metrics.
+            from logitless.integrations.trl_legacy import legacy_compute_loss
+
+            _replace(getattr(module, "SFTTrainer", None), "compute_loss", legacy_compute_loss)
 
 
 def _replace(cls: Any, name: str, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
