@@ -13,12 +13,16 @@ MIN_TOTAL="${LOGITLESS_TF4_MIN_VERIFIED:-172}"
 test -x "$VENV/bin/python" || python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q "$TORCH" "$TRANSFORMERS" "maturin>=1.8,<2" pytest \
-    "${LOGITLESS_TF4_ACCELERATE:-accelerate==1.15.0}" "${LOGITLESS_TF4_PEFT:-peft==0.21.2}"
+    "${LOGITLESS_TF4_ACCELERATE:-accelerate==1.15.0}" "${LOGITLESS_TF4_PEFT:-peft==0.21.2}" \
+    datasets "huggingface-hub>=0.34,<1.0"  # datasets for the older TRL releases; hub < 1.0 as transformers 4.x asks
 VIRTUAL_ENV="$(pwd)/$VENV" "$VENV/bin/maturin" develop --release -q
 "$VENV/bin/python" -c "import transformers, torch; print('transformers', transformers.__version__, 'torch', torch.__version__)"
 "$VENV/bin/python" -m logitless audit >/dev/null
 "$VENV/bin/python" -m logitless verify --quiet --min-total "$MIN_TOTAL" \
     --json "${LOGITLESS_TF4_JSON:-/tmp/logitless-verify-tf4.json}" --markdown docs/coverage-transformers4.md
 # What differs between 4.x and 5.x beyond the forwards: the Trainer's label smoother (no num_items_in_batch in 4.x)
-# and how remote code is loaded.
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_hf_trainer.py tests/test_remote_code.py
+# and how remote code is loaded; and TRL before 1.15 on the transformers its users mostly ran it with (the releases'
+# source is unpacked by `make test`, or here when this leg runs alone).
+test -f .trl-legacy/.fetched || make -s .trl-legacy/.fetched
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_hf_trainer.py tests/test_remote_code.py \
+    tests/test_trl_legacy.py
