@@ -119,6 +119,9 @@ def test_known_patched_classes(report: dict[str, Any], is_pinned: bool, name: st
         ("RemBertForCausalLM", "cls", ["predictions", "decoder"]),  # dense/activation/norm inside predictions
         ("RobertaForCausalLM", "lm_head", ["decoder"]),  # RobertaLMHead: dense, gelu, layer norm, decoder
         ("XLMRobertaXLForCausalLM", "lm_head", ["decoder"]),
+        # T5GemmaLMHead: out_proj; its __init__ sets loss_type = "ForMaskedLM", fused unshifted (no longer refused)
+        ("T5GemmaForConditionalGeneration", "lm_head", ["out_proj"]),
+        ("T5Gemma2ForConditionalGeneration", "lm_head", ["out_proj"]),
     ],
 )
 def test_composite_heads_are_patched_with_their_path(
@@ -133,7 +136,6 @@ def test_composite_heads_are_patched_with_their_path(
 @pytest.mark.parametrize(
     ("name", "code"),
     [
-        ("T5GemmaForConditionalGeneration", "unsupported-loss"),  # __init__: self.loss_type = "ForMaskedLM"
         ("ClvpForCausalLM", "logits-rebound"),  # `lm_logits` first holds final_norm(hidden), then the head output
         ("MusicgenForCausalLM", "stacked-heads"),  # one head per codebook
         ("ChameleonForConditionalGeneration", "logits-mutated"),  # image-token logits set to -inf in place

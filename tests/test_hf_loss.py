@@ -131,3 +131,37 @@ def test_matches_stock_model_loss(impl: str, config_cls: Any, model_cls: Any, ex
     assert_close(loss, stock_out.loss, 1e-5, "loss")
     assert model.lm_head.weight.grad is not None
     assert_close(model.lm_head.weight.grad, stock_grad, 1e-4, "d_lm_head")
+
+
+@pytest.mark.parametrize("num_items", [None, 11])
+def test_masked_lm_loss_function_is_unshifted(impl: str, num_items: int | None) -> None:
+    """``loss_function=ForMaskedLMLoss`` (T5Gemma's loss type): the labels as given, no shift, and a
+    ``shift_labels`` keyword ignored as that loss ignores it; against it on float64 logits."""
+    from transformers.loss.loss_utils import ForMaskedLMLoss
+
+    g = torch.Generator().manual_seed(4)
+    lm_head = head(True)
+    hidden = torch.randn(B, T, H, generator=g, requires_grad=True)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[1, 4:] = -100
+    ignored = torch.randint(0, V, (B, T), generator=g)
+    loss = hf_loss(hidden, lm_head, labels, V, logit_softcapping=1.5, num_items_in_batch=num_items,
+                   shift_labels=ignored, loss_function=ForMaskedLMLoss)  # fmt: skip
+    loss.backward()
+    h = hidden.detach().double().requires_grad_()
+    w = lm_head.weight.detach().double().requires_grad_()
+    logits = torch.tanh(torch.nn.functional.linear(h, w, lm_head.bias.detach().double()) / 1.5) * 1.5
+    ref = ForMaskedLMLoss(logits, labels, V, num_items_in_batch=num_items, shift_labels=ignored)
+    ref_h, ref_w = torch.autograd.grad(ref, [h, w])
+    assert_close(loss, ref, 2e-5, "loss")
+    assert_close(hidden.grad, ref_h, 2e-5, "d_hidden")
+    assert_close(lm_head.weight.grad, ref_w, 2e-5, "d_weight")
+
+
+def test_other_loss_function_raises() -> None:
+    from transformers.loss.loss_utils import ForTokenClassification
+
+    with pytest.raises(TypeError, match="loss_function: expected transformers' ForCausalLMLoss or ForMaskedLMLoss"):
+        hf_loss(torch.randn(B, T, H), head(False), torch.zeros(B, T, dtype=torch.long), V,
+                loss_function=ForTokenClassification)  # fmt: skip
+

@@ -173,6 +173,27 @@ def test_custom_loss_function_keeps_original_path(tier: int, monkeypatch: pytest
     assert torch.allclose(ref_loss, 2.0 * model(**batch).loss.detach(), rtol=1e-6)
 
 
+def test_masked_lm_loss_type_fused_only_by_a_rewrite(tier: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``loss_type = "ForMaskedLM"`` (T5Gemma's): the rewritten forward hands ``hf_loss`` that loss function and
+    fuses it unshifted; a hand-written tier-1 forward does not say which loss it mirrors, so the stock path runs.
+    Either way the loss equals stock's ForMaskedLMLoss, not the causal loss."""
+    model, batch = tiny.build("llama"), _batch()
+    model.loss_type = "ForMaskedLM"
+    ref_loss, ref_grads, _ = _stock_reference(model, batch)
+    counter = tiny.fused_forward_counter(monkeypatch)
+    loss, grads, out = _loss_and_grads(model, batch)
+    assert counter.calls == (1 if tier == 2 else 0)
+    if tier == 1:
+        assert logitless.audit()["runtime"]["stock"] == {"custom-loss": 1}
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    # Sanity: the unshifted loss differs from the causal one, so the comparison above means something.
+    del model.loss_type
+    model.loss_type = "ForCausalLM"
+    assert not torch.allclose(ref_loss, _stock_reference(model, batch)[0], rtol=1e-3)
+
+
 class _ScaledHead(torch.nn.Module):
     def __init__(self, inner: torch.nn.Linear) -> None:
         super().__init__()

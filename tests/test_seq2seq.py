@@ -1,6 +1,7 @@
 """Encoder-decoder models (BART's family, Marian, T5's, Whisper) fused exactly: their forwards compute
 ``CrossEntropyLoss(...)(lm_logits.view(-1, V), labels.view(-1))`` on decoder labels, which the rewriter fuses as the
-op with ``shift_labels=labels`` (no shift). The encoder-decoder wrappers (``VisionEncoderDecoderModel``: TrOCR,
+op with ``shift_labels=labels`` (no shift); T5Gemma's ``self.loss_function`` is ``ForMaskedLMLoss``, the same on
+unshifted labels. The encoder-decoder wrappers (``VisionEncoderDecoderModel``: TrOCR,
 Donut; ``EncoderDecoderModel``) compute that loss on their decoder's logits; fused, they hand the labels to a
 decoder whose own loss is exactly that (TrOCR's, BART's), and keep the stock path otherwise. HF Trainer runs on tiny random models, stock against
 ``logitless.install()`` on identical weights: every step's loss and grad norm and the final weights equal.
@@ -35,6 +36,9 @@ MODELS = {
     "trocr": ("transformers.models.vision_encoder_decoder.modeling_vision_encoder_decoder", "VisionEncoderDecoderModel"),
     # BERT encoder, BART decoder (BartForCausalLM)
     "bert2bart": ("transformers.models.encoder_decoder.modeling_encoder_decoder", "EncoderDecoderModel"),
+    # self.loss_function is ForMaskedLMLoss (loss_type set in __init__): unshifted labels; a softcap, a composite
+    # head (T5GemmaLMHead.out_proj), Gemma's 256k-token vocabulary in the real checkpoints
+    "t5gemma": ("transformers.models.t5gemma.modeling_t5gemma", "T5GemmaForConditionalGeneration"),
 }
 WRAPPERS = ("trocr", "bert2bart")
 STEPS, BATCH = 4, 2

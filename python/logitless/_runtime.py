@@ -44,9 +44,9 @@ _enabled = False
 # Set by install() from its arguments or, when they are not given, from the environment (logitless._config).
 _return_logits = False
 _fuse_eval = False
-# transformers' ForCausalLMLoss, resolved on the first fused forward: `LOGITLESS=1 python -m logitless audit`
-# installs the hook but must not import torch or transformers.
-_stock_loss: Any = None
+# transformers' loss functions by loss type (LOSS_MAPPING), resolved on the first fused forward:
+# `LOGITLESS=1 python -m logitless audit` installs the hook but must not import torch or transformers.
+_stock_losses: dict[str, Any] = {}
 
 _counts_lock = threading.Lock()
 # "module.Class" -> {"fused": n, "stock": {reason: n}}
@@ -72,13 +72,14 @@ def fuse_eval() -> bool:
     return _fuse_eval
 
 
-def _stock_causal_loss() -> Any:
-    global _stock_loss
-    if _stock_loss is None:
-        from transformers.loss.loss_utils import ForCausalLMLoss
+def stock_loss(loss_type: str) -> Any:
+    """transformers' loss function for ``loss_type`` (``"ForCausalLM"``, ``"ForMaskedLM"``)."""
+    loss = _stock_losses.get(loss_type)
+    if loss is None:
+        from transformers.loss import loss_utils
 
-        _stock_loss = ForCausalLMLoss
-    return _stock_loss
+        loss = _stock_losses[loss_type] = getattr(loss_utils, f"{loss_type}Loss")
+    return loss
 
 
 def record(model: Any, reason: str | None) -> None:
@@ -211,7 +212,9 @@ def _stock_reason(model: Any, head: Any, epilogue_modules: tuple[Any, ...]) -> s
         loss_function = model.loss_function
     except AttributeError:
         return "no-loss-function"
-    if loss_function is not _stock_causal_loss():
+    if loss_function is not stock_loss("ForCausalLM") and not (
+        loss_function is stock_loss("ForMaskedLM") and _passes_loss_function(model)
+    ):
         return "custom-loss"
     from logitless._heads import explain_head
 
@@ -230,14 +233,24 @@ def _stock_reason(model: Any, head: Any, epilogue_modules: tuple[Any, ...]) -> s
     return None
 
 
+def _passes_loss_function(model: Any) -> bool:
+    """Whether the forward asking hands ``hf_loss`` its ``loss_function``: the rewriter's always do; a hand-written
+    tier-1 forward (``register_canonical``) in ``model``'s classes may not, and ``hf_loss`` would then compute the
+    causal loss."""
+    from logitless import installer
+
+    return not any(installer.runs_canonical(cls) for cls in type(model).__mro__)
+
+
 def fusable(model: Any, head: Any, *epilogue_modules: Any, logits_terms_off: bool = True) -> bool:
     """True when the fused loss computes exactly what ``model.loss_function`` would on ``head``'s logits.
 
     ``PreTrainedModel.loss_function`` is a property: a user-assigned loss is stored in ``_loss_function`` and
     returned as is, otherwise ``LOSS_MAPPING[loss_type]`` is returned. Only the stock causal-LM loss object itself
-    is fused; anything else (a custom loss, a wrapped loss, another loss type) keeps the original statements. The
-    head must reduce exactly to an ``nn.Linear`` (``logitless._heads.explain_head``): hooked, wrapped or subclassed
-    heads are never reduced to their ``.weight``. An epilogue module called on the logits after the head
+    is fused, or ``ForMaskedLMLoss`` in a forward the rewriter made (it passes ``hf_loss`` the loss function);
+    anything else (a custom loss, a wrapped loss, another loss type) keeps the original statements. The head must
+    reduce exactly to an ``nn.Linear`` (``logitless._heads.explain_head``): hooked, wrapped or subclassed heads are
+    never reduced to their ``.weight``. An epilogue module called on the logits after the head
     (``epilogue_modules``) must be one whose effect the fused op reproduces (``logitless._epilogue_modules``). In
     eval mode the stock path runs (real logits) unless
     ``install(fuse_eval=True)``. ``logits_terms_off``: the guards of the forward's auxiliary loss terms that read

@@ -34,15 +34,28 @@ def hf_loss(
     ignore_index: int = -100,
     shift_labels: torch.Tensor | None = None,
     epilogue_module: torch.nn.Module | None = None,
+    loss_function: Any = None,
     **kwargs: Any,
 ) -> torch.Tensor:
     """The causal-LM loss of ``epilogue(lm_head(hidden))`` against ``labels``, without the logits.
 
+    ``loss_function``: the model's ``self.loss_function``, which the stock call would run (rewritten forwards pass
+    it). transformers' ``ForCausalLMLoss`` or None: the causal loss above. ``ForMaskedLMLoss`` (T5Gemma's
+    ``loss_type``): the same cross-entropy on the labels as given, unshifted (it ignores ``shift_labels``, as that
+    loss does). Anything else raises ``TypeError``.
     Epilogue values of ``None`` mean "not set" (models read them from configs where they are often ``None``).
     ``epilogue_module``: a module the forward calls on the logits instead (``self.logit_softcap``), alone; its
     epilogue is read off it (``logitless._epilogue_modules``).
     """
     del kwargs  # ForCausalLMLoss forwards extras to fixed_cross_entropy, which ignores them.
+    if loss_function is not None and loss_function is not _runtime.stock_loss("ForCausalLM"):
+        if loss_function is not _runtime.stock_loss("ForMaskedLM"):
+            raise TypeError(
+                f"loss_function: expected transformers' ForCausalLMLoss or ForMaskedLMLoss, got "
+                f"{getattr(loss_function, '__qualname__', type(loss_function).__name__)}: compute its logits and "
+                "call it instead"
+            )
+        shift_labels = labels  # ForMaskedLMLoss: logits.view(-1, V) against labels.view(-1)
     if epilogue_module is not None:
         from logitless._epilogue_modules import epilogue_keywords
 

@@ -353,6 +353,13 @@ def rewritten(cls: type) -> bool:
         return patch is not None and patch.filename is not None and cls.__dict__.get("forward") is patch.forward
 
 
+def runs_canonical(cls: type) -> bool:
+    """Whether ``cls`` runs a hand-written tier-1 forward (``register_canonical``)."""
+    with _LOCK:
+        patch = _patched.get(cls)
+        return patch is not None and patch.filename is None and cls.__dict__.get("forward") is patch.forward
+
+
 def labels_elsewhere(cls: type) -> dict[str, bool] | None:
     """For a class running our rewrite, what its forward does with the labels besides the loss
     (``{"decoder_inputs", "disables_cache"}``, the Rust ``LabelsElsewhere``); ``None`` when that is unknown or

@@ -512,13 +512,17 @@ fn init_assignments<'a>(
     None
 }
 
-/// A loss type other than the causal-LM one assigned in `__init__` (T5Gemma: `self.loss_type = "ForMaskedLM"`).
+/// A loss type assigned in `__init__` that the fused path does not compute: anything but the causal-LM loss and
+/// `ForMaskedLM` (T5Gemma's `self.loss_type = "ForMaskedLM"`: the same cross-entropy on unshifted labels, which the
+/// rewritten forward passes to `hf_loss` as its `loss_function`).
 fn non_causal_loss_type(classes: &[&StmtClassDef], class: &StmtClassDef) -> Option<String> {
     ["loss_type", "_loss_type"].iter().find_map(|attr| {
         init_assignments(classes, class, attr)?
             .iter()
             .find_map(|v| match v {
-                Expr::StringLiteral(lit) if lit.value.to_str() != "ForCausalLM" => {
+                Expr::StringLiteral(lit)
+                    if !matches!(lit.value.to_str(), "ForCausalLM" | "ForMaskedLM") =>
+                {
                     Some(lit.value.to_str().to_string())
                 }
                 _ => None,

@@ -97,6 +97,11 @@ pub(crate) fn emit(
     if plan.form == LossForm::CrossEntropy {
         args.push(format!("shift_labels={}", plan.labels));
     }
+    if plan.form == LossForm::LossFunction {
+        // Which transformers loss the stock call runs is known only at run time (`loss_type`): the causal one
+        // shifts, ForMaskedLM (T5Gemma) does not.
+        args.push("loss_function=self.loss_function".to_string());
+    }
     for (name, value) in &plan.loss_keywords {
         match name {
             Some(n) => args.push(format!("{n}={value}")),

@@ -198,6 +198,12 @@ class TinyMaskedForConditionalGeneration(TinyPreTrainedModel):
         if labels is not None:
             loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
         return (loss, logits)
+
+
+class TinyTaggerForConditionalGeneration(TinyMaskedForConditionalGeneration):
+    def __init__(self, config):
+        super().__init__(config)
+        self.loss_type = "ForTokenClassification"
 "#;
 
 #[test]
@@ -226,9 +232,15 @@ fn audit_resolves_composite_heads_and_loss_types() {
     }
     assert!(scaled.head_path.is_empty());
 
+    // ForMaskedLM (T5Gemma) is the cross-entropy on unshifted labels: the rewritten forward hands hf_loss its
+    // loss_function. Any other loss type is refused.
     let masked = get("TinyMaskedForConditionalGeneration");
+    assert_eq!(masked.outcome, Outcome::Patched);
+    let tagger = get("TinyTaggerForConditionalGeneration");
     assert!(
-        matches!(&masked.outcome, Outcome::Refused(r) if r.code == ReasonCode::UnsupportedLoss && r.message.contains("ForMaskedLM"))
+        matches!(&tagger.outcome, Outcome::Refused(r) if r.code == ReasonCode::UnsupportedLoss && r.message.contains("ForTokenClassification")),
+        "{:?}",
+        tagger.outcome
     );
 }
 
