@@ -719,3 +719,45 @@ def test_recompute_in_sync_free_mode(budget_rows: int, skip_ignored: bool, monke
     assert res.d_weight is not None and res.d_weight.dtype == torch.bfloat16
     assert_close(res.d_weight, ref.d_weight, 3e-2, "d_weight")
     assert_close(res.d_hidden, ref.d_hidden, 3e-2, "d_hidden")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("upstream", ["mean", "mean-ignored-rows-differ", "per-token", "all-ignored"])
+def test_expect_uniform_grad(impl: str, dtype: torch.dtype, upstream: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``expect_uniform_grad`` (reduction="none", CPU): the gradients of the per-position losses' sum are formed in
+    the forward pass and scaled in backward when the upstream gradient is one value at every counted position
+    (values at ignored positions do not matter); any other upstream gradient takes the second pass. Exact both
+    ways against float64, with the epilogue and label smoothing on."""
+    from logitless import ops
+
+    second_passes: list[int] = []
+    real = ops._rows_backward
+    monkeypatch.setattr(ops, "_rows_backward", lambda *a: second_passes.append(1) or real(*a))
+    hidden, weight, bias, labels = make(dtype, with_bias=True, seed=7)
+    if upstream == "all-ignored":
+        labels = torch.full_like(labels, -100)
+    counted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:] != -100
+    if upstream == "per-token":
+        grad_output = torch.rand(B, T, generator=torch.Generator().manual_seed(1)) - 0.5
+    else:
+        grad_output = torch.full((B, T), -1.0 / max(int(counted.sum()), 1))
+        if upstream == "mean-ignored-rows-differ":
+            grad_output = torch.where(counted, grad_output, torch.full_like(grad_output, 7.0))
+    opts = {"label_smoothing": 0.1, "logit_softcapping": 4.0, "reduction": "none"}
+    loss = linear_cross_entropy(hidden, weight, labels, bias=bias, impl=impl, expect_uniform_grad=True, **opts)
+    ref = reference(hidden, weight, labels, bias=bias, grad_output=grad_output, **opts)
+    tol_loss, tol_grad = TOLERANCES[dtype]
+    assert_close(loss, ref.loss, tol_loss, "loss")
+    loss.backward(grad_output)
+    assert second_passes == ([1] if upstream == "per-token" else [])
+    for t, expected, name in ((hidden, ref.d_hidden, "hidden"), (weight, ref.d_weight, "weight"),
+                              (bias, ref.d_bias, "bias")):  # fmt: skip
+        assert t is not None and t.grad is not None and expected is not None
+        assert_close(t.grad, expected, tol_grad, f"d_{name}")
+
+
+def test_expect_uniform_grad_needs_per_position_losses() -> None:
+    hidden, weight, _, labels = make()
+    with pytest.raises(ValueError, match='expect_uniform_grad: only meaningful with reduction="none"'):
+        linear_cross_entropy(hidden, weight, labels, expect_uniform_grad=True)

@@ -223,8 +223,17 @@ def _reference_then_ours(trainer: str, run: Any, name: str, monkeypatch: pytest.
 def test_sft_trainer_runs_through_logitless(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """SFTTrainer unchanged: its fused head is logitless's under install(); losses, grad norms, token accuracy and
     entropy equal a run whose head is the exact reference; TRL's own kernel is never called."""
-    reference, ours = _reference_then_ours("sft", _sft_run, name, monkeypatch)
+    from unittest import mock
+
+    from logitless import ops
+
+    # Not through monkeypatch: _reference_then_ours undoes its patches between the two runs.
+    with mock.patch.object(ops, "_rows_backward", wraps=ops._rows_backward) as second_pass:
+        reference, ours = _reference_then_ours("sft", _sft_run, name, monkeypatch)
     assert logitless.audit()["integrations"]["trl"]["calls"] == {"fused": 3, "materialised": 0}  # one per step
+    # SFT's loss is the mean of -log_probs: one upstream gradient value per counted token, so the gradient formed
+    # in the forward pass was used and no second kernel pass ran.
+    assert second_pass.call_count == 0
     assert len(ours) == 3
     _compare_logs(ours, reference, ("loss", "grad_norm", "entropy", "mean_token_accuracy"))
 
@@ -353,9 +362,16 @@ _TRAINERS = {
 def test_preference_and_rl_trainers_run_through_logitless(trainer: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """DPO, KTO (policy and reference model through the drop-in), GRPO and RLOO (a toy reward, transformers' own
     generate()) equal runs with the exact reference head; TRL's kernel is never called."""
+    from unittest import mock
+
+    from logitless import ops
+
     run, name, keys, expected = _TRAINERS[trainer]
-    reference, ours = _reference_then_ours(trainer, run, name, monkeypatch)
+    with mock.patch.object(ops, "_rows_backward", wraps=ops._rows_backward) as second_pass:
+        reference, ours = _reference_then_ours(trainer, run, name, monkeypatch)
     assert logitless.audit()["integrations"]["trl"]["calls"] == {"fused": expected, "materialised": 0}
+    # Their per-token gradients differ from token to token: the second kernel pass ran (no gradient formed ahead).
+    assert second_pass.call_count > 0
     _compare_logs(ours, reference, keys)
 
 

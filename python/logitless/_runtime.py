@@ -118,6 +118,9 @@ class Capture:
     # per-token log-probabilities: TRL's chunked SFT head before 1.15 (logitless.integrations.trl_legacy). ``result``
     # then holds ``entropy``, ``is_top1`` and ``label_mask``.
     loss_and_stats: bool = False
+    # The caller expects the log-probabilities to be differentiated with one value at every counted position (TRL's
+    # SFT mean): the op forms that gradient in the forward pass and checks the guess in backward.
+    uniform_grad: bool = False
     result: dict[str, Any] | None = None
     # Set when a rewritten forward's labels branch took its stock path (the reason, already counted by fusable).
     refused: str | None = None
@@ -175,6 +178,20 @@ def current_smoothing() -> Smoothing | None:
 
 # Set while HF Trainer computes an evaluation loss whose logits it then drops (logitless.integrations.hf_trainer).
 _loss_only: contextvars.ContextVar[bool] = contextvars.ContextVar("logitless_loss_only", default=False)
+
+
+# Set while TRL's SFTTrainer (>= 1.15) computes its nll loss, the mean of the fused head's -log_probs: the per-token
+# gradient it sends back is one value over the counted tokens (logitless.integrations.hf_trainer).
+_uniform_grad: contextvars.ContextVar[bool] = contextvars.ContextVar("logitless_uniform_grad", default=False)
+
+
+def expecting_uniform_grad() -> contextlib.AbstractContextManager[bool]:
+    """Per-token outputs captured in this block are expected to get one upstream gradient value per counted token."""
+    return _holding(_uniform_grad, True)
+
+
+def uniform_grad_expected() -> bool:
+    return _uniform_grad.get()
 
 
 # Set while TRL's SFTTrainer before 1.15 computes a loss whose caller then reads the logits for its metrics

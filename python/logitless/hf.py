@@ -117,6 +117,7 @@ def hf_loss(
                 logit_softcapping=logit_softcapping,
                 temperature=capture.temperature,
                 outputs=capture.outputs,
+                uniform_grad=capture.uniform_grad,
             )
             nll = -capture.result["log_probs"]
             count = capture.result["label_mask"].sum().clamp(min=1)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 
@@ -41,6 +41,9 @@ class TokenStats(NamedTuple):
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _REDUCTIONS = ("mean", "sum", "none")
+# The op's reduction for ``"none"`` with ``expect_uniform_grad`` on CPU: per-row losses, plus the gradients of their
+# sum formed in the same pass, scaled in backward when the upstream gradient is one value over the counted rows.
+_ROWS_UNIFORM = "none+sum-grad"
 _EMPTY_GRAD = (0,)
 
 
@@ -84,6 +87,7 @@ def linear_cross_entropy(
     impl: str = "auto",
     temperature: float | None = None,
     return_token_stats: bool = False,
+    expect_uniform_grad: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
     """``ForCausalLMLoss(epilogue(F.linear(hidden, weight, bias)), labels, V, ...)`` without materialising logits.
 
@@ -99,6 +103,12 @@ def linear_cross_entropy(
     ``return_token_stats=True`` also returns ``TokenStats`` of each position's distribution, computed in the same
     pass and without gradient: entropy, mean logit, log Σp², and whether the target is the argmax (ties go to the
     lowest index), each shaped like the per-position loss, 0 / False where the target is ignored.
+
+    ``expect_uniform_grad=True`` (with ``reduction="none"``): a hint that the per-position losses will be
+    differentiated with one value at every counted position (a sum or mean taken later, as TRL's SFT loss is). On
+    CPU the gradients are then formed in this pass, as for ``"sum"``, and backward scales them when the upstream
+    gradient is one value over the counted positions; otherwise it runs the second pass as without the hint (exact
+    either way; the hint costs that pass's worth of work when wrong). Ignored elsewhere.
     """
     hidden, weight, bias = _checked_tensors(hidden, weight, bias, rows="V")
     vocab = weight.shape[0]
@@ -107,6 +117,8 @@ def linear_cross_entropy(
     device = hidden.device
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
+    if expect_uniform_grad and reduction != "none":
+        raise ValueError('expect_uniform_grad: only meaningful with reduction="none" (per-position losses)')
     if num_items_in_batch is not None and reduction != "mean":
         raise ValueError('num_items_in_batch: only meaningful with reduction="mean" (sum / num_items_in_batch)')
     options = _options.parse(
@@ -133,6 +145,9 @@ def linear_cross_entropy(
 
     lead_shape = hidden.shape[:-1]
     rows = math.prod(lead_shape)  # not reshape(-1, H): ambiguous when H == 0
+    if expect_uniform_grad and device.type == "cpu" and not torch.compiler.is_compiling():
+        # Checked in backward on the host, which on CPU costs no device sync.
+        reduction = _ROWS_UNIFORM
     loss, _, _, _, stats = torch.ops.logitless.linear_cross_entropy(
         hidden.reshape(rows, hidden.shape[-1]),
         weight,
@@ -149,7 +164,7 @@ def linear_cross_entropy(
         options.epilogue.temperature or 0.0,
         return_token_stats,
     )
-    if reduction == "none":
+    if reduction in ("none", _ROWS_UNIFORM):
         loss = loss.reshape(lead_shape)
     if not return_token_stats:
         return loss
@@ -343,8 +358,8 @@ def _lce_op(
     count_host = None
     if device.type == "cpu":
         count_host = _check_targets_cpu(targets, weight.shape[0], ignore_index)
-    per_row = reduction == "none"
-    need = (need_d_hidden, need_d_weight, need_d_bias) if not per_row else (False, False, False)
+    per_row = reduction in ("none", _ROWS_UNIFORM)
+    need = (need_d_hidden, need_d_weight, need_d_bias) if reduction != "none" else (False, False, False)
 
     # The normaliser, as a device tensor so that the accelerator path never syncs.
     if reduction == "mean":
@@ -428,9 +443,9 @@ def _lce_fake(
     want_stats: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     acc = _acc_dtype(hidden.dtype)
-    per_row = reduction == "none"
+    per_row = reduction in ("none", _ROWS_UNIFORM)
     loss = hidden.new_empty((hidden.shape[0],) if per_row else (), dtype=acc)
-    grads = not per_row
+    grads = reduction != "none"
     return (
         loss,
         hidden.new_empty(hidden.shape if grads and need_d_hidden else _EMPTY_GRAD),
@@ -518,14 +533,33 @@ def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, outp
     # The gradient outputs are never differentiated; materialised zero "gradients" for them would cost a V×H
     # temporary in every backward (125 MiB for a 32000×1024 float32 head).
     ctx.set_materialize_grads(False)
-    if reduction == "none":
-        ctx.save_for_backward(hidden, weight, bias, targets, logits_bias)
+    if reduction in ("none", _ROWS_UNIFORM):
+        _, d_hidden, d_weight, d_bias, _stats = output
+        # The sum's gradients (_ROWS_UNIFORM) or empty placeholders, then what a second pass needs.
+        ctx.save_for_backward(d_hidden, d_weight, d_bias, hidden, weight, bias, targets, logits_bias)
         ctx.options = LossOptions.from_op(
             None, ignore_index, label_smoothing, z_loss, multiply, divide, softcap, impl, temperature
         )
     else:
         _, d_hidden, d_weight, d_bias, _stats = output
         ctx.save_for_backward(d_hidden, d_weight, d_bias)
+
+
+def _rows_backward(*args: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The second pass of ``reduction="none"``'s backward (a function of its own so tests can count its calls)."""
+    return torch.ops.logitless.linear_cross_entropy_rows_backward(*args)
+
+
+def _uniform_factor(grad_rows: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
+    """The one value ``grad_rows`` takes at every counted row (0 when none counts), or None. Asked on CPU outside
+    tracing only (``expect_uniform_grad``), where reading it costs no device sync."""
+    if torch.compiler.is_compiling() or type(grad_rows) is not torch.Tensor or grad_rows.device.type != "cpu":
+        return None
+    counted = grad_rows.reshape(-1)[targets.reshape(-1) != ignore_index]
+    if counted.numel() == 0:
+        return grad_rows.new_zeros(())
+    first = counted[0]
+    return first if bool((counted == first).all()) else None
 
 
 def _is_one(grad: torch.Tensor) -> bool:
@@ -547,13 +581,18 @@ def _backward(
     grads: list[torch.Tensor | None] = [None] * _N_INPUTS
     if grad_loss is None:  # the loss itself was not differentiated (only a gradient output was)
         return tuple(grads)
-    if ctx.reduction == "none":
-        hidden, weight, bias, targets, logits_bias = ctx.saved_tensors
+    if ctx.reduction in ("none", _ROWS_UNIFORM):
+        d_hidden, d_weight, d_bias, hidden, weight, bias, targets, logits_bias = ctx.saved_tensors
         options: LossOptions = ctx.options
-        d_hidden, d_weight, d_bias = torch.ops.logitless.linear_cross_entropy_rows_backward(
-            hidden, weight, bias, targets, logits_bias, grad_loss, *options.scalars(), options.impl, *ctx.need,
-            options.epilogue.temperature or 0.0,
-        )  # fmt: skip
+        factor = _uniform_factor(grad_loss, targets, options.ignore_index) if ctx.reduction == _ROWS_UNIFORM else None
+        if factor is not None:
+            # Σ_i g·∇l_i = g·∇Σ_i l_i: the sum's gradients from the forward pass, scaled (ignored rows add nothing).
+            d_hidden, d_weight, d_bias = (d_hidden * factor, d_weight * factor, d_bias * factor)
+        else:
+            d_hidden, d_weight, d_bias = _rows_backward(
+                hidden, weight, bias, targets, logits_bias, grad_loss, *options.scalars(), options.impl, *ctx.need,
+                options.epilogue.temperature or 0.0,
+            )  # fmt: skip
     else:
         d_hidden, d_weight, d_bias = ctx.saved_tensors
         if not _is_one(grad_loss):

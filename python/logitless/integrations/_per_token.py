@@ -48,9 +48,11 @@ def fused_per_token(
     logit_softcapping: float | None,
     temperature: float,
     outputs: frozenset[str],
+    uniform_grad: bool = False,
 ) -> dict[str, Any]:
     """The fields from one pass of the op over ``x`` (the hidden states the head's linear layer would receive) and
-    that layer's ``weight`` / ``bias``."""
+    that layer's ``weight`` / ``bias``. ``uniform_grad``: the caller expects ``log_probs`` to be differentiated with
+    one value at every counted position (the op's ``expect_uniform_grad``)."""
     epilogue = {
         "logits_bias": logits_bias,
         "logit_scale_multiply": logit_scale_multiply,
@@ -61,7 +63,7 @@ def fused_per_token(
     want_stats = any(f in outputs for f in STATS_FIELDS)
     result = linear_cross_entropy(x, weight, labels, bias=bias, shift_labels=shift_labels,
                                   ignore_index=ignore_index, reduction="none", return_token_stats=want_stats,
-                                  **epilogue)  # fmt: skip
+                                  expect_uniform_grad=uniform_grad, **epilogue)  # fmt: skip
     nll, stats = result if want_stats else (result, None)
     mask = _targets(labels, shift_labels, ignore_index).to(x.device) != ignore_index
     fields: dict[str, Any] = {"log_probs": -nll, "label_mask": mask}

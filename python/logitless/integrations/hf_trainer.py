@@ -107,8 +107,7 @@ def _wrap(module: ModuleType) -> None:
         _replace(getattr(module, "Seq2SeqTrainer", None), "prediction_step", _generating_step)
     elif name == "trl.trainer.sft_trainer":
         if "add_fused_lm_head" in module.__dict__:
-            _replace(getattr(module, "SFTTrainer", None), "compute_loss",
-                     lambda f: _smoothing_compute_loss(f, _sft_shifts))  # fmt: skip
+            _replace(getattr(module, "SFTTrainer", None), "compute_loss", _sft_compute_loss)
         else:
             # Before TRL 1.15 SFTTrainer smooths through Trainer.compute_loss, then reads the logits for metrics.
             from logitless.integrations.trl_legacy import legacy_compute_loss
@@ -123,6 +122,25 @@ def _replace(cls: Any, name: str, wrap: Callable[[Callable[..., Any]], Callable[
         return
     setattr(cls, name, wrap(original))
     _originals.setdefault(cls, {})[name] = original
+
+
+def _sft_compute_loss(original: Callable[..., Any]) -> Callable[..., Any]:
+    """TRL >= 1.15 ``SFTTrainer.compute_loss``: its label smoothing fused as the Trainer's; and its ``nll`` loss, the
+    mean of the fused head's ``-log_probs``, declared uniform in the tokens (``_runtime.expecting_uniform_grad``), so
+    the per-token op forms its gradient in the forward pass (checked in backward)."""
+    smoothing = _smoothing_compute_loss(original, _sft_shifts)
+
+    @functools.wraps(original)
+    def compute_loss(self: Any, *args: Any, **kwargs: Any) -> Any:
+        options = getattr(self, "args", None)
+        mean_nll = (getattr(options, "loss_type", None) == "nll" and getattr(self, "label_smoother", None) is None
+                    and getattr(self, "compute_loss_func", None) is None)  # fmt: skip
+        if not mean_nll:
+            return smoothing(self, *args, **kwargs)
+        with _runtime.expecting_uniform_grad():
+            return smoothing(self, *args, **kwargs)
+
+    return compute_loss
 
 
 def _sft_shifts(trainer: Any, unwrapped: Any, peft: Any) -> bool | None:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from logitless import _runtime
+from logitless.integrations import _model_forward
 from logitless.integrations._per_token import STATS_FIELDS, materialised_per_token
 
 __all__ = ["CALLS", "OUTPUT_FIELDS", "add_fused_lm_head"]
@@ -57,15 +58,8 @@ def add_fused_lm_head(
     if not float(temperature) > 0.0:
         raise ValueError(f"temperature: expected a value > 0, got {temperature}")
     wanted = frozenset(outputs) | {"log_probs"}
-    if "forward" in model.__dict__:
-        original_forward = model.forward  # an instance forward (accelerate's hooks, another wrapper): kept as is
-    else:
-
-        def original_forward(*args: Any, **kwargs: Any) -> Any:
-            # The class's forward looked up on every call, so install() after this still rewires it.
-            return type(model).forward(model, *args, **kwargs)
-
-    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    original_forward = _model_forward.original_forward(model)
+    text_config = _model_forward.text_config(model)
 
     # Keep the original signature: generate() validates its model kwargs against it.
     @functools.wraps(type(model).forward)
@@ -111,7 +105,8 @@ def _fused_outputs(
         call["shift_labels"] = shift_labels
     if num_items_in_batch is not None:
         call["num_items_in_batch"] = num_items_in_batch
-    capture = _runtime.Capture(temperature=temperature, outputs=wanted, fp32_head=cast_lm_head_to_fp32)
+    capture = _runtime.Capture(temperature=temperature, outputs=wanted, fp32_head=cast_lm_head_to_fp32,
+                               uniform_grad=_runtime.uniform_grad_expected())  # fmt: skip
     with _runtime.capturing(capture):
         out = forward(*args, **call)
     fields = capture.result

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from logitless import _runtime
+from logitless.integrations import _model_forward
 from logitless.integrations._per_token import materialised_per_token
 
 __all__ = ["CALLS", "legacy_compute_loss", "patch_chunked_ce_lm_head", "report", "reset"]
@@ -87,15 +88,8 @@ def patch_chunked_ce_lm_head(model: torch.nn.Module, chunk_size: int, is_vlm: bo
     ``chunk_size`` and ``is_vlm`` are accepted for TRL's call and unused: the op sizes its own chunks, and the class's
     own forward finds its backbone."""
     del chunk_size, is_vlm
-    if "forward" in model.__dict__:
-        original_forward = model.forward  # an instance forward (accelerate's hooks, another wrapper): kept as is
-    else:
-
-        def original_forward(*args: Any, **kwargs: Any) -> Any:
-            # The class's forward looked up on every call, so install() after this still rewires it.
-            return type(model).forward(model, *args, **kwargs)
-
-    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    original_forward = _model_forward.original_forward(model)
+    text_config = _model_forward.text_config(model)
 
     def _chunked_forward(
         self: Any,

@@ -1,10 +1,11 @@
-"""TRL before 1.15: an SFTTrainer training step on a Llama-shaped model (Llama 3's 128256-token vocabulary), each
-method in its own process with that TRL release's source first on PYTHONPATH (``make test`` unpacks them into
-``.trl-legacy/``).
+"""TRL's SFTTrainer: one training step on a Llama-shaped model (Llama 3's 128256-token vocabulary) per TRL release
+and method, each in its own process; releases before the pinned one run from their source first on PYTHONPATH
+(``make test`` unpacks them into ``.trl-legacy/``).
 
 ```
-python bench/trl_legacy.py              # batch 2 x 512 tokens, width 256, float32, 2 threads
-python bench/trl_legacy.py --dtype bfloat16     # the model in bf16 (its logits too, as stock forms them)
+python bench/trl_sft.py                       # batch 2 x 512 tokens, width 256, float32, 2 threads
+python bench/trl_sft.py --dtype bfloat16      # the model in bf16 (its logits too, as stock forms them)
+python bench/trl_sft.py --releases 1.16.0     # one release
 ```
 
 Rows:
@@ -15,10 +16,13 @@ Rows:
 - TRL 1.14 (``loss_type="chunked_nll"``, the default from 1.9 to 1.14): ``stock nll`` (the materialised loss),
   ``TRL chunked`` (TRL's own chunked head, which logitless left in place before) and ``logitless`` (logitless's
   drop-in for it: the fused loss and the metrics from one pass).
+- TRL 1.16 (pinned; its fused LM head, ``add_fused_lm_head``): ``TRL fused head`` (TRL's own kernel) and
+  ``logitless`` (the drop-in: per-token log-probs whose gradient is formed in the forward pass when the trainer's
+  upstream gradient is one value over the counted tokens, as SFT's mean is, and checked in backward).
 
-cut-cross-entropy, ``torch.nn.functional.linear_cross_entropy`` and TRL >= 1.15's kernel are in bench/compare.py
-(the op alone) and bench/hf_trainer.py; none of them plugs into these TRL releases' SFTTrainer. Reported per row: the
-loss, seconds per step (mean of two after a warm-up step) and what the steps added to the process's peak RSS.
+cut-cross-entropy and ``torch.nn.functional.linear_cross_entropy`` are in bench/compare.py (the op alone) and
+bench/hf_trainer.py; neither plugs into SFTTrainer. Reported per row: the loss, seconds per step (mean of two after a
+warm-up step) and what the steps added to the process's peak RSS.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+PINNED = "1.16.0"
 # (TRL release, row name, install logitless, SFTConfig loss_type)
 ROWS = (
     ("0.24.0", "stock", False, "nll"),
@@ -42,6 +47,8 @@ ROWS = (
     ("1.14.2", "stock nll", False, "nll"),
     ("1.14.2", "TRL chunked", False, "chunked_nll"),
     ("1.14.2", "logitless", True, "chunked_nll"),
+    (PINNED, "TRL fused head", False, "nll"),
+    (PINNED, "logitless", True, "nll"),
 )
 
 
@@ -56,7 +63,10 @@ def _step(args: argparse.Namespace) -> dict[str, float]:
     from datasets import Dataset
     from tokenizers import Tokenizer, models
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    import trl
     from trl import SFTConfig, SFTTrainer
+
+    assert trl.__version__ == args.trl, (trl.__version__, args.trl)
 
     config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.width, intermediate_size=2 * args.width,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)  # fmt: skip
@@ -105,6 +115,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--releases", nargs="+", default=sorted({r[0] for r in ROWS}))
     parser.add_argument("--trl", help=argparse.SUPPRESS)
     parser.add_argument("--loss-type", help=argparse.SUPPRESS)
     parser.add_argument("--logitless", action="store_true", help=argparse.SUPPRESS)
@@ -116,11 +127,15 @@ def main() -> None:
           f"{args.width}, {args.dtype}, {args.threads} thread(s)")  # fmt: skip
     baseline: dict[str, Any] = {}
     for version, name, install, loss_type in ROWS:
-        source = ROOT / ".trl-legacy" / f"trl-{version}"
-        if not (source / "trl").is_dir():
-            raise SystemExit(f"{source} is missing: `make .trl-legacy/.fetched` unpacks TRL {version}")
+        if version not in args.releases:
+            continue
+        env = dict(os.environ)
+        if version != PINNED:
+            source = ROOT / ".trl-legacy" / f"trl-{version}"
+            if not (source / "trl").is_dir():
+                raise SystemExit(f"{source} is missing: `make .trl-legacy/.fetched` unpacks TRL {version}")
+            env["PYTHONPATH"] = str(source)
         command = [sys.executable, __file__, *sys.argv[1:], "--trl", version, "--loss-type", loss_type]
-        env = dict(os.environ, PYTHONPATH=str(source))
         done = subprocess.run(command + (["--logitless"] if install else []), env=env, capture_output=True,
                               text=True, check=True)  # fmt: skip
         r = json.loads(done.stdout.strip().splitlines()[-1])
