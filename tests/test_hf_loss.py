@@ -165,3 +165,23 @@ def test_other_loss_function_raises() -> None:
         hf_loss(torch.randn(B, T, H), head(False), torch.zeros(B, T, dtype=torch.long), V,
                 loss_function=ForTokenClassification)  # fmt: skip
 
+
+
+def test_per_token_capture_follows_trls_shift_whatever_the_models_loss() -> None:
+    """TRL's fused-head contract scores position t against labels[t+1] (no ``shift_labels``): a model whose own
+    loss is ForMaskedLMLoss still gets shifted per-token fields from the drop-in."""
+    from transformers.loss.loss_utils import ForMaskedLMLoss
+
+    from logitless import _runtime
+
+    g = torch.Generator().manual_seed(5)
+    lm_head = head(False)
+    hidden = torch.randn(B, T, H, generator=g)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    capture = _runtime.Capture(temperature=1.0, outputs=frozenset({"log_probs"}))
+    with _runtime.capturing(capture):
+        hf_loss(hidden, lm_head, labels, V, loss_function=ForMaskedLMLoss)
+    assert capture.result is not None
+    logp = torch.log_softmax(torch.nn.functional.linear(hidden.double(), lm_head.weight.detach().double()), dim=-1)
+    expected = logp[:, :-1].gather(-1, labels[:, 1:].unsqueeze(-1)).squeeze(-1)
+    assert_close(capture.result["log_probs"], expected, 2e-5, "shifted log_probs")

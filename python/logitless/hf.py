@@ -42,12 +42,15 @@ def hf_loss(
     ``loss_function``: the model's ``self.loss_function``, which the stock call would run (rewritten forwards pass
     it). transformers' ``ForCausalLMLoss`` or None: the causal loss above. ``ForMaskedLMLoss`` (T5Gemma's
     ``loss_type``): the same cross-entropy on the labels as given, unshifted (it ignores ``shift_labels``, as that
-    loss does). Anything else raises ``TypeError``.
+    loss does). Anything else raises ``TypeError``. TRL's per-token outputs (a capture) follow TRL's contract, shifted
+    unless ``shift_labels`` is given, whatever the model's loss.
     Epilogue values of ``None`` mean "not set" (models read them from configs where they are often ``None``).
     ``epilogue_module``: a module the forward calls on the logits instead (``self.logit_softcap``), alone; its
     epilogue is read off it (``logitless._epilogue_modules``).
     """
     del kwargs  # ForCausalLMLoss forwards extras to fixed_cross_entropy, which ignores them.
+    # The targets of the model's own loss: ForMaskedLMLoss scores logits.view(-1, V) against labels.view(-1).
+    loss_targets = shift_labels
     if loss_function is not None and loss_function is not _runtime.stock_loss("ForCausalLM"):
         if loss_function is not _runtime.stock_loss("ForMaskedLM"):
             raise TypeError(
@@ -55,7 +58,7 @@ def hf_loss(
                 f"{getattr(loss_function, '__qualname__', type(loss_function).__name__)}: compute its logits and "
                 "call it instead"
             )
-        shift_labels = labels  # ForMaskedLMLoss: logits.view(-1, V) against labels.view(-1)
+        loss_targets = labels
     if epilogue_module is not None:
         from logitless._epilogue_modules import epilogue_keywords
 
@@ -142,10 +145,10 @@ def hf_loss(
             # The loss as below, and each position's entropy and top-1 from the same pass (no head shard here:
             # _runtime refuses a capture of a vocabulary-sharded head).
             loss, stats = linear_cross_entropy(
-                x, weight, labels, bias=bias, shift_labels=shift_labels, ignore_index=ignore_index,
+                x, weight, labels, bias=bias, shift_labels=loss_targets, ignore_index=ignore_index,
                 num_items_in_batch=num_items_in_batch, return_token_stats=True, **epilogue,
             )  # fmt: skip
-            targets = shift_labels if shift_labels is not None else _shifted(labels, ignore_index)
+            targets = loss_targets if loss_targets is not None else _shifted(labels, ignore_index)
             capture.result = {
                 "entropy": stats.entropy,
                 "is_top1": stats.is_top1,
@@ -157,11 +160,11 @@ def hf_loss(
 
             return vocab_parallel_linear_cross_entropy(
                 x, weight, labels, vocab_start=plan.shard.start, vocab_size=plan.shard.total, group=plan.shard.group,
-                bias=bias, shift_labels=shift_labels, ignore_index=ignore_index, num_items_in_batch=num_items_in_batch,
+                bias=bias, shift_labels=loss_targets, ignore_index=ignore_index, num_items_in_batch=num_items_in_batch,
                 **epilogue,
             )  # fmt: skip
         return linear_cross_entropy(
-            x, weight, labels, bias=bias, shift_labels=shift_labels, ignore_index=ignore_index,
+            x, weight, labels, bias=bias, shift_labels=loss_targets, ignore_index=ignore_index,
             num_items_in_batch=num_items_in_batch, **epilogue,
         )  # fmt: skip
 
