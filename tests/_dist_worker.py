@@ -336,11 +336,26 @@ def run_eval(setup: str, rank: int) -> dict[str, Any]:
     return row
 
 
+# A training forward under _runtime.keeping_logits() (TRL < 1.15's SFTTrainer reads the logits for its metrics):
+# the fused loss, and the logits formed by a second call of the engine's head: setup -> the engine's setup.
+KEEP_LOGITS_SETUPS = {"keep-fsdp2-head-own-unit": "fsdp2-head-own-unit",
+                      "keep-fsdp1-head-own-unit": "fsdp1-head-own-unit", "keep-zero3": "zero3",
+                      "keep-tp-transformers-colwise": "tp-transformers-colwise"}  # fmt: skip
+
+
 def run(setup: str, rank: int) -> dict[str, Any]:
     if setup in EVAL_SETUPS:
         return run_eval(setup, rank)
-    smoothing = setup in SMOOTHING_SETUPS
-    builder, wrap, tensor_parallel = SETUPS[SMOOTHING_SETUPS.get(setup, setup)]
+    if setup in KEEP_LOGITS_SETUPS:
+        from logitless import _runtime
+
+        with _runtime.keeping_logits():
+            return _run(KEEP_LOGITS_SETUPS[setup], rank, smoothing=False)
+    return _run(SMOOTHING_SETUPS.get(setup, setup), rank, smoothing=setup in SMOOTHING_SETUPS)
+
+
+def _run(setup: str, rank: int, smoothing: bool) -> dict[str, Any]:
+    builder, wrap, tensor_parallel = SETUPS[setup]
     vocab = TP_VOCAB_UNEVEN if setup == "tp-uneven-vocab" else tiny.VOCAB
     ids = batch(0 if tensor_parallel else rank, vocab)
     row: dict[str, Any] = {}

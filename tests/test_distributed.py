@@ -59,7 +59,8 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     procs = [
         subprocess.Popen(
             [sys.executable, str(Path(worker.__file__)), str(out),
-             ",".join((*ALL, *STOCK, *worker.SMOOTHING_SETUPS, *worker.EVAL_SETUPS, "vocab-parallel-op"))],  # fmt: skip
+             ",".join((*ALL, *STOCK, *worker.SMOOTHING_SETUPS, *worker.EVAL_SETUPS, *worker.KEEP_LOGITS_SETUPS,
+                       "vocab-parallel-op"))],  # fmt: skip
             env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -184,6 +185,24 @@ def test_loss_only_evaluation_fused_and_equal_to_stock(ranks: list[dict[str, Any
         assert row["logitless"]["loss"] == pytest.approx(row["stock"]["loss"], rel=1e-6)
         ref = _reference(worker.EVAL_SETUPS[setup], r)
         assert row["logitless"]["loss"] == pytest.approx(ref["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("setup", sorted(worker.KEEP_LOGITS_SETUPS))
+def test_kept_logits_beside_the_fused_loss(ranks: list[dict[str, Any]], setup: str) -> None:
+    """Under ``_runtime.keeping_logits()`` (TRL < 1.15's SFTTrainer, whose metrics read the logits) through FSDP2,
+    FSDP1 (head its own unit), ZeRO-3 and tensor parallelism: the loss is fused and the head is called again for the
+    logits, through the engine's hooks; nothing backpropagates through that call, and loss and gradients equal the
+    single-process reference."""
+    engine = worker.KEEP_LOGITS_SETUPS[setup]
+    for r in range(2):
+        row = ranks[r][setup]
+        assert row["runtime"] == {"fused": 2, "stock": {}}, (r, row["runtime"])
+        fused, stock = row["logitless"], row["stock"]
+        assert fused["logits_widths"] == stock["logits_widths"] == [worker.tiny.VOCAB] * 2
+        ref = _reference(engine, r)
+        assert fused["losses"][0] == pytest.approx(ref["loss"], rel=1e-6)
+        _close_grads(fused["grads"], ref["grads"], rel=2e-5)
+        assert fused["losses"][1] == pytest.approx(stock["losses"][1], rel=1e-5)
 
 
 @pytest.mark.parametrize("setup", sorted(STOCK))
