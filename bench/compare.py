@@ -43,13 +43,14 @@ METHODS = [
     "cce_torch_compile",
     "trl_chunked_logprob",
     "logitless_tokens",
+    "logitless_tokens_mean",
     "trl_tokens",
     "materialised_tokens",
 ]
 # Per-token rows (what TRL's trainers ask of a fused head): log-probs at temperature 0.7 with entropy and top-1,
 # forward + backward with a random per-token upstream gradient through the log-probs. Their loss is
 # -Σ u_i·log p_i / count, not the cross-entropy, so they have no error columns against the reference.
-TOKEN_METHODS = {"logitless_tokens", "trl_tokens", "materialised_tokens"}
+TOKEN_METHODS = {"logitless_tokens", "logitless_tokens_mean", "trl_tokens", "materialised_tokens"}
 TEMPERATURE = 0.7
 LABELS = {
     "stock": "stock HF (materialised)",
@@ -60,6 +61,7 @@ LABELS = {
     "cce_torch_compile": "cut-cross-entropy torch_compile",
     "trl_chunked_logprob": "TRL ChunkedLogProbFunction",
     "logitless_tokens": "per-token: logitless (Rust)",
+    "logitless_tokens_mean": "per-token, SFT's mean (u_i = 1): logitless (Rust), expect_uniform_grad",
     "trl_tokens": "per-token: TRL ChunkedLogProbFunction",
     "materialised_tokens": "per-token: materialised log_softmax + gather",
 }
@@ -153,6 +155,18 @@ def token_method_fn(name: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Te
             return (nll * _upstream(targets)).sum() / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
         return ours
+    if name == "logitless_tokens_mean":
+        from logitless import linear_cross_entropy
+
+        # What TRL >= 1.15's SFTTrainer backpropagates: the mean of -log p over the counted tokens.
+        def mean(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            nll, stats = linear_cross_entropy(hidden, weight, None, shift_labels=targets, reduction="none",
+                                              temperature=TEMPERATURE, return_token_stats=True,
+                                              expect_uniform_grad=True)  # fmt: skip
+            del stats
+            return nll.sum() / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+        return mean
     if name == "trl_tokens":
         from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 

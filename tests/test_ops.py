@@ -761,3 +761,28 @@ def test_expect_uniform_grad_needs_per_position_losses() -> None:
     hidden, weight, _, labels = make()
     with pytest.raises(ValueError, match='expect_uniform_grad: only meaningful with reduction="none"'):
         linear_cross_entropy(hidden, weight, labels, expect_uniform_grad=True)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_expect_uniform_grad_retain_graph(impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gradients formed in the forward pass serve the first backward only (scaled in place, no V×H copy); a
+    second backward of a retained graph runs the second pass, and both give the float64 reference's gradients."""
+    from logitless import ops
+
+    second_passes: list[int] = []
+    real = ops._rows_backward
+    monkeypatch.setattr(ops, "_rows_backward", lambda *a: second_passes.append(1) or real(*a))
+    hidden, weight, _, labels = make(seed=3)
+    counted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:] != -100
+    grad_output = torch.full((B, T), 0.5 / int(counted.sum()))
+    loss = linear_cross_entropy(hidden, weight, labels, impl=impl, reduction="none", expect_uniform_grad=True)
+    ref = reference(hidden, weight, labels, grad_output=grad_output, reduction="none")
+    tol_grad = TOLERANCES[torch.float32][1]
+    for call in range(2):
+        hidden.grad = weight.grad = None
+        loss.backward(grad_output, retain_graph=True)
+        assert second_passes == [1] * call
+        assert hidden.grad is not None and weight.grad is not None
+        assert ref.d_hidden is not None and ref.d_weight is not None
+        assert_close(hidden.grad, ref.d_hidden, tol_grad, f"d_hidden, backward {call + 1}")
+        assert_close(weight.grad, ref.d_weight, tol_grad, f"d_weight, backward {call + 1}")

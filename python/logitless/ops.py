@@ -534,12 +534,16 @@ def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, outp
     # temporary in every backward (125 MiB for a 32000×1024 float32 head).
     ctx.set_materialize_grads(False)
     if reduction in ("none", _ROWS_UNIFORM):
-        _, d_hidden, d_weight, d_bias, _stats = output
-        # The sum's gradients (_ROWS_UNIFORM) or empty placeholders, then what a second pass needs.
-        ctx.save_for_backward(d_hidden, d_weight, d_bias, hidden, weight, bias, targets, logits_bias)
+        ctx.save_for_backward(hidden, weight, bias, targets, logits_bias)
         ctx.options = LossOptions.from_op(
             None, ignore_index, label_smoothing, z_loss, multiply, divide, softcap, impl, temperature
         )
+        # The sum's gradients, for the first backward only: it scales them in place (no V×H copy) and a later one
+        # (retain_graph) runs the second pass. Detached aliases: the op's outputs on their own node would be a cycle.
+        ctx.precomputed = None
+        if reduction == _ROWS_UNIFORM:
+            _, d_hidden, d_weight, d_bias, _stats = output
+            ctx.precomputed = (d_hidden.detach(), d_weight.detach(), d_bias.detach())
     else:
         _, d_hidden, d_weight, d_bias, _stats = output
         ctx.save_for_backward(d_hidden, d_weight, d_bias)
@@ -582,12 +586,13 @@ def _backward(
     if grad_loss is None:  # the loss itself was not differentiated (only a gradient output was)
         return tuple(grads)
     if ctx.reduction in ("none", _ROWS_UNIFORM):
-        d_hidden, d_weight, d_bias, hidden, weight, bias, targets, logits_bias = ctx.saved_tensors
+        hidden, weight, bias, targets, logits_bias = ctx.saved_tensors
         options: LossOptions = ctx.options
-        factor = _uniform_factor(grad_loss, targets, options.ignore_index) if ctx.reduction == _ROWS_UNIFORM else None
-        if factor is not None:
+        precomputed, ctx.precomputed = ctx.precomputed, None
+        factor = _uniform_factor(grad_loss, targets, options.ignore_index) if precomputed is not None else None
+        if precomputed is not None and factor is not None:
             # Σ_i g·∇l_i = g·∇Σ_i l_i: the sum's gradients from the forward pass, scaled (ignored rows add nothing).
-            d_hidden, d_weight, d_bias = (d_hidden * factor, d_weight * factor, d_bias * factor)
+            d_hidden, d_weight, d_bias = precomputed if _is_one(factor) else (t.mul_(factor) for t in precomputed)
         else:
             d_hidden, d_weight, d_bias = _rows_backward(
                 hidden, weight, bias, targets, logits_bias, grad_loss, *options.scalars(), options.impl, *ctx.need,
