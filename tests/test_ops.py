@@ -786,3 +786,17 @@ def test_expect_uniform_grad_retain_graph(impl: str, monkeypatch: pytest.MonkeyP
         assert ref.d_hidden is not None and ref.d_weight is not None
         assert_close(hidden.grad, ref.d_hidden, tol_grad, f"d_hidden, backward {call + 1}")
         assert_close(weight.grad, ref.d_weight, tol_grad, f"d_weight, backward {call + 1}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_expect_uniform_grad_with_a_frozen_head(impl: str) -> None:
+    """LoRA on the backbone, the head frozen: only the hidden states' gradient is formed ahead and scaled."""
+    hidden, weight, _, labels = make(seed=4)
+    weight.requires_grad_(False)
+    counted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:] != -100
+    grad_output = torch.full((B, T), -1.0 / int(counted.sum()))
+    loss = linear_cross_entropy(hidden, weight, labels, impl=impl, reduction="none", expect_uniform_grad=True)
+    loss.backward(grad_output)
+    ref = reference(hidden, weight, labels, grad_output=grad_output, reduction="none")
+    assert weight.grad is None and hidden.grad is not None and ref.d_hidden is not None
+    assert_close(hidden.grad, ref.d_hidden, TOLERANCES[torch.float32][1], "d_hidden")
