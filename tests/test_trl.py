@@ -252,6 +252,26 @@ def test_sft_trainer_with_peft_modules_to_save_runs_through_logitless(monkeypatc
     _compare_logs(ours, reference, ("loss", "grad_norm", "entropy", "mean_token_accuracy"))
 
 
+def test_sft_trainer_with_lora_and_a_frozen_head_runs_through_logitless(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The usual LoRA fine-tune: adapters on the attention, the head frozen. Fused, the gradient formed in the
+    forward pass (no second kernel pass) for the hidden states only, and every logged value equal to the run with the
+    exact reference head."""
+    from unittest import mock
+
+    from peft import LoraConfig
+
+    from logitless import ops
+
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    run = functools.partial(_sft_run, peft_config=config)
+    with mock.patch.object(ops, "_rows_backward", wraps=ops._rows_backward) as second_pass:
+        reference, ours = _reference_then_ours("sft", lambda name: run(name), "gemma3", monkeypatch)
+    assert logitless.audit()["integrations"]["trl"]["calls"] == {"fused": 3, "materialised": 0}
+    assert second_pass.call_count == 0
+    assert len(ours) == 3
+    _compare_logs(ours, reference, ("loss", "grad_norm", "entropy", "mean_token_accuracy"))
+
+
 @pytest.mark.parametrize("name", ["llama", "gemma3"])
 def test_sft_trainer_label_smoothing_matches_stock_trl(name: str) -> None:
     """SFTTrainer with ``label_smoothing_factor`` smooths the logits of a forward without labels itself (its fused
