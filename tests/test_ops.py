@@ -6,6 +6,7 @@ Both implementations run every test: ``impl="rust"`` (the kernel; a kernel error
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -721,7 +722,14 @@ def test_recompute_in_sync_free_mode(budget_rows: int, skip_ignored: bool, monke
     assert_close(res.d_hidden, ref.d_hidden, 3e-2, "d_hidden")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+# The Triton row kernels too, on CPU tensors under Triton's interpreter (tests/conftest.py turns it on without a GPU;
+# with one, tests/test_cuda.py runs them compiled).
+_TRITON_ON_CPU = pytest.param(
+    "triton", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton's interpreter is off")
+)
+
+
+@pytest.mark.parametrize("impl", [*IMPLS, _TRITON_ON_CPU])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("upstream", ["mean", "mean-ignored-rows-differ", "per-token", "all-ignored"])
 def test_expect_uniform_grad(impl: str, dtype: torch.dtype, upstream: str, monkeypatch: pytest.MonkeyPatch) -> None:
