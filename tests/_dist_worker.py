@@ -12,6 +12,7 @@ every rank the same batch (``batch(0)``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -343,9 +344,72 @@ KEEP_LOGITS_SETUPS = {"keep-fsdp2-head-own-unit": "fsdp2-head-own-unit",
                       "keep-tp-transformers-colwise": "tp-transformers-colwise"}  # fmt: skip
 
 
+# TRL's heads on an engine, added before the engine wraps the model as TRL's trainers do: TRL >= 1.15's fused head with
+# SFT's mean loss, its gradient formed in the forward pass ("fused") or, without the hint, in the second kernel pass
+# that DPO / GRPO / KTO take ("tokens"), and TRL 1.5-1.14's chunked SFT head. setup -> (head, the engine's setup).
+TRL_SETUPS = {"trl-sft-fsdp2-head-own-unit": ("fused", "fsdp2-head-own-unit"), "trl-sft-zero3": ("fused", "zero3"),
+              "trl-tokens-fsdp2-head-own-unit": ("tokens", "fsdp2-head-own-unit"), "trl-tokens-zero3": ("tokens", "zero3"),
+              "trl-chunked-fsdp2-head-own-unit": ("chunked", "fsdp2-head-own-unit"),
+              "trl-chunked-zero3": ("chunked", "zero3")}  # fmt: skip
+
+
+def run_trl(setup: str, rank: int) -> dict[str, Any]:
+    from logitless import _runtime, ops
+    from logitless.integrations import trl as fused_head
+    from logitless.integrations import trl_legacy
+
+    head, engine = TRL_SETUPS[setup]
+    builder, wrap, _ = SETUPS[engine]
+    ids = batch(rank)
+    logitless.uninstall()
+    logitless.install()
+    model = builder()
+    if head in ("fused", "tokens"):
+        fused_head.add_fused_lm_head(model)
+    else:
+        trl_legacy.patch_chunked_ce_lm_head(model, chunk_size=256)
+    model = wrap(model)
+    deepspeed_engine = hasattr(model, "backward")
+    optimizer = None if deepspeed_engine else torch.optim.SGD(model.parameters(), lr=LR)
+    second_passes: list[int] = []
+    real = ops._rows_backward
+    ops._rows_backward = lambda *a: second_passes.append(1) or real(*a)  # type: ignore[assignment]
+    losses = []
+    try:
+        for step in range(2):
+            if head in ("fused", "tokens"):
+                # The hint is what the SFTTrainer.compute_loss wrapper enters.
+                hint = _runtime.expecting_uniform_grad() if head == "fused" else contextlib.nullcontext()
+                with hint:
+                    out = model(input_ids=ids, labels=labels_of(ids), fused_lm_head=True)
+                loss = -out.log_probs.sum() / out.label_mask.sum()
+            else:
+                loss = model(input_ids=ids, labels=labels_of(ids)).loss
+            losses.append(float(loss.detach().float()))
+            if deepspeed_engine:
+                model.backward(loss)
+            else:
+                loss.backward()
+            if step == 0:
+                grads = _full_grads(model)
+                if deepspeed_engine:
+                    model.step()
+                else:
+                    optimizer.step()
+                    optimizer.zero_grad()
+    finally:
+        ops._rows_backward = real  # type: ignore[assignment]
+    row = {"logitless": {"losses": losses, "grads": grads}, "second_passes": len(second_passes),
+           "runtime": logitless.audit()["runtime"]}  # fmt: skip
+    logitless.uninstall()
+    return row
+
+
 def run(setup: str, rank: int) -> dict[str, Any]:
     if setup in EVAL_SETUPS:
         return run_eval(setup, rank)
+    if setup in TRL_SETUPS:
+        return run_trl(setup, rank)
     if setup in KEEP_LOGITS_SETUPS:
         from logitless import _runtime
 

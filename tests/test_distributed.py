@@ -60,7 +60,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
         subprocess.Popen(
             [sys.executable, str(Path(worker.__file__)), str(out),
              ",".join((*ALL, *STOCK, *worker.SMOOTHING_SETUPS, *worker.EVAL_SETUPS, *worker.KEEP_LOGITS_SETUPS,
-                       "vocab-parallel-op"))],  # fmt: skip
+                       *worker.TRL_SETUPS, "vocab-parallel-op"))],  # fmt: skip
             env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -203,6 +203,30 @@ def test_kept_logits_beside_the_fused_loss(ranks: list[dict[str, Any]], setup: s
         assert fused["losses"][0] == pytest.approx(ref["loss"], rel=1e-6)
         _close_grads(fused["grads"], ref["grads"], rel=2e-5)
         assert fused["losses"][1] == pytest.approx(stock["losses"][1], rel=1e-5)
+
+
+@pytest.mark.parametrize("setup", sorted(worker.TRL_SETUPS))
+def test_trl_heads_on_engines_equal_to_stock(ranks: list[dict[str, Any]], setup: str) -> None:
+    """TRL's heads as logitless replaces them, added before FSDP2 (head its own unit) or ZeRO-3 wraps the model:
+    TRL >= 1.15's fused head with SFT's mean of ``-log_probs``, its gradient formed in the forward pass or in the
+    second kernel pass (which reads the head's weight in backward: ZeRO-3 gathers it again only through its hook on
+    what the head's call returned, so the per-token fields are those outputs), and TRL 1.5-1.14's chunked SFT head
+    (the model's own loss). Fused on every rank, loss and gradients equal to the single-process stock reference (the
+    causal-LM mean over the same targets)."""
+    head, engine = worker.TRL_SETUPS[setup]
+    for r in range(2):
+        row = ranks[r][setup]
+        assert row["runtime"] == {"fused": 2, "stock": {}}, (r, row["runtime"])
+        if head == "fused":
+            assert row["second_passes"] == 0
+        elif head == "tokens":
+            assert row["second_passes"] == 2  # one backward a step
+        ref = _reference(engine, r)
+        fused = row["logitless"]
+        assert fused["losses"][0] == pytest.approx(ref["loss"], rel=1e-6)
+        _close_grads(fused["grads"], ref["grads"], rel=2e-5)
+        if "zero" not in setup:
+            assert fused["losses"][1] == pytest.approx(ref["step2"], rel=1e-5)
 
 
 @pytest.mark.parametrize("setup", sorted(STOCK))

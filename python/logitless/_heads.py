@@ -91,19 +91,19 @@ class HeadPlan:
             bias = bias.to_local() if bias is not None else None
         return weight, bias
 
-    def apply(self, hidden: torch.Tensor, fused: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def apply(self, hidden: torch.Tensor, fused: Callable[[torch.Tensor], Any]) -> Any:
         """``fused(x)`` where ``x`` is what the final linear would receive, with every hook applied around it.
 
         ``fused`` must read the linear's parameters when called: an offloading hook materialises them only then,
         and FSDP2 / ZeRO-3 all-gather them only then."""
         return self._enter(0, hidden, fused)
 
-    def _enter(self, i: int, hidden: torch.Tensor, fused: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def _enter(self, i: int, hidden: torch.Tensor, fused: Callable[[torch.Tensor], Any]) -> Any:
         if i == len(self.entries):
             return fused(hidden)
         entry = self.entries[i]
 
-        def rest(x: torch.Tensor) -> torch.Tensor:
+        def rest(x: torch.Tensor) -> Any:
             if entry.prefix is not None:
                 x = entry.prefix(x)
             return self._enter(i + 1, x, fused)

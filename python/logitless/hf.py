@@ -99,7 +99,7 @@ def hf_loss(
         )
     if capture is not None and not capture.loss_and_stats:
         # Per-token outputs for logitless.integrations.trl, with this class's own epilogue.
-        def per_token(x: torch.Tensor) -> torch.Tensor:
+        def per_token(x: torch.Tensor) -> dict[str, Any]:
             from logitless.integrations._per_token import fused_per_token
 
             weight, bias = plan.weight_and_bias()
@@ -107,7 +107,7 @@ def hf_loss(
                 # TRL's cast_lm_head_to_fp32: the head in float32 (gradients flow back through the casts).
                 x, weight = x.float(), weight.float()
                 bias = bias.float() if bias is not None else None
-            capture.result = fused_per_token(
+            return fused_per_token(
                 x,
                 weight,
                 bias,
@@ -122,11 +122,14 @@ def hf_loss(
                 outputs=capture.outputs,
                 uniform_grad=capture.uniform_grad,
             )
-            nll = -capture.result["log_probs"]
-            count = capture.result["label_mask"].sum().clamp(min=1)
-            return nll.sum() / (count if num_items_in_batch is None else num_items_in_batch)
 
-        return plan.apply(hidden, per_token)
+        # The fields are what the head's call returns, so the engines' output hooks hold them: TRL differentiates
+        # them, not this forward's loss, and ZeRO-3 gathers the weight again for their backward only through a hook
+        # on what the call returned (a backward from fields kept aside read the released weight).
+        capture.result = plan.apply(hidden, per_token)
+        nll = -capture.result["log_probs"]
+        count = capture.result["label_mask"].sum().clamp(min=1)
+        return nll.sum() / (count if num_items_in_batch is None else num_items_in_batch)
 
     smoothing = _runtime.current_smoothing()
 
