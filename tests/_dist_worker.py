@@ -369,40 +369,51 @@ def run_trl(setup: str, rank: int) -> dict[str, Any]:
     else:
         trl_legacy.patch_chunked_ce_lm_head(model, chunk_size=256)
     model = wrap(model)
-    deepspeed_engine = hasattr(model, "backward")
-    optimizer = None if deepspeed_engine else torch.optim.SGD(model.parameters(), lr=LR)
+
+    def loss_of(model: torch.nn.Module) -> torch.Tensor:
+        if head == "chunked":
+            return model(input_ids=ids, labels=labels_of(ids)).loss
+        # The hint is what the SFTTrainer.compute_loss wrapper enters.
+        with _runtime.expecting_uniform_grad() if head == "fused" else contextlib.nullcontext():
+            out = model(input_ids=ids, labels=labels_of(ids), fused_lm_head=True)
+        return -out.log_probs.sum() / out.label_mask.sum()
+
     second_passes: list[int] = []
     real = ops._rows_backward
     ops._rows_backward = lambda *a: second_passes.append(1) or real(*a)  # type: ignore[assignment]
-    losses = []
     try:
-        for step in range(2):
-            if head in ("fused", "tokens"):
-                # The hint is what the SFTTrainer.compute_loss wrapper enters.
-                hint = _runtime.expecting_uniform_grad() if head == "fused" else contextlib.nullcontext()
-                with hint:
-                    out = model(input_ids=ids, labels=labels_of(ids), fused_lm_head=True)
-                loss = -out.log_probs.sum() / out.label_mask.sum()
-            else:
-                loss = model(input_ids=ids, labels=labels_of(ids)).loss
-            losses.append(float(loss.detach().float()))
-            if deepspeed_engine:
-                model.backward(loss)
-            else:
-                loss.backward()
-            if step == 0:
-                grads = _full_grads(model)
-                if deepspeed_engine:
-                    model.step()
-                else:
-                    optimizer.step()
-                    optimizer.zero_grad()
+        losses, grads = _two_steps(model, loss_of)
     finally:
         ops._rows_backward = real  # type: ignore[assignment]
     row = {"logitless": {"losses": losses, "grads": grads}, "second_passes": len(second_passes),
            "runtime": logitless.audit()["runtime"]}  # fmt: skip
     logitless.uninstall()
     return row
+
+
+def _two_steps(
+    model: torch.nn.Module, loss_of: Callable[[torch.nn.Module], torch.Tensor]
+) -> tuple[list[float], dict[str, torch.Tensor] | None]:
+    """Two SGD steps on an engine-wrapped model: each step's loss, and the full gradients of the first. Step 2 runs on
+    the updated (resharded, re-gathered) parameters: the engines' state after a fused step."""
+    deepspeed_engine = hasattr(model, "backward")
+    optimizer = None if deepspeed_engine else torch.optim.SGD(model.parameters(), lr=LR)
+    losses, grads = [], None
+    for step in range(2):
+        loss = loss_of(model)
+        losses.append(float(loss.detach().float()))
+        if deepspeed_engine:
+            model.backward(loss)
+        else:
+            loss.backward()
+        if step == 0:
+            grads = _full_grads(model)
+            if deepspeed_engine:
+                model.step()
+            elif optimizer is not None:
+                optimizer.step()
+                optimizer.zero_grad()
+    return losses, grads
 
 
 def run(setup: str, rank: int) -> dict[str, Any]:
@@ -427,30 +438,16 @@ def _run(setup: str, rank: int, smoothing: bool) -> dict[str, Any]:
         logitless.uninstall()
         if mode == "logitless":
             logitless.install()
-        model = wrap(builder())
-        deepspeed_engine = hasattr(model, "backward")
-        optimizer = None if deepspeed_engine else torch.optim.SGD(model.parameters(), lr=LR)
-        losses, widths = [], []
-        for step in range(2):
-            # Step 2 runs on the updated (resharded, re-gathered) parameters: the engines' state after a fused step.
+        widths: list[int] = []
+
+        def loss_of(model: torch.nn.Module) -> torch.Tensor:
             if smoothing:
-                loss = smoothed_loss(model, ids)
-            else:
-                out = model(input_ids=ids, labels=labels_of(ids))
-                loss = out.loss
-                widths.append(int(out.logits.shape[-1]))
-            losses.append(float(loss.detach().float()))
-            if deepspeed_engine:
-                model.backward(loss)
-            else:
-                loss.backward()
-            if step == 0:
-                grads = _full_grads(model)
-                if deepspeed_engine:
-                    model.step()
-                else:
-                    optimizer.step()
-                    optimizer.zero_grad()
+                return smoothed_loss(model, ids)
+            out = model(input_ids=ids, labels=labels_of(ids))
+            widths.append(int(out.logits.shape[-1]))
+            return out.loss
+
+        losses, grads = _two_steps(wrap(builder()), loss_of)
         row[mode] = {"losses": losses, "logits_widths": widths, "grads": grads}
     report = logitless.audit()
     row["runtime"] = report["runtime"]
