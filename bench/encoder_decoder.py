@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
-import time
+
+from _steps import timed_steps  # bench/ is on sys.path: these run as scripts
 
 
 def _step(args: argparse.Namespace) -> dict[str, float]:
@@ -50,13 +50,7 @@ def _step(args: argparse.Namespace) -> dict[str, float]:
         out.loss.backward()
         return float(out.loss)
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    step()
-    start = time.perf_counter()
-    loss = [step() for _ in range(2)][-1]
-    seconds = (time.perf_counter() - start) / 2
-    added = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-    return {"loss": loss, "seconds": seconds, "added_mib": added}
+    return timed_steps(step)
 
 
 def main() -> None:

@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
-import time
 from typing import Any
+
+from _steps import timed_steps  # bench/ is on sys.path: these run as scripts
 
 METHODS = ("stock", "logitless", "torch_lce")
 WORKLOADS = {
@@ -93,12 +93,7 @@ def _step(args: argparse.Namespace) -> dict[str, float]:
         loss.backward()
         return float(loss.detach())
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    step()
-    start = time.perf_counter()
-    loss = [step() for _ in range(2)][-1]
-    seconds = (time.perf_counter() - start) / 2
-    added = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    result = timed_steps(step)
     if args.mode == "logitless":
         import logitless
 
@@ -108,7 +103,7 @@ def _step(args: argparse.Namespace) -> dict[str, float]:
         if args.workload == "smoothing":
             calls = report["integrations"]["hf_trainer"]["calls"]
             assert calls == {"fused": 3, "materialised": 0}, calls
-    return {"loss": loss, "seconds": seconds, "added_mib": added}
+    return result
 
 
 def main() -> None:

@@ -30,13 +30,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
+
+from _steps import timed_steps  # bench/ is on sys.path: these run as scripts
 
 ROOT = Path(__file__).resolve().parent.parent
 PINNED = "1.16.0"
@@ -92,19 +92,14 @@ def _step(args: argparse.Namespace) -> dict[str, float]:
         loss.backward()
         return float(loss.detach())
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    step()
-    start = time.perf_counter()
-    loss = [step() for _ in range(2)][-1]
-    seconds = (time.perf_counter() - start) / 2
-    added = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    result = timed_steps(step)
     if args.logitless:
         import logitless
 
         # Proof that the fused path ran: a run that silently fell back would measure stock twice.
         report = logitless.audit()
         assert report["runtime"] == {"fused": 3, "stock": {}}, report["runtime"]
-    return {"loss": loss, "seconds": seconds, "added_mib": added}
+    return result
 
 
 def main() -> None:
