@@ -46,11 +46,17 @@ METHODS = [
     "logitless_tokens_mean",
     "trl_tokens",
     "materialised_tokens",
+    "logitless_tokens_frozen",
+    "trl_tokens_frozen",
+    "materialised_tokens_frozen",
 ]
 # Per-token rows (what TRL's trainers ask of a fused head): log-probs at temperature 0.7 with entropy and top-1,
 # forward + backward with a random per-token upstream gradient through the log-probs. Their loss is
-# -Σ u_i·log p_i / count, not the cross-entropy, so they have no error columns against the reference.
-TOKEN_METHODS = {"logitless_tokens", "logitless_tokens_mean", "trl_tokens", "materialised_tokens"}
+# -Σ u_i·log p_i / count, not the cross-entropy, so they have no error columns against the reference. The "_frozen"
+# rows run the same call with the head frozen (LoRA: only the hidden states get a gradient).
+FROZEN_SUFFIX = "_frozen"
+TOKEN_METHODS = {"logitless_tokens", "logitless_tokens_mean", "trl_tokens", "materialised_tokens",
+                 "logitless_tokens_frozen", "trl_tokens_frozen", "materialised_tokens_frozen"}  # fmt: skip
 TEMPERATURE = 0.7
 LABELS = {
     "stock": "stock HF (materialised)",
@@ -64,6 +70,9 @@ LABELS = {
     "logitless_tokens_mean": "per-token, SFT's mean (u_i = 1): logitless (Rust), expect_uniform_grad",
     "trl_tokens": "per-token: TRL ChunkedLogProbFunction",
     "materialised_tokens": "per-token: materialised log_softmax + gather",
+    "logitless_tokens_frozen": "per-token, frozen head: logitless (Rust)",
+    "trl_tokens_frozen": "per-token, frozen head: TRL ChunkedLogProbFunction",
+    "materialised_tokens_frozen": "per-token, frozen head: materialised log_softmax + gather",
 }
 IGNORE_INDEX = -100
 
@@ -222,13 +231,14 @@ def run_reference(n: int, h: int, v: int, dtype: torch.dtype, ignored: float, ou
 
 def run_child(args: argparse.Namespace) -> None:
     dtype = DTYPES[args.dtype]
-    fn = method_fn(args.method)
+    frozen = args.method.endswith(FROZEN_SUFFIX)
+    fn = method_fn(args.method.removesuffix(FROZEN_SUFFIX))
     hidden, weight, targets = make_inputs(args.n, args.h, args.v, dtype, args.ignored)
     hidden.requires_grad_()
-    weight.requires_grad_()
+    weight.requires_grad_(not frozen)
     # One tiny call first: lazy initialisation (thread pools, compilation, kernels) is neither timed nor counted.
     th, tw, tt = make_inputs(64, 32, 96, dtype, 0.0)
-    fn(th.requires_grad_(), tw.requires_grad_(), tt).backward()
+    fn(th.requires_grad_(), tw.requires_grad_(not frozen), tt).backward()
     del th, tw, tt
     baseline = rss_mib()
     times = []
@@ -242,8 +252,8 @@ def run_child(args: argparse.Namespace) -> None:
         if rep >= args.warmup:
             times.append(elapsed)
     peak = max(maxrss_mib(), baseline)
-    assert hidden.grad is not None and weight.grad is not None
-    grad_mib = (hidden.grad.numel() + weight.grad.numel()) * hidden.grad.element_size() / 2**20
+    assert hidden.grad is not None and (weight.grad is None) == frozen
+    grad_mib = (hidden.numel() + (0 if frozen else weight.numel())) * hidden.grad.element_size() / 2**20
     result = {
         "time_s": statistics.median(times),
         "times_s": times,

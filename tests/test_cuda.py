@@ -110,6 +110,23 @@ def test_all_ignored_batch_is_zero_on_cuda() -> None:
     assert not h.grad.any() and not w.grad.any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frozen_head_per_token_gradient_on_cuda(dtype: torch.dtype) -> None:
+    """reduction="none" with a frozen head: hidden's row gradients formed in the forward pass (sorted chunks on the
+    device), scaled in backward by a per-token upstream gradient."""
+    hidden, weight, _, labels = make(dtype, with_bias=False)
+    grad_output = torch.rand(B, T, generator=torch.Generator().manual_seed(1)) - 0.5
+    opts: dict[str, Any] = {"label_smoothing": 0.05, "logit_softcapping": 5.0, "reduction": "none"}
+    ref = reference(hidden.requires_grad_(), weight, labels, grad_output=grad_output, **opts)
+    h = hidden.detach().cuda().requires_grad_()
+    loss = linear_cross_entropy(h, weight.cuda(), labels.cuda(), **opts)
+    loss.backward(grad_output.cuda())
+    tol_loss, tol_grad = TOLERANCES[dtype]
+    assert_close(loss.cpu(), ref.loss, tol_loss, "loss")
+    assert h.grad is not None and ref.d_hidden is not None
+    assert_close(h.grad.cpu(), ref.d_hidden, tol_grad, "d_hidden")
+
+
 def test_torch_compile_fullgraph_on_cuda() -> None:
     hidden, weight, _, labels = make(torch.bfloat16, with_bias=False)
     ref = reference(hidden.requires_grad_(), weight.requires_grad_(), labels)

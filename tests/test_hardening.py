@@ -133,6 +133,47 @@ def test_linear_subclass_head_takes_the_stock_path() -> None:
     assert logitless.audit()["runtime"]["stock"] == {"linear-subclass": 1}
 
 
+class _DequantisingWeight(torch.Tensor):
+    """A weight whose ``F.linear`` runs its own kernel, as a quantised tensor's does (here: values stored doubled,
+    halved on use). Its raw values are not the weight the model computes with."""
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func is torch.nn.functional.linear:
+            x, w, *rest = args
+            return torch.nn.functional.linear(x, w.as_subclass(torch.Tensor) * 0.5, *rest, **(kwargs or {}))
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def test_tensor_subclass_weight_takes_the_stock_path() -> None:
+    """A plain nn.Linear whose weight is a tensor subclass (torchao's quantised tensors are): fusing its raw values
+    would give a wrong loss, so the forward takes the stock path, counted."""
+    model = tiny.build("llama")
+    raw = (model.lm_head.weight.detach() * 2.0).as_subclass(_DequantisingWeight)
+    model.lm_head.weight = torch.nn.Parameter(raw)
+    assert type(model.lm_head.weight) is _DequantisingWeight
+    stock = _loss_and_grads(model)
+    logitless.install()
+    ours = _loss_and_grads(model)
+    _assert_same(stock, ours)
+    assert ours[2] == tiny.VOCAB  # stock forward: real logits
+    assert logitless.audit()["runtime"]["stock"] == {"weight-subclass": 1}
+
+
+def test_torchao_quantised_head_takes_the_stock_path() -> None:
+    """torchao's ``quantize_`` quantises every nn.Linear, the head included, in place (its class stays nn.Linear):
+    the step crashed under logitless before (its tensor has no kernel for the fused op); now stock's loss."""
+    quantization = pytest.importorskip("torchao.quantization")
+    model = tiny.build("llama").to(torch.bfloat16)
+    quantization.quantize_(model, quantization.Int8WeightOnlyConfig())
+    assert type(model.lm_head) is torch.nn.Linear and type(model.lm_head.weight) is not torch.nn.Parameter
+    stock = model(**_batch()).loss
+    logitless.install()
+    out = model(**_batch())
+    assert out.loss.item() == stock.item()
+    assert logitless.audit()["runtime"]["stock"] == {"weight-subclass": 1}
+
+
 def test_accelerate_align_devices_hook_is_honoured_and_fused() -> None:
     from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 

@@ -808,3 +808,75 @@ def test_expect_uniform_grad_with_a_frozen_head(impl: str) -> None:
     ref = reference(hidden, weight, labels, grad_output=grad_output, reduction="none")
     assert weight.grad is None and hidden.grad is not None and ref.d_hidden is not None
     assert_close(hidden.grad, ref.d_hidden, TOLERANCES[torch.float32][1], "d_hidden")
+
+
+@pytest.mark.parametrize("impl", [*IMPLS, _TRITON_ON_CPU])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("upstream", ["per-token", "uniform", "sparse"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_frozen_head_per_token_gradient_in_one_pass(
+    impl: str, dtype: torch.dtype, upstream: str, with_bias: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A frozen head (LoRA on the backbone, head and bias frozen) with reduction="none": hidden's row gradients are
+    formed in the forward pass and backward scales them row by row, for any per-position upstream gradient (DPO's
+    and GRPO's differ per token), without a hint and without the second pass; exact against float64 with the
+    epilogue, temperature, label smoothing and z-loss on."""
+    from logitless import ops
+
+    second_passes: list[int] = []
+    real = ops._rows_backward
+    monkeypatch.setattr(ops, "_rows_backward", lambda *a: second_passes.append(1) or real(*a))
+    hidden, weight, bias, labels = make(dtype, with_bias=with_bias, seed=11)
+    weight.requires_grad_(False)
+    if bias is not None:
+        bias.requires_grad_(False)
+    gen = torch.Generator().manual_seed(2)
+    grad_output = {
+        "per-token": torch.rand(B, T, generator=gen) * 2 - 1,
+        "uniform": torch.full((B, T), 0.25),
+        "sparse": torch.where(torch.rand(B, T, generator=gen) < 0.5, 0.0, 3.0),
+    }[upstream]
+    opts = {"label_smoothing": 0.1, "z_loss": 1e-3, "logit_scale_multiply": 0.5, "reduction": "none"}
+    loss = linear_cross_entropy(hidden, weight, labels, bias=bias, impl=impl, temperature=0.7, **opts)
+    ref = reference(hidden, weight, labels, bias=bias, grad_output=grad_output, logit_scale_divide=0.7, **opts)
+    tol_loss, tol_grad = TOLERANCES[dtype]
+    assert_close(loss, ref.loss, tol_loss, "loss")
+    loss.backward(grad_output)
+    assert second_passes == []
+    assert weight.grad is None and (bias is None or bias.grad is None)
+    assert hidden.grad is not None and hidden.grad.dtype == dtype and ref.d_hidden is not None
+    assert_close(hidden.grad, ref.d_hidden, tol_grad, "d_hidden")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_frozen_head_retain_graph_and_no_gradient(impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The row gradients formed ahead serve the first backward; a retained graph's second backward runs the second
+    pass, and both equal the float64 reference. Nothing is formed ahead when no input needs a gradient."""
+    from logitless import ops
+
+    second_passes: list[int] = []
+    real = ops._rows_backward
+    monkeypatch.setattr(ops, "_rows_backward", lambda *a: second_passes.append(1) or real(*a))
+    formed: list[tuple[str, bool]] = []
+    real_op = torch.ops.logitless.linear_cross_entropy
+
+    def spy(*args: Any) -> Any:
+        formed.append((args[12], args[14]))  # the op's reduction and need_d_hidden
+        return real_op(*args)
+
+    monkeypatch.setattr(torch.ops.logitless, "linear_cross_entropy", spy)
+    hidden, weight, _, labels = make(seed=5)
+    weight.requires_grad_(False)
+    grad_output = torch.rand(B, T, generator=torch.Generator().manual_seed(3))
+    loss = linear_cross_entropy(hidden, weight, labels, impl=impl, reduction="none")
+    ref = reference(hidden, weight, labels, grad_output=grad_output, reduction="none")
+    assert ref.d_hidden is not None
+    for call in range(2):
+        hidden.grad = None
+        loss.backward(grad_output, retain_graph=True)
+        assert second_passes == [1] * call
+        assert hidden.grad is not None
+        assert_close(hidden.grad, ref.d_hidden, TOLERANCES[torch.float32][1], f"d_hidden, backward {call + 1}")
+    with torch.no_grad():
+        linear_cross_entropy(hidden, weight, labels, impl=impl, reduction="none")
+    assert formed == [("none+sum-grad", True), ("none", False)]

@@ -41,6 +41,10 @@ def test_out_of_range_label_in_last_position_is_dropped_by_the_shift(impl: str) 
         linear_cross_entropy(hidden, weight, labels, shift=False, impl=impl)
 
 
+class _Quantised(torch.Tensor):
+    """A tensor subclass standing in for a quantised weight (torchao's, NF4)."""
+
+
 CASES: list[tuple[str, type[Exception], str, dict[str, Any]]] = [
     ("hidden 1-d", ValueError, r"^hidden: expected \[B, T, H\] or \[N, H\]", {"hidden": torch.randn(H)}),
     ("hidden int", TypeError, "^hidden: expected float32", {"hidden": torch.ones(N, H, dtype=torch.int64)}),
@@ -69,6 +73,11 @@ CASES: list[tuple[str, type[Exception], str, dict[str, Any]]] = [
     ("z_loss nan", ValueError, "^z_loss: expected a finite number", {"z_loss": math.nan}),
     ("ignore_index float", TypeError, "^ignore_index: expected an int", {"ignore_index": -100.0}),
     ("hidden type", TypeError, "^hidden: expected a torch.Tensor, got list", {"hidden": [1.0]}),
+    # A subclass's F.linear is its own kernel: its raw values are not the weight.
+    ("weight subclass", TypeError, "^weight: expected a plain torch.Tensor or nn.Parameter, got the tensor subclass",
+     {"weight": torch.randn(V, H).as_subclass(_Quantised)}),
+    ("bias subclass", TypeError, "^bias: expected a plain torch.Tensor or nn.Parameter, got the tensor subclass",
+     {"bias": torch.randn(V).as_subclass(_Quantised)}),
     # Constants that want a gradient would silently get none.
     ("multiply learned", TypeError, "^logit_scale_multiply: expected a number or a tensor that does not require grad",
      {"logit_scale_multiply": torch.tensor(2.0, requires_grad=True)}),

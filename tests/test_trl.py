@@ -307,20 +307,24 @@ def _compare_logs(ours: list[dict[str, float]], reference: list[dict[str, float]
             assert math.isclose(a[key], b[key], rel_tol=1e-5, abs_tol=1e-6), (step, key, a[key], b[key])
 
 
-def _dpo_run(name: str) -> list[dict[str, float]]:
+def _dpo_run(name: str, peft_config: Any = None) -> list[dict[str, float]]:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     g = torch.Generator().manual_seed(0)
     rows = [{"prompt": _words(g, 5), "chosen": " " + _words(g, 4), "rejected": " " + _words(g, 3)} for _ in range(8)]
     args = DPOConfig(**_training_args())
-    trainer = DPOTrainer(model=tiny.build(name), ref_model=tiny.build(name), args=args,
+    # With LoRA the reference is the base model (the adapters disabled), as TRL does without a ref_model.
+    ref_model = tiny.build(name) if peft_config is None else None
+    if peft_config is not None:
+        torch.manual_seed(7)  # LoRA A matrices are random: the same in both runs
+    trainer = DPOTrainer(model=tiny.build(name), ref_model=ref_model, args=args, peft_config=peft_config,
                          train_dataset=Dataset.from_list(rows), processing_class=_word_tokenizer())  # fmt: skip
     trainer.train()
     return [e for e in trainer.state.log_history if "grad_norm" in e]
 
 
-def _grpo_run(name: str) -> list[dict[str, float]]:
+def _grpo_run(name: str, peft_config: Any = None) -> list[dict[str, float]]:
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -331,7 +335,9 @@ def _grpo_run(name: str) -> list[dict[str, float]]:
     rows = [{"prompt": _words(g, 5)} for _ in range(8)]
     # entropy_coef: the loss differentiates the entropy, so its gradient is checked too.
     args = GRPOConfig(**_training_args(), num_generations=4, max_completion_length=6, entropy_coef=0.1, beta=0.0)
-    trainer = GRPOTrainer(model=tiny.build(name), reward_funcs=reward, args=args,
+    if peft_config is not None:
+        torch.manual_seed(7)
+    trainer = GRPOTrainer(model=tiny.build(name), reward_funcs=reward, args=args, peft_config=peft_config,
                           train_dataset=Dataset.from_list(rows), processing_class=_word_tokenizer())  # fmt: skip
     trainer.train()
     return [e for e in trainer.state.log_history if "grad_norm" in e]
@@ -392,6 +398,28 @@ def test_preference_and_rl_trainers_run_through_logitless(trainer: str, monkeypa
     assert logitless.audit()["integrations"]["trl"]["calls"] == {"fused": expected, "materialised": 0}
     # Their per-token gradients differ from token to token: the second kernel pass ran (no gradient formed ahead).
     assert second_pass.call_count > 0
+    _compare_logs(ours, reference, keys)
+
+
+@pytest.mark.parametrize("trainer", ["dpo", "grpo"])
+def test_preference_and_rl_trainers_with_lora_take_no_second_pass(trainer: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The usual LoRA run of DPO and GRPO (adapters on the attention, the head frozen): their per-token upstream
+    gradients differ from token to token, yet only the hidden states need one, so it is formed in the forward pass
+    and scaled in backward (no second kernel pass); every logged value equals the run with the exact reference
+    head (DPO's reference log-probs come from the base model with the adapters disabled)."""
+    from unittest import mock
+
+    from peft import LoraConfig
+
+    from logitless import ops
+
+    run, name, keys, _ = _TRAINERS[trainer]
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    with mock.patch.object(ops, "_rows_backward", wraps=ops._rows_backward) as second_pass:
+        reference, ours = _reference_then_ours(trainer, functools.partial(run, peft_config=config), name, monkeypatch)
+    calls = logitless.audit()["integrations"]["trl"]["calls"]
+    assert calls["fused"] > 0 and calls["materialised"] == 0
+    assert second_pass.call_count == 0
     _compare_logs(ours, reference, keys)
 
 

@@ -120,6 +120,17 @@ class HeadPlan:
         return entry.hook.post_forward(entry.module, rest(args[0]))
 
 
+def _plain_parameters(linear: nn.Module) -> bool:
+    """Whether ``F.linear`` on the linear's weight and bias is torch's own matmul. A tensor subclass (a quantised
+    weight: torchao's ``Int8Tensor``, an NF4 tensor) dispatches it to its own kernel, whose dequantisation and
+    rounding the fused op cannot reproduce (and its raw values are not the weight). ``DTensor`` parameters are the
+    engines' and tensor parallelism's, handled by their own rules."""
+    for t in (linear.weight, getattr(linear, "bias", None)):
+        if t is not None and type(t) not in (torch.Tensor, nn.Parameter) and not _is_dtensor(t):
+            return False
+    return True
+
+
 def _is_dtensor(t: Any) -> bool:
     try:
         from torch.distributed.tensor import DTensor
@@ -292,6 +303,8 @@ def explain_head(head: Any) -> HeadPlan | str:
         unsharded |= way.fsdp_unsharded
         cls = _engines.base_class(module)
         if cls is nn.Linear:
+            if not _plain_parameters(module):
+                return "weight-subclass"
             entries.append(_Entry(module, way.hook, None, way.engine_hooks))
             shard = way.shard if isinstance(way.shard, _engines.VocabShard) else None
             return HeadPlan(entries=tuple(entries), linear=module, shard=shard)  # type: ignore[arg-type]
@@ -314,6 +327,8 @@ def explain_head(head: Any) -> HeadPlan | str:
                 linear: Any = peft.linear
                 if _way_in(linear, unsharded) != _Way():
                     return "peft-tokens-layout"
+                if not _plain_parameters(linear):
+                    return "weight-subclass"
                 return HeadPlan(entries=tuple(entries), linear=linear, merged_weight=peft.weight)
             module = peft.child
             continue

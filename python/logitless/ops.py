@@ -7,7 +7,8 @@ Layers, outermost first:
   autograd formula, so a caller compiles with ``torch.compile(fullgraph=True)``). The forward computes the loss and,
   when they are needed, the gradients already scaled by ``1/normaliser``; backward only multiplies them by
   ``grad_output``. For ``reduction="none"`` the forward computes losses only, and backward re-runs the fused pass
-  with the incoming per-row gradient as row weights (``logitless::linear_cross_entropy_rows_backward``).
+  with the incoming per-row gradient as row weights (``logitless::linear_cross_entropy_rows_backward``), unless
+  the forward could form them ahead (``_ROWS_AHEAD``: a frozen head, or ``expect_uniform_grad`` on CPU).
 * the Rust kernel (``_rust.fused_lce`` → ``_core.fused_linear_cross_entropy``, CPU) or ``torch_path.fused_lce``
   (any device), both taking the call's ``_options.LossOptions``; the ops' schemas carry it as primitives
   (``LossOptions.scalars`` / ``LossOptions.from_op``).
@@ -41,9 +42,11 @@ class TokenStats(NamedTuple):
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _REDUCTIONS = ("mean", "sum", "none")
-# The op's reduction for ``"none"`` with ``expect_uniform_grad`` on CPU: per-row losses, plus the gradients of their
-# sum formed in the same pass, scaled in backward when the upstream gradient is one value over the counted rows.
-_ROWS_UNIFORM = "none+sum-grad"
+# The op's reduction for ``"none"`` when backward can reuse the gradients of the per-row losses' sum, formed in the
+# same pass: with a frozen head (only ``hidden`` needs a gradient; row i of it depends on loss i alone, so any
+# upstream gradient scales it row by row), or with ``expect_uniform_grad`` on CPU (one value over the counted rows,
+# checked in backward).
+_ROWS_AHEAD = "none+sum-grad"
 _EMPTY_GRAD = (0,)
 
 
@@ -108,7 +111,9 @@ def linear_cross_entropy(
     differentiated with one value at every counted position (a sum or mean taken later, as TRL's SFT loss is). On
     CPU the gradients are then formed in this pass, as for ``"sum"``, and backward scales them when the upstream
     gradient is one value over the counted positions; otherwise it runs the second pass as without the hint (exact
-    either way; the hint costs that pass's worth of work when wrong). Ignored elsewhere.
+    either way; the hint costs that pass's worth of work when wrong). Ignored elsewhere. With a frozen head (only
+    ``hidden`` needs a gradient) no hint is needed: its row gradients are formed in this pass on any device and
+    backward scales them by any per-position upstream gradient.
     """
     hidden, weight, bias = _checked_tensors(hidden, weight, bias, rows="V")
     vocab = weight.shape[0]
@@ -145,9 +150,12 @@ def linear_cross_entropy(
 
     lead_shape = hidden.shape[:-1]
     rows = math.prod(lead_shape)  # not reshape(-1, H): ambiguous when H == 0
-    if expect_uniform_grad and device.type == "cpu" and not torch.compiler.is_compiling():
-        # Checked in backward on the host, which on CPU costs no device sync.
-        reduction = _ROWS_UNIFORM
+    if reduction == "none" and not torch.compiler.is_compiling():
+        # A frozen head's row gradients are scaled in backward on any device; the uniform value is checked in
+        # backward on the host, which on CPU costs no device sync.
+        frozen_head = need_dh and not need_dw and not need_db
+        if frozen_head or (expect_uniform_grad and device.type == "cpu"):
+            reduction = _ROWS_AHEAD
     loss, _, _, _, stats = torch.ops.logitless.linear_cross_entropy(
         hidden.reshape(rows, hidden.shape[-1]),
         weight,
@@ -164,7 +172,7 @@ def linear_cross_entropy(
         options.epilogue.temperature or 0.0,
         return_token_stats,
     )
-    if reduction in ("none", _ROWS_UNIFORM):
+    if reduction in ("none", _ROWS_AHEAD):
         loss = loss.reshape(lead_shape)
     if not return_token_stats:
         return loss
@@ -186,6 +194,16 @@ def _checked_tensors(
     for what, value in (("hidden", hidden), ("weight", weight)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{what}: expected a torch.Tensor, got {type(value).__name__}")
+    if not torch.compiler.is_compiling():  # tracing hands every tensor in as a fake or functional subclass
+        for what, value in (("weight", weight), ("bias", bias)):
+            if value is not None and type(value) not in (torch.Tensor, torch.nn.Parameter):
+                # A quantised weight (torchao, NF4) runs F.linear through its own kernel; its raw values are not
+                # the weight, so computing with them would give a silently different loss.
+                raise TypeError(
+                    f"{what}: expected a plain torch.Tensor or nn.Parameter, got the tensor subclass "
+                    f"{type(value).__module__}.{type(value).__qualname__} (F.linear on it runs the subclass's own "
+                    "kernel); pass a dequantised tensor, or compute its logits and the stock loss"
+                )
     if hidden.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"hidden: expected float32, bfloat16, float16 or float64, got {hidden.dtype}")
     if hidden.dim() not in (2, 3):
@@ -358,7 +376,7 @@ def _lce_op(
     count_host = None
     if device.type == "cpu":
         count_host = _check_targets_cpu(targets, weight.shape[0], ignore_index)
-    per_row = reduction in ("none", _ROWS_UNIFORM)
+    per_row = reduction in ("none", _ROWS_AHEAD)
     need = (need_d_hidden, need_d_weight, need_d_bias) if reduction != "none" else (False, False, False)
 
     # The normaliser, as a device tensor so that the accelerator path never syncs.
@@ -443,7 +461,7 @@ def _lce_fake(
     want_stats: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     acc = _acc_dtype(hidden.dtype)
-    per_row = reduction in ("none", _ROWS_UNIFORM)
+    per_row = reduction in ("none", _ROWS_AHEAD)
     loss = hidden.new_empty((hidden.shape[0],) if per_row else (), dtype=acc)
     grads = reduction != "none"
     return (
@@ -533,7 +551,7 @@ def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, outp
     # The gradient outputs are never differentiated; materialised zero "gradients" for them would cost a V×H
     # temporary in every backward (125 MiB for a 32000×1024 float32 head).
     ctx.set_materialize_grads(False)
-    if reduction in ("none", _ROWS_UNIFORM):
+    if reduction in ("none", _ROWS_AHEAD):
         ctx.save_for_backward(hidden, weight, bias, targets, logits_bias)
         ctx.options = LossOptions.from_op(
             None, ignore_index, label_smoothing, z_loss, multiply, divide, softcap, impl, temperature
@@ -541,7 +559,7 @@ def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, outp
         # The sum's gradients, for the first backward only: it scales them in place (no V×H copy) and a later one
         # (retain_graph) runs the second pass. Detached aliases: the op's outputs on their own node would be a cycle.
         ctx.precomputed = None
-        if reduction == _ROWS_UNIFORM:
+        if reduction == _ROWS_AHEAD:
             _, d_hidden, d_weight, d_bias, _stats = output
             ctx.precomputed = (d_hidden.detach(), d_weight.detach(), d_bias.detach())
     else:
@@ -585,12 +603,19 @@ def _backward(
     grads: list[torch.Tensor | None] = [None] * _N_INPUTS
     if grad_loss is None:  # the loss itself was not differentiated (only a gradient output was)
         return tuple(grads)
-    if ctx.reduction in ("none", _ROWS_UNIFORM):
+    if ctx.reduction in ("none", _ROWS_AHEAD):
         hidden, weight, bias, targets, logits_bias = ctx.saved_tensors
         options: LossOptions = ctx.options
         precomputed, ctx.precomputed = ctx.precomputed, None
-        factor = _uniform_factor(grad_loss, targets, options.ignore_index) if precomputed is not None else None
-        if precomputed is not None and factor is not None:
+        rows_only = ctx.need == (True, False, False)
+        factor = None
+        if precomputed is not None and not rows_only:
+            factor = _uniform_factor(grad_loss, targets, options.ignore_index)
+        if precomputed is not None and rows_only:
+            # Only hidden's gradient: row i of ∇Σ_i g_i·l_i is g_i times row i of ∇Σ_i l_i (l_i reads row i alone).
+            # In place, in hidden's dtype (the product formed in float32, as the uniform scaling below).
+            d_hidden, d_weight, d_bias = precomputed[0].mul_(grad_loss.reshape(-1, 1)), None, None
+        elif precomputed is not None and factor is not None:
             # Σ_i g·∇l_i = g·∇Σ_i l_i: the sum's gradients from the forward pass, scaled (ignored rows add nothing).
             d_hidden, d_weight, d_bias = precomputed if _is_one(factor) else (t.mul_(factor) for t in precomputed)
         else:
