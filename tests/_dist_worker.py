@@ -52,6 +52,13 @@ def build_llama(vocab: int = tiny.VOCAB) -> torch.nn.Module:
     return transformers.LlamaForCausalLM(config).float()
 
 
+def build_llama_frozen_head() -> torch.nn.Module:
+    """LoRA's usual layout, as far as the head is concerned: the head (and the embedding, if tied) frozen."""
+    model = build_llama()
+    model.lm_head.weight.requires_grad_(False)
+    return model
+
+
 def build_inkling2() -> torch.nn.Module:
     """Inkling2 ends with an epilogue module (``self.logit_softcap``); a small cap, so that it matters."""
     from logitless._verify.compare import build
@@ -226,6 +233,9 @@ SETUPS: dict[str, tuple[Callable[[], torch.nn.Module], Callable[[torch.nn.Module
     "fsdp2-head-grouped": (build_llama, lambda m: _fsdp(m, head="grouped"), False),
     "fsdp2-bf16": (build_llama, lambda m: _fsdp(m, head="own", bf16=True), False),
     "zero3": (build_llama, _zero3, False),
+    # Engines for TRL's per-token head with a frozen head only (TRL_SETUPS).
+    "frozen-head-fsdp2-head-own-unit": (build_llama_frozen_head, lambda m: _fsdp(m, head="own"), False),
+    "frozen-head-zero3": (build_llama_frozen_head, _zero3, False),
     "zero2": (build_llama, lambda m: _zero3(m, stage=2), False),
     "fsdp1-head-in-root": (build_llama, lambda m: _fsdp1(m, head="root"), False),
     "fsdp1-head-own-unit": (build_llama, lambda m: _fsdp1(m, head="own"), False),
@@ -346,11 +356,14 @@ KEEP_LOGITS_SETUPS = {"keep-fsdp2-head-own-unit": "fsdp2-head-own-unit",
 
 # TRL's heads on an engine, added before the engine wraps the model as TRL's trainers do: TRL >= 1.15's fused head with
 # SFT's mean loss, its gradient formed in the forward pass ("fused") or, without the hint, in the second kernel pass
-# that DPO / GRPO / KTO take ("tokens"), and TRL 1.5-1.14's chunked SFT head. setup -> (head, the engine's setup).
+# that DPO / GRPO / KTO take ("tokens"), or with a frozen head, formed in the forward pass without a hint ("tokens"
+# on a "frozen-head-*" engine), and TRL 1.5-1.14's chunked SFT head. setup -> (head, the engine's setup).
 TRL_SETUPS = {"trl-sft-fsdp2-head-own-unit": ("fused", "fsdp2-head-own-unit"), "trl-sft-zero3": ("fused", "zero3"),
               "trl-tokens-fsdp2-head-own-unit": ("tokens", "fsdp2-head-own-unit"), "trl-tokens-zero3": ("tokens", "zero3"),
               "trl-chunked-fsdp2-head-own-unit": ("chunked", "fsdp2-head-own-unit"),
-              "trl-chunked-zero3": ("chunked", "zero3")}  # fmt: skip
+              "trl-chunked-zero3": ("chunked", "zero3"),
+              "trl-tokens-frozen-fsdp2": ("tokens", "frozen-head-fsdp2-head-own-unit"),
+              "trl-tokens-frozen-zero3": ("tokens", "frozen-head-zero3")}  # fmt: skip
 
 
 def run_trl(setup: str, rank: int) -> dict[str, Any]:
