@@ -425,7 +425,7 @@ def test_float64_gradcheck(impl: str) -> None:
 
 def _sync_free(
     targets: torch.Tensor, *, skip_ignored: bool, budget_rows: int, dtype: torch.dtype = torch.float32,
-    seed: int = 0, monkeypatch: pytest.MonkeyPatch | None = None,
+    seed: int = 0, monkeypatch: pytest.MonkeyPatch | None = None, frozen_head: bool = False,
 ) -> tuple[torch_path.Result, Any, list[int]]:  # fmt: skip
     """The accelerator mode of the torch path (``compact=False``) run on CPU: result, float64 reference, and the
     number of rows each chunk sent through the GEMMs."""
@@ -442,7 +442,8 @@ def _sync_free(
         hidden.detach(), weight.detach(), bias.detach(), targets,
         LossOptions(label_smoothing=0.1, z_loss=1e-3, epilogue=Epilogue(multiply=0.5, softcap=4.0)),
         grad_scale=torch.tensor(1.0 / max(n, 1)),
-        row_scale=None, want_per_row=True, need_d_hidden=True, need_d_weight=True, need_d_bias=True,
+        row_scale=None, want_per_row=True, need_d_hidden=True, need_d_weight=not frozen_head,
+        need_d_bias=not frozen_head,
         compact=False, budget_bytes=V * 4 * 3 * budget_rows, skip_ignored=skip_ignored, row_pass=counting_row_pass,
     )  # fmt: skip
     ref = reference(
@@ -707,6 +708,21 @@ def test_torch_path_token_stats_equal_in_both_modes() -> None:
     torch.testing.assert_close(dense.token_stats, compact.token_stats, rtol=1e-6, atol=1e-7)
     assert (dense.token_stats[targets == -100] == 0).all()
     assert (dense.token_stats[targets != -100, 0] > 0).all()  # entropies of real rows
+
+
+@pytest.mark.parametrize("skip_ignored", [True, False])
+@pytest.mark.parametrize("budget_rows", [5, 1000])
+def test_sync_free_mode_frozen_head_rows_and_hidden_gradient(skip_ignored: bool, budget_rows: int) -> None:
+    """What a frozen head's reduction="none" asks of an accelerator: per-row losses and hidden's gradient of their
+    sum in one pass, rows sorted (or masked) and scattered back, no weight or bias gradient formed."""
+    _, _, _, labels = make(three_d=False)
+    res, ref, _ = _sync_free(labels, skip_ignored=skip_ignored, budget_rows=budget_rows, frozen_head=True)
+    assert res.d_weight is None and res.d_bias is None
+    assert res.d_hidden is not None and res.per_row is not None
+    assert_close(res.d_hidden, ref.d_hidden, 2e-5, "d_hidden")
+    assert bool((res.per_row[labels == -100] == 0).all())
+    n = int((labels != -100).sum())
+    assert_close(res.per_row.sum() / n, ref.loss / n, 2e-5, "summed per-row loss")
 
 
 @pytest.mark.parametrize("budget_rows", [1000, 5])
