@@ -362,6 +362,7 @@ TRL_SETUPS = {"trl-sft-fsdp2-head-own-unit": ("fused", "fsdp2-head-own-unit"), "
               "trl-tokens-fsdp2-head-own-unit": ("tokens", "fsdp2-head-own-unit"), "trl-tokens-zero3": ("tokens", "zero3"),
               "trl-chunked-fsdp2-head-own-unit": ("chunked", "fsdp2-head-own-unit"),
               "trl-chunked-zero3": ("chunked", "zero3"),
+              "trl-sft-ddp": ("fused", "ddp"), "trl-tokens-ddp": ("tokens", "ddp"),
               "trl-tokens-frozen-fsdp2": ("tokens", "frozen-head-fsdp2-head-own-unit"),
               "trl-tokens-frozen-zero3": ("tokens", "frozen-head-zero3")}  # fmt: skip
 

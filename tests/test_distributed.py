@@ -207,7 +207,7 @@ def test_kept_logits_beside_the_fused_loss(ranks: list[dict[str, Any]], setup: s
 
 @pytest.mark.parametrize("setup", sorted(worker.TRL_SETUPS))
 def test_trl_heads_on_engines_equal_to_stock(ranks: list[dict[str, Any]], setup: str) -> None:
-    """TRL's heads as logitless replaces them, added before FSDP2 (head its own unit) or ZeRO-3 wraps the model:
+    """TRL's heads as logitless replaces them, added before DDP, FSDP2 (head its own unit) or ZeRO-3 wraps the model:
     TRL >= 1.15's fused head with SFT's mean of ``-log_probs``, its gradient formed in the forward pass or in the
     second kernel pass (which reads the head's weight in backward: ZeRO-3 gathers it again only through its hook on
     what the head's call returned, so the per-token fields are those outputs), the same with a frozen head (LoRA:
