@@ -33,7 +33,7 @@ import subprocess
 import sys
 from typing import Any
 
-from _steps import timed_steps  # bench/ is on sys.path: these run as scripts
+from _steps import llama_shaped, timed_steps  # bench/ is on sys.path: these run as scripts
 
 METHODS = ("stock", "logitless", "torch_lce")
 WORKLOADS = {
@@ -66,10 +66,9 @@ def _step(args: argparse.Namespace) -> dict[str, float]:
         import logitless
 
         logitless.install()
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+    from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.width, intermediate_size=2 * args.width,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)  # fmt: skip
+    config = llama_shaped(args.vocab, args.width)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).train()
     smoothing = EPSILON if args.workload == "smoothing" else 0.0

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 
-from _steps import timed_steps  # bench/ is on sys.path: these run as scripts
+from _steps import llama_shaped, timed_steps, word_tokenizer  # bench/ is on sys.path: these run as scripts
 
 SETUPS = ("lora", "full")
 METHODS = ("TRL fused head", "logitless")
@@ -40,12 +40,10 @@ def _step(args: argparse.Namespace) -> dict[str, float]:
 
         logitless.install()
     from datasets import Dataset
-    from tokenizers import Tokenizer, models
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaForCausalLM
     from trl import DPOConfig, DPOTrainer
 
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.width, intermediate_size=2 * args.width,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)  # fmt: skip
+    config = llama_shaped(args.vocab, args.width)
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     model = LlamaForCausalLM(config).to(dtype).train()
@@ -59,10 +57,7 @@ def _step(args: argparse.Namespace) -> dict[str, float]:
     else:
         torch.manual_seed(1)
         ref_model = LlamaForCausalLM(config).to(dtype).eval()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(8)}, unk_token="t1")),
-        pad_token="t0", eos_token="t2",
-    )  # fmt: skip
+    tokenizer = word_tokenizer()
     rows = [{"prompt": "t3", "chosen": " t4", "rejected": " t5"}]
     training = DPOConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, report_to=[], bf16=False)
     torch.manual_seed(2)

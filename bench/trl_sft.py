@@ -36,7 +36,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from _steps import timed_steps  # bench/ is on sys.path: these run as scripts
+from _steps import llama_shaped, timed_steps, word_tokenizer  # bench/ is on sys.path: these run as scripts
 
 ROOT = Path(__file__).resolve().parent.parent
 PINNED = "1.16.0"
@@ -61,21 +61,16 @@ def _step(args: argparse.Namespace) -> dict[str, float]:
 
         logitless.install()
     from datasets import Dataset
-    from tokenizers import Tokenizer, models
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaForCausalLM
     import trl
     from trl import SFTConfig, SFTTrainer
 
     assert trl.__version__ == args.trl, (trl.__version__, args.trl)
 
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.width, intermediate_size=2 * args.width,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)  # fmt: skip
+    config = llama_shaped(args.vocab, args.width)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(getattr(torch, args.dtype)).train()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(8)}, unk_token="t1")),
-        pad_token="t0", eos_token="t2",
-    )  # fmt: skip
+    tokenizer = word_tokenizer()
     extra = {} if args.loss_type == "nll" and args.trl.startswith("0.") else {"loss_type": args.loss_type}
     training = SFTConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, report_to=[], bf16=False,
                          dataset_kwargs={"skip_prepare_dataset": True}, **extra)  # fmt: skip
