@@ -7,6 +7,8 @@ EXT    := $(VENV)/.ext-built
 CARGO_TEST_FLAGS ?= --release --workspace --exclude logitless-py
 TRL_LEGACY     := 0.19.1 0.24.0 1.5.1 1.14.2
 TRL_LEGACY_DIR := .trl-legacy
+TORCHAO        := 0.18.0
+TORCHAO_DIR    := .torchao
 
 .PHONY: demo test test-rust test-python test-transformers4 build bench lint fmt clean
 
@@ -21,7 +23,7 @@ test-rust:
 	cargo test $(CARGO_TEST_FLAGS)
 	cargo test -q --release -p logitless-kernel --test isa_paths -- --nocapture
 
-test-python: build $(TRL_LEGACY_DIR)/.fetched
+test-python: build $(TRL_LEGACY_DIR)/.fetched $(TORCHAO_DIR)/.fetched
 	$(PY) -m pytest -q
 
 # Older TRL releases, their source only (unpacked wheels, not installed), for tests/test_trl_legacy.py: SFTTrainer
@@ -32,6 +34,14 @@ $(TRL_LEGACY_DIR)/.fetched: Makefile $(STAMP)
 	  $(PY) -m pip download -q --no-deps "trl==$$v" -d $(TRL_LEGACY_DIR)/wheels && \
 	  $(PY) -m zipfile -e $(TRL_LEGACY_DIR)/wheels/trl-$$v-py3-none-any.whl $(TRL_LEGACY_DIR)/trl-$$v || exit 1; \
 	done
+	touch $@
+
+# torchao unpacked, not installed (on this torch it warns on every transformers import), for tests/test_hardening.py:
+# a head quantised by torchao's quantize_, run in a child process with it on PYTHONPATH.
+$(TORCHAO_DIR)/.fetched: Makefile $(STAMP)
+	rm -rf $(TORCHAO_DIR)
+	$(PY) -m pip download -q --no-deps "torchao==$(TORCHAO)" -d $(TORCHAO_DIR)/wheels
+	$(PY) -m zipfile -e $(TORCHAO_DIR)/wheels/torchao-$(TORCHAO)-*.whl $(TORCHAO_DIR)/site
 	touch $@
 
 # transformers 4.57.6 in .venv-tf4: audit + verify (its forwards slice with `slice_indices`).
