@@ -90,6 +90,44 @@ def test_epilogue_none_means_not_set(impl: str) -> None:
     assert_close(capped, stock(hidden, lm_head, labels, softcap=1.5)[0], 2e-5, "softcapped loss")
 
 
+@pytest.mark.parametrize("end", [V - 6, V, V + 10, None, -4])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_vocab_slice_cuts_the_head_as_the_logits(impl: str, end: int | None, with_bias: bool) -> None:
+    """``vocab_slice_end`` (a padded vocabulary cut back, ``logits[..., :end]``, then the other epilogue steps):
+    the loss and gradients of ForCausalLMLoss on the cut float64 logits, Python's slice rules included (an end past
+    the vocabulary or None keeps it whole, a negative one drops the last columns); the cut rows get zero gradient."""
+    g = torch.Generator().manual_seed(4)
+    lm_head = head(with_bias, seed=4)
+    kept = len(range(V)[:end])
+    hidden = torch.randn(B, T, H, generator=g, requires_grad=True)
+    labels = torch.randint(0, kept, (B, T), generator=g)
+    labels[0, :3] = -100
+    loss = hf_loss(hidden, lm_head, labels, None, vocab_slice_end=end, logit_softcapping=2.0)
+    h = hidden.detach().double().requires_grad_()
+    w = lm_head.weight.detach().double().requires_grad_()
+    b = lm_head.bias.detach().double().requires_grad_() if lm_head.bias is not None else None
+    logits = torch.nn.functional.linear(h, w, b)[..., :end]
+    logits = torch.tanh(logits / 2.0) * 2.0
+    ref = ForCausalLMLoss(logits, labels, kept)
+    assert_close(loss, ref.detach(), 2e-5, "loss")
+    loss.backward()
+    leaves = [x for x in (h, w, b) if x is not None]
+    params = [p for p in (hidden, lm_head.weight, lm_head.bias) if p is not None]
+    for p, r in zip(params, torch.autograd.grad(ref, leaves), strict=True):
+        assert p.grad is not None
+        assert_close(p.grad, r, 2e-5, "grad")
+    assert lm_head.weight.grad is not None and not lm_head.weight.grad[kept:].any()
+
+
+def test_vocab_slice_checks_the_vocab_size_against_the_cut() -> None:
+    lm_head = head(False)
+    labels = torch.zeros(B, T, dtype=torch.long)
+    with pytest.raises(ValueError, match=f"vocab_size: expected the head's output size {V - 5}, got {V}"):
+        hf_loss(torch.randn(B, T, H), lm_head, labels, V, vocab_slice_end=V - 5)
+    with pytest.raises(TypeError, match="vocab_slice_end: expected an int or None, got float"):
+        hf_loss(torch.randn(B, T, H), lm_head, labels, None, vocab_slice_end=3.0)
+
+
 def test_vocab_size_mismatch_raises() -> None:
     lm_head = head(False)
     with pytest.raises(ValueError, match=f"vocab_size: expected the head's output size {V}, got {V + 3}"):

@@ -220,7 +220,7 @@ def _mode_reason(model: Any) -> str | None:
     return None
 
 
-def _stock_reason(model: Any, head: Any, epilogue_modules: tuple[Any, ...]) -> str | None:
+def _stock_reason(model: Any, head: Any, epilogue_modules: tuple[Any, ...], vocab_sliced: bool = False) -> str | None:
     capture = _capture.get()
     reason = _mode_reason(model)
     if reason is not None:
@@ -240,6 +240,9 @@ def _stock_reason(model: Any, head: Any, epilogue_modules: tuple[Any, ...]) -> s
         return plan
     if capture is not None and plan.shard is not None:
         return "tensor-parallel-per-token"
+    if vocab_sliced and plan.shard is not None:
+        # The forward cuts the vocabulary back: the shards would need cutting too.
+        return "tensor-parallel-layout"
     if epilogue_modules:
         from logitless._epilogue_modules import epilogue_keywords
 
@@ -259,7 +262,9 @@ def _passes_loss_function(model: Any) -> bool:
     return not any(installer.runs_canonical(cls) for cls in type(model).__mro__)
 
 
-def fusable(model: Any, head: Any, *epilogue_modules: Any, logits_terms_off: bool = True) -> bool:
+def fusable(
+    model: Any, head: Any, *epilogue_modules: Any, logits_terms_off: bool = True, vocab_sliced: bool = False
+) -> bool:
     """True when the fused loss computes exactly what ``model.loss_function`` would on ``head``'s logits.
 
     ``PreTrainedModel.loss_function`` is a property: a user-assigned loss is stored in ``_loss_function`` and
@@ -272,9 +277,11 @@ def fusable(model: Any, head: Any, *epilogue_modules: Any, logits_terms_off: boo
     eval mode the stock path runs (real logits) unless
     ``install(fuse_eval=True)``. ``logits_terms_off``: the guards of the forward's auxiliary loss terms that read
     the logits (a z-loss) are all off; when one is on, the stock statements compute the loss (``logits-term``).
+    ``vocab_sliced``: the forward cuts a padded vocabulary back (``logits[..., :end]``), which a vocabulary-sharded
+    head does not fuse.
     Every answer is counted for ``audit()``, with its reason when False.
     """
-    reason = _stock_reason(model, head, epilogue_modules)
+    reason = _stock_reason(model, head, epilogue_modules, vocab_sliced)
     if reason is None and not logits_terms_off:
         reason = "logits-term"
     record(model, reason)

@@ -35,6 +35,7 @@ def hf_loss(
     shift_labels: torch.Tensor | None = None,
     epilogue_module: torch.nn.Module | None = None,
     loss_function: Any = None,
+    vocab_slice_end: int | None = None,
     **kwargs: Any,
 ) -> torch.Tensor:
     """The causal-LM loss of ``epilogue(lm_head(hidden))`` against ``labels``, without the logits.
@@ -46,7 +47,9 @@ def hf_loss(
     unless ``shift_labels`` is given, whatever the model's loss.
     Epilogue values of ``None`` mean "not set" (models read them from configs where they are often ``None``).
     ``epilogue_module``: a module the forward calls on the logits instead (``self.logit_softcap``), alone; its
-    epilogue is read off it (``logitless._epilogue_modules``).
+    epilogue is read off it (``logitless._epilogue_modules``). ``vocab_slice_end``: the forward cuts a padded
+    vocabulary back, ``logits[..., :vocab_slice_end]``, before any other epilogue step; the head's rows are cut
+    the same way (Python's slice rules: ``None`` or an end past the vocabulary keeps every row).
     """
     del kwargs  # ForCausalLMLoss forwards extras to fixed_cross_entropy, which ignores them.
     # The targets of the model's own loss: ForMaskedLMLoss scores logits.view(-1, V) against labels.view(-1).
@@ -85,6 +88,15 @@ def hf_loss(
             "accelerate's device alignment; compute its logits and the stock loss instead"
         )
     vocab = plan.shard.total if plan.shard is not None else plan.linear.out_features
+    end = _slice_end(vocab_slice_end)
+    if end is not None:
+        kept = len(range(vocab)[:end])
+        if plan.shard is not None and kept != vocab:
+            raise TypeError(
+                "vocab_slice_end: a vocabulary-sharded (tensor-parallel) head is not cut back fused; compute its "
+                "logits instead"
+            )
+        vocab = kept
     if vocab_size is not None and int(vocab_size) != vocab:
         raise ValueError(
             f"vocab_size: expected the head's output size {vocab}, got {vocab_size} "
@@ -102,7 +114,7 @@ def hf_loss(
         def per_token(x: torch.Tensor) -> dict[str, Any]:
             from logitless.integrations._per_token import fused_per_token
 
-            weight, bias = plan.weight_and_bias()
+            weight, bias = _head_params(plan, end)
             if capture.fp32_head:
                 # TRL's cast_lm_head_to_fp32: the head in float32 (gradients flow back through the casts).
                 x, weight = x.float(), weight.float()
@@ -135,7 +147,7 @@ def hf_loss(
 
     def fused(x: torch.Tensor) -> torch.Tensor:
         # The weight is read here, after any offloading hook has brought it in (or FSDP2 has all-gathered it).
-        weight, bias = plan.weight_and_bias()
+        weight, bias = _head_params(plan, end)
         epilogue = {
             "logits_bias": _on(logits_bias, x),
             "logit_scale_multiply": logit_scale_multiply,
@@ -217,6 +229,23 @@ def _smoothed(
     else:
         loss = linear_cross_entropy(x, weight, labels, bias=bias, **options)
     return loss
+
+
+def _slice_end(end: Any) -> int | None:
+    if end is None:
+        return None
+    if isinstance(end, bool) or not hasattr(end, "__index__"):
+        raise TypeError(f"vocab_slice_end: expected an int or None, got {type(end).__name__}")
+    return end.__index__()
+
+
+def _head_params(plan: HeadPlan, end: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The head's weight and bias, cut to the first ``end`` rows as the forward cuts the logits' columns (a view:
+    the gradient reaches the kept rows only, as stock's slice backward gives the others zeros)."""
+    weight, bias = plan.weight_and_bias()
+    if end is None:
+        return weight, bias
+    return weight[:end], bias[:end] if bias is not None else None
 
 
 def _shifted(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ __all__ = ["EpilogueStep", "Patched", "Refused", "rewrite_forward"]
 
 
 class EpilogueStep(TypedDict):
-    kind: Literal["logits_bias", "multiply", "divide", "softcap"]
+    kind: Literal["vocab_slice", "logits_bias", "multiply", "divide", "softcap", "module"]
     expr: str
 
 

@@ -4,12 +4,12 @@
 //! epilogue statements on the logits (possibly under a guard), statements that do not touch the logits
 //! ("setup", kept verbatim), and finally the head call `logits = self.<head>(hidden)`. Everything else refuses.
 
-use ruff_python_ast::{Expr, Stmt, StmtFunctionDef, StmtIf};
+use ruff_python_ast::{BoolOp, CmpOp, Expr, Stmt, StmtFunctionDef, StmtIf};
 use ruff_text_size::Ranged;
 
 use crate::epilogue::{
     EpilogueStep, HeadProblem, Op, epilogue_walrus_names, is_logits_operand, is_minus_one,
-    merge_epilogue, parse_epilogue, parse_head,
+    merge_epilogue, parse_epilogue, parse_head, vocab_slice_end,
 };
 use crate::loss::{LossCall, LossForm, find_loss_call, labels_test};
 use crate::refusal::{ReasonCode as R, Refusal};
@@ -229,6 +229,41 @@ fn names_a_head(attr: &str) -> bool {
         )
 }
 
+/// `if end is not None and end < logits.shape[-1]: logits = logits[..., :end]` (Inkling's padded vocabulary) →
+/// `end`. The guard reads the logits' width only, and skips exactly the ends for which the slice keeps every
+/// column (`None`, or at least the width), so the slice alone computes the same.
+fn guarded_vocab_slice<'a>(
+    src: &Source<'a>,
+    guarded: &'a StmtIf,
+    logits: &str,
+) -> Option<&'a Expr> {
+    let [inner] = guarded.body.as_slice() else {
+        return None;
+    };
+    if !guarded.elif_else_clauses.is_empty() {
+        return None;
+    }
+    let end = simple_assign(inner)
+        .filter(|(t, _)| *t == logits)
+        .and_then(|(_, v)| vocab_slice_end(v, logits))?;
+    let Expr::BoolOp(test) = guarded.test.as_ref() else {
+        return None;
+    };
+    let [Expr::Compare(not_none), Expr::Compare(below)] = test.values.as_slice() else {
+        return None;
+    };
+    let same = |e: &Expr| src.slice(e) == src.slice(end) && !has_call(e);
+    let not_none_ok = matches!(
+        (not_none.ops.as_ref(), not_none.comparators.as_ref()),
+        ([CmpOp::IsNot], [Expr::NoneLiteral(_)])
+    ) && same(&not_none.left);
+    let below_ok = matches!(
+        (below.ops.as_ref(), below.comparators.as_ref()),
+        ([CmpOp::Lt], [width]) if is_last_dim_of(width, logits)
+    ) && same(&below.left);
+    (test.op == BoolOp::And && not_none_ok && below_ok).then_some(end)
+}
+
 /// Reads the function body backwards from the labels branch to the head statement.
 fn walk_region<'a>(
     src: &Source<'a>,
@@ -331,6 +366,11 @@ fn walk_region<'a>(
         if let Stmt::If(guarded) = stmt
             && (stmt_binds(stmt, logits) || stmt_reads(stmt, logits))
         {
+            if let Some(end) = guarded_vocab_slice(src, guarded, logits) {
+                // The guard only skips slices that keep every column: the unguarded slice is the same.
+                items.push(Item::Epilogue(stmt, vec![Op::VocabSlice(end)], None));
+                continue;
+            }
             if !guarded.elif_else_clauses.is_empty() || expr_reads(&guarded.test, logits) {
                 return Err(refuse(
                     R::EpilogueGuard,
@@ -642,8 +682,8 @@ pub(crate) fn analyse<'a>(
             None => Ok(()),
         }
     };
-    // `vocab_size=logits.shape[-1]`: every epilogue step is elementwise, so this is the head's output size,
-    // which hf_loss takes when no vocabulary size is given.
+    // `vocab_size=logits.shape[-1]`: every other epilogue step is elementwise, so this is the head's output size,
+    // cut by a vocabulary slice, which hf_loss takes when no vocabulary size is given.
     let vocab = call.vocab.filter(|v| !is_last_dim_of(v, logits));
     if let Some(v) = vocab {
         check_free(v, "vocab size")?;

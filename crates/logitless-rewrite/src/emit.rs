@@ -67,13 +67,23 @@ pub(crate) fn emit(
         .filter(|s| s.kind == EpilogueKind::Module)
         .map(|s| format!(", {}", s.expr))
         .collect();
+    // A vocabulary slice cuts the head's rows; `fusable` keeps a vocabulary-sharded head's forward on the stock path.
+    let sliced = if plan
+        .epilogue
+        .iter()
+        .any(|s| s.kind == EpilogueKind::VocabSlice)
+    {
+        ", vocab_sliced=True"
+    } else {
+        ""
+    };
     // The labels' rebinding runs first on both paths: the test below reads them.
     for s in &plan.hoist {
         out.push_str(src.slice(*s));
         out.push_str(&format!("\n{ind}"));
     }
     out.push_str(&format!(
-        "if {} is not None and __logitless__.fusable(self, {head}{modules}{guards}):\n",
+        "if {} is not None and __logitless__.fusable(self, {head}{modules}{guards}{sliced}):\n",
         plan.labels
     ));
     if has_call(plan.hidden) {

@@ -8,6 +8,9 @@ use crate::source::{Source, atom_text, dotted, expr_reads, is_name, refuse};
 /// One epilogue step, in the order the fused op applies them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum EpilogueKind {
+    /// `logits[..., :end]`: a vocabulary padded past its real size, cut back (Inkling); first, so every later
+    /// step sees the kept columns.
+    VocabSlice,
     /// `logits + bias` (Bart-style `final_logits_bias`).
     LogitsBias,
     /// `logits * s` or `s * logits`.
@@ -22,9 +25,10 @@ pub enum EpilogueKind {
 }
 
 impl EpilogueKind {
-    /// The name used in results (`"logits_bias"`, `"multiply"`, `"divide"`, `"softcap"`).
+    /// The name used in results (`"vocab_slice"`, `"logits_bias"`, `"multiply"`, `"divide"`, `"softcap"`).
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::VocabSlice => "vocab_slice",
             Self::LogitsBias => "logits_bias",
             Self::Multiply => "multiply",
             Self::Divide => "divide",
@@ -36,6 +40,7 @@ impl EpilogueKind {
     /// The `hf_loss` keyword that carries this step.
     pub fn keyword(self) -> &'static str {
         match self {
+            Self::VocabSlice => "vocab_slice_end",
             Self::LogitsBias => "logits_bias",
             Self::Multiply => "logit_scale_multiply",
             Self::Divide => "logit_scale_divide",
@@ -64,6 +69,8 @@ pub(crate) enum Op<'a> {
     Softcap(&'a Expr),
     /// `self.<module>(logits)`; the expression is the called attribute.
     Module(&'a Expr),
+    /// `logits[..., :end]`; the expression is `end`.
+    VocabSlice(&'a Expr),
 }
 
 /// `x.float()`, `x.contiguous()`, `x.to(...)` → `x`.
@@ -137,6 +144,27 @@ fn softcap_one_liner<'a>(
     None
 }
 
+/// `logits[..., :end]` → `end` (no start, no step, `end` not reading the logits). Python's slice rules then hold for
+/// the head's rows as for the logits' columns: `None` or an end past the vocabulary keeps everything.
+pub(crate) fn vocab_slice_end<'a>(value: &'a Expr, logits: &str) -> Option<&'a Expr> {
+    let Expr::Subscript(sub) = value else {
+        return None;
+    };
+    if !is_name(&sub.value, logits) {
+        return None;
+    }
+    let Expr::Tuple(index) = sub.slice.as_ref() else {
+        return None;
+    };
+    match index.elts.as_slice() {
+        [Expr::EllipsisLiteral(_), Expr::Slice(s)] if s.lower.is_none() && s.step.is_none() => {
+            let end = s.upper.as_deref()?;
+            (!expr_reads(end, logits)).then_some(end)
+        }
+        _ => None,
+    }
+}
+
 /// `bias.to(logits.device)` → `bias`; anything else that reads the logits → None.
 /// Only module attributes qualify: a per-batch tensor added to the logits (a mask) is not the `[V]` bias the
 /// fused op applies.
@@ -173,6 +201,9 @@ pub(crate) fn parse_epilogue<'a>(
     }
     if let Some(arg) = tanh_arg(value) {
         return is_logits_operand(arg, logits).then(|| vec![Op::Tanh]);
+    }
+    if let Some(end) = vocab_slice_end(value, logits) {
+        return Some(vec![Op::VocabSlice(end)]);
     }
     let Expr::BinOp(bin) = value else { return None };
     let (l, r) = (bin.left.as_ref(), bin.right.as_ref());
@@ -426,6 +457,7 @@ pub(crate) fn merge_epilogue(
             Op::Add(c) => steps.push((EpilogueKind::LogitsBias, c, guard, stmt)),
             Op::Softcap(c) => steps.push((EpilogueKind::Softcap, c, guard, stmt)),
             Op::Module(m) => steps.push((EpilogueKind::Module, m, guard, stmt)),
+            Op::VocabSlice(end) => steps.push((EpilogueKind::VocabSlice, end, guard, stmt)),
             Op::Tanh => {
                 return Err(refuse(
                     R::LogitsRebound,
@@ -458,7 +490,7 @@ pub(crate) fn merge_epilogue(
                 src,
                 pair[1].3,
                 format!(
-                    "epilogue `{}` after `{}`: the fused op applies bias, multiply, divide, softcap once each in that order",
+                    "epilogue `{}` after `{}`: the fused op applies a vocabulary slice, bias, multiply, divide, softcap once each in that order",
                     pair[1].0.as_str(),
                     pair[0].0.as_str()
                 ),

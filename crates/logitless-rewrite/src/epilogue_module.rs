@@ -167,6 +167,13 @@ pub(crate) fn analyse_function(
         let constant = match op {
             Op::Mul(c) | Op::Div(c) | Op::Add(c) | Op::Softcap(c) => *c,
             Op::Wrap | Op::Tanh | Op::Module(_) => continue,
+            Op::VocabSlice(_) => {
+                return Err(not_understood(
+                    src,
+                    *stmt,
+                    "it slices the vocabulary: only a forward's own slice is fused".into(),
+                ));
+            }
         };
         let Some(value) = module_value(constant) else {
             return Err(not_understood(

@@ -34,7 +34,9 @@ def text_vocab(config: Any) -> int:
     vocab = getattr(text, "vocab_size", None) or getattr(config, "vocab_size", None)
     if not vocab:
         raise NotImplementedError("config has no vocab_size")
-    return int(vocab)
+    # Targets past a padded vocabulary's real end are cut off the logits (Inkling): not valid labels.
+    unpadded = getattr(text, "unpadded_vocab_size", None)
+    return min(int(vocab), int(unpadded)) if isinstance(unpadded, int) and unpadded > 0 else int(vocab)
 
 
 def make_feeds(model: torch.nn.Module, config: Any, override: Override) -> Feeds:

@@ -238,6 +238,9 @@ def _training_knobs(d: dict[str, Any]) -> None:
                        ("logit_scale", 0.25), ("output_logits_scaling", 2.5), ("logit_softcapping", 5.0)):
         if isinstance(d.get(key), (int, float)) and not isinstance(d.get(key), bool):
             d[key] = value
+    if "unpadded_vocab_size" in d and _is_size(d.get("vocab_size")):
+        # A padded vocabulary the forward cuts back (Inkling): cut for real, so a dropped cut shows in the loss.
+        d["unpadded_vocab_size"] = d["vocab_size"] - 5
     if "output_router_logits" in d:
         # Exercise the aux-loss branch next to the loss call: a rewrite must keep it exactly.
         d["output_router_logits"] = True
