@@ -98,6 +98,8 @@ def _epilogue(c: dict[str, Any]) -> list[tuple[str, str]]:
         ),
         # `logits = self.logit_softcap(logits)`: an Inkling2Softcap, whose forward is `tanh(x / c) * c`.
         ("Inkling2ForCausalLM", "lm_head", [("module", "self.logit_softcap")]),
+        # Its padded vocabulary cut back: `if end is not None and end < logits.shape[-1]: logits = logits[..., :end]`.
+        ("InklingForCausalLM", "lm_head", [("vocab_slice", "unpadded_vocab_size")]),
         # Named outside the *ForCausalLM / *ForConditionalGeneration convention.
         ("GPT2LMHeadModel", "lm_head", []),
         ("MarianMTModel", "lm_head", [("logits_bias", "self.final_logits_bias")]),
@@ -140,7 +142,7 @@ def test_composite_heads_are_patched_with_their_path(
         ("MusicgenForCausalLM", "stacked-heads"),  # one head per codebook
         ("ChameleonForConditionalGeneration", "logits-mutated"),  # image-token logits set to -inf in place
         ("GitForCausalLM", "loss-input-not-logits"),  # loss on shifted logits slices
-        ("InklingForCausalLM", "epilogue-guard"),  # vocab slice guarded by logits.shape
+        ("xLSTMForCausalLM", "epilogue-guard"),  # chunked in-place softcap under a guard reading logits.shape
         ("DoryForCausalLM", "head-not-linear"),  # DoryLMHead: nn.Linear times a learned per-token scale
         ("XLMWithLMHeadModel", "no-labels-branch"),  # the loss is computed inside `self.pred_layer(output, labels)`
         ("ReformerModelWithLMHead", "head-not-linear"),  # ReformerOnlyLMHead: apply_chunking_to_forward
