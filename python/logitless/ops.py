@@ -608,9 +608,8 @@ def _backward(
         options: LossOptions = ctx.options
         precomputed, ctx.precomputed = ctx.precomputed, None
         rows_only = ctx.need == (True, False, False)
-        factor = None
-        if precomputed is not None and not rows_only:
-            factor = _uniform_factor(grad_loss, targets, options.ignore_index)
+        uniform = precomputed is not None and not rows_only
+        factor = _uniform_factor(grad_loss, targets, options.ignore_index) if uniform else None
         if precomputed is not None and rows_only:
             # Only hidden's gradient: row i of ∇Σ_i g_i·l_i is g_i times row i of ∇Σ_i l_i (l_i reads row i alone).
             # In place, in hidden's dtype (the product formed in float32, as the uniform scaling below).
