@@ -272,6 +272,41 @@ def test_sft_trainer_with_lora_and_a_frozen_head_runs_through_logitless(monkeypa
     _compare_logs(ours, reference, ("loss", "grad_norm", "entropy", "mean_token_accuracy"))
 
 
+def _sft_text_run(name: str, prompt_completion: bool = False, **config: Any) -> list[dict[str, float]]:
+    """SFTTrainer on a text dataset it tokenizes and prepares itself (packing, completion-only labels)."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    g = torch.Generator().manual_seed(0)
+    if prompt_completion:
+        rows = [{"prompt": _words(g, 5), "completion": " " + _words(g, 4)} for _ in range(16)]
+    else:
+        rows = [{"text": _words(g, int(torch.randint(4, 12, (1,), generator=g)))} for _ in range(16)]
+    args = SFTConfig(**_training_args(max_steps=3), **config)
+    trainer = SFTTrainer(model=tiny.build(name), args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=_word_tokenizer())  # fmt: skip
+    trainer.train()
+    return [e for e in trainer.state.log_history if "grad_norm" in e]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{"packing": True}, {"packing": True, "padding_free": True}, {"prompt_completion": True},
+     {"prompt_completion": True, "packing": True}],
+    ids=["packing", "padding-free", "completion-only", "completion-only-packed"],
+)  # fmt: skip
+def test_sft_trainer_packing_and_completion_only_run_through_logitless(
+    config: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What SFT runs usually set: packed sequences (TRL's best-fit packing, its padding-free position ids) and a
+    prompt-completion dataset (the loss on the completion only). Fused, every logged value equal to the run with the
+    exact reference head."""
+    run = functools.partial(_sft_text_run, **config)
+    reference, ours = _reference_then_ours("sft", lambda name: run(name), "llama", monkeypatch)
+    assert logitless.audit()["integrations"]["trl"]["calls"] == {"fused": 3, "materialised": 0}
+    _compare_logs(ours, reference, ("loss", "grad_norm", "entropy", "mean_token_accuracy"))
+
+
 @pytest.mark.parametrize("name", ["llama", "gemma3"])
 def test_sft_trainer_label_smoothing_matches_stock_trl(name: str) -> None:
     """SFTTrainer with ``label_smoothing_factor`` smooths the logits of a forward without labels itself (its fused
