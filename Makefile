@@ -72,4 +72,4 @@ fmt:
 
 clean:
 	cargo clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(TRL_LEGACY_DIR) $(TORCHAO_DIR)
