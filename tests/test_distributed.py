@@ -211,8 +211,9 @@ def test_trl_heads_on_engines_equal_to_stock(ranks: list[dict[str, Any]], setup:
     TRL >= 1.15's fused head with SFT's mean of ``-log_probs``, its gradient formed in the forward pass or in the
     second kernel pass (which reads the head's weight in backward: ZeRO-3 gathers it again only through its hook on
     what the head's call returned, so the per-token fields are those outputs), the same with a frozen head (LoRA:
-    no second pass for any upstream gradient), and TRL 1.5-1.14's chunked SFT head (the model's own loss). Fused on every rank, loss and gradients equal to the single-process stock reference (the
-    causal-LM mean over the same targets)."""
+    no second pass for any upstream gradient), and TRL 1.5-1.14's chunked SFT head (the model's own loss). Fused
+    on every rank, loss and gradients equal to the single-process stock reference (the causal-LM mean over the same
+    targets)."""
     head, engine = worker.TRL_SETUPS[setup]
     for r in range(2):
         row = ranks[r][setup]

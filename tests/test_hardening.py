@@ -487,7 +487,9 @@ setups = {
         parallelize_module(m, mesh, {"lm_head": ColwiseParallel(output_layouts=Replicate())}), user_hook(m.lm_head)
     ),
     # Inkling cuts its padded vocabulary back after the head: a vocabulary-sharded head is not cut fused.
-    "tp-colwise-vocab-slice": lambda m: parallelize_module(m, mesh, {"lm_head": ColwiseParallel(output_layouts=Replicate())}),
+    "tp-colwise-vocab-slice": lambda m: parallelize_module(
+        m, mesh, {"lm_head": ColwiseParallel(output_layouts=Replicate())}
+    ),
 }
 
 def inkling():

@@ -437,7 +437,9 @@ def test_preference_and_rl_trainers_run_through_logitless(trainer: str, monkeypa
 
 
 @pytest.mark.parametrize("trainer", ["dpo", "grpo"])
-def test_preference_and_rl_trainers_with_lora_take_no_second_pass(trainer: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_preference_and_rl_trainers_with_lora_take_no_second_pass(
+    trainer: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The usual LoRA run of DPO and GRPO (adapters on the attention, the head frozen): their per-token upstream
     gradients differ from token to token, yet only the hidden states need one, so it is formed in the forward pass
     and scaled in backward (no second kernel pass); every logged value equals the run with the exact reference
