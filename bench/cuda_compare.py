@@ -2,9 +2,15 @@
 and its peers, plus a correctness block, in one run sized for a lent device's 15-minute window (about 5 minutes).
 
 One process, methods run one after another on the same inputs: time of forward + backward (median of ``--reps``
-after a warm-up, CUDA-synchronised) and peak CUDA memory above what the inputs and the returned gradients take
+after a warm-up) two ways, and peak CUDA memory above what the inputs and the returned gradients take
 (``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``), as a share of the float32 logits stock
 holds; loss and gradient errors against a float32 reference (row-chunked materialised logits).
+
+* wall: from an idle device to the end of backward (host clock, synchronised before and after): the host's
+  Python and launch overhead included, as a lone call pays it;
+* device: CUDA events around the call, queued behind a ~25 ms sleep kernel so that the host has launched
+  everything before the device reaches the first event: the device's own time, as in a training step where the
+  host runs ahead of the device.
 
     python bench/cuda_compare.py [--cases small,big] [--dtypes bf16,f32] [--ignored 0,0.5] [--out FILE]
     python bench/cuda_compare.py --out-dir "$OUT"      # on the lent device: Markdown + JSON there
@@ -118,6 +124,21 @@ def _allocated(dev: torch.device) -> int:
     return torch.cuda.memory_allocated()
 
 
+def _device_time(fn: Fn, h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, dev: torch.device) -> float:
+    """Seconds of device time of one forward + backward, its launches queued behind a sleep kernel (0 off CUDA)."""
+    if dev.type != "cuda":
+        return 0.0
+    h.grad = None
+    w.grad = None
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(50_000_000)  # ≈25 ms at ~2 GHz: the host queues the whole call meanwhile
+    start.record()
+    fn(h, w, y).backward()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
 def run_case(
     n: int, hd: int, v: int, dtype: torch.dtype, ignored: float, reps: int, dev: torch.device, records: list[dict]
 ) -> list[str]:
@@ -129,12 +150,12 @@ def run_case(
     ref_loss, ref_dh, ref_dw = reference(hidden, weight, y)
     logits_mib = n * v * 4 / 2**20
     rows = []
-    stock_time = None
+    stock: tuple[float, float] | None = None
     for name, fn in methods().items():
         h = hidden.clone().requires_grad_()
         w = weight.clone().requires_grad_()
         try:
-            times = []
+            times, device_times = [], []
             for rep in range(reps + 1):
                 h.grad = None
                 w.grad = None
@@ -146,19 +167,22 @@ def run_case(
                 _sync(dev)
                 if rep:
                     times.append(time.perf_counter() - t0)
+                    device_times.append(_device_time(fn, h, w, y, dev))
             assert h.grad is not None and w.grad is not None
             grads = (h.grad.numel() + w.grad.numel()) * h.grad.element_size()
             extra = max(_peak(dev) - base - grads, 0) / 2**20
-            t = statistics.median(times)
-            stock_time = stock_time or t
+            t, td = statistics.median(times), statistics.median(device_times)
+            stock = stock or (t, td)
+            device_speedup = stock[1] / td if td else float("nan")
             loss_err = abs(float(loss.detach()) - ref_loss)
             records.append({"case": [n, hd, v], "dtype": str(dtype).removeprefix("torch."), "ignored": ignored,
-                            "method": name, "ms": t * 1e3, "extra_mib": extra, "loss_err": loss_err,
-                            "d_hidden_err": rel(h.grad, ref_dh), "d_weight_err": rel(w.grad, ref_dw)})  # fmt: skip
+                            "method": name, "ms": t * 1e3, "device_ms": td * 1e3, "extra_mib": extra,
+                            "loss_err": loss_err, "d_hidden_err": rel(h.grad, ref_dh),
+                            "d_weight_err": rel(w.grad, ref_dw)})  # fmt: skip
             rows.append(
                 f"| {n}/{hd}/{v} | {str(dtype).removeprefix('torch.')} | {ignored:.0%} | {name} | {t * 1e3:.1f} "
-                f"| {stock_time / t:.2f}× | {extra:.0f} | {extra / logits_mib:.1%} | {loss_err:.1e} "
-                f"| {rel(h.grad, ref_dh):.1e} | {rel(w.grad, ref_dw):.1e} |"
+                f"| {td * 1e3:.1f} | {stock[0] / t:.2f}× / {device_speedup:.2f}× | {extra:.0f} "
+                f"| {extra / logits_mib:.1%} | {loss_err:.1e} | {rel(h.grad, ref_dh):.1e} | {rel(w.grad, ref_dw):.1e} |"
             )
         except Exception as e:  # a peer that cannot run this case is reported, not fatal
             dt = str(dtype).removeprefix("torch.")
@@ -310,9 +334,9 @@ def main() -> None:
     header += ["## Correctness (errors vs float64, as multiples of stock's)\n", *checks, "",
                f"({time.perf_counter() - t0:.0f} s, JIT warm-up included)\n", "## Speed and memory\n"]  # fmt: skip
     header += [
-        "| N/H/V | dtype | ignored | method | ms | speed-up vs stock | extra (MiB) | extra / f32 logits "
-        "| loss err | d_hidden err | d_weight err |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| N/H/V | dtype | ignored | method | wall ms | device ms | speed-up vs stock (wall / device) | extra (MiB) "
+        "| extra / f32 logits | loss err | d_hidden err | d_weight err |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(header), flush=True)
     rows: list[str] = []

@@ -37,6 +37,20 @@ _SLAB_ARGS = {
     "inv_t": "fp32", "eps": "fp32", "z_loss": "fp32",
 }  # fmt: skip
 
+_SPLIT_STATS_ARGS = {
+    "y_ptr": "*fp32", "stride": "i64", "t_ptr": "*i64", "lb_ptr": "*fp32", "parts_ptr": "*fp32", "V": "i32",
+    "span": "i32", "k": "fp32", "cap": "fp32", "inv_t": "fp32",
+}  # fmt: skip
+_SPLIT_COMBINE_ARGS = {
+    "parts_ptr": "*fp32", "loss_ptr": "*fp32", "lse_ptr": "*fp32", "parts": "i32", "V": "i32", "eps": "fp32",
+    "z_loss": "fp32",
+}  # fmt: skip
+_SPLIT_GRAD_ARGS = {
+    "y_ptr": "*fp32", "stride": "i64", "t_ptr": "*i64", "s_ptr": "*fp32", "lse_ptr": "*fp32", "lb_ptr": "*fp32",
+    "g_ptr": "*fp32", "g_stride": "i64", "V": "i32", "span": "i32", "k": "fp32", "cap": "fp32", "inv_t": "fp32",
+    "eps": "fp32", "z_loss": "fp32",
+}  # fmt: skip
+
 
 def _source(fn: object, args: dict[str, str], flags: dict[str, object], aligned: bool) -> ASTSource:
     names = list(args) + list(flags)
@@ -67,6 +81,15 @@ def _cases() -> list[tuple[str, object, dict[str, str], dict[str, object]]]:
         flags = {"HAS_LB": lb, "HAS_CAP": cap, "BLOCK": triton_path._BLOCK}
         for store in ("fp32", "bf16", "fp16"):
             cases.append((f"slab-{store}", triton_path._slab_kernel, {**_SLAB_ARGS, "g_ptr": f"*{store}"}, flags))
+            # rows split into parts: the gradient per part
+            cases.append((f"split-grad-{store}", triton_path._split_grad_kernel,
+                          {**_SPLIT_GRAD_ARGS, "g_ptr": f"*{store}"}, flags))  # fmt: skip
+        cases.append(("split-stats", triton_path._split_stats_kernel, _SPLIT_STATS_ARGS, flags))
+    cases.append(("split-combine", triton_path._split_combine_kernel, _SPLIT_COMBINE_ARGS,
+                  {"PARTS": triton_path._MAX_PARTS}))  # fmt: skip
+    for store in ("fp32", "bf16", "fp16"):  # backward's in-place scaling of the saved gradients
+        cases.append((f"scale-{store}", triton_path._scale_kernel, {"x_ptr": f"*{store}", "s_ptr": "*fp32", "n": "i64"},
+                      {"BLOCK": triton_path._SCALE_BLOCK}))  # fmt: skip
     return cases
 
 

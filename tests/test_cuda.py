@@ -1,10 +1,9 @@
 """The op on CUDA (``impl="auto"``: the Triton kernels when Triton imports, else the torch path), against the float64
 CPU reference. Skipped where no CUDA device is present.
 
-CI has no GPU. These ran on an H100 through the project's device tool with the torch path (see the README's CUDA
-figures); the Triton kernels, now chosen by ``auto``, and the vocabulary-parallel cases have not run on a GPU yet:
-the next lent device runs ``pytest tests/test_cuda.py`` (Triton's interpreter and tests/test_triton_compile.py cover
-them on CPU meanwhile).
+CI has no GPU. All 42 passed on an H200 lent through the project's device tool (torch 2.11, Triton 3.6), the Triton
+kernels chosen by ``auto`` included; Triton's interpreter (tests/test_triton.py) and tests/test_triton_compile.py
+cover the kernels on CPU in CI.
 """
 
 from __future__ import annotations
@@ -97,6 +96,47 @@ def test_every_option_on_cuda(
     if chunk_mb is not None:
         monkeypatch.setenv("LOGITLESS_CHUNK_MB", chunk_mb)
     run_and_check(dtype, with_bias=True, grad_output=0.5, logits_bias=True, **OPTIONS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["accumulate", "recompute"])
+def test_few_rows_split_into_parts_on_cuda(dtype: torch.dtype, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fewer rows than the GPU runs programs at once, a longer vocabulary: the Triton path splits each row's columns
+    into parts (statistics, a combining program per row, the gradient per part). Every option, against float64."""
+    from logitless import triton_path
+
+    monkeypatch.setenv("LOGITLESS_WEIGHT_GRAD", mode)
+    monkeypatch.setattr(sys.modules[__name__], "V", 5000)
+    assert triton_path._parts(B * T, 5000, torch.device("cuda")) > 1
+    calls: list[int] = []
+    real = triton_path._split_row_pass
+
+    def counting(*args: Any) -> Any:
+        calls.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(triton_path, "_split_row_pass", counting)
+    run_and_check(dtype, with_bias=False, grad_output=0.5, logits_bias=True, **OPTIONS)
+    assert calls
+
+
+@pytest.mark.parametrize("factor", [1.0, 0.25])
+def test_backward_scales_saved_gradients_in_place_on_cuda(factor: float) -> None:
+    """The upstream gradient scales the forward's gradients in place on the device (no host read of it), equal to
+    torch's product; a second backward of a retained graph sees the saved gradients intact."""
+    hidden, weight, _, labels = make(torch.bfloat16, with_bias=False)
+    h = hidden.cuda().requires_grad_()
+    w = weight.cuda().requires_grad_()
+    loss = linear_cross_entropy(h, w, labels.cuda())
+    (loss * factor).backward(retain_graph=True)
+    first = (h.grad.clone(), w.grad.clone())
+    h.grad = w.grad = None
+    (loss * factor).backward()
+    assert torch.equal(h.grad, first[0]) and torch.equal(w.grad, first[1])
+    ref = reference(hidden.requires_grad_(), weight.requires_grad_(), labels, grad_output=factor)
+    _, tol_grad = TOLERANCES[torch.bfloat16]
+    assert_close(w.grad.cpu(), ref.d_weight, tol_grad, "d_weight")
+    assert_close(h.grad.cpu(), ref.d_hidden, tol_grad, "d_hidden")
 
 
 def test_all_ignored_batch_is_zero_on_cuda() -> None:

@@ -307,3 +307,119 @@ def test_shard_pass_and_its_torch_fallback_against_float64() -> None:
         for g, w, what in zip(got, want, ("lse", "target logit", "sum")):
             assert_close(g, w, 2e-5, what)
     assert torch.equal(y, before)
+
+
+SPLIT_V = 3000  # three parts of whole 1024-column blocks, the last one short
+
+
+def _split(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Rows split into parts (as a GPU splits few-row chunks); returns the part counts of the split launches."""
+    monkeypatch.setattr(triton_path, "_INTERPRETED_PROGRAMS", 1000)
+    launched: list[int] = []
+    real = triton_path._split_row_pass
+
+    def counting(*args: object) -> tuple[torch.Tensor, torch.Tensor]:
+        launched.append(int(args[-1]))  # type: ignore[call-overload]
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(triton_path, "_split_row_pass", counting)
+    return launched
+
+
+@pytest.mark.parametrize("name", ["plain", "softcap", "smoothing", "all"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_split_into_parts(name: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Few rows and a long vocabulary: each row's columns in parts (statistics per part, combined per row, the
+    gradient per part), against float64; the target in the first, a middle and the last part."""
+    launched = _split(monkeypatch)
+    p = _problem(v=SPLIT_V, dtype=dtype, **EPILOGUES[name])
+    p["labels"][5:8] = torch.tensor([1500, 2999, 2047])
+    _check(p)
+    assert launched and set(launched) == {3}
+
+
+def test_split_rows_with_recompute_per_token_and_many_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    launched = _split(monkeypatch)
+    monkeypatch.setenv("LOGITLESS_CHUNK_MB", "0.2")  # a few rows per chunk
+    monkeypatch.setenv("LOGITLESS_WEIGHT_GRAD", "recompute")
+    _check(_problem(v=SPLIT_V, dtype=torch.bfloat16, **EPILOGUES["all"]), reduction="none")
+    assert len(launched) > 1
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy: the unused 0·inf
+@pytest.mark.parametrize("split", [False, True])
+def test_a_block_of_minus_infinity_logits(split: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A logits bias of -inf over whole blocks (masked columns, the first block included): their probabilities are
+    0, not NaN, in one program per row and in parts."""
+    if split:
+        _split(monkeypatch)
+    p = _problem(v=SPLIT_V, logits_bias=True)
+    p["logits_bias"][:1100] = float("-inf")
+    p["logits_bias"][2048:] = float("-inf")
+    p["labels"] = torch.where(p["labels"] == -100, -100, 1100 + p["labels"] % 900)
+    _check(p)
+    assert torch.isfinite(p["hidden"].grad).all() and torch.isfinite(p["weight"].grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_scales_the_saved_gradients_in_place(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An upstream gradient other than 1 scales the forward's gradients in place through the kernel that reads the
+    factor on the device: the product of torch's ``d * g`` (exact in float32; one bf16 ulp where the interpreter
+    truncates). With retain_graph the saved gradients are left intact (torch's product instead) for the next
+    backward, which then scales them in place."""
+    calls: list[float] = []
+    real = triton_path.scale_
+
+    def spying(x: torch.Tensor, factor: torch.Tensor) -> bool:
+        calls.append(float(factor))
+        return real(x, factor)
+
+    monkeypatch.setattr(triton_path, "scale_", spying)
+    p = _problem(dtype=dtype, **EPILOGUES["all"])
+    loss = logitless.linear_cross_entropy(
+        p["hidden"], p["weight"], p["labels"], shift=False, impl="triton",
+        **{k: v for k, v in p.items() if k not in ("hidden", "weight", "labels")},
+    )  # fmt: skip
+    (loss * 0.37).backward(retain_graph=True)
+    assert calls == []
+    kept = [t.grad.clone() for t in (p["hidden"], p["weight"], p["bias"])]
+    for t in (p["hidden"], p["weight"], p["bias"]):
+        t.grad = None
+    (loss * 0.37).backward()
+    assert calls and all(c == pytest.approx(0.37) for c in calls)
+    ref = reference(
+        p["hidden"], p["weight"], p["labels"], shift=False, grad_output=torch.tensor(0.37),
+        **{k: v for k, v in p.items() if k not in ("hidden", "weight", "labels")},
+    )  # fmt: skip
+    _, tol_grad = TOLERANCES[dtype]
+    for got, before, want, what in zip(
+        (p["hidden"].grad, p["weight"].grad, p["bias"].grad), kept, (ref.d_hidden, ref.d_weight, ref.d_bias),
+        ("d_hidden", "d_weight", "d_bias"),
+    ):  # fmt: skip
+        assert_close(got, want, tol_grad, what)
+        assert_close(before, want, tol_grad, what)
+        if dtype == torch.float32:
+            assert torch.equal(got, before)
+        else:
+            ulp = before.double().abs() * torch.finfo(dtype).eps + torch.finfo(dtype).tiny
+            assert bool(((got.double() - before.double()).abs() <= ulp).all())
+
+
+@pytest.mark.parametrize("programs", [4096, 3])  # one block per program, or blocks strided over few programs
+def test_scale_kernel_in_place_and_a_factor_of_one(programs: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(triton_path, "_SCALE_MAX_PROGRAMS", programs)
+    x = torch.randn(10_000).to(torch.bfloat16)
+    for factor in (1.0, -2.5):
+        y = x.clone()
+        assert triton_path.scale_(y, torch.tensor(factor))
+        want = (x.float() * factor).to(torch.bfloat16)  # one bf16 ulp: the interpreter truncates, a GPU rounds
+        assert bool(((y.double() - want.double()).abs() <= want.double().abs() * 2**-7).all())
+    y = x.clone()
+    assert triton_path.scale_(y, torch.tensor(float("nan"))) and bool(torch.isnan(y).all())
+    z = torch.randn(10_000)
+    want32 = z * torch.tensor(0.3)
+    assert triton_path.scale_(z, torch.tensor(0.3)) and torch.equal(z, want32)  # float32: torch's product exactly
+    assert triton_path.scale_(torch.empty(0), torch.tensor(3.0))
+    assert not triton_path.scale_(torch.randn(4, dtype=torch.float64), torch.tensor(2.0))
+    assert not triton_path.scale_(torch.randn(4, 4).T, torch.tensor(2.0))
+    assert not triton_path.scale_(torch.randn(4), torch.tensor(2.0, dtype=torch.float64))

@@ -20,7 +20,8 @@ Two modes:
 
 The weight gradient (``accumulate``, the default) is the first chunk's product written into a float32 buffer
 and every later chunk's added to it; a problem that fits one chunk writes it straight in the weight's dtype, with
-no buffer. On CUDA a chunk that feeds that buffer holds at least 2048 rows (its read-modify-write per chunk).
+no buffer. On CUDA a chunk that feeds that buffer holds at least 2048 rows (its read-modify-write per chunk); the
+``recompute`` mode holds a fixed 192 MiB there, its chunks' rows and slabs' columns whole tensor-core tiles.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ _MIN_AUTO_CHUNK_MB = 4
 _MAX_AUTO_CHUNK_MB = 512
 _TORCH_PATH_MIN_CHUNK_MB = 64
 _GPU_MIN_CHUNK_ROWS = 2048
+# The recompute mode on CUDA holds no V×H buffer; its scratch stays within this fixed budget (chunks, then slabs).
+_GPU_RECOMPUTE_BUDGET_MB = 192
+# Tensor-core GEMMs work in tiles of 128 rows / columns: a chunk's rows and a slab's columns are multiples of it
+# (a 261-row chunk pays for 384; an odd slab width leaves the GEMMs' operands unaligned, on slow kernels).
+_GPU_TILE = 128
 _AUTO_FRACTION_OF_LOGITS = 16
 # float32 temporaries alive per chunk row, in units of V: logits, probabilities / d_logits, and a low-precision
 # copy of d_logits for the GEMMs.
@@ -332,19 +338,35 @@ def fused_lce(
     low_precision_dw = need_d_weight and weight.dtype != acc
     recompute = low_precision_dw and weight_grad_mode() == "recompute"
     accumulate = need_d_weight and not recompute
+    if low_precision_grad is None:
+        # On CUDA the GEMMs take the bf16/f16 gradient only (mixed-precision GEMMs), so the row pass can round it
+        # once as it writes it; the bias gradient is summed from the unrounded one.
+        low_precision_grad = dev.type == "cuda" and hidden.dtype != acc and not need_d_bias
+    # Scratch per logit: the float32 logits, plus the gradient's rounded copy where the row kernel writes one;
+    # the torch row pass holds up to three float32 temporaries.
+    acc_bytes = torch.finfo(acc).bits // 8
+    elem_bytes = acc_bytes * _TEMPS_PER_ROW
+    gpu = dev.type == "cuda"
+    if gpu and row_pass is not torch_row_pass:
+        elem_bytes = acc_bytes + (hidden.element_size() if low_precision_grad else 0)
     if budget_bytes is None:
         # The float32 weight-gradient buffer (held anyway) sets a floor; the recompute mode holds none.
         # Short chunks cost this path a round of kernel launches each: never below 64 MiB by default.
         budget_bytes = chunk_budget_bytes(
             n, v, h_dim, low_precision_weight_grad=low_precision_dw and not recompute, min_mb=_TORCH_PATH_MIN_CHUNK_MB
         )
-        if accumulate and dev.type == "cuda" and _config.chunk_mb() is None:
-            # Every chunk reads and writes the whole V×H float32 weight gradient (8·V·H bytes) against 6·rows·V·H
-            # flops of GEMMs: on an H100-class GPU (≈600 TFLOP/s, ≈3.3 TB/s) that traffic costs ≈240/rows of the
-            # GEMM time, so a chunk holds at least _GPU_MIN_CHUNK_ROWS rows (≈12%).
-            budget_bytes = max(budget_bytes, min(n, _GPU_MIN_CHUNK_ROWS) * v * _TEMPS_PER_ROW * 4)
+        if gpu and _config.chunk_mb() is None:
+            if accumulate:
+                # Every chunk reads and writes the whole V×H float32 weight gradient (8·V·H bytes) against
+                # 6·rows·V·H flops of GEMMs: on an H100-class GPU (≈600 TFLOP/s, ≈3.3 TB/s) that traffic costs
+                # ≈240/rows of the GEMM time, so a chunk holds at least _GPU_MIN_CHUNK_ROWS rows (≈12%).
+                budget_bytes = max(budget_bytes, min(n, _GPU_MIN_CHUNK_ROWS) * v * elem_bytes)
+            elif recompute:
+                budget_bytes = _GPU_RECOMPUTE_BUDGET_MB << 20
     budget = budget_bytes
-    rows_per_chunk = max(1, budget // max(1, v * _TEMPS_PER_ROW * torch.finfo(acc).bits // 8))
+    rows_per_chunk = max(1, budget // max(1, v * elem_bytes))
+    if gpu and rows_per_chunk > _GPU_TILE:
+        rows_per_chunk -= rows_per_chunk % _GPU_TILE
 
     valid = targets != ignore_index
     count = valid.sum()
@@ -364,10 +386,6 @@ def fused_lce(
     d_bias_acc = torch.zeros(v, dtype=acc, device=dev) if need_d_bias else None
     loss_sum = torch.zeros((), dtype=acc, device=dev)
     any_grad = need_d_hidden or need_d_weight or need_d_bias
-    if low_precision_grad is None:
-        # On CUDA the GEMMs take the bf16/f16 gradient only (mixed-precision GEMMs), so the row pass can round it
-        # once as it writes it; the bias gradient is summed from the unrounded one.
-        low_precision_grad = dev.type == "cuda" and hidden.dtype != acc and not need_d_bias
 
     for c in chunks:
         h, t, mask = c.take(hidden), c.take(targets), c.mask
@@ -409,6 +427,8 @@ def fused_lce(
         if d_bias_acc is not None:
             assert g is not None
             d_bias_acc += g.sum(dim=0)
+        # Dropped before the next chunk's logits are allocated: two chunks' gradients never live at once.
+        rp = g = g_lp = None  # type: ignore[assignment]
 
     if d_weight_acc is not None:
         d_weight = d_weight_acc.to(weight.dtype)
@@ -416,8 +436,9 @@ def fused_lce(
         d_weight = torch.zeros_like(weight)
     if recompute:
         d_weight = _weight_grad_by_slabs(
-            hidden, weight, bias, saved, options=options, budget=budget, acc=acc, slab_pass=slab_pass
-        )
+            hidden, weight, bias, saved, options=options, budget=budget, acc=acc, slab_pass=slab_pass,
+            low_precision_grad=low_precision_grad,
+        )  # fmt: skip
     if bad is not None:
         loss_sum = torch.where(bad, torch.nan, loss_sum)
         if per_row is not None:
@@ -549,13 +570,15 @@ def _weight_grad_by_slabs(
     budget: int,
     acc: torch.dtype,
     slab_pass: SlabPassFn,
+    low_precision_grad: bool = False,
 ) -> torch.Tensor:
     """``LOGITLESS_WEIGHT_GRAD=recompute``: the weight gradient slab by slab of W's rows, recomputing the logits on
     the slab from each row's saved log-sum-exp, so no V×H float32 buffer is held (four matmuls' worth).
 
     Where the budget holds a slab at least _MIN_SLAB_COLUMNS wide over every scored row, each slab's gradient is
     one GEMM over all of them (float32 accumulation inside it), written once in the weight's dtype. Otherwise the
-    chunks' rows are taken block by block, summed in a float32 buffer of the slab."""
+    chunks' rows are taken block by block, summed in a float32 buffer of the slab. ``low_precision_grad``: the
+    slab pass writes the gradient straight in the GEMM's dtype (CUDA, as the row pass does)."""
     v, h_dim = weight.shape
     out = torch.empty(v, h_dim, dtype=weight.dtype, device=weight.device)
     if not saved:
@@ -564,6 +587,9 @@ def _weight_grad_by_slabs(
     # Per slab element: its float32 logits / gradient and their low-precision copy for the GEMM.
     per_column = rows * (torch.finfo(acc).bits // 8 + hidden.element_size())
     slab = min(v, budget // max(1, per_column))
+    if weight.device.type == "cuda" and _GPU_TILE < slab < v:
+        slab -= slab % _GPU_TILE
+    grad_dtype = hidden.dtype if low_precision_grad else None
     if slab >= min(v, _MIN_SLAB_COLUMNS):
         if saved[0].rows.idx is None:  # one call's chunks all have indices, or are consecutive slices
             h = hidden[saved[0].rows.start : saved[-1].rows.stop]
@@ -575,8 +601,13 @@ def _weight_grad_by_slabs(
         for v0 in range(0, v, slab):
             v1 = min(v, v0 + slab)
             y = _logits(h, weight[v0:v1], bias[v0:v1] if bias is not None else None, acc)
-            g = slab_pass(y, t, lse, scale, options, v0=v0, vocab=v)
-            out[v0:v1] = _weight_grad_of(g, g.to(hidden.dtype), h, weight.dtype)
+            g = slab_pass(y, t, lse, scale, options, v0=v0, vocab=v, grad_dtype=grad_dtype)
+            if g.dtype == acc:
+                out[v0:v1] = _weight_grad_of(g, g.to(hidden.dtype), h, weight.dtype)
+            else:  # rounded by the slab pass already
+                out[v0:v1] = _weight_grad_of(None, g, h, weight.dtype)
+            # Dropped before the next slab's logits are allocated: one slab's scratch at a time.
+            y = g = None  # type: ignore[assignment]
         return out
     # Half the budget for the slab's float32 gradient, the rest for a chunk's logits on it (as in the main pass).
     slab = max(1, min(v, budget // 2 // max(1, h_dim * 4)))
@@ -588,5 +619,7 @@ def _weight_grad_by_slabs(
             y = _logits(h, weight[v0:v1], bias[v0:v1] if bias is not None else None, acc)
             g = slab_pass(y, c.t, c.lse, c.scale, options, v0=v0, vocab=v)
             _add_mm(acc_w, g, g.to(hidden.dtype), h)
+            y = g = None  # type: ignore[assignment]
         out[v0:v1] = acc_w.to(weight.dtype)
+        acc_w = None  # type: ignore[assignment]
     return out

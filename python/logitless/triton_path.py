@@ -12,6 +12,8 @@ row that reads the row twice and writes it once:
    written over the logits in place, or (``grad_dtype``) rounded once into a bf16/f16 buffer for the GEMMs.
 
 ``slab_pass`` is step 3 alone on a vocabulary slab, from a row's saved log-sum-exp (the ``recompute`` mode).
+A chunk of fewer rows than the GPU runs programs at once splits each row into parts (steps 1 and 3 per part, one
+combining program per row between them). ``scale_`` is backward's in-place scaling of the saved gradients.
 
 Kernels run on CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``, read by Triton
 when the kernels are decorated, i.e. when this module is first imported): the tests use that. ``tanh`` is
@@ -20,6 +22,7 @@ when the kernels are decorated, i.e. when this module is first imported): the te
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -29,7 +32,7 @@ import triton.language as tl
 from logitless import _options, torch_path
 from logitless._options import LossOptions
 
-__all__ = ["row_pass", "shard_pass", "slab_pass"]
+__all__ = ["row_pass", "scale_", "shard_pass", "slab_pass"]
 
 _BLOCK = 1024
 # Explicit, so the result does not change with Triton's default (3.9 warns that it will flip in 3.10) and users see
@@ -96,6 +99,23 @@ def _write_gradient(
 
 
 @triton.jit
+def _loss(lse, z_t, z_sum, V, eps, z_loss):
+    """A row's loss; the smoothing term only with smoothing (Σz is -inf where a logits bias masks columns)."""
+    smooth = tl.where(eps != 0.0, eps * (lse - z_sum / V), 0.0)
+    return (1.0 - eps) * (lse - z_t) + smooth + z_loss * lse * lse
+
+
+@triton.jit
+def _online_lse(m, sum_exp, z, block_max):
+    """The running max and Σexp(z - max) after one more block; a block of -inf logits (a logits bias that masks
+    columns) leaves them as they were instead of NaN."""
+    m_new = tl.maximum(m, block_max)
+    safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    sum_exp = sum_exp * tl.exp(m - safe) + tl.sum(tl.exp(z - safe), axis=0)
+    return m_new, sum_exp
+
+
+@triton.jit
 def _row_kernel(
     y_ptr, stride, t_ptr, s_ptr, lb_ptr, loss_ptr, lse_ptr, stats_ptr, g_ptr, g_stride, parts_ptr,
     V, k, cap, inv_t, eps, z_loss,
@@ -116,13 +136,11 @@ def _row_kernel(
         block_max = tl.max(z, axis=0)
         # Ties go to the lowest index: a later block must be strictly greater.
         top = tl.where(block_max > m, v0 + tl.argmax(z, axis=0), top)
-        m_new = tl.maximum(m, block_max)
-        sum_exp = sum_exp * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
-        m = m_new
+        m, sum_exp = _online_lse(m, sum_exp, z, block_max)
         z_sum += tl.sum(tl.where(in_row, z, 0.0), axis=0)
         z_t += tl.sum(tl.where(cols == t, z, 0.0), axis=0)
     lse = m + tl.log(sum_exp)
-    loss = (1.0 - eps) * (lse - z_t) + eps * (lse - z_sum / V) + z_loss * lse * lse
+    loss = _loss(lse, z_t, z_sum, V, eps, z_loss)
     tl.store(loss_ptr + row, loss)
     tl.store(lse_ptr + row, lse)
     if PARTS:  # a vocabulary shard's share of the row, for the vocabulary-parallel loss
@@ -159,6 +177,157 @@ def _slab_kernel(
         y_ptr + row * stride, g_ptr + row * g_stride, W, v_start, tl.load(t_ptr + row), tl.load(lse_ptr + row),
         tl.load(s_ptr + row), lb_ptr, k, cap, inv_t, eps, z_loss, V, HAS_LB, HAS_CAP, BLOCK,
     )  # fmt: skip
+
+
+@triton.jit
+def _scale_kernel(x_ptr, s_ptr, n, BLOCK: tl.constexpr):
+    # The factor is read on the device: when it is 1 (a plain ``loss.backward()``) nothing is read or written, and
+    # a bounded grid (blocks strided over the tensor) keeps that launch a few thousand programs long.
+    s = tl.load(s_ptr)
+    if s != 1.0:
+        step = tl.num_programs(0).to(tl.int64) * BLOCK
+        for start in range(tl.program_id(0).to(tl.int64) * BLOCK, n, step):
+            offs = start + tl.arange(0, BLOCK)
+            inside = offs < n
+            x = tl.load(x_ptr + offs, mask=inside)
+            tl.store(x_ptr + offs, (x.to(tl.float32) * s).to(x_ptr.dtype.element_ty), mask=inside)
+
+
+_SCALE_BLOCK = 1024
+_SCALE_MAX_PROGRAMS = 4096
+
+
+def scale_(x: torch.Tensor, factor: torch.Tensor) -> bool:
+    """``x *= factor`` in place for a contiguous bf16 / f16 / float32 ``x`` and a 0-d float32 ``factor`` on its
+    device, the product formed in float32 as torch's ``x * factor`` forms it; free when ``factor`` is 1. False
+    (nothing done) where it does not apply or the kernel fails: the caller multiplies with torch."""
+    ok = (x.dtype in (torch.bfloat16, torch.float16, torch.float32) and factor.dtype == torch.float32
+          and factor.numel() == 1 and factor.device == x.device and x.is_contiguous() and not _broken)  # fmt: skip
+    if not ok:
+        return False
+    if x.numel() == 0:
+        return True
+    try:
+        programs = min(triton.cdiv(x.numel(), _SCALE_BLOCK), _SCALE_MAX_PROGRAMS)
+        _scale_kernel[(programs,)](x, factor, x.numel(), BLOCK=_SCALE_BLOCK, **_COMPILE)
+    except Exception as error:  # noqa: BLE001 - a compile / launch failure of this kernel, not of the maths
+        _fallback(error)
+        return False
+    return True
+
+
+@triton.jit
+def _split_stats_kernel(
+    y_ptr, stride, t_ptr, lb_ptr, parts_ptr, V, span, k, cap, inv_t,
+    HAS_LB: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Part ``program_id(1)`` of a row (``span`` columns): its max, Σexp(z - max), Σz and the target's logit."""
+    row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    c0 = part * span
+    width = tl.minimum(span, V - c0)
+    base = y_ptr + row * stride + c0
+    t = tl.load(t_ptr + row)
+    m = float("-inf")
+    sum_exp = 0.0
+    z_sum = 0.0
+    z_t = 0.0
+    for w0 in range(0, width, BLOCK):
+        _, cols, in_row, z, _ = _block(base, w0, width, c0, lb_ptr, k, cap, inv_t, HAS_LB, HAS_CAP, BLOCK)
+        z = tl.where(in_row, z, float("-inf"))
+        m, sum_exp = _online_lse(m, sum_exp, z, tl.max(z, axis=0))
+        z_sum += tl.sum(tl.where(in_row, z, 0.0), axis=0)
+        z_t += tl.sum(tl.where(cols == t, z, 0.0), axis=0)
+    out = parts_ptr + (row * tl.num_programs(1) + part) * 4
+    tl.store(out, m)
+    tl.store(out + 1, sum_exp)
+    tl.store(out + 2, z_sum)
+    tl.store(out + 3, z_t)
+
+
+@triton.jit
+def _split_combine_kernel(parts_ptr, loss_ptr, lse_ptr, parts, V, eps, z_loss, PARTS: tl.constexpr):
+    """A row's log-sum-exp and loss from its parts (``PARTS``: a power of two at least ``parts``)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, PARTS)
+    used = offs < parts
+    base = parts_ptr + (row * parts + offs) * 4
+    m = tl.load(base, mask=used, other=float("-inf"))
+    top = tl.max(m, axis=0)
+    safe = tl.where(top == float("-inf"), 0.0, top)
+    sum_exp = tl.sum(tl.load(base + 1, mask=used, other=0.0) * tl.exp(m - safe), axis=0)
+    z_sum = tl.sum(tl.load(base + 2, mask=used, other=0.0), axis=0)
+    z_t = tl.sum(tl.load(base + 3, mask=used, other=0.0), axis=0)
+    lse = top + tl.log(sum_exp)
+    tl.store(loss_ptr + row, _loss(lse, z_t, z_sum, V, eps, z_loss))
+    tl.store(lse_ptr + row, lse)
+
+
+@triton.jit
+def _split_grad_kernel(
+    y_ptr, stride, t_ptr, s_ptr, lse_ptr, lb_ptr, g_ptr, g_stride, V, span, k, cap, inv_t, eps, z_loss,
+    HAS_LB: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    c0 = tl.program_id(1) * span
+    _write_gradient(
+        y_ptr + row * stride + c0, g_ptr + row * g_stride + c0, tl.minimum(span, V - c0), c0, tl.load(t_ptr + row),
+        tl.load(lse_ptr + row), tl.load(s_ptr + row), lb_ptr, k, cap, inv_t, eps, z_loss, V, HAS_LB, HAS_CAP, BLOCK,
+    )  # fmt: skip
+
+
+# A chunk of few rows and a long vocabulary (the recompute mode's 256-row chunks at V = 128256) would be a few
+# hundred programs looping over whole rows: a few per multiprocessor, a fraction of the memory bandwidth. Such rows
+# are split into parts of whole blocks, enough for this many programs per multiprocessor.
+_PROGRAMS_PER_SM = 8
+_MAX_PARTS = 64
+# Under the interpreter (tests) there is no multiprocessor count: the programs wanted, 0 for no split.
+_INTERPRETED_PROGRAMS = 0
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _parts(rows: int, v: int, device: torch.device) -> int:
+    """How many parts each row's columns are split into (1: one program per row)."""
+    if device.type == "cuda":
+        wanted = _PROGRAMS_PER_SM * _multiprocessors(device.index if device.index is not None else 0)
+    else:
+        wanted = _INTERPRETED_PROGRAMS
+    if rows >= wanted:
+        return 1
+    return max(1, min(triton.cdiv(wanted, max(rows, 1)), triton.cdiv(v, _BLOCK), _MAX_PARTS))
+
+
+def _split_row_pass(
+    y: torch.Tensor, t: torch.Tensor, scale: torch.Tensor, options: LossOptions, g: torch.Tensor | None,
+    lb: torch.Tensor, parts: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``row_pass`` for rows split into ``parts``: statistics per part, one combining program per row, then the
+    gradient per part (three launches instead of one). Returns (loss, lse)."""
+    rows, v = y.shape
+    k, cap, inv_t, has_lb, has_cap = _constants(options)
+    span = triton.cdiv(triton.cdiv(v, parts), _BLOCK) * _BLOCK
+    parts = triton.cdiv(v, span)
+    stats = torch.empty(rows, parts, 4, dtype=torch.float32, device=y.device)
+    loss = torch.empty(rows, dtype=torch.float32, device=y.device)
+    lse = torch.empty_like(loss)
+    _split_stats_kernel[(rows, parts)](
+        y, y.stride(0), t, lb, stats, v, span, k, cap, inv_t, HAS_LB=has_lb, HAS_CAP=has_cap, BLOCK=_BLOCK,
+        **_COMPILE,
+    )  # fmt: skip
+    _split_combine_kernel[(rows,)](
+        stats, loss, lse, parts, v, options.label_smoothing, options.z_loss, PARTS=triton.next_power_of_2(parts),
+        **_COMPILE,
+    )  # fmt: skip
+    if g is not None:
+        _split_grad_kernel[(rows, parts)](
+            y, y.stride(0), t, scale, lse, lb, g, g.stride(0), v, span, k, cap, inv_t, options.label_smoothing,
+            options.z_loss, HAS_LB=has_lb, HAS_CAP=has_cap, BLOCK=_BLOCK, **_COMPILE,
+        )  # fmt: skip
+    return loss, lse
 
 
 def _constants(options: LossOptions) -> tuple[float, float, float, bool, bool]:
@@ -203,7 +372,11 @@ def row_pass(
     scale = s_rows.to(torch.float32).contiguous()
     in_place = not grad or grad_dtype in (None, torch.float32)
     g = y if in_place else torch.empty(rows, v, dtype=grad_dtype, device=y.device)
+    parts = 1 if want_stats else _parts(rows, v, y.device)
     try:
+        if parts > 1:
+            loss, lse = _split_row_pass(y, t.contiguous(), scale, options, g if grad else None, lb, parts)
+            return torch_path.RowPass(loss=loss, lse=lse, stats=None, grad=g if grad else None)
         _row_kernel[(rows,)](
             y, y.stride(0), t.contiguous(), scale, lb, loss, lse, stats, g, g.stride(0), loss,
             v, k, cap, inv_t, options.label_smoothing, options.z_loss,
