@@ -58,10 +58,17 @@ def methods() -> dict[str, Fn]:
 
         return f
 
+    def sft_mean(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # TRL's SFT loss: per-token log-probs, then their mean (one upstream value per counted token: the hint).
+        os.environ["LOGITLESS_WEIGHT_GRAD"] = "accumulate"
+        rows = linear_cross_entropy(h, w, None, shift_labels=y, reduction="none", expect_uniform_grad=True)
+        return rows.sum() / (y != IGNORE).sum().clamp(min=1)
+
     out: dict[str, Fn] = {
         "stock HF (materialised)": stock,
         "logitless (triton, accumulate)": ours("accumulate", "triton"),
         "logitless (triton, recompute)": ours("recompute", "triton"),
+        "logitless (per-token, SFT mean)": sft_mean,
         "logitless (torch path)": ours("accumulate"),
         "logitless (torch path, recompute)": ours("recompute"),
     }

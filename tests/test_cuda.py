@@ -139,6 +139,26 @@ def test_backward_scales_saved_gradients_in_place_on_cuda(factor: float) -> None
     assert_close(h.grad.cpu(), ref.d_hidden, tol_grad, "d_hidden")
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("mode", ["accumulate", "recompute"])
+def test_head_on_another_gpu_than_the_current_one(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model split over GPUs (``device_map="auto"``): the head on cuda:1 while cuda:0 is current. Kernels and the
+    scored-row count's copy must run on cuda:1's stream; several chunks, ignored rows skipped after the first."""
+    monkeypatch.setenv("LOGITLESS_WEIGHT_GRAD", mode)
+    monkeypatch.setenv("LOGITLESS_CHUNK_MB", "0.01")
+    hidden, weight, _, labels = make(torch.bfloat16, with_bias=False)
+    ref = reference(hidden.requires_grad_(), weight.requires_grad_(), labels, grad_output=0.5, **OPTIONS)
+    torch.cuda.set_device(0)
+    h = hidden.detach().to("cuda:1").requires_grad_()
+    w = weight.detach().to("cuda:1").requires_grad_()
+    loss = linear_cross_entropy(h, w, labels.to("cuda:1"), **OPTIONS)
+    (loss * 0.5).backward()
+    tol_loss, tol_grad = TOLERANCES[torch.bfloat16]
+    assert_close(loss.detach().cpu(), ref.loss, tol_loss, "loss")
+    assert_close(h.grad.cpu(), ref.d_hidden, tol_grad, "d_hidden")
+    assert_close(w.grad.cpu(), ref.d_weight, tol_grad, "d_weight")
+
+
 def test_all_ignored_batch_is_zero_on_cuda() -> None:
     hidden, weight, _, labels = make(torch.bfloat16, with_bias=False, ignore_frac=1.1)
     h = hidden.cuda().requires_grad_()
@@ -165,6 +185,35 @@ def test_frozen_head_per_token_gradient_on_cuda(dtype: torch.dtype) -> None:
     assert_close(loss.cpu(), ref.loss, tol_loss, "loss")
     assert h.grad is not None and ref.d_hidden is not None
     assert_close(h.grad.cpu(), ref.d_hidden, tol_grad, "d_hidden")
+
+
+@pytest.mark.parametrize("upstream", ["mean", "per-token"])
+def test_expect_uniform_grad_on_cuda(upstream: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TRL's SFT mean loss on a GPU: with ``expect_uniform_grad`` and a trained head the gradients are formed in the
+    forward pass and scaled in backward when the upstream gradient is one value at every counted position (read on
+    the host once); a per-token upstream gradient takes the second pass. Both against float64."""
+    from logitless import ops
+
+    second_passes: list[int] = []
+    real = ops._rows_backward
+    monkeypatch.setattr(ops, "_rows_backward", lambda *a: second_passes.append(1) or real(*a))
+    hidden, weight, _, labels = make(torch.bfloat16, with_bias=False)
+    counted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:] != -100
+    if upstream == "mean":
+        grad_output = torch.full((B, T), 1.0 / int(counted.sum()))
+    else:
+        grad_output = torch.rand(B, T, generator=torch.Generator().manual_seed(2)) - 0.5
+    opts: dict[str, Any] = {"logit_softcapping": 5.0, "label_smoothing": 0.05, "reduction": "none"}
+    ref = reference(hidden.requires_grad_(), weight.requires_grad_(), labels, grad_output=grad_output, **opts)
+    h = hidden.detach().cuda().requires_grad_()
+    w = weight.detach().cuda().requires_grad_()
+    loss = linear_cross_entropy(h, w, labels.cuda(), expect_uniform_grad=True, **opts)
+    loss.backward(grad_output.cuda())
+    assert len(second_passes) == (0 if upstream == "mean" else 1)
+    tol_loss, tol_grad = TOLERANCES[torch.bfloat16]
+    assert_close(loss.detach().cpu(), ref.loss, tol_loss, "loss")
+    assert_close(h.grad.cpu(), ref.d_hidden, tol_grad, "d_hidden")
+    assert_close(w.grad.cpu(), ref.d_weight, tol_grad, "d_weight")
 
 
 def test_torch_compile_fullgraph_on_cuda() -> None:

@@ -8,7 +8,7 @@ Layers, outermost first:
   when they are needed, the gradients already scaled by ``1/normaliser``; backward only multiplies them by
   ``grad_output``. For ``reduction="none"`` the forward computes losses only, and backward re-runs the fused pass
   with the incoming per-row gradient as row weights (``logitless::linear_cross_entropy_rows_backward``), unless
-  the forward could form them ahead (``_ROWS_AHEAD``: a frozen head, or ``expect_uniform_grad`` on CPU).
+  the forward could form them ahead (``_ROWS_AHEAD``: a frozen head, or ``expect_uniform_grad`` on CPU / CUDA).
 * the Rust kernel (``_rust.fused_lce`` → ``_core.fused_linear_cross_entropy``, CPU) or ``torch_path.fused_lce``
   (any device), both taking the call's ``_options.LossOptions``; the ops' schemas carry it as primitives
   (``LossOptions.scalars`` / ``LossOptions.from_op``).
@@ -109,11 +109,12 @@ def linear_cross_entropy(
 
     ``expect_uniform_grad=True`` (with ``reduction="none"``): a hint that the per-position losses will be
     differentiated with one value at every counted position (a sum or mean taken later, as TRL's SFT loss is). On
-    CPU the gradients are then formed in this pass, as for ``"sum"``, and backward scales them when the upstream
-    gradient is one value over the counted positions; otherwise it runs the second pass as without the hint (exact
-    either way; the hint costs that pass's worth of work when wrong). Ignored elsewhere. With a frozen head (only
-    ``hidden`` needs a gradient) no hint is needed: its row gradients are formed in this pass on any device and
-    backward scales them by any per-position upstream gradient.
+    CPU and CUDA the gradients are then formed in this pass, as for ``"sum"``, and backward scales them when the
+    upstream gradient is one value over the counted positions; otherwise it runs the second pass as without the hint
+    (exact either way; the hint costs that pass's worth of work when wrong). On CUDA backward reads that answer on
+    the host, one device sync; while a CUDA graph is captured the hint is ignored. Ignored elsewhere. With a frozen
+    head (only ``hidden`` needs a gradient) no hint is needed: its row gradients are formed in this pass on any
+    device and backward scales them by any per-position upstream gradient.
     """
     hidden, weight, bias = _checked_tensors(hidden, weight, bias, rows="V")
     vocab = weight.shape[0]
@@ -152,9 +153,9 @@ def linear_cross_entropy(
     rows = math.prod(lead_shape)  # not reshape(-1, H): ambiguous when H == 0
     if reduction == "none" and not torch.compiler.is_compiling():
         # A frozen head's row gradients are scaled in backward on any device; the uniform value is checked in
-        # backward on the host, which on CPU costs no device sync.
+        # backward with one host read (free on CPU, a device sync on CUDA, none while a CUDA graph is captured).
         frozen_head = need_dh and not need_dw and not need_db
-        if frozen_head or (expect_uniform_grad and device.type == "cpu"):
+        if frozen_head or (expect_uniform_grad and _host_read_allowed(device)):
             reduction = _ROWS_AHEAD
     loss, _, _, _, stats = torch.ops.logitless.linear_cross_entropy(
         hidden.reshape(rows, hidden.shape[-1]),
@@ -574,15 +575,27 @@ def _rows_backward(*args: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 
 def _uniform_factor(grad_rows: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
-    """The one value ``grad_rows`` takes at every counted row (0 when none counts), or None. Asked on CPU outside
-    tracing only (``expect_uniform_grad``), where reading it costs no device sync."""
-    if torch.compiler.is_compiling() or type(grad_rows) is not torch.Tensor or grad_rows.device.type != "cpu":
+    """The one value ``grad_rows`` takes at every counted row (0 when none counts), or None (``expect_uniform_grad``).
+    Found on the device and read on the host once: free on CPU, one device sync on CUDA (which then has finished the
+    forward; the second pass it saves is a GEMM over every row). None outside CPU and CUDA, while tracing, and while
+    a CUDA graph is captured (no host read there)."""
+    if torch.compiler.is_compiling() or type(grad_rows) is not torch.Tensor or not _host_read_allowed(grad_rows.device):
         return None
-    counted = grad_rows.reshape(-1)[targets.reshape(-1) != ignore_index]
-    if counted.numel() == 0:
+    flat = grad_rows.reshape(-1)
+    if flat.numel() == 0:
         return grad_rows.new_zeros(())
-    first = counted[0]
-    return first if bool((counted == first).all()) else None
+    counted = targets.reshape(-1).to(flat.device) != ignore_index
+    first = flat[counted.to(torch.uint8).argmax()]  # the first counted row's value (row 0's when none counts)
+    if not bool(torch.where(counted, flat == first, True).all()):  # the one host read
+        return None
+    return torch.where(counted.any(), first, torch.zeros_like(first))
+
+
+def _host_read_allowed(device: torch.device) -> bool:
+    """Whether the op may read a device value on the host: always on CPU; on CUDA (a sync) outside graph capture."""
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
 
 
 def _is_one(grad: torch.Tensor) -> bool:
@@ -592,23 +605,28 @@ def _is_one(grad: torch.Tensor) -> bool:
 
 
 def _scaled_in_place(grads: tuple[torch.Tensor, ...], grad_loss: torch.Tensor, impl: str) -> bool:
-    """The saved gradients times ``grad_loss``, in place, by the Triton kernel that reads the factor on the device
-    and does nothing when it is 1: no device sync to learn it, and no second V×H head gradient (on a GPU ``d * g``
-    holds both and spends a pass over them, 1.1 ms of a 24.6 ms call at 8192×2048×128256 bf16 on an H200).
-
-    Only where the graph is freed after this backward (with ``retain_graph`` a later backward reads the saved
-    gradients again), outside tracing, for ``impl="triton"``; False where it does not apply (the caller scales)."""
-    if impl != "triton" or torch.compiler.is_compiling() or type(grad_loss) is not torch.Tensor:
-        return False
-    if grad_loss.device.type == "cpu" and not _options.triton_interpreted():
-        return False  # on CPU the factor is read on the host for free (_is_one)
+    """The saved gradients times ``grad_loss``, in place (``_scale_saved_``), where the graph is freed after this
+    backward: with ``retain_graph`` a later backward reads the saved gradients again. False where it does not apply
+    (the caller scales)."""
     keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
     if keep_graph is None or keep_graph():
         return False
+    return _scale_saved_(grads, grad_loss, impl)
+
+
+def _scale_saved_(grads: tuple[torch.Tensor, ...], factor: torch.Tensor, impl: str) -> bool:
+    """``grads`` times ``factor`` in place by the Triton kernel that reads the factor on the device and does nothing
+    when it is 1: no device sync to learn it, and no second V×H head gradient (on a GPU ``d * g`` holds both and
+    spends a pass over them, 1.1 ms of a 24.6 ms call at 8192×2048×128256 bf16 on an H200). For ``impl="triton"``
+    outside tracing; False, nothing done, where it does not apply."""
+    if impl != "triton" or torch.compiler.is_compiling() or type(factor) is not torch.Tensor:
+        return False
+    if factor.device.type == "cpu" and not _options.triton_interpreted():
+        return False  # on CPU the factor is read on the host for free (_is_one)
     from logitless import triton_path
 
     live = [g for g in grads if g.numel()]
-    factor = grad_loss.detach().reshape(())
+    factor = factor.detach().reshape(())
     usable = factor.dtype == torch.float32 and all(
         type(g) is torch.Tensor and g.is_contiguous() and g.dtype != torch.float64 and g.device == factor.device
         for g in live
@@ -647,7 +665,10 @@ def _backward(
             d_hidden, d_weight, d_bias = precomputed[0].mul_(grad_loss.reshape(-1, 1)), None, None
         elif precomputed is not None and factor is not None:
             # Σ_i g·∇l_i = g·∇Σ_i l_i: the sum's gradients from the forward pass, scaled (ignored rows add nothing).
-            d_hidden, d_weight, d_bias = precomputed if _is_one(factor) else (t.mul_(factor) for t in precomputed)
+            if not _is_one(factor) and not _scale_saved_(precomputed, factor, options.impl):
+                for t in precomputed:
+                    t.mul_(factor)
+            d_hidden, d_weight, d_bias = precomputed
         else:
             d_hidden, d_weight, d_bias = _rows_backward(
                 hidden, weight, bias, targets, logits_bias, grad_loss, *options.scalars(), options.impl, *ctx.need,

@@ -203,7 +203,8 @@ class _PendingCount:
             self._count = torch.empty((), dtype=count.dtype, pin_memory=True)
             self._count.copy_(count, non_blocking=True)
             self._event = torch.cuda.Event()
-            self._event.record()
+            # On the copy's stream, which is the count's device's, not the current device's (a head on another GPU).
+            self._event.record(torch.cuda.current_stream(count.device))
 
     def value(self) -> int:
         if self._event is not None:

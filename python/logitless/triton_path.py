@@ -22,6 +22,7 @@ when the kernels are decorated, i.e. when this module is first imported): the te
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 
@@ -209,7 +210,8 @@ def scale_(x: torch.Tensor, factor: torch.Tensor) -> bool:
         return True
     try:
         programs = min(triton.cdiv(x.numel(), _SCALE_BLOCK), _SCALE_MAX_PROGRAMS)
-        _scale_kernel[(programs,)](x, factor, x.numel(), BLOCK=_SCALE_BLOCK, **_COMPILE)
+        with _on(x.device):
+            _scale_kernel[(programs,)](x, factor, x.numel(), BLOCK=_SCALE_BLOCK, **_COMPILE)
     except Exception as error:  # noqa: BLE001 - a compile / launch failure of this kernel, not of the maths
         _fallback(error)
         return False
@@ -330,6 +332,13 @@ def _split_row_pass(
     return loss, lse
 
 
+def _on(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """Triton launches on the *current* CUDA device and its stream: a head on another GPU than the current one (a
+    model split over GPUs with ``device_map="auto"``) must be launched from its own device's context, or the kernel
+    runs on the wrong device, unordered with the torch ops around it."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _constants(options: LossOptions) -> tuple[float, float, float, bool, bool]:
     e = options.epilogue
     k = (e.multiply or 1.0) / (e.divide or 1.0)
@@ -374,14 +383,15 @@ def row_pass(
     g = y if in_place else torch.empty(rows, v, dtype=grad_dtype, device=y.device)
     parts = 1 if want_stats else _parts(rows, v, y.device)
     try:
-        if parts > 1:
-            loss, lse = _split_row_pass(y, t.contiguous(), scale, options, g if grad else None, lb, parts)
-            return torch_path.RowPass(loss=loss, lse=lse, stats=None, grad=g if grad else None)
-        _row_kernel[(rows,)](
-            y, y.stride(0), t.contiguous(), scale, lb, loss, lse, stats, g, g.stride(0), loss,
-            v, k, cap, inv_t, options.label_smoothing, options.z_loss,
-            HAS_LB=has_lb, HAS_CAP=has_cap, GRAD=grad, STATS=want_stats, PARTS=False, BLOCK=_BLOCK, **_COMPILE,
-        )  # fmt: skip
+        with _on(y.device):
+            if parts > 1:
+                loss, lse = _split_row_pass(y, t.contiguous(), scale, options, g if grad else None, lb, parts)
+                return torch_path.RowPass(loss=loss, lse=lse, stats=None, grad=g if grad else None)
+            _row_kernel[(rows,)](
+                y, y.stride(0), t.contiguous(), scale, lb, loss, lse, stats, g, g.stride(0), loss,
+                v, k, cap, inv_t, options.label_smoothing, options.z_loss,
+                HAS_LB=has_lb, HAS_CAP=has_cap, GRAD=grad, STATS=want_stats, PARTS=False, BLOCK=_BLOCK, **_COMPILE,
+            )  # fmt: skip
     except Exception as error:  # noqa: BLE001 - a compile / launch failure of this kernel, not of the maths
         _fallback(error)
         return torch_path.torch_row_pass(
@@ -404,12 +414,14 @@ def slab_pass(
     k, cap, inv_t, has_lb, has_cap = _constants(options)
     lb = options.epilogue.logits_bias if has_lb else y
     g = y if grad_dtype in (None, torch.float32) else torch.empty(rows, width, dtype=grad_dtype, device=y.device)
+    scale, row_lse = s_rows.to(torch.float32).contiguous(), lse.to(torch.float32).contiguous()
     try:
-        _slab_kernel[(rows,)](
-            y, y.stride(0), t.contiguous(), s_rows.to(torch.float32).contiguous(), lse.to(torch.float32).contiguous(),
-            lb, g, g.stride(0), width, v0, vocab, k, cap, inv_t, options.label_smoothing, options.z_loss,
-            HAS_LB=has_lb, HAS_CAP=has_cap, BLOCK=_BLOCK, **_COMPILE,
-        )  # fmt: skip
+        with _on(y.device):
+            _slab_kernel[(rows,)](
+                y, y.stride(0), t.contiguous(), scale, row_lse,
+                lb, g, g.stride(0), width, v0, vocab, k, cap, inv_t, options.label_smoothing, options.z_loss,
+                HAS_LB=has_lb, HAS_CAP=has_cap, BLOCK=_BLOCK, **_COMPILE,
+            )  # fmt: skip
     except Exception as error:  # noqa: BLE001
         _fallback(error)
         return torch_path.torch_slab_pass(y, t, lse, s_rows, options, v0=v0, vocab=vocab, grad_dtype=grad_dtype)
@@ -431,11 +443,12 @@ def shard_pass(
     parts = torch.empty(rows, 2, dtype=torch.float32, device=y.device)
     lb = options.epilogue.logits_bias[v0 : v0 + width] if has_lb else y
     try:
-        _row_kernel[(rows,)](
-            y, y.stride(0), t_local.contiguous(), lse, lb, loss, lse, lse, y, y.stride(0), parts,
-            width, k, cap, inv_t, 0.0, 0.0,
-            HAS_LB=has_lb, HAS_CAP=has_cap, GRAD=False, STATS=False, PARTS=True, BLOCK=_BLOCK, **_COMPILE,
-        )  # fmt: skip
+        with _on(y.device):
+            _row_kernel[(rows,)](
+                y, y.stride(0), t_local.contiguous(), lse, lb, loss, lse, lse, y, y.stride(0), parts,
+                width, k, cap, inv_t, 0.0, 0.0,
+                HAS_LB=has_lb, HAS_CAP=has_cap, GRAD=False, STATS=False, PARTS=True, BLOCK=_BLOCK, **_COMPILE,
+            )  # fmt: skip
     except Exception as error:  # noqa: BLE001
         _fallback(error)
         return torch_shard_pass(y, t_local, options, v0=v0)
