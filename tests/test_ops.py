@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from ops_reference import TOLERANCES, assert_close, reference
 
 from logitless import _rust, torch_path
@@ -875,13 +876,13 @@ def test_frozen_head_retain_graph_and_no_gradient(impl: str, monkeypatch: pytest
     real = ops._rows_backward
     monkeypatch.setattr(ops, "_rows_backward", lambda *a: second_passes.append(1) or real(*a))
     formed: list[tuple[str, bool]] = []
-    real_op = torch.ops.logitless.linear_cross_entropy
+    real_op = ops._call_op
 
     def spy(*args: Any) -> Any:
         formed.append((args[12], args[14]))  # the op's reduction and need_d_hidden
         return real_op(*args)
 
-    monkeypatch.setattr(torch.ops.logitless, "linear_cross_entropy", spy)
+    monkeypatch.setattr(ops, "_call_op", spy)
     hidden, weight, _, labels = make(seed=5)
     weight.requires_grad_(False)
     grad_output = torch.rand(B, T, generator=torch.Generator().manual_seed(3))
@@ -936,3 +937,53 @@ def test_one_chunk_and_one_slab_of_scratch_at_a_time(mode: str, budget: int, mon
     _, tol_grad = TOLERANCES[torch.bfloat16]
     assert_close(res.d_weight, ref.d_weight, tol_grad, "d_weight")
     assert_close(res.d_hidden, ref.d_hidden, tol_grad, "d_hidden")
+
+
+class _Passthrough(TorchDispatchMode):
+    """A dispatch mode that changes nothing: under it the op must run as the registered custom op."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(
+    "case", ["mean", "sum-bf16", "none-per-token", "none-frozen-head", "none-uniform-hint", "retain-graph"]
+)
+def test_eager_path_equals_the_custom_op(impl: str, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In plain eager mode the op runs through a light autograd Function (less host time per call); under a dispatch
+    mode it runs as the registered custom op. Both give the same loss and gradients, bit for bit."""
+    from logitless import ops
+
+    eager: list[int] = []
+    real_apply = ops._EagerOp.apply
+    monkeypatch.setattr(ops._EagerOp, "apply", lambda *a: eager.append(1) or real_apply(*a))
+    dtype = torch.bfloat16 if case == "sum-bf16" else torch.float32
+    reduction = case.split("-")[0] if case != "retain-graph" else "mean"
+
+    def run() -> list[torch.Tensor]:
+        hidden, weight, _, labels = make(dtype, seed=11)
+        if case == "none-frozen-head":
+            weight.requires_grad_(False)
+        loss = linear_cross_entropy(hidden, weight, labels, impl=impl, reduction=reduction, label_smoothing=0.1,
+                                    expect_uniform_grad=case == "none-uniform-hint")  # fmt: skip
+        upstream = torch.full_like(loss, 0.25) if case == "none-uniform-hint" else torch.rand_like(loss) + 0.5
+        loss.backward(upstream, retain_graph=case == "retain-graph")
+        grads = [hidden.grad.clone()] + ([weight.grad.clone()] if weight.grad is not None else [])
+        if case == "retain-graph":
+            hidden.grad = weight.grad = None
+            loss.backward(upstream)
+            grads += [hidden.grad, weight.grad]
+        return [loss.detach(), *grads]
+
+    torch.manual_seed(0)
+    plain = run()
+    assert eager, "plain eager mode did not take the light path"
+    eager.clear()
+    torch.manual_seed(0)
+    with _Passthrough():
+        through_op = run()
+    assert not eager, "under a dispatch mode the op must run as the custom op"
+    assert len(plain) == len(through_op)
+    for a, b in zip(plain, through_op):
+        assert torch.equal(a, b)
