@@ -987,3 +987,24 @@ def test_eager_path_equals_the_custom_op(impl: str, case: str, monkeypatch: pyte
     assert len(plain) == len(through_op)
     for a, b in zip(plain, through_op):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("skip_ignored", [True, False])
+def test_sync_free_mode_ignores_the_upstream_gradient_at_ignored_rows(skip_ignored: bool) -> None:
+    """Per-row weights (the per-token second pass) that are NaN or inf where the target is ignored leave the
+    gradients as stock's cross-entropy leaves them: those rows add nothing (a masked row's weight is 0, not 0·NaN)."""
+    hidden, weight, _, labels = make(three_d=False, seed=4)
+    targets = labels.clone()
+    targets[::3] = -100
+    g = torch.rand(targets.shape[0], generator=torch.Generator().manual_seed(5)) + 0.5
+    poisoned = torch.where(targets == -100, float("nan"), g)
+    poisoned[0] = float("inf")
+    res = torch_path.fused_lce(
+        hidden.detach(), weight.detach(), None, targets, LossOptions(label_smoothing=0.1), grad_scale=None,
+        row_scale=poisoned, want_per_row=True, need_d_hidden=True, need_d_weight=True, need_d_bias=False,
+        compact=False, budget_bytes=V * 4 * 3 * 5, skip_ignored=skip_ignored,
+    )  # fmt: skip
+    ref = reference(hidden, weight, targets, shift=False, label_smoothing=0.1, reduction="none",
+                    grad_output=torch.where(targets == -100, 0.0, g).double())  # fmt: skip
+    assert_close(res.d_hidden, ref.d_hidden, 2e-5, "d_hidden")
+    assert_close(res.d_weight, ref.d_weight, 2e-5, "d_weight")

@@ -372,10 +372,16 @@ def fused_lce(
     valid = targets != ignore_index
     count = valid.sum()
     bad = None
+    t_rows = targets
     if not compact:
-        in_range = (targets >= 0) & (targets < v)
-        bad = (valid & ~in_range).any()
+        bad = (valid & ((targets < 0) | (targets >= v))).any()
         torch._assert_async(~bad, "logitless: a target is outside [0, vocab) and is not ignore_index")
+        # Ignored and out-of-range targets index column 0 (the latter poison the loss below), for the whole call
+        # at once: a chunk only takes its rows (a handful of launches fewer per chunk, host time on a GPU).
+        t_rows = torch.where(valid, targets, 0).clamp_(0, max(v - 1, 0))
+    # Each row's gradient weight s_i, 0 where the target is ignored (whatever the upstream value there).
+    weights = row_scale if row_scale is not None else grad_scale
+    s_all = torch.where(valid, weights.to(acc) if weights is not None else 1.0, 0.0).to(acc)
     chunks = RowChunks(valid, rows_per_chunk, compact=compact, skip_ignored=skip_ignored)
 
     per_row = torch.zeros(n, dtype=acc, device=dev) if want_per_row else None
@@ -389,11 +395,7 @@ def fused_lce(
     any_grad = need_d_hidden or need_d_weight or need_d_bias
 
     for c in chunks:
-        h, t, mask = c.take(hidden), c.take(targets), c.mask
-        if mask is not None:
-            t = torch.where(mask, t, 0).clamp(0, max(v - 1, 0))
-
-        s_rows = _row_weights(c, row_scale, grad_scale, acc, dev)
+        h, t, s_rows, mask = c.take(hidden), c.take(t_rows), c.take(s_all), c.mask
         rp = row_pass(_logits(h, weight, bias, acc), t, s_rows, options, vocab=v, want_stats=stats is not None,
                       grad=any_grad, grad_dtype=hidden.dtype if low_precision_grad else None)  # fmt: skip
         last = c.stop >= chunks.total()  # the first chunk's kernels are queued: reading the count costs no stall
@@ -484,20 +486,6 @@ class _SavedChunk:
     t: torch.Tensor
     lse: torch.Tensor
     scale: torch.Tensor
-
-
-def _row_weights(
-    c: RowChunk, row_scale: torch.Tensor | None, grad_scale: torch.Tensor | None, acc: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """Each row's ``s_i`` (its loss weight in the gradient; 0 where masked)."""
-    s = torch.ones(c.stop - c.start, dtype=acc, device=device)
-    if row_scale is not None:
-        s = s * c.take(row_scale).to(acc)
-    elif grad_scale is not None:
-        s = s * grad_scale.to(acc)
-    if c.mask is not None:
-        s = s * c.mask
-    return s
 
 
 @dataclass
