@@ -628,18 +628,13 @@ def _scale_saved_(grads: tuple[torch.Tensor, ...], factor: torch.Tensor, impl: s
         return False
     if factor.device.type == "cpu" and not _options.triton_interpreted():
         return False  # on CPU the factor is read on the host for free (_is_one)
+    factor = factor.detach().reshape(())
+    if factor.dtype != torch.float32:  # float64 inputs: their gradients are scaled by torch
+        return False
     from logitless import triton_path
 
-    live = [g for g in grads if g.numel()]
-    factor = factor.detach().reshape(())
-    usable = factor.dtype == torch.float32 and all(
-        type(g) is torch.Tensor and g.is_contiguous() and g.dtype != torch.float64 and g.device == factor.device
-        for g in live
-    )
-    if not usable:
-        return False
-    for g in live:
-        if not triton_path.scale_(g, factor):  # the kernel failed to build: torch's product, in place too
+    for g in grads:
+        if g.numel() and not triton_path.scale_(g, factor):  # one it does not take: torch's product, in place too
             g.mul_(factor)
     return True
 

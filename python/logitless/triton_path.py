@@ -107,13 +107,15 @@ def _loss(lse, z_t, z_sum, V, eps, z_loss):
 
 
 @triton.jit
-def _online_lse(m, sum_exp, z, block_max):
-    """The running max and Σexp(z - max) after one more block; a block of -inf logits (a logits bias that masks
-    columns) leaves them as they were instead of NaN."""
+def _stats_step(m, sum_exp, z_sum, z_t, z, cols, in_row, t, block_max):
+    """A row's running max, Σexp(z - max), Σz and target logit after one more block (``z`` is -inf outside the
+    row); a block of -inf logits (a logits bias that masks columns) leaves the first two as they were, not NaN."""
     m_new = tl.maximum(m, block_max)
     safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     sum_exp = sum_exp * tl.exp(m - safe) + tl.sum(tl.exp(z - safe), axis=0)
-    return m_new, sum_exp
+    z_sum += tl.sum(tl.where(in_row, z, 0.0), axis=0)
+    z_t += tl.sum(tl.where(cols == t, z, 0.0), axis=0)
+    return m_new, sum_exp, z_sum, z_t
 
 
 @triton.jit
@@ -137,9 +139,7 @@ def _row_kernel(
         block_max = tl.max(z, axis=0)
         # Ties go to the lowest index: a later block must be strictly greater.
         top = tl.where(block_max > m, v0 + tl.argmax(z, axis=0), top)
-        m, sum_exp = _online_lse(m, sum_exp, z, block_max)
-        z_sum += tl.sum(tl.where(in_row, z, 0.0), axis=0)
-        z_t += tl.sum(tl.where(cols == t, z, 0.0), axis=0)
+        m, sum_exp, z_sum, z_t = _stats_step(m, sum_exp, z_sum, z_t, z, cols, in_row, t, block_max)
     lse = m + tl.log(sum_exp)
     loss = _loss(lse, z_t, z_sum, V, eps, z_loss)
     tl.store(loss_ptr + row, loss)
@@ -237,9 +237,7 @@ def _split_stats_kernel(
     for w0 in range(0, width, BLOCK):
         _, cols, in_row, z, _ = _block(base, w0, width, c0, lb_ptr, k, cap, inv_t, HAS_LB, HAS_CAP, BLOCK)
         z = tl.where(in_row, z, float("-inf"))
-        m, sum_exp = _online_lse(m, sum_exp, z, tl.max(z, axis=0))
-        z_sum += tl.sum(tl.where(in_row, z, 0.0), axis=0)
-        z_t += tl.sum(tl.where(cols == t, z, 0.0), axis=0)
+        m, sum_exp, z_sum, z_t = _stats_step(m, sum_exp, z_sum, z_t, z, cols, in_row, t, tl.max(z, axis=0))
     out = parts_ptr + (row * tl.num_programs(1) + part) * 4
     tl.store(out, m)
     tl.store(out + 1, sum_exp)
