@@ -20,7 +20,24 @@ from logitless._options import Epilogue, LossOptions
 from logitless.ops import linear_cross_entropy
 
 IMPLS = ["rust", "torch"]
+# The torch path as it runs off CPU, here on CPU tensors: the op never reads a device value on the host (targets
+# checked and rows counted on the device, ignored rows sorted behind the scored ones), as on a GPU.
+_SYNC_FREE = pytest.param("torch", id="torch-sync-free", marks=pytest.mark.sync_free)
+MODES = [*IMPLS, _SYNC_FREE]
+# The Triton row kernels too, on CPU tensors under Triton's interpreter (tests/conftest.py turns it on without a GPU;
+# with one, tests/test_cuda.py runs them compiled), and in the sync-free mode as well.
+_INTERPRETER_OFF = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton's interpreter is off")
+_TRITON_ON_CPU = pytest.param("triton", marks=_INTERPRETER_OFF)
+_TRITON_SYNC_FREE = pytest.param("triton", id="triton-sync-free", marks=[_INTERPRETER_OFF, pytest.mark.sync_free])
 B, T, H, V = 2, 9, 16, 37
+
+
+@pytest.fixture(autouse=True)
+def _sync_free_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if request.node.get_closest_marker("sync_free") is not None:
+        from logitless import ops
+
+        monkeypatch.setattr(ops, "_host_reads_free", lambda device: False)
 
 
 def make(
@@ -74,7 +91,7 @@ def check(
     return loss
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("three_d", [True, False])
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -130,7 +147,7 @@ def resolve(opts: dict[str, Any], labels: torch.Tensor) -> dict[str, Any]:
     return out
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", MODES)
 @pytest.mark.parametrize("opts", OPTION_SETS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_options(impl: str, opts: dict[str, Any]) -> None:
     hidden, weight, bias, labels = make(torch.float32, with_bias=True)
@@ -139,7 +156,7 @@ def test_options(impl: str, opts: dict[str, Any]) -> None:
     check(impl, hidden, weight, bias, labels, grad_output=grad_output, **opts)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", MODES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_options_low_precision(impl: str, dtype: torch.dtype) -> None:
     hidden, weight, bias, labels = make(dtype, with_bias=True)
@@ -147,14 +164,14 @@ def test_options_low_precision(impl: str, dtype: torch.dtype) -> None:
     check(impl, hidden, weight, bias, labels, **opts)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", MODES)
 def test_grad_output_scales_gradients(impl: str) -> None:
     hidden, weight, bias, labels = make(with_bias=True)
     check(impl, hidden, weight, bias, labels, grad_output=-3.75)
     check(impl, hidden, weight, bias, labels, grad_output=torch.rand(B, T) - 0.5, reduction="none")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", MODES)
 def test_non_contiguous_and_transposed_inputs(impl: str) -> None:
     g = torch.Generator().manual_seed(3)
     # hidden laid out [T, B, H] and viewed as [B, T, H]: not reshape-able without a copy.
@@ -199,7 +216,7 @@ def spy_on(monkeypatch: pytest.MonkeyPatch, impl: str) -> Spy:
     return spy
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", MODES)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_frozen_weight_computes_no_weight_gradient(impl: str, reduction: str, monkeypatch: pytest.MonkeyPatch) -> None:
     hidden, weight, bias, labels = make(with_bias=True)
@@ -225,7 +242,7 @@ def test_frozen_weight_passes_no_weight_buffer_to_kernel(monkeypatch: pytest.Mon
     assert spy.calls[0]["d_weight"] is None and spy.calls[0]["d_hidden"] is not None
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", MODES)
 def test_no_grad_computes_loss_only(impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
     hidden, weight, bias, labels = make(with_bias=True)
     spy = spy_on(monkeypatch, impl)
@@ -237,7 +254,7 @@ def test_no_grad_computes_loss_only(impl: str, monkeypatch: pytest.MonkeyPatch) 
     assert not (call["need_d_hidden"] or call["need_d_weight"] or call["need_d_bias"])
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", MODES)
 @pytest.mark.parametrize("as_tensor", [False, True])
 def test_gradient_accumulation_with_num_items(impl: str, as_tensor: bool) -> None:
     """Two micro-batches, each divided by the whole batch's target count, add up to the full batch's mean."""
@@ -258,7 +275,7 @@ def test_gradient_accumulation_with_num_items(impl: str, as_tensor: bool) -> Non
     assert_close(bias.grad, ref.d_bias, 2e-5, "d_bias")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", MODES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_all_ignored_gives_zero_loss_and_zero_gradients(impl: str, reduction: str) -> None:
     hidden, weight, bias, labels = make(with_bias=True)
@@ -270,7 +287,7 @@ def test_all_ignored_gives_zero_loss_and_zero_gradients(impl: str, reduction: st
         assert t is not None and t.grad is not None and torch.equal(t.grad, torch.zeros_like(t))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", MODES)
 def test_small_chunk_budget_still_exact(impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # A budget below one row's logits forces one row per chunk (and many chunks).
     monkeypatch.setenv("LOGITLESS_CHUNK_MB", "0.0001")
@@ -278,7 +295,7 @@ def test_small_chunk_budget_still_exact(impl: str, monkeypatch: pytest.MonkeyPat
     check(impl, hidden, weight, bias, labels, label_smoothing=0.1, logit_softcapping=3.0)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", MODES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("budget_mb", ["0.001", None])
 @pytest.mark.parametrize("ignore_frac", [0.25, 1.0])
@@ -349,7 +366,7 @@ def test_backward_of_a_gradient_output_alone_is_none() -> None:
     assert hidden.grad is None and weight.grad is None
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", MODES)
 def test_retain_graph_backward_twice_accumulates(impl: str) -> None:
     hidden, weight, _, labels = make()
     loss = linear_cross_entropy(hidden, weight, labels, impl=impl)
@@ -360,7 +377,7 @@ def test_retain_graph_backward_twice_accumulates(impl: str) -> None:
     assert_close(hidden.grad, 2 * first, 1e-6, "d_hidden after two backwards")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", MODES)
 def test_double_backward_raises(impl: str) -> None:
     hidden, weight, _, labels = make()
     loss = linear_cross_entropy(hidden, weight, labels, impl=impl)
@@ -368,7 +385,7 @@ def test_double_backward_raises(impl: str) -> None:
         torch.autograd.grad(loss, hidden, create_graph=True)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", MODES)
 def test_nan_in_hidden_gives_nan_loss(impl: str) -> None:
     hidden, weight, _, labels = make()
     labels[0, 3] = 5
@@ -384,7 +401,7 @@ def test_nan_in_hidden_gives_nan_loss(impl: str) -> None:
     assert torch.isnan(per_row[0, 2]) and torch.isfinite(per_row[1]).all()
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", MODES)
 def test_empty_inputs(impl: str) -> None:
     hidden = torch.randn(0, H, requires_grad=True)
     weight = torch.randn(V, H, requires_grad=True)
@@ -394,7 +411,7 @@ def test_empty_inputs(impl: str) -> None:
     assert weight.grad is not None and torch.equal(weight.grad, torch.zeros_like(weight))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", MODES)
 def test_zero_width_hidden(impl: str) -> None:
     # H == 0: the logits are the bias alone.
     hidden0 = torch.randn(B, T, 0, requires_grad=True)
@@ -563,7 +580,7 @@ def test_autocast_runs_in_the_autocast_dtype_like_stock(impl: str) -> None:
         assert_close(t.grad, r, tol_grad, "grad under autocast")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", MODES)
 def test_backward_twice_after_unit_grad_never_gives_wrong_gradients(impl: str) -> None:
     """With grad_output == 1 the saved gradients are handed to autograd uncopied (no V×H copy of the head's
     gradient). A retained graph still gives the same gradients on a second backward; if .grad was edited in place in
@@ -579,9 +596,19 @@ def test_backward_twice_after_unit_grad_never_gives_wrong_gradients(impl: str) -
     assert_close(weight.grad, reference(hidden, weight, labels).d_weight, 2e-5, "d_weight vs reference")
     weight.grad.mul_(100.0)  # what a grad clip may do in place
     weight.grad = None
-    # The edited .grad aliases the saved gradient: autograd's version counter catches it.
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+    if _host_reads_free():
+        # The edited .grad aliases the saved gradient: autograd's version counter catches it.
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+    else:  # off CPU a retained graph's gradients are scaled copies (grad_output is not read): the edit is not seen
         loss.backward()
+        assert_close(weight.grad, first, 1e-7, "d_weight after an in-place edit of the previous one")
+
+
+def _host_reads_free() -> bool:
+    from logitless import ops
+
+    return ops._host_reads_free(torch.device("cpu"))
 
 
 def _stock_epilogue_loss(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, labels: torch.Tensor, dt: torch.dtype,
@@ -601,7 +628,7 @@ def _stock_epilogue_loss(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, labe
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", MODES)
 def test_low_precision_loss_is_at_least_as_accurate_as_stock(impl: str, reduction: str, dtype: torch.dtype) -> None:
     """Every epilogue term at once on a tiny vocabulary, against float64: no impl may lose more than stock does."""
     opts = {"ignore": -7, "reduction": reduction, "eps": 0.1, "z": 1e-4, "cap": 30.0}
@@ -650,7 +677,7 @@ def _per_position_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: 
 
 @pytest.mark.parametrize("softcap", [None, 2.0], ids=["no-softcap", "softcap"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", MODES)
 def test_temperature_log_probs_and_token_stats_match_float64(impl: str, dtype: torch.dtype,
                                                             softcap: float | None) -> None:  # fmt: skip
     """What TRL's trainers need from one pass: per-token log-probs at a temperature (with a gradient for any
@@ -740,14 +767,9 @@ def test_recompute_in_sync_free_mode(budget_rows: int, skip_ignored: bool, monke
     assert_close(res.d_hidden, ref.d_hidden, 3e-2, "d_hidden")
 
 
-# The Triton row kernels too, on CPU tensors under Triton's interpreter (tests/conftest.py turns it on without a GPU;
-# with one, tests/test_cuda.py runs them compiled).
-_TRITON_ON_CPU = pytest.param(
-    "triton", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton's interpreter is off")
-)
 
 
-@pytest.mark.parametrize("impl", [*IMPLS, _TRITON_ON_CPU])
+@pytest.mark.parametrize("impl", [*MODES, _TRITON_ON_CPU, _TRITON_SYNC_FREE])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("upstream", ["mean", "mean-ignored-rows-differ", "per-token", "all-ignored"])
 def test_expect_uniform_grad(impl: str, dtype: torch.dtype, upstream: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -789,7 +811,7 @@ def test_expect_uniform_grad_needs_per_position_losses() -> None:
         linear_cross_entropy(hidden, weight, labels, expect_uniform_grad=True)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", MODES)
 def test_expect_uniform_grad_retain_graph(impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The gradients formed in the forward pass serve the first backward only (scaled in place, no V×H copy); a
     second backward of a retained graph runs the second pass, and both give the float64 reference's gradients."""
@@ -828,7 +850,7 @@ def test_expect_uniform_grad_with_a_frozen_head(impl: str) -> None:
     assert_close(hidden.grad, ref.d_hidden, TOLERANCES[torch.float32][1], "d_hidden")
 
 
-@pytest.mark.parametrize("impl", [*IMPLS, _TRITON_ON_CPU])
+@pytest.mark.parametrize("impl", [*MODES, _TRITON_ON_CPU, _TRITON_SYNC_FREE])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("upstream", ["per-token", "uniform", "sparse"])
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -866,7 +888,7 @@ def test_frozen_head_per_token_gradient_in_one_pass(
     assert_close(hidden.grad, ref.d_hidden, tol_grad, "d_hidden")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", MODES)
 def test_frozen_head_retain_graph_and_no_gradient(impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The row gradients formed ahead serve the first backward; a retained graph's second backward runs the second
     pass, and both equal the float64 reference. Nothing is formed ahead when no input needs a gradient."""
@@ -1008,3 +1030,67 @@ def test_sync_free_mode_ignores_the_upstream_gradient_at_ignored_rows(skip_ignor
                     grad_output=torch.where(targets == -100, 0.0, g).double())  # fmt: skip
     assert_close(res.d_hidden, ref.d_hidden, 2e-5, "d_hidden")
     assert_close(res.d_weight, ref.d_weight, 2e-5, "d_weight")
+
+
+@pytest.mark.sync_free
+@pytest.mark.parametrize("impl", ["torch", _TRITON_ON_CPU])
+def test_sync_free_mode_poisons_what_the_cpu_rejects(impl: str) -> None:
+    """Without host reads a bad ``num_items_in_batch`` cannot raise: with targets counted, the loss and the head's
+    gradient are NaN (stock gives inf or NaN); without any, loss 0 and zero gradients whatever the divisor. An
+    out-of-range target fires the device-side assert (raised at once on CPU)."""
+    for bad in (0, -3, float("nan")):
+        hidden, weight, bias, labels = make(with_bias=True)
+        loss = linear_cross_entropy(hidden, weight, labels, bias=bias, num_items_in_batch=torch.tensor(bad), impl=impl)
+        assert torch.isnan(loss)
+        loss.backward()
+        assert weight.grad is not None and torch.isnan(weight.grad).all()
+        labels.fill_(-100)
+        weight.grad = None
+        loss = linear_cross_entropy(hidden, weight, labels, bias=bias, num_items_in_batch=bad, impl=impl)
+        assert float(loss.detach()) == 0.0
+        loss.backward()
+        assert weight.grad is not None and not weight.grad.any()
+    hidden, weight, bias, labels = make(with_bias=True)
+    labels[0, 3] = V
+    with pytest.raises(RuntimeError, match="outside"):
+        linear_cross_entropy(hidden, weight, labels, bias=bias, impl=impl)
+
+
+def _host_reads(fn: Any) -> list[str]:
+    """The torch ops under ``fn`` that read a tensor's value on the host (a device sync off CPU). On CPU
+    ``_assert_async`` reads its flag; on a GPU it is a kernel, so it is left out."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    reads = []
+    for e in prof.events():
+        if e.name == "aten::_local_scalar_dense":
+            parent, where = e.cpu_parent, []
+            while parent is not None:
+                where.append(parent.name)
+                parent = parent.cpu_parent
+            if "aten::_assert_async" not in where:
+                reads.append(" < ".join([e.name, *where]))
+    return reads
+
+
+@pytest.mark.sync_free
+@pytest.mark.parametrize("impl", ["torch", _TRITON_ON_CPU])
+@pytest.mark.parametrize("call", ["mean", "sum", "num_items", "frozen-head-per-token"])
+def test_sync_free_mode_never_reads_the_device_in_one_chunk(impl: str, call: str) -> None:
+    """Off CPU a call whose rows fit one chunk queues its work without waiting for the device, forward and
+    backward (several chunks read the scored count once, behind the first chunk's work)."""
+    hidden, weight, bias, labels = make(torch.bfloat16)
+    weight.requires_grad_(call != "frozen-head-per-token")
+    kw: dict[str, Any] = {"reduction": "sum"} if call == "sum" else {}
+    if call == "num_items":
+        kw["num_items_in_batch"] = torch.tensor(11)
+    if call == "frozen-head-per-token":
+        kw["reduction"] = "none"
+    losses: list[torch.Tensor] = []
+    assert _host_reads(lambda: losses.append(linear_cross_entropy(hidden, weight, labels, impl=impl, **kw))) == []
+    upstream = torch.rand(B, T) if call == "frozen-head-per-token" else torch.tensor(0.5)
+    assert _host_reads(lambda: (losses[0] * upstream).sum().backward()) == []
+    ref = reference(hidden, weight, labels, grad_output=upstream.to(torch.float64), **kw)
+    tol_loss, tol_grad = TOLERANCES[torch.bfloat16]
+    assert_close(losses[0], ref.loss, tol_loss, "loss")
+    assert_close(hidden.grad, ref.d_hidden, tol_grad, "d_hidden")

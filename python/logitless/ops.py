@@ -284,6 +284,12 @@ def _num_items(num_items_in_batch: int | torch.Tensor | None) -> torch.Tensor | 
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _host_reads_free(device: torch.device) -> bool:
+    """Whether the op may read values of ``device`` on the host at no cost (CPU): it then validates targets and counts
+    rows there. Elsewhere it never waits for the device; the tests switch this off to run that code on CPU."""
+    return device.type == "cpu"
+
+
 def _check_targets_cpu(targets: torch.Tensor, vocab: int, ignore_index: int) -> int:
     """Raises ValueError naming the first target outside [0, vocab) that is not ignore_index; returns the count."""
     valid = targets != ignore_index
@@ -310,8 +316,9 @@ def _run(
     want_per_row: bool,
     need: tuple[bool, bool, bool],
     want_stats: bool = False,
+    mean_over_count: bool = False,
 ) -> torch_path.Result:
-    """One fused pass through the chosen implementation."""
+    """One fused pass through the chosen implementation (``mean_over_count``: the torch path's, off CPU)."""
     # The op's inputs are already in their final dtype; autocast must not recast the torch path's matmuls.
     device_type = hidden.device.type
     guard = torch.autocast(device_type, enabled=False) if _autocast_on(device_type) else contextlib.nullcontext()
@@ -325,12 +332,12 @@ def _run(
 
             fused_lce = functools.partial(
                 torch_path.fused_lce,
-                compact=hidden.device.type == "cpu",
+                compact=_host_reads_free(hidden.device),
                 row_pass=triton_path.row_pass,
                 slab_pass=triton_path.slab_pass,
             )
         else:
-            fused_lce = functools.partial(torch_path.fused_lce, compact=hidden.device.type == "cpu")
+            fused_lce = functools.partial(torch_path.fused_lce, compact=_host_reads_free(hidden.device))
         return fused_lce(
             hidden,
             weight,
@@ -344,6 +351,7 @@ def _run(
             need_d_weight=need[1],
             need_d_bias=need[2],
             want_stats=want_stats,
+            **({"mean_over_count": True} if mean_over_count else {}),
         )
 
 
@@ -377,30 +385,31 @@ def _lce_op(
     acc = _acc_dtype(hidden.dtype)
     device = hidden.device
     count_host = None
-    if device.type == "cpu":
+    if _host_reads_free(device):
         count_host = _check_targets_cpu(targets, weight.shape[0], ignore_index)
     per_row = reduction in ("none", _ROWS_AHEAD)
     need = (need_d_hidden, need_d_weight, need_d_bias) if reduction != "none" else (False, False, False)
 
-    # The normaliser, as a device tensor so that the accelerator path never syncs.
-    if reduction == "mean":
+    # The normaliser, as a device tensor so that the accelerator path never syncs; off CPU a mean over the scored
+    # rows is formed by the torch path from the count it finds anyway.
+    mean_over_count = reduction == "mean" and num_items is None and count_host is None
+    normaliser = grad_scale = None
+    if reduction == "mean" and not mean_over_count:
         if num_items is not None:
             normaliser = num_items.to(device=device, dtype=acc)
             normaliser = _checked_num_items(normaliser, count_host, targets, ignore_index)
-        elif count_host is not None:
-            normaliser = torch.tensor(float(max(count_host, 1)), dtype=acc, device=device)
         else:
-            normaliser = (targets != ignore_index).sum().clamp(min=1).to(acc)
+            normaliser = torch.tensor(float(max(count_host or 0, 1)), dtype=acc, device=device)
         grad_scale = normaliser.reciprocal()
-    else:
-        normaliser = None
-        grad_scale = torch.ones((), dtype=acc, device=device)
+    # (else each row's gradient weight is 1: no grad_scale)
 
     res = _run(hidden, weight, bias, targets, options, grad_scale=grad_scale, row_scale=None, want_per_row=per_row,
-               need=need, want_stats=want_stats)  # fmt: skip
+               need=need, want_stats=want_stats, mean_over_count=mean_over_count)  # fmt: skip
     if per_row:
         assert res.per_row is not None
         loss = res.per_row.to(acc)
+    elif mean_over_count:
+        loss = res.loss_sum.to(acc) / res.count.clamp(min=1)  # 0 without a scored row (its sum is 0)
     elif normaliser is not None:
         # A window without targets (num_items_in_batch = 0) has loss 0, not 0/0 (the all-ignored rule).
         loss = torch.where(res.count == 0, 0.0, res.loss_sum.to(acc) / normaliser).to(acc)
@@ -435,10 +444,9 @@ def _checked_num_items(
             )
         return normaliser
     valid = (targets != ignore_index).any()
-    bad = torch.tensor(float("nan"), dtype=normaliser.dtype, device=normaliser.device)
     ok = (normaliser > 0) & torch.isfinite(normaliser)
     # Row gradients are scaled by 1/normaliser: 1 (times zero rows) without targets, NaN for a bad divisor.
-    return torch.where(valid, torch.where(ok, normaliser, bad), torch.ones_like(normaliser))
+    return torch.where(valid, torch.where(ok, normaliser, torch.nan), 1.0)
 
 
 @_lce_op.register_fake
@@ -606,7 +614,7 @@ def _host_read_allowed(device: torch.device) -> bool:
 def _is_one(grad: torch.Tensor) -> bool:
     """grad == 1, asked only where the answer is free: on CPU, outside tracing (no device sync, no graph break)."""
     traced = torch.compiler.is_compiling() or type(grad) is not torch.Tensor  # fake / functional tensors
-    return not traced and grad.device.type == "cpu" and float(grad) == 1.0
+    return not traced and _host_reads_free(grad.device) and float(grad) == 1.0
 
 
 def _scaled_in_place(grads: tuple[torch.Tensor, ...], grad_loss: torch.Tensor, impl: str) -> bool:

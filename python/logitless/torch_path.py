@@ -232,6 +232,13 @@ class RowChunk:
         else:
             out[self.start : self.stop] = x
 
+    def put_product(self, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Writes ``a @ b`` (the chunk's rows) into their places in ``out``; straight into a slice, with no copy."""
+        if self.idx is not None:
+            out.index_copy_(0, self.idx, a @ b)
+        else:
+            torch.mm(a, b, out=out[self.start : self.stop])
+
 
 class RowChunks:
     """The rows of one call in chunks of ``rows_per_chunk``, ignored ones kept out of them (module docstring):
@@ -261,6 +268,11 @@ class RowChunks:
         if skip_ignored and n > rows_per_chunk:
             self._order = torch.argsort((~valid).to(torch.uint8), stable=True)
             self._pending = _PendingCount(valid.sum())
+
+    @property
+    def in_order(self) -> bool:
+        """Whether the chunks are slices of the rows in their own order, covering every row."""
+        return self._order is None
 
     def total(self) -> int:
         """How many rows of the order the chunks cover (reading it settles the scored count)."""
@@ -316,10 +328,12 @@ def fused_lce(
     low_precision_grad: bool | None = None,
     row_pass: RowPassFn | None = None,
     slab_pass: SlabPassFn | None = None,
+    mean_over_count: bool = False,
 ) -> Result:
     """Loss and requested gradients of ``Σ_i s_i · l_i`` for ``hidden`` [N, H], ``weight`` [V, H], ``targets`` [N].
 
-    ``s_i`` is ``grad_scale`` (0-d tensor) or ``row_scale[i]`` ([N]). Targets must already be validated when
+    ``s_i`` is ``grad_scale`` (0-d tensor), ``row_scale[i]`` ([N]), or with ``mean_over_count`` 1 / max(count, 1)
+    for the count of scored rows this pass finds (the mean; ``loss_sum`` stays the sum). Targets must already be validated when
     ``compact`` is True; otherwise out-of-range ones poison the loss (see the module docstring). ``row_pass`` /
     ``slab_pass`` do the elementwise work between the GEMMs (torch ops by default; ``triton_path`` has kernels).
     ``skip_ignored`` (``compact=False`` only; default: unless a CUDA graph is being captured) keeps ignored rows
@@ -369,29 +383,37 @@ def fused_lce(
     if gpu and rows_per_chunk > _GPU_TILE:
         rows_per_chunk -= rows_per_chunk % _GPU_TILE
 
+    # Every launch below costs a GPU's host a few microseconds, which a small call waits for
+    # (bench/host_launches.py counts them): the targets' checks take few ops and chunks write in place.
     valid = targets != ignore_index
     count = valid.sum()
-    bad = None
+    in_range = None
     t_rows = targets
     if not compact:
-        bad = (valid & ((targets < 0) | (targets >= v))).any()
-        torch._assert_async(~bad, "logitless: a target is outside [0, vocab) and is not ignore_index")
-        # Ignored and out-of-range targets index column 0 (the latter poison the loss below), for the whole call
-        # at once: a chunk only takes its rows (a handful of launches fewer per chunk, host time on a GPU).
-        t_rows = torch.where(valid, targets, 0).clamp_(0, max(v - 1, 0))
+        # Ignored targets index column 0, out-of-range ones are clamped (and poison the loss below), for the whole
+        # call at once: a chunk only takes its rows.
+        t_valid = torch.where(valid, targets, 0)
+        t_rows = t_valid.clamp(0, max(v - 1, 0))
+        in_range = (t_rows == t_valid).all()
+        torch._assert_async(in_range, "logitless: a target is outside [0, vocab) and is not ignore_index")
     # Each row's gradient weight s_i, 0 where the target is ignored (whatever the upstream value there).
-    weights = row_scale if row_scale is not None else grad_scale
-    s_all = torch.where(valid, weights.to(acc) if weights is not None else 1.0, 0.0).to(acc)
+    if mean_over_count:
+        s_all = valid.to(acc) / count.clamp(min=1)  # 1/count as the reciprocal of the float count, to the bit
+    else:
+        weights = row_scale if row_scale is not None else grad_scale
+        s_all = torch.where(valid, weights.to(acc) if weights is not None else 1.0, 0.0).to(acc)
     chunks = RowChunks(valid, rows_per_chunk, compact=compact, skip_ignored=skip_ignored)
 
-    per_row = torch.zeros(n, dtype=acc, device=dev) if want_per_row else None
-    stats = torch.zeros(n, TOKEN_STATS, dtype=torch.float64, device=dev) if want_stats else None
-    d_hidden = torch.zeros_like(hidden) if need_d_hidden else None
+    # In the rows' own order the chunks cover every row and write their slices: no zero fill.
+    new = torch.empty if chunks.in_order else torch.zeros
+    per_row = new(n, dtype=acc, device=dev) if want_per_row else None
+    stats = new(n, TOKEN_STATS, dtype=torch.float64, device=dev) if want_stats else None
+    d_hidden = new(hidden.shape, dtype=hidden.dtype, device=dev) if need_d_hidden else None
     d_weight_acc: torch.Tensor | None = None
     d_weight: torch.Tensor | None = None
     saved: list[_SavedChunk] = []
     d_bias_acc = torch.zeros(v, dtype=acc, device=dev) if need_d_bias else None
-    loss_sum = torch.zeros((), dtype=acc, device=dev)
+    loss_sum: torch.Tensor | None = None
     any_grad = need_d_hidden or need_d_weight or need_d_bias
 
     for c in chunks:
@@ -400,7 +422,7 @@ def fused_lce(
                       grad=any_grad, grad_dtype=hidden.dtype if low_precision_grad else None)  # fmt: skip
         last = c.stop >= chunks.total()  # the first chunk's kernels are queued: reading the count costs no stall
         loss = rp.loss if mask is None else torch.where(mask, rp.loss, 0.0)
-        loss_sum += loss.sum()
+        loss_sum = loss.sum() if loss_sum is None else loss_sum.add_(loss.sum())
         if per_row is not None:
             c.put(per_row, loss)
         if stats is not None:
@@ -419,7 +441,7 @@ def fused_lce(
         else:  # rounded by the row pass already
             g_lp, g = rp.grad, None
         if d_hidden is not None:
-            c.put(d_hidden, g_lp @ weight)
+            c.put_product(d_hidden, g_lp, weight)
         if accumulate:
             if d_weight_acc is not None:
                 _add_mm(d_weight_acc, g, g_lp, h)
@@ -442,12 +464,14 @@ def fused_lce(
             hidden, weight, bias, saved, options=options, budget=budget, acc=acc, slab_pass=slab_pass,
             low_precision_grad=low_precision_grad,
         )  # fmt: skip
-    if bad is not None:
-        loss_sum = torch.where(bad, torch.nan, loss_sum)
+    if loss_sum is None:  # no chunk: no scored row
+        loss_sum = torch.zeros((), dtype=acc, device=dev)
+    if in_range is not None:
+        loss_sum = torch.where(in_range, loss_sum, torch.nan)
         if per_row is not None:
-            per_row = torch.where(bad, torch.nan, per_row)
+            per_row = torch.where(in_range, per_row, torch.nan)
         if stats is not None:
-            stats = torch.where(bad, torch.nan, stats)
+            stats = torch.where(in_range, stats, torch.nan)
     return Result(
         loss_sum=loss_sum,
         count=count,
