@@ -8,7 +8,9 @@ kernel does. This script runs the op as it runs on a GPU (no host reads: targets
 device, ``impl="triton"`` through Triton's interpreter) on tiny CPU tensors and counts, per call kind, the torch
 ops that would launch a kernel (top-level aten ops, view and allocation ops excluded, a conversion counted when it
 copies), the Triton launches, and host reads (device syncs), next to stock's ``F.linear`` + ``ForCausalLMLoss``.
-Counts only: timings here are CPU timings of numpy-interpreted kernels and mean nothing for a GPU.
+Counts only: timings here are CPU timings of numpy-interpreted kernels and mean nothing for a GPU. One CPU
+artefact: CPU has no bf16 GEMM with a float32 result, so each chunk's GEMMs add four ``to`` conversions that CUDA's
+mixed-precision GEMMs do not launch (``--ops`` lists them).
 """
 
 from __future__ import annotations
@@ -89,12 +91,28 @@ class _TritonLaunches:
         self._cls.run = run  # type: ignore[method-assign]
 
 
-def _count(step: Step, triton: _TritonLaunches) -> list[object]:
+class _ListReads:
+    """Counts ``Tensor.tolist()`` calls: a host read (a device sync off CPU) that runs no aten op on CPU."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        real = torch.Tensor.tolist
+        counter = self
+
+        def tolist(t: torch.Tensor) -> object:
+            counter.count += 1
+            return real(t)
+
+        torch.Tensor.tolist = tolist  # type: ignore[method-assign]
+
+
+def _count(step: Step, triton: _TritonLaunches, lists: _ListReads) -> list[object]:
     prepare, call, backward = step
     for _ in range(2):  # warm-up: lazy initialisation is not counted
         backward(call(*prepare()))
     row: list[object] = []
     leaves = prepare()
+    list_reads = lists.count
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as fwd:
         before = triton.count
         loss = call(*leaves)
@@ -104,7 +122,8 @@ def _count(step: Step, triton: _TritonLaunches) -> list[object]:
         backward(loss)
         bwd_triton = triton.count - before
     (f_ops, f_reads), (b_ops, b_reads) = _launches(fwd), _launches(bwd)
-    row += [sum(f_ops.values()), fwd_triton, sum(b_ops.values()), bwd_triton, f_reads + b_reads]
+    reads = f_reads + b_reads + lists.count - list_reads
+    row += [sum(f_ops.values()), fwd_triton, sum(b_ops.values()), bwd_triton, reads]
     row.append(sum(f_ops.values()) + fwd_triton + sum(b_ops.values()) + bwd_triton)
     row.append(", ".join(f"{k}×{v}" if v > 1 else k for k, v in (f_ops + b_ops).most_common()))
     return row
@@ -129,7 +148,7 @@ def main() -> None:
         return real(*a, **kw)  # type: ignore[arg-type]
 
     torch_path.fused_lce = as_on_a_gpu  # type: ignore[assignment]
-    triton = _TritonLaunches()
+    triton, lists = _TritonLaunches(), _ListReads()
     n, h_dim, v = 256, 64, 512
     hidden = torch.randn(n, h_dim, dtype=torch.bfloat16)
     weight = (torch.randn(v, h_dim) * 0.2).to(torch.bfloat16)
@@ -180,7 +199,7 @@ def main() -> None:
     print("|" + "---|" * len(header))
     listing = []
     for name, step in cases.items():
-        row = _count(step, triton)
+        row = _count(step, triton, lists)
         print(f"| {name} | " + " | ".join(str(x) for x in row[:-1]) + " |")
         listing.append(f"{name}: {row[-1]}")
     os.environ.pop("LOGITLESS_CHUNK_MB", None)

@@ -88,8 +88,9 @@ def _cases() -> list[tuple[str, object, dict[str, str], dict[str, object]]]:
     cases.append(("split-combine", triton_path._split_combine_kernel, _SPLIT_COMBINE_ARGS,
                   {"PARTS": triton_path._MAX_PARTS}))  # fmt: skip
     for store in ("fp32", "bf16", "fp16"):  # backward's in-place scaling of the saved gradients
-        cases.append((f"scale-{store}", triton_path._scale_kernel, {"x_ptr": f"*{store}", "s_ptr": "*fp32", "n": "i64"},
-                      {"BLOCK": triton_path._SCALE_BLOCK}))  # fmt: skip
+        args = {"a_ptr": f"*{store}", "na": "i64", "b_ptr": f"*{store}", "nb": "i64", "c_ptr": f"*{store}", "nc": "i64",
+                "s_ptr": "*fp32"}  # fmt: skip
+        cases.append((f"scale-{store}", triton_path._scale_kernel, args, {"BLOCK": triton_path._SCALE_BLOCK}))
     return cases
 
 

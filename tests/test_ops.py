@@ -805,6 +805,31 @@ def test_expect_uniform_grad(impl: str, dtype: torch.dtype, upstream: str, monke
         assert_close(t.grad, expected, tol_grad, f"d_{name}")
 
 
+@pytest.mark.parametrize("impl", [*MODES, _TRITON_SYNC_FREE])
+def test_expect_uniform_grad_with_a_nan_upstream_value(impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A NaN at one counted position is not one value everywhere: the second pass runs and the NaNs land where
+    the float64 reference's do (that row of d_hidden, all of d_weight); the other rows of d_hidden are exact."""
+    from logitless import ops
+
+    second_passes: list[int] = []
+    real = ops._rows_backward
+    monkeypatch.setattr(ops, "_rows_backward", lambda *a: second_passes.append(1) or real(*a))
+    hidden, weight, _, labels = make(seed=7)
+    counted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:] != -100
+    grad_output = torch.full((B, T), 1.0 / int(counted.sum()))
+    row = tuple(int(i) for i in counted.nonzero()[1])
+    grad_output[row] = float("nan")
+    loss = linear_cross_entropy(hidden, weight, labels, impl=impl, reduction="none", expect_uniform_grad=True)
+    loss.backward(grad_output)
+    assert second_passes == [1]
+    ref = reference(hidden, weight, labels, grad_output=grad_output, reduction="none")
+    assert hidden.grad is not None and weight.grad is not None and ref.d_hidden is not None
+    assert torch.equal(torch.isnan(hidden.grad), torch.isnan(ref.d_hidden)) and torch.isnan(hidden.grad[row]).all()
+    assert torch.isnan(weight.grad).all() and torch.isnan(ref.d_weight).all()
+    others = ~torch.isnan(ref.d_hidden)
+    assert_close(hidden.grad[others], ref.d_hidden[others], TOLERANCES[torch.float32][1], "other rows of d_hidden")
+
+
 def test_expect_uniform_grad_needs_per_position_losses() -> None:
     hidden, weight, _, labels = make()
     with pytest.raises(ValueError, match='expect_uniform_grad: only meaningful with reduction="none"'):

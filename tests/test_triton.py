@@ -370,9 +370,9 @@ def test_backward_scales_the_saved_gradients_in_place(dtype: torch.dtype, monkey
     calls: list[float] = []
     real = triton_path.scale_
 
-    def spying(x: torch.Tensor, factor: torch.Tensor) -> bool:
+    def spying(xs: list[torch.Tensor], factor: torch.Tensor) -> bool:
         calls.append(float(factor))
-        return real(x, factor)
+        return real(xs, factor)
 
     monkeypatch.setattr(triton_path, "scale_", spying)
     p = _problem(dtype=dtype, **EPILOGUES["all"])
@@ -411,15 +411,42 @@ def test_scale_kernel_in_place_and_a_factor_of_one(programs: int, monkeypatch: p
     x = torch.randn(10_000).to(torch.bfloat16)
     for factor in (1.0, -2.5):
         y = x.clone()
-        assert triton_path.scale_(y, torch.tensor(factor))
+        assert triton_path.scale_([y], torch.tensor(factor))
         want = (x.float() * factor).to(torch.bfloat16)  # one bf16 ulp: the interpreter truncates, a GPU rounds
         assert bool(((y.double() - want.double()).abs() <= want.double().abs() * 2**-7).all())
     y = x.clone()
-    assert triton_path.scale_(y, torch.tensor(float("nan"))) and bool(torch.isnan(y).all())
+    assert triton_path.scale_([y], torch.tensor(float("nan"))) and bool(torch.isnan(y).all())
     z = torch.randn(10_000)
     want32 = z * torch.tensor(0.3)
-    assert triton_path.scale_(z, torch.tensor(0.3)) and torch.equal(z, want32)  # float32: torch's product exactly
-    assert triton_path.scale_(torch.empty(0), torch.tensor(3.0))
-    assert not triton_path.scale_(torch.randn(4, dtype=torch.float64), torch.tensor(2.0))
-    assert not triton_path.scale_(torch.randn(4, 4).T, torch.tensor(2.0))
-    assert not triton_path.scale_(torch.randn(4), torch.tensor(2.0, dtype=torch.float64))
+    assert triton_path.scale_([z], torch.tensor(0.3)) and torch.equal(z, want32)  # float32: torch's product exactly
+    assert triton_path.scale_([torch.empty(0)], torch.tensor(3.0))
+    assert not triton_path.scale_([torch.randn(4, dtype=torch.float64)], torch.tensor(2.0))
+    assert not triton_path.scale_([torch.randn(4, 4).T], torch.tensor(2.0))
+    assert not triton_path.scale_([torch.randn(4)], torch.tensor(2.0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("programs", [4096, 2])
+def test_scale_kernel_takes_several_tensors_in_one_launch(programs: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Backward's gradients (up to three per launch, of any sizes and float dtypes) scaled together: each equals
+    torch's float32 product; with one tensor it cannot take, none is touched."""
+    monkeypatch.setattr(triton_path, "_SCALE_MAX_PROGRAMS", programs)
+    launches: list[int] = []
+    real = triton_path._scale_kernel
+
+    class Counting:
+        def __getitem__(self, grid: tuple[int]) -> object:
+            launches.append(grid[0])
+            return real[grid]
+
+    monkeypatch.setattr(triton_path, "_scale_kernel", Counting())
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(n, generator=g) for n in (5000, 37, 2500, 1)] + [torch.randn(0), torch.randn(3, 7, generator=g)]
+    wants = [x * torch.tensor(-0.7) for x in xs]
+    assert triton_path.scale_(xs, torch.tensor(-0.7))
+    assert len(launches) == 2  # five non-empty tensors: three, then two
+    for x, want in zip(xs, wants):
+        assert torch.equal(x, want)
+    before = [x.clone() for x in xs]
+    assert not triton_path.scale_([*xs, torch.randn(4, 4).T], torch.tensor(2.0))
+    for x, kept in zip(xs, before):
+        assert torch.equal(x, kept)

@@ -598,10 +598,12 @@ def _uniform_factor(grad_rows: torch.Tensor, targets: torch.Tensor, ignore_index
     if flat.numel() == 0:
         return grad_rows.new_zeros(())
     counted = targets.reshape(-1).to(flat.device) != ignore_index
-    first = flat[counted.to(torch.uint8).argmax()]  # the first counted row's value (row 0's when none counts)
-    if not bool(torch.where(counted, flat == first, True).all()):  # the one host read
-        return None
-    return torch.where(counted.any(), first, torch.zeros_like(first))
+    low = torch.where(counted, flat, math.inf).amin()
+    high = torch.where(counted, flat, -math.inf).amax()
+    low_value, high_value = torch.stack((low, high)).tolist()  # the one host read
+    if low_value == math.inf and high_value == -math.inf:  # no counted row
+        return grad_rows.new_zeros(())
+    return low if low_value == high_value else None  # (a NaN is never equal: the second pass, exact)
 
 
 def _host_read_allowed(device: torch.device) -> bool:
@@ -641,8 +643,8 @@ def _scale_saved_(grads: tuple[torch.Tensor, ...], factor: torch.Tensor, impl: s
         return False
     from logitless import triton_path
 
-    for g in grads:
-        if g.numel() and not triton_path.scale_(g, factor):  # one it does not take: torch's product, in place too
+    if not triton_path.scale_(grads, factor):  # where it does not take them: torch's product, in place too
+        for g in grads:
             g.mul_(factor)
     return True
 

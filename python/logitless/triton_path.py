@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -181,37 +182,53 @@ def _slab_kernel(
 
 
 @triton.jit
-def _scale_kernel(x_ptr, s_ptr, n, BLOCK: tl.constexpr):
-    # The factor is read on the device: when it is 1 (a plain ``loss.backward()``) nothing is read or written, and
-    # a bounded grid (blocks strided over the tensor) keeps that launch a few thousand programs long.
+def _scale_range(x_ptr, n, s, BLOCK: tl.constexpr):
+    # A bounded grid strides its blocks over the tensor: the launch stays a few thousand programs long.
+    step = tl.num_programs(0).to(tl.int64) * BLOCK
+    for start in range(tl.program_id(0).to(tl.int64) * BLOCK, n, step):
+        offs = start + tl.arange(0, BLOCK)
+        inside = offs < n
+        x = tl.load(x_ptr + offs, mask=inside)
+        tl.store(x_ptr + offs, (x.to(tl.float32) * s).to(x_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _scale_kernel(a_ptr, na, b_ptr, nb, c_ptr, nc, s_ptr, BLOCK: tl.constexpr):
+    # Up to three tensors in one launch (backward's gradients; an unused slot has n = 0). The factor is read on the
+    # device: when it is 1 (a plain ``loss.backward()``) nothing is read or written.
     s = tl.load(s_ptr)
     if s != 1.0:
-        step = tl.num_programs(0).to(tl.int64) * BLOCK
-        for start in range(tl.program_id(0).to(tl.int64) * BLOCK, n, step):
-            offs = start + tl.arange(0, BLOCK)
-            inside = offs < n
-            x = tl.load(x_ptr + offs, mask=inside)
-            tl.store(x_ptr + offs, (x.to(tl.float32) * s).to(x_ptr.dtype.element_ty), mask=inside)
+        _scale_range(a_ptr, na, s, BLOCK)
+        _scale_range(b_ptr, nb, s, BLOCK)
+        _scale_range(c_ptr, nc, s, BLOCK)
 
 
 _SCALE_BLOCK = 1024
 _SCALE_MAX_PROGRAMS = 4096
+_SCALE_SLOTS = 3
 
 
-def scale_(x: torch.Tensor, factor: torch.Tensor) -> bool:
-    """``x *= factor`` in place for a contiguous bf16 / f16 / float32 ``x`` and a 0-d float32 ``factor`` on its
-    device, the product formed in float32 as torch's ``x * factor`` forms it; free when ``factor`` is 1. False
-    (nothing done) where it does not apply or the kernel fails: the caller multiplies with torch."""
-    ok = (x.dtype in (torch.bfloat16, torch.float16, torch.float32) and factor.dtype == torch.float32
-          and factor.numel() == 1 and factor.device == x.device and x.is_contiguous() and not _broken)  # fmt: skip
+def scale_(xs: Sequence[torch.Tensor], factor: torch.Tensor) -> bool:
+    """``x *= factor`` in place for each contiguous bf16 / f16 / float32 ``x`` of ``xs``, in one launch per three,
+    for a 0-d float32 ``factor`` on their device, the product formed in float32 as torch's ``x * factor`` forms
+    it; free when ``factor`` is 1. False (nothing done) where it does not apply to all of them or the kernel fails:
+    the caller multiplies with torch."""
+    xs = [x for x in xs if x.numel()]
+    ok = factor.dtype == torch.float32 and factor.numel() == 1 and not _broken and all(
+        x.dtype in (torch.bfloat16, torch.float16, torch.float32) and x.device == factor.device and x.is_contiguous()
+        for x in xs
+    )  # fmt: skip
     if not ok:
         return False
-    if x.numel() == 0:
-        return True
     try:
-        programs = min(triton.cdiv(x.numel(), _SCALE_BLOCK), _SCALE_MAX_PROGRAMS)
-        with _on(x.device):
-            _scale_kernel[(programs,)](x, factor, x.numel(), BLOCK=_SCALE_BLOCK, **_COMPILE)
+        for first in range(0, len(xs), _SCALE_SLOTS):
+            group = xs[first : first + _SCALE_SLOTS]
+            slots = [(x, x.numel()) for x in group] + [(group[0], 0)] * (_SCALE_SLOTS - len(group))
+            programs = min(triton.cdiv(max(x.numel() for x in group), _SCALE_BLOCK), _SCALE_MAX_PROGRAMS)
+            with _on(factor.device):
+                _scale_kernel[(programs,)](
+                    *(arg for slot in slots for arg in slot), factor, BLOCK=_SCALE_BLOCK, **_COMPILE
+                )  # fmt: skip
     except Exception as error:  # noqa: BLE001 - a compile / launch failure of this kernel, not of the maths
         _fallback(error)
         return False
