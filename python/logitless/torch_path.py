@@ -182,14 +182,21 @@ def _add_mm(out: torch.Tensor, g: torch.Tensor | None, g_lp: torch.Tensor, h: to
 
 
 def _weight_grad_of(
-    g: torch.Tensor | None, g_lp: torch.Tensor, h: torch.Tensor, dtype: torch.dtype
+    g: torch.Tensor | None, g_lp: torch.Tensor, h: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``gᵀ·h`` of one chunk as a new ``dtype`` tensor, accumulated as ``_add_mm`` does (float32 inside the GEMM;
-    unrounded ``g`` off CUDA, where there is one)."""
+    """``gᵀ·h`` of one chunk as a new ``dtype`` tensor, or written into ``out`` (of that dtype; straight from the
+    GEMM where its dtype is the operands'), accumulated as ``_add_mm`` does (float32 inside the GEMM; unrounded
+    ``g`` off CUDA, where there is one)."""
     if h.device.type == "cuda" and h.dtype == g_lp.dtype and (g is None or h.dtype != g.dtype):
-        return g_lp.T @ h if dtype == h.dtype else _mm(g_lp.T, h, dtype)
-    g = g if g is not None else g_lp.to(_acc_dtype(h.dtype))
-    return (g.T @ h.to(g.dtype)).to(dtype)
+        if dtype == h.dtype:
+            return torch.mm(g_lp.T, h, out=out) if out is not None else g_lp.T @ h
+        product = _mm(g_lp.T, h, dtype)
+    else:
+        g = g if g is not None else g_lp.to(_acc_dtype(h.dtype))
+        if out is not None and g.dtype == h.dtype == dtype:
+            return torch.mm(g.T, h, out=out)
+        product = (g.T @ h.to(g.dtype)).to(dtype)
+    return out.copy_(product) if out is not None else product
 
 
 class _PendingCount:
@@ -616,9 +623,9 @@ def _weight_grad_by_slabs(
             y = _logits(h, weight[v0:v1], bias[v0:v1] if bias is not None else None, acc)
             g = slab_pass(y, t, lse, scale, options, v0=v0, vocab=v, grad_dtype=grad_dtype)
             if g.dtype == acc:
-                out[v0:v1] = _weight_grad_of(g, g.to(hidden.dtype), h, weight.dtype)
+                _weight_grad_of(g, g.to(hidden.dtype), h, weight.dtype, out=out[v0:v1])
             else:  # rounded by the slab pass already
-                out[v0:v1] = _weight_grad_of(None, g, h, weight.dtype)
+                _weight_grad_of(None, g, h, weight.dtype, out=out[v0:v1])
             # Dropped before the next slab's logits are allocated: one slab's scratch at a time.
             y = g = None  # type: ignore[assignment]
         return out
