@@ -51,9 +51,10 @@ def methods() -> dict[str, Fn]:
     def stock(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return ForCausalLMLoss(torch.nn.functional.linear(h, w), None, w.shape[0], shift_labels=y)
 
-    def ours(mode: str, impl: str = "torch") -> Fn:
+    def ours(mode: str, impl: str = "torch", aliased: bool = False) -> Fn:
         def f(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             os.environ["LOGITLESS_WEIGHT_GRAD"] = mode
+            _alias_on_cuda(aliased)
             return linear_cross_entropy(h, w, None, shift_labels=y, impl=impl)
 
         return f
@@ -61,6 +62,7 @@ def methods() -> dict[str, Fn]:
     def sft_mean(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # TRL's SFT loss: per-token log-probs, then their mean (one upstream value per counted token: the hint).
         os.environ["LOGITLESS_WEIGHT_GRAD"] = "accumulate"
+        _alias_on_cuda(False)
         rows = linear_cross_entropy(h, w, None, shift_labels=y, reduction="none", expect_uniform_grad=True)
         return rows.sum() / (y != IGNORE).sum().clamp(min=1)
 
@@ -68,6 +70,9 @@ def methods() -> dict[str, Fn]:
         "stock HF (materialised)": stock,
         "logitless (triton, accumulate)": ours("accumulate", "triton"),
         "logitless (triton, recompute)": ours("recompute", "triton"),
+        # Not the default on CUDA until checked there: the rounded gradient over its own float32 logits.
+        "logitless (triton, accumulate, gradient over logits)": ours("accumulate", "triton", aliased=True),
+        "logitless (triton, recompute, gradient over logits)": ours("recompute", "triton", aliased=True),
         "logitless (per-token, SFT mean)": sft_mean,
         "logitless (torch path)": ours("accumulate"),
         "logitless (torch path, recompute)": ours("recompute"),
@@ -93,6 +98,14 @@ def methods() -> dict[str, Fn]:
     except ImportError:
         pass
     return out
+
+
+def _alias_on_cuda(on: bool) -> None:
+    """Whether the Triton kernels write a row's rounded gradient over its own float32 logits on CUDA
+    (``triton_path._ALIAS_ON_CUDA``: off by default there until a run of this script has checked it)."""
+    from logitless import triton_path
+
+    triton_path._ALIAS_ON_CUDA = on
 
 
 def reference(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
@@ -236,7 +249,8 @@ def correctness(dev: torch.device, small: bool) -> list[str]:
     from logitless import linear_cross_entropy
 
     n, hd, v = (32, 32, 1500) if small else (512, 256, 32000)
-    rows = ["| case | impl | loss err / stock's | d_hidden err / stock's | d_weight err / stock's | repeatable |",
+    rows = ["| case | impl | loss err / stock's | d_hidden err / stock's | d_weight err / stock's "
+            "| repeatable (and aliased = separate) |",
             "|---|---|---|---|---|---|"]  # fmt: skip
     failures = 0
     for dt_name, dtype in DTYPES.items():
@@ -280,8 +294,12 @@ def correctness(dev: torch.device, small: bool) -> list[str]:
 
                 base, _ = errors(stock)
                 floor = 2.0**-23 if dtype == torch.float32 else 2.0**-8
-                for impl, mode in (("triton", "accumulate"), ("triton", "recompute"), ("torch", "accumulate")):
+                separate: dict[str, tuple] = {}
+                for impl, mode, aliased in (("triton", "accumulate", False), ("triton", "accumulate", True),
+                                            ("triton", "recompute", False), ("triton", "recompute", True),
+                                            ("torch", "accumulate", False)):  # fmt: skip
                     os.environ["LOGITLESS_WEIGHT_GRAD"] = mode
+                    _alias_on_cuda(aliased)
 
                     def ours(hh: torch.Tensor, ww: torch.Tensor, impl: str = impl) -> torch.Tensor:
                         return linear_cross_entropy(hh, ww, None, shift_labels=y, impl=impl, **kw)
@@ -289,13 +307,42 @@ def correctness(dev: torch.device, small: bool) -> list[str]:
                     errs, got = errors(ours)
                     _, again = errors(ours)
                     same = all(torch.equal(a, b) for a, b in zip(got, again))
+                    if impl == "triton" and not aliased:
+                        separate[mode] = got
+                    elif aliased:  # the gradient over its own logits: bit for bit the one in a buffer of its own
+                        same = same and all(torch.equal(a, b) for a, b in zip(got, separate[mode]))
                     ratios = [e / max(b, floor) for e, b in zip(errs, base)]
                     ok = all(e <= 1.5 * b + floor for e, b in zip(errs, base)) and (same or impl == "torch")
                     failures += not ok
-                    rows.append(f"| {dt_name} {ignored:.0%} {ep_name} | {impl} {mode} | "
+                    label = f"{impl} {mode}" + (" (gradient over logits)" if aliased else "")
+                    rows.append(f"| {dt_name} {ignored:.0%} {ep_name} | {label} | "
                                 + " | ".join(f"{r:.2f}" for r in ratios) + f" | {same} |" + ("" if ok else " **FAIL**"))  # fmt: skip
+                _alias_on_cuda(False)
     os.environ["LOGITLESS_WEIGHT_GRAD"] = "accumulate"
     if dev.type == "cuda":
+        # Enough rows for one program per row (the cases above split rows into parts): the row kernel's gradient
+        # over its own logits, bit for bit the separate buffer's, every epilogue.
+        g = torch.Generator(device=dev).manual_seed(11)
+        h = torch.randn(4096, 256, generator=g, device=dev).to(torch.bfloat16)
+        w = (torch.randn(32000, 256, generator=g, device=dev) * 0.15).to(torch.bfloat16)
+        y = torch.randint(0, 32000, (4096,), generator=g, device=dev)
+        y[::4] = IGNORE
+        for ep_name, spec in EPILOGUES.items():
+            kw = dict(spec)
+            if kw.pop("logits_bias", False):
+                kw["logits_bias"] = torch.randn(32000, generator=g, device=dev)
+            got = []
+            for aliased in (False, True):
+                _alias_on_cuda(aliased)
+                hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+                loss = linear_cross_entropy(hh, ww, None, shift_labels=y, impl="triton", **kw)
+                loss.backward()
+                got.append((loss.detach(), hh.grad, ww.grad))
+            _alias_on_cuda(False)
+            ok = all(torch.equal(a, b) for a, b in zip(*got))
+            failures += not ok
+            rows.append(f"| bf16 4096x32000 {ep_name}, one program per row | triton accumulate (gradient over logits) "
+                        f"| | | | aliased = separate: {ok} |" + ("" if ok else " **FAIL**"))  # fmt: skip
         # One chunk of more than 2^31 float32 logits elements: 64-bit row offsets in the kernel.
         n2, v2 = 16640, 131072
         os.environ["LOGITLESS_CHUNK_MB"] = str(n2 * v2 * 3 * 4 // 2**20 + 1)

@@ -152,7 +152,12 @@ def main() -> None:
     parser.add_argument("--ignored", default="0,0.5")
     parser.add_argument("--modes", default="accumulate,recompute")
     parser.add_argument("--dtypes", default="bf16")
+    parser.add_argument("--aliased", action="store_true",
+                        help="with each row's rounded gradient over its own logits (triton_path._ALIAS_ON_CUDA)")
     args = parser.parse_args()
+    from logitless import triton_path
+
+    triton_path._ALIAS_ON_CUDA = args.aliased
     dtypes = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
     print("| N/H/V | dtype | ignored | mode | predicted extra (MiB) | f32 logits (MiB) |")
     print("|---|---|---|---|---|---|")

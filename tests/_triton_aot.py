@@ -70,17 +70,22 @@ def _cases() -> list[tuple[str, object, dict[str, str], dict[str, object]]]:
     cases = []
     for lb, cap, grad, stats in itertools.product((False, True), repeat=4):
         flags = {"HAS_LB": lb, "HAS_CAP": cap, "GRAD": grad, "STATS": stats, "PARTS": False,
-                 "BLOCK": triton_path._BLOCK}  # fmt: skip
+                 "BLOCK": triton_path._BLOCK, "ALIASED": False}  # fmt: skip
         cases.append(("row", triton_path._row_kernel, _ROW_ARGS, flags))
         if grad:  # the gradient rounded into the GEMMs' dtype as it is written (CUDA, bf16 / f16 inputs)
             for lp in ("bf16", "fp16"):
                 cases.append((f"row-grad-{lp}", triton_path._row_kernel, {**_ROW_ARGS, "g_ptr": f"*{lp}"}, flags))
+                # ... over the row's own float32 logits
+                cases.append((f"row-grad-{lp}-aliased", triton_path._row_kernel, {**_ROW_ARGS, "g_ptr": f"*{lp}"},
+                              {**flags, "ALIASED": True}))  # fmt: skip
         if not grad and not stats:  # a vocabulary shard's statistics (shard_pass)
             cases.append(("row-shard", triton_path._row_kernel, _ROW_ARGS, {**flags, "PARTS": True}))
     for lb, cap in itertools.product((False, True), repeat=2):
         flags = {"HAS_LB": lb, "HAS_CAP": cap, "BLOCK": triton_path._BLOCK}
         for store in ("fp32", "bf16", "fp16"):
-            cases.append((f"slab-{store}", triton_path._slab_kernel, {**_SLAB_ARGS, "g_ptr": f"*{store}"}, flags))
+            for aliased in (False, True) if store != "fp32" else (False,):
+                cases.append((f"slab-{store}" + "-aliased" * aliased, triton_path._slab_kernel,
+                              {**_SLAB_ARGS, "g_ptr": f"*{store}"}, {**flags, "ALIASED": aliased}))  # fmt: skip
             # rows split into parts: the gradient per part
             cases.append((f"split-grad-{store}", triton_path._split_grad_kernel,
                           {**_SPLIT_GRAD_ARGS, "g_ptr": f"*{store}"}, flags))  # fmt: skip

@@ -280,6 +280,48 @@ def test_slab_kernel_stores_in_the_gemm_dtype(dtype: torch.dtype) -> None:
     assert bool((exact != 0).any())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("stats", [False, True])
+@pytest.mark.parametrize("programs", [0, 64])  # one program per row, or rows split into parts
+def test_rounded_gradient_over_its_own_logits(
+    dtype: torch.dtype, stats: bool, programs: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rounded gradient written over the first half of each row's float32 logits (no second buffer) equals,
+    bit for bit, the one written into a buffer of its own, for the row and slab kernels, every epilogue on; split
+    rows (parts run in parallel) keep a buffer."""
+    monkeypatch.setattr(triton_path, "_INTERPRETED_PROGRAMS", programs)
+    p = _problem(n=8, **{k: v for k, v in EPILOGUES["all"].items() if k != "bias"})
+    opts = _options.parse(
+        device=p["hidden"].device, vocab=V, ignore_index=-100, impl="triton",
+        **{k: v for k, v in p.items() if k not in ("hidden", "weight", "labels")},
+    )  # fmt: skip
+    logits = p["hidden"].detach() @ p["weight"].detach().T
+    t = p["labels"].clamp(min=0)
+    s = torch.linspace(0.0, 1.0, 8)
+
+    def row(alias: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        y = logits.clone()
+        with monkeypatch.context() as m:
+            if not alias:
+                m.setattr(triton_path, "aliased_gradient", lambda *a: None)
+            out = triton_path.row_pass(y, t, s, opts, vocab=V, want_stats=stats, grad=True, grad_dtype=dtype)
+        assert out.grad is not None and out.grad.dtype == dtype and out.grad.shape == y.shape
+        return out.grad, y
+
+    aliased, y = row(True)
+    separate, _ = row(False)
+    assert torch.equal(aliased, separate)
+    split = programs > 0 and not stats
+    assert (aliased.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()) != split
+    lse = torch.logsumexp(logits, dim=1)
+    y = logits[:, 300:1200].contiguous()
+    slab = triton_path.slab_pass(y, t, lse, s, opts, v0=300, vocab=V, grad_dtype=dtype)
+    assert slab.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
+    monkeypatch.setattr(triton_path, "aliased_gradient", lambda *a: None)
+    own = triton_path.slab_pass(logits[:, 300:1200].contiguous(), t, lse, s, opts, v0=300, vocab=V, grad_dtype=dtype)
+    assert torch.equal(slab, own) and bool((own != 0).any())
+
+
 def test_shard_pass_and_its_torch_fallback_against_float64() -> None:
     """A vocabulary shard's log-sum-exp, target logit (0 off the shard) and logit sum, through every epilogue: the
     kernel, and the torch ops a GPU without a working kernel falls back to."""

@@ -90,13 +90,18 @@ def _block(base, w0, W, v_start, lb_ptr, k, cap, inv_t, HAS_LB: tl.constexpr, HA
 @triton.jit
 def _write_gradient(
     base, g_base, W, v_start, t, lse, s, lb_ptr, k, cap, inv_t, eps, z_loss, V,
-    HAS_LB: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_LB: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr, ALIASED: tl.constexpr,
 ):  # fmt: skip
     """A row's logits gradient from its log-sum-exp, over the float32 logits, or rounded once into the GEMMs'
-    dtype (one fewer pass over the chunk)."""
+    dtype (one fewer pass over the chunk). ``ALIASED``: that rounded gradient is written over the first half of the
+    row's own float32 logits (``aliased_gradient``): block j's 2-byte values land on float32 elements [j/2, ...),
+    which the program has read already; the barrier makes every thread's loads of a block precede any store of it,
+    so no thread overwrites logits another has still to read."""
     for w0 in range(0, W, BLOCK):
         local, cols, in_row, z, th = _block(base, w0, W, v_start, lb_ptr, k, cap, inv_t, HAS_LB, HAS_CAP, BLOCK)
         g = _gradient(z, th, cols, t, lse, s, k, inv_t, eps, z_loss, V, HAS_CAP)
+        if ALIASED:
+            tl.debug_barrier()
         tl.store(g_base + local, g.to(g_base.dtype.element_ty), mask=in_row)
 
 
@@ -124,7 +129,7 @@ def _row_kernel(
     y_ptr, stride, t_ptr, s_ptr, lb_ptr, loss_ptr, lse_ptr, stats_ptr, g_ptr, g_stride, parts_ptr,
     V, k, cap, inv_t, eps, z_loss,
     HAS_LB: tl.constexpr, HAS_CAP: tl.constexpr, GRAD: tl.constexpr, STATS: tl.constexpr, PARTS: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, ALIASED: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     base = y_ptr + row * stride
@@ -165,19 +170,19 @@ def _row_kernel(
     if GRAD:
         s = tl.load(s_ptr + row)
         _write_gradient(base, g_ptr + row * g_stride, V, 0, t, lse, s, lb_ptr, k, cap, inv_t, eps, z_loss, V,
-                        HAS_LB, HAS_CAP, BLOCK)  # fmt: skip
+                        HAS_LB, HAS_CAP, BLOCK, ALIASED)  # fmt: skip
 
 
 @triton.jit
 def _slab_kernel(
     y_ptr, stride, t_ptr, s_ptr, lse_ptr, lb_ptr, g_ptr, g_stride,
     W, v_start, V, k, cap, inv_t, eps, z_loss,
-    HAS_LB: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_LB: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr, ALIASED: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     _write_gradient(
         y_ptr + row * stride, g_ptr + row * g_stride, W, v_start, tl.load(t_ptr + row), tl.load(lse_ptr + row),
-        tl.load(s_ptr + row), lb_ptr, k, cap, inv_t, eps, z_loss, V, HAS_LB, HAS_CAP, BLOCK,
+        tl.load(s_ptr + row), lb_ptr, k, cap, inv_t, eps, z_loss, V, HAS_LB, HAS_CAP, BLOCK, ALIASED,
     )  # fmt: skip
 
 
@@ -290,6 +295,7 @@ def _split_grad_kernel(
     _write_gradient(
         y_ptr + row * stride + c0, g_ptr + row * g_stride + c0, tl.minimum(span, V - c0), c0, tl.load(t_ptr + row),
         tl.load(lse_ptr + row), tl.load(s_ptr + row), lb_ptr, k, cap, inv_t, eps, z_loss, V, HAS_LB, HAS_CAP, BLOCK,
+        False,  # parts of a row run in parallel: part p's stores would land on logits part p / 2 is reading
     )  # fmt: skip
 
 
@@ -377,6 +383,24 @@ def _fallback(error: BaseException) -> None:
     _broken.append(error)
 
 
+# A row's bf16 / f16 gradient fits in the first half of its own float32 logits (2·W of 4·W bytes): written there,
+# a chunk needs no second buffer (a third of its scratch: 501 of 1503 MiB per 2048-row chunk at V = 128256). Exact
+# under the interpreter, where a program runs its blocks in order; on a GPU it rests on the barrier in
+# _write_gradient, so it stays off there until a device run (bench/cuda_compare.py: aliased gradients bitwise equal
+# to separate ones, tests/test_cuda.py) has checked it on real hardware.
+_ALIAS_ON_CUDA = False
+
+
+def aliased_gradient(y: torch.Tensor, grad_dtype: torch.dtype | None) -> torch.Tensor | None:
+    """The view of the float32 ``y``'s storage that its rows' rounded gradient is written into (``y``'s shape, row
+    stride twice its width; the GEMMs read it as it is), or None where the gradient needs a buffer of its own."""
+    if grad_dtype not in (torch.bfloat16, torch.float16) or y.dtype != torch.float32 or not y.is_contiguous():
+        return None
+    if y.device.type == "cuda" and not _ALIAS_ON_CUDA:
+        return None
+    return y.view(grad_dtype)[:, : y.shape[1]]
+
+
 def row_pass(
     y: torch.Tensor, t: torch.Tensor, s_rows: torch.Tensor, options: LossOptions, *, vocab: int, want_stats: bool,
     grad: bool, grad_dtype: torch.dtype | None = None,
@@ -395,8 +419,9 @@ def row_pass(
     lb = options.epilogue.logits_bias if has_lb else y
     scale = s_rows.to(torch.float32).contiguous()
     in_place = not grad or grad_dtype in (None, torch.float32)
-    g = y if in_place else torch.empty(rows, v, dtype=grad_dtype, device=y.device)
     parts = 1 if want_stats else _parts(rows, v, y.device)
+    aliased = None if in_place or parts > 1 else aliased_gradient(y, grad_dtype)
+    g = y if in_place else aliased if aliased is not None else torch.empty(rows, v, dtype=grad_dtype, device=y.device)
     try:
         with _on(y.device):
             if parts > 1:
@@ -405,7 +430,8 @@ def row_pass(
             _row_kernel[(rows,)](
                 y, y.stride(0), t.contiguous(), scale, lb, loss, lse, stats, g, g.stride(0), loss,
                 v, k, cap, inv_t, options.label_smoothing, options.z_loss,
-                HAS_LB=has_lb, HAS_CAP=has_cap, GRAD=grad, STATS=want_stats, PARTS=False, BLOCK=_BLOCK, **_COMPILE,
+                HAS_LB=has_lb, HAS_CAP=has_cap, GRAD=grad, STATS=want_stats, PARTS=False, BLOCK=_BLOCK,
+                ALIASED=aliased is not None, **_COMPILE,
             )  # fmt: skip
     except Exception as error:  # noqa: BLE001 - a compile / launch failure of this kernel, not of the maths
         _fallback(error)
@@ -428,14 +454,18 @@ def slab_pass(
     y = y.contiguous()
     k, cap, inv_t, has_lb, has_cap = _constants(options)
     lb = options.epilogue.logits_bias if has_lb else y
-    g = y if grad_dtype in (None, torch.float32) else torch.empty(rows, width, dtype=grad_dtype, device=y.device)
+    aliased = aliased_gradient(y, grad_dtype)
+    if grad_dtype in (None, torch.float32):
+        g = y
+    else:
+        g = aliased if aliased is not None else torch.empty(rows, width, dtype=grad_dtype, device=y.device)
     scale, row_lse = s_rows.to(torch.float32).contiguous(), lse.to(torch.float32).contiguous()
     try:
         with _on(y.device):
             _slab_kernel[(rows,)](
                 y, y.stride(0), t.contiguous(), scale, row_lse,
                 lb, g, g.stride(0), width, v0, vocab, k, cap, inv_t, options.label_smoothing, options.z_loss,
-                HAS_LB=has_lb, HAS_CAP=has_cap, BLOCK=_BLOCK, **_COMPILE,
+                HAS_LB=has_lb, HAS_CAP=has_cap, BLOCK=_BLOCK, ALIASED=aliased is not None, **_COMPILE,
             )  # fmt: skip
     except Exception as error:  # noqa: BLE001
         _fallback(error)
@@ -462,7 +492,8 @@ def shard_pass(
             _row_kernel[(rows,)](
                 y, y.stride(0), t_local.contiguous(), lse, lb, loss, lse, lse, y, y.stride(0), parts,
                 width, k, cap, inv_t, 0.0, 0.0,
-                HAS_LB=has_lb, HAS_CAP=has_cap, GRAD=False, STATS=False, PARTS=True, BLOCK=_BLOCK, **_COMPILE,
+                HAS_LB=has_lb, HAS_CAP=has_cap, GRAD=False, STATS=False, PARTS=True, BLOCK=_BLOCK, ALIASED=False,
+                **_COMPILE,
             )  # fmt: skip
     except Exception as error:  # noqa: BLE001
         _fallback(error)
