@@ -769,6 +769,16 @@ def test_recompute_in_sync_free_mode(budget_rows: int, skip_ignored: bool, monke
 
 
 
+def _count_second_passes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by one each time ``reduction="none"``'s backward runs its second fused pass."""
+    from logitless import ops
+
+    second_passes: list[int] = []
+    real = ops._rows_backward
+    monkeypatch.setattr(ops, "_rows_backward", lambda *a: second_passes.append(1) or real(*a))
+    return second_passes
+
+
 @pytest.mark.parametrize("impl", [*MODES, _TRITON_ON_CPU, _TRITON_SYNC_FREE])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("upstream", ["mean", "mean-ignored-rows-differ", "per-token", "all-ignored"])
@@ -777,11 +787,7 @@ def test_expect_uniform_grad(impl: str, dtype: torch.dtype, upstream: str, monke
     the forward pass and scaled in backward when the upstream gradient is one value at every counted position
     (values at ignored positions do not matter); any other upstream gradient takes the second pass. Exact both
     ways against float64, with the epilogue and label smoothing on."""
-    from logitless import ops
-
-    second_passes: list[int] = []
-    real = ops._rows_backward
-    monkeypatch.setattr(ops, "_rows_backward", lambda *a: second_passes.append(1) or real(*a))
+    second_passes = _count_second_passes(monkeypatch)
     hidden, weight, bias, labels = make(dtype, with_bias=True, seed=7)
     if upstream == "all-ignored":
         labels = torch.full_like(labels, -100)
@@ -809,11 +815,7 @@ def test_expect_uniform_grad(impl: str, dtype: torch.dtype, upstream: str, monke
 def test_expect_uniform_grad_with_a_nan_upstream_value(impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A NaN at one counted position is not one value everywhere: the second pass runs and the NaNs land where
     the float64 reference's do (that row of d_hidden, all of d_weight); the other rows of d_hidden are exact."""
-    from logitless import ops
-
-    second_passes: list[int] = []
-    real = ops._rows_backward
-    monkeypatch.setattr(ops, "_rows_backward", lambda *a: second_passes.append(1) or real(*a))
+    second_passes = _count_second_passes(monkeypatch)
     hidden, weight, _, labels = make(seed=7)
     counted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:] != -100
     grad_output = torch.full((B, T), 1.0 / int(counted.sum()))
@@ -840,11 +842,7 @@ def test_expect_uniform_grad_needs_per_position_losses() -> None:
 def test_expect_uniform_grad_retain_graph(impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The gradients formed in the forward pass serve the first backward only (scaled in place, no V×H copy); a
     second backward of a retained graph runs the second pass, and both give the float64 reference's gradients."""
-    from logitless import ops
-
-    second_passes: list[int] = []
-    real = ops._rows_backward
-    monkeypatch.setattr(ops, "_rows_backward", lambda *a: second_passes.append(1) or real(*a))
+    second_passes = _count_second_passes(monkeypatch)
     hidden, weight, _, labels = make(seed=3)
     counted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:] != -100
     grad_output = torch.full((B, T), 0.5 / int(counted.sum()))
@@ -886,11 +884,7 @@ def test_frozen_head_per_token_gradient_in_one_pass(
     formed in the forward pass and backward scales them row by row, for any per-position upstream gradient (DPO's
     and GRPO's differ per token), without a hint and without the second pass; exact against float64 with the
     epilogue, temperature, label smoothing and z-loss on."""
-    from logitless import ops
-
-    second_passes: list[int] = []
-    real = ops._rows_backward
-    monkeypatch.setattr(ops, "_rows_backward", lambda *a: second_passes.append(1) or real(*a))
+    second_passes = _count_second_passes(monkeypatch)
     hidden, weight, bias, labels = make(dtype, with_bias=with_bias, seed=11)
     weight.requires_grad_(False)
     if bias is not None:
@@ -919,9 +913,7 @@ def test_frozen_head_retain_graph_and_no_gradient(impl: str, monkeypatch: pytest
     pass, and both equal the float64 reference. Nothing is formed ahead when no input needs a gradient."""
     from logitless import ops
 
-    second_passes: list[int] = []
-    real = ops._rows_backward
-    monkeypatch.setattr(ops, "_rows_backward", lambda *a: second_passes.append(1) or real(*a))
+    second_passes = _count_second_passes(monkeypatch)
     formed: list[tuple[str, bool]] = []
     real_op = ops._call_op
 
