@@ -150,6 +150,53 @@ def test_gradient_over_its_own_logits_on_cuda(mode: str, rows: int, monkeypatch:
     assert_close(results[1][1].cpu(), ref.d_hidden, tol_grad, "d_hidden")
 
 
+@pytest.mark.parametrize("call", ["mean", "num-items-int", "sum", "frozen-head-per-token"])
+def test_a_step_captured_in_a_cuda_graph(call: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forward and backward captured in a CUDA graph (what ``torch.compile(mode="reduce-overhead")`` does to a
+    host-bound step): nothing is read on the host while capturing (ignored rows masked, not skipped; an int
+    ``num_items_in_batch`` filled on the device, not copied from the host), and replays give the float64
+    reference's loss and gradients, several chunks."""
+    monkeypatch.setenv("LOGITLESS_CHUNK_MB", "0.02")
+    hidden, weight, _, labels = make(torch.bfloat16, with_bias=False)
+    h = hidden.cuda().requires_grad_()
+    w = weight.cuda().requires_grad_(call != "frozen-head-per-token")
+    y = labels.cuda()
+    kw: dict[str, Any] = {"label_smoothing": 0.05, "logit_softcapping": 5.0}
+    kw.update({"num-items-int": {"num_items_in_batch": 40}, "sum": {"reduction": "sum"},
+               "frozen-head-per-token": {"reduction": "none"}}.get(call, {}))  # fmt: skip
+    upstream = torch.rand(B, T, generator=torch.Generator().manual_seed(2))
+    up = upstream.cuda()
+
+    def step() -> torch.Tensor:
+        loss = linear_cross_entropy(h, w, y, **kw)
+        (loss * up).sum().backward() if loss.dim() else loss.backward()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (kernels compiled, caches filled) off the capturing stream
+        for _ in range(2):
+            h.grad = w.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    h.grad = w.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    ref = reference(
+        hidden.requires_grad_(), weight.requires_grad_(call != "frozen-head-per-token"), labels,
+        grad_output=upstream.double() if call == "frozen-head-per-token" else 1.0, **kw,
+    )  # fmt: skip
+    tol_loss, tol_grad = TOLERANCES[torch.bfloat16]
+    assert_close(loss.detach().cpu(), ref.loss, tol_loss, "loss")
+    assert_close(h.grad.cpu(), ref.d_hidden, tol_grad, "d_hidden")
+    if w.requires_grad:
+        assert_close(w.grad.cpu(), ref.d_weight, tol_grad, "d_weight")
+
+
 @pytest.mark.parametrize("factor", [1.0, 0.25])
 def test_backward_scales_saved_gradients_in_place_on_cuda(factor: float) -> None:
     """The upstream gradient scales the forward's gradients in place on the device (no host read of it), equal to

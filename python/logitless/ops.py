@@ -144,7 +144,7 @@ def linear_cross_entropy(
     )
 
     targets = _targets(hidden, labels, shift, shift_labels, options.ignore_index, device)
-    num_items = _num_items(num_items_in_batch)
+    num_items = _num_items(num_items_in_batch, hidden)
 
     grad_on = torch.is_grad_enabled()
     need_dh = grad_on and hidden.requires_grad
@@ -265,7 +265,10 @@ def _targets(
     return targets
 
 
-def _num_items(num_items_in_batch: int | torch.Tensor | None) -> torch.Tensor | None:
+def _num_items(num_items_in_batch: int | torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """``num_items_in_batch`` as a 0-d tensor; a Python number is made on ``like``'s device in its accumulation
+    dtype by a fill, not copied from the host (a copy from pageable host memory is not allowed while a CUDA graph is
+    captured), and divides in that dtype as stock's ``loss / num_items_in_batch`` does."""
     if num_items_in_batch is None:
         return None
     if isinstance(num_items_in_batch, torch.Tensor):
@@ -276,7 +279,7 @@ def _num_items(num_items_in_batch: int | torch.Tensor | None) -> torch.Tensor | 
         return num_items_in_batch.detach().reshape(())
     if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)):
         raise TypeError(f"num_items_in_batch: expected an int or a 0-d tensor, got {type(num_items_in_batch).__name__}")
-    return torch.tensor(float(num_items_in_batch), dtype=torch.float64)
+    return torch.full((), float(num_items_in_batch), dtype=_acc_dtype(like.dtype), device=like.device)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -101,7 +101,7 @@ def vocab_parallel_linear_cross_entropy(
         weight,
         bias,
         targets.reshape(rows),
-        ops._num_items(num_items_in_batch),
+        ops._num_items(num_items_in_batch, hidden),
         options,
         shard,
         reduction,
