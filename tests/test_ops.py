@@ -29,6 +29,7 @@ MODES = [*IMPLS, _SYNC_FREE]
 _INTERPRETER_OFF = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton's interpreter is off")
 _TRITON_ON_CPU = pytest.param("triton", marks=_INTERPRETER_OFF)
 _TRITON_SYNC_FREE = pytest.param("triton", id="triton-sync-free", marks=[_INTERPRETER_OFF, pytest.mark.sync_free])
+ALL_PATHS = [*MODES, _TRITON_ON_CPU, _TRITON_SYNC_FREE]
 B, T, H, V = 2, 9, 16, 37
 
 
@@ -91,7 +92,7 @@ def check(
     return loss
 
 
-@pytest.mark.parametrize("impl", MODES)
+@pytest.mark.parametrize("impl", ALL_PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("three_d", [True, False])
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -147,7 +148,7 @@ def resolve(opts: dict[str, Any], labels: torch.Tensor) -> dict[str, Any]:
     return out
 
 
-@pytest.mark.parametrize("impl", MODES)
+@pytest.mark.parametrize("impl", ALL_PATHS)
 @pytest.mark.parametrize("opts", OPTION_SETS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_options(impl: str, opts: dict[str, Any]) -> None:
     hidden, weight, bias, labels = make(torch.float32, with_bias=True)
@@ -156,7 +157,7 @@ def test_options(impl: str, opts: dict[str, Any]) -> None:
     check(impl, hidden, weight, bias, labels, grad_output=grad_output, **opts)
 
 
-@pytest.mark.parametrize("impl", MODES)
+@pytest.mark.parametrize("impl", ALL_PATHS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_options_low_precision(impl: str, dtype: torch.dtype) -> None:
     hidden, weight, bias, labels = make(dtype, with_bias=True)
@@ -164,7 +165,7 @@ def test_options_low_precision(impl: str, dtype: torch.dtype) -> None:
     check(impl, hidden, weight, bias, labels, **opts)
 
 
-@pytest.mark.parametrize("impl", MODES)
+@pytest.mark.parametrize("impl", ALL_PATHS)
 def test_grad_output_scales_gradients(impl: str) -> None:
     hidden, weight, bias, labels = make(with_bias=True)
     check(impl, hidden, weight, bias, labels, grad_output=-3.75)
@@ -254,7 +255,7 @@ def test_no_grad_computes_loss_only(impl: str, monkeypatch: pytest.MonkeyPatch) 
     assert not (call["need_d_hidden"] or call["need_d_weight"] or call["need_d_bias"])
 
 
-@pytest.mark.parametrize("impl", MODES)
+@pytest.mark.parametrize("impl", ALL_PATHS)
 @pytest.mark.parametrize("as_tensor", [False, True])
 def test_gradient_accumulation_with_num_items(impl: str, as_tensor: bool) -> None:
     """Two micro-batches, each divided by the whole batch's target count, add up to the full batch's mean."""
@@ -275,7 +276,7 @@ def test_gradient_accumulation_with_num_items(impl: str, as_tensor: bool) -> Non
     assert_close(bias.grad, ref.d_bias, 2e-5, "d_bias")
 
 
-@pytest.mark.parametrize("impl", MODES)
+@pytest.mark.parametrize("impl", ALL_PATHS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_all_ignored_gives_zero_loss_and_zero_gradients(impl: str, reduction: str) -> None:
     hidden, weight, bias, labels = make(with_bias=True)
@@ -287,7 +288,7 @@ def test_all_ignored_gives_zero_loss_and_zero_gradients(impl: str, reduction: st
         assert t is not None and t.grad is not None and torch.equal(t.grad, torch.zeros_like(t))
 
 
-@pytest.mark.parametrize("impl", MODES)
+@pytest.mark.parametrize("impl", ALL_PATHS)
 def test_small_chunk_budget_still_exact(impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # A budget below one row's logits forces one row per chunk (and many chunks).
     monkeypatch.setenv("LOGITLESS_CHUNK_MB", "0.0001")
@@ -295,7 +296,7 @@ def test_small_chunk_budget_still_exact(impl: str, monkeypatch: pytest.MonkeyPat
     check(impl, hidden, weight, bias, labels, label_smoothing=0.1, logit_softcapping=3.0)
 
 
-@pytest.mark.parametrize("impl", MODES)
+@pytest.mark.parametrize("impl", ALL_PATHS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("budget_mb", ["0.001", None])
 @pytest.mark.parametrize("ignore_frac", [0.25, 1.0])
@@ -366,7 +367,7 @@ def test_backward_of_a_gradient_output_alone_is_none() -> None:
     assert hidden.grad is None and weight.grad is None
 
 
-@pytest.mark.parametrize("impl", MODES)
+@pytest.mark.parametrize("impl", ALL_PATHS)
 def test_retain_graph_backward_twice_accumulates(impl: str) -> None:
     hidden, weight, _, labels = make()
     loss = linear_cross_entropy(hidden, weight, labels, impl=impl)
@@ -677,7 +678,7 @@ def _per_position_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: 
 
 @pytest.mark.parametrize("softcap", [None, 2.0], ids=["no-softcap", "softcap"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("impl", MODES)
+@pytest.mark.parametrize("impl", ALL_PATHS)
 def test_temperature_log_probs_and_token_stats_match_float64(impl: str, dtype: torch.dtype,
                                                             softcap: float | None) -> None:  # fmt: skip
     """What TRL's trainers need from one pass: per-token log-probs at a temperature (with a gradient for any
