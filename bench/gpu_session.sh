@@ -4,7 +4,8 @@
 #   1. tests/test_cuda.py (the op on CUDA against float64; CUDA graphs, the gradient over its own logits);
 #   2. bench/cuda_compare.py (correctness block, then time and memory of every method; Markdown + JSON);
 #   3. bench/memory_model.py (the predicted extra memory, to set against step 2's measured figures);
-#   4. bench/cuda_profile.py --host --cases small (where a small call's host time goes).
+#   4. bench/cuda_profile.py --cases small (kernels by device time: why recompute there is 1.8x stock) and
+#      --host (where a small call's host time goes).
 # Each step has its own time limit and a failing step does not stop the next; outputs go to OUT (default $OUT).
 # From the device tool:  bash bench/gpu_session.sh
 set -uo pipefail
@@ -27,4 +28,5 @@ step test_cuda 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
 step cuda_compare 300 python3 bench/cuda_compare.py --out-dir "$OUT"
 step memory_model 60 python3 bench/memory_model.py --dtypes bf16,f32
 step memory_model_aliased 60 python3 bench/memory_model.py --aliased
+step cuda_profile_small 90 python3 bench/cuda_profile.py --cases small --ignored 0
 step cuda_profile_host 90 python3 bench/cuda_profile.py --host --cases small
