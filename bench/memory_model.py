@@ -32,7 +32,6 @@ from logitless._options import LossOptions
 
 CASES = {"small": (2048, 1024, 32000), "big": (8192, 2048, 128256)}
 H200_MULTIPROCESSORS = 132
-IGNORE = -100
 
 
 class _LiveBytes(TorchDispatchMode):
@@ -43,7 +42,8 @@ class _LiveBytes(TorchDispatchMode):
         self.live = 0
         self.peak = 0
         self._holders: dict[int, set[int]] = {}  # storage -> ids of the live tensors on it
-        self._outside: set[int] = set()  # storages allocated before (inputs): their views are not allocations
+        # Storages allocated before (the inputs, alive throughout): their views are not allocations.
+        self._outside: set[int] = set()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         for t in tree_flatten((args, kwargs))[0]:
