@@ -159,6 +159,7 @@ def main() -> None:
 
     def leaves() -> tuple[torch.Tensor, torch.Tensor]:
         os.environ["LOGITLESS_CHUNK_MB"] = "64"
+        os.environ["LOGITLESS_WEIGHT_GRAD"] = "accumulate"
         return hidden.clone().requires_grad_(), weight.clone().requires_grad_()
 
     def per_token(loss: torch.Tensor) -> None:
@@ -171,11 +172,12 @@ def main() -> None:
         return ForCausalLMLoss(torch.nn.functional.linear(h, w), None, v, shift_labels=targets)
 
     def ours(y: torch.Tensor, chunks: int = 1, backward: Callable[[torch.Tensor], None] | None = None,
-             **kw: object) -> Step:  # fmt: skip
+             weight_grad: str = "accumulate", **kw: object) -> Step:  # fmt: skip
         def prepare() -> tuple[torch.Tensor, torch.Tensor]:
             h, w = leaves()
             # Chunks of n / chunks rows (torch_path counts three float32 temporaries per logit off CUDA).
             os.environ["LOGITLESS_CHUNK_MB"] = str((n // chunks) * v * 12 / 2**20)
+            os.environ["LOGITLESS_WEIGHT_GRAD"] = weight_grad
             return h, w
 
         def call(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -187,6 +189,7 @@ def main() -> None:
         "stock (F.linear + ForCausalLMLoss), mean": (leaves, stock, torch.Tensor.backward),
         "logitless mean, 1 chunk": ours(targets),
         "logitless mean, 4 chunks, 50% ignored": ours(half, chunks=4),
+        "logitless mean, recompute, 8 chunks": ours(targets, chunks=8, weight_grad="recompute"),
         "logitless mean, num_items_in_batch tensor": ours(targets, num_items_in_batch=torch.tensor(300)),
         "logitless per-token, SFT mean (expect_uniform_grad)": ours(
             targets, reduction="none", expect_uniform_grad=True, backward=sft_mean
@@ -203,6 +206,7 @@ def main() -> None:
         print(f"| {name} | " + " | ".join(str(x) for x in row[:-1]) + " |")
         listing.append(f"{name}: {row[-1]}")
     os.environ.pop("LOGITLESS_CHUNK_MB", None)
+    os.environ.pop("LOGITLESS_WEIGHT_GRAD", None)
     if args.ops:
         print("\n" + "\n".join(listing))
 

@@ -281,6 +281,11 @@ class RowChunks:
         """Whether the chunks are slices of the rows in their own order, covering every row."""
         return self._order is None
 
+    def arrange(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``'s rows in the chunks' order, gathered once for the call (a chunk's are then the slice
+        ``[start, stop)``, not a gather per chunk); ``x`` itself where the chunks keep the rows' own order."""
+        return x if self._order is None else x.index_select(0, self._order)
+
     def total(self) -> int:
         """How many rows of the order the chunks cover (reading it settles the scored count)."""
         if self._pending is not None:
@@ -290,14 +295,12 @@ class RowChunks:
 
     def __iter__(self) -> Iterator[RowChunk]:
         stop = 0
+        valid = None if self._compact else self.arrange(self._valid)
         # The first chunk's bounds come from the provisional total: the count is read only after it is handed out.
         while stop < (self._total if stop == 0 else self.total()):
             start, stop = stop, min(self._total, stop + self._per_chunk)
             idx = self._order[start:stop] if self._order is not None else None
-            mask = None
-            if not self._compact:
-                mask = self._valid.index_select(0, idx) if idx is not None else self._valid[start:stop]
-            yield RowChunk(start, stop, idx, mask)
+            yield RowChunk(start, stop, idx, valid[start:stop] if valid is not None else None)
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor:
@@ -424,8 +427,9 @@ def fused_lce(
     loss_sum: torch.Tensor | None = None
     any_grad = need_d_hidden or need_d_weight or need_d_bias
 
+    t_rows, s_all = chunks.arrange(t_rows), chunks.arrange(s_all)
     for c in chunks:
-        h, t, s_rows, mask = c.take(hidden), c.take(t_rows), c.take(s_all), c.mask
+        h, t, s_rows, mask = c.take(hidden), t_rows[c.start : c.stop], s_all[c.start : c.stop], c.mask
         rp = row_pass(_logits(h, weight, bias, acc), t, s_rows, options, vocab=v, want_stats=stats is not None,
                       grad=any_grad, grad_dtype=hidden.dtype if low_precision_grad else None)  # fmt: skip
         last = c.stop >= chunks.total()  # the first chunk's kernels are queued: reading the count costs no stall
