@@ -401,6 +401,18 @@ def aliased_gradient(y: torch.Tensor, grad_dtype: torch.dtype | None) -> torch.T
     return y.view(grad_dtype)[:, : y.shape[1]]
 
 
+def _gradient_buffer(y: torch.Tensor, grad_dtype: torch.dtype | None, *, split: bool) -> tuple[torch.Tensor, bool]:
+    """Where a pass writes the logits gradient, and whether over its own logits' first halves: over the float32
+    logits (unrounded), over the first half of each row's logits (rounded, ``aliased_gradient``; never for rows
+    split into parts), or into a buffer of the GEMMs' dtype."""
+    if grad_dtype in (None, torch.float32):
+        return y, False
+    aliased = None if split else aliased_gradient(y, grad_dtype)
+    if aliased is not None:
+        return aliased, True
+    return torch.empty(y.shape, dtype=grad_dtype, device=y.device), False
+
+
 def row_pass(
     y: torch.Tensor, t: torch.Tensor, s_rows: torch.Tensor, options: LossOptions, *, vocab: int, want_stats: bool,
     grad: bool, grad_dtype: torch.dtype | None = None,
@@ -418,10 +430,8 @@ def row_pass(
     stats = torch.empty(rows, torch_path.TOKEN_STATS, dtype=torch.float32, device=y.device) if want_stats else loss
     lb = options.epilogue.logits_bias if has_lb else y
     scale = s_rows.to(torch.float32).contiguous()
-    in_place = not grad or grad_dtype in (None, torch.float32)
     parts = 1 if want_stats else _parts(rows, v, y.device)
-    aliased = None if in_place or parts > 1 else aliased_gradient(y, grad_dtype)
-    g = y if in_place else aliased if aliased is not None else torch.empty(rows, v, dtype=grad_dtype, device=y.device)
+    g, aliased = _gradient_buffer(y, grad_dtype, split=parts > 1) if grad else (y, False)
     try:
         with _on(y.device):
             if parts > 1:
@@ -431,7 +441,7 @@ def row_pass(
                 y, y.stride(0), t.contiguous(), scale, lb, loss, lse, stats, g, g.stride(0), loss,
                 v, k, cap, inv_t, options.label_smoothing, options.z_loss,
                 HAS_LB=has_lb, HAS_CAP=has_cap, GRAD=grad, STATS=want_stats, PARTS=False, BLOCK=_BLOCK,
-                ALIASED=aliased is not None, **_COMPILE,
+                ALIASED=aliased, **_COMPILE,
             )  # fmt: skip
     except Exception as error:  # noqa: BLE001 - a compile / launch failure of this kernel, not of the maths
         _fallback(error)
@@ -454,18 +464,14 @@ def slab_pass(
     y = y.contiguous()
     k, cap, inv_t, has_lb, has_cap = _constants(options)
     lb = options.epilogue.logits_bias if has_lb else y
-    aliased = aliased_gradient(y, grad_dtype)
-    if grad_dtype in (None, torch.float32):
-        g = y
-    else:
-        g = aliased if aliased is not None else torch.empty(rows, width, dtype=grad_dtype, device=y.device)
+    g, aliased = _gradient_buffer(y, grad_dtype, split=False)
     scale, row_lse = s_rows.to(torch.float32).contiguous(), lse.to(torch.float32).contiguous()
     try:
         with _on(y.device):
             _slab_kernel[(rows,)](
                 y, y.stride(0), t.contiguous(), scale, row_lse,
                 lb, g, g.stride(0), width, v0, vocab, k, cap, inv_t, options.label_smoothing, options.z_loss,
-                HAS_LB=has_lb, HAS_CAP=has_cap, BLOCK=_BLOCK, ALIASED=aliased is not None, **_COMPILE,
+                HAS_LB=has_lb, HAS_CAP=has_cap, BLOCK=_BLOCK, ALIASED=aliased, **_COMPILE,
             )  # fmt: skip
     except Exception as error:  # noqa: BLE001
         _fallback(error)
