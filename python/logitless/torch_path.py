@@ -345,8 +345,8 @@ def fused_lce(
     ``s_i`` is ``grad_scale`` (0-d tensor), ``row_scale[i]`` ([N]), or with ``mean_over_count`` 1 / max(count, 1)
     for the count of scored rows this pass finds (the mean; ``loss_sum`` stays the sum). Targets must already be
     validated when ``compact`` is True; otherwise out-of-range ones poison the loss (see the module docstring).
-    ``row_pass`` /
-    ``slab_pass`` do the elementwise work between the GEMMs (torch ops by default; ``triton_path`` has kernels).
+    ``row_pass`` / ``slab_pass`` do the elementwise work between the GEMMs (torch ops by default; ``triton_path``
+    has kernels).
     ``skip_ignored`` (``compact=False`` only; default: unless a CUDA graph is being captured) keeps ignored rows
     out of every chunk after the first without a device stall (module docstring). ``low_precision_grad``
     (default: on CUDA, for bf16/f16 inputs without a bias gradient) has the row pass write the logits gradient

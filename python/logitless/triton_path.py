@@ -220,7 +220,10 @@ def scale_(xs: Sequence[torch.Tensor], factor: torch.Tensor) -> bool:
     the caller multiplies with torch."""
     xs = [x for x in xs if x.numel()]
     ok = factor.dtype == torch.float32 and factor.numel() == 1 and not _broken and all(
-        x.dtype in (torch.bfloat16, torch.float16, torch.float32) and x.device == factor.device and x.is_contiguous()
+        type(x) is torch.Tensor  # a tensor subclass (DTensor) holds no plain memory to launch on
+        and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and x.device == factor.device
+        and x.is_contiguous()
         for x in xs
     )  # fmt: skip
     if not ok:
