@@ -1,4 +1,4 @@
-"""The op's extra CUDA memory at the GPU benchmark's shapes, predicted on a machine without a GPU.
+"""The op's extra CUDA memory (and launches) at the GPU benchmark's shapes, predicted on a machine without a GPU.
 
     python bench/memory_model.py [--cases small,big] [--ignored 0,0.5] [--modes accumulate,recompute]
 
@@ -9,6 +9,8 @@ launches and the one host read of the scored count stubbed. A dispatch mode foll
 allocates until its last tensor dies, and reports what ``bench/cuda_compare.py`` reports as *extra*: the peak of
 live bytes above the inputs, minus the returned gradients. Backward adds nothing for ``mean`` / ``sum`` (the saved
 gradients are scaled in place). The caching allocator's rounding is not modelled (it adds at most a few MiB here).
+The same replay counts the forward's launches at those shapes: aten ops that launch a kernel on a GPU (views, bare
+allocations and the host read excluded) and Triton kernels.
 
 Checked against the H200 run of bench/results-cuda.md (the commit it measured): see bench/README.md.
 """
@@ -34,13 +36,21 @@ CASES = {"small": (2048, 1024, 32000), "big": (8192, 2048, 128256)}
 H200_MULTIPROCESSORS = 132
 
 
+# Ops that queue no kernel on a GPU: allocation without initialisation, metadata, the scored count's host read,
+# a Python scalar wrapped as a CPU tensor.
+_NO_LAUNCH = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "_local_scalar_dense",
+              "set_", "lift_fresh", "detach", "alias", "device", "scalar_tensor"}  # fmt: skip
+
+
 class _LiveBytes(TorchDispatchMode):
-    """Bytes of the storages allocated under it that some tensor still holds: now, and at the peak."""
+    """Bytes of the storages allocated under it that some tensor still holds: now, and at the peak. Also the
+    aten ops it sees that would launch a kernel on a GPU (views and bare allocations do not)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.live = 0
         self.peak = 0
+        self.launches = 0
         self._holders: dict[int, set[int]] = {}  # storage -> ids of the live tensors on it
         # Storages allocated before (the inputs, alive throughout): their views are not allocations.
         self._outside: set[int] = set()
@@ -50,6 +60,8 @@ class _LiveBytes(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in self._holders:
                 self._outside.add(t.untyped_storage()._cdata)
         out = func(*args, **(kwargs or {}))
+        if not func.is_view and func.overloadpacket.__name__ not in _NO_LAUNCH:
+            self.launches += 1
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 self._hold(t)
@@ -80,8 +92,15 @@ class _LiveBytes(TorchDispatchMode):
 
 
 class _NoLaunch:
+    """A Triton kernel that is not run: its launches are counted."""
+
+    count = 0
+
     def __getitem__(self, grid: object) -> Any:
-        return lambda *args, **kwargs: None
+        def launch(*args: object, **kwargs: object) -> None:
+            _NoLaunch.count += 1
+
+        return launch
 
 
 @contextlib.contextmanager
@@ -118,12 +137,19 @@ def _as_on_an_h200(scored: int) -> Iterator[None]:
 
 def extra_mib(n: int, h_dim: int, v: int, ignored: float, mode: str, dtype: torch.dtype = torch.bfloat16) -> float:
     """Predicted extra MiB of one forward (see the module docstring), ``LOGITLESS_WEIGHT_GRAD=mode``."""
+    return predict(n, h_dim, v, ignored, mode, dtype)[0]
+
+
+def predict(
+    n: int, h_dim: int, v: int, ignored: float, mode: str, dtype: torch.dtype = torch.bfloat16
+) -> tuple[float, int]:
+    """Predicted extra MiB and launches (aten ops that launch a kernel, and Triton kernels) of one forward."""
     scored = n - int(n * ignored)
     options = LossOptions()
     before = os.environ.get("LOGITLESS_WEIGHT_GRAD")
     os.environ["LOGITLESS_WEIGHT_GRAD"] = mode
     try:
-        return _extra_mib(n, h_dim, v, scored, options, dtype)
+        return _predict(n, h_dim, v, scored, options, dtype)
     finally:
         if before is None:
             del os.environ["LOGITLESS_WEIGHT_GRAD"]
@@ -131,11 +157,12 @@ def extra_mib(n: int, h_dim: int, v: int, ignored: float, mode: str, dtype: torc
             os.environ["LOGITLESS_WEIGHT_GRAD"] = before
 
 
-def _extra_mib(n: int, h_dim: int, v: int, scored: int, options: LossOptions, dtype: torch.dtype) -> float:
+def _predict(n: int, h_dim: int, v: int, scored: int, options: LossOptions, dtype: torch.dtype) -> tuple[float, int]:
     with _as_on_an_h200(scored), FakeTensorMode():
         hidden = torch.empty(n, h_dim, dtype=dtype, device="cuda")
         weight = torch.empty(v, h_dim, dtype=dtype, device="cuda")
         targets = torch.empty(n, dtype=torch.int64, device="cuda")
+        triton_before = _NoLaunch.count
         with _LiveBytes() as meter:
             out = ops._lce_op._init_fn(
                 hidden, weight, None, targets, None, None, *options.scalars(), "mean", "triton", True, True, False,
@@ -143,7 +170,7 @@ def _extra_mib(n: int, h_dim: int, v: int, scored: int, options: LossOptions, dt
             )  # fmt: skip
         returned = out[1].untyped_storage().nbytes() + out[2].untyped_storage().nbytes()
         del out
-    return (meter.peak - returned) / 2**20
+    return (meter.peak - returned) / 2**20, meter.launches + _NoLaunch.count - triton_before
 
 
 def main() -> None:
@@ -159,16 +186,16 @@ def main() -> None:
 
     triton_path._ALIAS_ON_CUDA = args.aliased
     dtypes = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
-    print("| N/H/V | dtype | ignored | mode | predicted extra (MiB) | f32 logits (MiB) |")
-    print("|---|---|---|---|---|---|")
+    print("| N/H/V | dtype | ignored | mode | predicted extra (MiB) | f32 logits (MiB) | forward launches |")
+    print("|---|---|---|---|---|---|---|")
     for case in args.cases.split(","):
         n, h_dim, v = CASES[case]
         for dtype in args.dtypes.split(","):
             for ignored in (float(x) for x in args.ignored.split(",")):
                 for mode in args.modes.split(","):
-                    mib = extra_mib(n, h_dim, v, ignored, mode, dtypes[dtype])
+                    mib, launches = predict(n, h_dim, v, ignored, mode, dtypes[dtype])
                     print(f"| {n}/{h_dim}/{v} | {dtype} | {ignored:.0%} | {mode} | {mib:.0f} "
-                          f"| {n * v * 4 / 2**20:.0f} |")  # fmt: skip
+                          f"| {n * v * 4 / 2**20:.0f} | {launches} |")  # fmt: skip
 
 
 if __name__ == "__main__":

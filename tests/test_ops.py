@@ -770,6 +770,54 @@ def test_recompute_in_sync_free_mode(budget_rows: int, skip_ignored: bool, monke
 
 
 
+@pytest.mark.parametrize("impl", [_SYNC_FREE, "torch", _TRITON_ON_CPU, _TRITON_SYNC_FREE])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rounded", [False, True])
+def test_recompute_slabs_form_every_gradient(
+    impl: str, dtype: torch.dtype, rounded: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``recompute`` where a slab over every row fits the budget: the row pass forms no gradient (it gives the
+    loss and each row's log-sum-exp) and the slabs give d_weight, d_hidden (summed over slabs in float32) and
+    d_bias. Several slabs, an epilogue, a trained bias (``rounded``: a gradient written in the inputs' dtype, as
+    on CUDA, with no trained bias), against float64."""
+    from logitless import triton_path
+
+    monkeypatch.setenv("LOGITLESS_WEIGHT_GRAD", "recompute")
+    # 24 rows, H=16: 1536 bytes of float32 d_hidden, then 144 bytes per column: 266 of the 600 columns a slab.
+    monkeypatch.setenv("LOGITLESS_CHUNK_MB", str(40_000 / 2**20))
+    n, v = 24, 600
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(n, H, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(v, H, generator=g) / H**0.5 * 3).to(dtype).requires_grad_()
+    bias = None if rounded else torch.randn(v, generator=g).to(dtype).requires_grad_()
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[torch.rand(n, generator=g) < 0.3] = -100
+    labels[3] = v - 1
+    passes: list[tuple[str, bool]] = []
+
+    def watched(module: Any, name: str) -> None:
+        real = getattr(module, name)
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            passes.append((name, kwargs.get("grad", True)))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, run)
+
+    for module in (torch_path, triton_path):
+        watched(module, "torch_row_pass" if module is torch_path else "row_pass")
+        watched(module, "torch_slab_pass" if module is torch_path else "slab_pass")
+    if rounded:
+        real_fused = torch_path.fused_lce
+        monkeypatch.setattr(torch_path, "fused_lce", lambda *a, **kw: real_fused(*a, **kw, low_precision_grad=True))
+    opts = {"logit_softcapping": 2.5, "label_smoothing": 0.1, "z_loss": 1e-3,
+            "logits_bias": torch.randn(v, generator=g), "shift": False}  # fmt: skip
+    check(impl, hidden, weight, bias, labels, grad_output=0.75, **opts)
+    rows = [grad for name, grad in passes if "row" in name]
+    slabs = [name for name, _ in passes if "slab" in name]
+    assert rows and not any(rows), passes
+    assert len(slabs) >= 2, passes  # 266 columns over 24 rows; wider over the scored ones alone
+
 def _count_second_passes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """A list that grows by one each time ``reduction="none"``'s backward runs its second fused pass."""
     from logitless import ops
@@ -960,7 +1008,8 @@ def test_one_chunk_and_one_slab_of_scratch_at_a_time(mode: str, budget: int, mon
         def run(y: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             alive.append(sum(ref() is not None for ref in earlier))
             out = real(y, *args, **kwargs)
-            earlier.extend(weakref.ref(t) for t in (y, out.grad if isinstance(out, torch_path.RowPass) else out))
+            made = (y, out.grad if isinstance(out, torch_path.RowPass) else out)
+            earlier.extend(weakref.ref(t) for t in made if t is not None)  # a forward-only row pass makes no grad
             return out
 
         return run

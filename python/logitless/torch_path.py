@@ -20,8 +20,14 @@ Two modes:
 
 The weight gradient (``accumulate``, the default) is the first chunk's product written into a float32 buffer
 and every later chunk's added to it; a problem that fits one chunk writes it straight in the weight's dtype, with
-no buffer. On CUDA a chunk that feeds that buffer holds at least 2048 rows (its read-modify-write per chunk); the
-``recompute`` mode holds a fixed 192 MiB there, its chunks' rows and slabs' columns whole tensor-core tiles.
+no buffer. On CUDA a chunk that feeds that buffer holds at least 2048 rows (its read-modify-write per chunk).
+
+``recompute`` (a bf16/f16 weight gradient without that buffer; four matmuls' worth) runs the chunks forward-only
+(each row's loss and log-sum-exp), then a pass over vocabulary slabs recomputes each slab's logits over every row
+of the chunks and forms the slab's weight gradient in one GEMM, ``d_hidden`` summed over the slabs in a float32
+``[rows, H]`` buffer, and the bias gradient. Where a slab over every row cannot fit the budget (very many rows),
+the chunks form ``d_hidden`` and the slabs take the rows block by block. On CUDA it holds a fixed 192 MiB, its
+chunks' rows and slabs' columns whole tensor-core tiles.
 """
 
 from __future__ import annotations
@@ -264,6 +270,7 @@ class RowChunks:
         self._valid, self._per_chunk, self._compact = valid, rows_per_chunk, compact
         self._order: torch.Tensor | None = None
         self._pending: _PendingCount | None = None
+        self._valid_arranged: torch.Tensor | None = None
         n = valid.shape[0]
         if compact:
             self._order = valid.nonzero().squeeze(1)
@@ -286,6 +293,26 @@ class RowChunks:
         ``[start, stop)``, not a gather per chunk); ``x`` itself where the chunks keep the rows' own order."""
         return x if self._order is None else x.index_select(0, self._order)
 
+    def _arranged_valid(self) -> torch.Tensor:
+        if self._valid_arranged is None:
+            self._valid_arranged = self.arrange(self._valid)
+        return self._valid_arranged
+
+    def first(self, x: torch.Tensor, stop: int) -> torch.Tensor:
+        """``x``'s rows ``[0, stop)`` of the chunks' order (a slice where that is the rows' own order)."""
+        return x[:stop] if self._order is None else x.index_select(0, self._order[:stop])
+
+    def scored(self, stop: int) -> torch.Tensor | None:
+        """Which rows ``[0, stop)`` of the chunks' order are scored (None: all, the compact order's)."""
+        return None if self._compact else self._arranged_valid()[:stop]
+
+    def place(self, out: torch.Tensor, x: torch.Tensor, stop: int) -> None:
+        """Writes ``x``, the rows ``[0, stop)`` of the chunks' order, into their places in ``out`` (in its dtype)."""
+        if self._order is None:
+            out[:stop] = x
+        else:
+            out.index_copy_(0, self._order[:stop], x.to(out.dtype))
+
     def total(self) -> int:
         """How many rows of the order the chunks cover (reading it settles the scored count)."""
         if self._pending is not None:
@@ -295,7 +322,7 @@ class RowChunks:
 
     def __iter__(self) -> Iterator[RowChunk]:
         stop = 0
-        valid = None if self._compact else self.arrange(self._valid)
+        valid = None if self._compact else self._arranged_valid()
         # The first chunk's bounds come from the provisional total: the count is read only after it is handed out.
         while stop < (self._total if stop == 0 else self.total()):
             start, stop = stop, min(self._total, stop + self._per_chunk)
@@ -373,7 +400,8 @@ def fused_lce(
     acc_bytes = torch.finfo(acc).bits // 8
     elem_bytes = acc_bytes * _TEMPS_PER_ROW
     gpu = dev.type == "cuda"
-    if gpu and row_pass is not torch_row_pass:
+    kernels = gpu and row_pass is not torch_row_pass
+    if kernels:
         elem_bytes = acc_bytes + (hidden.element_size() if low_precision_grad else 0)
     if budget_bytes is None:
         # The float32 weight-gradient buffer (held anyway) sets a floor; the recompute mode holds none.
@@ -390,6 +418,15 @@ def fused_lce(
             elif recompute:
                 budget_bytes = _GPU_RECOMPUTE_BUDGET_MB << 20
     budget = budget_bytes
+    any_grad = need_d_hidden or need_d_weight or need_d_bias
+    # recompute forms every gradient in its slab pass when a slab over all rows fits the budget: the row pass is
+    # then forward-only (logits, loss, log-sum-exp), and its chunks need no room for a gradient.
+    slab_major = recompute and _slab_columns(
+        n, v, h_dim, budget, acc=acc, dtype=hidden.dtype, with_hidden=need_d_hidden, gpu=gpu
+    ) >= min(v, _MIN_SLAB_COLUMNS)
+    row_grad = any_grad and not slab_major
+    if kernels and not row_grad:
+        elem_bytes = acc_bytes
     rows_per_chunk = max(1, budget // max(1, v * elem_bytes))
     if gpu and rows_per_chunk > _GPU_TILE:
         rows_per_chunk -= rows_per_chunk % _GPU_TILE
@@ -422,30 +459,31 @@ def fused_lce(
     d_hidden = new(hidden.shape, dtype=hidden.dtype, device=dev) if need_d_hidden else None
     d_weight_acc: torch.Tensor | None = None
     d_weight: torch.Tensor | None = None
-    saved: list[_SavedChunk] = []
     d_bias_acc = torch.zeros(v, dtype=acc, device=dev) if need_d_bias else None
     loss_sum: torch.Tensor | None = None
-    any_grad = need_d_hidden or need_d_weight or need_d_bias
 
     t_rows, s_all = chunks.arrange(t_rows), chunks.arrange(s_all)
+    # The slabs take every row of the chunks: gathered once, in the chunks' order, and the chunks take slices.
+    h_rows = chunks.arrange(hidden) if slab_major else None
+    losses: list[torch.Tensor] = []
+    lses: list[torch.Tensor] = []
+    done: list[RowChunk] = []
     for c in chunks:
-        h, t, s_rows, mask = c.take(hidden), t_rows[c.start : c.stop], s_all[c.start : c.stop], c.mask
+        h = h_rows[c.start : c.stop] if h_rows is not None else c.take(hidden)
+        t, s_rows = t_rows[c.start : c.stop], s_all[c.start : c.stop]
         rp = row_pass(_logits(h, weight, bias, acc), t, s_rows, options, vocab=v, want_stats=stats is not None,
-                      grad=any_grad, grad_dtype=hidden.dtype if low_precision_grad else None)  # fmt: skip
+                      grad=row_grad, grad_dtype=hidden.dtype if low_precision_grad else None)  # fmt: skip
         last = c.stop >= chunks.total()  # the first chunk's kernels are queued: reading the count costs no stall
-        loss = rp.loss if mask is None else torch.where(mask, rp.loss, 0.0)
-        loss_sum = loss.sum() if loss_sum is None else loss_sum.add_(loss.sum())
-        if per_row is not None:
-            c.put(per_row, loss)
+        losses.append(rp.loss)
+        done.append(c)
         if stats is not None:
             assert rp.stats is not None
-            c.put(stats, rp.stats if mask is None else rp.stats * mask.unsqueeze(1))
-
-        if not any_grad:
+            c.put(stats, rp.stats if c.mask is None else rp.stats * c.mask.unsqueeze(1))
+        if recompute:
+            lses.append(rp.lse)
+        if not row_grad:
             continue
         assert rp.grad is not None
-        if recompute:
-            saved.append(_SavedChunk(rows=c, t=t, lse=rp.lse, scale=s_rows))
 
         g: torch.Tensor | None = rp.grad
         if rp.grad.dtype == acc:
@@ -467,15 +505,30 @@ def fused_lce(
         # Dropped before the next chunk's logits are allocated: two chunks' gradients never live at once.
         rp = g = g_lp = None  # type: ignore[assignment]
 
+    covered = done[-1].stop if done else 0
+    if losses:
+        # Masked, summed and placed once for the call, not per chunk.
+        loss_rows = _joined(losses)
+        scored = chunks.scored(covered)
+        if scored is not None:
+            loss_rows = torch.where(scored, loss_rows, 0.0)
+        loss_sum = loss_rows.sum()
+        if per_row is not None:
+            chunks.place(per_row, loss_rows, covered)
     if d_weight_acc is not None:
         d_weight = d_weight_acc.to(weight.dtype)
     elif accumulate and d_weight is None:  # no scored row
         d_weight = torch.zeros_like(weight)
     if recompute:
-        d_weight = _weight_grad_by_slabs(
+        saved = _Saved(chunks, done, t_rows[:covered], _joined(lses) if lses else t_rows[:0].to(acc), s_all[:covered],
+                       h_rows[:covered] if h_rows is not None else None)  # fmt: skip
+        d_weight, d_hidden_rows = _grads_by_slabs(
             hidden, weight, bias, saved, options=options, budget=budget, acc=acc, slab_pass=slab_pass,
-            low_precision_grad=low_precision_grad,
+            low_precision_grad=low_precision_grad, with_hidden=slab_major and need_d_hidden,
+            d_bias=d_bias_acc if slab_major else None,
         )  # fmt: skip
+        if d_hidden_rows is not None and d_hidden is not None:
+            chunks.place(d_hidden, d_hidden_rows, covered)
     if loss_sum is None:  # no chunk: no scored row
         loss_sum = torch.zeros((), dtype=acc, device=dev)
     if in_range is not None:
@@ -514,14 +567,21 @@ def _token_stats(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class _SavedChunk:
-    """What the slab pass needs of one chunk: its rows, targets, log-sum-exp, and each row's gradient weight
-    ``s_i`` (0 for masked rows)."""
+class _Saved:
+    """What recompute's slab pass needs of the row pass: its chunks (consecutive, in the chunks' order) and, for
+    their rows in that order, each target, log-sum-exp and gradient weight ``s_i`` (0 for masked rows), and
+    (slab-major) the hidden states."""
 
-    rows: RowChunk
+    order: RowChunks
+    chunks: list[RowChunk]
     t: torch.Tensor
     lse: torch.Tensor
     scale: torch.Tensor
+    h: torch.Tensor | None
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 @dataclass
@@ -585,66 +645,92 @@ def torch_slab_pass(
 _MIN_SLAB_COLUMNS = 256
 
 
-def _weight_grad_by_slabs(
+def _slab_columns(
+    rows: int, v: int, h_dim: int, budget: int, *, acc: torch.dtype, dtype: torch.dtype, with_hidden: bool, gpu: bool
+) -> int:
+    """How many columns a slab over ``rows`` rows takes within ``budget``: per element its float32 logits and their
+    rounded gradient, after the float32 ``d_hidden`` accumulator when the slab pass forms ``d_hidden``. On CUDA
+    the slabs are whole tiles, as even as that allows (32000 columns in 3 slabs: 10752 each and 10496, not two of
+    15616 and a thin 768)."""
+    acc_bytes = torch.finfo(acc).bits // 8
+    free = budget - (rows * h_dim * acc_bytes if with_hidden else 0)
+    slab = min(v, max(0, free) // max(1, rows * (acc_bytes + torch.finfo(dtype).bits // 8)))
+    if gpu and _GPU_TILE < slab < v:
+        slab -= slab % _GPU_TILE
+        even = -(-v // -(-v // slab))
+        slab = min(slab, -(-even // _GPU_TILE) * _GPU_TILE)
+    return slab
+
+
+def _grads_by_slabs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    saved: list[_SavedChunk],
+    saved: _Saved,
     *,
     options: LossOptions,
     budget: int,
     acc: torch.dtype,
     slab_pass: SlabPassFn,
     low_precision_grad: bool = False,
-) -> torch.Tensor:
+    with_hidden: bool = False,
+    d_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``LOGITLESS_WEIGHT_GRAD=recompute``: the weight gradient slab by slab of W's rows, recomputing the logits on
     the slab from each row's saved log-sum-exp, so no V×H float32 buffer is held (four matmuls' worth).
 
     Where the budget holds a slab at least _MIN_SLAB_COLUMNS wide over every scored row, each slab's gradient is
-    one GEMM over all of them (float32 accumulation inside it), written once in the weight's dtype. Otherwise the
-    chunks' rows are taken block by block, summed in a float32 buffer of the slab. ``low_precision_grad``: the
-    slab pass writes the gradient straight in the GEMM's dtype (CUDA, as the row pass does)."""
+    one GEMM over all of them (float32 accumulation inside it), written once in the weight's dtype; there the
+    slabs can also give ``d_hidden`` (``with_hidden``: returned for the saved rows in their chunks' order, summed
+    over slabs in float32 and rounded once by the caller) and ``d_bias`` (written into its slices), so the row
+    pass before them forms no gradient. Otherwise the chunks' rows are taken block by block, summed in a float32
+    buffer of the slab (the row pass formed the other gradients). ``low_precision_grad``: the slab pass writes the
+    gradient straight in the GEMMs' dtype (CUDA, as the row pass does)."""
     v, h_dim = weight.shape
     out = torch.empty(v, h_dim, dtype=weight.dtype, device=weight.device)
-    if not saved:
-        return out.zero_()
-    rows = sum(c.rows.stop - c.rows.start for c in saved)
-    # Per slab element: its float32 logits / gradient and their low-precision copy for the GEMM.
-    per_column = rows * (torch.finfo(acc).bits // 8 + hidden.element_size())
-    slab = min(v, budget // max(1, per_column))
-    if weight.device.type == "cuda" and _GPU_TILE < slab < v:
-        slab -= slab % _GPU_TILE
+    rows = saved.t.shape[0]
+    if not rows:
+        return out.zero_(), None
+    gpu = weight.device.type == "cuda"
+    slab = _slab_columns(rows, v, h_dim, budget, acc=acc, dtype=hidden.dtype, with_hidden=with_hidden, gpu=gpu)
     grad_dtype = hidden.dtype if low_precision_grad else None
     if slab >= min(v, _MIN_SLAB_COLUMNS):
-        if saved[0].rows.idx is None:  # one call's chunks all have indices, or are consecutive slices
-            h = hidden[saved[0].rows.start : saved[-1].rows.stop]
-        else:
-            h = hidden.index_select(0, torch.cat([c.rows.idx for c in saved if c.rows.idx is not None]))
-        t = torch.cat([c.t for c in saved])
-        lse = torch.cat([c.lse for c in saved])
-        scale = torch.cat([c.scale for c in saved])
+        h = saved.h if saved.h is not None else saved.order.first(hidden, rows)
+        t, lse, scale = saved.t, saved.lse, saved.scale
+        d_hidden: torch.Tensor | None = None
         for v0 in range(0, v, slab):
             v1 = min(v, v0 + slab)
-            y = _logits(h, weight[v0:v1], bias[v0:v1] if bias is not None else None, acc)
+            w = weight[v0:v1]
+            y = _logits(h, w, bias[v0:v1] if bias is not None else None, acc)
             g = slab_pass(y, t, lse, scale, options, v0=v0, vocab=v, grad_dtype=grad_dtype)
-            if g.dtype == acc:
-                _weight_grad_of(g, g.to(hidden.dtype), h, weight.dtype, out=out[v0:v1])
-            else:  # rounded by the slab pass already
-                _weight_grad_of(None, g, h, weight.dtype, out=out[v0:v1])
+            # The unrounded gradient where the slab pass kept one, and the rounded one the GEMMs take.
+            g_full, g_lp = (g, g.to(hidden.dtype)) if g.dtype == acc else (None, g)
+            _weight_grad_of(g_full, g_lp, h, weight.dtype, out=out[v0:v1])
+            if with_hidden:  # d_hidden += g·w: gᵀ·h's helpers on the transposes
+                g_t = None if g_full is None else g_full.T
+                if d_hidden is None:  # the first slab's product, written, not added to zeros
+                    d_hidden = _weight_grad_of(g_t, g_lp.T, w, acc)
+                else:
+                    _add_mm(d_hidden, g_t, g_lp.T, w)
+            if d_bias is not None:
+                assert g_full is not None, "a bias gradient is summed from the unrounded gradient"
+                d_bias[v0:v1] = g_full.sum(dim=0)
             # Dropped before the next slab's logits are allocated: one slab's scratch at a time.
-            y = g = None  # type: ignore[assignment]
-        return out
+            y = g = g_full = g_lp = g_t = None  # type: ignore[assignment]
+        return out, d_hidden
+    assert not with_hidden and d_bias is None, "blocks of rows form the weight gradient only"
     # Half the budget for the slab's float32 gradient, the rest for a chunk's logits on it (as in the main pass).
     slab = max(1, min(v, budget // 2 // max(1, h_dim * 4)))
     for v0 in range(0, v, slab):
         v1 = min(v, v0 + slab)
         acc_w = torch.zeros(v1 - v0, h_dim, dtype=acc, device=weight.device)
-        for c in saved:
-            h = c.rows.take(hidden)
+        for c in saved.chunks:
+            h = c.take(hidden)
             y = _logits(h, weight[v0:v1], bias[v0:v1] if bias is not None else None, acc)
-            g = slab_pass(y, c.t, c.lse, c.scale, options, v0=v0, vocab=v)
+            rows_c = slice(c.start, c.stop)  # the chunks are consecutive from the first row of their order
+            g = slab_pass(y, saved.t[rows_c], saved.lse[rows_c], saved.scale[rows_c], options, v0=v0, vocab=v)
             _add_mm(acc_w, g, g.to(hidden.dtype), h)
             y = g = None  # type: ignore[assignment]
         out[v0:v1] = acc_w.to(weight.dtype)
         acc_w = None  # type: ignore[assignment]
-    return out
+    return out, None
