@@ -121,7 +121,9 @@ def test_few_rows_split_into_parts_on_cuda(dtype: torch.dtype, mode: str, monkey
 
 
 @pytest.mark.parametrize("mode", ["accumulate", "recompute"])
-@pytest.mark.parametrize("rows", [2048, 64])  # one program per row (the row kernel over its logits), split rows
+# One program per row (2048-row chunks: a problem that fits one chunk runs as two halves sharing a gradient
+# buffer, never over its logits), and rows split into parts.
+@pytest.mark.parametrize("rows", [4096, 64])
 def test_gradient_over_its_own_logits_on_cuda(mode: str, rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """``triton_path._ALIAS_ON_CUDA``: each row's bf16 gradient written over the first half of its own float32 logits
     (a barrier per block in the kernel) gives bit for bit what a separate buffer gives, every option on, and the

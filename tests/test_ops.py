@@ -818,6 +818,50 @@ def test_recompute_slabs_form_every_gradient(
     assert rows and not any(rows), passes
     assert len(slabs) >= 2, passes  # 266 columns over 24 rows; wider over the scored ones alone
 
+@pytest.mark.parametrize("impl", [_SYNC_FREE, _TRITON_SYNC_FREE])
+@pytest.mark.parametrize("ignored", ["none", "half", "most", "all"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_one_chunk_problem_runs_in_two_halves(
+    impl: str, ignored: str, reduction: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Off CPU, a problem that fits one chunk with its gradient rounded as the row pass writes it (bf16 on CUDA)
+    runs as two halves of its rows sorted scored-first, the second only as far as the scored rows go: with half
+    the rows ignored or more, only the first half enters the GEMMs. The weight gradient is one GEMM over every row's
+    gradient; per-row losses land in their rows (and a per-token upstream gradient takes the second pass, in halves
+    too). Against float64, with an epilogue and label smoothing."""
+    from logitless import triton_path
+
+    monkeypatch.setenv("LOGITLESS_WEIGHT_GRAD", "accumulate")
+    real = torch_path.fused_lce
+    monkeypatch.setattr(torch_path, "fused_lce", lambda *a, **kw: real(*a, **kw, low_precision_grad=True))
+    entered: list[int] = []
+
+    def watched(module: Any, name: str) -> None:
+        real_pass = getattr(module, name)
+
+        def run(y: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            entered.append(y.shape[0])
+            return real_pass(y, *args, **kwargs)
+
+        monkeypatch.setattr(module, name, run)
+
+    watched(torch_path, "torch_row_pass")
+    watched(triton_path, "row_pass")
+    hidden, weight, _, labels = make(torch.bfloat16, three_d=False, ignore_frac=0.0, seed=4)
+    n = labels.shape[0]
+    if ignored in ("half", "most"):  # every other row, two in three
+        labels[torch.arange(n) % {"half": 2, "most": 3}[ignored] != 0] = -100
+    labels[0] = V - 1
+    if ignored == "all":
+        labels[:] = -100
+    upstream = torch.rand(n, generator=torch.Generator().manual_seed(2)) - 0.5 if reduction == "none" else 0.75
+    check(impl, hidden, weight, None, labels, grad_output=upstream, shift=False, logit_softcapping=2.5,
+          label_smoothing=0.1, reduction=reduction)  # fmt: skip
+    halves = [n // 2, n // 2] if ignored == "none" else [n // 2]
+    # reduction="none" with a trained head: a loss-only forward (one chunk: no weight gradient to hold), then the
+    # second pass with the upstream gradient, in halves.
+    assert entered == ([n] if reduction == "none" else []) + halves, entered
+
 def _count_second_passes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """A list that grows by one each time ``reduction="none"``'s backward runs its second fused pass."""
     from logitless import ops

@@ -20,7 +20,10 @@ Two modes:
 
 The weight gradient (``accumulate``, the default) is the first chunk's product written into a float32 buffer
 and every later chunk's added to it; a problem that fits one chunk writes it straight in the weight's dtype, with
-no buffer. On CUDA a chunk that feeds that buffer holds at least 2048 rows (its read-modify-write per chunk).
+no buffer. On CUDA a chunk that feeds that buffer holds at least 2048 rows (its read-modify-write per chunk). Off
+CPU, a problem that fits one chunk and whose gradient the row pass writes in the GEMMs' dtype runs as two halves
+of its sorted rows instead (the second only as far as the scored rows go), their gradients in one buffer and the
+weight gradient one GEMM over it: ignored rows skipped, half the float32 logits, still no float32 buffer.
 
 ``recompute`` (a bf16/f16 weight gradient without that buffer; four matmuls' worth) runs the chunks forward-only
 (each row's loss and log-sum-exp), then a pass over vocabulary slabs recomputes each slab's logits over every row
@@ -280,7 +283,8 @@ class RowChunks:
         if skip_ignored is None:
             skip_ignored = not (valid.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
         if skip_ignored and n > rows_per_chunk:
-            self._order = torch.argsort((~valid).to(torch.uint8), stable=True)
+            # Scored rows first, each group in the rows' own order (a stable sort keeps equal keys' order).
+            self._order = torch.argsort(valid.to(torch.uint8), descending=True, stable=True)
             self._pending = _PendingCount(valid.sum())
 
     @property
@@ -430,6 +434,19 @@ def fused_lce(
     rows_per_chunk = max(1, budget // max(1, v * elem_bytes))
     if gpu and rows_per_chunk > _GPU_TILE:
         rows_per_chunk -= rows_per_chunk % _GPU_TILE
+    if skip_ignored is None:
+        skip_ignored = not (gpu and torch.cuda.is_current_stream_capturing())
+    # A problem that fits one chunk, its gradient written in the GEMMs' dtype, runs as two halves of its rows sorted
+    # scored-first, the second only as far as the scored rows go; every row's gradient lands in one buffer and the
+    # weight gradient is one GEMM over them at the end (no float32 buffer): ignored rows enter no GEMM, and the
+    # float32 logits are half as large.
+    halves = accumulate and low_precision_grad and not compact and skip_ignored and rows_per_chunk >= n
+    if halves:
+        half = -(-n // 2)
+        if gpu:
+            half = -(-half // _GPU_TILE) * _GPU_TILE
+        halves = half < n
+        rows_per_chunk = half if halves else rows_per_chunk
 
     # Every launch below costs a GPU's host a few microseconds, which a small call waits for
     # (bench/host_launches.py counts them): the targets' checks take few ops and chunks write in place.
@@ -463,8 +480,10 @@ def fused_lce(
     loss_sum: torch.Tensor | None = None
 
     t_rows, s_all = chunks.arrange(t_rows), chunks.arrange(s_all)
-    # The slabs take every row of the chunks: gathered once, in the chunks' order, and the chunks take slices.
-    h_rows = chunks.arrange(hidden) if slab_major else None
+    # The slabs (or the halves' one weight-gradient GEMM) take every row of the chunks: gathered once, in the
+    # chunks' order, and the chunks take slices.
+    h_rows = chunks.arrange(hidden) if slab_major or halves else None
+    g_rows = torch.empty(n, v, dtype=hidden.dtype, device=dev) if halves else None
     losses: list[torch.Tensor] = []
     lses: list[torch.Tensor] = []
     done: list[RowChunk] = []
@@ -472,7 +491,8 @@ def fused_lce(
         h = h_rows[c.start : c.stop] if h_rows is not None else c.take(hidden)
         t, s_rows = t_rows[c.start : c.stop], s_all[c.start : c.stop]
         rp = row_pass(_logits(h, weight, bias, acc), t, s_rows, options, vocab=v, want_stats=stats is not None,
-                      grad=row_grad, grad_dtype=hidden.dtype if low_precision_grad else None)  # fmt: skip
+                      grad=row_grad, grad_dtype=hidden.dtype if low_precision_grad else None,
+                      grad_out=g_rows[c.start : c.stop] if g_rows is not None else None)  # fmt: skip
         last = c.stop >= chunks.total()  # the first chunk's kernels are queued: reading the count costs no stall
         losses.append(rp.loss)
         done.append(c)
@@ -492,7 +512,7 @@ def fused_lce(
             g_lp, g = rp.grad, None
         if d_hidden is not None:
             c.put_product(d_hidden, g_lp, weight)
-        if accumulate:
+        if accumulate and not halves:
             if d_weight_acc is not None:
                 _add_mm(d_weight_acc, g, g_lp, h)
             elif last:
@@ -517,6 +537,8 @@ def fused_lce(
             chunks.place(per_row, loss_rows, covered)
     if d_weight_acc is not None:
         d_weight = d_weight_acc.to(weight.dtype)
+    elif halves and h_rows is not None and g_rows is not None:
+        d_weight = _weight_grad_of(None, g_rows[:covered], h_rows[:covered], weight.dtype)
     elif accumulate and d_weight is None:  # no scored row
         d_weight = torch.zeros_like(weight)
     if recompute:
@@ -601,10 +623,10 @@ SlabPassFn = Callable[..., torch.Tensor]
 
 def torch_row_pass(
     y: torch.Tensor, t: torch.Tensor, s_rows: torch.Tensor, options: LossOptions, *, vocab: int, want_stats: bool,
-    grad: bool, grad_dtype: torch.dtype | None = None,
+    grad: bool, grad_dtype: torch.dtype | None = None, grad_out: torch.Tensor | None = None,
 ) -> RowPass:  # fmt: skip
     """The row pass in torch ops (about ten float32 passes over the chunk's logits); the gradient in ``grad_dtype``
-    when given."""
+    when given, written into ``grad_out`` (of that dtype) when given."""
     label_smoothing, z_loss, epilogue = options.label_smoothing, options.z_loss, options.epilogue
     z, capped = _epilogue_forward(y, epilogue, y.dtype)
     lse = torch.logsumexp(z, dim=1)
@@ -621,6 +643,8 @@ def torch_row_pass(
     g.scatter_add_(1, t.unsqueeze(1), torch.full_like(z_t, label_smoothing - 1.0).unsqueeze(1))
     g *= s_rows.unsqueeze(1)
     _epilogue_backward(g, capped, epilogue)
+    if grad_out is not None:
+        return RowPass(loss, lse, stats, grad_out.copy_(g))
     return RowPass(loss, lse, stats, g if grad_dtype is None else g.to(grad_dtype))
 
 

@@ -302,9 +302,10 @@ def _split_grad_kernel(
     )  # fmt: skip
 
 
-# A chunk of few rows and a long vocabulary (the recompute mode's 256-row chunks at V = 128256) would be a few
-# hundred programs looping over whole rows: a few per multiprocessor, a fraction of the memory bandwidth. Such rows
-# are split into parts of whole blocks, enough for this many programs per multiprocessor.
+# A chunk of few rows and a long vocabulary (the recompute mode's 384-row chunks at V = 128256) would be a few
+# hundred programs looping over whole rows: a few per multiprocessor, a fraction of the memory bandwidth. Rows
+# fewer than half of this many programs per multiprocessor are split into parts of whole blocks, enough for it (a
+# 1024-row chunk on 132 multiprocessors is not: 7.8 programs each).
 _PROGRAMS_PER_SM = 8
 _MAX_PARTS = 64
 # Under the interpreter (tests) there is no multiprocessor count: the programs wanted, 0 for no split.
@@ -322,7 +323,7 @@ def _parts(rows: int, v: int, device: torch.device) -> int:
         wanted = _PROGRAMS_PER_SM * _multiprocessors(device.index if device.index is not None else 0)
     else:
         wanted = _INTERPRETED_PROGRAMS
-    if rows >= wanted:
+    if 2 * rows >= wanted:  # at least half the programs wanted: a split's extra launches and reads buy little
         return 1
     return max(1, min(triton.cdiv(wanted, max(rows, 1)), triton.cdiv(v, _BLOCK), _MAX_PARTS))
 
@@ -418,13 +419,14 @@ def _gradient_buffer(y: torch.Tensor, grad_dtype: torch.dtype | None, *, split: 
 
 def row_pass(
     y: torch.Tensor, t: torch.Tensor, s_rows: torch.Tensor, options: LossOptions, *, vocab: int, want_stats: bool,
-    grad: bool, grad_dtype: torch.dtype | None = None,
+    grad: bool, grad_dtype: torch.dtype | None = None, grad_out: torch.Tensor | None = None,
 ) -> torch_path.RowPass:  # fmt: skip
     """``torch_path.torch_row_pass`` as one Triton program per row (float32 logits ``y``, contiguous rows)."""
     if y.dtype != torch.float32 or _broken or y.shape[0] == 0:
         return torch_path.torch_row_pass(
-            y, t, s_rows, options, vocab=vocab, want_stats=want_stats, grad=grad, grad_dtype=grad_dtype
-        )
+            y, t, s_rows, options, vocab=vocab, want_stats=want_stats, grad=grad, grad_dtype=grad_dtype,
+            grad_out=grad_out,
+        )  # fmt: skip
     rows, v = y.shape
     y = y.contiguous()
     k, cap, inv_t, has_lb, has_cap = _constants(options)
@@ -434,7 +436,10 @@ def row_pass(
     lb = options.epilogue.logits_bias if has_lb else y
     scale = s_rows.to(torch.float32).contiguous()
     parts = 1 if want_stats else _parts(rows, v, y.device)
-    g, aliased = _gradient_buffer(y, grad_dtype, split=parts > 1) if grad else (y, False)
+    if grad and grad_out is not None:
+        g, aliased = grad_out, False
+    else:
+        g, aliased = _gradient_buffer(y, grad_dtype, split=parts > 1) if grad else (y, False)
     try:
         with _on(y.device):
             if parts > 1:
@@ -449,8 +454,9 @@ def row_pass(
     except Exception as error:  # noqa: BLE001 - a compile / launch failure of this kernel, not of the maths
         _fallback(error)
         return torch_path.torch_row_pass(
-            y, t, s_rows, options, vocab=vocab, want_stats=want_stats, grad=grad, grad_dtype=grad_dtype
-        )
+            y, t, s_rows, options, vocab=vocab, want_stats=want_stats, grad=grad, grad_dtype=grad_dtype,
+            grad_out=grad_out,
+        )  # fmt: skip
     return torch_path.RowPass(
         loss=loss, lse=lse, stats=stats.to(torch.float64) if want_stats else None, grad=g if grad else None
     )
