@@ -821,19 +821,21 @@ def test_recompute_slabs_form_every_gradient(
 @pytest.mark.parametrize("impl", [_SYNC_FREE, _TRITON_SYNC_FREE])
 @pytest.mark.parametrize("ignored", ["none", "half", "most", "all"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_one_chunk_problem_runs_in_two_halves(
-    impl: str, ignored: str, reduction: str, monkeypatch: pytest.MonkeyPatch
+    impl: str, ignored: str, reduction: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Off CPU, a problem that fits one chunk with its gradient rounded as the row pass writes it (bf16 on CUDA)
-    runs as two halves of its rows sorted scored-first, the second only as far as the scored rows go: with half
-    the rows ignored or more, only the first half enters the GEMMs. The weight gradient is one GEMM over every row's
-    gradient; per-row losses land in their rows (and a per-token upstream gradient takes the second pass, in halves
-    too). Against float64, with an epilogue and label smoothing."""
+    """Off CPU, a problem that fits one chunk runs as two halves of its rows sorted scored-first, the second only as
+    far as the scored rows go: with half the rows ignored or more, only the first half enters the GEMMs. With the
+    gradient rounded as the row pass writes it (bf16 on CUDA) the weight gradient is one GEMM over every row's
+    gradient; a float32 weight's is summed over the halves. Per-row losses land in their rows (and a per-token
+    upstream gradient takes the second pass, in halves too). Against float64, with an epilogue and smoothing."""
     from logitless import triton_path
 
     monkeypatch.setenv("LOGITLESS_WEIGHT_GRAD", "accumulate")
-    real = torch_path.fused_lce
-    monkeypatch.setattr(torch_path, "fused_lce", lambda *a, **kw: real(*a, **kw, low_precision_grad=True))
+    if dtype == torch.bfloat16:
+        real = torch_path.fused_lce
+        monkeypatch.setattr(torch_path, "fused_lce", lambda *a, **kw: real(*a, **kw, low_precision_grad=True))
     entered: list[int] = []
 
     def watched(module: Any, name: str) -> None:
@@ -847,7 +849,7 @@ def test_one_chunk_problem_runs_in_two_halves(
 
     watched(torch_path, "torch_row_pass")
     watched(triton_path, "row_pass")
-    hidden, weight, _, labels = make(torch.bfloat16, three_d=False, ignore_frac=0.0, seed=4)
+    hidden, weight, _, labels = make(dtype, three_d=False, ignore_frac=0.0, seed=4)
     n = labels.shape[0]
     if ignored in ("half", "most"):  # every other row, two in three
         labels[torch.arange(n) % {"half": 2, "most": 3}[ignored] != 0] = -100

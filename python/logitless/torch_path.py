@@ -21,9 +21,10 @@ Two modes:
 The weight gradient (``accumulate``, the default) is the first chunk's product written into a float32 buffer
 and every later chunk's added to it; a problem that fits one chunk writes it straight in the weight's dtype, with
 no buffer. On CUDA a chunk that feeds that buffer holds at least 2048 rows (its read-modify-write per chunk). Off
-CPU, a problem that fits one chunk and whose gradient the row pass writes in the GEMMs' dtype runs as two halves
-of its sorted rows instead (the second only as far as the scored rows go), their gradients in one buffer and the
-weight gradient one GEMM over it: ignored rows skipped, half the float32 logits, still no float32 buffer.
+CPU, a problem that fits one chunk runs as two halves of its sorted rows instead (the second only as far as the
+scored rows go): ignored rows skipped, half the float32 logits. Where the row pass writes the gradient in the
+GEMMs' dtype, the halves' gradients share one buffer and the weight gradient is one GEMM over it (still no float32
+buffer); a float32 weight's gradient is summed over the halves in its own dtype.
 
 ``recompute`` (a bf16/f16 weight gradient without that buffer; four matmuls' worth) runs the chunks forward-only
 (each row's loss and log-sum-exp), then a pass over vocabulary slabs recomputes each slab's logits over every row
@@ -436,11 +437,14 @@ def fused_lce(
         rows_per_chunk -= rows_per_chunk % _GPU_TILE
     if skip_ignored is None:
         skip_ignored = not (gpu and torch.cuda.is_current_stream_capturing())
-    # A problem that fits one chunk, its gradient written in the GEMMs' dtype, runs as two halves of its rows sorted
-    # scored-first, the second only as far as the scored rows go; every row's gradient lands in one buffer and the
-    # weight gradient is one GEMM over them at the end (no float32 buffer): ignored rows enter no GEMM, and the
-    # float32 logits are half as large.
-    halves = accumulate and low_precision_grad and not compact and skip_ignored and rows_per_chunk >= n
+    # A problem that fits one chunk runs as two halves of its rows sorted scored-first, the second only as far as the
+    # scored rows go: ignored rows enter no GEMM, and the float32 logits are half as large. Where the gradient is
+    # written in the GEMMs' dtype, every row's lands in one buffer and the weight gradient is one GEMM over them at
+    # the end (no float32 V×H buffer); a float32 weight's gradient is its own float32 sum of the halves.
+    shared_grad = low_precision_grad and weight.dtype != acc
+    halves = (
+        accumulate and (shared_grad or weight.dtype == acc) and not compact and skip_ignored and rows_per_chunk >= n
+    )
     if halves:
         half = -(-n // 2)
         if gpu:
@@ -482,8 +486,8 @@ def fused_lce(
     t_rows, s_all = chunks.arrange(t_rows), chunks.arrange(s_all)
     # The slabs (or the halves' one weight-gradient GEMM) take every row of the chunks: gathered once, in the
     # chunks' order, and the chunks take slices.
-    h_rows = chunks.arrange(hidden) if slab_major or halves else None
-    g_rows = torch.empty(n, v, dtype=hidden.dtype, device=dev) if halves else None
+    g_rows = torch.empty(n, v, dtype=hidden.dtype, device=dev) if halves and shared_grad else None
+    h_rows = chunks.arrange(hidden) if slab_major or g_rows is not None else None
     losses: list[torch.Tensor] = []
     lses: list[torch.Tensor] = []
     done: list[RowChunk] = []
@@ -512,7 +516,7 @@ def fused_lce(
             g_lp, g = rp.grad, None
         if d_hidden is not None:
             c.put_product(d_hidden, g_lp, weight)
-        if accumulate and not halves:
+        if accumulate and g_rows is None:
             if d_weight_acc is not None:
                 _add_mm(d_weight_acc, g, g_lp, h)
             elif last:
@@ -537,7 +541,7 @@ def fused_lce(
             chunks.place(per_row, loss_rows, covered)
     if d_weight_acc is not None:
         d_weight = d_weight_acc.to(weight.dtype)
-    elif halves and h_rows is not None and g_rows is not None:
+    elif g_rows is not None and h_rows is not None:
         d_weight = _weight_grad_of(None, g_rows[:covered], h_rows[:covered], weight.dtype)
     elif accumulate and d_weight is None:  # no scored row
         d_weight = torch.zeros_like(weight)
