@@ -64,3 +64,35 @@ def test_a_one_chunk_problem_in_halves_holds_half_its_logits(ignored: float, mon
     model = _model()
     n, h_dim, v = model.CASES["small"]
     assert model.extra_mib(n, h_dim, v, ignored, "accumulate") <= (n * v * 4) / 2**20 * 0.8
+
+
+@pytest.mark.parametrize(
+    ("case", "mode", "kw", "rows", "halves", "slab_major"),
+    [
+        ("small", "accumulate", {}, 1024, True, False),  # one chunk's problem: two halves sharing a bf16 gradient
+        ("small", "accumulate", {"need_d_bias": True}, 2048, False, False),  # a float32 gradient: one chunk
+        ("small", "accumulate", {"skip_ignored": False}, 2048, False, False),  # a CUDA graph being captured
+        ("small", "accumulate", {"compact": True}, 2048, False, False),  # rows counted on the host
+        ("big", "accumulate", {}, 2048, False, False),  # the float32 accumulator's 2048-row floor
+        ("small", "recompute", {}, 1536, False, True),  # forward-only chunks, every gradient from the slabs
+        ("big", "recompute", {}, 384, False, True),
+    ],
+)
+def test_the_plans_a_gpu_gets(
+    case: str, mode: str, kw: dict, rows: int, halves: bool, slab_major: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chunking a CUDA call of the GPU benchmark's shapes takes (bf16, Triton row pass), planned here without
+    one: rows per chunk, the halves of a one-chunk problem, recompute's forward-only chunks."""
+    from logitless import torch_path
+
+    monkeypatch.delenv("LOGITLESS_CHUNK_MB", raising=False)
+    monkeypatch.setenv("LOGITLESS_WEIGHT_GRAD", mode)
+    n, h_dim, v = _model().CASES[case]
+    need_d_bias = kw.get("need_d_bias", False)
+    plan = torch_path._plan(
+        n, v, h_dim, dtype=torch.bfloat16, weight_dtype=torch.bfloat16, device=torch.device("cuda"),
+        need=(True, True, need_d_bias), low_precision_grad=None, budget_bytes=None, kernels=True,
+        compact=kw.get("compact", False), skip_ignored=kw.get("skip_ignored", True),
+    )  # fmt: skip
+    assert (plan.rows_per_chunk, plan.halves, plan.slab_major) == (rows, halves, slab_major)
+    assert plan.shared_grad == halves and plan.row_grad == (not slab_major)

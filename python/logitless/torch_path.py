@@ -350,6 +350,95 @@ def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ac
     return z
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """How one call of ``fused_lce`` runs."""
+
+    budget: int  # scratch bytes
+    rows_per_chunk: int
+    low_precision_grad: bool  # the row / slab pass writes the logits gradient in the inputs' dtype
+    accumulate: bool  # the weight gradient summed over chunks (the default mode)
+    recompute: bool  # the weight gradient formed over vocabulary slabs (LOGITLESS_WEIGHT_GRAD=recompute)
+    slab_major: bool  # recompute: every gradient formed by the slabs, the chunks forward-only
+    row_grad: bool  # the chunks form the logits gradient
+    skip_ignored: bool  # (compact=False) ignored rows sorted behind the scored ones, kept out after the first chunk
+    halves: bool  # a one-chunk problem run as two halves of its sorted rows
+    shared_grad: bool  # the halves' gradients in one [N, V] buffer, the weight gradient one GEMM over it
+
+
+def _plan(
+    n: int, v: int, h_dim: int, *, dtype: torch.dtype, weight_dtype: torch.dtype, device: torch.device,
+    need: tuple[bool, bool, bool], low_precision_grad: bool | None, budget_bytes: int | None, kernels: bool,
+    compact: bool, skip_ignored: bool | None,
+) -> _Plan:  # fmt: skip
+    """The chunks, modes and buffers of a call (``fused_lce``'s arguments; ``kernels``: the Triton row pass on
+    CUDA). Depends on shapes, dtypes, the device and the environment only, never on values."""
+    need_d_hidden, need_d_weight, need_d_bias = need
+    acc = _acc_dtype(dtype)
+    gpu = device.type == "cuda"
+    # A low-precision weight gradient summed over chunks in its own dtype would lose bits at every chunk: it is
+    # accumulated in float32, or (recompute) formed slab by slab in a later pass.
+    low_precision_dw = need_d_weight and weight_dtype != acc
+    recompute = low_precision_dw and weight_grad_mode() == "recompute"
+    accumulate = need_d_weight and not recompute
+    if low_precision_grad is None:
+        # On CUDA the GEMMs take the bf16/f16 gradient only (mixed-precision GEMMs), so the row pass can round it
+        # once as it writes it; the bias gradient is summed from the unrounded one.
+        low_precision_grad = gpu and dtype != acc and not need_d_bias
+    # Scratch per logit: the float32 logits, plus the gradient's rounded copy where the row kernel writes one;
+    # the torch row pass holds up to three float32 temporaries.
+    acc_bytes = torch.finfo(acc).bits // 8
+    elem_bytes = acc_bytes * _TEMPS_PER_ROW
+    if kernels:
+        elem_bytes = acc_bytes + (torch.finfo(dtype).bits // 8 if low_precision_grad else 0)
+    if budget_bytes is None:
+        # The float32 weight-gradient buffer (held anyway) sets a floor; the recompute mode holds none.
+        # Short chunks cost this path a round of kernel launches each: never below 64 MiB by default.
+        budget_bytes = chunk_budget_bytes(
+            n, v, h_dim, low_precision_weight_grad=low_precision_dw and not recompute, min_mb=_TORCH_PATH_MIN_CHUNK_MB
+        )
+        if gpu and _config.chunk_mb() is None:
+            if accumulate:
+                # Every chunk reads and writes the whole V×H float32 weight gradient (8·V·H bytes) against
+                # 6·rows·V·H flops of GEMMs: on an H100-class GPU (≈600 TFLOP/s, ≈3.3 TB/s) that traffic costs
+                # ≈240/rows of the GEMM time, so a chunk holds at least _GPU_MIN_CHUNK_ROWS rows (≈12%).
+                budget_bytes = max(budget_bytes, min(n, _GPU_MIN_CHUNK_ROWS) * v * elem_bytes)
+            elif recompute:
+                budget_bytes = _GPU_RECOMPUTE_BUDGET_MB << 20
+    # recompute forms every gradient in its slab pass when a slab over all rows fits the budget: the row pass is
+    # then forward-only (logits, loss, log-sum-exp), and its chunks need no room for a gradient.
+    slab_major = recompute and _slab_columns(
+        n, v, h_dim, budget_bytes, acc=acc, dtype=dtype, with_hidden=need_d_hidden, gpu=gpu
+    ) >= min(v, _MIN_SLAB_COLUMNS)
+    row_grad = any(need) and not slab_major
+    if kernels and not row_grad:
+        elem_bytes = acc_bytes
+    rows_per_chunk = max(1, budget_bytes // max(1, v * elem_bytes))
+    if gpu and rows_per_chunk > _GPU_TILE:
+        rows_per_chunk -= rows_per_chunk % _GPU_TILE
+    if skip_ignored is None:
+        skip_ignored = not (gpu and torch.cuda.is_current_stream_capturing())
+    # A problem that fits one chunk runs as two halves of its rows sorted scored-first, the second only as far as the
+    # scored rows go: ignored rows enter no GEMM, and the float32 logits are half as large. Where the gradient is
+    # written in the GEMMs' dtype, every row's lands in one buffer and the weight gradient is one GEMM over them at
+    # the end (no float32 V×H buffer); a float32 weight's gradient is its own float32 sum of the halves.
+    shared_grad = low_precision_grad and weight_dtype != acc
+    halves = (
+        accumulate and (shared_grad or weight_dtype == acc) and not compact and skip_ignored and rows_per_chunk >= n
+    )
+    if halves:
+        half = -(-n // 2)
+        if gpu:
+            half = -(-half // _GPU_TILE) * _GPU_TILE
+        halves = half < n
+        rows_per_chunk = half if halves else rows_per_chunk
+    return _Plan(
+        budget=budget_bytes, rows_per_chunk=rows_per_chunk, low_precision_grad=low_precision_grad,
+        accumulate=accumulate, recompute=recompute, slab_major=slab_major, row_grad=row_grad,
+        skip_ignored=skip_ignored, halves=halves, shared_grad=shared_grad and halves,
+    )  # fmt: skip
+
+
 def fused_lce(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -391,66 +480,12 @@ def fused_lce(
     ignore_index = options.ignore_index
     acc = _acc_dtype(hidden.dtype)
     dev = hidden.device
-    # A low-precision weight gradient summed over chunks in its own dtype would lose bits at every chunk: it is
-    # accumulated in float32, or (recompute) formed slab by slab in a later pass.
-    low_precision_dw = need_d_weight and weight.dtype != acc
-    recompute = low_precision_dw and weight_grad_mode() == "recompute"
-    accumulate = need_d_weight and not recompute
-    if low_precision_grad is None:
-        # On CUDA the GEMMs take the bf16/f16 gradient only (mixed-precision GEMMs), so the row pass can round it
-        # once as it writes it; the bias gradient is summed from the unrounded one.
-        low_precision_grad = dev.type == "cuda" and hidden.dtype != acc and not need_d_bias
-    # Scratch per logit: the float32 logits, plus the gradient's rounded copy where the row kernel writes one;
-    # the torch row pass holds up to three float32 temporaries.
-    acc_bytes = torch.finfo(acc).bits // 8
-    elem_bytes = acc_bytes * _TEMPS_PER_ROW
-    gpu = dev.type == "cuda"
-    kernels = gpu and row_pass is not torch_row_pass
-    if kernels:
-        elem_bytes = acc_bytes + (hidden.element_size() if low_precision_grad else 0)
-    if budget_bytes is None:
-        # The float32 weight-gradient buffer (held anyway) sets a floor; the recompute mode holds none.
-        # Short chunks cost this path a round of kernel launches each: never below 64 MiB by default.
-        budget_bytes = chunk_budget_bytes(
-            n, v, h_dim, low_precision_weight_grad=low_precision_dw and not recompute, min_mb=_TORCH_PATH_MIN_CHUNK_MB
-        )
-        if gpu and _config.chunk_mb() is None:
-            if accumulate:
-                # Every chunk reads and writes the whole V×H float32 weight gradient (8·V·H bytes) against
-                # 6·rows·V·H flops of GEMMs: on an H100-class GPU (≈600 TFLOP/s, ≈3.3 TB/s) that traffic costs
-                # ≈240/rows of the GEMM time, so a chunk holds at least _GPU_MIN_CHUNK_ROWS rows (≈12%).
-                budget_bytes = max(budget_bytes, min(n, _GPU_MIN_CHUNK_ROWS) * v * elem_bytes)
-            elif recompute:
-                budget_bytes = _GPU_RECOMPUTE_BUDGET_MB << 20
-    budget = budget_bytes
-    any_grad = need_d_hidden or need_d_weight or need_d_bias
-    # recompute forms every gradient in its slab pass when a slab over all rows fits the budget: the row pass is
-    # then forward-only (logits, loss, log-sum-exp), and its chunks need no room for a gradient.
-    slab_major = recompute and _slab_columns(
-        n, v, h_dim, budget, acc=acc, dtype=hidden.dtype, with_hidden=need_d_hidden, gpu=gpu
-    ) >= min(v, _MIN_SLAB_COLUMNS)
-    row_grad = any_grad and not slab_major
-    if kernels and not row_grad:
-        elem_bytes = acc_bytes
-    rows_per_chunk = max(1, budget // max(1, v * elem_bytes))
-    if gpu and rows_per_chunk > _GPU_TILE:
-        rows_per_chunk -= rows_per_chunk % _GPU_TILE
-    if skip_ignored is None:
-        skip_ignored = not (gpu and torch.cuda.is_current_stream_capturing())
-    # A problem that fits one chunk runs as two halves of its rows sorted scored-first, the second only as far as the
-    # scored rows go: ignored rows enter no GEMM, and the float32 logits are half as large. Where the gradient is
-    # written in the GEMMs' dtype, every row's lands in one buffer and the weight gradient is one GEMM over them at
-    # the end (no float32 V×H buffer); a float32 weight's gradient is its own float32 sum of the halves.
-    shared_grad = low_precision_grad and weight.dtype != acc
-    halves = (
-        accumulate and (shared_grad or weight.dtype == acc) and not compact and skip_ignored and rows_per_chunk >= n
-    )
-    if halves:
-        half = -(-n // 2)
-        if gpu:
-            half = -(-half // _GPU_TILE) * _GPU_TILE
-        halves = half < n
-        rows_per_chunk = half if halves else rows_per_chunk
+    plan = _plan(
+        n, v, h_dim, dtype=hidden.dtype, weight_dtype=weight.dtype, device=dev,
+        need=(need_d_hidden, need_d_weight, need_d_bias), low_precision_grad=low_precision_grad,
+        budget_bytes=budget_bytes, kernels=dev.type == "cuda" and row_pass is not torch_row_pass, compact=compact,
+        skip_ignored=skip_ignored,
+    )  # fmt: skip
 
     # Every launch below costs a GPU's host a few microseconds, which a small call waits for
     # (bench/host_launches.py counts them): the targets' checks take few ops and chunks write in place.
@@ -471,7 +506,7 @@ def fused_lce(
     else:
         weights = row_scale if row_scale is not None else grad_scale
         s_all = torch.where(valid, weights.to(acc) if weights is not None else 1.0, 0.0).to(acc)
-    chunks = RowChunks(valid, rows_per_chunk, compact=compact, skip_ignored=skip_ignored)
+    chunks = RowChunks(valid, plan.rows_per_chunk, compact=compact, skip_ignored=plan.skip_ignored)
 
     # In the rows' own order the chunks cover every row and write their slices: no zero fill.
     new = torch.empty if chunks.in_order else torch.zeros
@@ -486,8 +521,8 @@ def fused_lce(
     t_rows, s_all = chunks.arrange(t_rows), chunks.arrange(s_all)
     # The slabs (or the halves' one weight-gradient GEMM) take every row of the chunks: gathered once, in the
     # chunks' order, and the chunks take slices.
-    g_rows = torch.empty(n, v, dtype=hidden.dtype, device=dev) if halves and shared_grad else None
-    h_rows = chunks.arrange(hidden) if slab_major or g_rows is not None else None
+    g_rows = torch.empty(n, v, dtype=hidden.dtype, device=dev) if plan.shared_grad else None
+    h_rows = chunks.arrange(hidden) if plan.slab_major or g_rows is not None else None
     losses: list[torch.Tensor] = []
     lses: list[torch.Tensor] = []
     done: list[RowChunk] = []
@@ -495,7 +530,7 @@ def fused_lce(
         h = h_rows[c.start : c.stop] if h_rows is not None else c.take(hidden)
         t, s_rows = t_rows[c.start : c.stop], s_all[c.start : c.stop]
         rp = row_pass(_logits(h, weight, bias, acc), t, s_rows, options, vocab=v, want_stats=stats is not None,
-                      grad=row_grad, grad_dtype=hidden.dtype if low_precision_grad else None,
+                      grad=plan.row_grad, grad_dtype=hidden.dtype if plan.low_precision_grad else None,
                       grad_out=g_rows[c.start : c.stop] if g_rows is not None else None)  # fmt: skip
         last = c.stop >= chunks.total()  # the first chunk's kernels are queued: reading the count costs no stall
         losses.append(rp.loss)
@@ -503,9 +538,9 @@ def fused_lce(
         if stats is not None:
             assert rp.stats is not None
             c.put(stats, rp.stats if c.mask is None else rp.stats * c.mask.unsqueeze(1))
-        if recompute:
+        if plan.recompute:
             lses.append(rp.lse)
-        if not row_grad:
+        if not plan.row_grad:
             continue
         assert rp.grad is not None
 
@@ -516,7 +551,7 @@ def fused_lce(
             g_lp, g = rp.grad, None
         if d_hidden is not None:
             c.put_product(d_hidden, g_lp, weight)
-        if accumulate and g_rows is None:
+        if plan.accumulate and g_rows is None:
             if d_weight_acc is not None:
                 _add_mm(d_weight_acc, g, g_lp, h)
             elif last:
@@ -543,15 +578,15 @@ def fused_lce(
         d_weight = d_weight_acc.to(weight.dtype)
     elif g_rows is not None and h_rows is not None:
         d_weight = _weight_grad_of(None, g_rows[:covered], h_rows[:covered], weight.dtype)
-    elif accumulate and d_weight is None:  # no scored row
+    elif plan.accumulate and d_weight is None:  # no scored row
         d_weight = torch.zeros_like(weight)
-    if recompute:
+    if plan.recompute:
         saved = _Saved(chunks, done, t_rows[:covered], _joined(lses) if lses else t_rows[:0].to(acc), s_all[:covered],
                        h_rows[:covered] if h_rows is not None else None)  # fmt: skip
         d_weight, d_hidden_rows = _grads_by_slabs(
-            hidden, weight, bias, saved, options=options, budget=budget, acc=acc, slab_pass=slab_pass,
-            low_precision_grad=low_precision_grad, with_hidden=slab_major and need_d_hidden,
-            d_bias=d_bias_acc if slab_major else None,
+            hidden, weight, bias, saved, options=options, budget=plan.budget, acc=acc, slab_pass=slab_pass,
+            low_precision_grad=plan.low_precision_grad, with_hidden=plan.slab_major and need_d_hidden,
+            d_bias=d_bias_acc if plan.slab_major else None,
         )  # fmt: skip
         if d_hidden_rows is not None and d_hidden is not None:
             chunks.place(d_hidden, d_hidden_rows, covered)
