@@ -37,7 +37,11 @@ from pathlib import Path
 
 import torch
 
-CASES = {"small": (2048, 1024, 32000), "big": (8192, 2048, 128256), "tiny": (64, 64, 3000)}
+# wide: an 8B-class model (hidden 4096) on 8192 tokens, where the default mode keeps every chunk's bf16 gradient
+# instead of a float32 accumulator (not in the default --cases).
+CASES = {
+    "small": (2048, 1024, 32000), "big": (8192, 2048, 128256), "wide": (8192, 4096, 128256), "tiny": (64, 64, 3000),
+}  # fmt: skip
 DTYPES = {"bf16": torch.bfloat16, "f32": torch.float32}
 IGNORE = -100
 Fn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

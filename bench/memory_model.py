@@ -1,6 +1,6 @@
 """The op's extra CUDA memory (and launches) at the GPU benchmark's shapes, predicted on a machine without a GPU.
 
-    python bench/memory_model.py [--cases small,big] [--ignored 0,0.5] [--modes accumulate,recompute]
+    python bench/memory_model.py [--cases small,big,wide] [--ignored 0,0.5] [--modes accumulate,recompute]
 
 Runs the op's forward (``impl="triton"``, bf16) on fake CUDA tensors (``FakeTensorMode``: shapes, dtypes and
 devices, no memory, no arithmetic), so every CUDA decision of the code is taken as on a GPU (chunk rows, tile
@@ -32,7 +32,8 @@ from torch.utils._pytree import tree_flatten
 from logitless import ops
 from logitless._options import LossOptions
 
-CASES = {"small": (2048, 1024, 32000), "big": (8192, 2048, 128256)}
+# small and big: bench/cuda_compare.py's shapes; wide: an 8B-class model (hidden 4096) on 8192 tokens.
+CASES = {"small": (2048, 1024, 32000), "big": (8192, 2048, 128256), "wide": (8192, 4096, 128256)}
 H200_MULTIPROCESSORS = 132
 
 

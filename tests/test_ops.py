@@ -864,6 +864,23 @@ def test_one_chunk_problem_runs_in_two_halves(
     # second pass with the upstream gradient, in halves.
     assert entered == ([n] if reduction == "none" else []) + halves, entered
 
+@pytest.mark.parametrize("impl", [_SYNC_FREE, _TRITON_SYNC_FREE])
+@pytest.mark.parametrize("ignore_frac", [0.0, 0.4])
+def test_chunks_share_one_gradient_buffer(impl: str, ignore_frac: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several chunks whose gradient the row pass writes in the GEMMs' dtype, few rows for the hidden size (N <=
+    2·H + chunk rows): every chunk writes into one [N, V] buffer and the weight gradient is one GEMM over it, with no
+    float32 V×H buffer summed chunk by chunk. Against float64, ignored rows sorted out after the first chunk."""
+    monkeypatch.setenv("LOGITLESS_WEIGHT_GRAD", "accumulate")
+    monkeypatch.setenv("LOGITLESS_CHUNK_MB", str(4 * V * 12 / 2**20))  # 4 rows a chunk
+    real = torch_path.fused_lce
+    monkeypatch.setattr(torch_path, "fused_lce", lambda *a, **kw: real(*a, **kw, low_precision_grad=True))
+    summed: list[int] = []
+    real_add = torch_path._add_mm
+    monkeypatch.setattr(torch_path, "_add_mm", lambda *a: summed.append(1) or real_add(*a))
+    hidden, weight, _, labels = make(torch.bfloat16, three_d=False, ignore_frac=ignore_frac, seed=6)
+    check(impl, hidden, weight, None, labels, grad_output=0.75, shift=False, logit_scale_multiply=1.5, z_loss=1e-3)
+    assert not summed
+
 def _count_second_passes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """A list that grows by one each time ``reduction="none"``'s backward runs its second fused pass."""
     from logitless import ops

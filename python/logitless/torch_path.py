@@ -22,9 +22,10 @@ The weight gradient (``accumulate``, the default) is the first chunk's product w
 and every later chunk's added to it; a problem that fits one chunk writes it straight in the weight's dtype, with
 no buffer. On CUDA a chunk that feeds that buffer holds at least 2048 rows (its read-modify-write per chunk). Off
 CPU, a problem that fits one chunk runs as two halves of its sorted rows instead (the second only as far as the
-scored rows go): ignored rows skipped, half the float32 logits. Where the row pass writes the gradient in the
-GEMMs' dtype, the halves' gradients share one buffer and the weight gradient is one GEMM over it (still no float32
-buffer); a float32 weight's gradient is summed over the halves in its own dtype.
+scored rows go): ignored rows skipped, half the float32 logits; a float32 weight's gradient is summed over the
+halves in its own dtype. Where the row pass writes the gradient in the GEMMs' dtype, the halves' gradients, and
+any chunks' of a call with few rows for its hidden size (``_plan``), share one ``[N, V]`` buffer and the weight
+gradient is one GEMM over it, instead of the float32 buffer.
 
 ``recompute`` (a bf16/f16 weight gradient without that buffer; four matmuls' worth) runs the chunks forward-only
 (each row's loss and log-sum-exp), then a pass over vocabulary slabs recomputes each slab's logits over every row
@@ -363,7 +364,7 @@ class _Plan:
     row_grad: bool  # the chunks form the logits gradient
     skip_ignored: bool  # (compact=False) ignored rows sorted behind the scored ones, kept out after the first chunk
     halves: bool  # a one-chunk problem run as two halves of its sorted rows
-    shared_grad: bool  # the halves' gradients in one [N, V] buffer, the weight gradient one GEMM over it
+    shared_grad: bool  # every chunk's gradient in one [N, V] buffer, the weight gradient one GEMM over it
 
 
 def _plan(
@@ -406,10 +407,16 @@ def _plan(
             elif recompute:
                 budget_bytes = _GPU_RECOMPUTE_BUDGET_MB << 20
     # recompute forms every gradient in its slab pass when a slab over all rows fits the budget: the row pass is
-    # then forward-only (logits, loss, log-sum-exp), and its chunks need no room for a gradient.
-    slab_major = recompute and _slab_columns(
-        n, v, h_dim, budget_bytes, acc=acc, dtype=dtype, with_hidden=need_d_hidden, gpu=gpu
-    ) >= min(v, _MIN_SLAB_COLUMNS)
+    # then forward-only (logits, loss, log-sum-exp), and its chunks need no room for a gradient. Not where the
+    # float32 d_hidden accumulator would take over half the budget (8192 tokens of a 4096-wide model: 128 of 192
+    # MiB), leaving slabs so thin that there are more of them than chunks saved (497 launches against 441).
+    hidden_acc = n * h_dim * acc_bytes if need_d_hidden else 0
+    slab_major = (
+        recompute
+        and 2 * hidden_acc <= budget_bytes
+        and _slab_columns(n, v, h_dim, budget_bytes, acc=acc, dtype=dtype, with_hidden=need_d_hidden, gpu=gpu)
+        >= min(v, _MIN_SLAB_COLUMNS)
+    )
     row_grad = any(need) and not slab_major
     if kernels and not row_grad:
         elem_bytes = acc_bytes
@@ -418,11 +425,14 @@ def _plan(
         rows_per_chunk -= rows_per_chunk % _GPU_TILE
     if skip_ignored is None:
         skip_ignored = not (gpu and torch.cuda.is_current_stream_capturing())
+    # Where the row pass writes the gradient in the GEMMs' dtype, every row's can land in one [N, V] buffer of it and
+    # the weight gradient be one GEMM over them at the end, instead of a float32 V×H buffer that every chunk reads
+    # and writes: N·V·2 bytes against V·H·4 plus a chunk's rounded gradient (rows·V·2), so when N <= 2·H + rows
+    # (a 4096-wide model's 8192 tokens; not 8192 tokens of a 2048-wide one).
+    shared_grad = accumulate and low_precision_grad and weight_dtype != acc and not compact
     # A problem that fits one chunk runs as two halves of its rows sorted scored-first, the second only as far as the
-    # scored rows go: ignored rows enter no GEMM, and the float32 logits are half as large. Where the gradient is
-    # written in the GEMMs' dtype, every row's lands in one buffer and the weight gradient is one GEMM over them at
-    # the end (no float32 V×H buffer); a float32 weight's gradient is its own float32 sum of the halves.
-    shared_grad = low_precision_grad and weight_dtype != acc
+    # scored rows go: ignored rows enter no GEMM, and the float32 logits are half as large. A float32 weight's
+    # gradient is its own float32 sum of the halves.
     halves = (
         accumulate and (shared_grad or weight_dtype == acc) and not compact and skip_ignored and rows_per_chunk >= n
     )
@@ -432,10 +442,11 @@ def _plan(
             half = -(-half // _GPU_TILE) * _GPU_TILE
         halves = half < n
         rows_per_chunk = half if halves else rows_per_chunk
+    shared_grad = shared_grad and (halves or rows_per_chunk < n <= 2 * h_dim + rows_per_chunk)
     return _Plan(
         budget=budget_bytes, rows_per_chunk=rows_per_chunk, low_precision_grad=low_precision_grad,
         accumulate=accumulate, recompute=recompute, slab_major=slab_major, row_grad=row_grad,
-        skip_ignored=skip_ignored, halves=halves, shared_grad=shared_grad and halves,
+        skip_ignored=skip_ignored, halves=halves, shared_grad=shared_grad,
     )  # fmt: skip
 
 
