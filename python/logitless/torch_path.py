@@ -30,9 +30,10 @@ gradient is one GEMM over it, instead of the float32 buffer.
 ``recompute`` (a bf16/f16 weight gradient without that buffer; four matmuls' worth) runs the chunks forward-only
 (each row's loss and log-sum-exp), then a pass over vocabulary slabs recomputes each slab's logits over every row
 of the chunks and forms the slab's weight gradient in one GEMM, ``d_hidden`` summed over the slabs in a float32
-``[rows, H]`` buffer, and the bias gradient. Where a slab over every row cannot fit the budget (very many rows),
-the chunks form ``d_hidden`` and the slabs take the rows block by block. On CUDA it holds a fixed 192 MiB, its
-chunks' rows and slabs' columns whole tensor-core tiles.
+``[rows, H]`` buffer, and the bias gradient. Where that buffer would take over half the budget, the chunks form
+``d_hidden`` (and the slabs the weight gradient only); where a slab over every row cannot fit (very many rows), the
+slabs take the rows block by block. On CUDA it holds a fixed 192 MiB, its chunks' rows and slabs' columns whole
+tensor-core tiles.
 """
 
 from __future__ import annotations
@@ -530,8 +531,8 @@ def fused_lce(
     loss_sum: torch.Tensor | None = None
 
     t_rows, s_all = chunks.arrange(t_rows), chunks.arrange(s_all)
-    # The slabs (or the halves' one weight-gradient GEMM) take every row of the chunks: gathered once, in the
-    # chunks' order, and the chunks take slices.
+    # The slabs (or the shared gradient's one weight-gradient GEMM) take every row of the chunks: gathered once, in
+    # the chunks' order, and the chunks take slices.
     g_rows = torch.empty(n, v, dtype=hidden.dtype, device=dev) if plan.shared_grad else None
     h_rows = chunks.arrange(hidden) if plan.slab_major or g_rows is not None else None
     losses: list[torch.Tensor] = []
