@@ -187,7 +187,7 @@ def main() -> None:
 
     cases: dict[str, Step] = {
         "stock (F.linear + ForCausalLMLoss), mean": (leaves, stock, torch.Tensor.backward),
-        "logitless mean, 1 chunk": ours(targets),
+        "logitless mean, a one-chunk problem (two halves)": ours(targets),
         "logitless mean, 4 chunks, 50% ignored": ours(half, chunks=4),
         "logitless mean, recompute, 8 chunks": ours(targets, chunks=8, weight_grad="recompute"),
         "logitless mean, num_items_in_batch tensor": ours(targets, num_items_in_batch=torch.tensor(300)),
