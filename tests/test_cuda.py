@@ -238,6 +238,68 @@ def test_head_on_another_gpu_than_the_current_one(mode: str, monkeypatch: pytest
     assert_close(w.grad.cpu(), ref.d_weight, tol_grad, "d_weight")
 
 
+def _rows_entering(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by each chunk's row count as the Triton row pass receives the chunk's logits."""
+    from logitless import triton_path
+
+    entered: list[int] = []
+    real = triton_path.row_pass
+    monkeypatch.setattr(triton_path, "row_pass", lambda y, *a, **kw: entered.append(y.shape[0]) or real(y, *a, **kw))
+    return entered
+
+
+def _check_wide_rows(n: int, h_dim: int, v: int, dtype: torch.dtype, ignored: float, seed: int = 3) -> None:
+    """``n`` rows of width ``h_dim`` over ``v`` columns, every option on, a fraction of rows ignored, on CUDA against
+    the float64 reference (mean over the scored rows, upstream gradient 0.5)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h_dim, generator=g).to(dtype)
+    weight = (torch.randn(v, h_dim, generator=g) / h_dim**0.5 * 3).to(dtype)
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[torch.randperm(n, generator=g)[: int(n * ignored)]] = -100
+    opts = {k: x for k, x in OPTIONS.items() if k != "num_items_in_batch"}
+    ref = reference(hidden.requires_grad_(), weight.requires_grad_(), labels, shift=False, grad_output=0.5, **opts)
+    h = hidden.detach().cuda().requires_grad_()
+    w = weight.detach().cuda().requires_grad_()
+    loss = linear_cross_entropy(h, w, labels.cuda(), shift=False, **opts)
+    (loss * 0.5).backward()
+    tol_loss, tol_grad = TOLERANCES[dtype]
+    assert_close(loss.detach().cpu(), ref.loss, tol_loss, "loss")
+    assert h.grad is not None and w.grad is not None
+    assert_close(h.grad.cpu(), ref.d_hidden, tol_grad, "d_hidden")
+    assert_close(w.grad.cpu(), ref.d_weight, tol_grad, "d_weight")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("ignored", [0.0, 0.6])
+def test_one_chunk_problem_in_halves_on_cuda(
+    dtype: torch.dtype, ignored: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1024 rows fit one chunk: they run as two halves of 512 sorted rows, and with over half of them ignored only
+    the first half enters the GEMMs (bf16: both halves' gradients in one buffer, the weight gradient one GEMM)."""
+    monkeypatch.setenv("LOGITLESS_WEIGHT_GRAD", "accumulate")
+    monkeypatch.delenv("LOGITLESS_CHUNK_MB", raising=False)
+    entered = _rows_entering(monkeypatch)
+    _check_wide_rows(1024, 128, 4000, dtype, ignored)
+    assert entered == ([512, 512] if ignored == 0.0 else [512]), entered
+
+
+@pytest.mark.parametrize("ignored", [0.0, 0.4])
+def test_chunks_share_one_gradient_buffer_on_cuda(ignored: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """256-row chunks of 1024 rows 512 wide (N <= 2·H + chunk rows): every chunk's bf16 gradient in one buffer and
+    the weight gradient one GEMM over it, no float32 buffer summed chunk by chunk."""
+    from logitless import torch_path
+
+    monkeypatch.setenv("LOGITLESS_WEIGHT_GRAD", "accumulate")
+    monkeypatch.setenv("LOGITLESS_CHUNK_MB", str(256 * 4000 * 6 / 2**20))
+    summed: list[int] = []
+    real_add = torch_path._add_mm
+    monkeypatch.setattr(torch_path, "_add_mm", lambda *a: summed.append(1) or real_add(*a))
+    entered = _rows_entering(monkeypatch)
+    _check_wide_rows(1024, 512, 4000, torch.bfloat16, ignored)
+    assert not summed
+    assert entered[0] == 256 and sum(entered) == 1024 - int(1024 * ignored), entered  # no chunk past the scored
+
+
 def test_all_ignored_batch_is_zero_on_cuda() -> None:
     hidden, weight, _, labels = make(torch.bfloat16, with_bias=False, ignore_frac=1.1)
     h = hidden.cuda().requires_grad_()
