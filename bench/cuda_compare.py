@@ -28,12 +28,14 @@ Peers run when installed: cut-cross-entropy (``impl="cce"``, its Triton kernels)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -73,6 +75,9 @@ def methods() -> dict[str, Fn]:
     out: dict[str, Fn] = {
         "stock HF (materialised)": stock,
         "logitless (triton, accumulate)": ours("accumulate", "triton"),
+        # The plan before the halves and the shared gradient buffer (one chunk in the rows' order; the float32
+        # accumulator): the two measured side by side.
+        "logitless (triton, accumulate, one chunk / float32 accumulator)": _FormerPlan(ours("accumulate", "triton")),
         # A host-bound call's answer: the step captured once and replayed (torch.compile's "reduce-overhead").
         "logitless (triton, accumulate, CUDA graph)": _Graphed(ours("accumulate", "triton")),
         "logitless (triton, recompute)": ours("recompute", "triton"),
@@ -104,6 +109,31 @@ def methods() -> dict[str, Fn]:
     except ImportError:
         pass
     return out
+
+
+class _FormerPlan:
+    """``fn`` with torch_path's plans as they were before a one-chunk problem ran in two halves and chunks shared one
+    bf16 gradient buffer (a benchmark's A/B switch, not an option)."""
+
+    def __init__(self, fn: Fn) -> None:
+        self._fn = fn
+
+    def __call__(self, h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        from logitless import torch_path
+
+        real = torch_path._plan
+
+        def former(*args: Any, **kwargs: Any) -> Any:
+            plan = real(*args, **kwargs)
+            if plan.halves:  # one chunk over every row, in their order, as before
+                plan = real(*args, **{**kwargs, "skip_ignored": False})
+            return dataclasses.replace(plan, shared_grad=False)
+
+        torch_path._plan = former  # type: ignore[assignment]
+        try:
+            return self._fn(h, w, y)
+        finally:
+            torch_path._plan = real  # type: ignore[assignment]
 
 
 class _Graphed:
