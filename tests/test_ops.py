@@ -768,6 +768,21 @@ def test_recompute_in_sync_free_mode(budget_rows: int, skip_ignored: bool, monke
     assert_close(res.d_hidden, ref.d_hidden, 3e-2, "d_hidden")
 
 
+def _rounded_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on CUDA: the row and slab passes write the logits gradient in the inputs' dtype, rounded once."""
+    real = torch_path.fused_lce
+    monkeypatch.setattr(torch_path, "fused_lce", lambda *a, **kw: real(*a, **kw, low_precision_grad=True))
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch, module: Any, name: str, seen: Any) -> None:
+    """Calls ``seen`` with the arguments of each call of ``module.name`` before the call itself."""
+    real = getattr(module, name)
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        seen(*args, **kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, run)
 
 
 @pytest.mark.parametrize("impl", [_SYNC_FREE, "torch", _TRITON_ON_CPU, _TRITON_SYNC_FREE])
@@ -795,21 +810,14 @@ def test_recompute_slabs_form_every_gradient(
     labels[3] = v - 1
     passes: list[tuple[str, bool]] = []
 
-    def watched(module: Any, name: str) -> None:
-        real = getattr(module, name)
+    def seen(name: str) -> Any:
+        return lambda *args, **kwargs: passes.append((name, kwargs.get("grad", True)))
 
-        def run(*args: Any, **kwargs: Any) -> Any:
-            passes.append((name, kwargs.get("grad", True)))
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(module, name, run)
-
-    for module in (torch_path, triton_path):
-        watched(module, "torch_row_pass" if module is torch_path else "row_pass")
-        watched(module, "torch_slab_pass" if module is torch_path else "slab_pass")
+    for module, prefix in ((torch_path, "torch_"), (triton_path, "")):
+        for name in ("row_pass", "slab_pass"):
+            _spy(monkeypatch, module, prefix + name, seen(name))
     if rounded:
-        real_fused = torch_path.fused_lce
-        monkeypatch.setattr(torch_path, "fused_lce", lambda *a, **kw: real_fused(*a, **kw, low_precision_grad=True))
+        _rounded_gradients(monkeypatch)
     opts = {"logit_softcapping": 2.5, "label_smoothing": 0.1, "z_loss": 1e-3,
             "logits_bias": torch.randn(v, generator=g), "shift": False}  # fmt: skip
     check(impl, hidden, weight, bias, labels, grad_output=0.75, **opts)
@@ -817,6 +825,7 @@ def test_recompute_slabs_form_every_gradient(
     slabs = [name for name, _ in passes if "slab" in name]
     assert rows and not any(rows), passes
     assert len(slabs) >= 2, passes  # 266 columns over 24 rows; wider over the scored ones alone
+
 
 @pytest.mark.parametrize("impl", [_SYNC_FREE, _TRITON_SYNC_FREE])
 @pytest.mark.parametrize("ignored", ["none", "half", "most", "all"])
@@ -834,21 +843,10 @@ def test_one_chunk_problem_runs_in_two_halves(
 
     monkeypatch.setenv("LOGITLESS_WEIGHT_GRAD", "accumulate")
     if dtype == torch.bfloat16:
-        real = torch_path.fused_lce
-        monkeypatch.setattr(torch_path, "fused_lce", lambda *a, **kw: real(*a, **kw, low_precision_grad=True))
+        _rounded_gradients(monkeypatch)
     entered: list[int] = []
-
-    def watched(module: Any, name: str) -> None:
-        real_pass = getattr(module, name)
-
-        def run(y: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            entered.append(y.shape[0])
-            return real_pass(y, *args, **kwargs)
-
-        monkeypatch.setattr(module, name, run)
-
-    watched(torch_path, "torch_row_pass")
-    watched(triton_path, "row_pass")
+    for module, name in ((torch_path, "torch_row_pass"), (triton_path, "row_pass")):
+        _spy(monkeypatch, module, name, lambda y, *a, **kw: entered.append(y.shape[0]))
     hidden, weight, _, labels = make(dtype, three_d=False, ignore_frac=0.0, seed=4)
     n = labels.shape[0]
     if ignored in ("half", "most"):  # every other row, two in three
@@ -864,6 +862,7 @@ def test_one_chunk_problem_runs_in_two_halves(
     # second pass with the upstream gradient, in halves.
     assert entered == ([n] if reduction == "none" else []) + halves, entered
 
+
 @pytest.mark.parametrize("impl", [_SYNC_FREE, _TRITON_SYNC_FREE])
 @pytest.mark.parametrize("ignore_frac", [0.0, 0.4])
 def test_chunks_share_one_gradient_buffer(impl: str, ignore_frac: float, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -872,14 +871,14 @@ def test_chunks_share_one_gradient_buffer(impl: str, ignore_frac: float, monkeyp
     float32 V×H buffer summed chunk by chunk. Against float64, ignored rows sorted out after the first chunk."""
     monkeypatch.setenv("LOGITLESS_WEIGHT_GRAD", "accumulate")
     monkeypatch.setenv("LOGITLESS_CHUNK_MB", str(4 * V * 12 / 2**20))  # 4 rows a chunk
-    real = torch_path.fused_lce
-    monkeypatch.setattr(torch_path, "fused_lce", lambda *a, **kw: real(*a, **kw, low_precision_grad=True))
+    _rounded_gradients(monkeypatch)
     summed: list[int] = []
     real_add = torch_path._add_mm
     monkeypatch.setattr(torch_path, "_add_mm", lambda *a: summed.append(1) or real_add(*a))
     hidden, weight, _, labels = make(torch.bfloat16, three_d=False, ignore_frac=ignore_frac, seed=6)
     check(impl, hidden, weight, None, labels, grad_output=0.75, shift=False, logit_scale_multiply=1.5, z_loss=1e-3)
     assert not summed
+
 
 def _count_second_passes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """A list that grows by one each time ``reduction="none"``'s backward runs its second fused pass."""

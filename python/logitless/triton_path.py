@@ -303,9 +303,9 @@ def _split_grad_kernel(
 
 
 # A chunk of few rows and a long vocabulary (the recompute mode's 384-row chunks at V = 128256) would be a few
-# hundred programs looping over whole rows: a few per multiprocessor, a fraction of the memory bandwidth. Rows
-# fewer than half of this many programs per multiprocessor are split into parts of whole blocks, enough for it (a
-# 1024-row chunk on 132 multiprocessors is not: 7.8 programs each).
+# hundred programs looping over whole rows: a few per multiprocessor, a fraction of the memory bandwidth. A chunk
+# with fewer rows than half the programs wanted (this many per multiprocessor) has its rows split into parts of
+# whole blocks, enough for all of them (a 1024-row chunk on 132 multiprocessors is not split: 7.8 programs each).
 _PROGRAMS_PER_SM = 8
 _MAX_PARTS = 64
 # Under the interpreter (tests) there is no multiprocessor count: the programs wanted, 0 for no split.
