@@ -268,11 +268,13 @@ class RowChunks:
       ``total()`` (or the next chunk) reads that count once the caller has queued the first chunk's work;
     * otherwise every row, masked.
 
-    The chunks depend on ``valid`` alone, so ranks with the same labels get the same chunks."""
+    The chunks depend on ``valid`` alone, so ranks with the same labels get the same chunks (``count``: its sum,
+    where the caller has it already)."""
 
     def __init__(
-        self, valid: torch.Tensor, rows_per_chunk: int, *, compact: bool, skip_ignored: bool | None = None
-    ) -> None:
+        self, valid: torch.Tensor, rows_per_chunk: int, *, compact: bool, skip_ignored: bool | None = None,
+        count: torch.Tensor | None = None,
+    ) -> None:  # fmt: skip
         self._valid, self._per_chunk, self._compact = valid, rows_per_chunk, compact
         self._order: torch.Tensor | None = None
         self._pending: _PendingCount | None = None
@@ -288,7 +290,7 @@ class RowChunks:
         if skip_ignored and n > rows_per_chunk:
             # Scored rows first, each group in the rows' own order (a stable sort keeps equal keys' order).
             self._order = torch.argsort(valid.to(torch.uint8), descending=True, stable=True)
-            self._pending = _PendingCount(valid.sum())
+            self._pending = _PendingCount(valid.sum() if count is None else count)
 
     @property
     def in_order(self) -> bool:
@@ -518,7 +520,7 @@ def fused_lce(
     else:
         weights = row_scale if row_scale is not None else grad_scale
         s_all = torch.where(valid, weights.to(acc) if weights is not None else 1.0, 0.0).to(acc)
-    chunks = RowChunks(valid, plan.rows_per_chunk, compact=compact, skip_ignored=plan.skip_ignored)
+    chunks = RowChunks(valid, plan.rows_per_chunk, compact=compact, skip_ignored=plan.skip_ignored, count=count)
 
     # In the rows' own order the chunks cover every row and write their slices: no zero fill.
     new = torch.empty if chunks.in_order else torch.zeros
