@@ -405,10 +405,15 @@ def aliased_gradient(y: torch.Tensor, grad_dtype: torch.dtype | None) -> torch.T
     return y.view(grad_dtype)[:, : y.shape[1]]
 
 
-def _gradient_buffer(y: torch.Tensor, grad_dtype: torch.dtype | None, *, split: bool) -> tuple[torch.Tensor, bool]:
-    """Where a pass writes the logits gradient, and whether over its own logits' first halves: over the float32
-    logits (unrounded), over the first half of each row's logits (rounded, ``aliased_gradient``; never for rows
-    split into parts), or into a buffer of the GEMMs' dtype."""
+def _gradient_buffer(
+    y: torch.Tensor, grad_dtype: torch.dtype | None, *, split: bool, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, bool]:
+    """Where a pass writes the logits gradient, and whether over its own logits' first halves: into ``out`` where
+    the caller gives one (the chunks' shared buffer), over the float32 logits (unrounded), over the first half of
+    each row's logits (rounded, ``aliased_gradient``; never for rows split into parts), or into a buffer of the
+    GEMMs' dtype."""
+    if out is not None:
+        return out, False
     if grad_dtype in (None, torch.float32):
         return y, False
     aliased = None if split else aliased_gradient(y, grad_dtype)
@@ -436,10 +441,7 @@ def row_pass(
     lb = options.epilogue.logits_bias if has_lb else y
     scale = s_rows.to(torch.float32).contiguous()
     parts = 1 if want_stats else _parts(rows, v, y.device)
-    if grad and grad_out is not None:
-        g, aliased = grad_out, False
-    else:
-        g, aliased = _gradient_buffer(y, grad_dtype, split=parts > 1) if grad else (y, False)
+    g, aliased = _gradient_buffer(y, grad_dtype, split=parts > 1, out=grad_out) if grad else (y, False)
     try:
         with _on(y.device):
             if parts > 1:
