@@ -13,10 +13,11 @@ Two modes:
 * ``compact=False`` (accelerators): the call never stalls the device. Rows are sorted on the device, scored ones
   first, and chunks are masked; the first chunk's kernels are queued before the host reads (through a pinned
   copy and an event recorded ahead of them) how many rows are scored, and the chunks stop there, so ignored rows
-  past the first chunk never enter a GEMM. While a CUDA graph is being captured (no host reads allowed) every row
-  enters and ignored rows are masked. Out-of-range targets cannot raise a Python error without a sync; instead
-  they are clamped, the loss becomes NaN and ``torch._assert_async`` fires a device-side assert (the behaviour of
-  torch's own ``cross_entropy`` on CUDA).
+  past the first chunk never enter a GEMM (where every row is scored, the sort kept the rows' own order, and the
+  later chunks take slices of them, not gathers). While a CUDA graph is being captured (no host reads allowed)
+  every row enters and ignored rows are masked. Out-of-range targets cannot raise a Python error without a sync;
+  instead they are clamped, the loss becomes NaN and ``torch._assert_async`` fires a device-side assert (the
+  behaviour of torch's own ``cross_entropy`` on CUDA).
 
 The weight gradient (``accumulate``, the default) is the first chunk's product written into a float32 buffer
 and every later chunk's added to it; a problem that fits one chunk writes it straight in the weight's dtype, with
@@ -277,12 +278,15 @@ class RowChunks:
     ) -> None:  # fmt: skip
         self._valid, self._per_chunk, self._compact = valid, rows_per_chunk, compact
         self._order: torch.Tensor | None = None
+        self._all_scored = False
         self._pending: _PendingCount | None = None
         self._valid_arranged: torch.Tensor | None = None
         n = valid.shape[0]
         if compact:
             self._order = valid.nonzero().squeeze(1)
             self._total = int(self._order.numel())
+            if self._total == n:  # every row scored: slices of the rows themselves, not gathers
+                self._order, self._all_scored = None, True
             return
         self._total = n
         if skip_ignored is None:
@@ -312,8 +316,8 @@ class RowChunks:
         return x[:stop] if self._order is None else x.index_select(0, self._order[:stop])
 
     def scored(self, stop: int) -> torch.Tensor | None:
-        """Which rows ``[0, stop)`` of the chunks' order are scored (None: all, the compact order's)."""
-        return None if self._compact else self._arranged_valid()[:stop]
+        """Which rows ``[0, stop)`` of the chunks' order are scored (None: all are)."""
+        return None if self._compact or self._all_scored else self._arranged_valid()[:stop]
 
     def place(self, out: torch.Tensor, x: torch.Tensor, stop: int) -> None:
         """Writes ``x``, the rows ``[0, stop)`` of the chunks' order, into their places in ``out`` (in its dtype)."""
@@ -325,8 +329,14 @@ class RowChunks:
     def total(self) -> int:
         """How many rows of the order the chunks cover (reading it settles the scored count)."""
         if self._pending is not None:
-            self._total = max(min(self._total, self._per_chunk), self._pending.value())
+            count = self._pending.value()
+            self._total = max(min(self._total, self._per_chunk), count)
             self._pending = None
+            if count == self._valid.shape[0]:
+                # Every row is scored, so the stable sort left them in their own order: from here on the chunks
+                # and the call's rows are slices and in-place writes, not gathers and scatters (nor their copies:
+                # recompute's slabs read ``hidden`` itself).
+                self._order, self._all_scored = None, True
         return self._total
 
     def __iter__(self) -> Iterator[RowChunk]:
@@ -336,7 +346,7 @@ class RowChunks:
         while stop < (self._total if stop == 0 else self.total()):
             start, stop = stop, min(self._total, stop + self._per_chunk)
             idx = self._order[start:stop] if self._order is not None else None
-            yield RowChunk(start, stop, idx, valid[start:stop] if valid is not None else None)
+            yield RowChunk(start, stop, idx, None if valid is None or self._all_scored else valid[start:stop])
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor:
