@@ -41,14 +41,21 @@ def test_the_meter_follows_storages_until_their_last_tensor_dies() -> None:
         del b, d
 
 
+@pytest.mark.parametrize("aliased", [False, True])
 @pytest.mark.parametrize("case", ["small", "big", "wide"])
 @pytest.mark.parametrize("ignored", [0.0, 0.5])
-def test_recompute_mode_holds_its_budget_on_a_gpu(case: str, ignored: float, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_recompute_mode_holds_its_budget_on_a_gpu(
+    case: str, ignored: float, aliased: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``LOGITLESS_WEIGHT_GRAD=recompute`` on CUDA: no V×H float32 buffer, one chunk's and then one slab's scratch at
     a time, within its fixed 192 MiB budget plus the sorted rows' hidden copy (none where every row is scored): at
     most the 256 MiB the GPU issue asks, at 2048×1024×32000 and 8192×2048×128256 bf16 (the default mode there: +192
-    MiB and +2.0 GiB), and at an 8B-class model's 8192 tokens (8192×4096×128256)."""
+    MiB and +2.0 GiB), and at an 8B-class model's 8192 tokens (8192×4096×128256). With each slab's gradient written
+    over its own logits (``aliased``) the slabs are wider, in the same budget."""
     monkeypatch.delenv("LOGITLESS_CHUNK_MB", raising=False)
+    from logitless import triton_path
+
+    monkeypatch.setattr(triton_path, "_ALIAS_ON_CUDA", aliased)
     model = _model()
     n, h_dim, v = model.CASES[case]
     recompute = model.extra_mib(n, h_dim, v, ignored, "recompute")

@@ -798,9 +798,10 @@ def test_recompute_slabs_form_every_gradient(
     from logitless import triton_path
 
     monkeypatch.setenv("LOGITLESS_WEIGHT_GRAD", "recompute")
-    # 24 rows, H=16: 1536 bytes of float32 d_hidden, then 144 bytes per column: 266 of the 600 columns a slab.
+    # 24 rows, H=16: 1536 bytes of float32 d_hidden, then 144 bytes per column (96 where the rounded gradient is
+    # written over its logits, as the interpreter's kernels do): 267 (400) of the 1200 columns a slab.
     monkeypatch.setenv("LOGITLESS_CHUNK_MB", str(40_000 / 2**20))
-    n, v = 24, 600
+    n, v = 24, 1200
     g = torch.Generator().manual_seed(5)
     hidden = torch.randn(n, H, generator=g).to(dtype).requires_grad_()
     weight = (torch.randn(v, H, generator=g) / H**0.5 * 3).to(dtype).requires_grad_()
@@ -824,7 +825,7 @@ def test_recompute_slabs_form_every_gradient(
     rows = [grad for name, grad in passes if "row" in name]
     slabs = [name for name, _ in passes if "slab" in name]
     assert rows and not any(rows), passes
-    assert len(slabs) >= 2, passes  # 266 columns over 24 rows; wider over the scored ones alone
+    assert len(slabs) >= 2, passes  # wider over the scored rows alone
 
 
 @pytest.mark.parametrize("impl", [_SYNC_FREE, _TRITON_SYNC_FREE])

@@ -338,6 +338,7 @@ def _run(
                 compact=_host_reads_free(hidden.device),
                 row_pass=triton_path.row_pass,
                 slab_pass=triton_path.slab_pass,
+                grad_over_logits=triton_path.gradient_over_logits(hidden.device),
             )
         else:
             fused_lce = functools.partial(torch_path.fused_lce, compact=_host_reads_free(hidden.device))

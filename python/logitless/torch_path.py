@@ -378,12 +378,13 @@ class _Plan:
     skip_ignored: bool  # (compact=False) ignored rows sorted behind the scored ones, kept out after the first chunk
     halves: bool  # a one-chunk problem run as two halves of its sorted rows
     shared_grad: bool  # every chunk's gradient in one [N, V] buffer, the weight gradient one GEMM over it
+    slab_grad_bytes: int  # recompute: a slab's gradient bytes per element beside its float32 logits
 
 
 def _plan(
     n: int, v: int, h_dim: int, *, dtype: torch.dtype, weight_dtype: torch.dtype, device: torch.device,
     need: tuple[bool, bool, bool], low_precision_grad: bool | None, budget_bytes: int | None, kernels: bool,
-    compact: bool, skip_ignored: bool | None,
+    compact: bool, skip_ignored: bool | None, grad_over_logits: bool = False,
 ) -> _Plan:  # fmt: skip
     """The chunks, modes and buffers of a call (``fused_lce``'s arguments; ``kernels``: the Triton row pass on
     CUDA). Depends on shapes, dtypes, the device and the environment only, never on values."""
@@ -424,12 +425,15 @@ def _plan(
     # float32 d_hidden accumulator would take over half the budget (8192 tokens of a 4096-wide model: 128 of 192
     # MiB), leaving slabs so thin that there are more of them than chunks saved (497 launches against 441).
     hidden_acc = n * h_dim * acc_bytes if need_d_hidden else 0
+    # A slab's rounded gradient written over its own float32 logits takes no bytes of its own.
+    slab_grad_bytes = 0 if grad_over_logits and low_precision_grad else torch.finfo(dtype).bits // 8
     slab_major = (
         recompute
         and 2 * hidden_acc <= budget_bytes
-        and _slab_columns(n, v, h_dim, budget_bytes, acc=acc, dtype=dtype, with_hidden=need_d_hidden, gpu=gpu)
+        and _slab_columns(n, v, h_dim, budget_bytes, acc=acc, grad_bytes=slab_grad_bytes, with_hidden=need_d_hidden,
+                          gpu=gpu)
         >= min(v, _MIN_SLAB_COLUMNS)
-    )
+    )  # fmt: skip
     row_grad = any(need) and not slab_major
     if kernels and not row_grad:
         elem_bytes = acc_bytes
@@ -459,7 +463,7 @@ def _plan(
     return _Plan(
         budget=budget_bytes, rows_per_chunk=rows_per_chunk, low_precision_grad=low_precision_grad,
         accumulate=accumulate, recompute=recompute, slab_major=slab_major, row_grad=row_grad,
-        skip_ignored=skip_ignored, halves=halves, shared_grad=shared_grad,
+        skip_ignored=skip_ignored, halves=halves, shared_grad=shared_grad, slab_grad_bytes=slab_grad_bytes,
     )  # fmt: skip
 
 
@@ -483,6 +487,7 @@ def fused_lce(
     low_precision_grad: bool | None = None,
     row_pass: RowPassFn | None = None,
     slab_pass: SlabPassFn | None = None,
+    grad_over_logits: bool = False,
     mean_over_count: bool = False,
 ) -> Result:
     """Loss and requested gradients of ``Σ_i s_i · l_i`` for ``hidden`` [N, H], ``weight`` [V, H], ``targets`` [N].
@@ -491,7 +496,8 @@ def fused_lce(
     for the count of scored rows this pass finds (the mean; ``loss_sum`` stays the sum). Targets must already be
     validated when ``compact`` is True; otherwise out-of-range ones poison the loss (see the module docstring).
     ``row_pass`` / ``slab_pass`` do the elementwise work between the GEMMs (torch ops by default; ``triton_path``
-    has kernels).
+    has kernels); ``grad_over_logits``: the slab pass writes a rounded gradient over its own float32 logits (no
+    buffer of its own, so wider slabs fit the budget).
     ``skip_ignored`` (``compact=False`` only; default: unless a CUDA graph is being captured) keeps ignored rows
     out of every chunk after the first without a device stall (module docstring). ``low_precision_grad``
     (default: on CUDA, for bf16/f16 inputs without a bias gradient) has the row pass write the logits gradient
@@ -508,7 +514,7 @@ def fused_lce(
         n, v, h_dim, dtype=hidden.dtype, weight_dtype=weight.dtype, device=dev,
         need=(need_d_hidden, need_d_weight, need_d_bias), low_precision_grad=low_precision_grad,
         budget_bytes=budget_bytes, kernels=dev.type == "cuda" and row_pass is not torch_row_pass, compact=compact,
-        skip_ignored=skip_ignored,
+        skip_ignored=skip_ignored, grad_over_logits=grad_over_logits,
     )  # fmt: skip
 
     # Every launch below costs a GPU's host a few microseconds, which a small call waits for
@@ -608,7 +614,8 @@ def fused_lce(
         saved = _Saved(chunks, done, t_rows[:covered], _joined(lses) if lses else t_rows[:0].to(acc), s_all[:covered],
                        h_rows[:covered] if h_rows is not None else None)  # fmt: skip
         d_weight, d_hidden_rows = _grads_by_slabs(
-            hidden, weight, bias, saved, options=options, budget=plan.budget, acc=acc, slab_pass=slab_pass,
+            hidden, weight, bias, saved, options=options, budget=plan.budget, grad_bytes=plan.slab_grad_bytes, acc=acc,
+            slab_pass=slab_pass,
             low_precision_grad=plan.low_precision_grad, with_hidden=plan.slab_major and need_d_hidden,
             d_bias=d_bias_acc if plan.slab_major else None,
         )  # fmt: skip
@@ -733,15 +740,16 @@ _MIN_SLAB_COLUMNS = 256
 
 
 def _slab_columns(
-    rows: int, v: int, h_dim: int, budget: int, *, acc: torch.dtype, dtype: torch.dtype, with_hidden: bool, gpu: bool
+    rows: int, v: int, h_dim: int, budget: int, *, acc: torch.dtype, grad_bytes: int, with_hidden: bool, gpu: bool
 ) -> int:
-    """How many columns a slab over ``rows`` rows takes within ``budget``: per element its float32 logits and their
-    rounded gradient, after the float32 ``d_hidden`` accumulator when the slab pass forms ``d_hidden``. On CUDA
+    """How many columns a slab over ``rows`` rows takes within ``budget``: per element its float32 logits and
+    ``grad_bytes`` of their rounded gradient, after the float32 ``d_hidden`` accumulator when the slab pass forms
+    ``d_hidden``. On CUDA
     the slabs are whole tiles, as even as that allows (32000 columns in 3 slabs: 10752 each and 10496, not two of
     15616 and a thin 768)."""
     acc_bytes = torch.finfo(acc).bits // 8
     free = budget - (rows * h_dim * acc_bytes if with_hidden else 0)
-    slab = min(v, max(0, free) // max(1, rows * (acc_bytes + torch.finfo(dtype).bits // 8)))
+    slab = min(v, max(0, free) // max(1, rows * (acc_bytes + grad_bytes)))
     if gpu and _GPU_TILE < slab < v:
         slab -= slab % _GPU_TILE
         even = -(-v // -(-v // slab))
@@ -757,6 +765,7 @@ def _grads_by_slabs(
     *,
     options: LossOptions,
     budget: int,
+    grad_bytes: int,
     acc: torch.dtype,
     slab_pass: SlabPassFn,
     low_precision_grad: bool = False,
@@ -772,14 +781,15 @@ def _grads_by_slabs(
     over slabs in float32 and rounded once by the caller) and ``d_bias`` (written into its slices), so the row
     pass before them forms no gradient. Otherwise the chunks' rows are taken block by block, summed in a float32
     buffer of the slab (the row pass formed the other gradients). ``low_precision_grad``: the slab pass writes the
-    gradient straight in the GEMMs' dtype (CUDA, as the row pass does)."""
+    gradient straight in the GEMMs' dtype (CUDA, as the row pass does); ``grad_bytes``: what it takes per element
+    beside the float32 logits (``_Plan.slab_grad_bytes``)."""
     v, h_dim = weight.shape
     out = torch.empty(v, h_dim, dtype=weight.dtype, device=weight.device)
     rows = saved.t.shape[0]
     if not rows:
         return out.zero_(), None
     gpu = weight.device.type == "cuda"
-    slab = _slab_columns(rows, v, h_dim, budget, acc=acc, dtype=hidden.dtype, with_hidden=with_hidden, gpu=gpu)
+    slab = _slab_columns(rows, v, h_dim, budget, acc=acc, grad_bytes=grad_bytes, with_hidden=with_hidden, gpu=gpu)
     grad_dtype = hidden.dtype if low_precision_grad else None
     if slab >= min(v, _MIN_SLAB_COLUMNS):
         h = saved.h if saved.h is not None else saved.order.first(hidden, rows)

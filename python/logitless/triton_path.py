@@ -395,12 +395,18 @@ def _fallback(error: BaseException) -> None:
 _ALIAS_ON_CUDA = False
 
 
+def gradient_over_logits(device: torch.device) -> bool:
+    """Whether the passes on ``device`` write a rounded gradient over its own float32 logits (``aliased_gradient``;
+    CPU: the interpreter)."""
+    return device.type == "cpu" or (device.type == "cuda" and _ALIAS_ON_CUDA)
+
+
 def aliased_gradient(y: torch.Tensor, grad_dtype: torch.dtype | None) -> torch.Tensor | None:
     """The view of the float32 ``y``'s storage that its rows' rounded gradient is written into (``y``'s shape, row
     stride twice its width; the GEMMs read it as it is), or None where the gradient needs a buffer of its own."""
     if grad_dtype not in (torch.bfloat16, torch.float16) or y.dtype != torch.float32 or not y.is_contiguous():
         return None
-    if y.device.type != "cpu" and not (y.device.type == "cuda" and _ALIAS_ON_CUDA):  # CPU: the interpreter
+    if not gradient_over_logits(y.device):
         return None
     return y.view(grad_dtype)[:, : y.shape[1]]
 
