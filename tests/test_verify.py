@@ -21,7 +21,6 @@ transformers = pytest.importorskip("transformers")
 from logitless._verify import compare, inputs, tiny  # noqa: E402
 from logitless._verify.discover import CAUSAL, CONDITIONAL, discover  # noqa: E402
 from logitless._verify.installer import Installer  # noqa: E402
-from logitless._verify.overrides import Override  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COVERAGE = ROOT / "docs" / "coverage.md"
@@ -70,7 +69,7 @@ def test_quick_classes_are_verified(tmp_path: pathlib.Path) -> None:
 
 def _tiny_llama() -> tuple[Any, Any, inputs.Feeds]:
     model, config, override = compare.build("transformers.models.llama.modeling_llama", "LlamaForCausalLM")
-    return model, config, inputs.make_feeds(model, config, override)
+    return model, config, inputs.make_feeds(model, config, override.inputs)
 
 
 def test_stock_against_stock_matches_exactly() -> None:
@@ -135,7 +134,7 @@ def test_special_tokens_are_remapped_into_the_tiny_vocab() -> None:
     d = tiny.remap_special_tokens(tiny.shrink_dict(LlavaConfig().to_dict()))
     assert tiny.SPECIAL_BASE <= d["image_token_index"] < tiny.VOCAB
     config = LlavaConfig.from_dict(d)
-    feeds = inputs.make_feeds(torch.nn.Module(), config, Override())
+    feeds = inputs.make_feeds(torch.nn.Module(), config)
     assert not (feeds.base["input_ids"] == config.image_token_index).any()
 
 

@@ -309,7 +309,7 @@ def run_case(module_name: str, cls_name: str, kind: str, installer: Installer) -
 def _run_case(module_name: str, cls_name: str, installer: Installer) -> dict[str, Any]:
     model, config, override = build(module_name, cls_name)
     try:
-        feeds = inputs_mod.make_feeds(model, config, override)
+        feeds = inputs_mod.make_feeds(model, config, override.inputs)
     except NotImplementedError as exc:
         raise NotBuilt(f"inputs: {exc}") from exc
     stock = _side(model, feeds, None)

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from logitless._verify import tiny
-
-if TYPE_CHECKING:
-    from logitless._verify.overrides import Override
 
 BATCH = 2
 SEQ = 12
@@ -39,7 +37,11 @@ def text_vocab(config: Any) -> int:
     return min(int(vocab), int(unpadded)) if isinstance(unpadded, int) and unpadded > 0 else int(vocab)
 
 
-def make_feeds(model: torch.nn.Module, config: Any, override: Override) -> Feeds:
+def make_feeds(
+    model: torch.nn.Module, config: Any, add_inputs: Callable[[Any, Any, Feeds], None] | None = None
+) -> Feeds:
+    """The token ids, labels and ``num_items_in_batch`` of one case; ``add_inputs`` (a model's ``Override.inputs``)
+    adds what its forward needs beside them, else images where the model takes them."""
     vocab = min(text_vocab(config), tiny.SPECIAL_BASE)
     avoid = tiny.special_ids(config.to_dict())
     allowed = torch.tensor([i for i in range(3, vocab) if i not in avoid])
@@ -59,8 +61,8 @@ def make_feeds(model: torch.nn.Module, config: Any, override: Override) -> Feeds
     if "mm_token_type_ids" in _forward_params(model):
         # Which positions are image tokens (none, in text); some models require it in training (Molmo2).
         feeds.base["mm_token_type_ids"] = torch.zeros_like(ids)
-    if override.inputs is not None:
-        override.inputs(model, config, feeds)
+    if add_inputs is not None:
+        add_inputs(model, config, feeds)
     elif "pixel_values" in _forward_params(model) and image_token(config) is not None:
         try:
             feeds.description = add_image(model, config, feeds)

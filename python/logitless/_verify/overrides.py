@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
-if TYPE_CHECKING:
-    from logitless._verify.inputs import Feeds
+from logitless._verify.inputs import Feeds, pixels
 
 
 @dataclass(frozen=True)
@@ -43,8 +42,6 @@ _QWEN4_QSA = _set(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, in
 
 def _pixels_only(model: Any, config: Any, feeds: Feeds) -> None:
     """GIT prepends image patch embeddings itself (no image tokens) and always slices them off the logits."""
-    from logitless._verify.inputs import pixels
-
     feeds.base.update(pixels(model, config, "image"))
     feeds.description = "text + images (prepended patches)"
 
