@@ -14,20 +14,12 @@ use crate::matmul::{Layout, matmul};
 use crate::pages::{fill, hint_huge_pages};
 use crate::rowpass::{RowParams, RowStats, process_row};
 use crate::storage::{Real, Storage};
+#[cfg(target_arch = "x86_64")]
+use crate::storage::{as_f32, as_f32_mut};
 use crate::weight_pass::{self, ActiveRow};
-use crate::{GradScale, Grads, LossSummary, MatRef, Options, RowOutputs, TOKEN_STATS, WeightGrad};
+use crate::{GradScale, Grads, Job, LossSummary, MatRef, RowOutputs, TOKEN_STATS, WeightGrad};
 use rayon::prelude::*;
 use std::any::TypeId;
-
-#[derive(Clone, Copy)]
-pub(crate) struct Job<'a, S> {
-    pub hidden: MatRef<'a, S>,
-    pub weight: MatRef<'a, S>,
-    pub bias: Option<&'a [S]>,
-    pub targets: &'a [i64],
-    pub options: &'a Options<'a>,
-    pub grad_scale: GradScale<'a>,
-}
 
 /// `x` seen as the compute type, when storage and compute type are the same (f32, f64).
 fn as_compute<S: Storage>(x: &[S]) -> Option<&[S::C]> {
@@ -604,28 +596,6 @@ impl Profile {
                 s[0], s[1], s[2], s[3], s[4], s[5]
             );
         }
-    }
-}
-
-/// `x` as f32, when the compute type is f32.
-#[cfg(target_arch = "x86_64")]
-fn as_f32<C: 'static>(x: &[C]) -> Option<&[f32]> {
-    if TypeId::of::<C>() == TypeId::of::<f32>() {
-        // SAFETY: C is f32 (checked).
-        Some(unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<f32>(), x.len()) })
-    } else {
-        None
-    }
-}
-
-/// `x` as f32, when the compute type is f32.
-#[cfg(target_arch = "x86_64")]
-pub(crate) fn as_f32_mut<C: 'static>(x: &mut [C]) -> Option<&mut [f32]> {
-    if TypeId::of::<C>() == TypeId::of::<f32>() {
-        // SAFETY: C is f32 (checked); the exclusive borrow moves into the result.
-        Some(unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast::<f32>(), x.len()) })
-    } else {
-        None
     }
 }
 

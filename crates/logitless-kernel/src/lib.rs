@@ -228,6 +228,18 @@ pub enum GradScale<'a> {
     PerRow(&'a [f32]),
 }
 
+/// One call's inputs, as the row pass (`fused::run`) and the weight pass over vocabulary slabs (`weight_pass::run`)
+/// read them.
+#[derive(Clone, Copy)]
+pub(crate) struct Job<'a, S> {
+    pub hidden: MatRef<'a, S>,
+    pub weight: MatRef<'a, S>,
+    pub bias: Option<&'a [S]>,
+    pub targets: &'a [i64],
+    pub options: &'a Options<'a>,
+    pub grad_scale: GradScale<'a>,
+}
+
 /// Per-row outputs besides the gradients; `None` = not wanted. Rows whose target is ignored are written as zeros.
 #[derive(Default)]
 pub struct RowOutputs<'a> {
@@ -438,7 +450,7 @@ fn run_as<T: Element, S: storage::Storage>(
     rows: RowOutputs<'_>,
     grads: Grads<'_, T>,
 ) -> Result<LossSummary, KernelError> {
-    let job = fused::Job {
+    let job = Job {
         hidden: cast_mat::<T, S>(hidden)?,
         weight: cast_mat::<T, S>(weight)?,
         bias: bias.map(cast::<T, S>).transpose()?,

@@ -2,6 +2,8 @@
 
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
+#[cfg(target_arch = "x86_64")]
+use std::any::TypeId;
 use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub};
 
 /// The compute type: f32 or f64. `exp`/`tanh` are the vectorisable approximations for f32 (within ~2 ulp) and
@@ -175,5 +177,27 @@ impl Storage for f16 {
     }
     fn zero() -> Self {
         f16::ZERO
+    }
+}
+
+/// `x` as f32, when the compute type is f32.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn as_f32<C: 'static>(x: &[C]) -> Option<&[f32]> {
+    if TypeId::of::<C>() == TypeId::of::<f32>() {
+        // SAFETY: C is f32 (checked).
+        Some(unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<f32>(), x.len()) })
+    } else {
+        None
+    }
+}
+
+/// `x` as f32, when the compute type is f32.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn as_f32_mut<C: 'static>(x: &mut [C]) -> Option<&mut [f32]> {
+    if TypeId::of::<C>() == TypeId::of::<f32>() {
+        // SAFETY: C is f32 (checked); the exclusive borrow moves into the result.
+        Some(unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast::<f32>(), x.len()) })
+    } else {
+        None
     }
 }

@@ -7,13 +7,12 @@
 //! accumulator, then rounded once into the caller's buffer. Four GEMMs' worth of flops instead of three; scratch
 //! stays inside the chunk budget whatever V·H is.
 
-use crate::GradScale;
-use crate::fused::Job;
 use crate::isa::Level;
 use crate::matmul::{Layout, matmul};
 use crate::pages::{fill, hint_huge_pages};
 use crate::rowpass::{RowParams, RowStats, process_slab};
 use crate::storage::{Real, Storage};
+use crate::{GradScale, Job};
 use rayon::prelude::*;
 
 /// An active row of the call: its index and the constants its row pass left.
@@ -90,7 +89,7 @@ pub(crate) fn run<S: Storage>(
                 let row = |j: usize| &x16[block[j].0 * hs..block[j].0 * hs + h];
                 crate::dpbf16::pack_hidden_for_logits(row, r, h, &mut hp1);
                 crate::dpbf16::pack_hidden_for_dweight(row, r, h, &mut hp3);
-                if let Some(out) = crate::fused::as_f32_mut(lg) {
+                if let Some(out) = crate::storage::as_f32_mut(lg) {
                     crate::dpbf16::logits(cpu, &w16[v0 * ws..], ws, vc, h, &hp1, r, out, parallel);
                 }
             }
@@ -125,8 +124,8 @@ pub(crate) fn run<S: Storage>(
             // d_weight[slab] (+)= Gᵀ · H_b.
             #[cfg(target_arch = "x86_64")]
             if let Some((cpu, _, _)) = dp
-                && let Some(g) = crate::fused::as_f32_mut(lg)
-                && let Some(out) = crate::fused::as_f32_mut(acc)
+                && let Some(g) = crate::storage::as_f32_mut(lg)
+                && let Some(out) = crate::storage::as_f32_mut(acc)
             {
                 let g16 = crate::dpbf16::round_rows_in_place(cpu, g, r, vc, gs);
                 if b == 0 {
