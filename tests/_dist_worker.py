@@ -321,14 +321,14 @@ def smoothed_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return transformers.Trainer.compute_loss(trainer, model, {"input_ids": ids, "labels": labels_of(ids)})
 
 
-# A loss-only evaluation forward (eval mode, no grad, under _runtime.loss_only() as Trainer.prediction_step runs
+# A loss-only evaluation forward (eval mode, no grad, under _state.loss_only() as Trainer.prediction_step runs
 # it) on an engine: setup -> the engine's setup.
 EVAL_SETUPS = {"eval-fsdp2-head-own-unit": "fsdp2-head-own-unit", "eval-fsdp1-head-own-unit": "fsdp1-head-own-unit",
                "eval-zero3": "zero3", "eval-tp-transformers-colwise": "tp-transformers-colwise"}  # fmt: skip
 
 
 def run_eval(setup: str, rank: int) -> dict[str, Any]:
-    from logitless import _runtime
+    from logitless import _state
 
     builder, wrap, tensor_parallel = SETUPS[EVAL_SETUPS[setup]]
     ids = batch(0 if tensor_parallel else rank)
@@ -339,7 +339,7 @@ def run_eval(setup: str, rank: int) -> dict[str, Any]:
             logitless.install()
         model = wrap(builder())
         model.eval()
-        with torch.no_grad(), _runtime.loss_only():
+        with torch.no_grad(), _state.loss_only():
             out = model(input_ids=ids, labels=labels_of(ids))
         row[mode] = {"loss": float(out.loss.float()), "logits_width": int(out.logits.shape[-1])}
     row["runtime"] = logitless.audit()["runtime"]
@@ -347,7 +347,7 @@ def run_eval(setup: str, rank: int) -> dict[str, Any]:
     return row
 
 
-# A training forward under _runtime.keeping_logits() (TRL < 1.15's SFTTrainer reads the logits for its metrics):
+# A training forward under _state.keeping_logits() (TRL < 1.15's SFTTrainer reads the logits for its metrics):
 # the fused loss, and the logits formed by a second call of the engine's head: setup -> the engine's setup.
 KEEP_LOGITS_SETUPS = {"keep-fsdp2-head-own-unit": "fsdp2-head-own-unit",
                       "keep-fsdp1-head-own-unit": "fsdp1-head-own-unit", "keep-zero3": "zero3",
@@ -368,7 +368,7 @@ TRL_SETUPS = {"trl-sft-fsdp2-head-own-unit": ("fused", "fsdp2-head-own-unit"), "
 
 
 def run_trl(setup: str, rank: int) -> dict[str, Any]:
-    from logitless import _runtime, ops
+    from logitless import _state, ops
     from logitless.integrations import trl as fused_head
     from logitless.integrations import trl_legacy
 
@@ -388,7 +388,7 @@ def run_trl(setup: str, rank: int) -> dict[str, Any]:
         if head == "chunked":
             return model(input_ids=ids, labels=labels_of(ids)).loss
         # The hint is what the SFTTrainer.compute_loss wrapper enters.
-        with _runtime.expecting_uniform_grad() if head == "fused" else contextlib.nullcontext():
+        with _state.expecting_uniform_grad() if head == "fused" else contextlib.nullcontext():
             out = model(input_ids=ids, labels=labels_of(ids), fused_lm_head=True)
         return -out.log_probs.sum() / out.label_mask.sum()
 
@@ -436,9 +436,9 @@ def run(setup: str, rank: int) -> dict[str, Any]:
     if setup in TRL_SETUPS:
         return run_trl(setup, rank)
     if setup in KEEP_LOGITS_SETUPS:
-        from logitless import _runtime
+        from logitless import _state
 
-        with _runtime.keeping_logits():
+        with _state.keeping_logits():
             return _run(KEEP_LOGITS_SETUPS[setup], rank, smoothing=False)
     return _run(SMOOTHING_SETUPS.get(setup, setup), rank, smoothing=setup in SMOOTHING_SETUPS)
 

@@ -175,7 +175,7 @@ def test_trainer_label_smoothing_fused_and_equal_to_stock(ranks: list[dict[str, 
 
 @pytest.mark.parametrize("setup", sorted(worker.EVAL_SETUPS))
 def test_loss_only_evaluation_fused_and_equal_to_stock(ranks: list[dict[str, Any]], setup: str) -> None:
-    """An eval-mode forward without grad under ``_runtime.loss_only()`` (what HF Trainer's loss-only
+    """An eval-mode forward without grad under ``_state.loss_only()`` (what HF Trainer's loss-only
     ``prediction_step`` runs) through FSDP2, FSDP1, ZeRO-3 and tensor-parallel heads: fused, no logits, the loss
     equal to stock's under the same engine and to the single-process reference."""
     for r in range(2):
@@ -189,7 +189,7 @@ def test_loss_only_evaluation_fused_and_equal_to_stock(ranks: list[dict[str, Any
 
 @pytest.mark.parametrize("setup", sorted(worker.KEEP_LOGITS_SETUPS))
 def test_kept_logits_beside_the_fused_loss(ranks: list[dict[str, Any]], setup: str) -> None:
-    """Under ``_runtime.keeping_logits()`` (TRL < 1.15's SFTTrainer, whose metrics read the logits) through FSDP2,
+    """Under ``_state.keeping_logits()`` (TRL < 1.15's SFTTrainer, whose metrics read the logits) through FSDP2,
     FSDP1 (head its own unit), ZeRO-3 and tensor parallelism: the loss is fused and the head is called again for the
     logits, through the engine's hooks; nothing backpropagates through that call, and loss and gradients equal the
     single-process reference."""

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import logitless
-from logitless import _runtime
+from logitless import _state
 from logitless._epilogue_modules import epilogue_keywords
 from logitless._verify.compare import build
 from logitless.hf import hf_loss
@@ -65,13 +65,13 @@ def _assert_close(loss: torch.Tensor, grads: dict, ref_loss: torch.Tensor, ref_g
 
 def _counts() -> dict[str, Any]:
     key = "transformers.models.inkling2.modeling_inkling2.Inkling2ForCausalLM"
-    return _runtime.runtime_counts().get(key, {"fused": 0, "stock": {}})
+    return _state.runtime_counts().get(key, {"fused": 0, "stock": {}})
 
 
 @pytest.fixture(autouse=True)
 def _uninstalled_after() -> Iterator[None]:
     logitless.uninstall()
-    _runtime.reset_counts()
+    _state.reset_counts()
     yield
     logitless.uninstall()
 

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 import _tiny_lm as tiny
 import logitless
-from logitless import _runtime
+from logitless import _state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -336,7 +336,7 @@ def test_runtime_counts_tell_fused_from_fallback() -> None:
     assert report["runtime"] == {"fused": 2, "stock": {"eval-mode": 1, "custom-loss": 1}}
     json.dumps(report)
     logitless.uninstall()
-    assert _runtime.runtime_counts() == {}
+    assert _state.runtime_counts() == {}
 
 
 def test_an_auxiliary_term_on_the_logits_keeps_the_stock_path_and_is_counted() -> None:

@@ -210,14 +210,14 @@ def test_per_token_capture_follows_trls_shift_whatever_the_models_loss() -> None
     loss is ForMaskedLMLoss still gets shifted per-token fields from the drop-in."""
     from transformers.loss.loss_utils import ForMaskedLMLoss
 
-    from logitless import _runtime
+    from logitless import _state
 
     g = torch.Generator().manual_seed(5)
     lm_head = head(False)
     hidden = torch.randn(B, T, H, generator=g)
     labels = torch.randint(0, V, (B, T), generator=g)
-    capture = _runtime.Capture(temperature=1.0, outputs=frozenset({"log_probs"}))
-    with _runtime.capturing(capture):
+    capture = _state.Capture(temperature=1.0, outputs=frozenset({"log_probs"}))
+    with _state.capturing(capture):
         hf_loss(hidden, lm_head, labels, V, loss_function=ForMaskedLMLoss)
     assert capture.result is not None
     logp = torch.log_softmax(torch.nn.functional.linear(hidden.double(), lm_head.weight.detach().double()), dim=-1)

@@ -271,10 +271,10 @@ def test_other_setups_keep_the_stock_path(case: str, tmp_path: Path, monkeypatch
     want = loss_of(tiny.build("llama"))
     logitless.install()
     if case == "labels-read-elsewhere":
-        from logitless import installer
+        from logitless import _registry
 
         # As if Llama's forward also read its labels outside the loss (the rewriter then reports None).
-        monkeypatch.setattr(installer, "labels_elsewhere", lambda cls: None)
+        monkeypatch.setattr(_registry, "labels_elsewhere", lambda cls: None)
     counter = tiny.fused_forward_counter(monkeypatch)
     got = loss_of(tiny.build("llama"))
     assert counter.calls == 0  # the model was called without labels, as stock calls it

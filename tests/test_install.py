@@ -28,9 +28,10 @@ from transformers.modeling_utils import slice_logits_to_keep
 
 import _tiny_lm as tiny
 import logitless
-from logitless import _runtime
+from logitless import _registry, _runtime
 from logitless._hook import ModelingImportHook
-from logitless._patching import PatchError, build_forward, forget_source, forward_source
+from logitless._patching import PatchError, build_forward, forget_source
+from logitless._source import forward_source
 
 li = importlib.import_module("logitless.installer")
 LLAMA_KEY = f"{LlamaForCausalLM.__module__}.LlamaForCausalLM"
@@ -224,9 +225,9 @@ def test_inference_path_untouched(tier: int) -> None:
 
 
 def test_uninstall_restores_every_original(tier: int) -> None:
-    patched = {cls: record.original for cls, record in li._patched.items()}
+    patched = {cls: record.original for cls, record in _registry.patched.items()}
     assert LlamaForCausalLM in patched
-    filenames = [r.filename for r in li._patched.values() if r.filename]
+    filenames = [r.filename for r in _registry.patched.values() if r.filename]
     logitless.uninstall()
     for cls, original in patched.items():
         assert cls.__dict__["forward"] is original, cls
@@ -254,7 +255,7 @@ def test_install_is_idempotent_and_thread_safe(tier: int) -> None:
     assert logitless.audit()["classes"][LLAMA_KEY]["status"] == "patched"
     if tier == 1:
         assert LlamaForCausalLM.__dict__["forward"] is forward
-    assert li._patched[LlamaForCausalLM].original is STOCK_LLAMA_FORWARD
+    assert _registry.patched[LlamaForCausalLM].original is STOCK_LLAMA_FORWARD
 
 
 def test_signature_seen_by_trainer_is_stock(tier: int, tmp_path: Any) -> None:

@@ -23,7 +23,7 @@ import torch
 
 import _tiny_lm as tiny
 import logitless
-from logitless import _core, _runtime
+from logitless import _core, _state
 from logitless.integrations import trl_legacy
 
 pytestmark = [
@@ -135,7 +135,7 @@ def test_keeping_logits_returns_stock_logits_beside_the_fused_loss(monkeypatch: 
     counter = tiny.fused_forward_counter(monkeypatch)
     model = tiny.build("gemma3")
     assert model(input_ids=ids, labels=labels).logits.shape[-1] == 0
-    with _runtime.keeping_logits():
+    with _state.keeping_logits():
         out = model(input_ids=ids, labels=labels)
     assert counter.calls == 2
     torch.testing.assert_close(out.logits, stock.logits, rtol=0, atol=0)

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from logitless import _engines
-from logitless._heads import accelerate_hook, analysable_source, global_hooks, local_hooks
+from logitless._heads import accelerate_hook, global_hooks, local_hooks
+from logitless._source import analysable_source
 
 __all__ = ["epilogue_keywords"]
 

@@ -22,10 +22,10 @@ from torch.nn.modules import module as _module
 
 from logitless import _engines
 from logitless._engines import VocabShard
-from logitless._patching import FUTURE_FLAGS, forward_source
+from logitless._source import FUTURE_FLAGS, analysable_source
 
 __all__ = [
-    "HeadPlan", "accelerate_hook", "analysable_source", "explain_head", "global_hooks", "local_hooks", "resolve_head",
+    "HeadPlan", "accelerate_hook", "explain_head", "global_hooks", "local_hooks", "resolve_head",
 ]
 
 # BERT nests two levels (cls → predictions → decoder); deeper chains are not something transformers builds.
@@ -141,17 +141,6 @@ def _is_dtensor(t: Any) -> bool:
 
 # Keyed by the class's forward function: a class whose forward is replaced later is analysed again.
 _steps: dict[Any, _Step | None] = {}
-
-
-def analysable_source(forward: Any) -> str | None:
-    """The dedented source of a class's ``forward`` when it is exactly what runs, else None."""
-    # A wrapped forward (functools.wraps) runs code its source does not show; a closure cannot be recompiled.
-    if not isinstance(forward, FunctionType) or hasattr(forward, "__wrapped__") or forward.__code__.co_freevars:
-        return None
-    try:
-        return forward_source(forward)
-    except (OSError, TypeError):
-        return None
 
 
 def _build_step(forward: Any) -> _Step | None:

@@ -8,10 +8,8 @@ look like the original to ``inspect`` (signature, qualname, docstring) because T
 
 from __future__ import annotations
 
-import __future__
 import builtins
 import dis
-import hashlib
 import inspect
 import itertools
 import linecache
@@ -21,24 +19,14 @@ from types import CodeType, FunctionType
 from typing import Any
 
 from logitless import _runtime
+from logitless._source import FUTURE_FLAGS
 
-__all__ = [
-    "FUTURE_FLAGS",
-    "RUNTIME_NAME",
-    "PatchError",
-    "build_forward",
-    "forward_hash",
-    "forward_source",
-    "forget_source",
-]
+__all__ = ["RUNTIME_NAME", "PatchError", "build_forward", "forget_source"]
 
 RUNTIME_NAME = "__logitless__"
 # What generated code may call on __logitless__ (docs/design.md); anything else is a rewriter bug caught here.
 _RUNTIME_API = frozenset({"delegable", "fusable", "hf_loss", "mask_shifted_labels", "no_logits", "return_logits"})
 _FACTORY = "__logitless_factory__"
-FUTURE_FLAGS = 0
-for _feature in __future__.all_feature_names:
-    FUTURE_FLAGS |= getattr(__future__, _feature).compiler_flag
 _serial = itertools.count(1)
 
 
@@ -48,16 +36,6 @@ class PatchError(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
-
-
-def forward_source(forward: Callable[..., Any]) -> str:
-    """The dedented source of a forward, decorators included (``inspect`` unwraps ``functools.wraps`` layers)."""
-    return textwrap.dedent(inspect.getsource(forward))
-
-
-def forward_hash(forward: Callable[..., Any]) -> str:
-    """The tier-1 allowlist key: sha256 hex digest of ``forward_source(forward)`` encoded as UTF-8."""
-    return hashlib.sha256(forward_source(forward).encode("utf-8")).hexdigest()
 
 
 def forget_source(filename: str) -> None:

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from logitless._source import analysable_source
+
 __all__ = ["Route", "route"]
 
 _MODULES_TO_SAVE = ("peft.utils.other", "ModulesToSaveWrapper")
@@ -75,8 +77,6 @@ def _key(cls: type) -> tuple[str, str]:
 def _fingerprint(cls: type) -> str | None:
     """The hash of the sources of ``cls``'s deciding members as ``cls`` resolves them, or None if one of them is
     not plain analysable code (a wrapped or closure function, a C function)."""
-    from logitless._heads import analysable_source
-
     names = _MEMBERS[_key(cls)]
     members = tuple(inspect.getattr_static(cls, name, None) for name in names)
     if members not in _fingerprints:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from logitless import _runtime
+from logitless import _state
 from logitless._heads import HeadPlan, explain_head
 from logitless.ops import linear_cross_entropy
 
@@ -54,8 +54,8 @@ def hf_loss(
     del kwargs  # ForCausalLMLoss forwards extras to fixed_cross_entropy, which ignores them.
     # The targets of the model's own loss: ForMaskedLMLoss scores logits.view(-1, V) against labels.view(-1).
     loss_targets = shift_labels
-    if loss_function is not None and loss_function is not _runtime.stock_loss("ForCausalLM"):
-        if loss_function is not _runtime.stock_loss("ForMaskedLM"):
+    if loss_function is not None and loss_function is not _state.stock_loss("ForCausalLM"):
+        if loss_function is not _state.stock_loss("ForMaskedLM"):
             raise TypeError(
                 f"loss_function: expected transformers' ForCausalLMLoss or ForMaskedLMLoss, got "
                 f"{getattr(loss_function, '__qualname__', type(loss_function).__name__)}: compute its logits and "
@@ -103,7 +103,7 @@ def hf_loss(
             "(the stock loss would reshape the logits to a different vocabulary)"
         )
 
-    capture = _runtime.current_capture()
+    capture = _state.current_capture()
     if capture is not None and plan.shard is not None:
         raise TypeError(
             "lm_head: per-token outputs of a vocabulary-sharded (tensor-parallel) head are not computed fused; "
@@ -143,7 +143,7 @@ def hf_loss(
         count = capture.result["label_mask"].sum().clamp(min=1)
         return nll.sum() / (count if num_items_in_batch is None else num_items_in_batch)
 
-    smoothing = _runtime.current_smoothing()
+    smoothing = _state.current_smoothing()
 
     def fused(x: torch.Tensor) -> torch.Tensor:
         # The weight is read here, after any offloading hook has brought it in (or FSDP2 has all-gathered it).
@@ -200,7 +200,7 @@ def _smoothed(
     bias: torch.Tensor | None,
     plan: HeadPlan,
     epilogue: dict[str, Any],
-    smoothing: _runtime.Smoothing,
+    smoothing: _state.Smoothing,
     labels: torch.Tensor | None,
 ) -> torch.Tensor:
     """HF Trainer's ``LabelSmoother`` loss of these logits, summed (the Trainer divides it): its labels, shift and

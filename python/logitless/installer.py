@@ -21,17 +21,17 @@ import importlib.metadata
 import inspect
 import re
 import sys
-import threading
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, TypeVar
 
-from logitless import _config, _runtime
+from logitless import _config, _registry, _state
 from logitless._hook import MODELING_MODULE, TRL_MODULE, ModelingImportHook
-from logitless._patching import PatchError, build_forward, forget_source, forward_hash, forward_source
+from logitless._patching import PatchError, build_forward, forget_source
 from logitless._remote import RemoteCodeHook
+from logitless._source import forward_hash, forward_source
 from logitless.integrations import hf_trainer
 
 __all__ = ["audit", "canonical_hash", "install", "patch", "register_canonical", "uninstall"]
@@ -49,23 +49,10 @@ class _Canonical:
     epilogue: list[dict[str, str]]
 
 
-@dataclass
-class _Patch:
-    original: Callable[..., Any]
-    forward: Callable[..., Any]
-    filename: str | None = None
-    added_globals: list[str] = field(default_factory=list)
-    # The rewriter's `labels_elsewhere` (None: the labels are read beside the loss in a way it did not list).
-    labels_elsewhere: dict[str, bool] | None = None
-
-
-# One re-entrant lock guards all state: the import hook calls back into _patch_module while install() may be
-# patching already-imported modules on another thread.
-_LOCK = threading.RLock()
+# The registry's lock (re-entrant) guards the installer's state too: the import hook calls back into
+# _patch_module while install() may be patching already-imported modules on another thread.
 _hook: ModelingImportHook | None = None
 _remote_hook: RemoteCodeHook | None = None
-_patched: dict[type, _Patch] = {}
-_records: dict[str, dict[str, Any]] = {}
 _hashes: dict[type, str] = {}
 _canonical: dict[str, _Canonical] = {}
 # The TRL integration: a second hook on trl.* modules, and every (module, name) whose TRL head was replaced, with
@@ -128,14 +115,14 @@ def install(return_logits: bool | None = None, fuse_eval: bool | None = None) ->
     call updates them.
     """
     global _hook, _remote_hook
-    with _LOCK:
-        _runtime.set_return_logits(_config.return_logits() if return_logits is None else return_logits)
-        _runtime.set_fuse_eval(_config.fuse_eval() if fuse_eval is None else fuse_eval)
+    with _registry.LOCK:
+        _state.set_return_logits(_config.return_logits() if return_logits is None else return_logits)
+        _state.set_fuse_eval(_config.fuse_eval() if fuse_eval is None else fuse_eval)
         if _hook is not None:
             return
         if not _supported():
             return
-        _runtime.set_enabled(True)
+        _state.set_enabled(True)
         _hook = ModelingImportHook(_on_module_loaded)
         _hook.insert()
         for name, module in list(sys.modules.items()):
@@ -150,7 +137,7 @@ def install(return_logits: bool | None = None, fuse_eval: bool | None = None) ->
 def uninstall() -> None:
     """Remove the hook and put every original ``forward`` object back, exactly."""
     global _hook, _remote_hook
-    with _LOCK:
+    with _registry.LOCK:
         if _hook is not None:
             _hook.remove()
             _hook = None
@@ -159,8 +146,8 @@ def uninstall() -> None:
             _remote_hook = None
         _uninstall_trl()
         hf_trainer.uninstall()
-        _runtime.set_enabled(False)
-        for cls, record in _patched.items():
+        _state.set_enabled(False)
+        for cls, record in _registry.patched.items():
             # Someone may have replaced our forward since; theirs is left alone rather than clobbered.
             if cls.__dict__.get("forward") is record.forward:
                 setattr(cls, "forward", record.original)
@@ -169,10 +156,10 @@ def uninstall() -> None:
             namespace = getattr(inspect.unwrap(record.original), "__globals__", {})
             for name in record.added_globals:
                 namespace.pop(name, None)
-        _patched.clear()
-        _records.clear()
+        _registry.patched.clear()
+        _registry.records.clear()
         _hashes.clear()
-        _runtime.reset_counts()
+        _state.reset_counts()
 
 
 def patch(model: ModelT) -> ModelT:
@@ -183,10 +170,10 @@ def patch(model: ModelT) -> ModelT:
     So are the language-model classes of its sub-modules (an encoder-decoder wrapper's decoder, which its fused
     loss is handed to).
     """
-    with _LOCK:
+    with _registry.LOCK:
         if not _supported():
             return model
-        _runtime.set_enabled(True)
+        _state.set_enabled(True)
         targets: list[Any] = [model]
         get_base_model = getattr(model, "get_base_model", None)
         if callable(get_base_model):
@@ -221,10 +208,10 @@ def register_canonical(
         raise ValueError(f"hash must be a lowercase sha256 hex digest, got {hash!r}")
     if not callable(forward):
         raise TypeError(f"forward must be callable, got {type(forward).__name__}")
-    with _LOCK:
+    with _registry.LOCK:
         _canonical[hash] = _Canonical(forward, head, list(epilogue or []))
         for cls, seen_hash in list(_hashes.items()):
-            if seen_hash == hash and cls not in _patched:
+            if seen_hash == hash and cls not in _registry.patched:
                 _patch_class(cls)
 
 
@@ -237,13 +224,13 @@ def audit() -> dict[str, Any]:
     ``{"status": "inherited", "from"}`` (the class uses a parent's forward). A class whose forwards ran with labels
     also has ``"runtime": {"fused": n, "stock": {reason: n}}``; the top-level ``runtime`` sums them.
     """
-    with _LOCK:
-        classes = {key: _json_safe(value) for key, value in sorted(_records.items())}
+    with _registry.LOCK:
+        classes = {key: _json_safe(value) for key, value in sorted(_registry.records.items())}
         counts: dict[str, int] = {}
         for record in classes.values():
             counts[record["status"]] = counts.get(record["status"], 0) + 1
         total: dict[str, Any] = {"fused": 0, "stock": {}}
-        for key, run in sorted(_runtime.runtime_counts().items()):
+        for key, run in sorted(_state.runtime_counts().items()):
             classes.setdefault(key, {"status": "unseen"})["runtime"] = run
             total["fused"] += run["fused"]
             for reason, n in run["stock"].items():
@@ -254,8 +241,8 @@ def audit() -> dict[str, Any]:
             version = None
         return {
             "installed": _hook is not None,
-            "return_logits": _runtime.return_logits(),
-            "fuse_eval": _runtime.fuse_eval(),
+            "return_logits": _state.return_logits(),
+            "fuse_eval": _state.fuse_eval(),
             "transformers": version,
             "counts": counts,
             "classes": classes,
@@ -277,7 +264,7 @@ def _install_trl() -> None:
 
 
 def _on_trl_module_loaded(module: ModuleType) -> None:
-    with _LOCK:
+    with _registry.LOCK:
         if _trl_hook is not None:
             _patch_trl_module(module)
 
@@ -337,40 +324,6 @@ def _json_safe(value: Any) -> Any:
     return str(value)
 
 
-def is_delegate_target(cls: type) -> bool:
-    """Whether ``cls`` runs our rewrite of a forward whose loss, given labels, is exactly ``CrossEntropyLoss()`` of
-    its logits (``_runtime.delegable``)."""
-    with _LOCK:
-        patch = _patched.get(cls)
-        record = _records.get(f"{cls.__module__}.{cls.__qualname__}", {})
-        return patch is not None and cls.__dict__.get("forward") is patch.forward and bool(record.get("delegate_target"))
-
-
-def rewritten(cls: type) -> bool:
-    """Whether ``cls`` runs the forward logitless's rewriter made for it (tier 2)."""
-    with _LOCK:
-        patch = _patched.get(cls)
-        return patch is not None and patch.filename is not None and cls.__dict__.get("forward") is patch.forward
-
-
-def runs_canonical(cls: type) -> bool:
-    """Whether ``cls`` runs a hand-written tier-1 forward (``register_canonical``)."""
-    with _LOCK:
-        patch = _patched.get(cls)
-        return patch is not None and patch.filename is None and cls.__dict__.get("forward") is patch.forward
-
-
-def labels_elsewhere(cls: type) -> dict[str, bool] | None:
-    """For a class running our rewrite, what its forward does with the labels besides the loss
-    (``{"decoder_inputs", "disables_cache"}``, the Rust ``LabelsElsewhere``); ``None`` when that is unknown or
-    more (logitless.integrations.hf_trainer hands labels only to forwards where they change nothing else)."""
-    with _LOCK:
-        patch = _patched.get(cls)
-        if patch is None or cls.__dict__.get("forward") is not patch.forward or patch.labels_elsewhere is None:
-            return None
-        return dict(patch.labels_elsewhere)
-
-
 def _lm_class(cls: type) -> bool:
     """Whether ``cls`` is named as a language-model head (the rule the Rust audit applies to the source)."""
     from logitless import _core
@@ -384,7 +337,7 @@ def _initializing(module: ModuleType) -> bool:
 
 
 def _on_module_loaded(module: ModuleType) -> None:
-    with _LOCK:
+    with _registry.LOCK:
         if _hook is not None:
             _patch_module(module)
 
@@ -413,21 +366,21 @@ def _rewrite(source: str) -> dict[str, Any]:
 def _patch_class(cls: type) -> None:
     """Patch one class, recording the outcome. Never raises: a failure here must not break an import."""
     key = f"{cls.__module__}.{cls.__qualname__}"
-    if cls in _patched:
+    if cls in _registry.patched:
         return
     if "forward" not in cls.__dict__:
         owner = next((c for c in cls.__mro__ if "forward" in c.__dict__), None)
         # Auto classes and the like have no causal forward of their own: nothing to report.
         if owner is not None and _lm_class(owner):
-            _records[key] = {"status": "inherited", "from": f"{owner.__module__}.{owner.__qualname__}"}
+            _registry.records[key] = {"status": "inherited", "from": f"{owner.__module__}.{owner.__qualname__}"}
         return
     original = cls.__dict__["forward"]
     try:
-        _records[key] = _try_patch(cls, original)
+        _registry.records[key] = _try_patch(cls, original)
     except PatchError as exc:
-        _records[key] = {"status": "failed", "code": exc.code, "error": str(exc)}
+        _registry.records[key] = {"status": "failed", "code": exc.code, "error": str(exc)}
     except Exception as exc:  # noqa: BLE001 - recorded for audit(); the stock forward stays
-        _records[key] = {"status": "failed", "code": "internal", "error": f"{type(exc).__name__}: {exc}"}
+        _registry.records[key] = {"status": "failed", "code": "internal", "error": f"{type(exc).__name__}: {exc}"}
 
 
 def _try_patch(cls: type, original: Callable[..., Any]) -> dict[str, Any]:
@@ -440,7 +393,7 @@ def _try_patch(cls: type, original: Callable[..., Any]) -> dict[str, Any]:
     if canonical is not None:
         _check_signature(canonical.forward, original)
         setattr(cls, "forward", canonical.forward)
-        _patched[cls] = _Patch(original=original, forward=canonical.forward)
+        _registry.patched[cls] = _registry.Patch(original=original, forward=canonical.forward)
         return {"status": "patched", "tier": 1, "head": canonical.head, "epilogue": canonical.epilogue, "hash": digest}
 
     result = _rewrite(forward_source(original))
@@ -462,7 +415,7 @@ def _try_patch(cls: type, original: Callable[..., Any]) -> dict[str, Any]:
         }
     forward, filename, added = build_forward(cls, original, result["source"])
     setattr(cls, "forward", forward)
-    _patched[cls] = _Patch(original=original, forward=forward, filename=filename, added_globals=added,
+    _registry.patched[cls] = _registry.Patch(original=original, forward=forward, filename=filename, added_globals=added,
                            labels_elsewhere=result.get("labels_elsewhere"))  # fmt: skip
     return {
         "status": "patched",

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from logitless import _runtime
+from logitless import _state
 
 __all__ = ["SummedSmoother"]
 
@@ -20,7 +20,7 @@ class SummedSmoother:
     count of targets), or, when the forward took its stock path, smooths its logits with the stock smoother.
     ``calls``: the integration's counters."""
 
-    def __init__(self, stock: Any, state: _runtime.Smoothing, calls: dict[str, int]) -> None:
+    def __init__(self, stock: Any, state: _state.Smoothing, calls: dict[str, int]) -> None:
         self.stock = stock
         self.state = state
         self.calls = calls

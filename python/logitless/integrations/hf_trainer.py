@@ -20,7 +20,7 @@ Evaluation: a model in eval mode keeps its stock forward (``compute_metrics`` re
 ``Trainer.prediction_step`` with ``prediction_loss_only`` (``Trainer.evaluate`` without ``compute_metrics``), which
 keeps the loss and drops the logits, and inside ``Seq2SeqTrainer.prediction_step`` with ``predict_with_generate``
 (the predictions are generated tokens; the labelled forward only gives the loss, smoothed from its logits when
-there is a label smoother): those steps run under ``_runtime.loss_only()`` and are fused.
+there is a label smoother): those steps run under ``_state.loss_only()`` and are fused.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from logitless import _runtime
+from logitless import _registry, _state
 from logitless._hook import ModelingImportHook
 
 if TYPE_CHECKING:
@@ -126,7 +126,7 @@ def _replace(cls: Any, name: str, wrap: Callable[[Callable[..., Any]], Callable[
 
 def _sft_compute_loss(original: Callable[..., Any]) -> Callable[..., Any]:
     """TRL >= 1.15 ``SFTTrainer.compute_loss``: its label smoothing fused as the Trainer's; and its ``nll`` loss, the
-    mean of the fused head's ``-log_probs``, declared uniform in the tokens (``_runtime.expecting_uniform_grad``), so
+    mean of the fused head's ``-log_probs``, declared uniform in the tokens (``_state.expecting_uniform_grad``), so
     the per-token op forms its gradient in the forward pass (checked in backward)."""
     smoothing = _smoothing_compute_loss(original, _sft_shifts)
 
@@ -137,7 +137,7 @@ def _sft_compute_loss(original: Callable[..., Any]) -> Callable[..., Any]:
                     and getattr(self, "compute_loss_func", None) is None)  # fmt: skip
         if not mean_nll:
             return smoothing(self, *args, **kwargs)
-        with _runtime.expecting_uniform_grad():
+        with _state.expecting_uniform_grad():
             return smoothing(self, *args, **kwargs)
 
     return compute_loss
@@ -172,7 +172,7 @@ def _smoothing_compute_loss(original: Callable[..., Any], shifts: Callable[..., 
 
 
 def _loss_only_step(predict: Callable[..., Any], trainer: type) -> Callable[..., Any]:
-    """``Trainer.prediction_step`` run under ``_runtime.loss_only()`` when ``prediction_loss_only``
+    """``Trainer.prediction_step`` run under ``_state.loss_only()`` when ``prediction_loss_only``
     (``Trainer.evaluate`` without ``compute_metrics``): the step keeps the loss and drops the logits. Only when the
     trainer computes its loss with ``trainer``'s own ``compute_loss``: an override may read the logits in eval."""
     signature = inspect.signature(predict)
@@ -185,7 +185,7 @@ def _loss_only_step(predict: Callable[..., Any], trainer: type) -> Callable[...,
             return predict(self, *args, **kwargs)  # raises as stock does
         if not loss_only or getattr(type(self), "compute_loss", None) is not trainer.__dict__.get("compute_loss"):
             return predict(self, *args, **kwargs)
-        with _runtime.loss_only():
+        with _state.loss_only():
             return predict(self, *args, **kwargs)
 
     return prediction_step
@@ -194,7 +194,7 @@ def _loss_only_step(predict: Callable[..., Any], trainer: type) -> Callable[...,
 def _generating_step(predict: Callable[..., Any]) -> Callable[..., Any]:
     """``Seq2SeqTrainer.prediction_step`` with ``predict_with_generate`` (not loss-only): its predictions are
     generated tokens, and the labelled forward it then makes only gives the loss, which its label smoother (if any)
-    computes from that forward's logits. That forward is fused (``_runtime.loss_only()``), with the smoothed loss
+    computes from that forward's logits. That forward is fused (``_state.loss_only()``), with the smoothed loss
     when there is a smoother (the labels the step passes, unshifted, divided by their count). ``generate`` passes no
     labels to the forwards it makes: they keep the stock path. Loss-only steps go to ``Trainer.prediction_step``."""
     signature = inspect.signature(predict)
@@ -209,12 +209,12 @@ def _generating_step(predict: Callable[..., Any]) -> Callable[..., Any]:
         if not generating or bound.get("prediction_loss_only"):
             return predict(self, *args, **kwargs)
         if getattr(self, "label_smoother", None) is None:
-            with _runtime.loss_only():
+            with _state.loss_only():
                 return predict(self, *args, **kwargs)
         plan = _eval_smoothing_plan(self, bound.get("model"))
         if plan is None:
             return predict(self, *args, **kwargs)
-        with _runtime.loss_only():
+        with _state.loss_only():
             return _fused_call(self, plan, lambda: predict(self, *args, **kwargs))
 
     return prediction_step
@@ -226,14 +226,14 @@ def _eval_smoothing_plan(trainer: Any, model: Any) -> _Plan | None:
     from transformers.trainer_pt_utils import LabelSmoother
 
     smoother = trainer.label_smoother
-    if type(smoother) is not LabelSmoother or not _runtime._enabled or _runtime.current_smoothing() is not None:
+    if type(smoother) is not LabelSmoother or not _state.enabled() or _state.current_smoothing() is not None:
         return None
-    if _runtime.current_capture() is not None or _compiled(model):
+    if _state.current_capture() is not None or _compiled(model):
         return None
     unwrapped = trainer.accelerator.unwrap_model(model)
     if _peft_base(unwrapped) is False:
         return None  # a PEFT wrapper that adds to the labels (prompt learning)
-    state = _runtime.Smoothing(labels=None, epsilon=float(smoother.epsilon),
+    state = _state.Smoothing(labels=None, epsilon=float(smoother.epsilon),
                                ignore_index=int(smoother.ignore_index), shift=False)  # fmt: skip
     return _Plan(unwrapped, state, {})
 
@@ -241,7 +241,7 @@ def _eval_smoothing_plan(trainer: Any, model: Any) -> _Plan | None:
 @dataclass
 class _Plan:
     module: torch.nn.Module  # the model the Trainer unwraps: a hook on its call hands it the labels (or reads them)
-    state: _runtime.Smoothing
+    state: _state.Smoothing
     extra: dict[str, Any]  # the keyword arguments handed to it
 
 
@@ -250,7 +250,7 @@ def _plan(trainer: Any, model: Any, inputs: Any, shifts: Callable[..., bool | No
     on (counted in ``STOCK``); ``None`` where the call does not smooth as ``LabelSmoother`` does at all."""
     import torch  # not at import: install() runs in processes that never import torch (``audit``)
 
-    if not _runtime._enabled or _runtime.current_capture() is not None or _runtime.current_smoothing() is not None:
+    if not _state.enabled() or _state.current_capture() is not None or _state.current_smoothing() is not None:
         return None
     smoother = getattr(trainer, "label_smoother", None)
     from transformers.trainer_pt_utils import LabelSmoother
@@ -272,15 +272,13 @@ def _plan(trainer: Any, model: Any, inputs: Any, shifts: Callable[..., bool | No
     if peft is False:
         return "peft-prompt-learning"  # the wrapper adds to the labels
     lm = peft if peft is not None else unwrapped
-    mode = _runtime._mode_reason(lm)
+    mode = _state.mode_reason(lm)
     if mode is not None:
         return mode  # eval mode: Trainer.evaluate / predict read the logits
-    from logitless import installer
-
     owner = next((cls for cls in type(lm).__mro__ if "forward" in cls.__dict__), None)
-    if owner is None or not installer.rewritten(owner):
+    if owner is None or not _registry.rewritten(owner):
         return "not-rewritten"
-    elsewhere = installer.labels_elsewhere(owner)
+    elsewhere = _registry.labels_elsewhere(owner)
     if elsewhere is None:
         return "labels-read-elsewhere"
     if elsewhere["decoder_inputs"] and inputs.get("decoder_input_ids") is None:
@@ -288,7 +286,7 @@ def _plan(trainer: Any, model: Any, inputs: Any, shifts: Callable[..., bool | No
     shift = shifts(trainer, unwrapped, peft)
     if shift is None:
         return None
-    state = _runtime.Smoothing(
+    state = _state.Smoothing(
         labels=labels, epsilon=float(smoother.epsilon), ignore_index=int(smoother.ignore_index), shift=shift
     )
     extra: dict[str, Any] = {"labels": labels}
@@ -345,7 +343,7 @@ def _fused_call(trainer: Any, plan: _Plan, call: Callable[[], Any]) -> Any:
     handle = plan.module.register_forward_pre_hook(add_labels, with_kwargs=True)
     trainer.label_smoother = SummedSmoother(stock, plan.state, CALLS)
     try:
-        with _runtime.smoothing(plan.state):
+        with _state.smoothing(plan.state):
             return call()
     finally:
         handle.remove()

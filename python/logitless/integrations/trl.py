@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from logitless import _runtime
+from logitless import _state
 from logitless.integrations import _model_forward
 from logitless.integrations._per_token import STATS_FIELDS, materialised_per_token
 
@@ -105,9 +105,9 @@ def _fused_outputs(
         call["shift_labels"] = shift_labels
     if num_items_in_batch is not None:
         call["num_items_in_batch"] = num_items_in_batch
-    capture = _runtime.Capture(temperature=temperature, outputs=wanted, fp32_head=cast_lm_head_to_fp32,
-                               uniform_grad=_runtime.uniform_grad_expected())  # fmt: skip
-    with _runtime.capturing(capture):
+    capture = _state.Capture(temperature=temperature, outputs=wanted, fp32_head=cast_lm_head_to_fp32,
+                               uniform_grad=_state.uniform_grad_expected())  # fmt: skip
+    with _state.capturing(capture):
         out = forward(*args, **call)
     fields = capture.result
     CALLS["fused" if fields is not None else "materialised"] += 1
@@ -115,7 +115,7 @@ def _fused_outputs(
         # The class's forward has no fused branch (refused, not installed) or took its stock path: exact values
         # from the logits it returned. A stock path taken by a rewritten forward was counted with its reason.
         if capture.refused is None:
-            _runtime.record(model, "trl-materialised")
+            _state.record(model, "trl-materialised")
         fields = materialised_per_token(out.logits, labels, shift_labels=shift_labels, ignore_index=-100,
                                         temperature=temperature, outputs=wanted)  # fmt: skip
     mask = fields["label_mask"]

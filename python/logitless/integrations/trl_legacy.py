@@ -12,7 +12,7 @@ two things with a labelled batch, and neither let logitless help:
   pass of the op with the class's real epilogue (or exactly from the logits of a forward that keeps its stock path).
 - ``loss_type="nll"`` (every TRL from 0.x to 1.14): ``compute_loss`` calls ``Trainer.compute_loss`` and then reads
   ``outputs.logits`` for its entropy and token-accuracy metrics. The fused forward returned empty logits there and
-  the first step failed. ``legacy_compute_loss`` runs that ``compute_loss`` under ``_runtime.keeping_logits()``: the
+  the first step failed. ``legacy_compute_loss`` runs that ``compute_loss`` under ``_state.keeping_logits()``: the
   loss stays fused (no float32 copy of the logits, no logits gradient) and the forward also returns the logits,
   formed once, for the metrics.
 """
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from logitless import _runtime
+from logitless import _state
 from logitless.integrations import _model_forward
 from logitless.integrations._per_token import materialised_per_token
 
@@ -63,7 +63,7 @@ def legacy_compute_loss(original: Callable[..., Any]) -> Callable[..., Any]:
             return original(self, *args, **kwargs)
         with _LOCK:
             CALLS["logits_for_metrics"] += 1
-        with _runtime.keeping_logits():
+        with _state.keeping_logits():
             return original(self, *args, **kwargs)
 
     return compute_loss
@@ -117,7 +117,7 @@ def patch_chunked_ce_lm_head(model: torch.nn.Module, chunk_size: int, is_vlm: bo
             call["num_items_in_batch"] = num_items_in_batch
         if output_router_logits:
             call["output_router_logits"] = True
-        if _runtime.current_smoothing() is not None:
+        if _state.current_smoothing() is not None:
             # HF Trainer's label smoothing handed this forward its labels (logitless.integrations.hf_trainer):
             # the smoothed loss is computed there, from this call as from the class's own forward.
             return original_forward(**call)
@@ -129,8 +129,8 @@ def patch_chunked_ce_lm_head(model: torch.nn.Module, chunk_size: int, is_vlm: bo
 
 
 def _chunked_outputs(model: Any, forward: Any, call: dict[str, Any], shift_labels: torch.Tensor | None) -> Any:
-    capture = _runtime.Capture(temperature=1.0, outputs=_STATS, loss_and_stats=True)
-    with _runtime.capturing(capture):
+    capture = _state.Capture(temperature=1.0, outputs=_STATS, loss_and_stats=True)
+    with _state.capturing(capture):
         out = forward(**call)
     fields = capture.result
     with _LOCK:
@@ -139,7 +139,7 @@ def _chunked_outputs(model: Any, forward: Any, call: dict[str, Any], shift_label
         # No fused branch (refused class, hooked head, ...): exact statistics from the logits the forward returned;
         # the loss is the one it computed from them.
         if capture.refused is None:
-            _runtime.record(model, "trl-materialised")
+            _state.record(model, "trl-materialised")
         with torch.no_grad():
             fields = materialised_per_token(out.logits, call["labels"], shift_labels=shift_labels, ignore_index=-100,
                                             temperature=1.0, outputs=_STATS)  # fmt: skip
