@@ -395,10 +395,14 @@ def _fallback(error: BaseException) -> None:
 _ALIAS_ON_CUDA = False
 
 
+def _aliasing_on(device: torch.device) -> bool:
+    return device.type == "cpu" or (device.type == "cuda" and _ALIAS_ON_CUDA)  # CPU: the interpreter
+
+
 def gradient_over_logits(device: torch.device) -> bool:
-    """Whether the passes on ``device`` write a rounded gradient over its own float32 logits (``aliased_gradient``;
-    CPU: the interpreter)."""
-    return device.type == "cpu" or (device.type == "cuda" and _ALIAS_ON_CUDA)
+    """Whether the passes on ``device`` write a rounded gradient over its own float32 logits (``aliased_gradient``).
+    Not once the kernels have fallen back to torch ops, which write it apart."""
+    return not _broken and _aliasing_on(device)
 
 
 def aliased_gradient(y: torch.Tensor, grad_dtype: torch.dtype | None) -> torch.Tensor | None:
@@ -406,7 +410,7 @@ def aliased_gradient(y: torch.Tensor, grad_dtype: torch.dtype | None) -> torch.T
     stride twice its width; the GEMMs read it as it is), or None where the gradient needs a buffer of its own."""
     if grad_dtype not in (torch.bfloat16, torch.float16) or y.dtype != torch.float32 or not y.is_contiguous():
         return None
-    if not gradient_over_logits(y.device):
+    if not _aliasing_on(y.device):
         return None
     return y.view(grad_dtype)[:, : y.shape[1]]
 
