@@ -52,33 +52,113 @@ def hf_loss(
     the same way (Python's slice rules: ``None`` or an end past the vocabulary keeps every row).
     """
     del kwargs  # ForCausalLMLoss forwards extras to fixed_cross_entropy, which ignores them.
-    # The targets of the model's own loss: ForMaskedLMLoss scores logits.view(-1, V) against labels.view(-1).
-    loss_targets = shift_labels
-    if loss_function is not None and loss_function is not _state.stock_loss("ForCausalLM"):
-        if loss_function is not _state.stock_loss("ForMaskedLM"):
-            raise TypeError(
-                f"loss_function: expected transformers' ForCausalLMLoss or ForMaskedLMLoss, got "
-                f"{getattr(loss_function, '__qualname__', type(loss_function).__name__)}: compute its logits and "
-                "call it instead"
-            )
-        loss_targets = labels
-    if epilogue_module is not None:
+    loss_targets = _loss_targets(loss_function, labels, shift_labels)
+    epilogue = _epilogue(epilogue_module, logits_bias, logit_scale_multiply, logit_scale_divide, logit_softcapping)
+    plan = _fusable_head(lm_head)
+    end = _checked_vocab(plan, vocab_slice_end, vocab_size)
+
+    capture = _state.current_capture()
+    if capture is not None and plan.shard is not None:
+        raise TypeError(
+            "lm_head: per-token outputs of a vocabulary-sharded (tensor-parallel) head are not computed fused; "
+            "compute its logits instead"
+        )
+    if capture is not None and not capture.loss_and_stats:
+        return _captured_per_token(hidden, plan, end, labels, shift_labels, ignore_index, num_items_in_batch,
+                                   epilogue, capture)  # fmt: skip
+
+    smoothing = _state.current_smoothing()
+
+    def fused(x: torch.Tensor) -> torch.Tensor:
+        # The weight is read here, after any offloading hook has brought it in (or FSDP2 has all-gathered it).
+        weight, bias = _head_params(plan, end)
+        epilogue_here = {**epilogue, "logits_bias": _on(epilogue["logits_bias"], x)}
+        if smoothing is not None:
+            return _smoothed(x, weight, bias, plan, epilogue_here, smoothing, labels)
+        if capture is not None:
+            # The loss as below, and each position's entropy and top-1 from the same pass (no head shard here:
+            # _runtime refuses a capture of a vocabulary-sharded head).
+            loss, stats = linear_cross_entropy(
+                x, weight, labels, bias=bias, shift_labels=loss_targets, ignore_index=ignore_index,
+                num_items_in_batch=num_items_in_batch, return_token_stats=True, **epilogue_here,
+            )  # fmt: skip
+            targets = loss_targets if loss_targets is not None else _shifted(labels, ignore_index)
+            capture.result = {
+                "entropy": stats.entropy,
+                "is_top1": stats.is_top1,
+                "label_mask": targets.to(x.device) != ignore_index,
+            }
+            return loss
+        if plan.shard is not None:
+            from logitless.vocab_parallel import vocab_parallel_linear_cross_entropy
+
+            return vocab_parallel_linear_cross_entropy(
+                x, weight, labels, vocab_start=plan.shard.start, vocab_size=plan.shard.total, group=plan.shard.group,
+                bias=bias, shift_labels=loss_targets, ignore_index=ignore_index, num_items_in_batch=num_items_in_batch,
+                **epilogue_here,
+            )  # fmt: skip
+        return linear_cross_entropy(
+            x, weight, labels, bias=bias, shift_labels=loss_targets, ignore_index=ignore_index,
+            num_items_in_batch=num_items_in_batch, **epilogue_here,
+        )  # fmt: skip
+
+    loss = plan.apply(hidden, fused)
+    if smoothing is not None:
+        # Kept as the head's call returned it: engines (FSDP2, ZeRO-3) hook their backward gathers on that tensor.
+        smoothing.loss = loss
+        smoothing.fills += 1
+        # A copy for the forward: it may add its own terms in place (Mixtral's `loss += aux`), which the Trainer's
+        # smoothed loss does not have.
+        return loss.clone()
+    return loss
+
+
+def _loss_targets(loss_function: Any, labels: torch.Tensor | None, shift_labels: torch.Tensor | None) -> Any:
+    """The targets of the model's own loss: transformers' ``ForCausalLMLoss`` (or None) takes ``shift_labels``
+    (None: the labels, shifted); ``ForMaskedLMLoss`` scores ``logits.view(-1, V)`` against ``labels.view(-1)``.
+    Any other loss raises ``TypeError``."""
+    if loss_function is None or loss_function is _state.stock_loss("ForCausalLM"):
+        return shift_labels
+    if loss_function is not _state.stock_loss("ForMaskedLM"):
+        raise TypeError(
+            f"loss_function: expected transformers' ForCausalLMLoss or ForMaskedLMLoss, got "
+            f"{getattr(loss_function, '__qualname__', type(loss_function).__name__)}: compute its logits and "
+            "call it instead"
+        )
+    return labels
+
+
+def _epilogue(
+    module: torch.nn.Module | None, logits_bias: torch.Tensor | None, multiply: float | None,
+    divide: float | None, softcap: float | None,
+) -> dict[str, Any]:  # fmt: skip
+    """The op's epilogue keywords: as given, or read off the epilogue module the forward calls on the logits
+    (``logitless._epilogue_modules``), which comes alone."""
+    if module is not None:
         from logitless._epilogue_modules import epilogue_keywords
 
-        if any(v is not None for v in (logits_bias, logit_scale_multiply, logit_scale_divide, logit_softcapping)):
+        if any(v is not None for v in (logits_bias, multiply, divide, softcap)):
             raise ValueError("epilogue_module: expected no other epilogue keyword beside it")
-        resolved = epilogue_keywords(epilogue_module)
+        resolved = epilogue_keywords(module)
         if isinstance(resolved, str):
             raise TypeError(
-                f"epilogue_module: cannot fuse a {type(epilogue_module).__module__}."
-                f"{type(epilogue_module).__qualname__} exactly ({resolved}): expected a module whose forward is "
-                "a bias / multiply / divide / softcap of its input with constant attributes, called without hooks"
+                f"epilogue_module: cannot fuse a {type(module).__module__}.{type(module).__qualname__} exactly "
+                f"({resolved}): expected a module whose forward is a bias / multiply / divide / softcap of its "
+                "input with constant attributes, called without hooks"
             )
         logits_bias = resolved.get("logits_bias")
-        logit_scale_multiply = resolved.get("logit_scale_multiply")
-        logit_scale_divide = resolved.get("logit_scale_divide")
-        logit_softcapping = resolved.get("logit_softcapping")
-    logits_bias = _vocab_vector(logits_bias)
+        multiply = resolved.get("logit_scale_multiply")
+        divide = resolved.get("logit_scale_divide")
+        softcap = resolved.get("logit_softcapping")
+    return {
+        "logits_bias": _vocab_vector(logits_bias),
+        "logit_scale_multiply": multiply,
+        "logit_scale_divide": divide,
+        "logit_softcapping": softcap,
+    }
+
+
+def _fusable_head(lm_head: torch.nn.Module) -> HeadPlan:
     plan = explain_head(lm_head)
     if not isinstance(plan, HeadPlan):
         # Reading .weight off a hooked, wrapped (PEFT, quantised) or subclassed head would drop what its call adds.
@@ -87,6 +167,11 @@ def hf_loss(
             "expected an nn.Linear, or a composite head ending in one, called without hooks other than "
             "accelerate's device alignment; compute its logits and the stock loss instead"
         )
+    return plan
+
+
+def _checked_vocab(plan: HeadPlan, vocab_slice_end: Any, vocab_size: int | None) -> int | None:
+    """The end the forward cuts the vocabulary at (None: none), checked against the head and ``vocab_size``."""
     vocab = plan.shard.total if plan.shard is not None else plan.linear.out_features
     end = _slice_end(vocab_slice_end)
     if end is not None:
@@ -102,96 +187,38 @@ def hf_loss(
             f"vocab_size: expected the head's output size {vocab}, got {vocab_size} "
             "(the stock loss would reshape the logits to a different vocabulary)"
         )
+    return end
 
-    capture = _state.current_capture()
-    if capture is not None and plan.shard is not None:
-        raise TypeError(
-            "lm_head: per-token outputs of a vocabulary-sharded (tensor-parallel) head are not computed fused; "
-            "compute its logits instead"
-        )
-    if capture is not None and not capture.loss_and_stats:
-        # Per-token outputs for logitless.integrations.trl, with this class's own epilogue.
-        def per_token(x: torch.Tensor) -> dict[str, Any]:
-            from logitless.integrations._per_token import fused_per_token
 
-            weight, bias = _head_params(plan, end)
-            if capture.fp32_head:
-                # TRL's cast_lm_head_to_fp32: the head in float32 (gradients flow back through the casts).
-                x, weight = x.float(), weight.float()
-                bias = bias.float() if bias is not None else None
-            return fused_per_token(
-                x,
-                weight,
-                bias,
-                labels,
-                shift_labels=shift_labels,
-                ignore_index=ignore_index,
-                logits_bias=_on(logits_bias, x),
-                logit_scale_multiply=logit_scale_multiply,
-                logit_scale_divide=logit_scale_divide,
-                logit_softcapping=logit_softcapping,
-                temperature=capture.temperature,
-                outputs=capture.outputs,
-                uniform_grad=capture.uniform_grad,
-            )
+def _captured_per_token(
+    hidden: torch.Tensor, plan: HeadPlan, end: int | None, labels: torch.Tensor | None,
+    shift_labels: torch.Tensor | None, ignore_index: int, num_items_in_batch: int | torch.Tensor | None,
+    epilogue: dict[str, Any], capture: _state.Capture,
+) -> torch.Tensor:  # fmt: skip
+    """Per-token outputs for logitless.integrations.trl, with this class's own epilogue, left in ``capture``; the
+    forward's loss is their mean negative log-probability."""
 
-        # The fields are what the head's call returns, so the engines' output hooks hold them: TRL differentiates
-        # them, not this forward's loss, and ZeRO-3 gathers the weight again for their backward only through a hook
-        # on what the call returned (a backward from fields kept aside read the released weight).
-        capture.result = plan.apply(hidden, per_token)
-        nll = -capture.result["log_probs"]
-        count = capture.result["label_mask"].sum().clamp(min=1)
-        return nll.sum() / (count if num_items_in_batch is None else num_items_in_batch)
+    def per_token(x: torch.Tensor) -> dict[str, Any]:
+        from logitless.integrations._per_token import fused_per_token
 
-    smoothing = _state.current_smoothing()
-
-    def fused(x: torch.Tensor) -> torch.Tensor:
-        # The weight is read here, after any offloading hook has brought it in (or FSDP2 has all-gathered it).
         weight, bias = _head_params(plan, end)
-        epilogue = {
-            "logits_bias": _on(logits_bias, x),
-            "logit_scale_multiply": logit_scale_multiply,
-            "logit_scale_divide": logit_scale_divide,
-            "logit_softcapping": logit_softcapping,
-        }
-        if smoothing is not None:
-            return _smoothed(x, weight, bias, plan, epilogue, smoothing, labels)
-        if capture is not None:
-            # The loss as below, and each position's entropy and top-1 from the same pass (no head shard here:
-            # _runtime refuses a capture of a vocabulary-sharded head).
-            loss, stats = linear_cross_entropy(
-                x, weight, labels, bias=bias, shift_labels=loss_targets, ignore_index=ignore_index,
-                num_items_in_batch=num_items_in_batch, return_token_stats=True, **epilogue,
-            )  # fmt: skip
-            targets = loss_targets if loss_targets is not None else _shifted(labels, ignore_index)
-            capture.result = {
-                "entropy": stats.entropy,
-                "is_top1": stats.is_top1,
-                "label_mask": targets.to(x.device) != ignore_index,
-            }
-            return loss
-        if plan.shard is not None:
-            from logitless.vocab_parallel import vocab_parallel_linear_cross_entropy
-
-            return vocab_parallel_linear_cross_entropy(
-                x, weight, labels, vocab_start=plan.shard.start, vocab_size=plan.shard.total, group=plan.shard.group,
-                bias=bias, shift_labels=loss_targets, ignore_index=ignore_index, num_items_in_batch=num_items_in_batch,
-                **epilogue,
-            )  # fmt: skip
-        return linear_cross_entropy(
-            x, weight, labels, bias=bias, shift_labels=loss_targets, ignore_index=ignore_index,
-            num_items_in_batch=num_items_in_batch, **epilogue,
+        if capture.fp32_head:
+            # TRL's cast_lm_head_to_fp32: the head in float32 (gradients flow back through the casts).
+            x, weight = x.float(), weight.float()
+            bias = bias.float() if bias is not None else None
+        return fused_per_token(
+            x, weight, bias, labels, shift_labels=shift_labels, ignore_index=ignore_index,
+            **{**epilogue, "logits_bias": _on(epilogue["logits_bias"], x)}, temperature=capture.temperature,
+            outputs=capture.outputs, uniform_grad=capture.uniform_grad,
         )  # fmt: skip
 
-    loss = plan.apply(hidden, fused)
-    if smoothing is not None:
-        # Kept as the head's call returned it: engines (FSDP2, ZeRO-3) hook their backward gathers on that tensor.
-        smoothing.loss = loss
-        smoothing.fills += 1
-        # A copy for the forward: it may add its own terms in place (Mixtral's `loss += aux`), which the Trainer's
-        # smoothed loss does not have.
-        return loss.clone()
-    return loss
+    # The fields are what the head's call returns, so the engines' output hooks hold them: TRL differentiates
+    # them, not this forward's loss, and ZeRO-3 gathers the weight again for their backward only through a hook
+    # on what the call returned (a backward from fields kept aside read the released weight).
+    capture.result = plan.apply(hidden, per_token)
+    nll = -capture.result["log_probs"]
+    count = capture.result["label_mask"].sum().clamp(min=1)
+    return nll.sum() / (count if num_items_in_batch is None else num_items_in_batch)
 
 
 def _smoothed(
