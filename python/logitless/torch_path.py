@@ -519,23 +519,10 @@ def fused_lce(
 
     # Every launch below costs a GPU's host a few microseconds, which a small call waits for
     # (bench/host_launches.py counts them): the targets' checks take few ops and chunks write in place.
-    valid = targets != ignore_index
-    count = valid.sum()
-    in_range = None
-    t_rows = targets
-    if not compact:
-        # Ignored targets index column 0, out-of-range ones are clamped (and poison the loss below), for the whole
-        # call at once: a chunk only takes its rows.
-        t_valid = torch.where(valid, targets, 0)
-        t_rows = t_valid.clamp(0, max(v - 1, 0))
-        in_range = (t_rows == t_valid).all()
-        torch._assert_async(in_range, "logitless: a target is outside [0, vocab) and is not ignore_index")
-    # Each row's gradient weight s_i, 0 where the target is ignored (whatever the upstream value there).
-    if mean_over_count:
-        s_all = valid.to(acc) / count.clamp(min=1)  # 1/count as the reciprocal of the float count, to the bit
-    else:
-        weights = row_scale if row_scale is not None else grad_scale
-        s_all = torch.where(valid, weights.to(acc) if weights is not None else 1.0, 0.0).to(acc)
+    valid, count, t_rows, s_all, in_range = _rows(
+        targets, v, ignore_index, acc, compact=compact, mean_over_count=mean_over_count,
+        weights=row_scale if row_scale is not None else grad_scale,
+    )  # fmt: skip
     chunks = RowChunks(valid, plan.rows_per_chunk, compact=compact, skip_ignored=plan.skip_ignored, count=count)
 
     # In the rows' own order the chunks cover every row and write their slices: no zero fill.
@@ -614,10 +601,9 @@ def fused_lce(
         saved = _Saved(chunks, done, t_rows[:covered], _joined(lses) if lses else t_rows[:0].to(acc), s_all[:covered],
                        h_rows[:covered] if h_rows is not None else None)  # fmt: skip
         d_weight, d_hidden_rows = _grads_by_slabs(
-            hidden, weight, bias, saved, options=options, budget=plan.budget, grad_bytes=plan.slab_grad_bytes, acc=acc,
-            slab_pass=slab_pass,
-            low_precision_grad=plan.low_precision_grad, with_hidden=plan.slab_major and need_d_hidden,
-            d_bias=d_bias_acc if plan.slab_major else None,
+            hidden, weight, bias, saved, options=options, budget=plan.budget, grad_bytes=plan.slab_grad_bytes,
+            acc=acc, slab_pass=slab_pass, low_precision_grad=plan.low_precision_grad,
+            with_hidden=plan.slab_major and need_d_hidden, d_bias=d_bias_acc if plan.slab_major else None,
         )  # fmt: skip
         if d_hidden_rows is not None and d_hidden is not None:
             chunks.place(d_hidden, d_hidden_rows, covered)
@@ -638,6 +624,30 @@ def fused_lce(
         d_weight=d_weight,
         d_bias=d_bias_acc.to(bias.dtype) if d_bias_acc is not None and bias is not None else None,
     )
+
+
+def _rows(
+    targets: torch.Tensor, v: int, ignore_index: int, acc: torch.dtype, *, compact: bool, mean_over_count: bool,
+    weights: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """Each row's validity, their count, target (the column it reads) and gradient weight ``s_i`` (0 where the
+    target is ignored, whatever the upstream value there), for the whole call at once: a chunk only takes its
+    rows. Off ``compact`` (targets not checked on the host) also whether every target is in range, asserted on the
+    device: ignored targets read column 0 and out-of-range ones are clamped (the caller poisons the loss)."""
+    valid = targets != ignore_index
+    count = valid.sum()
+    in_range = None
+    t_rows = targets
+    if not compact:
+        t_valid = torch.where(valid, targets, 0)
+        t_rows = t_valid.clamp(0, max(v - 1, 0))
+        in_range = (t_rows == t_valid).all()
+        torch._assert_async(in_range, "logitless: a target is outside [0, vocab) and is not ignore_index")
+    if mean_over_count:
+        s_all = valid.to(acc) / count.clamp(min=1)  # 1/count as the reciprocal of the float count, to the bit
+    else:
+        s_all = torch.where(valid, weights.to(acc) if weights is not None else 1.0, 0.0).to(acc)
+    return valid, count, t_rows, s_all, in_range
 
 
 TOKEN_STATS = 4
