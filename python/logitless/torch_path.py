@@ -298,7 +298,8 @@ class RowChunks:
 
     @property
     def in_order(self) -> bool:
-        """Whether the chunks are slices of the rows in their own order, covering every row."""
+        """Whether the chunks are slices of the rows in their own order, covering every row (asked before the
+        first chunk: later, a sort that turned out to be the identity reads as in order too)."""
         return self._order is None
 
     def arrange(self, x: torch.Tensor) -> torch.Tensor:
@@ -754,9 +755,8 @@ def _slab_columns(
 ) -> int:
     """How many columns a slab over ``rows`` rows takes within ``budget``: per element its float32 logits and
     ``grad_bytes`` of their rounded gradient, after the float32 ``d_hidden`` accumulator when the slab pass forms
-    ``d_hidden``. On CUDA
-    the slabs are whole tiles, as even as that allows (32000 columns in 3 slabs: 10752 each and 10496, not two of
-    15616 and a thin 768)."""
+    ``d_hidden``. On CUDA the slabs are whole tiles, as even as that allows (32000 columns in 3 slabs: 10752 each
+    and 10496, not two of 15616 and a thin 768)."""
     acc_bytes = torch.finfo(acc).bits // 8
     free = budget - (rows * h_dim * acc_bytes if with_hidden else 0)
     slab = min(v, max(0, free) // max(1, rows * (acc_bytes + grad_bytes)))
