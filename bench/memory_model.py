@@ -123,7 +123,7 @@ def _as_on_an_h200(scored: int) -> Iterator[None]:
         setattr(owner, name, value)
 
     for kernel in ("_row_kernel", "_split_stats_kernel", "_split_combine_kernel", "_split_grad_kernel",
-                   "_slab_kernel", "_scale_kernel"):  # fmt: skip
+                   "_slab_kernel", "_scale_kernel", "_rows_kernel"):  # fmt: skip
         stub(triton_path, kernel, _NoLaunch())
     stub(triton_path, "_multiprocessors", lambda index: H200_MULTIPROCESSORS)
     stub(triton_path, "_on", lambda device: contextlib.nullcontext())

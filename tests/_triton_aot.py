@@ -51,6 +51,12 @@ _SPLIT_GRAD_ARGS = {
     "eps": "fp32", "z_loss": "fp32",
 }  # fmt: skip
 
+_ROWS_ARGS = {
+    "t_ptr": "*i64", "w_ptr": "*fp32", "w_stride": "i32", "valid_ptr": "*i1", "order_ptr": "*i64",
+    "t_out_ptr": "*i64", "s_out_ptr": "*fp32", "count_ptr": "*i64", "ok_ptr": "*i1", "N": "i32", "V": "i32",
+    "ignore": "i32",
+}  # fmt: skip
+
 
 def _source(fn: object, args: dict[str, str], flags: dict[str, object], aligned: bool) -> ASTSource:
     names = list(args) + list(flags)
@@ -92,6 +98,12 @@ def _cases() -> list[tuple[str, object, dict[str, str], dict[str, object]]]:
         cases.append(("split-stats", triton_path._split_stats_kernel, _SPLIT_STATS_ARGS, flags))
     cases.append(("split-combine", triton_path._split_combine_kernel, _SPLIT_COMBINE_ARGS,
                   {"PARTS": triton_path._MAX_PARTS}))  # fmt: skip
+    for weighted, mean in ((False, False), (False, True), (True, False)):  # each row's target and weight (rows)
+        for sort in (False, True):
+            flags = {"WEIGHTED": weighted, "MEAN": mean, "SORT": sort, "BLOCK": triton_path._ROWS_BLOCK}
+            for w in ("fp32", "bf16", "fp16") if weighted else ("fp32",):
+                cases.append((f"rows-{w}" if weighted else "rows", triton_path._rows_kernel,
+                              {**_ROWS_ARGS, "w_ptr": f"*{w}"}, flags))  # fmt: skip
     for store in ("fp32", "bf16", "fp16"):  # backward's in-place scaling of the saved gradients
         args = {"a_ptr": f"*{store}", "na": "i64", "b_ptr": f"*{store}", "nb": "i64", "c_ptr": f"*{store}", "nc": "i64",
                 "s_ptr": "*fp32"}  # fmt: skip
@@ -123,9 +135,8 @@ def main(capabilities: list[int]) -> None:
             row = {"capability": capability, "kernel": name, "aligned": aligned,
                    **{k: v for k, v in flags.items() if k != "BLOCK"}}  # fmt: skip
             try:
-                compiled = triton_compile(
-                    _source(fn, args, flags, aligned), target=target, options=triton_path._COMPILE
-                )
+                options = triton_path._ROWS_COMPILE if fn is triton_path._rows_kernel else triton_path._COMPILE
+                compiled = triton_compile(_source(fn, args, flags, aligned), target=target, options=options)
                 ptx = compiled.asm["ptx"]
                 row.update(
                     ok=True, cubin_bytes=len(compiled.asm["cubin"]), **_ptxas_report(ptx, capability),

@@ -300,6 +300,31 @@ def test_chunks_share_one_gradient_buffer_on_cuda(ignored: float, monkeypatch: p
     assert entered[0] == 256 and sum(entered) == 1024 - int(1024 * ignored), entered  # no chunk past the scored
 
 
+@pytest.mark.parametrize("n", [1, 2048, 100_003])
+@pytest.mark.parametrize("weights", ["mean", "rows", "none"])
+def test_rows_kernel_on_cuda(n: int, weights: str) -> None:
+    """The compiled rows kernel against the torch ops it replaces (computed on the CPU): the scored-first order
+    equal to argsort's stable one, the targets and counts equal, and the gradient weights bit for bit (the mean's
+    1/count a correctly rounded division, not the GPU's approximate one)."""
+    from logitless import torch_path, triton_path
+
+    g = torch.Generator().manual_seed(n)
+    v = 1000
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[torch.rand(n, generator=g) < 0.37] = -100
+    w = torch.randn(n, generator=g).to(torch.bfloat16) if weights == "rows" else None
+    got = triton_path.rows(targets.cuda(), v, -100, torch.float32, mean_over_count=weights == "mean",
+                           weights=w.cuda() if w is not None else None, sort=True)  # fmt: skip
+    assert got is not None and not triton_path._broken
+    want = torch_path._rows(targets, v, -100, torch.float32, compact=False, mean_over_count=weights == "mean",
+                            weights=w)  # fmt: skip
+    order = torch.argsort(want.valid.to(torch.uint8), descending=True, stable=True)
+    assert got.order is not None and torch.equal(got.order.cpu(), order)
+    assert int(got.count) == int(want.count) and bool(got.in_range)
+    for field in ("valid", "t", "s"):
+        assert torch.equal(getattr(got, field).cpu(), getattr(want, field)[order]), field
+
+
 def test_all_ignored_batch_is_zero_on_cuda() -> None:
     hidden, weight, _, labels = make(torch.bfloat16, with_bias=False, ignore_frac=1.1)
     h = hidden.cuda().requires_grad_()

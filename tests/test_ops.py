@@ -531,7 +531,20 @@ def test_weight_gradient_one_chunk_straight_into_its_dtype(budget_rows: int, mon
     assert_close(res.loss_sum, ref.loss, 2e-2, "loss")
 
 
-def test_torch_path_sync_free_mode_poisons_out_of_range_targets() -> None:
+def _rows_fn(rows: str) -> Any:
+    """The rows' targets and weights from torch ops, or from the Triton rows kernel (under the interpreter)."""
+    if rows == "torch":
+        return None
+    from logitless import triton_path
+
+    return triton_path.rows
+
+
+_ROWS = ["torch", pytest.param("triton", marks=_INTERPRETER_OFF)]
+
+
+@pytest.mark.parametrize("rows", _ROWS)
+def test_torch_path_sync_free_mode_poisons_out_of_range_targets(rows: str) -> None:
     """Off-CPU an out-of-range target cannot raise without a sync: the loss turns NaN and a device assert fires
     (on CPU ``torch._assert_async`` raises at once)."""
     hidden, weight, _, labels = make(three_d=False)
@@ -540,12 +553,17 @@ def test_torch_path_sync_free_mode_poisons_out_of_range_targets() -> None:
         torch_path.fused_lce(
             hidden.detach(), weight.detach(), None, labels, LossOptions(), grad_scale=None, row_scale=None,
             want_per_row=False,
-            need_d_hidden=False, need_d_weight=False, need_d_bias=False, compact=False,
+            need_d_hidden=False, need_d_weight=False, need_d_bias=False, compact=False, rows=_rows_fn(rows),
         )  # fmt: skip
 
 
-def test_torch_path_sync_free_mode_nan_without_assert(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Even where the device assert is not yet reported, the loss is NaN, never a finite number."""
+@pytest.mark.parametrize("rows", _ROWS)
+@pytest.mark.parametrize("budget_rows", [100, 3])
+def test_torch_path_sync_free_mode_nan_without_assert(
+    rows: str, budget_rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Even where the device assert is not yet reported, the loss is NaN, never a finite number (one chunk, and
+    sorted chunks)."""
     asserts: list[torch.Tensor] = []
     monkeypatch.setattr(torch, "_assert_async", lambda cond, msg: asserts.append(cond))
     hidden, weight, _, labels = make(three_d=False)
@@ -553,7 +571,8 @@ def test_torch_path_sync_free_mode_nan_without_assert(monkeypatch: pytest.Monkey
     res = torch_path.fused_lce(
         hidden.detach(), weight.detach(), None, labels, LossOptions(), grad_scale=None, row_scale=None,
         want_per_row=True,
-        need_d_hidden=False, need_d_weight=False, need_d_bias=False, compact=False,
+        need_d_hidden=False, need_d_weight=False, need_d_bias=False, compact=False, rows=_rows_fn(rows),
+        budget_bytes=V * 4 * 3 * budget_rows,
     )  # fmt: skip
     assert len(asserts) == 1 and not bool(asserts[0])
     assert torch.isnan(res.loss_sum)

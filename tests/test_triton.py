@@ -492,3 +492,98 @@ def test_scale_kernel_takes_several_tensors_in_one_launch(programs: int, monkeyp
     assert not triton_path.scale_([*xs, torch.randn(4, 4).T], torch.tensor(2.0))
     for x, kept in zip(xs, before):
         assert torch.equal(x, kept)
+
+
+def _rows_reference(
+    targets: list[int], v: int, ignore: int, weights: list[float] | float | None, mean: bool, sort: bool
+) -> tuple[list[bool], int, list[int], list[float], bool, list[int] | None]:
+    """``Rows`` from their definitions, in plain Python (float32 arithmetic through one-element tensors)."""
+    valid = [t != ignore for t in targets]
+    count = sum(valid)
+    order = [i for i, ok in enumerate(valid) if ok] + [i for i, ok in enumerate(valid) if not ok]
+    inv = (torch.tensor(1.0) / torch.tensor(float(max(count, 1)))).item()  # float32, correctly rounded
+
+    def weight(i: int) -> float:
+        if not valid[i]:
+            return 0.0
+        if mean:
+            return inv
+        if weights is None:
+            return 1.0
+        w = weights[i] if isinstance(weights, list) else weights
+        return torch.tensor(w, dtype=torch.float32).item()
+
+    t_rows = [min(max(t, 0), v - 1) if ok else 0 for t, ok in zip(targets, valid)]
+    in_range = all(0 <= t < v for t, ok in zip(targets, valid) if ok)
+    at = order if sort else list(range(len(targets)))
+    return ([valid[i] for i in at], count, [t_rows[i] for i in at], [weight(i) for i in at], in_range,
+            order if sort else None)  # fmt: skip
+
+
+@pytest.mark.parametrize("n", [1, 7, 1023, 1024, 1025, 2600])
+@pytest.mark.parametrize("ignored", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("weights", ["mean", "none", "rows-bf16", "rows-f32", "scalar"])
+def test_rows_kernel_against_their_definitions(
+    n: int, ignored: float, weights: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rows kernel (one program: the count, then each row at its place) against plain Python: validity, count,
+    clamped target, gradient weight (the mean's float32 1/count to the bit; a row weight of any float dtype, or one
+    for all; 0 where ignored, even a NaN weight), the in-range flag, and argsort's stable scored-first order, over
+    block boundaries (1024) and with out-of-range targets and a non-default ignore_index among them."""
+    asserted: list[bool] = []
+    monkeypatch.setattr(torch, "_assert_async", lambda cond, msg: asserted.append(bool(cond)))
+    g = torch.Generator().manual_seed(n)
+    v, ignore = 50, 7
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[torch.rand(n, generator=g) < ignored] = ignore
+    if n > 5 and ignored < 1.0:
+        targets[3], targets[4] = v, -1  # out of range (scored, unless the draw ignored them)
+    w: torch.Tensor | None = None
+    if weights.startswith("rows"):
+        w = torch.randn(n, generator=g).to(torch.bfloat16 if weights == "rows-bf16" else torch.float32)
+        w[targets == ignore] = float("nan")  # an ignored row's upstream value never reaches its weight
+    elif weights == "scalar":
+        w = torch.tensor(0.37)
+    for sort in (False, True):
+        asserted.clear()
+        got = triton_path.rows(targets, v, ignore, torch.float32, mean_over_count=weights == "mean", weights=w,
+                               sort=sort)  # fmt: skip
+        assert got is not None
+        plain = None if w is None else w.tolist() if w.dim() else w.item()
+        want = _rows_reference(targets.tolist(), v, ignore, plain, weights == "mean", sort)
+        assert got.valid.dtype == torch.bool and got.valid.tolist() == want[0]
+        assert got.count.dtype == torch.int64 and got.count.item() == want[1]
+        assert got.t.dtype == torch.int64 and got.t.tolist() == want[2]
+        assert got.s.dtype == torch.float32 and got.s.tolist() == want[3]
+        assert bool(got.in_range) == want[4] and asserted == [want[4]]
+        assert (got.order.tolist() if got.order is not None else None) == want[5]
+        if sort:
+            assert torch.equal(got.order, torch.argsort((targets != ignore).to(torch.uint8), descending=True,
+                                                        stable=True))  # fmt: skip
+
+
+def test_rows_kernel_leaves_to_torch_what_it_does_not_take() -> None:
+    t = torch.tensor([1, 2, -100])
+    assert triton_path.rows(t, 5, -100, torch.float64, mean_over_count=True, weights=None, sort=True) is None
+    assert triton_path.rows(t[:0], 5, -100, torch.float32, mean_over_count=True, weights=None, sort=True) is None
+    w64 = torch.ones(3, dtype=torch.float64)
+    assert triton_path.rows(t, 5, -100, torch.float32, mean_over_count=False, weights=w64, sort=True) is None
+
+
+def test_the_accelerator_path_takes_its_rows_from_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off CPU's host checks (as on a GPU), impl="triton" forms each row's target and weight, and the scored-first
+    order of its chunks, in the rows kernel: with torch's versions made to fail it still computes, against float64,
+    in one chunk and in several, with ignored rows, a num_items_in_batch and per-row weights."""
+    from logitless import ops
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("torch formed the rows under impl='triton'")
+
+    monkeypatch.setattr(ops, "_host_reads_free", lambda device: False)
+    monkeypatch.setattr(torch_path, "_rows", forbidden)
+    monkeypatch.setattr(torch, "argsort", forbidden)
+    for chunk_mb in (64, 0.05):
+        monkeypatch.setenv("LOGITLESS_CHUNK_MB", str(chunk_mb))
+        _check(_problem(n=40, dtype=torch.bfloat16, **EPILOGUES["all"]))
+        _check(_problem(n=40), num_items_in_batch=17)
+        _check(_problem(n=40), reduction="none")

@@ -338,6 +338,7 @@ def _run(
                 compact=_host_reads_free(hidden.device),
                 row_pass=triton_path.row_pass,
                 slab_pass=triton_path.slab_pass,
+                rows=triton_path.rows,
                 grad_over_logits=triton_path.gradient_over_logits(hidden.device),
             )
         else:

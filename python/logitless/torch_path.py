@@ -41,6 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -270,17 +271,18 @@ class RowChunks:
     * otherwise every row, masked.
 
     The chunks depend on ``valid`` alone, so ranks with the same labels get the same chunks (``count``: its sum,
-    where the caller has it already)."""
+    where the caller has it already; ``order``: the sorted order, where the caller found it with ``sorts``, and
+    ``valid`` then given in it)."""
 
     def __init__(
         self, valid: torch.Tensor, rows_per_chunk: int, *, compact: bool, skip_ignored: bool | None = None,
-        count: torch.Tensor | None = None,
+        count: torch.Tensor | None = None, order: torch.Tensor | None = None,
     ) -> None:  # fmt: skip
         self._valid, self._per_chunk, self._compact = valid, rows_per_chunk, compact
         self._order: torch.Tensor | None = None
         self._all_scored = False
         self._pending: _PendingCount | None = None
-        self._valid_arranged: torch.Tensor | None = None
+        self._valid_arranged: torch.Tensor | None = None if order is None else valid
         n = valid.shape[0]
         if compact:
             self._order = valid.nonzero().squeeze(1)
@@ -289,12 +291,18 @@ class RowChunks:
                 self._order, self._all_scored = None, True
             return
         self._total = n
-        if skip_ignored is None:
-            skip_ignored = not (valid.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
-        if skip_ignored and n > rows_per_chunk:
+        if RowChunks.sorts(n, rows_per_chunk, compact=compact, device=valid.device, skip_ignored=skip_ignored):
             # Scored rows first, each group in the rows' own order (a stable sort keeps equal keys' order).
-            self._order = torch.argsort(valid.to(torch.uint8), descending=True, stable=True)
+            self._order = order if order is not None else torch.argsort(valid.to(torch.uint8), descending=True,
+                                                                        stable=True)  # fmt: skip
             self._pending = _PendingCount(valid.sum() if count is None else count)
+
+    @staticmethod
+    def sorts(n: int, rows_per_chunk: int, *, compact: bool, device: torch.device, skip_ignored: bool | None) -> bool:
+        """Whether the chunks of ``n`` rows take them sorted scored-first (the order found on the device)."""
+        if skip_ignored is None:
+            skip_ignored = not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+        return not compact and skip_ignored and n > rows_per_chunk
 
     @property
     def in_order(self) -> bool:
@@ -488,6 +496,7 @@ def fused_lce(
     low_precision_grad: bool | None = None,
     row_pass: RowPassFn | None = None,
     slab_pass: SlabPassFn | None = None,
+    rows: RowsFn | None = None,
     grad_over_logits: bool = False,
     mean_over_count: bool = False,
 ) -> Result:
@@ -497,7 +506,8 @@ def fused_lce(
     for the count of scored rows this pass finds (the mean; ``loss_sum`` stays the sum). Targets must already be
     validated when ``compact`` is True; otherwise out-of-range ones poison the loss (see the module docstring).
     ``row_pass`` / ``slab_pass`` do the elementwise work between the GEMMs (torch ops by default; ``triton_path``
-    has kernels); ``grad_over_logits``: the slab pass writes a rounded gradient over its own float32 logits (no
+    has kernels; its ``rows`` finds ``Rows`` off ``compact``, or None to leave it to torch ops); ``grad_over_logits``:
+    the slab pass writes a rounded gradient over its own float32 logits (no
     buffer of its own, so wider slabs fit the budget).
     ``skip_ignored`` (``compact=False`` only; default: unless a CUDA graph is being captured) keeps ignored rows
     out of every chunk after the first without a device stall (module docstring). ``low_precision_grad``
@@ -519,12 +529,18 @@ def fused_lce(
     )  # fmt: skip
 
     # Every launch below costs a GPU's host a few microseconds, which a small call waits for
-    # (bench/host_launches.py counts them): the targets' checks take few ops and chunks write in place.
-    valid, count, t_rows, s_all, in_range = _rows(
-        targets, v, ignore_index, acc, compact=compact, mean_over_count=mean_over_count,
-        weights=row_scale if row_scale is not None else grad_scale,
+    # (bench/host_launches.py counts them): the targets' checks take few ops (one kernel with ``rows``) and chunks
+    # write in place.
+    weights = row_scale if row_scale is not None else grad_scale
+    sort = RowChunks.sorts(n, plan.rows_per_chunk, compact=compact, device=dev, skip_ignored=plan.skip_ignored)
+    found = None if rows is None or compact else rows(
+        targets, v, ignore_index, acc, mean_over_count=mean_over_count, weights=weights, sort=sort
     )  # fmt: skip
-    chunks = RowChunks(valid, plan.rows_per_chunk, compact=compact, skip_ignored=plan.skip_ignored, count=count)
+    valid, count, t_rows, s_all, in_range, order = found or _rows(
+        targets, v, ignore_index, acc, compact=compact, mean_over_count=mean_over_count, weights=weights
+    )  # fmt: skip
+    chunks = RowChunks(valid, plan.rows_per_chunk, compact=compact, skip_ignored=plan.skip_ignored, count=count,
+                       order=order)  # fmt: skip
 
     # In the rows' own order the chunks cover every row and write their slices: no zero fill.
     new = torch.empty if chunks.in_order else torch.zeros
@@ -536,7 +552,8 @@ def fused_lce(
     d_bias_acc = torch.zeros(v, dtype=acc, device=dev) if need_d_bias else None
     loss_sum: torch.Tensor | None = None
 
-    t_rows, s_all = chunks.arrange(t_rows), chunks.arrange(s_all)
+    if order is None:  # else arranged with the order
+        t_rows, s_all = chunks.arrange(t_rows), chunks.arrange(s_all)
     # The slabs (or the shared gradient's one weight-gradient GEMM) take every row of the chunks: gathered once, in
     # the chunks' order, and the chunks take slices.
     g_rows = torch.empty(n, v, dtype=hidden.dtype, device=dev) if plan.shared_grad else None
@@ -627,14 +644,33 @@ def fused_lce(
     )
 
 
+OUT_OF_RANGE = "logitless: a target is outside [0, vocab) and is not ignore_index"
+
+
+class Rows(NamedTuple):
+    """Each row's validity, their count, target (the column it reads), gradient weight ``s_i`` (0 where the target
+    is ignored, whatever the upstream value there) and whether every target is in range (None: checked on the
+    host), arranged in ``order`` (the scored-first order of the chunks, found with them) or in the rows' own."""
+
+    valid: torch.Tensor
+    count: torch.Tensor
+    t: torch.Tensor
+    s: torch.Tensor
+    in_range: torch.Tensor | None
+    order: torch.Tensor | None = None
+
+
+RowsFn = Callable[..., "Rows | None"]
+
+
 def _rows(
     targets: torch.Tensor, v: int, ignore_index: int, acc: torch.dtype, *, compact: bool, mean_over_count: bool,
     weights: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
-    """Each row's validity, their count, target (the column it reads) and gradient weight ``s_i`` (0 where the
-    target is ignored, whatever the upstream value there), for the whole call at once: a chunk only takes its
-    rows. Off ``compact`` (targets not checked on the host) also whether every target is in range, asserted on the
-    device: ignored targets read column 0 and out-of-range ones are clamped (the caller poisons the loss)."""
+) -> Rows:  # fmt: skip
+    """``Rows`` for the whole call at once, in the rows' own order (a chunk only takes its rows). Off ``compact``
+    (targets not checked on the host) whether every target is in range is asserted on the device: ignored targets
+    read column 0 and out-of-range ones are clamped (the caller poisons the loss). ``triton_path.rows`` is the same
+    in one launch, and arranges them."""
     valid = targets != ignore_index
     count = valid.sum()
     in_range = None
@@ -643,12 +679,12 @@ def _rows(
         t_valid = torch.where(valid, targets, 0)
         t_rows = t_valid.clamp(0, max(v - 1, 0))
         in_range = (t_rows == t_valid).all()
-        torch._assert_async(in_range, "logitless: a target is outside [0, vocab) and is not ignore_index")
+        torch._assert_async(in_range, OUT_OF_RANGE)
     if mean_over_count:
         s_all = valid.to(acc) / count.clamp(min=1)  # 1/count as the reciprocal of the float count, to the bit
     else:
         s_all = torch.where(valid, weights.to(acc) if weights is not None else 1.0, 0.0).to(acc)
-    return valid, count, t_rows, s_all, in_range
+    return Rows(valid, count, t_rows, s_all, in_range)
 
 
 TOKEN_STATS = 4

@@ -13,7 +13,9 @@ row that reads the row twice and writes it once:
 
 ``slab_pass`` is step 3 alone on a vocabulary slab, from a row's saved log-sum-exp (the ``recompute`` mode).
 A chunk of fewer rows than the GPU runs programs at once splits each row into parts (steps 1 and 3 per part, one
-combining program per row between them). ``scale_`` is backward's in-place scaling of the saved gradients.
+combining program per row between them). ``scale_`` is backward's in-place scaling of the saved gradients;
+``rows`` forms the call's per-row inputs (target, gradient weight, the scored count, the chunks' scored-first
+order) in one program, where torch ops take about fifteen launches.
 
 Kernels run on CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``, read by Triton
 when the kernels are decorated, i.e. when this module is first imported): the tests use that. ``tanh`` is
@@ -34,12 +36,14 @@ import triton.language as tl
 from logitless import _options, torch_path
 from logitless._options import LossOptions
 
-__all__ = ["row_pass", "scale_", "shard_pass", "slab_pass"]
+__all__ = ["row_pass", "rows", "scale_", "shard_pass", "slab_pass"]
 
 _BLOCK = 1024
 # Explicit, so the result does not change with Triton's default (3.9 warns that it will flip in 3.10) and users see
 # no warning from us; tests/_triton_aot.py compiles with the same options.
 _COMPILE = {"enable_fp_fusion": True}
+# What the kernels read in float32 (as torch's ``.to(torch.float32)`` does): anything else takes the torch ops.
+_LOADED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @triton.jit
@@ -221,7 +225,7 @@ def scale_(xs: Sequence[torch.Tensor], factor: torch.Tensor) -> bool:
     xs = [x for x in xs if x.numel()]
     ok = factor.dtype == torch.float32 and factor.numel() == 1 and not _broken and all(
         type(x) is torch.Tensor  # a tensor subclass (DTensor) holds no plain memory to launch on
-        and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and x.dtype in _LOADED_DTYPES
         and x.device == factor.device
         and x.is_contiguous()
         for x in xs
@@ -413,6 +417,92 @@ def aliased_gradient(y: torch.Tensor, grad_dtype: torch.dtype | None) -> torch.T
     if not _aliasing_on(y.device):
         return None
     return y.view(grad_dtype)[:, : y.shape[1]]
+
+
+@triton.jit
+def _rows_kernel(
+    t_ptr, w_ptr, w_stride, valid_ptr, order_ptr, t_out_ptr, s_out_ptr, count_ptr, ok_ptr, N, V, ignore,
+    WEIGHTED: tl.constexpr, MEAN: tl.constexpr, SORT: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # One program, two sweeps over the targets: the scored count first (the mean's 1/count and the ignored rows'
+    # place after the scored ones need it), then each row's outputs written at its place in the order.
+    count = 0
+    bad = 0
+    for start in range(0, N, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        t = tl.load(t_ptr + offs, mask=offs < N, other=ignore)
+        valid = t != ignore
+        count += tl.sum(valid.to(tl.int32), axis=0)
+        bad += tl.sum((valid & ((t < 0) | (t >= V))).to(tl.int32), axis=0)
+    # As torch's valid / count.clamp(min=1): the reciprocal of the float count, correctly rounded.
+    inv = tl.math.div_rn(1.0, tl.maximum(count, 1).to(tl.float32))
+    seen = 0
+    for start in range(0, N, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        inside = offs < N
+        t = tl.load(t_ptr + offs, mask=inside, other=ignore)
+        valid = t != ignore
+        t_row = tl.where(valid, tl.minimum(tl.maximum(t, 0), tl.maximum(V - 1, 0)), 0)
+        if WEIGHTED:
+            s = tl.where(valid, tl.load(w_ptr + offs * w_stride, mask=inside, other=0.0).to(tl.float32), 0.0)
+        elif MEAN:
+            s = tl.where(valid, inv, 0.0)
+        else:
+            s = tl.where(valid, 1.0, 0.0)
+        pos = offs
+        if SORT:
+            # Scored rows first, each group in the rows' own order (argsort's stable partition): a scored row's
+            # place is the scored rows before it, an ignored row's the count plus the ignored rows before it.
+            flag = valid.to(tl.int32)
+            before = seen + tl.cumsum(flag, axis=0) - flag
+            pos = tl.where(valid, before, count + offs - before)
+            seen += tl.sum(flag, axis=0)
+            tl.store(order_ptr + pos, offs.to(tl.int64), mask=inside)
+        tl.store(valid_ptr + pos, valid, mask=inside)
+        tl.store(t_out_ptr + pos, t_row, mask=inside)
+        tl.store(s_out_ptr + pos, s, mask=inside)
+    tl.store(count_ptr, count.to(tl.int64))
+    tl.store(ok_ptr, bad == 0)
+
+
+_ROWS_BLOCK = 1024
+# A single program: eight warps (four targets a thread) keep more loads in flight, at 77 registers (146 at four).
+_ROWS_COMPILE = {**_COMPILE, "num_warps": 8}
+
+
+def rows(
+    targets: torch.Tensor, v: int, ignore_index: int, acc: torch.dtype, *, mean_over_count: bool,
+    weights: torch.Tensor | None, sort: bool,
+) -> torch_path.Rows | None:  # fmt: skip
+    """``torch_path.rows`` off CPU in one launch instead of about fifteen (the targets' checks, the gradient
+    weights, and with ``sort`` the scored-first order and the rows arranged in it): every output in the order's
+    arrangement. None where the torch ops must do it (float64, no rows, a ``weights`` that is not float32 / bf16 /
+    f16, a kernel that does not compile here)."""
+    n = targets.shape[0]
+    usable = weights is None or (weights.dtype in _LOADED_DTYPES and weights.dim() <= 1)
+    if acc != torch.float32 or _broken or n == 0 or not usable:
+        return None
+    dev = targets.device
+    t = targets.contiguous()
+    valid = torch.empty(n, dtype=torch.bool, device=dev)
+    order = torch.empty(n, dtype=torch.int64, device=dev) if sort else t
+    t_rows = torch.empty(n, dtype=torch.int64, device=dev)
+    s_all = torch.empty(n, dtype=acc, device=dev)
+    count = torch.empty((), dtype=torch.int64, device=dev)
+    in_range = torch.empty((), dtype=torch.bool, device=dev)
+    w = weights.contiguous() if weights is not None else s_all
+    w_stride = 1 if weights is not None and weights.dim() == 1 else 0
+    try:
+        with _on(dev):
+            _rows_kernel[(1,)](
+                t, w, w_stride, valid, order, t_rows, s_all, count, in_range, n, v, ignore_index,
+                WEIGHTED=weights is not None, MEAN=mean_over_count, SORT=sort, BLOCK=_ROWS_BLOCK, **_ROWS_COMPILE,
+            )  # fmt: skip
+    except Exception as error:  # noqa: BLE001 - a compile / launch failure of this kernel, not of the maths
+        _fallback(error)
+        return None
+    torch._assert_async(in_range, torch_path.OUT_OF_RANGE)
+    return torch_path.Rows(valid, count, t_rows, s_all, in_range, order if sort else None)
 
 
 def _gradient_buffer(
