@@ -562,6 +562,13 @@ def test_rows_kernel_against_their_definitions(
                                                         stable=True))  # fmt: skip
 
 
+def test_rows_kernel_mean_over_the_count_before_any_weight() -> None:
+    """As torch_path._rows: asked for the mean over the scored count, the weights given are not read."""
+    t = torch.tensor([1, -100, 3, 4])
+    got = triton_path.rows(t, 5, -100, torch.float32, mean_over_count=True, weights=torch.tensor(9.0), sort=False)
+    assert got is not None and torch.equal(got.s, torch.tensor([1.0, 0.0, 1.0, 1.0]) / 3)
+
+
 def test_rows_kernel_leaves_to_torch_what_it_does_not_take() -> None:
     t = torch.tensor([1, 2, -100])
     assert triton_path.rows(t, 5, -100, torch.float64, mean_over_count=True, weights=None, sort=True) is None

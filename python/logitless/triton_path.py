@@ -474,7 +474,7 @@ def rows(
     targets: torch.Tensor, v: int, ignore_index: int, acc: torch.dtype, *, mean_over_count: bool,
     weights: torch.Tensor | None, sort: bool,
 ) -> torch_path.Rows | None:  # fmt: skip
-    """``torch_path.rows`` off CPU in one launch instead of about fifteen (the targets' checks, the gradient
+    """``torch_path._rows`` off CPU in one launch instead of about fifteen (the targets' checks, the gradient
     weights, and with ``sort`` the scored-first order and the rows arranged in it): every output in the order's
     arrangement. None where the torch ops must do it (float64, no rows, a ``weights`` that is not float32 / bf16 /
     f16, a kernel that does not compile here)."""
@@ -490,13 +490,14 @@ def rows(
     s_all = torch.empty(n, dtype=acc, device=dev)
     count = torch.empty((), dtype=torch.int64, device=dev)
     in_range = torch.empty((), dtype=torch.bool, device=dev)
-    w = weights.contiguous() if weights is not None else s_all
+    w = weights.contiguous() if weights is not None else s_all  # (not read unless weighted)
     w_stride = 1 if weights is not None and weights.dim() == 1 else 0
     try:
         with _on(dev):
             _rows_kernel[(1,)](
                 t, w, w_stride, valid, order, t_rows, s_all, count, in_range, n, v, ignore_index,
-                WEIGHTED=weights is not None, MEAN=mean_over_count, SORT=sort, BLOCK=_ROWS_BLOCK, **_ROWS_COMPILE,
+                WEIGHTED=weights is not None and not mean_over_count, MEAN=mean_over_count, SORT=sort,
+                BLOCK=_ROWS_BLOCK, **_ROWS_COMPILE,
             )  # fmt: skip
     except Exception as error:  # noqa: BLE001 - a compile / launch failure of this kernel, not of the maths
         _fallback(error)
