@@ -11,7 +11,8 @@ Two modes:
 * ``compact=True`` (CPU): ignored rows are dropped before any GEMM. Finding them needs their count on the host,
   which is free on CPU.
 * ``compact=False`` (accelerators): the call never stalls the device. Rows are sorted on the device, scored ones
-  first, and chunks are masked; the first chunk's kernels are queued before the host reads (through a pinned
+  first (by ``argsort``, or by a ``rows`` function with the rest of each row's inputs: ``triton_path.rows``), and
+  chunks are masked; the first chunk's kernels are queued before the host reads (through a pinned
   copy and an event recorded ahead of them) how many rows are scored, and the chunks stop there, so ignored rows
   past the first chunk never enter a GEMM (where every row is scored, the sort kept the rows' own order, and the
   later chunks take slices of them, not gathers). While a CUDA graph is being captured (no host reads allowed)
