@@ -5,7 +5,9 @@ time of the call, for stock transformers' loss and logitless's modes, at bench/c
 
 Prints, per case and method: wall time of forward + backward (synchronised, median of 5), the host time until
 forward and backward return (launch and Python overhead; the device may still be busy), the device's busy time
-(sum of kernel times) and the top kernels by device time. bench/cuda_compare.py is the benchmark of record.
+(sum of kernel times) and the top kernels by device time. ``--host`` instead: the device waits of a call (CUDA's
+sync debug mode), the host time per aten op, and the Python functions by own time (cProfile). bench/cuda_compare.py
+is the benchmark of record.
 """
 
 from __future__ import annotations
@@ -115,6 +117,32 @@ def host_profile(fn: Fn, h0: torch.Tensor, w0: torch.Tensor, y: torch.Tensor, ro
     total = sum(e.self_cpu_time_total for e in events) / 5 / 1e3
     lines.append(f"    host time in aten / custom ops: {total:.2f} ms per call")
     lines += [f"    {e.self_cpu_time_total / 5 / 1e3:8.3f} ms  {e.count // 5:4d}x  {e.key[:90]}" for e in events[:rows]]
+    return lines + python_profile(fn, h, w, y, rows, sync=torch.cuda.synchronize)
+
+
+def python_profile(
+    fn: Fn, h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, rows: int, *, sync: Callable[[], None], reps: int = 20
+) -> list[str]:
+    """The Python functions a forward + backward spends its host time in (cProfile around the call only, the device
+    idle when it starts), by own time: logitless's code, Triton's launcher, torch's wrappers, and the waits for the
+    device (``synchronize``) among them."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    for _ in range(reps):
+        h.grad = w.grad = None
+        sync()
+        prof.enable()
+        fn(h, w, y).backward()
+        prof.disable()
+    stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+    total = sum(entry[2] for entry in stats.values()) / reps
+    top = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:rows]
+    lines = [f"    host time under cProfile (its overhead included): {total * 1e3:.2f} ms per call; by own time:"]
+    for (path, line, name), (_, calls, own, _, _) in top:
+        where = f"{'/'.join(path.split(os.sep)[-2:])}:{line}({name})" if line else name
+        lines.append(f"    {own / reps * 1e6:8.1f} us  {calls // reps:4d}x  {where[-100:]}")
     return lines
 
 
@@ -123,7 +151,8 @@ def main() -> None:
     p.add_argument("--cases", default="small,big")
     p.add_argument("--ignored", default="0,0.5")
     p.add_argument("--rows", type=int, default=12, help="kernels listed per method")
-    p.add_argument("--host", action="store_true", help="instead: the Python functions the host spends its time in")
+    p.add_argument("--host", action="store_true",
+                   help="instead: device waits, host time per aten op and the Python functions the host spends it in")
     args = p.parse_args()
     dev = torch.device("cuda")
     for case in args.cases.split(","):

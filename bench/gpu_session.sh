@@ -5,7 +5,7 @@
 #   2. bench/cuda_compare.py (correctness block, then time and memory of every method; Markdown + JSON);
 #   3. bench/memory_model.py (the predicted extra memory, to set against step 2's measured figures);
 #   4. bench/cuda_profile.py --cases small (kernels by device time: why recompute there is 1.8x stock) and
-#      --host (where a small call's host time goes);
+#      --host (where a small call's host time goes: device waits, aten ops, Python functions);
 #   5. bench/cuda_compare.py at the wide shape (an 8B-class model's 8192 tokens: the shared bf16 gradient buffer).
 # Each step has its own time limit and a failing step does not stop the next; outputs go to OUT (default $OUT).
 # From the device tool:  bash bench/gpu_session.sh
