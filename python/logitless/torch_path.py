@@ -507,9 +507,9 @@ def fused_lce(
     for the count of scored rows this pass finds (the mean; ``loss_sum`` stays the sum). Targets must already be
     validated when ``compact`` is True; otherwise out-of-range ones poison the loss (see the module docstring).
     ``row_pass`` / ``slab_pass`` do the elementwise work between the GEMMs (torch ops by default; ``triton_path``
-    has kernels; its ``rows`` finds ``Rows`` off ``compact``, or None to leave it to torch ops); ``grad_over_logits``:
-    the slab pass writes a rounded gradient over its own float32 logits (no
-    buffer of its own, so wider slabs fit the budget).
+    has kernels) and ``rows`` forms ``Rows`` off ``compact`` (None from it, or no ``rows``: torch ops);
+    ``grad_over_logits``: the slab pass writes a rounded gradient over its own float32 logits (no buffer of its
+    own, so wider slabs fit the budget).
     ``skip_ignored`` (``compact=False`` only; default: unless a CUDA graph is being captured) keeps ignored rows
     out of every chunk after the first without a device stall (module docstring). ``low_precision_grad``
     (default: on CUDA, for bf16/f16 inputs without a bias gradient) has the row pass write the logits gradient
@@ -661,7 +661,7 @@ class Rows(NamedTuple):
     order: torch.Tensor | None = None
 
 
-RowsFn = Callable[..., "Rows | None"]
+RowsFn = Callable[..., Rows | None]
 
 
 def _rows(
