@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -127,24 +128,31 @@ def _ptxas_report(ptx: str, capability: int) -> dict[str, int]:
     return {"registers": int(registers.group(1)) if registers else -1, "spill_bytes": sum(map(int, spills))}
 
 
-def main(capabilities: list[int]) -> None:
-    rows = []
-    for capability in capabilities:
+def _compile(job: tuple[int, int, bool]) -> dict[str, object]:
+    """One row: case ``index`` of ``_cases()`` for one target, on aligned arguments or not."""
+    capability, index, aligned = job
+    name, fn, args, flags = _cases()[index]
+    row: dict[str, object] = {"capability": capability, "kernel": name, "aligned": aligned,
+                              **{k: v for k, v in flags.items() if k != "BLOCK"}}  # fmt: skip
+    try:
+        options = triton_path._ROWS_COMPILE if fn is triton_path._rows_kernel else triton_path._COMPILE
         target = GPUTarget("cuda", capability, 32)
-        for (name, fn, args, flags), aligned in itertools.product(_cases(), (False, True)):
-            row = {"capability": capability, "kernel": name, "aligned": aligned,
-                   **{k: v for k, v in flags.items() if k != "BLOCK"}}  # fmt: skip
-            try:
-                options = triton_path._ROWS_COMPILE if fn is triton_path._rows_kernel else triton_path._COMPILE
-                compiled = triton_compile(_source(fn, args, flags, aligned), target=target, options=options)
-                ptx = compiled.asm["ptx"]
-                row.update(
-                    ok=True, cubin_bytes=len(compiled.asm["cubin"]), **_ptxas_report(ptx, capability),
-                    vector_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.v[24]\.", ptx)),
-                )  # fmt: skip
-            except Exception as error:  # noqa: BLE001 - reported, the test fails on it
-                row.update(ok=False, error=f"{type(error).__name__}: {error}"[:2000])
-            rows.append(row)
+        compiled = triton_compile(_source(fn, args, flags, aligned), target=target, options=options)
+        ptx = compiled.asm["ptx"]
+        row.update(
+            ok=True, cubin_bytes=len(compiled.asm["cubin"]), **_ptxas_report(ptx, capability),
+            vector_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.v[24]\.", ptx)),
+        )  # fmt: skip
+    except Exception as error:  # noqa: BLE001 - reported, the test fails on it
+        row.update(ok=False, error=f"{type(error).__name__}: {error}"[:2000])
+    return row
+
+
+def main(capabilities: list[int]) -> None:
+    jobs = list(itertools.product(capabilities, range(len(_cases())), (False, True)))
+    # Compiling is single-threaded and the test suite runs one test at a time: every core takes a share.
+    with multiprocessing.get_context("fork").Pool(os.cpu_count() or 1) as pool:
+        rows = pool.map(_compile, jobs)
     json.dump({"rows": rows}, sys.stdout)
 
 
