@@ -395,7 +395,7 @@ def test_kernel_isa_cap_is_applied(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     h, w, t = torch.randn(6, 16), torch.randn(40, 16), torch.randint(0, 40, (6,))
     reference = torch.nn.functional.cross_entropy(h.double() @ w.double().T, t)
-    for isa in ("portable", "avx2", "avx512", "avx512bf16"):
+    for isa in ("portable", "avx2", "avx512", "avx512bf16", "amx"):
         monkeypatch.setenv("LOGITLESS_KERNEL_ISA", isa)
         loss = logitless.linear_cross_entropy(h, w, t, shift=False)
         assert math.isclose(float(loss), float(reference), rel_tol=1e-5), isa

@@ -12,7 +12,7 @@ than being ignored. This module imports neither torch nor the extension: the sta
 | ``LOGITLESS_FUSE_EVAL`` | boolean | default of ``install(fuse_eval=...)`` |
 | ``LOGITLESS_CHUNK_MB`` | a positive number | scratch budget of one op call, MiB |
 | ``LOGITLESS_WEIGHT_GRAD`` | accumulate / recompute | how a bf16/f16 weight gradient is formed |
-| ``LOGITLESS_KERNEL_ISA`` | portable / avx2 / avx512 / avx512bf16 | cap on the Rust kernel's instruction set |
+| ``LOGITLESS_KERNEL_ISA`` | portable / avx2 / avx512 / avx512bf16 / amx | cap on the Rust kernel's instruction set |
 | ``LOGITLESS_KERNEL_PROFILE`` | boolean | the Rust kernel prints seconds per phase to stderr |
 """
 
@@ -36,7 +36,7 @@ __all__ = [
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"", "0", "false", "no", "off"})
 WEIGHT_GRAD_MODES = ("accumulate", "recompute")
-KERNEL_ISAS = ("portable", "avx2", "avx512", "avx512bf16")
+KERNEL_ISAS = ("portable", "avx2", "avx512", "avx512bf16", "amx")
 
 
 def _raw(name: str) -> str:

@@ -48,7 +48,7 @@ def fused_linear_cross_entropy(
     those of sum_i s_i * loss_i with s_i = row_scale[i], else grad_scale (default 1). Epilogue values of None or 0
     are not applied. Runs with the GIL released on a pool of num_threads threads (1: the calling thread only),
     owned by this process (a fork()ed child builds its own). kernel_isa caps the instruction set (portable, avx2,
-    avx512, avx512bf16; process-wide, None: the best detected); profile prints seconds per phase to stderr.
+    avx512, avx512bf16, amx; process-wide, None: the best detected); profile prints seconds per phase to stderr.
     Raises LogitlessError (ValueError) / LogitlessTypeError (TypeError) on bad input, RuntimeError on a bug.
     """
 

@@ -325,6 +325,13 @@ fn main() {
     let num = |i: usize, d: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
     let (n, h, v) = (num(0, 2048), num(1, 1024), num(2, 32000));
     let reps = num(4, 3);
+    // THROUGHPUT_ISA=avx512bf16 (or any level below the detected one): the engines of that level, side by side.
+    if let Ok(name) = std::env::var("THROUGHPUT_ISA") {
+        match logitless_kernel::isa::Isa::parse(&name) {
+            Some(level) => logitless_kernel::isa::set_override(Some(level)),
+            None => return eprintln!("THROUGHPUT_ISA: unknown level {name:?}"),
+        }
+    }
     match args.get(3).map(String::as_str).unwrap_or("f32") {
         "f32" => run::<f32>(n, h, v, reps),
         "f64" => run::<f64>(n, h, v, reps),

@@ -171,7 +171,7 @@ unsafe impl Sync for SplitAcc {}
 
 impl SplitAcc {
     /// Both planes at element `offset` (methods, so closures capture the whole `Sync` wrapper).
-    fn at(self, offset: usize) -> Self {
+    pub(crate) fn at(self, offset: usize) -> Self {
         Self {
             hi: self.hi.wrapping_add(offset),
             lo: self.lo.wrapping_add(offset),
@@ -218,6 +218,23 @@ impl SplitAcc {
                 _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(sum)),
             );
             _mm256_storeu_si256(self.lo.add(i).cast(), _mm512_cvtepi32_epi16(sum));
+        }
+    }
+
+    /// Adds `x` into elements `0..x.len()`.
+    ///
+    /// # Safety
+    /// As [`SplitAcc::set`] for those elements; the CPU must support avx512f/bw.
+    pub(crate) unsafe fn add_row(self, x: &[f32]) {
+        let (whole, rest) = x.as_chunks::<16>();
+        for (k, lanes) in whole.iter().enumerate() {
+            // SAFETY: elements 16k..16k+16 are the caller's (by the function's contract), as are the CPU features.
+            unsafe { self.add16(16 * k, _mm512_loadu_ps(lanes.as_ptr())) };
+        }
+        for (t, &y) in rest.iter().enumerate() {
+            let i = 16 * whole.len() + t;
+            // SAFETY: element i is the caller's.
+            unsafe { self.set(i, self.get(i) + y) };
         }
     }
 
@@ -336,6 +353,12 @@ pub(crate) fn ceil_div(a: usize, b: usize) -> usize {
     a.div_ceil(b)
 }
 
+/// k-pairs per packed panel for `k` values of k: whole AMX steps of 16 pairs (32 k), zero past `k`, so one panel
+/// layout serves both engines (`vdpbf16ps` reads only the pairs it needs).
+pub(crate) fn padded_pairs(k: usize) -> usize {
+    ceil_div(k, 32) * 16
+}
+
 /// Pieces per rayon thread in [`split`] for the GEMMs split over W's rows (logits, d_weight): more than one, so
 /// that when another process takes part of a core (the machines this runs on are often shared), the other
 /// threads steal the delayed thread's remaining pieces instead of waiting for it.
@@ -368,11 +391,11 @@ pub(crate) fn split(
 }
 
 /// Packs a k-major bf16 operand (`row(k)` is its k-th row, `k_rows` of them; columns `[c_start, c_end)`) as
-/// consecutive 32-column panels, each `[kp][32]` pairs `(row 2p, row 2p+1)`; missing rows and columns are zero.
-/// Rows are walked in order (each read once, front to back), panels written side by side. Returns the u32
-/// count per panel.
+/// consecutive 32-column panels, each `[padded_pairs(k_rows)][32]` pairs `(row 2p, row 2p+1)`; missing rows and
+/// columns are zero. Rows are walked in order (each read once, front to back), panels written side by side.
+/// Returns the u32 count per panel.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-fn pack_kmajor<'a>(
+pub(crate) fn pack_kmajor<'a>(
     row: &impl Fn(usize) -> &'a [bf16],
     k_rows: usize,
     c_start: usize,
@@ -380,7 +403,7 @@ fn pack_kmajor<'a>(
     out: &mut Vec<u32>,
 ) -> usize {
     let kp = ceil_div(k_rows, 2);
-    let per_panel = kp * NR;
+    let per_panel = padded_pairs(k_rows) * NR;
     let panels = ceil_div(c_end - c_start, NR);
     out.clear();
     out.resize(per_panel * panels, 0);
@@ -425,14 +448,19 @@ fn pack_kmajor<'a>(
     per_panel
 }
 
-/// Packs the gathered hidden rows for the logits GEMM: panels of 32 rows, `[kp][32]` pairs along H (k-contiguous
-/// rows, so this is a transpose). Rows past `rows` are zero. `h` is even.
+/// Packs the gathered hidden rows for the logits GEMM of `cpu`'s engine: here panels of 32 rows, `[kp][32]` pairs
+/// along H (k-contiguous rows, so this is a transpose), rows past `rows` zero, `h` even; on AMX as
+/// [`crate::amx::pack_rows`] lays them out.
 pub(crate) fn pack_hidden_for_logits<'a>(
+    cpu: Bf16Token,
     row: impl Fn(usize) -> &'a [bf16],
     rows: usize,
     h: usize,
     out: &mut Vec<u32>,
 ) {
+    if cpu.amx().is_some() {
+        return crate::amx::pack_rows(row, rows, h, out);
+    }
     let kp = h / 2;
     let panels = ceil_div(rows, NR);
     out.clear();
@@ -447,14 +475,16 @@ pub(crate) fn pack_hidden_for_logits<'a>(
     }
 }
 
-/// Packs the gathered hidden rows for the weight-gradient GEMM: k = rows, panels of 32 columns of H.
+/// Packs the gathered hidden rows for the weight-gradient GEMM: k = rows, panels of 32 columns of H (one layout
+/// for both engines).
 pub(crate) fn pack_hidden_for_dweight<'a>(
+    _cpu: Bf16Token,
     row: impl Fn(usize) -> &'a [bf16],
     rows: usize,
     h: usize,
     out: &mut Vec<u32>,
 ) {
-    // SAFETY: this module is only reached when the CPU has AVX512_BF16 (and so avx512f/bw/vl).
+    // SAFETY: the caller holds a Bf16Token, so the CPU has AVX512_BF16 (and so avx512f/bw/vl).
     unsafe {
         pack_kmajor(&row, rows, 0, h, out);
     }
@@ -491,7 +521,7 @@ pub(crate) unsafe fn store_rows(
 /// even, as is `h`) and the hidden rows packed by [`pack_hidden_for_logits`].
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn logits(
-    _cpu: Bf16Token,
+    cpu: Bf16Token,
     w: &[bf16],
     ws: usize,
     v: usize,
@@ -501,6 +531,9 @@ pub(crate) fn logits(
     out: &mut [f32],
     parallel: bool,
 ) {
+    if let Some(amx) = cpu.amx() {
+        return crate::amx::logits(amx, w, ws, v, h, hp, rows, out, parallel);
+    }
     let kp = h / 2;
     let panels = ceil_div(rows, NR);
     assert!(
@@ -595,7 +628,7 @@ fn round_row(src: &[f32], dst: &mut [u16]) {
 /// (row stride `gs`, even).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn d_hidden(
-    _cpu: Bf16Token,
+    cpu: Bf16Token,
     g: &[u16],
     gs: usize,
     rows: usize,
@@ -606,6 +639,9 @@ pub(crate) fn d_hidden(
     dh: &mut [f32],
     parallel: bool,
 ) {
+    if let Some(amx) = cpu.amx() {
+        return crate::amx::d_hidden(amx, g, gs, rows, w, ws, v, h, dh, parallel);
+    }
     assert!(
         gs.is_multiple_of(2) && gs >= v && holds(g.len(), rows, gs) && holds(dh.len(), rows, h),
         "d_hidden: buffers"
@@ -715,7 +751,7 @@ enum Target {
 /// by [`pack_hidden_for_dweight`] from the same `rows` rows.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn d_weight(
-    _cpu: Bf16Token,
+    cpu: Bf16Token,
     g: &[u16],
     gs: usize,
     rows: usize,
@@ -725,8 +761,11 @@ pub(crate) fn d_weight(
     dw: WeightAcc<'_>,
     parallel: bool,
 ) {
+    if let Some(amx) = cpu.amx() {
+        return crate::amx::d_weight(amx, g, gs, rows, v, h, hp, dw, parallel);
+    }
     let kp = ceil_div(rows, 2);
-    let per_panel = kp * NR;
+    let per_panel = padded_pairs(rows) * NR;
     let panels = ceil_div(h, NR);
     assert!(
         gs >= v && holds(g.len(), rows, gs) && holds(hp.len(), panels, per_panel),
@@ -843,13 +882,13 @@ pub(crate) fn time_three(cpu: Bf16Token, n: usize, h: usize, v: usize, reps: usi
             .fold(f64::INFINITY, f64::min)
     };
     let t1 = best(&mut || {
-        pack_hidden_for_logits(row, n, h, &mut hp1);
+        pack_hidden_for_logits(cpu, row, n, h, &mut hp1);
         logits(cpu, &w, h, v, h, &hp1, n, &mut logits_out, true);
     });
     round_rows(cpu, &logits_out, n, v, gs, &mut g16, true);
     let t2 = best(&mut || d_hidden(cpu, &g16, gs, n, &w, h, v, h, &mut dh, true));
     let t3 = best(&mut || {
-        pack_hidden_for_dweight(row, n, h, &mut hp3);
+        pack_hidden_for_dweight(cpu, row, n, h, &mut hp3);
         d_weight(cpu, &g16, gs, n, v, h, &hp3, WeightAcc::F32(&mut dw), true);
     });
     [t1, t2, t3]

@@ -313,13 +313,13 @@ pub(crate) fn run<S: Storage>(
         if let Some((cpu, w16, x16)) = dp {
             let hs = hidden.row_stride();
             let row = |j: usize| &x16[idx[j] * hs..idx[j] * hs + h];
-            crate::dpbf16::pack_hidden_for_logits(row, r, h, &mut hp1);
+            crate::dpbf16::pack_hidden_for_logits(cpu, row, r, h, &mut hp1);
             // The compute type is f32 for bf16 storage; the casts cannot fail.
             if let Some(out) = as_f32_mut(lg) {
                 crate::dpbf16::logits(cpu, w16, ws, v, h, &hp1, r, out, parallel);
             }
             if dw_in_blocks {
-                crate::dpbf16::pack_hidden_for_dweight(row, r, h, &mut hp3);
+                crate::dpbf16::pack_hidden_for_dweight(cpu, row, r, h, &mut hp3);
             }
         }
         #[cfg(target_arch = "x86_64")]

@@ -14,6 +14,9 @@ pub enum Isa {
     Avx512,
     /// AVX-512 plus AVX512_BF16 (`vdpbf16ps`): the bf16 GEMMs run natively on bf16.
     Avx512Bf16,
+    /// AVX512_BF16 plus AMX-BF16 tiles (`tdpbf16ps`, Sapphire Rapids and later), granted to this process by the
+    /// OS: the bf16 GEMMs run on the tile unit.
+    Amx,
 }
 
 const UNSET: u8 = 0;
@@ -25,6 +28,7 @@ fn encode(isa: Isa) -> u8 {
         Isa::Avx2 => 2,
         Isa::Avx512 => 3,
         Isa::Avx512Bf16 => 4,
+        Isa::Amx => 5,
     }
 }
 
@@ -34,6 +38,7 @@ fn decode(v: u8) -> Option<Isa> {
         2 => Some(Isa::Avx2),
         3 => Some(Isa::Avx512),
         4 => Some(Isa::Avx512Bf16),
+        5 => Some(Isa::Amx),
         _ => None,
     }
 }
@@ -48,9 +53,21 @@ pub struct Level(Isa);
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Avx512Token(());
 
-/// Proof that the CPU has AVX512_BF16 on top of [`Avx512Token`]'s features.
+/// Proof that the CPU has AVX512_BF16 on top of [`Avx512Token`]'s features; it carries the AMX proof when the
+/// bf16 GEMMs are to run on tiles, so they pick their engine from the token they are handed.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Bf16Token(());
+pub(crate) struct Bf16Token(Option<AmxToken>);
+
+/// Proof that the CPU has AMX-TILE and AMX-BF16 and that the OS let this process use the tile registers.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AmxToken(());
+
+impl Bf16Token {
+    /// The AMX proof, when the level is [`Isa::Amx`].
+    pub(crate) fn amx(self) -> Option<AmxToken> {
+        self.0
+    }
+}
 
 /// Proof that the CPU has AVX2 + FMA.
 #[derive(Clone, Copy, Debug)]
@@ -61,13 +78,15 @@ impl Level {
         self.0
     }
     pub(crate) fn avx512(self) -> Option<Avx512Token> {
-        matches!(self.0, Isa::Avx512 | Isa::Avx512Bf16).then_some(Avx512Token(()))
+        matches!(self.0, Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx).then_some(Avx512Token(()))
     }
     pub(crate) fn bf16(self) -> Option<Bf16Token> {
-        (self.0 == Isa::Avx512Bf16).then_some(Bf16Token(()))
+        let amx = (self.0 == Isa::Amx).then_some(AmxToken(()));
+        matches!(self.0, Isa::Avx512Bf16 | Isa::Amx).then_some(Bf16Token(amx))
     }
     pub(crate) fn avx2(self) -> Option<Avx2Token> {
-        matches!(self.0, Isa::Avx2 | Isa::Avx512 | Isa::Avx512Bf16).then_some(Avx2Token(()))
+        matches!(self.0, Isa::Avx2 | Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx)
+            .then_some(Avx2Token(()))
     }
 }
 
@@ -90,7 +109,11 @@ pub fn detected() -> Isa {
             && std::arch::is_x86_feature_detected!("avx512dq")
         {
             if std::arch::is_x86_feature_detected!("avx512bf16") {
-                return Isa::Avx512Bf16;
+                return if amx_granted() {
+                    Isa::Amx
+                } else {
+                    Isa::Avx512Bf16
+                };
             }
             return Isa::Avx512;
         }
@@ -101,14 +124,56 @@ pub fn detected() -> Isa {
     Isa::Portable
 }
 
+/// Whether this CPU has AMX-TILE and AMX-BF16 and the OS lets this process use them. Asked once per process: Linux
+/// enables the tile data state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`), which
+/// fails where the kernel or the CPU lacks it; elsewhere the answer is no.
+#[cfg(target_arch = "x86_64")]
+fn amx_granted() -> bool {
+    static GRANTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *GRANTED.get_or_init(|| {
+        // CPUID leaf 7, sub-leaf 0, EDX: bit 22 AMX-BF16, bit 24 AMX-TILE (`is_x86_feature_detected!` does not take
+        // the AMX names on stable Rust).
+        // SAFETY: CPUID is available on every x86-64 CPU, and leaf 7 is answered (with zeros if unsupported).
+        // (A safe function from Rust 1.94; unsafe for the crate's minimum, 1.89.)
+        #[allow(unused_unsafe)]
+        let edx = unsafe { std::arch::x86_64::__cpuid_count(7, 0) }.edx;
+        if edx & (1 << 22) == 0 || edx & (1 << 24) == 0 {
+            return false;
+        }
+        request_tile_data()
+    })
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn request_tile_data() -> bool {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: arch_prctl with this code only changes which extended states the process may use; it reads and
+    // writes no memory of ours. Granting is idempotent (torch's oneDNN makes the same request).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        )
+    };
+    rc == 0
+}
+
+#[cfg(all(target_arch = "x86_64", not(target_os = "linux")))]
+fn request_tile_data() -> bool {
+    false
+}
+
 impl Isa {
-    /// Parses `portable`, `avx2`, `avx512` or `avx512bf16` (any case).
+    /// Parses `portable`, `avx2`, `avx512`, `avx512bf16` or `amx` (any case).
     pub fn parse(name: &str) -> Option<Self> {
         match name.to_ascii_lowercase().as_str() {
             "portable" => Some(Isa::Portable),
             "avx2" => Some(Isa::Avx2),
             "avx512" => Some(Isa::Avx512),
             "avx512bf16" => Some(Isa::Avx512Bf16),
+            "amx" => Some(Isa::Amx),
             _ => None,
         }
     }

@@ -30,7 +30,9 @@
 //!   on the caller's buffers, called in vocabulary slices so its packing buffers stay small;
 //! - bf16 with AVX512_BF16 (and even H and row strides): `dpbf16.rs`, `vdpbf16ps` micro-kernels reading bf16
 //!   directly, f32 accumulation; the logits gradient is rounded to bf16 for the two backward GEMMs (as a stock
-//!   bf16 backward does);
+//!   bf16 backward does). Where the CPU also has AMX and the OS grants it (Sapphire Rapids and later), the same
+//!   three products run on the tile unit instead (`amx.rs`, `tdpbf16ps` on 32×32 blocks; same rounding, same
+//!   buffers);
 //! - bf16 elsewhere, and f16: rows widened to f32 in chunks, then the f32 engine.
 //!
 //! The row pass has AVX-512, AVX2+FMA and portable builds of one generic body; the tests run every path.
@@ -38,6 +40,8 @@
 //! `Options::profile` prints seconds per phase to stderr (benchmarking aid).
 #![forbid(unsafe_op_in_unsafe_fn)]
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 #[cfg(target_arch = "x86_64")]
 mod dpbf16;
 #[cfg(target_arch = "x86_64")]

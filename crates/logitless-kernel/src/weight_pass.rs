@@ -87,8 +87,8 @@ pub(crate) fn run<S: Storage>(
             if let Some((cpu, w16, x16)) = dp {
                 let (ws, hs) = (job.weight.row_stride(), job.hidden.row_stride());
                 let row = |j: usize| &x16[block[j].0 * hs..block[j].0 * hs + h];
-                crate::dpbf16::pack_hidden_for_logits(row, r, h, &mut hp1);
-                crate::dpbf16::pack_hidden_for_dweight(row, r, h, &mut hp3);
+                crate::dpbf16::pack_hidden_for_logits(cpu, row, r, h, &mut hp1);
+                crate::dpbf16::pack_hidden_for_dweight(cpu, row, r, h, &mut hp3);
                 if let Some(out) = crate::storage::as_f32_mut(lg) {
                     crate::dpbf16::logits(cpu, &w16[v0 * ws..], ws, vc, h, &hp1, r, out, parallel);
                 }

@@ -11,11 +11,17 @@ use logitless_kernel::isa::{self, Isa};
 fn every_path_matches_the_reference() {
     let best = isa::detected();
     let mut paths = vec![Isa::Portable];
-    for p in [Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16] {
+    for p in [Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::Amx] {
         let rank = |i: Isa| {
-            [Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16]
-                .iter()
-                .position(|&x| x == i)
+            [
+                Isa::Portable,
+                Isa::Avx2,
+                Isa::Avx512,
+                Isa::Avx512Bf16,
+                Isa::Amx,
+            ]
+            .iter()
+            .position(|&x| x == i)
         };
         if rank(p) <= rank(best) {
             paths.push(p);
@@ -69,7 +75,7 @@ fn every_path_matches_the_reference() {
 /// The levels that /proc/cpuinfo's flags (a second opinion, independent of `is_x86_feature_detected!`) say this
 /// CPU has, with the flags behind each; empty where there is no /proc/cpuinfo.
 fn cpu_claims() -> Vec<(Isa, &'static [&'static str])> {
-    const LEVELS: [(Isa, &[&str]); 3] = [
+    const LEVELS: [(Isa, &[&str]); 4] = [
         (Isa::Avx2, &["avx2", "fma"]),
         (
             Isa::Avx512,
@@ -85,6 +91,21 @@ fn cpu_claims() -> Vec<(Isa, &'static [&'static str])> {
                 "avx512vl",
                 "avx512dq",
                 "avx512_bf16",
+            ],
+        ),
+        // Linux lists the AMX flags only when it supports the tile state, which it then grants on request.
+        (
+            Isa::Amx,
+            &[
+                "avx2",
+                "fma",
+                "avx512f",
+                "avx512bw",
+                "avx512vl",
+                "avx512dq",
+                "avx512_bf16",
+                "amx_bf16",
+                "amx_tile",
             ],
         ),
     ];

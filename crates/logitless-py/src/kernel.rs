@@ -480,7 +480,7 @@ fn fused_linear_cross_entropy_py(
         None => None,
         Some(name) => Some(Isa::parse(name).ok_or_else(|| {
             value_error(format!(
-                "LOGITLESS_KERNEL_ISA: expected one of portable, avx2, avx512, avx512bf16, got {name:?}"
+                "LOGITLESS_KERNEL_ISA: expected one of portable, avx2, avx512, avx512bf16, amx, got {name:?}"
             ))
         })?),
     };
