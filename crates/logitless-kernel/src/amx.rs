@@ -163,6 +163,7 @@ unsafe fn block(
 
 /// The 16×16 transpose of u32 lanes: `out[c]` lane `i` is `r[i]` lane `c` (four rounds of shuffles).
 #[target_feature(enable = "avx512f")]
+#[inline]
 fn transpose16(r: &[__m512i; 16]) -> [__m512i; 16] {
     let mut t = [_mm512_setzero_si512(); 16];
     for i in 0..8 {
@@ -193,6 +194,7 @@ fn transpose16(r: &[__m512i; 16]) -> [__m512i; 16] {
 
 /// Up to 32 bf16 of `src` from `start` (fewer where it ends; zero past that) as 16 u32 pairs.
 #[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
 fn load_pairs(src: &[u16], start: usize) -> __m512i {
     let n = src.len().saturating_sub(start).min(32);
     let mask: __mmask32 = if n == 32 { !0 } else { (1u32 << n) - 1 };
@@ -210,7 +212,10 @@ fn pack_panel<'a>(row: impl Fn(usize) -> &'a [u16], count: usize, k: usize, out:
     let rows: [&[u16]; BLOCK] = std::array::from_fn(|j| if j < count { &row(j)[..k] } else { &[] });
     for s in 0..steps {
         for half in 0..2 {
-            let r: [__m512i; 16] = std::array::from_fn(|i| load_pairs(rows[16 * half + i], 32 * s));
+            let mut r = [_mm512_setzero_si512(); 16];
+            for (i, lanes) in r.iter_mut().enumerate() {
+                *lanes = load_pairs(rows[16 * half + i], 32 * s);
+            }
             for (p, lanes) in transpose16(&r).iter().enumerate() {
                 let at = (16 * s + p) * NR + 16 * half;
                 // SAFETY: u32 at..at + 16 lie in `out` (asserted: at + 16 <= steps·512).
@@ -239,36 +244,44 @@ fn pack_a<'a>(row: impl Fn(usize) -> &'a [u16], count: usize, k: usize, out: &mu
     }
 }
 
+/// `n` (<= 16) bf16 bits of row `r` of `g` (`gs` apart) from column `u0`, widened to u32 lanes; zero lanes past
+/// `n`, and all zero for a row past `rows`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
+fn column(g: &[u16], gs: usize, rows: usize, r: usize, u0: usize, n: usize) -> __m512i {
+    if r >= rows || n == 0 {
+        return _mm512_setzero_si512();
+    }
+    let src = &g[r * gs + u0..r * gs + u0 + n];
+    let mask: __mmask16 = if n == 16 { !0 } else { (1u16 << n) - 1 };
+    // SAFETY: the mask covers the n elements of `src` only; masked-off elements are neither read nor fault.
+    _mm512_cvtepu16_epi32(unsafe { _mm256_maskz_loadu_epi16(mask, src.as_ptr().cast()) })
+}
+
 /// Packs the 32-wide vocabulary block at column `u0` (`nv` <= 32 columns) of `rows` rows of bf16 bits (`gs`
 /// apart) as one A block whose rows are the vocabulary and whose k runs along `g`'s rows: pair `(g[2p][u],
 /// g[2p+1][u])`, zero past `rows` and `nv`. `out` holds `padded_pairs(rows)·32` u32.
-#[target_feature(enable = "avx512f,avx512bw")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 fn pack_columns(g: &[u16], gs: usize, rows: usize, u0: usize, nv: usize, out: &mut [u32]) {
     let steps = padded_pairs(rows) / 16;
     assert!(
         out.len() >= steps * A_STEP && (rows == 0 || u0 + nv <= gs),
         "pack_columns"
     );
-    let column = |r: usize, half: usize| -> __m512i {
-        let (lo, n) = (16 * half, nv.saturating_sub(16 * half).min(16));
-        if r >= rows || n == 0 {
-            return _mm512_setzero_si512();
-        }
-        let src = &g[r * gs + u0 + lo..r * gs + u0 + lo + n];
-        let mask: __mmask16 = if n == 16 { !0 } else { (1u16 << n) - 1 };
-        // SAFETY: the mask covers the n elements of `src` only; masked-off elements are neither read nor fault.
-        _mm512_cvtepu16_epi32(unsafe { _mm256_maskz_loadu_epi16(mask, src.as_ptr().cast()) })
-    };
     for s in 0..steps {
         for half in 0..2 {
-            // Pair p of this step, as 16 lanes over the block's vocabulary columns 16·half.. .
-            let r: [__m512i; 16] = std::array::from_fn(|p| {
+            // Pair p of this step, as 16 lanes over the block's vocabulary columns 16·half.. (a loop, not a
+            // closure: the widening loads then inline with this function's target features).
+            let (c0, n) = (u0 + 16 * half, nv.saturating_sub(16 * half).min(16));
+            let mut r = [_mm512_setzero_si512(); 16];
+            for (p, lanes) in r.iter_mut().enumerate() {
                 let k = 2 * (16 * s + p);
-                _mm512_or_si512(
-                    column(k, half),
-                    _mm512_slli_epi32::<16>(column(k + 1, half)),
-                )
-            });
+                let (lo, hi) = (
+                    column(g, gs, rows, k, c0, n),
+                    column(g, gs, rows, k + 1, c0, n),
+                );
+                *lanes = _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi));
+            }
             for (i, lanes) in transpose16(&r).iter().enumerate() {
                 let at = s * A_STEP + 16 * (16 * half + i);
                 // SAFETY: u32 at..at + 16 lie in `out` (asserted).

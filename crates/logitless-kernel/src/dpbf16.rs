@@ -225,6 +225,7 @@ impl SplitAcc {
     ///
     /// # Safety
     /// As [`SplitAcc::set`] for those elements; the CPU must support avx512f/bw.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub(crate) unsafe fn add_row(self, x: &[f32]) {
         let (whole, rest) = x.as_chunks::<16>();
         for (k, lanes) in whole.iter().enumerate() {
