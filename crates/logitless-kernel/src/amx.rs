@@ -6,8 +6,9 @@
 //! Every product runs on 32×32 blocks of C in four tiles (tmm0-3), from two A tiles (tmm4/5: 16 rows × 32 bf16,
 //! k contiguous) and two B tiles (tmm6/7: 16 k-pairs × 16 columns of `(x[k], x[k+1])` pairs, the panel layout
 //! [`crate::dpbf16`] packs, padded to whole steps of 32 k). A tile load reads 16 rows at a stride and has no mask, so
-//! A is read in place where 32 whole rows and whole steps exist, and copied into a zero-padded block otherwise;
-//! C is loaded and stored in place for whole blocks, through a scratch block at the edges.
+//! both operands are packed into zero-padded blocks (A as `[steps][32 rows][16 pairs]`, each tile load then 2 KiB
+//! in one piece); C is loaded and stored in place for whole blocks, through a scratch block at the edges and
+//! for the split weight-gradient accumulator.
 //!
 //! The instructions are inline assembly (the AMX intrinsics are not stable Rust) naming fixed tile registers.
 //! Tiles are per-thread state that nothing else in this crate uses: [`Tiles`] configures them on the thread that
@@ -300,6 +301,7 @@ fn bits(x: &[bf16]) -> &[u16] {
 /// The A operand of the logits product: the `rows` gathered hidden rows in blocks of 32 as [`pack_a`] lays them
 /// out, `padded_pairs(h)·32` u32 per block.
 pub(crate) fn pack_rows<'a>(
+    _cpu: AmxToken,
     row: impl Fn(usize) -> &'a [bf16],
     rows: usize,
     h: usize,
@@ -310,7 +312,7 @@ pub(crate) fn pack_rows<'a>(
     out.resize(ceil_div(rows, BLOCK) * per_block, 0);
     for (rb, dst) in out.chunks_mut(per_block).enumerate() {
         let r0 = rb * BLOCK;
-        // SAFETY: only reached with an AMX token, which implies avx512f/bw (`isa::Level::bf16`).
+        // SAFETY: the AMX token implies avx512f/bw (`isa::Level::bf16`).
         unsafe { pack_a(|i| bits(row(r0 + i)), BLOCK.min(rows - r0), h, dst) };
     }
 }

@@ -459,8 +459,8 @@ pub(crate) fn pack_hidden_for_logits<'a>(
     h: usize,
     out: &mut Vec<u32>,
 ) {
-    if cpu.amx().is_some() {
-        return crate::amx::pack_rows(row, rows, h, out);
+    if let Some(amx) = cpu.amx() {
+        return crate::amx::pack_rows(amx, row, rows, h, out);
     }
     let kp = h / 2;
     let panels = ceil_div(rows, NR);
