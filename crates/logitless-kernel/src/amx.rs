@@ -15,7 +15,7 @@
 //! runs a piece of work and releases them when the piece ends.
 
 use crate::dpbf16::{
-    NR, PIECES_PER_THREAD, SharedMut, SplitAcc, WeightAcc, ceil_div, padded_pairs, split,
+    NR, PIECES_PER_THREAD, SharedMut, Target, WeightAcc, ceil_div, padded_pairs, split,
 };
 use crate::isa::AmxToken;
 use crate::{holds, holds_view};
@@ -335,6 +335,35 @@ unsafe fn store_edge(tile: &Scratch, c: *mut f32, ldc: usize, rows: usize, cols:
     }
 }
 
+/// [`block`] into the `rows × cols` (each <= 32) corner of row-major `c` (`ldc` elements between rows), added to it
+/// when `add`: straight from the tiles for a whole 32×32 block, through `tile` at the edges.
+///
+/// # Safety
+/// As [`block`] for A and B; `c + i·ldc + j` must be writable (and readable when adding) for i < rows, j < cols,
+/// and not touched by another thread meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_into(
+    tiles: &Tiles,
+    steps: usize,
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    (rows, cols): (usize, usize),
+    add: bool,
+    tile: &mut Scratch,
+) {
+    // SAFETY: by the function's contract (a whole block's 32 rows of 32 f32 are in `c`; the scratch block is ours).
+    unsafe {
+        if rows == BLOCK && cols == BLOCK {
+            block(tiles, steps, a, b, c, 4 * ldc, add);
+        } else {
+            block(tiles, steps, a, b, tile.ptr(), 4 * BLOCK, false);
+            store_edge(tile, c, ldc, rows, cols, add);
+        }
+    }
+}
+
 /// Bytes of packed operand a thread keeps for reuse (a group of B panels, or of A blocks): about a quarter of
 /// a Sapphire Rapids core's 2 MiB L2, so the other operand's stream and C fit beside it.
 const GROUP_BYTES: usize = 512 << 10;
@@ -393,37 +422,22 @@ pub(crate) fn logits(
                 let a = hp[rb * per_block..].as_ptr();
                 for (u0, panel) in (g0..g_end).step_by(BLOCK).zip(panels.chunks(per_block)) {
                     let cols = BLOCK.min(g_end - u0);
-                    if nrows == BLOCK && cols == BLOCK {
-                        // SAFETY: A is row block rb of `hp` and B one packed panel, `steps` steps each (asserted
-                        // and sized above); C's rows r0..r0+32 <= rows and columns u0..u0+32 <= v_end lie in
-                        // `out` (asserted), and this thread owns columns [v_start, v_end).
-                        unsafe {
-                            block(
-                                &tiles,
-                                steps,
-                                a,
-                                panel.as_ptr(),
-                                dst.at(r0 * v + u0),
-                                4 * v,
-                                false,
-                            )
-                        };
-                    } else {
-                        // SAFETY: as above for A and B; C is the scratch block, then rows r0.. < rows and
-                        // columns u0.. < v_end of `out`, owned by this thread.
-                        unsafe {
-                            block(
-                                &tiles,
-                                steps,
-                                a,
-                                panel.as_ptr(),
-                                tile.ptr(),
-                                4 * BLOCK,
-                                false,
-                            );
-                            store_edge(&tile, dst.at(r0 * v + u0), v, nrows, cols, false);
-                        }
-                    }
+                    // SAFETY: A is row block rb of `hp` and B one packed panel, `steps` steps each (asserted and
+                    // sized above); C's rows r0.. < rows and columns u0.. < v_end lie in `out` (asserted), and
+                    // this thread owns columns [v_start, v_end).
+                    unsafe {
+                        block_into(
+                            &tiles,
+                            steps,
+                            a,
+                            panel.as_ptr(),
+                            dst.at(r0 * v + u0),
+                            v,
+                            (nrows, cols),
+                            false,
+                            &mut tile,
+                        )
+                    };
                 }
             }
         }
@@ -478,37 +492,21 @@ pub(crate) fn d_hidden(
                 for (q, h0) in (h_start..h_end).step_by(BLOCK).enumerate() {
                     let cols = BLOCK.min(h_end - h0);
                     let b = bp[q * per_panel..].as_ptr();
-                    if nrows == BLOCK && cols == BLOCK {
-                        // SAFETY: A is `ablk` and B panel q of `bp`, `kp` pairs each; C's rows r0..r0+32 <= rows
-                        // and columns h0..h0+32 <= h_end lie in `dh` (asserted), and this thread owns
-                        // [h_start, h_end).
-                        unsafe {
-                            block(
-                                &tiles,
-                                steps,
-                                ablk.as_ptr(),
-                                b,
-                                dst.at(r0 * h + h0),
-                                4 * h,
-                                k0 > 0,
-                            )
-                        };
-                    } else {
-                        // SAFETY: as above for A and B; C is the scratch block, then rows r0.. < rows and
-                        // columns h0.. < h_end of `dh`, owned by this thread.
-                        unsafe {
-                            block(
-                                &tiles,
-                                steps,
-                                ablk.as_ptr(),
-                                b,
-                                tile.ptr(),
-                                4 * BLOCK,
-                                false,
-                            );
-                            store_edge(&tile, dst.at(r0 * h + h0), h, nrows, cols, k0 > 0);
-                        }
-                    }
+                    // SAFETY: A is `ablk` and B panel q of `bp`, `kp` pairs each; C's rows r0.. < rows and
+                    // columns h0.. < h_end lie in `dh` (asserted), and this thread owns [h_start, h_end).
+                    unsafe {
+                        block_into(
+                            &tiles,
+                            steps,
+                            ablk.as_ptr(),
+                            b,
+                            dst.at(r0 * h + h0),
+                            h,
+                            (nrows, cols),
+                            k0 > 0,
+                            &mut tile,
+                        )
+                    };
                 }
             }
         }
@@ -539,16 +537,7 @@ pub(crate) fn d_weight(
         gs >= v && holds(g.len(), rows, gs) && holds(hp.len(), panels, per_panel),
         "d_weight"
     );
-    let (f32_dst, split_dst) = match dw {
-        WeightAcc::F32(c) => {
-            assert!(holds(c.len(), v, h), "d_weight");
-            (Some(SharedMut(c.as_mut_ptr())), None)
-        }
-        WeightAcc::Split { hi, lo } => {
-            assert!(holds(hi.len(), v, h), "d_weight");
-            (None, Some(SplitAcc::new(hi, lo)))
-        }
-    };
+    let dst = dw.target(v, h);
     let group = group_of(per_block) * BLOCK;
     split(parallel, v, BLOCK, PIECES_PER_THREAD, |v_start, v_end| {
         let tiles = Tiles::new(cpu);
@@ -569,26 +558,22 @@ pub(crate) fn d_weight(
                 for (u0, blk) in (g0..g_end).step_by(BLOCK).zip(ap.chunks(per_block)) {
                     let nv = BLOCK.min(g_end - u0);
                     let (a, c) = (blk.as_ptr(), u0 * h + h0);
-                    if let Some(d) = f32_dst
-                        && nv == BLOCK
-                        && cols == BLOCK
-                    {
+                    match dst {
                         // SAFETY: A is one packed block and B panel q of `hp`, `kp` pairs each (asserted); C's
-                        // rows u0..u0+32 <= v_end and columns h0..h0+32 <= h lie in the accumulator (asserted),
-                        // and this thread owns rows [v_start, v_end).
-                        unsafe { block(&tiles, steps, a, b, d.at(c), 4 * h, true) };
-                        continue;
-                    }
-                    // SAFETY: as above for A and B; C is the scratch block.
-                    unsafe { block(&tiles, steps, a, b, tile.ptr(), 4 * BLOCK, false) };
-                    if let Some(d) = f32_dst {
-                        // SAFETY: rows u0.. < v_end and columns h0.. < h of the accumulator, owned by this thread.
-                        unsafe { store_edge(&tile, d.at(c), h, nv, cols, true) };
-                    } else if let Some(d) = split_dst {
-                        for i in 0..nv {
-                            // SAFETY: as above, in both planes of the split accumulator; AMX's token implies
-                            // avx512f/bw.
-                            unsafe { d.at(c + i * h).add_row(tile.row(i, cols)) };
+                        // rows u0.. < v_end and columns h0.. < h lie in the accumulator (asserted), and this
+                        // thread owns rows [v_start, v_end).
+                        Target::F32(d) => unsafe {
+                            block_into(&tiles, steps, a, b, d.at(c), h, (nv, cols), true, &mut tile)
+                        },
+                        // The split planes cannot be tile-loaded: through the scratch block.
+                        Target::Split(d) => {
+                            // SAFETY: as above for A and B.
+                            unsafe { block(&tiles, steps, a, b, tile.ptr(), 4 * BLOCK, false) };
+                            for i in 0..nv {
+                                // SAFETY: as above, in both planes of the split accumulator; AMX's token
+                                // implies avx512f/bw.
+                                unsafe { d.at(c + i * h).add_row(tile.row(i, cols)) };
+                            }
                         }
                     }
                 }

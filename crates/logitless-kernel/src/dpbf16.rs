@@ -1,5 +1,6 @@
 //! bf16 GEMMs on AVX512_BF16 (`vdpbf16ps`: 32 bf16 products per instruction, f32 accumulation), for the three
-//! products of the fused kernel. x86-64 only; used when `isa::current()` is `Avx512Bf16`.
+//! products of the fused kernel. x86-64 only; used when `isa::current()` is `Avx512Bf16`, and the entry points for
+//! `Amx` too, which hand the GEMMs to [`crate::amx`].
 //!
 //! `vdpbf16ps` multiplies pairs of bf16 along k inside each 32-bit lane, so every operand is read as `u32` pairs
 //! `(x[k], x[k+1])`: the broadcast operand ("A", MR rows) either straight from bf16 rows whose k runs are
@@ -743,9 +744,25 @@ pub(crate) enum WeightAcc<'a> {
 
 /// [`WeightAcc`] as shareable raw pointers for the threads (each writes its own rows).
 #[derive(Clone, Copy)]
-enum Target {
+pub(crate) enum Target {
     F32(SharedMut),
     Split(SplitAcc),
+}
+
+impl WeightAcc<'_> {
+    /// The accumulator of a `v × h` weight gradient as a [`Target`] (panics if it is smaller).
+    pub(crate) fn target(self, v: usize, h: usize) -> Target {
+        match self {
+            WeightAcc::F32(c) => {
+                assert!(holds(c.len(), v, h), "d_weight");
+                Target::F32(SharedMut(c.as_mut_ptr()))
+            }
+            WeightAcc::Split { hi, lo } => {
+                assert!(holds(hi.len(), v, h), "d_weight");
+                Target::Split(SplitAcc::new(hi, lo))
+            }
+        }
+    }
 }
 
 /// GEMM 3: `dw[v, :] += Σ_j g[j, v] · hidden_j`, `g` rounded by [`round_rows`] (row stride `gs`); hidden packed
@@ -772,16 +789,7 @@ pub(crate) fn d_weight(
         gs >= v && holds(g.len(), rows, gs) && holds(hp.len(), panels, per_panel),
         "d_weight"
     );
-    let dst = match dw {
-        WeightAcc::F32(c) => {
-            assert!(holds(c.len(), v, h), "d_weight");
-            Target::F32(SharedMut(c.as_mut_ptr()))
-        }
-        WeightAcc::Split { hi, lo } => {
-            assert!(holds(hi.len(), v, h), "d_weight");
-            Target::Split(SplitAcc::new(hi, lo))
-        }
-    };
+    let dst = dw.target(v, h);
     split(parallel, v, MR, PIECES_PER_THREAD, |v_start, v_end| {
         let mut ap = vec![0u32; kp * MR];
         let mut tile = [0f32; MR * NR];

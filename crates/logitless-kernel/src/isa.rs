@@ -77,16 +77,19 @@ impl Level {
     pub fn isa(self) -> Isa {
         self.0
     }
+    /// Whether this level includes `floor`'s features (each level has those of every level below it).
+    fn reaches(self, floor: Isa) -> bool {
+        encode(self.0) >= encode(floor)
+    }
     pub(crate) fn avx512(self) -> Option<Avx512Token> {
-        matches!(self.0, Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx).then_some(Avx512Token(()))
+        self.reaches(Isa::Avx512).then_some(Avx512Token(()))
     }
     pub(crate) fn bf16(self) -> Option<Bf16Token> {
-        let amx = (self.0 == Isa::Amx).then_some(AmxToken(()));
-        matches!(self.0, Isa::Avx512Bf16 | Isa::Amx).then_some(Bf16Token(amx))
+        let amx = self.reaches(Isa::Amx).then_some(AmxToken(()));
+        self.reaches(Isa::Avx512Bf16).then_some(Bf16Token(amx))
     }
     pub(crate) fn avx2(self) -> Option<Avx2Token> {
-        matches!(self.0, Isa::Avx2 | Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx)
-            .then_some(Avx2Token(()))
+        self.reaches(Isa::Avx2).then_some(Avx2Token(()))
     }
 }
 
