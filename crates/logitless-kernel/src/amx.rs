@@ -165,7 +165,7 @@ unsafe fn block(
 /// The 16×16 transpose of u32 lanes: `out[c]` lane `i` is `r[i]` lane `c` (four rounds of shuffles).
 #[target_feature(enable = "avx512f")]
 #[inline]
-fn transpose16(r: &[__m512i; 16]) -> [__m512i; 16] {
+pub(crate) fn transpose16(r: &[__m512i; 16]) -> [__m512i; 16] {
     let mut t = [_mm512_setzero_si512(); 16];
     for i in 0..8 {
         t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
