@@ -318,7 +318,7 @@ def _reference64(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, kw: dict) ->
 
 def correctness(dev: torch.device, small: bool) -> list[str]:
     """Errors against float64, as multiples of stock's (materialised logits in the inputs' dtype, upcast)."""
-    from logitless import linear_cross_entropy
+    from logitless import linear_cross_entropy, torch_path
 
     n, hd, v = (32, 32, 1500) if small else (512, 256, 32000)
     rows = ["| case | impl | loss err / stock's | d_hidden err / stock's | d_weight err / stock's "
@@ -367,10 +367,14 @@ def correctness(dev: torch.device, small: bool) -> list[str]:
                 base, _ = errors(stock)
                 floor = 2.0**-23 if dtype == torch.float32 else 2.0**-8
                 separate: dict[str, tuple] = {}
+                # recompute on these problems takes the shared gradient's three GEMMs; "recompute-slabs" runs the
+                # slab pass that larger ones take.
                 for impl, mode, aliased in (("triton", "accumulate", False), ("triton", "accumulate", True),
                                             ("triton", "recompute", False), ("triton", "recompute", True),
+                                            ("triton", "recompute-slabs", False), ("triton", "recompute-slabs", True),
                                             ("torch", "accumulate", False)):  # fmt: skip
-                    os.environ["LOGITLESS_WEIGHT_GRAD"] = mode
+                    os.environ["LOGITLESS_WEIGHT_GRAD"] = mode.removesuffix("-slabs")
+                    torch_path._RECOMPUTE_SHARES_SMALL = not mode.endswith("-slabs")
                     _alias_on_cuda(aliased)
 
                     def ours(hh: torch.Tensor, ww: torch.Tensor, impl: str = impl) -> torch.Tensor:
@@ -390,6 +394,7 @@ def correctness(dev: torch.device, small: bool) -> list[str]:
                     rows.append(f"| {dt_name} {ignored:.0%} {ep_name} | {label} | "
                                 + " | ".join(f"{r:.2f}" for r in ratios) + f" | {same} |" + ("" if ok else " **FAIL**"))  # fmt: skip
                 _alias_on_cuda(False)
+                torch_path._RECOMPUTE_SHARES_SMALL = True
     os.environ["LOGITLESS_WEIGHT_GRAD"] = "accumulate"
     if dev.type == "cuda":
         # Enough rows for one program per row (the cases above split rows into parts): the row kernel's gradient

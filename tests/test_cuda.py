@@ -33,6 +33,19 @@ OPTIONS: dict[str, Any] = {
 }
 
 
+# recompute on these small problems takes the shared gradient's three GEMMs (torch_path._plan); "recompute-slabs"
+# runs its slab pass on them too, as it runs on large ones.
+MODES = ["accumulate", "recompute", "recompute-slabs"]
+
+
+def set_mode(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from logitless import torch_path
+
+    monkeypatch.setenv("LOGITLESS_WEIGHT_GRAD", mode.removesuffix("-slabs"))
+    if mode.endswith("-slabs"):
+        monkeypatch.setattr(torch_path, "_RECOMPUTE_SHARES_SMALL", False)
+
+
 def make(dtype: torch.dtype, *, with_bias: bool, ignore_frac: float = 0.3, seed: int = 0) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(B, T, H, generator=g).to(dtype)
@@ -87,25 +100,25 @@ def test_plain_loss_matches_reference_on_cuda(dtype: torch.dtype, with_bias: boo
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("mode", ["accumulate", "recompute"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("chunk_mb", [None, "0.01"])
 def test_every_option_on_cuda(
     dtype: torch.dtype, mode: str, chunk_mb: str | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("LOGITLESS_WEIGHT_GRAD", mode)
+    set_mode(mode, monkeypatch)
     if chunk_mb is not None:
         monkeypatch.setenv("LOGITLESS_CHUNK_MB", chunk_mb)
     run_and_check(dtype, with_bias=True, grad_output=0.5, logits_bias=True, **OPTIONS)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("mode", ["accumulate", "recompute"])
+@pytest.mark.parametrize("mode", MODES)
 def test_few_rows_split_into_parts_on_cuda(dtype: torch.dtype, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Fewer rows than the GPU runs programs at once, a longer vocabulary: the Triton path splits each row's columns
     into parts (statistics, a combining program per row, the gradient per part). Every option, against float64."""
     from logitless import triton_path
 
-    monkeypatch.setenv("LOGITLESS_WEIGHT_GRAD", mode)
+    set_mode(mode, monkeypatch)
     monkeypatch.setattr(sys.modules[__name__], "V", 5000)
     assert triton_path._parts(B * T, 5000, torch.device("cuda")) > 1
     calls: list[int] = []
@@ -120,7 +133,7 @@ def test_few_rows_split_into_parts_on_cuda(dtype: torch.dtype, mode: str, monkey
     assert calls
 
 
-@pytest.mark.parametrize("mode", ["accumulate", "recompute"])
+@pytest.mark.parametrize("mode", MODES)
 # One program per row (2048-row chunks: a problem that fits one chunk runs as two halves sharing a gradient
 # buffer, never over its logits), and rows split into parts.
 @pytest.mark.parametrize("rows", [4096, 64])
@@ -130,7 +143,7 @@ def test_gradient_over_its_own_logits_on_cuda(mode: str, rows: int, monkeypatch:
     float64 reference's values. Off by default on CUDA until this passes on a device."""
     from logitless import triton_path
 
-    monkeypatch.setenv("LOGITLESS_WEIGHT_GRAD", mode)
+    set_mode(mode, monkeypatch)
     g = torch.Generator().manual_seed(5)
     hidden = torch.randn(rows, 256, generator=g).to(torch.bfloat16)
     weight = (torch.randn(32000, 256, generator=g) * 0.15).to(torch.bfloat16)
@@ -219,11 +232,11 @@ def test_backward_scales_saved_gradients_in_place_on_cuda(factor: float) -> None
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
-@pytest.mark.parametrize("mode", ["accumulate", "recompute"])
+@pytest.mark.parametrize("mode", MODES)
 def test_head_on_another_gpu_than_the_current_one(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A model split over GPUs (``device_map="auto"``): the head on cuda:1 while cuda:0 is current. Kernels and the
     scored-row count's copy must run on cuda:1's stream; several chunks, ignored rows skipped after the first."""
-    monkeypatch.setenv("LOGITLESS_WEIGHT_GRAD", mode)
+    set_mode(mode, monkeypatch)
     monkeypatch.setenv("LOGITLESS_CHUNK_MB", "0.01")
     hidden, weight, _, labels = make(torch.bfloat16, with_bias=False)
     ref = reference(hidden.requires_grad_(), weight.requires_grad_(), labels, grad_output=0.5, **OPTIONS)

@@ -48,7 +48,8 @@ def test_recompute_mode_holds_its_budget_on_a_gpu(
     case: str, ignored: float, aliased: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``LOGITLESS_WEIGHT_GRAD=recompute`` on CUDA: no V×H float32 buffer, one chunk's and then one slab's scratch at
-    a time, within its fixed 192 MiB budget plus the sorted rows' hidden copy (none where every row is scored): at
+    a time (at the small shape every row's bf16 gradient and one chunk's logits instead, the shared gradient's plan),
+    within its fixed 192 MiB budget plus the sorted rows' hidden copy (none where every row is scored): at
     most the 256 MiB the GPU issue asks, at 2048×1024×32000 and 8192×2048×128256 bf16 (the default mode there: +192
     MiB and +2.0 GiB), and at an 8B-class model's 8192 tokens (8192×4096×128256). With each slab's gradient written
     over its own logits (``aliased``) the slabs are wider, in the same budget."""
@@ -82,7 +83,10 @@ def test_a_one_chunk_problem_in_halves_holds_half_its_logits(ignored: float, mon
         ("small", "accumulate", {"skip_ignored": False}, 2048, False, False),  # a CUDA graph being captured
         ("small", "accumulate", {"compact": True}, 2048, False, False),  # rows counted on the host
         ("big", "accumulate", {}, 2048, False, False),  # the float32 accumulator's 2048-row floor
-        ("small", "recompute", {}, 1536, False, True),  # forward-only chunks, every gradient from the slabs
+        # Every row's bf16 gradient (125 MiB) fits recompute's 192 MiB beside 512-row chunks of float32 logits:
+        # the chunks share it and the weight gradient is one GEMM over it (three GEMMs, not the slabs' four).
+        ("small", "recompute", {}, 512, False, False),
+        ("small", "recompute", {"compact": True}, 1536, False, True),  # forward-only chunks, every gradient by slabs
         ("big", "recompute", {}, 384, False, True),
         # An 8B-class model's 8192 tokens: every chunk's bf16 gradient in one buffer (2 GiB) beats the float32
         # accumulator (2 GiB) plus a chunk's rounded gradient; recompute's d_hidden accumulator would take 128 of
@@ -108,5 +112,7 @@ def test_the_plans_a_gpu_gets(
         compact=kw.get("compact", False), skip_ignored=kw.get("skip_ignored", True),
     )  # fmt: skip
     assert (plan.rows_per_chunk, plan.halves, plan.slab_major) == (rows, halves, slab_major)
-    assert plan.shared_grad == (halves or (case, mode) == ("wide", "accumulate"))
+    shared = (case, mode, kw) in (("wide", "accumulate", {}), ("small", "recompute", {}))
+    assert plan.shared_grad == (halves or shared)
+    assert plan.recompute == (mode == "recompute" and not plan.shared_grad)
     assert plan.row_grad == (not slab_major)

@@ -848,6 +848,47 @@ def test_recompute_slabs_form_every_gradient(
 
 
 @pytest.mark.parametrize("impl", [_SYNC_FREE, _TRITON_SYNC_FREE])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("budget", [80_000, 56_000])
+def test_recompute_shares_every_rows_gradient_where_it_fits_the_budget(
+    impl: str, dtype: torch.dtype, budget: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``recompute`` with the gradient written in the inputs' dtype (as on CUDA) where every row's gradient fits
+    its budget beside chunks of float32 logits: the chunks write their gradients into one ``[N, V]`` buffer and the
+    weight gradient is one GEMM over it (three GEMMs, no slab pass), exact against float64. Where it does not fit
+    (56 000 bytes under the 57 600 of the 24×1200 gradient), the slabs as before."""
+    from logitless import triton_path
+
+    monkeypatch.setenv("LOGITLESS_WEIGHT_GRAD", "recompute")
+    # 24×1200 gradient: 57 600 bytes; 80 000 leaves 22 400 for chunks of 4 rows of 4800 bytes of float32 logits.
+    monkeypatch.setenv("LOGITLESS_CHUNK_MB", str(budget / 2**20))
+    n, v = 24, 1200
+    g = torch.Generator().manual_seed(8)
+    hidden = torch.randn(n, H, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(v, H, generator=g) / H**0.5 * 3).to(dtype).requires_grad_()
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[torch.rand(n, generator=g) < 0.3] = -100
+    labels[5] = v - 1
+    passes: list[tuple[str, bool]] = []
+
+    def seen(name: str) -> Any:
+        return lambda *args, **kwargs: passes.append((name, kwargs.get("grad", True)))
+
+    for module, prefix in ((torch_path, "torch_"), (triton_path, "")):
+        for name in ("row_pass", "slab_pass"):
+            _spy(monkeypatch, module, prefix + name, seen(name))
+    _rounded_gradients(monkeypatch)
+    check(impl, hidden, weight, None, labels, grad_output=0.75, logit_softcapping=2.5, label_smoothing=0.1,
+          shift=False)  # fmt: skip
+    rows = [grad for name, grad in passes if "row" in name]
+    slabs = [name for name, _ in passes if "slab" in name]
+    if budget == 80_000:
+        assert len(rows) >= 4 and all(rows) and not slabs, passes  # every chunk forms its gradient; no slab
+    else:
+        assert slabs and not any(rows), passes
+
+
+@pytest.mark.parametrize("impl", [_SYNC_FREE, _TRITON_SYNC_FREE])
 @pytest.mark.parametrize("ignored", ["none", "half", "most", "all"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

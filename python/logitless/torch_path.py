@@ -35,7 +35,9 @@ of the chunks and forms the slab's weight gradient in one GEMM, ``d_hidden`` sum
 ``[rows, H]`` buffer, and the bias gradient. Where that buffer would take over half the budget, the chunks form
 ``d_hidden`` (and the slabs the weight gradient only); where a slab over every row cannot fit (very many rows), the
 slabs take the rows block by block. On CUDA it holds a fixed 192 MiB, its chunks' rows and slabs' columns whole
-tensor-core tiles.
+tensor-core tiles. Where the row pass writes the gradient in the GEMMs' dtype and every row's fits that budget beside
+chunks of at least a tile of rows (a small problem), the chunks share it as above instead: three GEMMs, not four,
+in the same budget.
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ _TORCH_PATH_MIN_CHUNK_MB = 64
 _GPU_MIN_CHUNK_ROWS = 2048
 # The recompute mode on CUDA holds no V×H buffer; its scratch stays within this fixed budget (chunks, then slabs).
 _GPU_RECOMPUTE_BUDGET_MB = 192
+# recompute on a problem whose every row's gradient fits its budget: the shared gradient's three GEMMs (``_plan``).
+# Tests turn it off to run the slabs on small problems.
+_RECOMPUTE_SHARES_SMALL = True
 # Tensor-core GEMMs work in tiles of 128 rows / columns: a chunk's rows and a slab's columns are multiples of it
 # (a 261-row chunk pays for 384; an odd slab width leaves the GEMMs' operands unaligned, on slow kernels).
 _GPU_TILE = 128
@@ -444,10 +449,22 @@ def _plan(
                           gpu=gpu)
         >= min(v, _MIN_SLAB_COLUMNS)
     )  # fmt: skip
+    # Within recompute's budget, where every row's gradient in the GEMMs' dtype fits beside chunks of at least a
+    # tile of rows (a small problem: 2048 rows at V = 32000), those chunks share it and the weight gradient is one
+    # GEMM over it, as a slab's is over its columns: three GEMMs in the same budget, not four.
+    shared_rows = 0
+    if recompute and _RECOMPUTE_SHARES_SMALL and low_precision_grad and not compact:
+        # The chunks then hold their float32 logits only: the row pass writes each gradient into the shared buffer.
+        shared_rows = (budget_bytes - n * v * (torch.finfo(dtype).bits // 8)) // max(1, v * acc_bytes)
+        if shared_rows >= min(n, _GPU_TILE if gpu else 1):
+            recompute = slab_major = False
+            accumulate = True
+        else:
+            shared_rows = 0
     row_grad = any(need) and not slab_major
     if kernels and not row_grad:
         elem_bytes = acc_bytes
-    rows_per_chunk = max(1, budget_bytes // max(1, v * elem_bytes))
+    rows_per_chunk = max(1, shared_rows or budget_bytes // max(1, v * elem_bytes))
     if gpu and rows_per_chunk > _GPU_TILE:
         rows_per_chunk -= rows_per_chunk % _GPU_TILE
     if skip_ignored is None:
@@ -469,7 +486,7 @@ def _plan(
             half = -(-half // _GPU_TILE) * _GPU_TILE
         halves = half < n
         rows_per_chunk = half if halves else rows_per_chunk
-    shared_grad = shared_grad and (halves or rows_per_chunk < n <= 2 * h_dim + rows_per_chunk)
+    shared_grad = shared_grad and (shared_rows > 0 or halves or rows_per_chunk < n <= 2 * h_dim + rows_per_chunk)
     return _Plan(
         budget=budget_bytes, rows_per_chunk=rows_per_chunk, low_precision_grad=low_precision_grad,
         accumulate=accumulate, recompute=recompute, slab_major=slab_major, row_grad=row_grad,
