@@ -2,7 +2,8 @@
 //!
 //! Per block: logits = H_b·Wᵀ (GEMM 1), per-row epilogue/LSE/loss/gradient in place, d_hidden_b = G·W (GEMM 2,
 //! complete for the block), d_weight += Gᵀ·H_b (GEMM 3), d_bias += column sums of G. The GEMM engine splits each
-//! product across threads by output tiles, so threads never write the same element.
+//! product across threads by output tiles, so threads never write the same element (the f32 engine's d_hidden
+//! also over V, each piece into its own partial sum, added at the end).
 //!
 //! Memory: the block's logits, gathered hidden rows and d_hidden rows (and, for bf16/f16, a converted chunk of
 //! W) fit in `chunk_budget_bytes`, with at least one row whatever the budget. For bf16/f16 weights with a
@@ -81,6 +82,7 @@ pub(crate) struct Plan {
     pub w_chunk: usize,
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn plan<S: Storage>(
     budget: usize,
     v: usize,
@@ -89,6 +91,7 @@ pub(crate) fn plan<S: Storage>(
     want_dh: bool,
     dpbf16: bool,
     fma32: bool,
+    dh_parts: usize,
 ) -> Plan {
     let c = size_of::<S::C>();
     let w_chunk = if S::NATIVE || dpbf16 {
@@ -97,8 +100,9 @@ pub(crate) fn plan<S: Storage>(
         (budget / 4 / (h * c).max(1)).clamp(1, v.max(1))
     };
     // Per row: its logits (rounded to bf16 in place for the AVX512_BF16 GEMMs), its hidden row (widened, packed
-    // for the FMA engine, or packed twice as bf16 pairs), its d_hidden row.
-    let per_row = c * (v + h + if want_dh { h } else { 0 }) + if fma32 { c * h } else { 0 };
+    // for the FMA engine, or packed twice as bf16 pairs), its d_hidden row (and `dh_parts` partial ones).
+    let per_row =
+        c * (v + h + if want_dh { h * (1 + dh_parts) } else { 0 }) + if fma32 { c * h } else { 0 };
     // Fixed: bias and d_bias vectors, the widened W chunk, and the GEMM packing buffers (the bf16 path packs 256
     // rows of W at a time).
     // The f32/f64 engine packs up to about min(H, 512) × ENGINE_COLUMNS elements per call.
@@ -195,6 +199,16 @@ pub(crate) fn run<S: Storage>(
     };
     #[cfg(not(target_arch = "x86_64"))]
     let fma: Option<()> = None;
+    // The f32 engine's d_hidden adds a partial sum per piece over V beyond the first.
+    #[cfg(target_arch = "x86_64")]
+    let dh_parts = match fma {
+        Some(_) if want_dh && parallel => {
+            crate::fma32::d_hidden_v_pieces(v, h, rayon::current_num_threads()) - 1
+        }
+        _ => 0,
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let dh_parts = 0;
     let plan = plan::<S>(
         options.chunk_budget_bytes,
         v,
@@ -203,6 +217,7 @@ pub(crate) fn run<S: Storage>(
         want_dh,
         dp.is_some(),
         fma.is_some(),
+        dh_parts,
     );
     let r_max = plan.rows;
     let epi = &options.epilogue;

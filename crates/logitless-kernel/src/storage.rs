@@ -24,6 +24,10 @@ pub(crate) trait Real:
 {
     const ZERO: Self;
     const ONE: Self;
+    /// Logits-gradient entries below this in magnitude are written as 0 (`rowpass::write_gradient`): products of
+    /// them with hidden values would be denormal, and x86 cores take a microcode assist for every operation on a
+    /// denormal.
+    const FLUSH_BELOW: Self;
     fn from_f64(x: f64) -> Self;
     fn to_f64(self) -> f64;
     fn exp(self) -> Self;
@@ -34,6 +38,9 @@ pub(crate) trait Real:
 impl Real for f64 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
+    // 2^-960 (exponent field 1023 - 960): times any hidden value above 1e-19 still normal (f64's smallest is
+    // 2^-1022).
+    const FLUSH_BELOW: Self = f64::from_bits(63 << 52);
     #[inline(always)]
     fn from_f64(x: f64) -> Self {
         x
@@ -59,6 +66,8 @@ impl Real for f64 {
 impl Real for f32 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
+    // 2^-96 (exponent field 127 - 96): times any hidden value above 1e-9 still normal (f32's smallest is 2^-126).
+    const FLUSH_BELOW: Self = f32::from_bits(31 << 23);
     #[inline(always)]
     fn from_f64(x: f64) -> Self {
         x as f32

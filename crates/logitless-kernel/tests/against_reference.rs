@@ -454,3 +454,63 @@ fn bf16_weight_gradient_is_rounded_once_to_nearest() {
         }
     }
 }
+
+#[test]
+fn d_hidden_split_over_the_vocabulary_and_the_columns() {
+    // The f32 engine splits d_hidden over V (a partial sum per piece) and over H by thread count: 3 threads take
+    // 3 vocabulary pieces of 768 (the last 464: not a multiple of the 128-row k block) at H = 72 (two full
+    // 32-column panels and a partial one); 4 threads at H = 200 take 2 × 2 pieces. 37 rows: a partial row tile.
+    let mut rng = Rng::new(21);
+    for (threads, h) in [(3, 72), (4, 200), (2, 72)] {
+        let case = Case::random(&mut rng, 37, h, 2000, 0.2);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("pool");
+        pool.install(|| {
+            check_all(
+                &case,
+                Want {
+                    budget: 1 << 30,
+                    ..Want::default()
+                },
+            )
+        });
+    }
+}
+
+#[test]
+fn a_confident_rows_gradient_keeps_every_entry_above_2_pow_minus_96() {
+    // One row whose logits are exactly [0, -30, -60, -75, -85] (H = 1, hidden 1), its loss scaled by 1e-8: the
+    // weight gradient is 1e-8 times each probability (minus the one-hot), 9.4e-22 down to 1.2e-45, the last two
+    // denormal in f32. Entries below 2^-96 are written as 0 so that the GEMMs never run on denormals
+    // (rowpass::write_gradient); every entry above it keeps its value to f32 rounding, and f64 keeps them all
+    // (its threshold is 2^-960).
+    let mut rng = Rng::new(22);
+    let mut case = Case::random(&mut rng, 1, 1, 5, 0.0);
+    case.hidden = vec![1.0];
+    case.weight = vec![0.0, -30.0, -60.0, -75.0, -85.0];
+    case.targets = vec![0];
+    case.uniform_scale = 1e-8;
+    let want = common::reference(&case);
+    for parallel in [true, false] {
+        let w = Want {
+            parallel,
+            ..Want::default()
+        };
+        let got32 = common::run::<f32>(&case, w).d_weight.expect("d_weight");
+        let got64 = common::run::<f64>(&case, w).d_weight.expect("d_weight");
+        for v in 1..5 {
+            let exact = want.d_weight[v];
+            assert!(exact > 0.0, "token {v}: {exact}");
+            let rel64 = (got64[v] - exact).abs() / exact;
+            assert!(rel64 < 1e-12, "f64 token {v}: {} vs {exact}", got64[v]);
+            if exact > 2f64.powi(-96) {
+                let rel32 = (got32[v] - exact).abs() / exact;
+                assert!(rel32 < 1e-5, "f32 token {v}: {} vs {exact}", got32[v]);
+            } else {
+                assert_eq!(got32[v], 0.0, "f32 token {v}: {exact} is below 2^-96");
+            }
+        }
+    }
+}
