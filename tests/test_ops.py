@@ -804,6 +804,39 @@ def _spy(monkeypatch: pytest.MonkeyPatch, module: Any, name: str, seen: Any) -> 
     monkeypatch.setattr(module, name, run)
 
 
+def _head_problem(
+    n: int, v: int, dtype: torch.dtype, *, seed: int
+) -> tuple[torch.Generator, torch.Tensor, torch.Tensor]:
+    """A generator (for the test's further draws), then ``n`` hidden rows and a ``v``-row head, both trained."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, H, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(v, H, generator=g) / H**0.5 * 3).to(dtype).requires_grad_()
+    return g, hidden, weight
+
+
+def _some_ignored_labels(g: torch.Generator, n: int, v: int, *, last_at: int) -> torch.Tensor:
+    """About 30% ignored; row ``last_at`` scored against the last vocabulary entry."""
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[torch.rand(n, generator=g) < 0.3] = -100
+    labels[last_at] = v - 1
+    return labels
+
+
+def _spied_passes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
+    """Every row and slab pass (the torch ones and Triton's) as it runs: (name, whether it forms a gradient)."""
+    from logitless import triton_path
+
+    passes: list[tuple[str, bool]] = []
+
+    def seen(name: str) -> Any:
+        return lambda *args, **kwargs: passes.append((name, kwargs.get("grad", True)))
+
+    for module, prefix in ((torch_path, "torch_"), (triton_path, "")):
+        for name in ("row_pass", "slab_pass"):
+            _spy(monkeypatch, module, prefix + name, seen(name))
+    return passes
+
+
 @pytest.mark.parametrize("impl", [_SYNC_FREE, "torch", _TRITON_ON_CPU, _TRITON_SYNC_FREE])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rounded", [False, True])
@@ -814,28 +847,15 @@ def test_recompute_slabs_form_every_gradient(
     loss and each row's log-sum-exp) and the slabs give d_weight, d_hidden (summed over slabs in float32) and
     d_bias. Several slabs, an epilogue, a trained bias (``rounded``: a gradient written in the inputs' dtype, as
     on CUDA, with no trained bias), against float64."""
-    from logitless import triton_path
-
     monkeypatch.setenv("LOGITLESS_WEIGHT_GRAD", "recompute")
     # 24 rows, H=16: 1536 bytes of float32 d_hidden, then 144 bytes per column (96 where the rounded gradient is
     # written over its logits, as the interpreter's kernels do): 267 (400) of the 1200 columns a slab.
     monkeypatch.setenv("LOGITLESS_CHUNK_MB", str(40_000 / 2**20))
-    n, v = 24, 1200
-    g = torch.Generator().manual_seed(5)
-    hidden = torch.randn(n, H, generator=g).to(dtype).requires_grad_()
-    weight = (torch.randn(v, H, generator=g) / H**0.5 * 3).to(dtype).requires_grad_()
+    g, hidden, weight = _head_problem(24, 1200, dtype, seed=5)
+    v = weight.shape[0]
     bias = None if rounded else torch.randn(v, generator=g).to(dtype).requires_grad_()
-    labels = torch.randint(0, v, (n,), generator=g)
-    labels[torch.rand(n, generator=g) < 0.3] = -100
-    labels[3] = v - 1
-    passes: list[tuple[str, bool]] = []
-
-    def seen(name: str) -> Any:
-        return lambda *args, **kwargs: passes.append((name, kwargs.get("grad", True)))
-
-    for module, prefix in ((torch_path, "torch_"), (triton_path, "")):
-        for name in ("row_pass", "slab_pass"):
-            _spy(monkeypatch, module, prefix + name, seen(name))
+    labels = _some_ignored_labels(g, 24, v, last_at=3)
+    passes = _spied_passes(monkeypatch)
     if rounded:
         _rounded_gradients(monkeypatch)
     opts = {"logit_softcapping": 2.5, "label_smoothing": 0.1, "z_loss": 1e-3,
@@ -857,26 +877,12 @@ def test_recompute_shares_every_rows_gradient_where_it_fits_the_budget(
     its budget beside chunks of float32 logits: the chunks write their gradients into one ``[N, V]`` buffer and the
     weight gradient is one GEMM over it (three GEMMs, no slab pass), exact against float64. Where it does not fit
     (56 000 bytes under the 57 600 of the 24×1200 gradient), the slabs as before."""
-    from logitless import triton_path
-
     monkeypatch.setenv("LOGITLESS_WEIGHT_GRAD", "recompute")
     # 24×1200 gradient: 57 600 bytes; 80 000 leaves 22 400 for chunks of 4 rows of 4800 bytes of float32 logits.
     monkeypatch.setenv("LOGITLESS_CHUNK_MB", str(budget / 2**20))
-    n, v = 24, 1200
-    g = torch.Generator().manual_seed(8)
-    hidden = torch.randn(n, H, generator=g).to(dtype).requires_grad_()
-    weight = (torch.randn(v, H, generator=g) / H**0.5 * 3).to(dtype).requires_grad_()
-    labels = torch.randint(0, v, (n,), generator=g)
-    labels[torch.rand(n, generator=g) < 0.3] = -100
-    labels[5] = v - 1
-    passes: list[tuple[str, bool]] = []
-
-    def seen(name: str) -> Any:
-        return lambda *args, **kwargs: passes.append((name, kwargs.get("grad", True)))
-
-    for module, prefix in ((torch_path, "torch_"), (triton_path, "")):
-        for name in ("row_pass", "slab_pass"):
-            _spy(monkeypatch, module, prefix + name, seen(name))
+    g, hidden, weight = _head_problem(24, 1200, dtype, seed=8)
+    labels = _some_ignored_labels(g, 24, 1200, last_at=5)
+    passes = _spied_passes(monkeypatch)
     _rounded_gradients(monkeypatch)
     check(impl, hidden, weight, None, labels, grad_output=0.75, logit_softcapping=2.5, label_smoothing=0.1,
           shift=False)  # fmt: skip
