@@ -454,8 +454,10 @@ def _plan(
     # GEMM over it, as a slab's is over its columns: three GEMMs in the same budget, not four.
     shared_rows = 0
     if recompute and _RECOMPUTE_SHARES_SMALL and low_precision_grad and not compact:
-        # The chunks then hold their float32 logits only: the row pass writes each gradient into the shared buffer.
-        shared_rows = (budget_bytes - n * v * (torch.finfo(dtype).bits // 8)) // max(1, v * acc_bytes)
+        # The chunks then hold their float32 logits only where the row kernel writes each gradient into the shared
+        # buffer; the torch row pass's temporaries otherwise.
+        per_logit = acc_bytes if kernels else elem_bytes
+        shared_rows = (budget_bytes - n * v * (torch.finfo(dtype).bits // 8)) // max(1, v * per_logit)
         if shared_rows >= min(n, _GPU_TILE if gpu else 1):
             recompute = slab_major = False
             accumulate = True
