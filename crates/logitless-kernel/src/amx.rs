@@ -16,6 +16,7 @@
 
 use crate::dpbf16::{
     NR, PIECES_PER_THREAD, SharedMut, Target, WeightAcc, ceil_div, padded_pairs, split,
+    split_d_hidden,
 };
 use crate::isa::AmxToken;
 use crate::{holds, holds_view};
@@ -468,49 +469,56 @@ pub(crate) fn d_hidden(
         "d_hidden: buffers"
     );
     assert!(holds_view(w.len(), v, h, ws), "d_hidden: weight");
-    let dst = SharedMut(dh.as_mut_ptr());
     let k_block = 2 * K_PAIRS;
-    // Over H: each piece re-reads all of the gradient rows, so one piece per thread.
-    split(parallel, h, BLOCK, 1, |h_start, h_end| {
-        let tiles = Tiles::new(cpu);
-        let mut bp = Vec::new();
-        let mut ablk = vec![0u32; BLOCK * K_PAIRS];
-        let mut tile = Scratch::new();
-        for k0 in (0..v).step_by(k_block) {
-            let kc = k_block.min(v - k0);
-            let kp = padded_pairs(kc);
-            let steps = kp / 16;
-            let wrow = |k: usize| &w[(k0 + k) * ws..(k0 + k) * ws + h];
-            // SAFETY: AMX's token implies AVX512_BF16 and so avx512f/bw/vl (`isa::Level::bf16`).
-            let per_panel =
-                unsafe { crate::dpbf16::pack_kmajor(&wrow, kc, h_start, h_end, &mut bp) };
-            for r0 in (0..rows).step_by(BLOCK) {
-                let nrows = BLOCK.min(rows - r0);
-                let ablk = &mut ablk[..kp * BLOCK];
-                // SAFETY: the AMX token implies avx512f/bw (`isa::Level::bf16`).
-                unsafe { pack_a(|i| &g[(r0 + i) * gs + k0..], nrows, kc, ablk) };
-                for (q, h0) in (h_start..h_end).step_by(BLOCK).enumerate() {
-                    let cols = BLOCK.min(h_end - h0);
-                    let b = bp[q * per_panel..].as_ptr();
-                    // SAFETY: A is `ablk` and B panel q of `bp`, `kp` pairs each; C's rows r0.. < rows and
-                    // columns h0.. < h_end lie in `dh` (asserted), and this thread owns [h_start, h_end).
-                    unsafe {
-                        block_into(
-                            &tiles,
-                            steps,
-                            ablk.as_ptr(),
-                            b,
-                            dst.at(r0 * h + h0),
-                            h,
-                            (nrows, cols),
-                            k0 > 0,
-                            &mut tile,
-                        )
-                    };
+    split_d_hidden(
+        parallel,
+        rows,
+        v,
+        h,
+        k_block,
+        BLOCK,
+        dh,
+        |(k_start, k_end), (h_start, h_end), dst| {
+            let tiles = Tiles::new(cpu);
+            let mut bp = Vec::new();
+            let mut ablk = vec![0u32; BLOCK * K_PAIRS];
+            let mut tile = Scratch::new();
+            for k0 in (k_start..k_end).step_by(k_block) {
+                let kc = k_block.min(k_end - k0);
+                let kp = padded_pairs(kc);
+                let steps = kp / 16;
+                let wrow = |k: usize| &w[(k0 + k) * ws..(k0 + k) * ws + h];
+                // SAFETY: AMX's token implies AVX512_BF16 and so avx512f/bw/vl (`isa::Level::bf16`).
+                let per_panel =
+                    unsafe { crate::dpbf16::pack_kmajor(&wrow, kc, h_start, h_end, &mut bp) };
+                for r0 in (0..rows).step_by(BLOCK) {
+                    let nrows = BLOCK.min(rows - r0);
+                    let ablk = &mut ablk[..kp * BLOCK];
+                    // SAFETY: the AMX token implies avx512f/bw (`isa::Level::bf16`).
+                    unsafe { pack_a(|i| &g[(r0 + i) * gs + k0..], nrows, kc, ablk) };
+                    for (q, h0) in (h_start..h_end).step_by(BLOCK).enumerate() {
+                        let cols = BLOCK.min(h_end - h0);
+                        let b = bp[q * per_panel..].as_ptr();
+                        // SAFETY: A is `ablk` and B panel q of `bp`, `kp` pairs each; C's rows r0.. < rows and
+                        // columns h0.. < h_end lie in `dh` (asserted), and this thread owns [h_start, h_end).
+                        unsafe {
+                            block_into(
+                                &tiles,
+                                steps,
+                                ablk.as_ptr(),
+                                b,
+                                dst.at(r0 * h + h0),
+                                h,
+                                (nrows, cols),
+                                k0 > k_start,
+                                &mut tile,
+                            )
+                        };
+                    }
                 }
             }
-        }
-    });
+        },
+    );
 }
 
 /// GEMM 3 on tiles: `dw[u, :] += Σ_j g[j, u] · hidden_j` for u < v, `g` rounded to bf16 (row stride `gs`), the

@@ -6,11 +6,11 @@
 //! next tile's lines prefetched. x86-64 only; used for f32 when `isa::current()` is an AVX-512 level.
 
 use crate::dpbf16::{
-    MR, NR, PIECES_PER_THREAD, SharedMut, ceil_div, split, store_rows, store_transposed,
+    MR, NR, PIECES_PER_THREAD, SharedMut, ceil_div, split, split_d_hidden, store_rows,
+    store_transposed,
 };
 use crate::isa::Avx512Token;
 use crate::{holds, holds_view};
-use rayon::prelude::*;
 use std::arch::x86_64::*;
 
 /// k rows per block of the d_hidden GEMM (its k is the vocabulary): a 12×128 A tile (6 KiB) and a 128×32 B
@@ -261,52 +261,11 @@ pub(crate) fn d_hidden(
         "d_hidden: buffers"
     );
     assert!(ws >= h && holds_view(w.len(), v, h, ws), "d_hidden: weight");
-    if rows == 0 || h == 0 {
-        return;
-    }
-    // Pieces over V (each its own partial d_hidden, summed at the end) times pieces over H. Over H alone every
-    // piece reads all of the block's gradient rows and its own half-rows of W; over V each reads its share of both,
-    // in whole W rows (measured at 119×256×128256 on 2 cores: 0.97 -> 0.82 s per call's d_hidden GEMMs).
-    let threads = if parallel {
-        rayon::current_num_threads().max(1)
-    } else {
-        1
-    };
-    let k_piece = ceil_div(ceil_div(v, d_hidden_v_pieces(v, h, threads)), K_BLOCK) * K_BLOCK;
-    let pv = ceil_div(v, k_piece);
-    let h_piece = ceil_div(ceil_div(h, ceil_div(threads, pv)), NR) * NR;
-    let ph = ceil_div(h, h_piece);
-    let mut parts = vec![0f32; (pv - 1) * rows * h];
-    let (main, extra) = (SharedMut(dh.as_mut_ptr()), SharedMut(parts.as_mut_ptr()));
-    let run = |t: usize| {
-        let (iv, ih) = (t / ph, t % ph);
-        let dst = if iv == 0 {
-            main
-        } else {
-            SharedMut(extra.at((iv - 1) * rows * h))
-        };
-        let ks = (iv * k_piece, ((iv + 1) * k_piece).min(v));
-        let hs = (ih * h_piece, ((ih + 1) * h_piece).min(h));
-        // SAFETY: the CPU has avx512f (the token); piece (iv, ih) alone writes columns `hs` of its rows·h block
-        // (`dh` for iv = 0, else block iv - 1 of `parts`).
-        unsafe { block(g, rows, w, ws, v, h, ks, hs, dst) };
-    };
-    if pv * ph == 1 {
-        run(0);
-    } else {
-        (0..pv * ph).into_par_iter().with_max_len(1).for_each(run);
-    }
-    for part in parts.chunks_exact(rows * h) {
-        for (d, p) in dh[..rows * h].iter_mut().zip(part) {
-            *d += p;
-        }
-    }
-}
-
-/// Pieces over V of a parallel d_hidden with `threads` threads: each adds a `rows × h` float32 partial sum (at most
-/// an eighth of the block's `rows × v` gradient), so one per thread while that holds.
-pub(crate) fn d_hidden_v_pieces(v: usize, h: usize, threads: usize) -> usize {
-    threads.min(1 + v / (8 * h.max(1))).max(1)
+    split_d_hidden(parallel, rows, v, h, K_BLOCK, NR, dh, |ks, hs, dst| {
+        // SAFETY: the CPU has avx512f (the token); `split_d_hidden` hands each piece a rows·h block (`dh` or its
+        // own partial sum) whose columns `hs` no other piece writes.
+        unsafe { block(g, rows, w, ws, v, h, ks, hs, dst) }
+    });
 }
 
 /// `dh[j, c] = Σ_{v in k range} g[j, v] · W[v, c]` for j < rows and c in the column range, into `dst` (row-major,

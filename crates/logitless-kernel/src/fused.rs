@@ -199,13 +199,12 @@ pub(crate) fn run<S: Storage>(
     };
     #[cfg(not(target_arch = "x86_64"))]
     let fma: Option<()> = None;
-    // The f32 engine's d_hidden adds a partial sum per piece over V beyond the first.
+    // Our engines' d_hidden adds a partial sum per piece over V beyond the first.
     #[cfg(target_arch = "x86_64")]
-    let dh_parts = match fma {
-        Some(_) if want_dh && parallel => {
-            crate::fma32::d_hidden_v_pieces(v, h, rayon::current_num_threads()) - 1
-        }
-        _ => 0,
+    let dh_parts = if (fma.is_some() || dp.is_some()) && want_dh && parallel {
+        crate::dpbf16::d_hidden_v_pieces(v, h, rayon::current_num_threads()) - 1
+    } else {
+        0
     };
     #[cfg(not(target_arch = "x86_64"))]
     let dh_parts = 0;

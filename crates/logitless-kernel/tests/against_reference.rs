@@ -457,9 +457,11 @@ fn bf16_weight_gradient_is_rounded_once_to_nearest() {
 
 #[test]
 fn d_hidden_split_over_the_vocabulary_and_the_columns() {
-    // The f32 engine splits d_hidden over V (a partial sum per piece) and over H by thread count: 3 threads take
+    // Our engines split d_hidden over V (a partial sum per piece) and over H by thread count. f32: 3 threads take
     // 3 vocabulary pieces of 768 (the last 464: not a multiple of the 128-row k block) at H = 72 (two full
-    // 32-column panels and a partial one); 4 threads at H = 200 take 2 × 2 pieces. 37 rows: a partial row tile.
+    // 32-column panels and a partial one); 4 threads at H = 200 take 2 × 2 pieces. bf16/f16 on AMX (512-row k
+    // blocks): 2 pieces of V (1024 and 976) times 2 of H in both. 37 rows: a partial row tile. isa_paths runs it on
+    // the other levels.
     let mut rng = Rng::new(21);
     for (threads, h) in [(3, 72), (4, 200), (2, 72)] {
         let case = Case::random(&mut rng, 37, h, 2000, 0.2);

@@ -36,6 +36,12 @@ fn every_path_matches_the_reference() {
     full.smoothing = 0.1;
     full.z_loss = 1e-3;
     let plain = Case::random(&mut rng, 45, 64, 300, 0.2);
+    // Long enough for d_hidden to split over V as well as H on 3 threads (a partial sum per extra V piece).
+    let split = Case::random(&mut rng, 37, 72, 2000, 0.2);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(3)
+        .build()
+        .expect("pool");
     for &p in &paths {
         isa::set_override(Some(p));
         assert_eq!(isa::current(), p);
@@ -59,6 +65,15 @@ fn every_path_matches_the_reference() {
                 },
             );
         }
+        pool.install(|| {
+            check_all(
+                &split,
+                Want {
+                    budget: 1 << 30,
+                    ..Want::default()
+                },
+            )
+        });
     }
     isa::set_override(None);
     assert_eq!(isa::current(), best);
