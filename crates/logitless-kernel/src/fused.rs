@@ -257,8 +257,9 @@ pub(crate) fn run<S: Storage>(
     let mut hb = vec![S::C::ZERO; if dp.is_some() { 0 } else { r_max * h }];
     let (mut hp1, mut hp3): (Vec<u32>, Vec<u32>) = (Vec::new(), Vec::new());
     let mut hpf: Vec<f32> = Vec::new();
-    // Row stride of the bf16 gradient for the AVX512_BF16 GEMMs (even, so k-pairs are whole u32).
-    let gs = v + v % 2;
+    // Row stride of the bf16 gradient for the AVX512_BF16 GEMMs: each row is rounded into the front of its own
+    // f32 row (`dpbf16::round_row_in_place`).
+    let gs = 2 * v;
     let mut dhb = if want_dh {
         vec![S::C::ZERO; r_max * h]
     } else {
@@ -383,6 +384,10 @@ pub(crate) fn run<S: Storage>(
         }
 
         prof.lap(0);
+        // The AVX512_BF16 GEMMs read the gradient as bf16: the row job rounds each row in place once its f32
+        // values are done with, unless the bias gradient still needs them (then a pass of its own, below).
+        #[cfg(target_arch = "x86_64")]
+        let round_in_job = dp.filter(|_| want_grad && !want_db).map(|(cpu, _, _)| cpu);
         // Per-row epilogue, LSE, loss and (in place) the logits gradient.
         let row_job = |(j, (row, out)): RowItem<'_, S::C>| {
             let i = idx[j];
@@ -393,6 +398,12 @@ pub(crate) fn run<S: Storage>(
             // In range: validated before any work.
             let t = targets[i] as usize;
             let res = process_row(level, row, t, s, want_grad, &params);
+            #[cfg(target_arch = "x86_64")]
+            if let Some(cpu) = round_in_job
+                && let Some(g) = as_f32_mut(row)
+            {
+                crate::dpbf16::round_row_in_place(cpu, g);
+            }
             *out = (res.loss, res.stats, res.token_stats);
         };
         if parallel {
@@ -429,11 +440,20 @@ pub(crate) fn run<S: Storage>(
                 }
             }
         }
-        // The AVX512_BF16 GEMMs read the gradient as bf16, rounded in place (the f32 values are done with).
         #[cfg(target_arch = "x86_64")]
         let (lg, g16): (&[S::C], &[u16]) = match dp {
             Some((cpu, _, _)) => match as_f32_mut(&mut logits[..r * v]) {
-                Some(g) => (&[], crate::dpbf16::round_rows_in_place(cpu, g, r, v, gs)),
+                Some(g) => {
+                    if round_in_job.is_none() {
+                        let round = |row: &mut [f32]| crate::dpbf16::round_row_in_place(cpu, row);
+                        if parallel {
+                            g.par_chunks_mut(v).for_each(round);
+                        } else {
+                            g.chunks_mut(v).for_each(round);
+                        }
+                    }
+                    (&[], crate::dpbf16::rounded_rows(g, r, v))
+                }
                 // Unreachable: the bf16 path computes in f32.
                 None => (&[], &[]),
             },

@@ -71,8 +71,8 @@ pub(crate) fn run<S: Storage>(
 
     for v0 in (0..v).step_by(sp.slab) {
         let vc = sp.slab.min(v - v0);
-        // bf16 k-pairs need an even gradient row stride (the padding column is zeroed by the rounding).
-        let gs = vc + vc % 2;
+        // The bf16 gradient's rows sit in the front halves of the f32 rows (`dpbf16::round_row_in_place`).
+        let gs = 2 * vc;
         let acc = &mut acc[..vc * h];
         if widen {
             for j in 0..vc {
@@ -115,6 +115,13 @@ pub(crate) fn run<S: Storage>(
                 // In range: validated before any work.
                 let t = job.targets[i] as usize;
                 process_slab(level, g, v0, v, t, scale_of(i), stats, params);
+                // The AVX512_BF16 GEMM reads it as bf16, rounded while the row is in this thread's cache.
+                #[cfg(target_arch = "x86_64")]
+                if let Some((cpu, _, _)) = dp
+                    && let Some(g) = crate::storage::as_f32_mut(g)
+                {
+                    crate::dpbf16::round_row_in_place(cpu, g);
+                }
             };
             if parallel {
                 lg.par_chunks_mut(vc).enumerate().for_each(slab_job);
@@ -127,7 +134,7 @@ pub(crate) fn run<S: Storage>(
                 && let Some(g) = crate::storage::as_f32_mut(lg)
                 && let Some(out) = crate::storage::as_f32_mut(acc)
             {
-                let g16 = crate::dpbf16::round_rows_in_place(cpu, g, r, vc, gs);
+                let g16 = crate::dpbf16::rounded_rows(g, r, vc);
                 if b == 0 {
                     out.fill(0.0);
                 }
