@@ -2,8 +2,9 @@
 //!
 //! Per block: logits = H_b·Wᵀ (GEMM 1), per-row epilogue/LSE/loss/gradient in place, d_hidden_b = G·W (GEMM 2,
 //! complete for the block), d_weight += Gᵀ·H_b (GEMM 3), d_bias += column sums of G. The GEMM engine splits each
-//! product across threads by output tiles, so threads never write the same element (the f32 engine's d_hidden
-//! also over V, each piece into its own partial sum, added at the end).
+//! product across threads by output tiles, so threads never write the same element (our engines' d_hidden
+//! also over V, each piece into its own partial sum, added at the end). f32 runs on our FMA engine for short
+//! blocks of narrow heads and on the gemm crate's kernels from `FMA32_MAX_BLOCK` rows × H.
 //!
 //! Memory: the block's logits, gathered hidden rows and d_hidden rows (and, for bf16/f16, a converted chunk of
 //! W) fit in `chunk_budget_bytes`, with at least one row whatever the budget. For bf16/f16 weights with a
@@ -81,6 +82,16 @@ pub(crate) struct Plan {
     /// W rows converted to the compute type at a time (bf16/f16 only; 0 for f32/f64).
     pub w_chunk: usize,
 }
+
+/// Rows × H of a row block from which f32 goes to the gemm crate's GEMMs (AVX-512 kernels of their own, with
+/// cache blocking) instead of our FMA engine, which wins on short blocks of narrow heads by reading W and the
+/// gradient in place. Fused call, 2-core Xeon (`throughput N H V f32`, `THROUGHPUT_BUDGET_MB` for the rows),
+/// FMA engine vs gemm crate, rows × H (V 32000 unless said):
+/// - 119 × 256 (V 128256): 2.6 vs 3.0 s;
+/// - 96 × 1024: 1.07 vs 1.69 s; 192 × 1024: 1.06 vs 1.02 s; 416 × 1024: 1.08 vs 0.88 s;
+/// - 115 × 2048: 2.06–2.12 vs 2.13–2.27 s; 230 × 2048: 1.78–1.80 vs 1.67–1.74 s; 384 × 2048: 2.1 vs 1.7 s;
+/// - 116 × 4096: 4.5–4.9 vs 4.4 s; 448 × 4096: 4.1–4.6 vs 3.4–3.5 s.
+const FMA32_MAX_BLOCK: usize = 1 << 18;
 
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn plan<S: Storage>(
@@ -193,31 +204,38 @@ pub(crate) fn run<S: Storage>(
     let dp: Option<((), (), ())> = None;
     // f32 on AVX-512: our FMA engine, which reads W and the gradient in place.
     #[cfg(target_arch = "x86_64")]
-    let fma: Option<(crate::isa::Avx512Token, &[f32])> = match level.avx512() {
+    let mut fma: Option<(crate::isa::Avx512Token, &[f32])> = match level.avx512() {
         Some(cpu) if ws >= h => as_f32(weight.data()).map(|w| (cpu, w)),
         _ => None,
     };
     #[cfg(not(target_arch = "x86_64"))]
-    let fma: Option<()> = None;
-    // Our engines' d_hidden adds a partial sum per piece over V beyond the first.
-    #[cfg(target_arch = "x86_64")]
-    let dh_parts = if (fma.is_some() || dp.is_some()) && want_dh && parallel {
-        crate::dpbf16::d_hidden_v_pieces(v, h, rayon::current_num_threads()) - 1
-    } else {
-        0
+    let mut fma: Option<()> = None;
+    let plan_with = |fma32: bool| {
+        // Our engines' d_hidden adds a partial sum per piece over V beyond the first.
+        #[cfg(target_arch = "x86_64")]
+        let dh_parts = if (fma32 || dp.is_some()) && want_dh && parallel {
+            crate::dpbf16::d_hidden_v_pieces(v, h, rayon::current_num_threads()) - 1
+        } else {
+            0
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let dh_parts = 0;
+        plan::<S>(
+            options.chunk_budget_bytes,
+            v,
+            h,
+            active,
+            want_dh,
+            dp.is_some(),
+            fma32,
+            dh_parts,
+        )
     };
-    #[cfg(not(target_arch = "x86_64"))]
-    let dh_parts = 0;
-    let plan = plan::<S>(
-        options.chunk_budget_bytes,
-        v,
-        h,
-        active,
-        want_dh,
-        dp.is_some(),
-        fma.is_some(),
-        dh_parts,
-    );
+    let mut plan = plan_with(fma.is_some());
+    if fma.is_some() && plan.rows.saturating_mul(h) >= FMA32_MAX_BLOCK {
+        fma = None;
+        plan = plan_with(false);
+    }
     let r_max = plan.rows;
     let epi = &options.epilogue;
     let nonzero = |x: Option<f32>| x.filter(|&x| x != 0.0).map(f64::from);

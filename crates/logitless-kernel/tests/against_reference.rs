@@ -482,6 +482,23 @@ fn d_hidden_split_over_the_vocabulary_and_the_columns() {
 }
 
 #[test]
+fn long_blocks_of_a_wide_f32_head_match_the_reference() {
+    // f32 blocks of rows × H >= 2^18 run on the gemm crate's GEMMs instead of the FMA engine (fused::FMA32_MAX_BLOCK):
+    // 300 × 900 in one block, and the same rows in short blocks (the FMA engine), both against float64.
+    let mut rng = Rng::new(23);
+    let case = Case::random(&mut rng, 300, 900, 211, 0.2);
+    for budget in [1 << 30, 300_000] {
+        common::check::<f32>(
+            &case,
+            Want {
+                budget,
+                ..Want::default()
+            },
+        );
+    }
+}
+
+#[test]
 fn a_confident_rows_gradient_keeps_every_entry_above_2_pow_minus_96() {
     // One row whose logits are exactly [0, -30, -60, -75, -85] (H = 1, hidden 1), its loss scaled by 1e-8: the
     // weight gradient is 1e-8 times each probability (minus the one-hot), 9.4e-22 down to 1.2e-45, the last two
