@@ -339,20 +339,48 @@ def test_default_chunk_budget_follows_the_problem(monkeypatch: pytest.MonkeyPatc
     assert chunk_budget_bytes(8192, 128256, 2048, low_precision_weight_grad=True) == 2 * mib
 
 
-def test_rust_path_budget_has_a_floor_when_it_accumulates(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rust_path_budget_has_a_floor_unless_low_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     from logitless._rust import _budget
 
     monkeypatch.delenv("LOGITLESS_CHUNK_MB", raising=False)
     mib = 1 << 20
 
-    def budget(n: int, h: int, v: int, accumulator: bool) -> int:
-        return _budget(torch.empty(n, h, device="meta"), torch.empty(v, h, device="meta"), accumulator)
+    def budget(n: int, h: int, v: int, low_memory: bool) -> int:
+        return _budget(torch.empty(n, h, device="meta"), torch.empty(v, h, device="meta"), low_memory)
 
-    assert budget(2048, 1024, 32000, False) == 2048 * 32000 * 4 // 16
-    assert budget(2048, 1024, 32000, True) == 64 * mib  # short blocks would re-add the V×H accumulator often
-    assert budget(8192, 2048, 128256, True) == 8192 * 128256 * 4 // 16
+    # Short blocks re-read the head and re-add into the whole V×H weight gradient often: 64 MiB at least.
+    assert budget(2048, 1024, 32000, False) == 64 * mib
+    assert budget(8192, 2048, 128256, False) == 8192 * 128256 * 4 // 16
+    # The recompute mode adds into nothing: the torch path's rule alone (1/16 of the f32 logits).
+    assert budget(2048, 1024, 32000, True) == 2048 * 32000 * 4 // 16
     monkeypatch.setenv("LOGITLESS_CHUNK_MB", "3")
-    assert budget(2048, 1024, 32000, True) == 3 * mib
+    assert budget(2048, 1024, 32000, False) == 3 * mib
+
+
+def test_the_rust_path_picks_its_budget_from_the_weight_gradient_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What fused_lce hands the kernel: the floor for float32 heads (trained or frozen) and for bf16 accumulating,
+    # not for bf16 under LOGITLESS_WEIGHT_GRAD=recompute.
+    from logitless import _core
+
+    monkeypatch.delenv("LOGITLESS_CHUNK_MB", raising=False)
+    seen: list[int] = []
+    real = _core.fused_linear_cross_entropy
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.append(int(kwargs["chunk_budget_bytes"]))  # type: ignore[call-overload]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_core, "fused_linear_cross_entropy", spy)
+    hidden, weight = torch.randn(64, 16), torch.randn(100, 16)
+    labels = torch.randint(0, 100, (64,))
+    cases = [(torch.float32, True, "accumulate"), (torch.float32, False, "accumulate"),
+             (torch.bfloat16, True, "accumulate"), (torch.bfloat16, True, "recompute")]  # fmt: skip
+    for dtype, train_head, mode in cases:
+        monkeypatch.setenv("LOGITLESS_WEIGHT_GRAD", mode)
+        x = hidden.to(dtype).requires_grad_()
+        w = weight.to(dtype).requires_grad_(train_head)
+        linear_cross_entropy(x, w, labels, impl="rust").backward()
+    assert seen == [64 << 20, 64 << 20, 64 << 20, 4 << 20]
 
 
 def test_backward_of_a_gradient_output_alone_is_none() -> None:

@@ -28,21 +28,24 @@ def _unit_columns(m: torch.Tensor) -> torch.Tensor:
     return m.contiguous()
 
 
-# With a low-precision weight gradient the kernel adds into a V×H accumulator (on AVX512_BF16 CPUs a u16 plane beside
-# the bf16 output, else float32) once per row block, so blocks must not be short: bf16 at 2048×1024×32000 took
-# 1.21-1.25 s with 31 MiB and 1.13 s with 62 MiB; at 8192×2048×128256, 36.5 s with 250 MiB and 37.1 s with 501 MiB.
-_ACCUMULATOR_MIN_CHUNK_MB = 64
+# Every row block re-reads the head for its two GEMMs and, with a weight gradient, re-adds into the whole V×H weight
+# gradient (or its float32 / split accumulator), so blocks must not be short. At 2048×1024×32000 (1/16 of the logits
+# is 15.6 MiB there) with 16 -> 64 MiB: f32 2.32 -> 1.72 s (stock 1.85 s), f32 frozen head 1.46 -> 1.10 s, bf16
+# frozen head 0.45 -> 0.36 s; bf16 accumulating 1.21-1.25 s with 31 MiB and 1.13 s with 62 MiB. At 8192×2048×128256
+# (bf16), 36.5 s with 250 MiB and 37.1 s with 501 MiB: the 1/16 rule takes over there. A bf16/f16 weight gradient
+# in `recompute` mode (the low-memory one, which adds into nothing) keeps the torch path's rule alone.
+_MIN_CHUNK_MB = 64
 
 
-def _budget(hidden: torch.Tensor, weight: torch.Tensor, accumulator: bool) -> int:
+def _budget(hidden: torch.Tensor, weight: torch.Tensor, low_memory: bool) -> int:
     # LOGITLESS_CHUNK_MB bounds both paths; unset, the torch path's rule (torch_path.chunk_budget_bytes) with the
-    # kernel's own floor when it accumulates.
+    # kernel's own floor unless the caller chose the low-memory weight gradient.
     from logitless.torch_path import chunk_budget_bytes
 
     rows, dim = hidden.shape
-    if accumulator:
-        return chunk_budget_bytes(rows, weight.shape[0], dim, min_mb=_ACCUMULATOR_MIN_CHUNK_MB)
-    return chunk_budget_bytes(rows, weight.shape[0], dim)
+    if low_memory:
+        return chunk_budget_bytes(rows, weight.shape[0], dim)
+    return chunk_budget_bytes(rows, weight.shape[0], dim, min_mb=_MIN_CHUNK_MB)
 
 
 def fused_lce(
@@ -74,7 +77,7 @@ def fused_lce(
     per_row = torch.empty(n, dtype=torch.float64) if want_per_row else None
     token_stats = torch.empty(n, TOKEN_STATS, dtype=torch.float64) if want_stats else None
     mode = weight_grad_mode()
-    accumulator = d_weight is not None and weight.dtype in (torch.bfloat16, torch.float16) and mode == "accumulate"
+    low_memory = d_weight is not None and weight.dtype in (torch.bfloat16, torch.float16) and mode == "recompute"
     epilogue = options.epilogue
     logits_bias = epilogue.logits_bias.contiguous() if epilogue.logits_bias is not None else None
     row_scale = row_scale.to(torch.float32).contiguous() if row_scale is not None else None
@@ -99,7 +102,7 @@ def fused_lce(
         d_hidden=_view(d_hidden) if d_hidden is not None else None,
         d_weight=_view(d_weight) if d_weight is not None else None,
         d_bias=_view(d_bias) if d_bias is not None else None,
-        chunk_budget_bytes=_budget(hidden, weight, accumulator),
+        chunk_budget_bytes=_budget(hidden, weight, low_memory),
         weight_grad=mode,
         # torch's intra-op thread count, which users and launchers set (torch.set_num_threads, OMP_NUM_THREADS).
         num_threads=torch.get_num_threads(),
