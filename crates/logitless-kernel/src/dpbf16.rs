@@ -1062,10 +1062,11 @@ pub(crate) fn round_row_in_place(_cpu: Bf16Token, row: &mut [f32]) {
     if k < cols {
         let n = cols - k;
         let mut tmp = [0f32; CHUNK];
-        tmp[..n].copy_from_slice(&row[k..]);
+        // SAFETY: f32 k..cols lie in the row; read before any of the writes below.
+        unsafe { std::ptr::copy_nonoverlapping(base.add(k), tmp.as_mut_ptr(), n) };
         for (t, &x) in tmp[..n].iter().enumerate() {
-            // SAFETY: u16 k + t < cols lies in the row's first half (2·cols bytes <= its 4·cols), and the f32 it
-            // overlaps were copied to `tmp` above.
+            // SAFETY: u16 k + t < cols lies in the row's first half (2·cols bytes <= its 4·cols), over f32 that
+            // were read already (those before k, or the tail copied to `tmp`).
             unsafe { out.add(k + t).write(to_bf16_bits(x) as u16) };
         }
     }
