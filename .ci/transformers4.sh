@@ -15,7 +15,7 @@ test -x "$VENV/bin/python" || python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q "$TORCH" "$TRANSFORMERS" "maturin>=1.8,<2" pytest \
     "${LOGITLESS_TF4_ACCELERATE:-accelerate==1.15.0}" "${LOGITLESS_TF4_PEFT:-peft==0.21.2}" \
     datasets "huggingface-hub>=0.34,<1.0"  # datasets for the older TRL releases; hub < 1.0 as transformers 4.x asks
-VIRTUAL_ENV="$(pwd)/$VENV" "$VENV/bin/maturin" develop --release -q
+VIRTUAL_ENV="$(cd "$VENV" && pwd)" "$VENV/bin/maturin" develop --release -q  # LOGITLESS_TF4_VENV may be absolute
 "$VENV/bin/python" -c "import transformers, torch; print('transformers', transformers.__version__, 'torch', torch.__version__)"
 "$VENV/bin/python" -m logitless audit >/dev/null
 "$VENV/bin/python" -m logitless verify --quiet --min-total "$MIN_TOTAL" \
