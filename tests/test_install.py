@@ -11,6 +11,7 @@ import inspect
 import json
 import linecache
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -28,7 +29,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 
 import _tiny_lm as tiny
 import logitless
-from logitless import _registry, _runtime
+from logitless import _registry, _runtime, _versions
 from logitless._hook import ModelingImportHook
 from logitless._patching import PatchError, build_forward, forget_source
 from logitless._source import forward_source
@@ -313,13 +314,45 @@ def test_patch_peft_model_patches_its_base_class(monkeypatch: pytest.MonkeyPatch
     assert peft_model(**_batch()).logits.shape[-1] == 0 and counter.calls == 1
 
 
-def test_old_transformers_warns_and_patches_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(li, "_transformers_version", lambda: (4, 55))
-    with pytest.warns(RuntimeWarning, match="4.56"):
+@pytest.mark.parametrize(
+    ("package", "version", "floor"), [("transformers", "4.55.4", "4.56"), ("torch", "2.5.1+cu124", "2.6")]
+)
+def test_a_release_below_the_floor_warns_and_patches_nothing(
+    monkeypatch: pytest.MonkeyPatch, package: str, version: str, floor: str
+) -> None:
+    """torch 2.4 failed inside the op's registration on the first fused forward (found by running it); below the
+    floors nothing is patched and the script runs stock."""
+    real = _versions.installed
+    monkeypatch.setattr(_versions, "installed", lambda name: version if name == package else real(name))
+    with pytest.warns(RuntimeWarning, match=rf"{package} >= {floor}; found {re.escape(version)}"):
         logitless.install()
-    assert not logitless.audit()["installed"] and logitless.audit()["classes"] == {}
+    report = logitless.audit()
+    assert not report["installed"] and report["classes"] == {}
+    assert report["unsupported"] == f"logitless supports {package} >= {floor}; found {version}"
     assert not any(isinstance(f, ModelingImportHook) for f in sys.meta_path)
     assert LlamaForCausalLM.__dict__["forward"] is STOCK_LLAMA_FORWARD
+    model = tiny.build("llama")
+    with pytest.warns(RuntimeWarning, match=package):
+        assert logitless.patch(model) is model
+    assert LlamaForCausalLM.__dict__["forward"] is STOCK_LLAMA_FORWARD
+    monkeypatch.setattr(_versions, "installed", real)
+    logitless.install()
+    assert logitless.audit()["installed"] and logitless.audit()["unsupported"] is None
+
+
+@pytest.mark.parametrize(
+    ("version", "parsed"), [("2.6.0", (2, 6)), ("2.7.0a0+git1234", (2, 7)), ("10.12.1+cu130", (10, 12)), ("dev", None)]
+)
+def test_versions_parse_major_and_minor(version: str, parsed: tuple[int, int] | None) -> None:
+    assert _versions.parse(version) == parsed
+
+
+def test_the_op_on_an_old_torch_is_an_import_error_naming_the_floor() -> None:
+    """In a child process (the op's module registers custom ops once per process), with torch claiming 2.5."""
+    code = "import torch; torch.__version__ = '2.5.1'; import logitless.ops"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "ImportError: logitless supports torch >= 2.6; found 2.5.1" in done.stderr
 
 
 def test_register_canonical_validates() -> None:

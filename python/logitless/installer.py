@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, TypeVar
 
-from logitless import _config, _registry, _state
+from logitless import _config, _registry, _state, _versions
 from logitless._hook import MODELING_MODULE, TRL_MODULE, ModelingImportHook
 from logitless._patching import PatchError, build_forward, forget_source
 from logitless._remote import RemoteCodeHook
@@ -36,7 +36,6 @@ from logitless.integrations import hf_trainer
 
 __all__ = ["audit", "canonical_hash", "install", "patch", "register_canonical", "uninstall"]
 
-MIN_TRANSFORMERS = (4, 56)
 _HASH = re.compile(r"^[0-9a-f]{64}$")
 
 ModelT = TypeVar("ModelT")
@@ -54,6 +53,8 @@ class _Canonical:
 _hook: ModelingImportHook | None = None
 _remote_hook: RemoteCodeHook | None = None
 _hashes: dict[type, str] = {}
+# Why the last install() or patch() patched nothing (a torch or transformers below the floor), for audit().
+_unsupported: str | None = None
 _canonical: dict[str, _Canonical] = {}
 # The TRL integration: a second hook on trl.* modules, and every (module, name) whose TRL head was replaced, with
 # TRL's original to put back.
@@ -82,24 +83,13 @@ _TRL_HEADS = (
 canonical_hash = forward_hash
 
 
-def _transformers_version() -> tuple[int, int] | None:
-    try:
-        version = importlib.metadata.version("transformers")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    match = re.match(r"(\d+)\.(\d+)", version)
-    return (int(match.group(1)), int(match.group(2))) if match else None
-
-
 def _supported() -> bool:
-    version = _transformers_version()
-    if version is not None and version < MIN_TRANSFORMERS:
-        warnings.warn(
-            f"logitless supports transformers >= {'.'.join(map(str, MIN_TRANSFORMERS))}; found "
-            f"{importlib.metadata.version('transformers')}: nothing is patched",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    """Whether the installed torch and transformers are ones logitless runs on; if not, says so (a warning, and
+    ``audit()["unsupported"]``) and the caller patches nothing: a user's script keeps running stock."""
+    global _unsupported
+    _unsupported = _versions.too_old("transformers") or _versions.too_old("torch")
+    if _unsupported is not None:
+        warnings.warn(f"{_unsupported}: nothing is patched", RuntimeWarning, stacklevel=3)
         return False
     return True
 
@@ -216,8 +206,8 @@ def register_canonical(
 
 
 def audit() -> dict[str, Any]:
-    """A JSON-safe report (schema in docs/spec.md, "audit"): ``{"installed", "return_logits", "fuse_eval",
-    "transformers", "counts", "classes", "runtime"}``.
+    """A JSON-safe report (schema in docs/spec.md, "audit"): ``{"installed", "unsupported", "return_logits",
+    "fuse_eval", "transformers", "counts", "classes", "runtime", "integrations"}``.
 
     ``classes`` maps ``"module.Class"`` to ``{"status": "patched", "tier", "head", "epilogue", ...}``,
     ``{"status": "refused", "code", "reason", ...}``, ``{"status": "failed", "code", "error"}`` or
@@ -241,6 +231,7 @@ def audit() -> dict[str, Any]:
             version = None
         return {
             "installed": _hook is not None,
+            "unsupported": _unsupported,
             "return_logits": _state.return_logits(),
             "fuse_eval": _state.fuse_eval(),
             "transformers": version,

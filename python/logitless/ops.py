@@ -28,10 +28,13 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-from logitless import _options, torch_path
+from logitless import _options, _versions, torch_path
 from logitless._options import LossOptions
 
 __all__ = ["TokenStats", "linear_cross_entropy"]
+
+# An older torch fails registering the custom ops below with a message about their annotations; say what is wrong.
+_versions.require("torch", torch.__version__)
 
 
 class TokenStats(NamedTuple):
