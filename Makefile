@@ -44,7 +44,8 @@ $(TORCHAO_DIR)/.fetched: Makefile $(STAMP)
 	$(PY) -m zipfile -e $(TORCHAO_DIR)/wheels/torchao-$(TORCHAO)-*.whl $(TORCHAO_DIR)/site
 	touch $@
 
-# transformers 4.57.6 in .venv-tf4: audit + verify (its forwards slice with `slice_indices`).
+# transformers 4.57.6 on torch 2.6 (the oldest supported) in .venv-tf4: audit + verify (its forwards slice with
+# `slice_indices`).
 test-transformers4:
 	bash .ci/transformers4.sh
 

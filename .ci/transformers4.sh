@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Second CI leg: the newest transformers 4.x (whose forwards slice with `slice_indices`) in its own venv.
+# Second CI leg: the newest transformers 4.x (whose forwards slice with `slice_indices`) on the oldest supported
+# torch (2.6: logitless._versions.MIN_TORCH), in its own venv.
 # Runs the audit and the verified-coverage check there; exits non-zero on any mismatch or a verified count below
-# the floor. Reuses pip's cache, so torch is downloaded once per machine.
+# the floor.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${LOGITLESS_TF4_VENV:-.venv-tf4}"
-TORCH="${LOGITLESS_TF4_TORCH:-torch==2.15.0}"
+TORCH="${LOGITLESS_TF4_TORCH:-torch==2.6.0}"
 TRANSFORMERS="${LOGITLESS_TF4_TRANSFORMERS:-transformers==4.57.6}"
 # Committed floor for this leg (177 were verified when it was last raised), no mismatch.
 MIN_TOTAL="${LOGITLESS_TF4_MIN_VERIFIED:-172}"
