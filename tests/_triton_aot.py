@@ -12,6 +12,7 @@ Usage: python tests/_triton_aot.py CAPABILITY [CAPABILITY ...]   e.g. 80 90
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import multiprocessing
@@ -22,10 +23,25 @@ import sys
 import tempfile
 
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia import compiler as nvidia
 from triton.compiler import ASTSource, compile as triton_compile
-from triton.backends.nvidia.compiler import get_ptxas
 
 from logitless import triton_path
+
+# Triton releases differ in two calls this script makes; each shim below is the only difference, so the same kernels
+# are compiled on every release torch >= 2.6 pins (3.2 to 3.9) when the script is run with that Triton.
+_OLD_AST = "constants" in inspect.signature(ASTSource.__init__).parameters  # Triton 3.2: constexprs by name
+
+
+def _ptxas(capability: int) -> str:
+    """The bundled ``ptxas``: ``get_ptxas(arch)`` (3.3, 3.7+), ``get_ptxas()`` (3.4 to 3.6), or none (3.2)."""
+    if not hasattr(nvidia, "get_ptxas"):
+        return nvidia._path_to_binary("ptxas")[0]
+    try:
+        tool = nvidia.get_ptxas(capability)
+    except TypeError:
+        tool = nvidia.get_ptxas()
+    return tool[0] if isinstance(tool, tuple) else tool.path
 
 _ROW_ARGS = {
     "y_ptr": "*fp32", "stride": "i64", "t_ptr": "*i64", "s_ptr": "*fp32", "lb_ptr": "*fp32", "loss_ptr": "*fp32",
@@ -62,6 +78,9 @@ _ROWS_ARGS = {
 def _source(fn: object, args: dict[str, str], flags: dict[str, object], aligned: bool) -> ASTSource:
     names = list(args) + list(flags)
     signature = {**args, **{name: "constexpr" for name in flags}}
+    if _OLD_AST:
+        # No per-argument attributes there: the aligned variant is compiled unspecialised (a weaker check).
+        return ASTSource(fn=fn, signature=signature, constants=dict(flags))
     constexprs = {(names.index(name),): value for name, value in flags.items()}
     # A launch on 16-byte aligned pointers and 16-divisible ints (strides, widths) specialises on that (wider
     # loads): both variants.
@@ -117,7 +136,7 @@ def _ptxas_report(ptx: str, capability: int) -> dict[str, int]:
         f.write(ptx)
     try:
         out = subprocess.run(
-            [get_ptxas(capability).path, f"-arch=sm_{capability}a" if capability >= 90 else f"-arch=sm_{capability}",
+            [_ptxas(capability), f"-arch=sm_{capability}a" if capability >= 90 else f"-arch=sm_{capability}",
              "-v", f.name, "-o", os.devnull],
             capture_output=True, text=True, check=True,
         ).stderr  # fmt: skip
