@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import re
 
-__all__ = ["MIN_TORCH", "MIN_TRANSFORMERS", "parse", "require", "too_old"]
+__all__ = ["MIN_TORCH", "MIN_TRANSFORMERS", "installed", "parse", "require", "too_old", "unsupported"]
 
 MIN_TORCH = (2, 6)
 MIN_TRANSFORMERS = (4, 56)
@@ -40,6 +40,11 @@ def too_old(package: str, version: str | None = None) -> str | None:
     if parsed is None or parsed >= floor:
         return None
     return f"logitless supports {package} >= {'.'.join(map(str, floor))}; found {found}"
+
+
+def unsupported() -> str | None:
+    """Why the installed transformers or torch is below its floor, or None when neither is."""
+    return too_old("transformers") or too_old("torch")
 
 
 def require(package: str, version: str) -> None:

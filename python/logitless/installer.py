@@ -17,7 +17,7 @@ A class the rewriter refuses, or whose rewrite cannot be used, keeps its stock f
 
 from __future__ import annotations
 
-import importlib.metadata
+import importlib
 import inspect
 import re
 import sys
@@ -87,7 +87,7 @@ def _supported() -> bool:
     """Whether the installed torch and transformers are ones logitless runs on; if not, says so (a warning, and
     ``audit()["unsupported"]``) and the caller patches nothing: a user's script keeps running stock."""
     global _unsupported
-    _unsupported = _versions.too_old("transformers") or _versions.too_old("torch")
+    _unsupported = _versions.unsupported()
     if _unsupported is not None:
         warnings.warn(f"{_unsupported}: nothing is patched", RuntimeWarning, stacklevel=3)
         return False
@@ -225,16 +225,12 @@ def audit() -> dict[str, Any]:
             total["fused"] += run["fused"]
             for reason, n in run["stock"].items():
                 total["stock"][reason] = total["stock"].get(reason, 0) + n
-        try:
-            version = importlib.metadata.version("transformers")
-        except importlib.metadata.PackageNotFoundError:
-            version = None
         return {
             "installed": _hook is not None,
             "unsupported": _unsupported,
             "return_logits": _state.return_logits(),
             "fuse_eval": _state.fuse_eval(),
-            "transformers": version,
+            "transformers": _versions.installed("transformers"),
             "counts": counts,
             "classes": classes,
             "runtime": total,

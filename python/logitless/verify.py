@@ -58,7 +58,7 @@ def run_verify(args: argparse.Namespace) -> int:
     from logitless import _versions
     from logitless._verify.pool import run_all
 
-    unsupported = _versions.too_old("transformers") or _versions.too_old("torch")
+    unsupported = _versions.unsupported()
     if unsupported is not None:
         # Every class would fail in the harness and read as "not-built".
         print(f"verify: {unsupported}", file=sys.stderr)
