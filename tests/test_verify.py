@@ -116,6 +116,20 @@ def test_a_wrong_forward_is_a_mismatch(bug: str, monkeypatch: pytest.MonkeyPatch
     assert problems, f"{bug} went unnoticed"
 
 
+def test_a_patch_that_raises_where_stock_ran_is_a_mismatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found on torch 2.4, where patching raised and every class read "not-built" (no model could be run stock)."""
+    import logitless
+
+    def broken(model: Any) -> Any:
+        raise ValueError("infer_schema(func): unsupported type")
+
+    monkeypatch.setattr(logitless, "patch", broken)
+    result = compare.run_case("transformers.models.llama.modeling_llama", "LlamaForCausalLM", "causal-lm",
+                              Installer())  # fmt: skip
+    assert result["status"] == compare.MISMATCH
+    assert "patching failed where stock ran: ValueError" in result["reason"]
+
+
 def test_tiny_config_shrinks_sizes_and_keeps_layer_types() -> None:
     from transformers import Gemma3TextConfig
 

@@ -318,7 +318,11 @@ def _run_case(module_name: str, cls_name: str, installer: Installer) -> dict[str
     if stock.fused:
         # A previous class's patch survived its uninstall: the "stock" numbers would be logitless' own.
         raise RuntimeError("the stock forward returned empty logits: logitless is still installed")
-    audit = installer.apply(model)
+    try:
+        audit = installer.apply(model)
+    except Exception as exc:  # noqa: BLE001 - logitless's own failure where stock ran: never "not-built"
+        return {"status": MISMATCH, "reason": f"patching failed where stock ran: {_short(exc)}",
+                "trace": traceback.format_exc()[-2000:]}  # fmt: skip
     params = sum(p.numel() for p in model.parameters())
     out: dict[str, Any] = {"audit": audit, "inputs": feeds.description, "params": params}
     patched = _side(model, feeds, stock)
