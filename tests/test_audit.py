@@ -210,6 +210,22 @@ def test_cli_rewrite_of_a_missing_file_is_one_line(tmp_path: Path) -> None:
     assert done.stderr.strip().splitlines() == [f"logitless rewrite: {missing}: No such file or directory"]
 
 
+@pytest.mark.parametrize(("package", "floor"), [("torch", "2.6"), ("transformers", "4.56")])
+def test_cli_audit_says_when_install_would_patch_nothing(
+    package: str, floor: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from logitless import _versions, cli
+
+    real = _versions.installed
+    monkeypatch.setattr(_versions, "installed", lambda name: "1.0.0" if name == package else real(name))
+    assert cli.main(["audit"]) == 0
+    out, err = capsys.readouterr()
+    assert "LlamaForCausalLM" in out
+    assert err == f"logitless audit: logitless supports {package} >= {floor}; found 1.0.0: install() patches nothing\n"
+    monkeypatch.setattr(_versions, "installed", real)
+    assert cli.main(["audit"]) == 0 and capsys.readouterr().err == ""
+
+
 def test_cli_table_and_explicit_dir() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "logitless", "audit", "--transformers", str(find_transformers())],

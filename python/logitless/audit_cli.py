@@ -17,6 +17,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from logitless import _versions
+
 __all__ = ["add_audit_arguments", "add_rewrite_arguments", "audit_report", "run_audit", "run_rewrite"]
 
 
@@ -111,6 +113,10 @@ def run_audit(args: argparse.Namespace) -> int:
         print(f"logitless audit: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=1) if args.json else _table(report))
+    unsupported = _versions.unsupported() if args.transformers is None else None
+    if unsupported is not None:
+        # The report reads the source alone; install() checks the versions and would patch none of it.
+        print(f"logitless audit: {unsupported}: install() patches nothing", file=sys.stderr)
     return 0
 
 
