@@ -6,6 +6,7 @@ STAMP  := $(VENV)/.deps-installed
 EXT    := $(VENV)/.ext-built
 CARGO_TEST_FLAGS ?= --release --workspace --exclude logitless-py
 TRL_LEGACY     := 0.19.1 0.24.0 1.5.1 1.14.2
+TRL_FIRST_HEAD := 1.15.0
 TRL_LEGACY_DIR := .trl-legacy
 TORCHAO        := 0.18.0
 TORCHAO_DIR    := .torchao
@@ -23,14 +24,19 @@ test-rust:
 	cargo test $(CARGO_TEST_FLAGS)
 	cargo test -q --release -p logitless-kernel --test isa_paths -- --nocapture
 
+# tests/test_trl.py runs twice: on the pinned TRL, and on TRL_FIRST_HEAD (the first release whose trainers install
+# their own fused head, so the drop-in's oldest caller) with that release's source first on PYTHONPATH.
 test-python: build $(TRL_LEGACY_DIR)/.fetched $(TORCHAO_DIR)/.fetched
 	$(PY) -m pytest -q
+	PYTHONPATH=$(TRL_LEGACY_DIR)/trl-$(TRL_FIRST_HEAD) $(PY) -c \
+	  'import sys, trl; v = trl.__version__; sys.exit(None if v == "$(TRL_FIRST_HEAD)" else f"TRL {v} on the path")'
+	PYTHONPATH=$(TRL_LEGACY_DIR)/trl-$(TRL_FIRST_HEAD) $(PY) -m pytest -q -p no:cacheprovider tests/test_trl.py
 
 # Older TRL releases, their source only (unpacked wheels, not installed), for tests/test_trl_legacy.py: SFTTrainer
-# before TRL 1.15, run with the source first on PYTHONPATH (versions: TRL_LEGACY, above).
+# before TRL 1.15, run with the source first on PYTHONPATH (versions: TRL_LEGACY, above); and TRL_FIRST_HEAD.
 $(TRL_LEGACY_DIR)/.fetched: Makefile $(STAMP)
 	rm -rf $(TRL_LEGACY_DIR)
-	for v in $(TRL_LEGACY); do \
+	for v in $(TRL_LEGACY) $(TRL_FIRST_HEAD); do \
 	  $(PY) -m pip download -q --no-deps "trl==$$v" -d $(TRL_LEGACY_DIR)/wheels && \
 	  $(PY) -m zipfile -e $(TRL_LEGACY_DIR)/wheels/trl-$$v-py3-none-any.whl $(TRL_LEGACY_DIR)/trl-$$v || exit 1; \
 	done
