@@ -117,7 +117,8 @@ def test_a_wrong_forward_is_a_mismatch(bug: str, monkeypatch: pytest.MonkeyPatch
 
 
 def test_a_patch_that_raises_where_stock_ran_is_a_mismatch(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Found on torch 2.4, where patching raised and every class read "not-built" (no model could be run stock)."""
+    """On torch 2.4 every class read "not-built" (no model could be run stock) because logitless raised after the
+    stock side had run; any such failure, patching included, is a mismatch."""
     import logitless
 
     def broken(model: Any) -> Any:

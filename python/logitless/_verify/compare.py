@@ -318,18 +318,23 @@ def _run_case(module_name: str, cls_name: str, installer: Installer) -> dict[str
     if stock.fused:
         # A previous class's patch survived its uninstall: the "stock" numbers would be logitless' own.
         raise RuntimeError("the stock forward returned empty logits: logitless is still installed")
-    try:
-        audit = installer.apply(model)
-    except Exception as exc:  # noqa: BLE001 - logitless's own failure where stock ran: never "not-built"
-        return {"status": MISMATCH, "reason": f"patching failed where stock ran: {_short(exc)}",
-                "trace": traceback.format_exc()[-2000:]}  # fmt: skip
     params = sum(p.numel() for p in model.parameters())
-    out: dict[str, Any] = {"audit": audit, "inputs": feeds.description, "params": params}
-    patched = _side(model, feeds, stock)
-    numbers, problems = compare(stock, patched)
-    out["numbers"] = numbers
-    if installer.mode == "install":
-        out["trl"] = _trl_check(model, feeds, stock)
+    out: dict[str, Any] = {"inputs": feeds.description, "params": params}
+    # From here on stock has run, so an exception is logitless's own failure: a MISMATCH, never "not-built" (on
+    # torch 2.4 every class read not-built). The patched forwards' own errors are caught by _side and compared.
+    stage = "patching"
+    try:
+        audit = out["audit"] = installer.apply(model)
+        stage = "comparing"
+        patched = _side(model, feeds, stock)
+        numbers, problems = compare(stock, patched)
+        out["numbers"] = numbers
+        if installer.mode == "install":
+            stage = "the TRL drop-in"
+            out["trl"] = _trl_check(model, feeds, stock)
+    except Exception as exc:  # noqa: BLE001 - reported per class
+        return {"status": MISMATCH, "reason": f"{stage} failed where stock ran: {_short(exc)}",
+                "trace": traceback.format_exc()[-2000:]}  # fmt: skip
     out["stock_errors"] = stock.errors
     if problems:
         out.update(status=MISMATCH, reason="; ".join(problems)[:1000])
