@@ -388,71 +388,8 @@ fn single_row_views_may_have_short_strides() {
 
 #[test]
 fn bf16_weight_gradient_is_rounded_once_to_nearest() {
-    // The tolerance checks above cannot tell a weight gradient rounded once to nearest from one truncated or
-    // rounded per block: both are within a bf16 ulp. Here the reference mimics the kernel's arithmetic (the
-    // logits gradient rounded to bf16, as a stock bf16 backward does; bf16 × bf16 products exact) and sums in f64,
-    // then rounds once. Only f32 summation order separates the kernel from it, which moves an element across a
-    // rounding boundary rarely; truncation would miss about half of them. Small budgets make many row blocks,
-    // so the accumulator is added into many times.
-    use common::run;
-    use logitless_kernel::WeightGrad;
-    let mut rng = Rng::new(21);
-    let (n, h, v) = (192, 40, 130);
-    let case = Case::random(&mut rng, n, h, v, 0.0).rounded::<bf16>();
-    let mut g = vec![0.0f64; n * v];
-    for i in 0..n {
-        let logits: Vec<f64> = (0..v)
-            .map(|j| {
-                (0..h)
-                    .map(|k| case.hidden[i * h + k] * case.weight[j * h + k])
-                    .sum()
-            })
-            .collect();
-        let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let sum: f64 = logits.iter().map(|z| (z - max).exp()).sum();
-        for j in 0..v {
-            let p = (logits[j] - max).exp() / sum;
-            let y = if case.targets[i] == j as i64 {
-                1.0
-            } else {
-                0.0
-            };
-            g[i * v + j] = bf16::from_f64((p - y) * case.scale_of(i)).to_f64();
-        }
-    }
-    let want: Vec<bf16> = (0..v * h)
-        .map(|jk| {
-            let (j, k) = (jk / h, jk % h);
-            bf16::from_f64((0..n).map(|i| g[i * v + j] * case.hidden[i * h + k]).sum())
-        })
-        .collect();
-    for weight_grad in [WeightGrad::Accumulate, WeightGrad::Recompute] {
-        for budget in [40_000, 200_000, 32 << 20] {
-            let got = run::<bf16>(
-                &case,
-                Want {
-                    budget,
-                    weight_grad,
-                    ..Want::default()
-                },
-            );
-            let dw = got.d_weight.expect("d_weight");
-            let mut off = 0;
-            for (&a, &b) in dw.iter().zip(&want) {
-                let (a, b) = (bf16::from_f64(a), b);
-                if a != b {
-                    off += 1;
-                    let ulps = (a.to_bits() as i32 - b.to_bits() as i32).abs();
-                    assert!(ulps <= 1, "{weight_grad:?} budget {budget}: {a} vs {b}");
-                }
-            }
-            assert!(
-                off * 100 <= v * h,
-                "{weight_grad:?} budget {budget}: {off} of {} elements not rounded to nearest",
-                v * h
-            );
-        }
-    }
+    // At this machine's best path; tests/isa_paths.rs runs the same check on every path.
+    common::check_bf16_weight_gradient_rounded_once(logitless_kernel::isa::current());
 }
 
 #[test]

@@ -45,6 +45,7 @@ fn every_path_matches_the_reference() {
     for &p in &paths {
         isa::set_override(Some(p));
         assert_eq!(isa::current(), p);
+        common::check_bf16_weight_gradient_rounded_once(p);
         for case in [&full, &plain] {
             check_all(case, Want::default());
             check_all(
