@@ -202,10 +202,11 @@ pub(crate) fn run<S: Storage>(
     };
     #[cfg(not(target_arch = "x86_64"))]
     let dp: Option<((), (), ())> = None;
-    // f32 on AVX-512: our FMA engine, which reads W and the gradient in place.
+    // f32 on AVX-512: our FMA engine, which reads W and the gradient in place. H == 0 (the logits are the bias)
+    // takes the `gemm` crate's path, which every ISA path runs (tests/isa_paths.rs).
     #[cfg(target_arch = "x86_64")]
     let mut fma: Option<(crate::isa::Avx512Token, &[f32])> = match level.avx512() {
-        Some(cpu) if ws >= h => as_f32(weight.data()).map(|w| (cpu, w)),
+        Some(cpu) if ws >= h && h > 0 => as_f32(weight.data()).map(|w| (cpu, w)),
         _ => None,
     };
     #[cfg(not(target_arch = "x86_64"))]

@@ -54,6 +54,9 @@ pub(crate) fn run<S: Storage>(
     dw: &mut [S],
 ) {
     let (h, v) = (job.hidden.cols(), job.weight.rows());
+    if h == 0 {
+        return; // a V×0 gradient: nothing to write (and no row of width 0 to chunk by)
+    }
     let parallel = job.options.parallel;
     let widen = dp.is_none();
     let sp = plan(job.options.chunk_budget_bytes, v, h, active.len(), widen);

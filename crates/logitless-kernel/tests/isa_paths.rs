@@ -36,6 +36,9 @@ fn every_path_matches_the_reference() {
     full.smoothing = 0.1;
     full.z_loss = 1e-3;
     let plain = Case::random(&mut rng, 45, 64, 300, 0.2);
+    // H == 0: the logits are the bias alone (a zero-width row stride reached the f32 GEMM's aliasing check).
+    let mut zero_width = Case::random(&mut rng, 9, 0, 23, 0.2);
+    zero_width.bias = Some(rng.vec(23, 1.0));
     // Long enough for d_hidden to split over V as well as H on 3 threads (a partial sum per extra V piece).
     let split = Case::random(&mut rng, 37, 72, 2000, 0.2);
     let pool = rayon::ThreadPoolBuilder::new()
@@ -46,7 +49,7 @@ fn every_path_matches_the_reference() {
         isa::set_override(Some(p));
         assert_eq!(isa::current(), p);
         common::check_bf16_weight_gradient_rounded_once(p);
-        for case in [&full, &plain] {
+        for case in [&full, &plain, &zero_width] {
             check_all(case, Want::default());
             check_all(
                 case,
