@@ -1,19 +1,21 @@
-"""Per-rank peak memory of one training step under FSDP2, FSDP1 and tensor parallelism, stock vs logitless (2 gloo
-ranks).
+"""Per-rank peak memory of one training step under FSDP2, FSDP1, tensor parallelism (2 gloo ranks) and FSDP2 over
+tensor parallelism (2-D, 4 gloo ranks), stock vs logitless.
 
 ```
 python bench/distributed_memory.py                     # N=4096 tokens per rank, H=1024, V=128256, bf16
 python bench/distributed_memory.py --tokens 1024 --vocab 32000 --hidden 256   # a quick look
+python bench/distributed_memory.py --engines 2d --tokens 2048    # 4 ranks: data parallel 2 x tensor parallel 2
 ```
 
 Each (engine, mode) runs as its own pair of processes. A rank builds a one-layer Llama (bf16) with the given
 vocabulary, wraps it (FSDP2: layers, then norm + head grouped as transformers' FSDP plan does, then the root;
 FSDP1: the layers and the head as units, as a size-based auto-wrap policy makes them; TP: the head colwise over
-the vocabulary with gathered output, transformers' ``colwise_gather_output``), takes one warm-up step on a short
+the vocabulary with gathered output, transformers' ``colwise_gather_output``; 2-D: that head on the tensor-parallel
+dimension, then FSDP2 as above on the data-parallel one), takes one warm-up step on a short
 batch, then resets the kernel's high-water mark (``/proc/self/clear_refs``) and takes one timed step (forward,
 backward, SGD) on ``tokens`` tokens. Reported per rank: the high-water RSS of that step, and how far above the RSS
 just before the step it went ("extra": activations, logits and their gradients, scratch).
-FSDP gives each rank its own batch; TP gives both the same one.
+FSDP gives each rank its own batch; TP gives both the same one; 2-D gives each tensor-parallel pair its own.
 """
 
 from __future__ import annotations
@@ -60,7 +62,14 @@ def _rank(args: argparse.Namespace) -> None:
     model = transformers.LlamaForCausalLM(config)
     torch.set_default_dtype(previous)
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    if args.engine == "fsdp2":
+    if args.engine == "2d":
+        from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES, apply_tensor_parallelism
+
+        mesh2 = init_device_mesh("cpu", (dist.get_world_size() // 2, 2), mesh_dim_names=("dp", "tp"))
+        ALL_PARALLEL_STYLES["colwise_gather_output"].shard_param(model.lm_head, "weight", mesh2["tp"])
+        apply_tensor_parallelism(model, mesh2["tp"], {"lm_head": "colwise_gather_output"})
+        mesh = mesh2["dp"]
+    if args.engine in ("fsdp2", "2d"):
         from torch.distributed.fsdp import fully_shard
 
         for layer in model.model.layers:
@@ -84,7 +93,7 @@ def _rank(args: argparse.Namespace) -> None:
         ALL_PARALLEL_STYLES["colwise_gather_output"].shard_param(model.lm_head, "weight", mesh)
         apply_tensor_parallelism(model, mesh, {"lm_head": "colwise_gather_output"})
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    data_rank = 0 if args.engine == "tp" else rank
+    data_rank = {"tp": 0, "2d": rank // 2}.get(args.engine, rank)
     g = torch.Generator().manual_seed(100 + data_rank)
 
     def step(batch: int, seq: int) -> float:
@@ -122,11 +131,12 @@ def _pair(args: argparse.Namespace, engine: str, mode: str) -> list[dict]:
     cmd = [sys.executable, __file__, "--child", "--engine", engine, "--mode", mode, "--tokens", str(args.tokens),
            "--seq", str(args.seq), "--hidden", str(args.hidden), "--vocab", str(args.vocab),
            "--threads", str(args.threads)]  # fmt: skip
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    world = 4 if engine == "2d" else 2
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world)}
     procs = [
         subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)  # fmt: skip
-        for r in range(2)
+        for r in range(world)
     ]
     rows = []
     for p in procs:
@@ -154,7 +164,7 @@ def main() -> None:
         _rank(args)
         return
     results = {}
-    print(f"N={args.tokens} tokens per rank, H={args.hidden}, V={args.vocab}, bf16, 2 gloo ranks, "
+    print(f"N={args.tokens} tokens per rank, H={args.hidden}, V={args.vocab}, bf16, 2 gloo ranks (2-D: 4), "
           f"{args.threads} thread(s) each\n")  # fmt: skip
     print("| engine | method | rank | step (s) | peak RSS (MiB) | extra (MiB) | loss |")
     print("|---|---|---|---|---|---|---|")

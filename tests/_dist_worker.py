@@ -29,6 +29,8 @@ import _tiny_lm as tiny  # noqa: E402
 import logitless  # noqa: E402
 
 SEQ = 12
+TP_SIZE = 2  # the tensor-parallel dimension of the 2-D setups
+OUT_DIR = Path(".")  # set by main()
 LR = 0.5  # SGD, so that the second step's loss depends visibly on the first step's gradients
 TP_VOCAB_UNEVEN = 251
 
@@ -191,20 +193,55 @@ def _tp_transformers(model: torch.nn.Module) -> torch.nn.Module:
     return apply_tensor_parallelism(model, mesh, {"lm_head": "colwise_gather_output"})
 
 
-def _fsdp_over_tp(model: torch.nn.Module) -> torch.nn.Module:
-    """2-D parallelism on two ranks: the head vocabulary-sharded over a tensor-parallel dimension of 2, then
-    ``fully_shard`` over a data-parallel dimension of 1. Inside the head's FSDP unit its weight is still a
-    tensor-parallel ``DTensor``: a layout the fused path must recognise or leave to stock."""
+def _mesh_2d() -> Any:
+    """A (data parallel, tensor parallel) mesh with a tensor-parallel dimension of ``TP_SIZE``: (1, 2) on two ranks,
+    (2, 2) on four."""
     from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (dist.get_world_size() // TP_SIZE, TP_SIZE), mesh_dim_names=("dp", "tp"))
+
+
+def _fsdp_over_tp(model: torch.nn.Module, head: str = "own") -> torch.nn.Module:
+    """2-D parallelism: the head vocabulary-sharded over the tensor-parallel dimension (torch's ``ColwiseParallel``),
+    then ``fully_shard`` over the data-parallel one, the head its own unit or in the root's. Inside the head's FSDP
+    unit its weight is still a tensor-parallel ``DTensor``."""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
-    mesh = init_device_mesh("cpu", (1, dist.get_world_size()), mesh_dim_names=("dp", "tp"))
+    mesh = _mesh_2d()
     model = parallelize_module(model, mesh["tp"], {"lm_head": ColwiseParallel(output_layouts=Replicate())})
-    fully_shard(model.lm_head, mesh=mesh["dp"])
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh["dp"])
+    if head == "own":
+        fully_shard(model.lm_head, mesh=mesh["dp"])
     fully_shard(model, mesh=mesh["dp"])
     return model
+
+
+def _hooked(model: torch.nn.Module) -> torch.nn.Module:
+    """A user's forward hook on the head, beside the engine's and the layout's: it sees the logits."""
+    model.lm_head.register_forward_hook(lambda module, args, out: None)
+    return model
+
+
+_SAVED = [0]
+
+
+def _transformers_2d(model: torch.nn.Module) -> torch.nn.Module:
+    """transformers' own 2-D parallelism: ``from_pretrained(..., distributed_config=DistributedConfig(tp_size=2,
+    fsdp_size=WORLD/2))`` of the tiny model's saved weights. Its TP plan shards every layer (the head colwise,
+    through an instance ``tp_forward``) and its FSDP plan groups the final norm and the head in one unit."""
+    from transformers.distributed import DistributedConfig
+
+    _SAVED[0] += 1
+    path = OUT_DIR / f"tiny-llama-{_SAVED[0]}"
+    if dist.get_rank() == 0:
+        model.save_pretrained(path)
+    dist.barrier()
+    config = DistributedConfig(tp_size=TP_SIZE, fsdp_size=dist.get_world_size() // TP_SIZE)
+    loaded = type(model).from_pretrained(path, distributed_config=config, dtype=torch.float32)
+    return loaded.train()
 
 
 def _zero3(model: torch.nn.Module, stage: int = 3) -> torch.nn.Module:
@@ -225,8 +262,9 @@ def _zero3(model: torch.nn.Module, stage: int = 3) -> torch.nn.Module:
     return engine
 
 
-# name -> (builder, wrapper, tensor parallel?)
-SETUPS: dict[str, tuple[Callable[[], torch.nn.Module], Callable[[torch.nn.Module], torch.nn.Module], bool]] = {
+# name -> (builder, wrapper, parallelism): False data parallel (each rank its own batch), True tensor parallel (one
+# batch on every rank), "2d" both (a batch per data-parallel index, shared by the TP_SIZE ranks holding it).
+SETUPS: dict[str, tuple[Callable[[], torch.nn.Module], Callable[[torch.nn.Module], torch.nn.Module], bool | str]] = {
     "ddp": (build_llama, _ddp, False),
     "fsdp2-head-in-root": (build_llama, lambda m: _fsdp(m, head="root"), False),
     "fsdp2-head-own-unit": (build_llama, lambda m: _fsdp(m, head="own"), False),
@@ -260,7 +298,28 @@ SETUPS: dict[str, tuple[Callable[[], torch.nn.Module], Callable[[torch.nn.Module
     "tp-transformers-colwise": (build_llama, _tp_transformers, True),
     "tp-uneven-vocab": (lambda: build_llama(TP_VOCAB_UNEVEN), _tp_transformers, True),
     "fsdp2-over-tp": (build_llama, _fsdp_over_tp, True),
+    "fsdp2-over-tp-hooked": (build_llama, lambda m: _hooked(_fsdp_over_tp(m)), True),
+    # Four ranks: data parallel 2 x tensor parallel 2 (TWO_D_SETUPS).
+    "2d-torch-head-own-unit": (build_llama, _fsdp_over_tp, "2d"),
+    "2d-torch-head-in-root": (build_llama, lambda m: _fsdp_over_tp(m, head="root"), "2d"),
+    "2d-transformers": (build_llama, _transformers_2d, "2d"),
 }
+TWO_D_SETUPS = ("2d-torch-head-own-unit", "2d-torch-head-in-root", "2d-transformers")
+
+
+def is_2d(setup: str) -> bool:
+    """Whether a setup (or a Trainer-feature setup on an engine: ``smooth-*``, ``eval-*``) runs on the four-rank
+    2-D layout."""
+    engine = {**SMOOTHING_SETUPS, **EVAL_SETUPS}.get(setup, setup)
+    return SETUPS.get(engine, (None, None, False))[2] == "2d"
+
+
+def batch_index(setup: str, rank: int) -> int:
+    """Which ``batch`` a rank trains on in a setup."""
+    parallelism = SETUPS[setup][2]
+    if parallelism == "2d":
+        return rank // TP_SIZE
+    return 0 if parallelism else rank
 
 
 def _full_grads(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
@@ -292,7 +351,8 @@ def _full_grads(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
 # HF Trainer's label smoothing (logitless.integrations.hf_trainer) on an engine: setup -> the engine's setup.
 SMOOTHING_SETUPS = {"smooth-ddp": "ddp", "smooth-fsdp2-head-own-unit": "fsdp2-head-own-unit",
                     "smooth-fsdp1-head-own-unit": "fsdp1-head-own-unit", "smooth-zero3": "zero3",
-                    "smooth-tp-transformers-colwise": "tp-transformers-colwise"}  # fmt: skip
+                    "smooth-tp-transformers-colwise": "tp-transformers-colwise",
+                    "smooth-2d-transformers": "2d-transformers"}  # fmt: skip
 SMOOTHING = 0.1
 
 
@@ -300,7 +360,7 @@ def trainer_shifts(setup: str) -> bool:
     """Whether ``Trainer.compute_loss`` shifts the labels for its smoother: only when the unwrapped model's class
     name is a causal LM's. FSDP2 renames the class it shards (``FSDPLlamaForCausalLM``), so stock Trainer smooths
     that model's logits unshifted; logitless computes what stock computes."""
-    return "fsdp2" not in setup
+    return "fsdp2" not in setup and not is_2d(setup)
 
 
 def smoothed_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -324,14 +384,15 @@ def smoothed_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 # A loss-only evaluation forward (eval mode, no grad, under _state.loss_only() as Trainer.prediction_step runs
 # it) on an engine: setup -> the engine's setup.
 EVAL_SETUPS = {"eval-fsdp2-head-own-unit": "fsdp2-head-own-unit", "eval-fsdp1-head-own-unit": "fsdp1-head-own-unit",
-               "eval-zero3": "zero3", "eval-tp-transformers-colwise": "tp-transformers-colwise"}  # fmt: skip
+               "eval-zero3": "zero3", "eval-tp-transformers-colwise": "tp-transformers-colwise",
+               "eval-2d-transformers": "2d-transformers"}  # fmt: skip
 
 
 def run_eval(setup: str, rank: int) -> dict[str, Any]:
     from logitless import _state
 
-    builder, wrap, tensor_parallel = SETUPS[EVAL_SETUPS[setup]]
-    ids = batch(0 if tensor_parallel else rank)
+    builder, wrap, _ = SETUPS[EVAL_SETUPS[setup]]
+    ids = batch(batch_index(EVAL_SETUPS[setup], rank))
     row: dict[str, Any] = {}
     for mode in ("stock", "logitless"):
         logitless.uninstall()
@@ -444,9 +505,9 @@ def run(setup: str, rank: int) -> dict[str, Any]:
 
 
 def _run(setup: str, rank: int, smoothing: bool) -> dict[str, Any]:
-    builder, wrap, tensor_parallel = SETUPS[setup]
+    builder, wrap, _ = SETUPS[setup]
     vocab = TP_VOCAB_UNEVEN if setup == "tp-uneven-vocab" else tiny.VOCAB
-    ids = batch(0 if tensor_parallel else rank, vocab)
+    ids = batch(batch_index(setup, rank), vocab)
     row: dict[str, Any] = {}
     for mode in ("stock", "logitless"):
         logitless.uninstall()
@@ -461,8 +522,13 @@ def _run(setup: str, rank: int, smoothing: bool) -> dict[str, Any]:
             widths.append(int(out.logits.shape[-1]))
             return out.loss
 
-        losses, grads = _two_steps(wrap(builder()), loss_of)
+        model = wrap(builder())
+        losses, grads = _two_steps(model, loss_of)
         row[mode] = {"losses": losses, "logits_widths": widths, "grads": grads}
+        if SETUPS[setup][2] == "2d":
+            # A forward without labels after the fused steps: the layout's hooks are back, the logits whole.
+            with torch.no_grad():
+                row[mode]["logits_after"] = model(input_ids=ids).logits.detach().float().clone()
     report = logitless.audit()
     row["runtime"] = report["runtime"]
     row["smoothing_calls"] = report["integrations"]["hf_trainer"]["calls"]
@@ -563,7 +629,9 @@ def run_vocab_parallel_op(rank: int, device: str = "cpu") -> dict[str, Any]:
 
 
 def main() -> None:
+    global OUT_DIR
     out_dir, setups = Path(sys.argv[1]), sys.argv[2].split(",")
+    OUT_DIR = out_dir
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()

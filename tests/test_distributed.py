@@ -34,15 +34,24 @@ DATA_PARALLEL = ("ddp", "fsdp2-head-in-root", "fsdp2-head-own-unit", "fsdp2-head
                  "peft-tokens-fsdp2", "bert2bart-ddp", "bert2bart-fsdp2", "bert2bart-zero3")
 # Fused forwards counted per step: an encoder-decoder wrapper's and its decoder's.
 COUNTS_PER_STEP = {"bert2bart-ddp": 2, "bert2bart-fsdp2": 2, "bert2bart-zero3": 2}
-TENSOR_PARALLEL = ("tp-torch-colwise", "tp-transformers-colwise", "tp-uneven-vocab")
+TENSOR_PARALLEL = ("tp-torch-colwise", "tp-transformers-colwise", "tp-uneven-vocab",
+                   # 2-D on two ranks: a data-parallel dimension of 1, so every rank trains on the same batch.
+                   "fsdp2-over-tp")
 ALL = (*DATA_PARALLEL, "fsdp2-bf16", "fsdp1-bf16", *TENSOR_PARALLEL)
 # Layouts the fused path does not reproduce: stock on every rank, counted with the reason.
 STOCK = {
-    "fsdp2-over-tp": "hooked-head",
+    "fsdp2-over-tp-hooked": "hooked-head",
     # PEFT's token layer reads its base layer's weight without calling it, so ZeRO-3's hooks on that layer are not
     # the ones that gather it: the fused path does not assume when it is whole.
     "peft-tokens-zero3": "peft-tokens-layout",
 }
+
+
+# HF Trainer's label smoothing and loss-only evaluation on each engine: two ranks, or four for the 2-D layout.
+SMOOTHING = tuple(s for s in sorted(worker.SMOOTHING_SETUPS) if not worker.is_2d(s))
+SMOOTHING_2D = tuple(s for s in sorted(worker.SMOOTHING_SETUPS) if worker.is_2d(s))
+EVAL = tuple(s for s in sorted(worker.EVAL_SETUPS) if not worker.is_2d(s))
+EVAL_2D = tuple(s for s in sorted(worker.EVAL_SETUPS) if worker.is_2d(s))
 
 
 def _free_port() -> int:
@@ -51,27 +60,35 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    out = tmp_path_factory.mktemp("dist")
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
+def _launch(out: Path, world: int, setups: tuple[str, ...]) -> list[dict[str, Any]]:
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(world),
            "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}  # fmt: skip
     procs = [
         subprocess.Popen(
-            [sys.executable, str(Path(worker.__file__)), str(out),
-             ",".join((*ALL, *STOCK, *worker.SMOOTHING_SETUPS, *worker.EVAL_SETUPS, *worker.KEEP_LOGITS_SETUPS,
-                       *worker.TRL_SETUPS, "vocab-parallel-op"))],  # fmt: skip
+            [sys.executable, str(Path(worker.__file__)), str(out), ",".join(setups)],
             env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
-        for r in range(2)
+        for r in range(world)
     ]
     logs = [p.communicate(timeout=600)[0] for p in procs]
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-4000:]
-    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    return [torch.load(out / f"rank{r}.pt") for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    setups = (*ALL, *STOCK, *SMOOTHING, *EVAL, *worker.KEEP_LOGITS_SETUPS, *worker.TRL_SETUPS, "vocab-parallel-op")
+    return _launch(tmp_path_factory.mktemp("dist"), 2, setups)
+
+
+@pytest.fixture(scope="module")
+def ranks_2d(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """Four ranks, data parallel 2 x tensor parallel 2."""
+    return _launch(tmp_path_factory.mktemp("dist2d"), 4, (*worker.TWO_D_SETUPS, *SMOOTHING_2D, *EVAL_2D))
 
 
 def _stock_loss(model: torch.nn.Module, ids: torch.Tensor, smoothing: str | None) -> torch.Tensor:
@@ -93,8 +110,11 @@ def _reference(setup: str, rank: int) -> dict[str, Any]:
     setup = worker.SMOOTHING_SETUPS.get(setup, setup)
     vocab = worker.TP_VOCAB_UNEVEN if setup == "tp-uneven-vocab" else worker.tiny.VOCAB
     build = worker.SETUPS[setup][0]
-    tensor_parallel = worker.SETUPS[setup][2]
+    # The data-parallel batches: one per data-parallel index (2-D: each shared by a tensor-parallel pair); under
+    # tensor parallelism alone both ranks train on batch 0.
+    tensor_parallel = worker.SETUPS[setup][2] is True
     batches = [worker.batch(0, vocab)] * 2 if tensor_parallel else [worker.batch(r, vocab) for r in range(2)]
+    rank = worker.batch_index(setup, rank) if worker.SETUPS[setup][2] == "2d" else rank
     grads: list[dict[str, torch.Tensor]] = []
     losses = []
     for ids in batches:
@@ -154,7 +174,7 @@ def test_equal_to_single_process_stock(ranks: list[dict[str, Any]], setup: str) 
             assert fused["losses"][1] == pytest.approx(ref["step2"], rel=1e-5)
 
 
-@pytest.mark.parametrize("setup", sorted(worker.SMOOTHING_SETUPS))
+@pytest.mark.parametrize("setup", SMOOTHING)
 def test_trainer_label_smoothing_fused_and_equal_to_stock(ranks: list[dict[str, Any]], setup: str) -> None:
     """HF Trainer's ``compute_loss`` with label smoothing on a model under DDP, FSDP2 and FSDP1 (head its own unit),
     ZeRO-3 and tensor parallelism (vocabulary-parallel smoothing): the labels reach the forward through the engine's
@@ -173,7 +193,7 @@ def test_trainer_label_smoothing_fused_and_equal_to_stock(ranks: list[dict[str, 
             assert fused["losses"][1] == pytest.approx(ref["step2"], rel=1e-5)
 
 
-@pytest.mark.parametrize("setup", sorted(worker.EVAL_SETUPS))
+@pytest.mark.parametrize("setup", EVAL)
 def test_loss_only_evaluation_fused_and_equal_to_stock(ranks: list[dict[str, Any]], setup: str) -> None:
     """An eval-mode forward without grad under ``_state.loss_only()`` (what HF Trainer's loss-only
     ``prediction_step`` runs) through FSDP2, FSDP1, ZeRO-3 and tensor-parallel heads: fused, no logits, the loss
@@ -232,9 +252,9 @@ def test_trl_heads_on_engines_equal_to_stock(ranks: list[dict[str, Any]], setup:
 
 @pytest.mark.parametrize("setup", sorted(STOCK))
 def test_layouts_not_reproduced_keep_the_stock_path(ranks: list[dict[str, Any]], setup: str) -> None:
-    """FSDP2 over a tensor-parallel head (2-D: FSDP's hooks beside the layout hooks are not an engine's own alone)
-    and PEFT trainable tokens under ZeRO-3 (the token layer's base layer is hooked): both steps run stock, with the
-    reason counted, equal to stock under the same engines and to the single-process reference."""
+    """FSDP2 over a tensor-parallel head with a user's forward hook beside FSDP's and the layout's (it may read the
+    logits), and PEFT trainable tokens under ZeRO-3 (the token layer's base layer is hooked): both steps run stock,
+    with the reason counted, equal to stock under the same engines and to the single-process reference."""
     for r in range(2):
         row = ranks[r][setup]
         assert row["runtime"] == {"fused": 0, "stock": {STOCK[setup]: 2}}, (r, row["runtime"])
@@ -243,6 +263,53 @@ def test_layouts_not_reproduced_keep_the_stock_path(ranks: list[dict[str, Any]],
         ref = _reference(setup, r)
         assert row["logitless"]["losses"][0] == pytest.approx(ref["loss"], rel=1e-6)
         _close_grads(row["logitless"]["grads"], ref["grads"], rel=2e-5)
+
+
+@pytest.mark.parametrize("setup", worker.TWO_D_SETUPS)
+def test_2d_parallel_fused_and_equal_to_single_process_stock(ranks_2d: list[dict[str, Any]], setup: str) -> None:
+    """FSDP2 over tensor parallelism on four ranks (data parallel 2 x tensor parallel 2): torch's ``ColwiseParallel``
+    head in its own FSDP unit or in the root's, and transformers' ``DistributedConfig(tp_size=2, fsdp_size=2)``
+    (every layer tensor-parallel, the head grouped with the final norm). Fused on every rank at both steps; each
+    rank's loss and every gathered gradient equal the single-process stock reference (the two data-parallel batches'
+    mean gradient), step 2 equals stock's under the same layout, and a forward without labels afterwards returns
+    the whole logits (the layout's hooks are back on the head)."""
+    for r in range(4):
+        row = ranks_2d[r][setup]
+        assert row["runtime"] == {"fused": 2, "stock": {}}, (r, row["runtime"])
+        fused, stock = row["logitless"], row["stock"]
+        assert fused["logits_widths"] == [0, 0] and stock["logits_widths"] == [worker.tiny.VOCAB] * 2
+        # The tensor-parallel pair shares a batch: both compute the same loss.
+        assert fused["losses"] == ranks_2d[r ^ 1][setup]["logitless"]["losses"]
+        ref = _reference(setup, r)
+        assert fused["losses"][0] == pytest.approx(ref["loss"], rel=1e-6)
+        _close_grads(fused["grads"], ref["grads"], rel=2e-5)
+        assert fused["losses"][1] == pytest.approx(stock["losses"][1], rel=1e-5)
+        assert fused["losses"][1] == pytest.approx(ref["step2"], rel=1e-5)
+        # After two fused steps the head is called as stock calls it again (layout hooks restored): whole logits.
+        assert fused["logits_after"].shape[-1] == worker.tiny.VOCAB
+        torch.testing.assert_close(fused["logits_after"], stock["logits_after"], rtol=1e-4, atol=1e-5)
+
+
+def test_2d_trainer_smoothing_and_loss_only_eval_fused_and_equal_to_stock(ranks_2d: list[dict[str, Any]]) -> None:
+    """On transformers' 2-D layout (four ranks): HF Trainer's ``compute_loss`` with label smoothing (the
+    vocabulary-parallel smoothed loss; FSDP renames the class, so stock smooths unshifted) and a loss-only eval-mode
+    forward without grad. Both fused on every rank and equal to the single-process stock reference."""
+    (smooth,), (evaluation,) = SMOOTHING_2D, EVAL_2D
+    for r in range(4):
+        row = ranks_2d[r][smooth]
+        assert row["runtime"] == {"fused": 2, "stock": {}}, (r, row["runtime"])
+        assert row["smoothing_calls"] == {"fused": 2, "materialised": 0}
+        ref = _reference(smooth, r)
+        fused, stock = row["logitless"], row["stock"]
+        assert fused["losses"][0] == pytest.approx(ref["loss"], rel=1e-6)
+        _close_grads(fused["grads"], ref["grads"], rel=2e-5)
+        assert fused["losses"][1] == pytest.approx(stock["losses"][1], rel=1e-5)
+        assert fused["losses"][1] == pytest.approx(ref["step2"], rel=1e-5)
+        row = ranks_2d[r][evaluation]
+        assert row["runtime"] == {"fused": 1, "stock": {}}, (r, row["runtime"])
+        assert row["logitless"]["logits_width"] == 0 and row["stock"]["logits_width"] == worker.tiny.VOCAB
+        assert row["logitless"]["loss"] == pytest.approx(row["stock"]["loss"], rel=1e-6)
+        assert row["logitless"]["loss"] == pytest.approx(_reference(worker.EVAL_SETUPS[evaluation], r)["loss"], rel=1e-6)
 
 
 @pytest.mark.parametrize("setup", ["fsdp2-bf16", "fsdp1-bf16"])

@@ -19,8 +19,12 @@ The fused loss reads ``lm_head.weight`` instead of calling the head, which is ex
 * **Tensor parallel** (torch's ``ColwiseParallel`` or transformers' ``colwise*`` styles, replicated input): the
   head's weight is a ``DTensor`` sharded over the vocabulary. Its hooks only re-lay-out the input and the logits,
   so the loss over the whole vocabulary is computed by ``logitless.vocab_parallel`` from the local shard.
+* **FSDP2 over tensor parallel** (2-D: ``fully_shard`` on a data-parallel mesh of a head laid out colwise on a
+  tensor-parallel one, as transformers' ``DistributedConfig(tp_size, fsdp_size)`` builds it): entered through
+  FSDP's hooks with the layout's hooks left out; inside, the all-gathered weight is the tensor-parallel shard, and
+  the loss is the vocabulary-parallel one.
 
-Anything else on a head (another hook, another placement, a 2-D mesh) is not recognised and keeps the stock path.
+Anything else on a head (another hook, another placement) is not recognised and keeps the stock path.
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ import torch
 from torch import nn
 
 __all__ = [
-    "VocabShard", "base_class", "call_inside", "call_through", "deepspeed_zero3_hooks", "fsdp1_wrapped",
-    "fsdp_managed", "fsdp_state", "tensor_parallel_head",
+    "FsdpOverTensorParallel", "LayoutHooks", "VocabShard", "base_class", "call_inside", "call_through",
+    "deepspeed_zero3_hooks", "fsdp1_wrapped", "fsdp_managed", "fsdp_over_tensor_parallel", "fsdp_state",
+    "tensor_parallel_head",
 ]
 
 # functools.wraps chains (FSDP's group hooks wrap the state's bound methods, dynamo's disable wraps again).
@@ -99,11 +104,9 @@ def _owner(hook: Any) -> Any:
     return None
 
 
-def fsdp_state(module: nn.Module) -> Any | None:
-    """The module's FSDP2 state when FSDP's own forward hooks are the only hooks on it, else None.
-
-    Refused: backward hooks, any other forward hook, an instance ``forward``, and an ``output_dtype`` cast (FSDP would
-    cast the loss where stock casts the logits)."""
+def _fsdp_state_and_others(module: nn.Module) -> tuple[Any, list[tuple[dict, Any]]] | None:
+    """The module's FSDP2 state and its forward (pre-)hooks that are not that state's, as ``(dict, key)`` pairs;
+    None when it is not an ``fully_shard``-ed module, has backward hooks, or FSDP casts its output."""
     fsdp = _fsdp_module_type()
     if fsdp is None or not isinstance(module, fsdp) or base_class(module) is type(module):
         return None
@@ -111,14 +114,30 @@ def fsdp_state(module: nn.Module) -> Any | None:
         state = module._get_fsdp_state()
     except (AttributeError, AssertionError):
         return None
-    hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
-    if not hooks or any(_owner(h) is not state for h in hooks):
-        return None
-    if module._backward_hooks or getattr(module, "_backward_pre_hooks", None) or "forward" in module.__dict__:
+    if module._backward_hooks or getattr(module, "_backward_pre_hooks", None):
         return None
     if getattr(getattr(state, "_mp_policy", None), "output_dtype", None) is not None:
         return None
-    return state
+    owned = 0
+    others: list[tuple[dict, Any]] = []
+    for hooks in (module._forward_pre_hooks, module._forward_hooks):
+        for key, hook in hooks.items():
+            if _owner(hook) is state:
+                owned += 1
+            else:
+                others.append((hooks, key))
+    return (state, others) if owned else None
+
+
+def fsdp_state(module: nn.Module) -> Any | None:
+    """The module's FSDP2 state when FSDP's own forward hooks are the only hooks on it, else None.
+
+    Refused: backward hooks, any other forward hook, an instance ``forward``, and an ``output_dtype`` cast (FSDP would
+    cast the loss where stock casts the logits)."""
+    found = _fsdp_state_and_others(module)
+    if found is None or found[1] or "forward" in module.__dict__:
+        return None
+    return found[0]
 
 
 def fsdp_managed(state: Any) -> tuple[frozenset[int], frozenset[int]]:
@@ -170,13 +189,35 @@ def deepspeed_zero3_hooks(module: nn.Module) -> bool:
     return not (module._backward_hooks or getattr(module, "_backward_pre_hooks", None) or "forward" in module.__dict__)
 
 
-def call_through(module: nn.Module, forward: Any, x: torch.Tensor) -> Any:
-    """``module(x)`` with every hook the module has, but ``forward`` computing in place of its forward."""
+@dataclass(frozen=True)
+class LayoutHooks:
+    """A tensor-parallel layout on a module that FSDP2 also manages: the hooks or instance ``forward`` that
+    re-lay-out its input and logits, skipped when the fused loss stands in for its forward (the loss is computed
+    from the local vocabulary shard instead)."""
+
+    hooks: tuple[tuple[dict, Any], ...] = ()  # (hook dict, key) pairs: torch's ColwiseParallel
+    instance_forward: bool = False  # transformers' colwise ``tp_forward``
+
+
+def call_through(module: nn.Module, forward: Any, x: torch.Tensor, layout: LayoutHooks | None = None) -> Any:
+    """``module(x)`` with every hook the module has, but ``forward`` computing in place of its forward; with a
+    ``layout``, its layout hooks (and instance forward) are left out of that one call and put back after it."""
+    saved_forward = module.__dict__.get("forward")
+    saved_dicts = [(d, list(d.items())) for d in {id(d): d for d, _ in layout.hooks}.values()] if layout else []
+    for d, key in layout.hooks if layout else ():
+        del d[key]
     module.__dict__["forward"] = forward
     try:
         return module(x)
     finally:
-        del module.__dict__["forward"]
+        if saved_forward is None:
+            del module.__dict__["forward"]
+        else:
+            module.__dict__["forward"] = saved_forward
+        for d, items in saved_dicts:
+            # Rebuilt in the saved order: hooks run in insertion order.
+            d.clear()
+            d.update(items)
 
 
 def fsdp1_wrapped(module: nn.Module) -> nn.Module | None:
@@ -225,7 +266,10 @@ def _is_vocab_shard(placement: Any) -> bool:
 
 def _torch_colwise_hooks(module: nn.Module) -> bool:
     """The two hooks of ``parallelize_module(..., ColwiseParallel(input_layouts=Replicate()))``, and nothing else."""
-    pre, post = list(module._forward_pre_hooks.values()), list(module._forward_hooks.values())
+    return _torch_colwise_pair(list(module._forward_pre_hooks.values()), list(module._forward_hooks.values()))
+
+
+def _torch_colwise_pair(pre: list[Any], post: list[Any]) -> bool:
     if len(pre) != 1 or len(post) != 1:
         return False
     fns = []
@@ -292,3 +336,84 @@ def tensor_parallel_head(module: nn.Module) -> VocabShard | str | None:
     mesh = weight.device_mesh
     _, offset = compute_local_shape_and_global_offset(weight.shape, mesh, weight.placements)
     return VocabShard(group=mesh.get_group(), start=int(offset[0]), total=int(weight.shape[0]))
+
+
+def _vocab_shard_of(mesh: Any, placements: Any, shape: Any) -> VocabShard | None:
+    """This rank's rows of a weight laid out as ``placements`` on ``mesh``: sharded over the vocabulary (dim 0) on
+    exactly one mesh dimension, replicated on every other; None for any other layout."""
+    from torch.distributed.tensor import Shard
+
+    placements = tuple(placements)
+    sharded = [i for i, p in enumerate(placements) if type(p) is Shard and p.dim == 0]
+    if len(sharded) != 1 or not all(_replicate(p) for i, p in enumerate(placements) if i != sharded[0]):
+        return None
+    try:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    except ImportError:  # a private helper: without it the shard's offset is unknown, so the stock path runs
+        return None
+    _, offset = compute_local_shape_and_global_offset(tuple(shape), mesh, placements)
+    return VocabShard(group=mesh.get_group(sharded[0]), start=int(offset[0]), total=int(shape[0]))
+
+
+def _fsdp_param(state: Any, tensor: Any) -> Any | None:
+    """The state's ``FSDPParam`` whose sharded or (while all-gathered) unsharded parameter is ``tensor``."""
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:
+        group = getattr(state, "_fsdp_param_group", None)
+        groups = [group] if group is not None else []
+    for group in groups:
+        for param in getattr(group, "fsdp_params", ()):
+            if param.sharded_param is tensor or getattr(param, "_unsharded_param", None) is tensor:
+                return param
+    return None
+
+
+def _unsharded_layout(state: Any, tensor: Any) -> tuple[Any, Any] | None:
+    """``(mesh, placements)`` of an FSDP2-managed tensor-parallel parameter once all-gathered over the data-parallel
+    dimension: its tensor-parallel layout, which FSDP keeps (``_unsharded_dtensor_spec``; ``_tp_spec`` before torch
+    2.8). None when FSDP does not manage it as a ``DTensor``."""
+    param = _fsdp_param(state, tensor)
+    if param is None or not getattr(param, "is_dtensor", False):
+        return None
+    spec = getattr(param, "_unsharded_dtensor_spec", None) or getattr(param, "_tp_spec", None)
+    if spec is None:
+        return None
+    return spec.mesh, spec.placements
+
+
+@dataclass(frozen=True)
+class FsdpOverTensorParallel:
+    """A head FSDP2 shards over the data-parallel dimension whose weight is also split over the vocabulary on a
+    tensor-parallel dimension (2-D parallelism): entered through FSDP's hooks, its layout hooks left out."""
+
+    shard: VocabShard
+    layout: LayoutHooks
+
+
+def fsdp_over_tensor_parallel(module: nn.Module) -> FsdpOverTensorParallel | None:
+    """For an ``fully_shard``-ed ``nn.Linear`` whose hooks are FSDP's plus exactly one recognised colwise layout
+    (torch's ``ColwiseParallel`` hooks, or transformers' colwise ``tp_forward`` as transformers'
+    ``DistributedConfig(tp_size=..., fsdp_size=...)`` builds it), with a weight (and
+    bias) that FSDP all-gathers into a vocabulary shard: the shard and the layout to skip; else None."""
+    found = _fsdp_state_and_others(module)
+    if found is None:
+        return None
+    state, others = found
+    if others:
+        pre = [d[k] for d, k in others if d is module._forward_pre_hooks]
+        post = [d[k] for d, k in others if d is module._forward_hooks]
+        if "forward" in module.__dict__ or not _torch_colwise_pair(pre, post):
+            return None
+        layout = LayoutHooks(hooks=tuple(others))
+    elif _transformers_colwise_forward(module):
+        layout = LayoutHooks(instance_forward=True)
+    else:
+        return None
+    weight_layout = _unsharded_layout(state, module.weight)
+    if weight_layout is None:
+        return None
+    bias = module.bias
+    if bias is not None and _unsharded_layout(state, bias) != weight_layout:
+        return None
+    shard = _vocab_shard_of(*weight_layout, module.weight.shape)
+    return None if shard is None else FsdpOverTensorParallel(shard=shard, layout=layout)

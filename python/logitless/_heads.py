@@ -50,6 +50,8 @@ class _Entry:
     engine_hooks: bool = False
     # An FSDP1 wrapper: called as is, the rest of the plan standing in for the wrapped module's forward.
     wraps: nn.Module | None = None
+    # A tensor-parallel layout beside the engine's hooks (2-D parallelism), left out when entering.
+    layout: _engines.LayoutHooks | None = None
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,7 @@ class HeadPlan:
         if entry.wraps is not None:
             return _engines.call_inside(entry.module, entry.wraps, rest, hidden)
         if entry.engine_hooks:
-            return _engines.call_through(entry.module, rest, hidden)
+            return _engines.call_through(entry.module, rest, hidden, entry.layout)
         if entry.hook is None:
             return rest(hidden)
         args, kwargs = entry.hook.pre_forward(entry.module, hidden)
@@ -238,6 +240,7 @@ class _Way:
     engine_hooks: bool = False
     shard: VocabShard | str | None = None
     fsdp_unsharded: frozenset[int] = frozenset()  # parameters FSDP2 all-gathers on entering the module
+    layout: _engines.LayoutHooks | None = None  # a tensor-parallel layout to leave out when entering (2-D)
 
 
 def _way_in(module: nn.Module, unsharded: frozenset[int] = frozenset()) -> _Way:
@@ -254,6 +257,10 @@ def _way_in(module: nn.Module, unsharded: frozenset[int] = frozenset()) -> _Way:
         if isinstance(module, nn.Linear) and id(module.weight) in still_dtensor:
             return _Way("tensor-parallel-layout")
         return _Way(engine_hooks=True, fsdp_unsharded=plain)
+    if _engines.base_class(module) is nn.Linear:
+        over_tp = _engines.fsdp_over_tensor_parallel(module)
+        if over_tp is not None:
+            return _Way(engine_hooks=True, shard=over_tp.shard, layout=over_tp.layout)
     if _engines.deepspeed_zero3_hooks(module):
         return _Way(engine_hooks=True)
     if type(module) is nn.Linear and _is_dtensor(module.weight) and id(module.weight) not in unsharded:
@@ -294,7 +301,7 @@ def explain_head(head: Any) -> HeadPlan | str:
         if cls is nn.Linear:
             if not _plain_parameters(module):
                 return "weight-subclass"
-            entries.append(_Entry(module, way.hook, None, way.engine_hooks))
+            entries.append(_Entry(module, way.hook, None, way.engine_hooks, layout=way.layout))
             shard = way.shard if isinstance(way.shard, _engines.VocabShard) else None
             return HeadPlan(entries=tuple(entries), linear=module, shard=shard)  # type: ignore[arg-type]
         if way.shard is not None:
