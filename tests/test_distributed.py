@@ -181,16 +181,19 @@ def test_trainer_label_smoothing_fused_and_equal_to_stock(ranks: list[dict[str, 
     wrapper, the smoothed loss is fused on every rank, and loss and gradients equal the single-process stock
     Trainer loss (``LabelSmoother`` on materialised logits)."""
     for r in range(2):
-        row = ranks[r][setup]
-        assert row["runtime"] == {"fused": 2, "stock": {}}, (r, row["runtime"])
-        assert row["smoothing_calls"] == {"fused": 2, "materialised": 0}
-        ref = _reference(setup, r)
-        fused, stock = row["logitless"], row["stock"]
-        assert fused["losses"][0] == pytest.approx(ref["loss"], rel=1e-6)
-        _close_grads(fused["grads"], ref["grads"], rel=2e-5)
-        assert fused["losses"][1] == pytest.approx(stock["losses"][1], rel=1e-5)
-        if "zero" not in setup:
-            assert fused["losses"][1] == pytest.approx(ref["step2"], rel=1e-5)
+        _check_smoothing(ranks[r][setup], setup, r)
+
+
+def _check_smoothing(row: dict[str, Any], setup: str, r: int) -> None:
+    assert row["runtime"] == {"fused": 2, "stock": {}}, (r, row["runtime"])
+    assert row["smoothing_calls"] == {"fused": 2, "materialised": 0}
+    ref = _reference(setup, r)
+    fused, stock = row["logitless"], row["stock"]
+    assert fused["losses"][0] == pytest.approx(ref["loss"], rel=1e-6)
+    _close_grads(fused["grads"], ref["grads"], rel=2e-5)
+    assert fused["losses"][1] == pytest.approx(stock["losses"][1], rel=1e-5)
+    if "zero" not in setup:
+        assert fused["losses"][1] == pytest.approx(ref["step2"], rel=1e-5)
 
 
 @pytest.mark.parametrize("setup", EVAL)
@@ -199,12 +202,15 @@ def test_loss_only_evaluation_fused_and_equal_to_stock(ranks: list[dict[str, Any
     ``prediction_step`` runs) through FSDP2, FSDP1, ZeRO-3 and tensor-parallel heads: fused, no logits, the loss
     equal to stock's under the same engine and to the single-process reference."""
     for r in range(2):
-        row = ranks[r][setup]
-        assert row["runtime"] == {"fused": 1, "stock": {}}, (r, row["runtime"])
-        assert row["logitless"]["logits_width"] == 0 and row["stock"]["logits_width"] == worker.tiny.VOCAB
-        assert row["logitless"]["loss"] == pytest.approx(row["stock"]["loss"], rel=1e-6)
-        ref = _reference(worker.EVAL_SETUPS[setup], r)
-        assert row["logitless"]["loss"] == pytest.approx(ref["loss"], rel=1e-6)
+        _check_eval(ranks[r][setup], setup, r)
+
+
+def _check_eval(row: dict[str, Any], setup: str, r: int) -> None:
+    assert row["runtime"] == {"fused": 1, "stock": {}}, (r, row["runtime"])
+    assert row["logitless"]["logits_width"] == 0 and row["stock"]["logits_width"] == worker.tiny.VOCAB
+    assert row["logitless"]["loss"] == pytest.approx(row["stock"]["loss"], rel=1e-6)
+    ref = _reference(worker.EVAL_SETUPS[setup], r)
+    assert row["logitless"]["loss"] == pytest.approx(ref["loss"], rel=1e-6)
 
 
 @pytest.mark.parametrize("setup", sorted(worker.KEEP_LOGITS_SETUPS))
@@ -296,20 +302,8 @@ def test_2d_trainer_smoothing_and_loss_only_eval_fused_and_equal_to_stock(ranks_
     forward without grad. Both fused on every rank and equal to the single-process stock reference."""
     (smooth,), (evaluation,) = SMOOTHING_2D, EVAL_2D
     for r in range(4):
-        row = ranks_2d[r][smooth]
-        assert row["runtime"] == {"fused": 2, "stock": {}}, (r, row["runtime"])
-        assert row["smoothing_calls"] == {"fused": 2, "materialised": 0}
-        ref = _reference(smooth, r)
-        fused, stock = row["logitless"], row["stock"]
-        assert fused["losses"][0] == pytest.approx(ref["loss"], rel=1e-6)
-        _close_grads(fused["grads"], ref["grads"], rel=2e-5)
-        assert fused["losses"][1] == pytest.approx(stock["losses"][1], rel=1e-5)
-        assert fused["losses"][1] == pytest.approx(ref["step2"], rel=1e-5)
-        row = ranks_2d[r][evaluation]
-        assert row["runtime"] == {"fused": 1, "stock": {}}, (r, row["runtime"])
-        assert row["logitless"]["logits_width"] == 0 and row["stock"]["logits_width"] == worker.tiny.VOCAB
-        assert row["logitless"]["loss"] == pytest.approx(row["stock"]["loss"], rel=1e-6)
-        assert row["logitless"]["loss"] == pytest.approx(_reference(worker.EVAL_SETUPS[evaluation], r)["loss"], rel=1e-6)
+        _check_smoothing(ranks_2d[r][smooth], smooth, r)
+        _check_eval(ranks_2d[r][evaluation], evaluation, r)
 
 
 @pytest.mark.parametrize("setup", ["fsdp2-bf16", "fsdp1-bf16"])

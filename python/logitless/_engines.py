@@ -106,7 +106,7 @@ def _owner(hook: Any) -> Any:
 
 def _fsdp_state_and_others(module: nn.Module) -> tuple[Any, list[tuple[dict, Any]]] | None:
     """The module's FSDP2 state and its forward (pre-)hooks that are not that state's, as ``(dict, key)`` pairs;
-    None when it is not an ``fully_shard``-ed module, has backward hooks, or FSDP casts its output."""
+    None when it is not a ``fully_shard``-ed module, has backward hooks, or FSDP casts its output."""
     fsdp = _fsdp_module_type()
     if fsdp is None or not isinstance(module, fsdp) or base_class(module) is type(module):
         return None
@@ -191,12 +191,12 @@ def deepspeed_zero3_hooks(module: nn.Module) -> bool:
 
 @dataclass(frozen=True)
 class LayoutHooks:
-    """A tensor-parallel layout on a module that FSDP2 also manages: the hooks or instance ``forward`` that
-    re-lay-out its input and logits, skipped when the fused loss stands in for its forward (the loss is computed
-    from the local vocabulary shard instead)."""
+    """A tensor-parallel layout on a module that FSDP2 also manages: the hooks that re-lay-out its input and
+    logits (torch's ``ColwiseParallel``, as ``(hook dict, key)`` pairs), skipped when the fused loss stands in for
+    its forward, which is computed from the local vocabulary shard instead. transformers' colwise ``tp_forward`` is
+    an instance ``forward``, which ``call_through`` always stands in for: no hooks then."""
 
-    hooks: tuple[tuple[dict, Any], ...] = ()  # (hook dict, key) pairs: torch's ColwiseParallel
-    instance_forward: bool = False  # transformers' colwise ``tp_forward``
+    hooks: tuple[tuple[dict, Any], ...] = ()
 
 
 def call_through(module: nn.Module, forward: Any, x: torch.Tensor, layout: LayoutHooks | None = None) -> Any:
@@ -370,8 +370,8 @@ def _fsdp_param(state: Any, tensor: Any) -> Any | None:
 
 def _unsharded_layout(state: Any, tensor: Any) -> tuple[Any, Any] | None:
     """``(mesh, placements)`` of an FSDP2-managed tensor-parallel parameter once all-gathered over the data-parallel
-    dimension: its tensor-parallel layout, which FSDP keeps (``_unsharded_dtensor_spec``; ``_tp_spec`` before torch
-    2.8). None when FSDP does not manage it as a ``DTensor``."""
+    dimension: its tensor-parallel layout, which FSDP keeps (``_unsharded_dtensor_spec``; ``_tp_spec`` in older
+    torch releases). None when FSDP does not manage it as a ``DTensor``."""
     param = _fsdp_param(state, tensor)
     if param is None or not getattr(param, "is_dtensor", False):
         return None
@@ -391,10 +391,10 @@ class FsdpOverTensorParallel:
 
 
 def fsdp_over_tensor_parallel(module: nn.Module) -> FsdpOverTensorParallel | None:
-    """For an ``fully_shard``-ed ``nn.Linear`` whose hooks are FSDP's plus exactly one recognised colwise layout
+    """For a ``fully_shard``-ed ``nn.Linear`` whose hooks are FSDP's plus exactly one recognised colwise layout
     (torch's ``ColwiseParallel`` hooks, or transformers' colwise ``tp_forward`` as transformers'
-    ``DistributedConfig(tp_size=..., fsdp_size=...)`` builds it), with a weight (and
-    bias) that FSDP all-gathers into a vocabulary shard: the shard and the layout to skip; else None."""
+    ``DistributedConfig(tp_size=..., fsdp_size=...)`` builds it), with a weight (and bias) that FSDP all-gathers
+    into a vocabulary shard: the shard and the layout to skip; else None."""
     found = _fsdp_state_and_others(module)
     if found is None:
         return None
@@ -406,7 +406,7 @@ def fsdp_over_tensor_parallel(module: nn.Module) -> FsdpOverTensorParallel | Non
             return None
         layout = LayoutHooks(hooks=tuple(others))
     elif _transformers_colwise_forward(module):
-        layout = LayoutHooks(instance_forward=True)
+        layout = LayoutHooks()
     else:
         return None
     weight_layout = _unsharded_layout(state, module.weight)
