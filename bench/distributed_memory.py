@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,6 +38,14 @@ def _status_kib(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _colwise_head(model: Any, mesh: Any) -> None:
+    """The head split over the vocabulary on ``mesh`` with gathered output (transformers' ``colwise_gather_output``)."""
+    from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES, apply_tensor_parallelism
+
+    ALL_PARALLEL_STYLES["colwise_gather_output"].shard_param(model.lm_head, "weight", mesh)
+    apply_tensor_parallelism(model, mesh, {"lm_head": "colwise_gather_output"})
 
 
 def _rank(args: argparse.Namespace) -> None:
@@ -61,14 +70,12 @@ def _rank(args: argparse.Namespace) -> None:
     torch.set_default_dtype(torch.bfloat16)
     model = transformers.LlamaForCausalLM(config)
     torch.set_default_dtype(previous)
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     if args.engine == "2d":
-        from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES, apply_tensor_parallelism
-
         mesh2 = init_device_mesh("cpu", (dist.get_world_size() // 2, 2), mesh_dim_names=("dp", "tp"))
-        ALL_PARALLEL_STYLES["colwise_gather_output"].shard_param(model.lm_head, "weight", mesh2["tp"])
-        apply_tensor_parallelism(model, mesh2["tp"], {"lm_head": "colwise_gather_output"})
+        _colwise_head(model, mesh2["tp"])
         mesh = mesh2["dp"]
+    else:
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     if args.engine in ("fsdp2", "2d"):
         from torch.distributed.fsdp import fully_shard
 
@@ -88,10 +95,7 @@ def _rank(args: argparse.Namespace) -> None:
         model = FullyShardedDataParallel(model, auto_wrap_policy=units, use_orig_params=True,
                                          device_id=torch.device("cpu"))  # fmt: skip
     else:
-        from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES, apply_tensor_parallelism
-
-        ALL_PARALLEL_STYLES["colwise_gather_output"].shard_param(model.lm_head, "weight", mesh)
-        apply_tensor_parallelism(model, mesh, {"lm_head": "colwise_gather_output"})
+        _colwise_head(model, mesh)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     data_rank = {"tp": 0, "2d": rank // 2}.get(args.engine, rank)
     g = torch.Generator().manual_seed(100 + data_rank)

@@ -140,16 +140,21 @@ def fsdp_state(module: nn.Module) -> Any | None:
     return found[0]
 
 
-def fsdp_managed(state: Any) -> tuple[frozenset[int], frozenset[int]]:
-    """The ids of the sharded parameters an FSDP2 state all-gathers before its module's forward, split in two: those
-    that are then plain tensors (inside that forward a sub-module sees them unsharded, so a ``DTensor`` weight seen
-    before entering is FSDP's shard, not a tensor-parallel layout), and those that stay ``DTensor``s (FSDP over a
-    tensor-parallel parameter: 2-D parallelism, whose vocabulary sharding the plan does not see)."""
+def _fsdp_params(state: Any) -> list[Any]:
+    """Every ``FSDPParam`` of an FSDP2 state's parameter groups."""
     groups = getattr(state, "_fsdp_param_groups", None)
     if groups is None:
         group = getattr(state, "_fsdp_param_group", None)
         groups = [group] if group is not None else []
-    params = [p for group in groups for p in getattr(group, "fsdp_params", ())]
+    return [p for group in groups for p in getattr(group, "fsdp_params", ())]
+
+
+def fsdp_managed(state: Any) -> tuple[frozenset[int], frozenset[int]]:
+    """The ids of the sharded parameters an FSDP2 state all-gathers before its module's forward, split in two: those
+    that are then plain tensors (inside that forward a sub-module sees them unsharded, so a ``DTensor`` weight seen
+    before entering is FSDP's shard, not a tensor-parallel layout), and those that stay ``DTensor``s (FSDP over a
+    tensor-parallel parameter: 2-D parallelism, which ``fsdp_over_tensor_parallel`` recognises on a head)."""
+    params = _fsdp_params(state)
     plain = frozenset(id(p.sharded_param) for p in params if not getattr(p, "is_dtensor", True))
     return plain, frozenset(id(p.sharded_param) for p in params) - plain
 
@@ -357,14 +362,9 @@ def _vocab_shard_of(mesh: Any, placements: Any, shape: Any) -> VocabShard | None
 
 def _fsdp_param(state: Any, tensor: Any) -> Any | None:
     """The state's ``FSDPParam`` whose sharded or (while all-gathered) unsharded parameter is ``tensor``."""
-    groups = getattr(state, "_fsdp_param_groups", None)
-    if groups is None:
-        group = getattr(state, "_fsdp_param_group", None)
-        groups = [group] if group is not None else []
-    for group in groups:
-        for param in getattr(group, "fsdp_params", ()):
-            if param.sharded_param is tensor or getattr(param, "_unsharded_param", None) is tensor:
-                return param
+    for param in _fsdp_params(state):
+        if param.sharded_param is tensor or getattr(param, "_unsharded_param", None) is tensor:
+            return param
     return None
 
 
