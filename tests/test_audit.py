@@ -20,7 +20,7 @@ from logitless.audit_cli import audit_report, find_transformers, transformers_ve
 # GPT2LMHeadModel among them). Raise it when coverage grows.
 PINNED = "5.24.0"
 MIN_PATCHED_CAUSAL_LM = 171
-MIN_PATCHED_CONDITIONAL_GENERATION = 131
+MIN_PATCHED_CONDITIONAL_GENERATION = 132
 REASON_CODES = {
     "parse-error", "no-forward", "no-labels-branch", "non-empty-else", "unsupported-loss", "loss-input-not-logits",
     "no-head-call", "head-not-linear", "head-unresolved", "stacked-heads", "head-call-shape", "hidden-reads-logits",
@@ -105,6 +105,9 @@ def _epilogue(c: dict[str, Any]) -> list[tuple[str, str]]:
         ("MarianMTModel", "lm_head", [("logits_bias", "self.final_logits_bias")]),
         ("XLNetLMHeadModel", "lm_loss", []),  # CrossEntropyLoss on unshifted labels (permutation LM)
         ("VisionEncoderDecoderModel", "decoder", []),  # the loss is handed to the decoder (delegated)
+        # loss_function of `logits = outputs[0]` from self.language_model(..., **kwargs): handed to that
+        # Llama4ForCausalLM with the labels (delegated, the causal-LM form)
+        ("Llama4ForConditionalGeneration", "language_model", []),
     ],
 )
 def test_known_patched_classes(report: dict[str, Any], is_pinned: bool, name: str, head: str, epilogue: list) -> None:

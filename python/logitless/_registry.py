@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["LOCK", "Patch", "is_delegate_target", "labels_elsewhere", "patched", "records", "rewritten",
+__all__ = ["LOCK", "Patch", "delegate_target", "labels_elsewhere", "patched", "records", "rewritten",
            "runs_canonical"]  # fmt: skip
 
 
@@ -33,13 +33,18 @@ patched: dict[type, Patch] = {}
 records: dict[str, dict[str, Any]] = {}
 
 
-def is_delegate_target(cls: type) -> bool:
-    """Whether ``cls`` runs our rewrite of a forward whose loss, given labels, is exactly ``CrossEntropyLoss()`` of
-    its logits (``_runtime.delegable``)."""
+def delegate_target(cls: type) -> tuple[str, str | None] | None:
+    """What ``cls``'s forward computes given labels, when it runs our rewrite and a wrapper may hand it the labels
+    instead of computing that loss on its logits (``_runtime.delegable``): ``("cross_entropy", None)`` for
+    ``CrossEntropyLoss()`` of its logits, ``("causal_lm", path)`` for ``self.loss_function`` of its logits with the
+    ``**kwargs`` it was given and the vocabulary size at ``path`` (``self.config.vocab_size``); None otherwise."""
     with LOCK:
         patch = patched.get(cls)
         record = records.get(f"{cls.__module__}.{cls.__qualname__}", {})
-        return patch is not None and cls.__dict__.get("forward") is patch.forward and bool(record.get("delegate_target"))
+        kind = record.get("delegate_target")
+        if patch is None or cls.__dict__.get("forward") is not patch.forward or kind is None:
+            return None
+        return kind, record.get("delegate_vocab")
 
 
 def rewritten(cls: type) -> bool:

@@ -92,29 +92,34 @@ def fusable(
     return reason is None
 
 
-def delegable(model: Any, sub: Any, vocab_size: Any, as_dict: Any = True) -> bool:
-    """True when an encoder-decoder wrapper may hand its loss to its decoder ``sub``: given the labels, the decoder
-    computes exactly the wrapper's ``CrossEntropyLoss()`` of its logits (its own fused forward then forms none).
+def delegable(model: Any, sub: Any, vocab_size: Any, as_dict: Any = True, kind: str = "cross_entropy") -> bool:
+    """True when a wrapper may hand its loss to its sub-model ``sub``: given the labels, ``sub`` computes exactly
+    the wrapper's loss of its logits (its own fused forward then forms none). ``kind`` is that loss:
+    ``"cross_entropy"``, an encoder-decoder's ``CrossEntropyLoss()`` of the decoder's logits, or ``"causal_lm"``, a
+    multimodal wrapper's ``self.loss_function`` of its language model's logits with the ``**kwargs`` it also passes
+    that model.
 
-    That holds when ``sub`` runs, unchanged, a forward of a class logitless rewrote whose loss is that and whose
-    labels are read nowhere else (``Rewrite::delegate_target``), with no hooks but the engines' (another hook would
-    see outputs without logits). ``vocab_size``: what the wrapper reshapes the logits to, which must be the
-    decoder's output size (else stock raises, and so does the stock path taken here). ``as_dict``: the wrapper's
-    ``return_dict``; its tuple outputs would carry the decoder's loss as an extra first element, so they keep the
-    stock path. Counted for ``audit()`` on the wrapper's class; the decoder counts its own forward as usual.
+    That holds when ``sub`` runs, unchanged, a forward of a class logitless rewrote whose loss, given labels, is that
+    kind and whose labels are read nowhere else (``Rewrite::delegate_target``), with no hooks but the engines'
+    (another hook would see outputs without logits). ``vocab_size``: what the wrapper's loss reshapes the logits to,
+    which must be the sub-model's output size (else stock raises, and so does the stock path taken here). For
+    ``"causal_lm"`` the two models' ``loss_function`` must both be transformers' causal-LM loss (a user's loss on
+    either would make the two differ) and the vocabulary size the sub-model's own loss reads must be ``vocab_size``
+    too. ``as_dict``: the wrapper's ``return_dict``; its tuple outputs would carry the sub-model's loss as an extra
+    first element, so they keep the stock path. Counted for ``audit()`` on the wrapper's class; the sub-model counts
+    its own forward as usual.
     """
-    reason = _delegation_reason(model, sub)
-    if reason is None:
-        head = sub.get_output_embeddings() if hasattr(sub, "get_output_embeddings") else None
-        if getattr(head, "out_features", None) != vocab_size:
-            reason = "delegate-not-exact"
-        elif not as_dict:
-            reason = "delegate-tuple-outputs"
+    reason = _delegation_reason(model, sub, vocab_size, kind)
+    if reason is None and not as_dict:
+        reason = "delegate-tuple-outputs"
     record(model, reason)
+    capture = _state.current_capture()
+    if capture is not None and reason is not None:
+        capture.refused = reason  # counted here: TRL's integration does not count the wrapper again
     return reason is None
 
 
-def _delegation_reason(model: Any, sub: Any) -> str | None:
+def _delegation_reason(model: Any, sub: Any, vocab_size: Any, kind: str) -> str | None:
     reason = _state.mode_reason(model)
     if reason is not None:
         return reason
@@ -125,16 +130,42 @@ def _delegation_reason(model: Any, sub: Any) -> str | None:
 
     if not isinstance(sub, torch.nn.Module):
         return "delegate-not-exact"
-    # The decoder is called as stock calls it, so its hooks all run; only hooks that may observe or change what it
+    # The sub-model is called as stock calls it, so its hooks all run; only hooks that may observe or change what it
     # returns (the logits it no longer forms) are a problem. Engines' hooks (FSDP2, ZeRO-3, accelerate's device
     # alignment) only gather, move and free parameters; an instance forward other than accelerate's is refused too.
     way = _way_in(sub)
     if way.refusal is not None or way.shard is not None:
         return "delegate-hooked"
     owner = next((cls for cls in type(sub).__mro__ if "forward" in cls.__dict__), None)
-    if owner is None or not _registry.is_delegate_target(owner):
+    target = _registry.delegate_target(owner) if owner is not None else None
+    if target is None or target[0] != kind:
         return "delegate-not-exact"
+    head = sub.get_output_embeddings() if hasattr(sub, "get_output_embeddings") else None
+    if getattr(head, "out_features", None) != vocab_size:
+        return "delegate-not-exact"
+    if kind == "causal_lm":
+        causal = stock_loss("ForCausalLM")
+        if _loss_function(model) is not causal or _loss_function(sub) is not causal:
+            return "delegate-not-exact"
+        if target[1] is None or _self_path(sub, target[1]) != vocab_size:
+            return "delegate-not-exact"
     return None
+
+
+def _loss_function(model: Any) -> Any:
+    try:
+        return model.loss_function
+    except AttributeError:
+        return None
+
+
+def _self_path(obj: Any, path: str) -> Any:
+    """The value of ``self.a.b`` (``path``) on ``obj``, or None where an attribute is missing."""
+    for name in path.removeprefix("self.").split("."):
+        obj = getattr(obj, name, None)
+        if obj is None:
+            return None
+    return obj
 
 
 def mask_shifted_labels(labels: torch.Tensor, mask: torch.Tensor | None, crop: str) -> torch.Tensor:

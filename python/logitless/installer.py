@@ -410,7 +410,9 @@ def _try_patch(cls: type, original: Callable[..., Any]) -> dict[str, Any]:
         "head": result.get("head"),
         "epilogue": result.get("epilogue", []),
         "loss_form": result.get("loss_form"),
-        "delegate_target": bool(result.get("delegate_target")),
+        "delegate_target": result.get("delegate_target"),
+        # The vocabulary-size path its causal loss is given (`self.config.vocab_size`): _runtime.delegable reads it.
+        "delegate_vocab": result.get("vocab") if result.get("delegate_target") == "causal_lm" else None,
         "source_file": filename,
         "hash": digest,
     }

@@ -49,7 +49,10 @@ fn rewrite_dict<'py>(py: Python<'py>, r: &Rewrite) -> PyResult<Bound<'py, PyDict
     d.set_item("loss_form", r.loss_form.as_str())?;
     d.set_item("ce_class", r.ce_class.as_deref())?;
     d.set_item("fused_guards", &r.fused_guards)?;
-    d.set_item("delegate_target", r.delegate_target)?;
+    d.set_item(
+        "delegate_target",
+        r.delegate_target.as_ref().map(|t| t.as_str()),
+    )?;
     let elsewhere = match &r.labels_elsewhere {
         None => None,
         Some(e) => {

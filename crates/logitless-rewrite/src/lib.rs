@@ -38,6 +38,7 @@ mod refusal;
 mod source;
 
 pub use audit::{AuditError, ClassKind, ClassReport, Outcome, audit_file, audit_tree, class_kind};
+pub use delegate::DelegateTarget;
 pub use epilogue::{EpilogueKind, EpilogueStep};
 pub use epilogue_module::{ModuleStep, ModuleValue, analyse_epilogue_module};
 pub use head::{HeadSplit, split_head_forward};
@@ -86,10 +87,9 @@ pub struct Rewrite {
     pub ce_class: Option<String>,
     /// Extra run-time conditions of the fused path (`not (<guard>)` of auxiliary terms that read the logits).
     pub fused_guards: Vec<String>,
-    /// Given `labels`, this forward's loss is exactly `CrossEntropyLoss()` of its (unshifted) logits against them,
-    /// and the labels are read nowhere else: a wrapper computing that loss on this model's logits may hand it its
-    /// labels instead ([`LossForm::Delegated`]).
-    pub delegate_target: bool,
+    /// Given `labels`, this forward's loss is exactly one a wrapper may compute on this model's logits (the
+    /// labels read nowhere else): such a wrapper may hand it its labels instead ([`LossForm::Delegated`]).
+    pub delegate_target: Option<DelegateTarget>,
     /// What the labels do besides the loss, when that is nothing or only what [`LabelsElsewhere`] lists: a
     /// caller may then add labels to a call made without them (HF Trainer's label smoothing) and get the same
     /// logits. `None` when they are read anywhere else.
@@ -142,16 +142,7 @@ pub(crate) fn rewrite_function(
         loss_form: plan.form,
         ce_class: plan.ce_class.clone(),
         fused_guards: plan.fused_guards.clone(),
-        delegate_target: plan.form == LossForm::CrossEntropy
-            && plan.loss_keywords.is_empty()
-            && plan.pre.is_empty()
-            && plan.post.is_empty()
-            && plan.fused_guards.is_empty()
-            && func
-                .body
-                .iter()
-                .enumerate()
-                .all(|(i, s)| i == plan.labels_idx || !source::stmt_reads(s, &plan.labels)),
+        delegate_target: delegate::target(func, &plan),
         labels_elsewhere: labels_use::labels_elsewhere(&func.body, &plan),
         line: src.line(&func.body[plan.head_idx]),
     })
@@ -177,9 +168,9 @@ fn delegated(
         extra_loss_kwargs: Vec::new(),
         kwargs: None,
         loss_form: LossForm::Delegated,
-        ce_class: Some(d.ce_class.clone()),
+        ce_class: d.ce_class().map(str::to_string),
         fused_guards: Vec::new(),
-        delegate_target: false,
+        delegate_target: None,
         labels_elsewhere: None,
         line: d.line,
     })

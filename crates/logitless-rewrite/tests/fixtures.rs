@@ -26,8 +26,8 @@ fn render(r: &Rewrite) -> String {
     if let Some(class) = &r.ce_class {
         let _ = writeln!(out, "ce_class: {class}");
     }
-    if r.delegate_target {
-        let _ = writeln!(out, "delegate_target: true");
+    if let Some(target) = &r.delegate_target {
+        let _ = writeln!(out, "delegate_target: {target:?}");
     }
     // Shown when the labels do anything besides the loss (the usual case, nothing, prints nothing).
     match &r.labels_elsewhere {

@@ -73,9 +73,11 @@ def discover(root: pathlib.Path | None = None) -> list[Candidate]:
             elif kind == CONDITIONAL:
                 end = classes[i + 1].start() if i + 1 < len(classes) else len(source)
                 forward = _forward_source(source[match.start() : end])
-                # The classes whose loss is a cross-entropy of the head's logits: the causal-LM loss_function, or
-                # an encoder-decoder's CrossEntropyLoss on its decoder labels (the installer rewrites those too).
-                if forward and (("self.loss_function(" in forward and "lm_head" in forward)
+                # The classes whose loss is a cross-entropy of the head's logits: the causal-LM loss_function (of
+                # its own head's logits, or of a language model's it holds, Llama 4's), or an encoder-decoder's
+                # CrossEntropyLoss on its decoder labels (the installer rewrites those too).
+                causal = "self.loss_function(" in forward if forward else False
+                if forward and ((causal and ("lm_head" in forward or "self.language_model(" in forward))
                                 or "CrossEntropyLoss(" in forward):
                     found.append(Candidate(name, module, CONDITIONAL))
     return found

@@ -130,6 +130,15 @@ def _decoder_labels_only(model: Any, config: Any, feeds: Feeds) -> None:
         feeds.description = "image + decoder labels"
 
 
+def _llama4_vision(d: dict[str, Any]) -> None:
+    """Llama 4's vision adapter: the pixel shuffle (ratio 0.5) turns ``hidden_size`` features into four times as
+    many, which its MLP takes as ``intermediate_size``, and it projects to ``projector_output_dim``, which the
+    multimodal projector reads as ``vision_output_dim``; the shrunk sizes keep these relations."""
+    vision = d["vision_config"]
+    vision["intermediate_size"] = 4 * vision["hidden_size"]
+    vision["projector_input_dim"] = vision["projector_output_dim"] = vision["vision_output_dim"]
+
+
 _DRAFTER = "draft model: all its layers share the target model's KV cache, so it cannot run alone"
 
 OVERRIDES: dict[str, Override] = {
@@ -192,6 +201,7 @@ OVERRIDES: dict[str, Override] = {
     "Qwen4ExpForCausalLM": Override(config=_QWEN4_QSA),
     "Qwen4ExpForConditionalGeneration": Override(config=_QWEN4_QSA),
     # Zamba2's shared attention block works on [hidden, hidden] concatenated and its mamba head dim is separate.
+    "Llama4ForConditionalGeneration": Override(config=_llama4_vision),
     "Zamba2ForCausalLM": Override(config=_set(attention_hidden_size=128, mamba_headdim=16, hybrid_layer_ids=[1])),
     # Its default layer pattern leaves sliding layers without a window.
     "Step3p7ForConditionalGeneration": Override(config=_set(sliding_window=8)),
