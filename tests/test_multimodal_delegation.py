@@ -186,3 +186,20 @@ def test_audit_reports_the_delegation() -> None:
     assert entry["status"] == "patched" and entry["loss_form"] == "delegated", entry
     sub = type(model.language_model)
     assert logitless.audit()["classes"][f"{sub.__module__}.{sub.__qualname__}"]["delegate_target"] == "causal_lm"
+
+
+def test_a_sub_model_takes_only_the_loss_kind_its_rewrite_computes() -> None:
+    """A decoder whose loss is ``CrossEntropyLoss()`` of its logits (TrOCR's) is no causal-LM target, and Llama 4's
+    language model (the causal loss, which shifts) is no cross-entropy target."""
+    from logitless import _runtime
+
+    logitless.install()
+    llama4, _ = _model_and_batch()
+    trocr = build("transformers.models.vision_encoder_decoder.modeling_vision_encoder_decoder",
+                  "VisionEncoderDecoderModel")[0]  # fmt: skip
+    decoder_vocab = trocr.decoder.get_output_embeddings().out_features
+    lm_vocab = llama4.language_model.lm_head.out_features
+    assert _runtime.delegable(trocr, trocr.decoder, decoder_vocab, True)
+    assert _runtime.delegable(llama4, llama4.language_model, lm_vocab, True, kind="causal_lm")
+    assert not _runtime.delegable(trocr, trocr.decoder, decoder_vocab, True, kind="causal_lm")
+    assert not _runtime.delegable(llama4, llama4.language_model, lm_vocab, True)
