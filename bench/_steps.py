@@ -3,7 +3,11 @@ each child process."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import resource
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -39,3 +43,41 @@ def timed_steps(step: Callable[[], float]) -> dict[str, float]:
     seconds = (time.perf_counter() - start) / 2
     added = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     return {"loss": loss, "seconds": seconds, "added_mib": added}
+
+
+def stock_and_logitless_main(
+    parser: Any, step: Callable[[Any], dict[str, float]], title: Callable[[Any], str], script: str
+) -> None:
+    """A wrapper-step benchmark's ``main``: ``parser`` (its own sizes) gains ``--threads`` and the children's
+    ``--mode``; a child prints ``step(args)`` as JSON, the parent runs both modes (``stock_and_logitless``) and
+    prints them under ``title(args)``."""
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--mode", choices=["stock", "logitless"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.mode is not None:
+        print(json.dumps(step(args)))
+        return
+    print_stock_and_logitless(title(args), stock_and_logitless(script))
+
+
+def stock_and_logitless(script: str) -> dict[str, dict[str, float]]:
+    """``timed_steps``'s figures of ``script`` (this command line plus ``--mode stock`` / ``--mode logitless``),
+    each mode in its own process so that neither's peak RSS holds the other's."""
+    rows = {}
+    for mode in ("stock", "logitless"):
+        done = subprocess.run([sys.executable, script, *sys.argv[1:], "--mode", mode], capture_output=True,
+                              text=True, check=True)  # fmt: skip
+        rows[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+    return rows
+
+
+def print_stock_and_logitless(title: str, rows: dict[str, dict[str, float]]) -> None:
+    """The two modes' rows and their ratios."""
+    print(title)
+    for mode, r in rows.items():
+        print(f"  {mode:9}  loss {r['loss']:.6f}  {r['seconds']:.2f} s/step  peak RSS +{r['added_mib']:,.0f} MiB")
+    s, f = rows["stock"], rows["logitless"]
+    if "fused" in f:
+        print(f"  logitless: {f['fused']:.0f} of {f['forwards']:.0f} labelled forwards fused")
+    print(f"  memory added: stock / logitless = {s['added_mib'] / f['added_mib']:.2f}x; "
+          f"speed: {s['seconds'] / f['seconds']:.2f}x; loss rel diff {abs(s['loss'] - f['loss']) / s['loss']:.1e}")

@@ -15,11 +15,8 @@ Liger, cut-cross-entropy and TRL's head patch decoder-only models.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 
-from _steps import timed_steps  # bench/ is on sys.path: these run as scripts
+from _steps import stock_and_logitless_main, timed_steps  # bench/ is on sys.path: these run as scripts
 
 
 def _step(args: argparse.Namespace) -> dict[str, float]:
@@ -59,24 +56,13 @@ def main() -> None:
     parser.add_argument("--targets", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=50265)
     parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--mode", choices=["stock", "logitless"], help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.mode is not None:
-        print(json.dumps(_step(args)))
-        return
-    rows = {}
-    for mode in ("stock", "logitless"):
-        done = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--mode", mode], capture_output=True,
-                              text=True, check=True)  # fmt: skip
-        rows[mode] = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"TrOCR-shaped step: batch {args.batch} x {args.targets} targets, vocab {args.vocab}, width {args.width}, "
-          f"{args.threads} thread(s)")  # fmt: skip
-    for mode, r in rows.items():
-        print(f"  {mode:9}  loss {r['loss']:.6f}  {r['seconds']:.2f} s/step  peak RSS +{r['added_mib']:,.0f} MiB")
-    s, f = rows["stock"], rows["logitless"]
-    print(f"  memory added: stock / logitless = {s['added_mib'] / f['added_mib']:.2f}x; "
-          f"speed: {s['seconds'] / f['seconds']:.2f}x; loss rel diff {abs(s['loss'] - f['loss']) / s['loss']:.1e}")
+    stock_and_logitless_main(
+        parser,
+        _step,
+        lambda a: f"TrOCR-shaped step: batch {a.batch} x {a.targets} targets, vocab {a.vocab}, width {a.width}, "
+        f"{a.threads} thread(s)",
+        __file__,
+    )
 
 
 if __name__ == "__main__":

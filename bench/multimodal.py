@@ -21,11 +21,8 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
-import subprocess
-import sys
 
-from _steps import timed_steps  # bench/ is on sys.path: these run as scripts
+from _steps import stock_and_logitless_main, timed_steps  # bench/ is on sys.path: these run as scripts
 
 
 def _model(args: argparse.Namespace) -> tuple[object, int, int]:
@@ -91,25 +88,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=202048)
     parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--mode", choices=["stock", "logitless"], help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.mode is not None:
-        print(json.dumps(_step(args)))
-        return
-    rows = {}
-    for mode in ("stock", "logitless"):
-        done = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--mode", mode], capture_output=True,
-                              text=True, check=True)  # fmt: skip
-        rows[mode] = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"Llama 4 multimodal step: batch {args.batch} x {args.tokens} tokens (one image each), vocab {args.vocab}, "
-          f"width {args.width}, {args.threads} thread(s)")  # fmt: skip
-    for mode, r in rows.items():
-        print(f"  {mode:9}  loss {r['loss']:.6f}  {r['seconds']:.2f} s/step  peak RSS +{r['added_mib']:,.0f} MiB")
-    s, f = rows["stock"], rows["logitless"]
-    print(f"  logitless: {f['fused']:.0f} of {f['forwards']:.0f} labelled forwards fused")
-    print(f"  memory added: stock / logitless = {s['added_mib'] / f['added_mib']:.2f}x; "
-          f"speed: {s['seconds'] / f['seconds']:.2f}x; loss rel diff {abs(s['loss'] - f['loss']) / s['loss']:.1e}")
+    stock_and_logitless_main(
+        parser,
+        _step,
+        lambda a: f"Llama 4 multimodal step: batch {a.batch} x {a.tokens} tokens (one image each), vocab {a.vocab}, "
+        f"width {a.width}, {a.threads} thread(s)",
+        __file__,
+    )
 
 
 if __name__ == "__main__":

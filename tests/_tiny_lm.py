@@ -157,6 +157,27 @@ def assert_runs_match(stock: RunResult, fused: RunResult, *, rtol: float = 1e-5,
         torch.testing.assert_close(fused.state[key], stock.state[key], rtol=1e-4, atol=weight_atol, msg=key)
 
 
+Step = tuple[Any, dict[str, torch.Tensor]]
+
+
+def labelled_step(model: torch.nn.Module, batch: dict[str, Any]) -> Step:
+    """One forward with labels and its backward: the outputs and every parameter's gradient."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(4)  # the same dropout masks in both runs
+    out = model(**batch)
+    loss = out.loss if hasattr(out, "loss") else out[0]
+    loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_steps_equal(got: Step, want: Step) -> None:
+    """The loss (first in outputs and tuples alike) and every gradient of two ``labelled_step``s."""
+    torch.testing.assert_close(got[0][0], want[0][0], rtol=1e-6, atol=0)
+    assert got[1].keys() == want[1].keys()
+    for name, grad in want[1].items():
+        torch.testing.assert_close(got[1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def fused_forward_counter(monkeypatch: Any) -> CallCounter:
     """Count calls of the fused loss as rewritten forwards reach it (``__logitless__.hf_loss``)."""
     from logitless import _runtime

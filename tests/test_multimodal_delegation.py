@@ -49,22 +49,6 @@ def _model_and_batch() -> tuple[torch.nn.Module, dict[str, Any]]:
     return model, {**feeds.base, "labels": feeds.labels, "num_items_in_batch": feeds.num_items}
 
 
-def _runs(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[Any, dict[str, torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(4)  # the same dropout masks in both runs
-    out = model(**batch)
-    loss = out.loss if hasattr(out, "loss") else out[0]
-    loss.backward()
-    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def _assert_same(got: tuple[Any, dict], want: tuple[Any, dict]) -> None:
-    torch.testing.assert_close(got[0][0], want[0][0], rtol=1e-6, atol=0)  # the loss, in outputs and tuples alike
-    assert got[1].keys() == want[1].keys()
-    for name, grad in want[1].items():
-        torch.testing.assert_close(got[1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
-
-
 def _record(model: torch.nn.Module) -> dict[str, Any]:
     classes = logitless.audit()["classes"]
     return {
@@ -84,13 +68,13 @@ def test_wrapper_hands_its_loss_to_the_language_model(num_items: bool) -> None:
     model, batch = _model_and_batch()
     if not num_items:
         del batch["num_items_in_batch"]
-    stock = _runs(model, batch)
+    stock = tiny.labelled_step(model, batch)
     logitless.install()
-    fused = _runs(model, batch)
+    fused = tiny.labelled_step(model, batch)
     assert stock[0].logits.shape[-1] == model.config.text_config.vocab_size
     assert fused[0].logits.shape[-1] == 0
     assert _record(model) == _fused_everywhere(1)
-    _assert_same(fused, stock)
+    tiny.assert_steps_equal(fused, stock)
 
 
 def test_trainer_run_matches_stock(tmp_path: Any) -> None:
@@ -157,7 +141,7 @@ def test_stock_path_when_the_language_model_would_not_compute_the_wrappers_loss(
         changed.vocab_size -= 1
     stock_error: Exception | None = None
     try:
-        stock: Any = _runs(model, batch)
+        stock: Any = tiny.labelled_step(model, batch)
     except Exception as exc:  # noqa: BLE001 - whatever stock raises, the path taken here must raise too
         stock_error = exc
     logitless.install()
@@ -166,12 +150,12 @@ def test_stock_path_when_the_language_model_would_not_compute_the_wrappers_loss(
         # in its own output capturing): the stock path taken here fails the same way.
         assert case in ("vocabulary", "tuple-outputs"), stock_error
         with pytest.raises(type(stock_error)):
-            _runs(model, batch)
+            tiny.labelled_step(model, batch)
     else:
-        ours = _runs(model, batch)
+        ours = tiny.labelled_step(model, batch)
         logits = ours[0][1] if case == "tuple-outputs" else ours[0].logits
         assert logits.shape[-1] == model.language_model.lm_head.out_features
-        _assert_same(ours, stock)
+        tiny.assert_steps_equal(ours, stock)
     reason = {"wrapper-loss": "delegate-not-exact", "language-model-loss": "delegate-not-exact",
               "hooked-language-model": "delegate-hooked", "tuple-outputs": "delegate-tuple-outputs",
               "vocabulary": "delegate-not-exact", "language-model-vocabulary": "delegate-not-exact"}[case]  # fmt: skip

@@ -112,22 +112,6 @@ def test_fused_forward_returns_no_logits_and_the_stock_loss() -> None:
     assert torch.allclose(fused.loss, stock.loss, rtol=1e-6, atol=0)
 
 
-def _wrapper_runs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(4)  # the same dropout masks in both runs
-    out = model(**batch)
-    loss = out.loss if hasattr(out, "loss") else out[0]
-    loss.backward()
-    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def _assert_same(got: tuple[Any, dict], want: tuple[Any, dict]) -> None:
-    torch.testing.assert_close(got[0][0], want[0][0], rtol=1e-6, atol=0)  # the loss, in outputs and tuples alike
-    assert got[1].keys() == want[1].keys()
-    for name, grad in want[1].items():
-        torch.testing.assert_close(got[1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
-
-
 def _wrapper_record(model: torch.nn.Module) -> dict[str, Any]:
     cls = type(model)
     return logitless.audit()["classes"][f"{cls.__module__}.{cls.__qualname__}"]["runtime"]
@@ -137,12 +121,12 @@ def test_wrapper_hands_its_loss_to_the_decoder() -> None:
     """TrOCR: the wrapper's decoder computes the loss fused and returns no logits; equal to stock."""
     model = _model("trocr")
     batch = _collator("trocr")(_examples("trocr", model)[:2])
-    stock = _wrapper_runs(model, batch)
+    stock = tiny.labelled_step(model, batch)
     logitless.install()
-    fused = _wrapper_runs(model, batch)
+    fused = tiny.labelled_step(model, batch)
     assert fused[0].logits.shape[-1] == 0 and stock[0].logits.shape[-1] == model.decoder.config.vocab_size
     assert _wrapper_record(model) == {"fused": 1, "stock": {}}
-    _assert_same(fused, stock)
+    tiny.assert_steps_equal(fused, stock)
 
 
 def test_wrapper_in_eval_mode_returns_stock_logits_and_loss() -> None:
@@ -176,15 +160,15 @@ def test_wrapper_keeps_the_stock_path_when_the_decoder_cannot_take_the_loss(case
             model.decoder.register_forward_hook(lambda module, args, out: None)
         else:
             batch["return_dict"] = False  # type: ignore[assignment]
-    stock = _wrapper_runs(model, batch)
+    stock = tiny.labelled_step(model, batch)
     logitless.install()
-    ours = _wrapper_runs(model, batch)
+    ours = tiny.labelled_step(model, batch)
     reason = {"bert2bert": "delegate-not-exact", "hooked-decoder": "delegate-hooked",
               "tuple-outputs": "delegate-tuple-outputs"}[case]  # fmt: skip
     assert _wrapper_record(model) == {"fused": 0, "stock": {reason: 1}}
     logits = ours[0].logits if case != "tuple-outputs" else ours[0][1]
     assert logits.shape[-1] == model.decoder.config.vocab_size
-    _assert_same(ours, stock)
+    tiny.assert_steps_equal(ours, stock)
 
 
 def test_wrapper_vocabulary_not_the_decoders_fails_as_stock_does() -> None:

@@ -11,7 +11,7 @@ use crate::epilogue::{
     EpilogueStep, HeadProblem, Op, epilogue_walrus_names, is_logits_operand, is_minus_one,
     merge_epilogue, parse_epilogue, parse_head, vocab_slice_end,
 };
-use crate::loss::{LossCall, LossForm, find_loss_call, labels_test};
+use crate::loss::{LossCall, LossForm, find_loss_call, labels_test, no_else};
 use crate::refusal::{ReasonCode as R, Refusal};
 use crate::source::{
     Source, bound_names, expr_reads, has_call, is_name, mutates_in_place, refuse, simple_assign,
@@ -500,14 +500,7 @@ pub(crate) fn analyse<'a>(
             }));
         }
     };
-    if !branch.elif_else_clauses.is_empty() {
-        return Err(refuse(
-            R::NonEmptyElse,
-            src,
-            branch,
-            "the labels branch has an `elif`/`else`",
-        ));
-    }
+    no_else(src, branch)?;
     let Expr::Name(logits_expr) = call.logits else {
         return Err(refuse(
             R::LossInputNotLogits,

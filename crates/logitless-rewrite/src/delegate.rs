@@ -35,7 +35,7 @@ use ruff_python_ast::{Expr, ExprCall, Stmt, StmtFunctionDef, StmtIf};
 use ruff_text_size::{Ranged, TextRange};
 
 use crate::analysis::Plan;
-use crate::loss::{LossForm, ce_constructor, find_loss_call, labels_test, view_call};
+use crate::loss::{LossForm, ce_constructor, find_loss_call, labels_test, no_else, view_call};
 use crate::refusal::{ReasonCode as R, Refusal};
 use crate::source::{
     Source, dotted, expr_reads, is_name, refuse, reindent, simple_assign, stmt_binds, stmt_reads,
@@ -246,22 +246,9 @@ fn recognise_causal<'a>(
         _ => return None,
     };
     let sub = self_attr(&sub_call.func)?;
-    let unsupported = |node: &dyn Ranged, why: &str| {
-        Refusal::new(
-            R::UnsupportedLoss,
-            src.line_of(node.range().start().to_usize()),
-            format!("sub-model loss: {why}"),
-        )
-    };
+    let unsupported = |node: &dyn Ranged, why: &str| unsupported(src, node, why);
     Some((|| {
-        if !branch.elif_else_clauses.is_empty() {
-            return Err(refuse(
-                R::NonEmptyElse,
-                src,
-                branch,
-                "the labels branch has an `elif`/`else`",
-            ));
-        }
+        no_else(src, branch)?;
         if branch.body.len() != 1 {
             return Err(unsupported(
                 branch,
@@ -342,6 +329,15 @@ fn recognise_causal<'a>(
     })())
 }
 
+/// Why the wrapper's loss cannot be handed over, at `node`.
+fn unsupported(src: &Source<'_>, node: &dyn Ranged, why: &str) -> Refusal {
+    Refusal::new(
+        R::UnsupportedLoss,
+        src.line_of(node.range().start().to_usize()),
+        format!("sub-model loss: {why}"),
+    )
+}
+
 /// `outputs[0]` or `outputs.logits`: the outputs' name.
 fn first_or_logits(value: &Expr) -> Option<&str> {
     let base = match value {
@@ -381,21 +377,8 @@ fn analyse<'a>(
     logits: &'a str,
     outputs: &'a str,
 ) -> Result<Delegation<'a>, Refusal> {
-    let unsupported = |node: &dyn Ranged, why: &str| {
-        Refusal::new(
-            R::UnsupportedLoss,
-            src.line_of(node.range().start().to_usize()),
-            format!("sub-model loss: {why}"),
-        )
-    };
-    if !branch.elif_else_clauses.is_empty() {
-        return Err(refuse(
-            R::NonEmptyElse,
-            src,
-            branch,
-            "the labels branch has an `elif`/`else`",
-        ));
-    }
+    let unsupported = |node: &dyn Ranged, why: &str| unsupported(src, node, why);
+    no_else(src, branch)?;
     // 1. The branch: kept calls, then the logits, `loss_fct = CrossEntropyLoss()`, `loss = loss_fct(...)`.
     let stmts = branch.body.as_slice();
     let mut keep = Vec::new();

@@ -543,6 +543,20 @@ pub(crate) fn logits_name(expr: &Expr) -> &str {
     }
 }
 
+/// A labels branch with an `elif`/`else` is refused: the fused path replaces the whole `if`.
+pub(crate) fn no_else(src: &Source<'_>, branch: &StmtIf) -> Result<(), Refusal> {
+    if branch.elif_else_clauses.is_empty() {
+        Ok(())
+    } else {
+        Err(refuse(
+            R::NonEmptyElse,
+            src,
+            branch,
+            "the labels branch has an `elif`/`else`",
+        ))
+    }
+}
+
 /// `if <name> is not None:` → `<name>`.
 pub(crate) fn labels_test(stmt: &Stmt) -> Option<(&StmtIf, &str)> {
     let Stmt::If(s) = stmt else { return None };
