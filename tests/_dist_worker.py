@@ -113,6 +113,42 @@ def build_bert2bart() -> torch.nn.Module:
     return model
 
 
+def build_llama4_vlm() -> torch.nn.Module:
+    """Llama 4's multimodal wrapper (verify's tiny build), which hands its causal loss to its language model; text
+    batches, so its vision tower gets no gradient. transformers 5.24's wrapper reads ``image_outputs`` off its
+    language model's output, which has no such field: given as None on that class (process-wide, for stock and
+    logitless alike; it answers only that read)."""
+    import inspect
+
+    from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+    from transformers.models.llama4 import modeling_llama4
+
+    from logitless._verify.compare import build
+
+    if "outputs.image_outputs" in inspect.getsource(modeling_llama4.Llama4ForConditionalGeneration.forward):
+        MoeCausalLMOutputWithPast.image_outputs = None  # type: ignore[attr-defined]
+    return build("transformers.models.llama4.modeling_llama4", "Llama4ForConditionalGeneration")[0]
+
+
+def _ddp_some_unused(model: torch.nn.Module) -> torch.nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, find_unused_parameters=True)
+
+
+def _fsdp_language_model(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2 on a multimodal wrapper as transformers' plan shards it: each decoder layer of its language model a
+    unit, then the root (the wrapper embeds the tokens itself, so the language model cannot be one unit)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model.language_model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
 def _fsdp(model: torch.nn.Module, *, head: str, bf16: bool = False) -> torch.nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -294,6 +330,8 @@ SETUPS: dict[str, tuple[Callable[[], torch.nn.Module], Callable[[torch.nn.Module
     "bert2bart-ddp": (build_bert2bart, _ddp, False),
     "bert2bart-fsdp2": (build_bert2bart, _fsdp_wrapper, False),
     "bert2bart-zero3": (build_bert2bart, _zero3, False),
+    "llama4-vlm-ddp": (build_llama4_vlm, _ddp_some_unused, False),
+    "llama4-vlm-fsdp2": (build_llama4_vlm, _fsdp_language_model, False),
     "tp-torch-colwise": (build_llama, _tp_torch, True),
     "tp-transformers-colwise": (build_llama, _tp_transformers, True),
     "tp-uneven-vocab": (lambda: build_llama(TP_VOCAB_UNEVEN), _tp_transformers, True),

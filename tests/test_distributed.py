@@ -31,9 +31,11 @@ import logitless  # noqa: E402
 DATA_PARALLEL = ("ddp", "fsdp2-head-in-root", "fsdp2-head-own-unit", "fsdp2-head-grouped", "zero3", "zero2",
                  "fsdp1-head-in-root", "fsdp1-head-own-unit", "fsdp1-head-own-unit-flat", "inkling2-ddp",
                  "inkling2-zero3", "peft-save-ddp", "peft-save-fsdp2", "peft-save-zero3", "peft-tokens-ddp",
-                 "peft-tokens-fsdp2", "bert2bart-ddp", "bert2bart-fsdp2", "bert2bart-zero3")
-# Fused forwards counted per step: an encoder-decoder wrapper's and its decoder's.
-COUNTS_PER_STEP = {"bert2bart-ddp": 2, "bert2bart-fsdp2": 2, "bert2bart-zero3": 2}
+                 "peft-tokens-fsdp2", "bert2bart-ddp", "bert2bart-fsdp2", "bert2bart-zero3", "llama4-vlm-ddp",
+                 "llama4-vlm-fsdp2")
+# Fused forwards counted per step: a wrapper's and its decoder's or language model's.
+COUNTS_PER_STEP = {"bert2bart-ddp": 2, "bert2bart-fsdp2": 2, "bert2bart-zero3": 2, "llama4-vlm-ddp": 2,
+                   "llama4-vlm-fsdp2": 2}
 TENSOR_PARALLEL = ("tp-torch-colwise", "tp-transformers-colwise", "tp-uneven-vocab",
                    # 2-D on two ranks: a data-parallel dimension of 1, so every rank trains on the same batch.
                    "fsdp2-over-tp")
