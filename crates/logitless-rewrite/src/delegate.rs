@@ -246,22 +246,27 @@ fn recognise_causal<'a>(
         _ => return None,
     };
     let sub = self_attr(&sub_call.func)?;
-    let unsupported = |node: &dyn Ranged, why: &str| unsupported(src, node, why);
     Some((|| {
         no_else(src, branch)?;
         if branch.body.len() != 1 {
             return Err(unsupported(
+                src,
                 branch,
                 "the labels branch does more than the loss",
             ));
         }
         if !is_name(call.labels, labels) {
-            return Err(unsupported(call.labels, "the loss is not of the labels"));
+            return Err(unsupported(
+                src,
+                call.labels,
+                "the loss is not of the labels",
+            ));
         }
         let kwargs = match call.keywords.as_slice() {
             [(None, Expr::Name(n))] => n.id.as_str(),
             _ => {
                 return Err(unsupported(
+                    src,
                     branch,
                     "the loss call passes other keywords than the `**kwargs` the sub-model is given",
                 ));
@@ -269,6 +274,7 @@ fn recognise_causal<'a>(
         };
         let Some(vocab) = call.vocab else {
             return Err(unsupported(
+                src,
                 branch,
                 "the loss call passes no vocabulary size",
             ));
@@ -278,6 +284,7 @@ fn recognise_causal<'a>(
             .any(|n| expr_reads(vocab, n))
         {
             return Err(unsupported(
+                src,
                 vocab,
                 "the vocabulary size reads the logits or the labels",
             ));
@@ -292,7 +299,7 @@ fn recognise_causal<'a>(
                 ));
             }
         }
-        let return_dict = call_shape(sub_call, &unsupported)?;
+        let return_dict = call_shape(src, sub_call)?;
         let doubles: Vec<&Expr> = sub_call
             .arguments
             .keywords
@@ -307,6 +314,7 @@ fn recognise_causal<'a>(
         });
         if !matches!(doubles.as_slice(), [only] if is_name(only, kwargs)) || explicit_loss_keyword {
             return Err(unsupported(
+                src,
                 sub_call,
                 "the sub-model call does not pass the loss's `**kwargs`, or passes it a loss keyword",
             ));
@@ -377,7 +385,6 @@ fn analyse<'a>(
     logits: &'a str,
     outputs: &'a str,
 ) -> Result<Delegation<'a>, Refusal> {
-    let unsupported = |node: &dyn Ranged, why: &str| unsupported(src, node, why);
     no_else(src, branch)?;
     // 1. The branch: kept calls, then the logits, `loss_fct = CrossEntropyLoss()`, `loss = loss_fct(...)`.
     let stmts = branch.body.as_slice();
@@ -390,31 +397,51 @@ fn analyse<'a>(
             {
                 keep.push(s);
             }
-            _ => return Err(unsupported(s, "the labels branch does more than the loss")),
+            _ => {
+                return Err(unsupported(
+                    src,
+                    s,
+                    "the labels branch does more than the loss",
+                ));
+            }
         }
     }
     let [ce_stmt, loss_stmt] = &stmts[logits_at + 1..] else {
         return Err(unsupported(
+            src,
             branch,
             "expected `loss_fct = CrossEntropyLoss()` and `loss = loss_fct(...)` after the logits",
         ));
     };
     let Some((ce_name, ce_value)) = simple_assign(ce_stmt) else {
         return Err(unsupported(
+            src,
             ce_stmt,
             "expected `loss_fct = CrossEntropyLoss()`",
         ));
     };
     // Only the default constructor: the decoders' own loss is `CrossEntropyLoss()` (mean, ignore_index -100).
     let (Some(None), Expr::Call(ce_call)) = (ce_constructor(ce_value), ce_value) else {
-        return Err(unsupported(ce_value, "a `CrossEntropyLoss` with options"));
+        return Err(unsupported(
+            src,
+            ce_value,
+            "a `CrossEntropyLoss` with options",
+        ));
     };
     let ce_class = dotted(&ce_call.func).unwrap_or_default();
     let Some((loss, loss_value)) = simple_assign(loss_stmt) else {
-        return Err(unsupported(loss_stmt, "expected `loss = loss_fct(...)`"));
+        return Err(unsupported(
+            src,
+            loss_stmt,
+            "expected `loss = loss_fct(...)`",
+        ));
     };
     let Expr::Call(loss_call) = loss_value else {
-        return Err(unsupported(loss_value, "expected `loss = loss_fct(...)`"));
+        return Err(unsupported(
+            src,
+            loss_value,
+            "expected `loss = loss_fct(...)`",
+        ));
     };
     let args = loss_call.arguments.args.as_ref();
     let ([logits_view, labels_view], true, true) = (
@@ -423,6 +450,7 @@ fn analyse<'a>(
         is_name(&loss_call.func, ce_name),
     ) else {
         return Err(unsupported(
+            src,
             loss_call,
             "expected `loss_fct(logits.view(-1, V), labels.view(-1))`",
         ));
@@ -431,12 +459,14 @@ fn analyse<'a>(
         (view_call(logits_view), view_call(labels_view))
     else {
         return Err(unsupported(
+            src,
             loss_call,
             "expected `loss_fct(logits.view(-1, V), labels.view(-1))`",
         ));
     };
     if !is_name(lb, logits) || !is_name(bb, labels) {
         return Err(unsupported(
+            src,
             loss_call,
             "the loss is not of the sub-model's logits and the labels",
         ));
@@ -447,6 +477,7 @@ fn analyse<'a>(
             .any(|n| expr_reads(vocab, n))
     {
         return Err(unsupported(
+            src,
             loss_call,
             "the vocabulary size reads the logits or the labels",
         ));
@@ -458,6 +489,7 @@ fn analyse<'a>(
         .rposition(|s| simple_assign(s).is_some_and(|(t, _)| t == outputs))
     else {
         return Err(unsupported(
+            src,
             branch,
             "the sub-model's outputs are not assigned before the branch",
         ));
@@ -467,6 +499,7 @@ fn analyse<'a>(
         Some(Expr::Call(c)) => c,
         _ => {
             return Err(unsupported(
+                src,
                 call_stmt,
                 "the outputs are not a sub-model call",
             ));
@@ -474,6 +507,7 @@ fn analyse<'a>(
     };
     let Some(sub) = self_attr(&call.func) else {
         return Err(unsupported(
+            src,
             call_stmt,
             "the outputs are not from `self.<sub-model>(...)`",
         ));
@@ -488,7 +522,7 @@ fn analyse<'a>(
             ));
         }
     }
-    let return_dict = call_shape(call, &unsupported)?;
+    let return_dict = call_shape(src, call)?;
 
     // 3. Nothing after the branch reads what the fused path does not bind.
     for s in &body[labels_idx + 1..] {
@@ -522,10 +556,7 @@ fn analyse<'a>(
 
 /// The sub-model call's `return_dict=` (None for the literal `True`), once it is known to pass no labels and no
 /// starred positional arguments.
-fn call_shape(
-    call: &ExprCall,
-    unsupported: &dyn Fn(&dyn Ranged, &str) -> Refusal,
-) -> Result<Option<String>, Refusal> {
+fn call_shape(src: &Source<'_>, call: &ExprCall) -> Result<Option<String>, Refusal> {
     let keyword = |name: &str| {
         call.arguments
             .keywords
@@ -534,6 +565,7 @@ fn call_shape(
     };
     if keyword("labels").is_some() || call.arguments.args.iter().any(|a| a.is_starred_expr()) {
         return Err(unsupported(
+            src,
             call,
             "the sub-model call already passes labels, or starred arguments",
         ));
@@ -542,6 +574,7 @@ fn call_shape(
         Some(Expr::BooleanLiteral(b)) if b.value => Ok(None),
         Some(Expr::Name(n)) => Ok(Some(n.id.to_string())),
         _ => Err(unsupported(
+            src,
             call,
             "the sub-model call does not pass `return_dict=True` or `return_dict=<name>`",
         )),
