@@ -74,9 +74,10 @@ def build_inkling2() -> torch.nn.Module:
 
 
 def build_peft(kind: str) -> torch.nn.Module:
-    """LoRA on the attention with the head trained as PEFT does it: a copy of it (``modules_to_save``) or new-token
-    rows of a tied head (``trainable_token_indices``). The injected model itself, as engines wrap it. The trained
-    copy, the token rows and LoRA's B are moved off their initial values so that each shows in the loss."""
+    """LoRA on the attention with the head trained as PEFT does it: a copy of it (``modules_to_save``), new-token
+    rows of a tied head (``trainable_token_indices``), or a LoRA adapter on the head itself (``lora``). The injected
+    model itself, as engines wrap it. The trained copy, the token rows and LoRA's B are moved off their initial
+    values so that each shows in the loss."""
     import transformers
     from peft import LoraConfig, get_peft_model
 
@@ -84,8 +85,9 @@ def build_peft(kind: str) -> torch.nn.Module:
     config = transformers.LlamaConfig(**{**tiny._COMMON, "tie_word_embeddings": tied})
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).float()
+    targets = ["q_proj", "v_proj", *(["lm_head"] if kind == "lora" else [])]
     head = {"trainable_token_indices": [3, 5, 7, 200]} if tied else {"modules_to_save": ["lm_head"]}
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], **head))
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=targets, **(head if kind != "lora" else {})))
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -326,6 +328,10 @@ SETUPS: dict[str, tuple[Callable[[], torch.nn.Module], Callable[[torch.nn.Module
     # The tied head's weight is the embedding's: both wrappers stay in the root unit.
     "peft-tokens-fsdp2": (lambda: build_peft("tokens"), lambda m: _fsdp(m, head="root"), False),
     "peft-tokens-zero3": (lambda: build_peft("tokens"), _zero3, False),
+    # LoRA on the head: its term is formed inside the root unit (FSDP2), where nothing else manages its weights.
+    "peft-lora-ddp": (lambda: build_peft("lora"), _ddp, False),
+    "peft-lora-fsdp2": (lambda: build_peft("lora"), lambda m: _fsdp(m, head="root"), False),
+    "peft-lora-zero3": (lambda: build_peft("lora"), _zero3, False),
     # The wrapper's forward and its decoder's both run fused: two counts a step.
     "bert2bart-ddp": (build_bert2bart, _ddp, False),
     "bert2bart-fsdp2": (build_bert2bart, _fsdp_wrapper, False),

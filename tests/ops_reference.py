@@ -18,6 +18,7 @@ class Ref:
     d_hidden: torch.Tensor | None
     d_weight: torch.Tensor | None
     d_bias: torch.Tensor | None
+    d_low: tuple[torch.Tensor, torch.Tensor] | None = None  # the low-rank factors' gradients
 
 
 def epilogue64(
@@ -65,13 +66,19 @@ def reference(
     logit_softcapping: float | None = None,
     logits_bias: torch.Tensor | None = None,
     grad_output: torch.Tensor | float = 1.0,
+    low_rank: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Ref:
     """Loss and the gradients of ``sum(loss * grad_output)`` w.r.t. float64 copies of the inputs that require grad."""
     h = hidden.detach().double().requires_grad_(hidden.requires_grad)
     w = weight.detach().double().requires_grad_(weight.requires_grad)
     b = bias.detach().double().requires_grad_(bias.requires_grad) if bias is not None else None
+    linear = F.linear(h, w, b)
+    low = None
+    if low_rank is not None:  # a LoRA adapter's term, x·Wᵀ + b + a·Bᵀ
+        low = tuple(t.detach().double().requires_grad_(True) for t in low_rank)
+        linear = linear + low[0] @ low[1].T
     logits = epilogue64(
-        F.linear(h, w, b),
+        linear,
         logits_bias=logits_bias,
         logit_scale_multiply=logit_scale_multiply,
         logit_scale_divide=logit_scale_divide,
@@ -122,7 +129,7 @@ def reference(
         else:
             loss = per.sum() / keep.sum().clamp(min=1)
     go = grad_output if isinstance(grad_output, torch.Tensor) else torch.tensor(float(grad_output))
-    leaves = [x for x in (h, w, b) if x is not None and x.requires_grad]
+    leaves = [x for x in (h, w, b, *(low or ())) if x is not None and x.requires_grad]
     grads = torch.autograd.grad((loss * go.double()).sum(), leaves, allow_unused=True) if leaves else []
     it = iter(grads)
     return Ref(
@@ -130,6 +137,7 @@ def reference(
         d_hidden=next(it) if h.requires_grad else None,
         d_weight=next(it) if w.requires_grad else None,
         d_bias=next(it) if b is not None and b.requires_grad else None,
+        d_low=(next(it), next(it)) if low is not None else None,
     )
 
 

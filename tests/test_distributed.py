@@ -31,8 +31,8 @@ import logitless  # noqa: E402
 DATA_PARALLEL = ("ddp", "fsdp2-head-in-root", "fsdp2-head-own-unit", "fsdp2-head-grouped", "zero3", "zero2",
                  "fsdp1-head-in-root", "fsdp1-head-own-unit", "fsdp1-head-own-unit-flat", "inkling2-ddp",
                  "inkling2-zero3", "peft-save-ddp", "peft-save-fsdp2", "peft-save-zero3", "peft-tokens-ddp",
-                 "peft-tokens-fsdp2", "bert2bart-ddp", "bert2bart-fsdp2", "bert2bart-zero3", "llama4-vlm-ddp",
-                 "llama4-vlm-fsdp2")
+                 "peft-tokens-fsdp2", "peft-lora-ddp", "peft-lora-fsdp2", "bert2bart-ddp", "bert2bart-fsdp2",
+                 "bert2bart-zero3", "llama4-vlm-ddp", "llama4-vlm-fsdp2")
 # Fused forwards counted per step: a wrapper's and its decoder's or language model's.
 COUNTS_PER_STEP = {"bert2bart-ddp": 2, "bert2bart-fsdp2": 2, "bert2bart-zero3": 2, "llama4-vlm-ddp": 2,
                    "llama4-vlm-fsdp2": 2}
@@ -46,6 +46,8 @@ STOCK = {
     # PEFT's token layer reads its base layer's weight without calling it, so ZeRO-3's hooks on that layer are not
     # the ones that gather it: the fused path does not assume when it is whole.
     "peft-tokens-zero3": "peft-tokens-layout",
+    # LoRA's B on the head is read, not called, so likewise: ZeRO-3's hooks on it are not what gathers it.
+    "peft-lora-zero3": "peft-lora-layout",
 }
 
 

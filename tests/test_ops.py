@@ -1318,3 +1318,123 @@ def test_sync_free_mode_never_reads_the_device_in_one_chunk(impl: str, call: str
     tol_loss, tol_grad = TOLERANCES[torch.bfloat16]
     assert_close(losses[0], ref.loss, tol_loss, "loss")
     assert_close(hidden.grad, ref.d_hidden, tol_grad, "d_hidden")
+
+
+# --- a low-rank term (a LoRA adapter on a frozen head) ------------------------------------------------------------
+
+LOW_RANK_PATHS = [pytest.param("auto"), pytest.param("rust"), pytest.param("torch"), _SYNC_FREE, _TRITON_ON_CPU,
+                  _TRITON_SYNC_FREE]  # fmt: skip
+# Each path with each dtype, but the Rust kernel's factors are float32: not float64 inputs (a refusal, tested below).
+LOW_RANK_CASES = [
+    pytest.param(path.values[0], dtype, marks=path.marks, id=f"{path.id or path.values[0]}-{str(dtype)[6:]}")
+    for path in LOW_RANK_PATHS
+    for dtype in (torch.float32, torch.bfloat16, torch.float64)
+    if not (path.values[0] == "rust" and dtype == torch.float64)
+]
+RANK = 3
+
+
+def _low_rank_problem(dtype: torch.dtype, *, with_bias: bool = False, factor_dtype: torch.dtype = torch.float32,
+                      ignore_frac: float = 0.25, seed: int = 0) -> tuple[Any, ...]:  # fmt: skip
+    """A frozen head (and bias) with the adapter's factors trained: ``a`` [B, T, r], ``b`` [V, r]."""
+    hidden, weight, bias, labels = make(dtype, with_bias=with_bias, ignore_frac=ignore_frac, seed=seed)
+    weight.requires_grad_(False)
+    if bias is not None:
+        bias.requires_grad_(False)
+    g = torch.Generator().manual_seed(seed + 1)
+    a = torch.randn(B, T, RANK, generator=g).to(factor_dtype).requires_grad_()
+    b = torch.randn(V, RANK, generator=g).to(factor_dtype).requires_grad_()
+    return hidden, weight, bias, labels, a, b
+
+
+@pytest.mark.parametrize(("impl", "dtype"), LOW_RANK_CASES)
+@pytest.mark.parametrize("options", [{}, {"num_items_in_batch": 11}, {"reduction": "sum", "label_smoothing": 0.1,
+                                     "z_loss": 1e-3, "logit_scale_multiply": 1.5, "logit_scale_divide": 0.8,
+                                     "logit_softcapping": 3.0}], ids=["mean", "num-items", "sum-every-epilogue"])
+@pytest.mark.parametrize("chunk_mb", [None, "0.001"], ids=["one-chunk", "many-chunks"])
+def test_low_rank_term_against_float64(
+    impl: str, dtype: torch.dtype, options: dict[str, Any], chunk_mb: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:  # fmt: skip
+    if chunk_mb is not None:
+        monkeypatch.setenv("LOGITLESS_CHUNK_MB", chunk_mb)
+    hidden, weight, bias, labels, a, b = _low_rank_problem(dtype, with_bias=True)
+    logits_bias = torch.randn(V, generator=torch.Generator().manual_seed(3))
+    loss = linear_cross_entropy(hidden, weight, labels, bias=bias, impl=impl, low_rank=(a, b),
+                                logits_bias=logits_bias, **options)  # fmt: skip
+    (loss * 1.75).backward()
+    ref = reference(hidden, weight, labels, bias=bias, low_rank=(a, b), logits_bias=logits_bias, grad_output=1.75,
+                    **options)  # fmt: skip
+    # The plain mean's reference is transformers' own loss, which computes in float32 whatever its logits' dtype.
+    plain = dtype == torch.float64 and options.get("reduction") != "sum"
+    tol_loss, tol_grad = TOLERANCES[torch.float32 if plain else dtype]
+    assert ref.d_low is not None
+    assert_close(loss, ref.loss, tol_loss, "loss")
+    assert_close(hidden.grad, ref.d_hidden, tol_grad, "d_hidden")
+    # The factors' gradients come back in their own dtype (float32 here).
+    tol_factor = max(tol_grad, TOLERANCES[a.dtype][1])
+    assert_close(a.grad, ref.d_low[0], tol_factor, "d_a")
+    assert_close(b.grad, ref.d_low[1], tol_factor, "d_b")
+    assert a.grad.dtype == a.dtype and b.grad.dtype == b.dtype
+    assert weight.grad is None and bias.grad is None
+
+
+@pytest.mark.parametrize("impl", LOW_RANK_PATHS)
+def test_low_rank_factors_alone_in_bf16_with_ignored_chunks(impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the factors train (a frozen input), in bf16 as PEFT keeps them without autocast; most rows ignored, so
+    whole chunks hold none."""
+    monkeypatch.setenv("LOGITLESS_CHUNK_MB", "0.001")
+    hidden, weight, _, labels, a, b = _low_rank_problem(torch.bfloat16, factor_dtype=torch.bfloat16, ignore_frac=0.7)
+    hidden.requires_grad_(False)
+    linear_cross_entropy(hidden, weight, labels, impl=impl, low_rank=(a, b)).backward()
+    ref = reference(hidden, weight, labels, low_rank=(a, b))
+    assert ref.d_low is not None
+    _, tol_grad = TOLERANCES[torch.bfloat16]
+    assert_close(a.grad, ref.d_low[0], tol_grad, "d_a")
+    assert_close(b.grad, ref.d_low[1], tol_grad, "d_b")
+
+
+def test_low_rank_token_stats_are_those_of_the_summed_logits() -> None:
+    hidden, weight, _, labels, a, b = _low_rank_problem(torch.float32)
+    _, stats = linear_cross_entropy(hidden, weight, labels, low_rank=(a, b), return_token_stats=True)
+    logits = hidden.double() @ weight.double().T + a.double() @ b.double().T
+    p = torch.softmax(logits, dim=-1)
+    entropy = -(p * torch.log(p)).sum(-1)
+    scored = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:] != -100
+    assert_close(stats.entropy[scored], entropy[scored], 1e-5, "entropy")
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        ("trained-head", ValueError, "frozen head"),
+        ("trained-bias", ValueError, "frozen head"),
+        ("none", ValueError, 'reduction "mean" or "sum"'),
+        ("rust-float64", ValueError, 'impl="rust" takes float32 factors'),
+        ("a-shape", ValueError, r"low_rank\[0\]: expected \(2, 9, 3\)"),
+        ("b-shape", ValueError, r"low_rank\[1\]: expected \[37, r\]"),
+        ("int", TypeError, r"low_rank\[1\]: expected float32"),
+        ("single", TypeError, "a pair of tensors"),
+    ],
+)
+def test_low_rank_bad_inputs_name_what_was_expected(change: str, error: type, match: str) -> None:
+    dtype = torch.float64 if change == "rust-float64" else torch.float32
+    hidden, weight, bias, labels, a, b = _low_rank_problem(dtype, with_bias=True)
+    kw: dict[str, Any] = {"bias": bias, "low_rank": (a, b)}
+    if change == "trained-head":
+        weight.requires_grad_(True)
+    if change == "trained-bias":
+        bias.requires_grad_(True)
+    if change == "none":
+        kw["reduction"] = "none"
+    if change == "rust-float64":
+        kw["impl"] = "rust"
+    if change == "a-shape":
+        kw["low_rank"] = (a[:, :, :2], b)
+    if change == "b-shape":
+        kw["low_rank"] = (a, b[:5])
+    if change == "int":
+        kw["low_rank"] = (a, b.detach().long())
+    if change == "single":
+        kw["low_rank"] = a
+    with pytest.raises(error, match=match):
+        linear_cross_entropy(hidden, weight, labels, **kw)

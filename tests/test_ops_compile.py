@@ -43,6 +43,42 @@ def test_opcheck(impl: str, reduction: str, extra: tuple) -> None:
         torch.library.opcheck(torch.ops.logitless.linear_cross_entropy_rows_backward.default, rows)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_opcheck_with_a_low_rank_term(reduction: str) -> None:
+    hidden, weight, bias, labels = make()
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(B * T, 3, generator=g, requires_grad=True)
+    b = torch.randn(V, 3, generator=g, requires_grad=True)
+    args = (hidden.reshape(-1, H), weight.detach(), bias.detach(), labels.reshape(-1), None, None, -100, 0.0, 0.0,
+            0.0, 0.0, 3.0, reduction, "torch", True, False, False, 0.0, False, a, b, True)  # fmt: skip
+    torch.library.opcheck(torch.ops.logitless.linear_cross_entropy.default, args)
+
+
+def test_compile_fullgraph_with_a_low_rank_term() -> None:
+    """A LoRA-style term (``a = 2 · x·Aᵀ``) traced with the op, against float64 materialised logits."""
+    torch._dynamo.reset()
+    hidden, weight, _, labels = make()
+    weight.requires_grad_(False)
+    g = torch.Generator().manual_seed(2)
+    lora_a = torch.randn(3, H, generator=g, requires_grad=True)
+    lora_b = torch.randn(V, 3, generator=g, requires_grad=True)
+
+    def fn(x: torch.Tensor, w: torch.Tensor, la: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
+        return linear_cross_entropy(x, w, labels, low_rank=(2.0 * x @ la.T, lb), logit_softcapping=4.0)
+
+    loss = torch.compile(fn, fullgraph=True, backend="aot_eager")(hidden, weight, lora_a, lora_b)
+    got = torch.autograd.grad(loss, [hidden, lora_a, lora_b])
+    x64, la64, lb64 = (t.detach().double().requires_grad_() for t in (hidden, lora_a, lora_b))
+    logits = x64 @ weight.double().T + (2.0 * x64 @ la64.T) @ lb64.T
+    logits = 4.0 * torch.tanh(logits / 4.0)
+    targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-100)
+    expected = torch.autograd.grad(ref, [x64, la64, lb64])
+    assert_close(loss, ref, 2e-5, "compiled loss")
+    for name, a, e in zip(("hidden", "lora_A", "lora_B"), got, expected):
+        assert_close(a, e, 2e-5, f"compiled d_{name}")
+
+
 def step(impl: str, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor) -> Any:
     # Something around the op, so the graph has more than one node on each side of it.
     h = torch.nn.functional.silu(hidden) * 1.5
@@ -120,7 +156,7 @@ def _child(queue: Any) -> None:
     hidden, weight, bias, labels = make(seed=1)
     targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1)
     with torch.no_grad():
-        loss, d_hidden, d_weight, _, _ = torch.ops.logitless.linear_cross_entropy(
+        loss, d_hidden, d_weight, *_ = torch.ops.logitless.linear_cross_entropy(
             hidden.reshape(-1, H), weight, bias, targets, None, None, -100, 0.0, 0.0, 0.0, 0.0, 0.0, "mean", "rust",
             True, True, True,
         )  # fmt: skip

@@ -158,6 +158,21 @@ BINDING_CASES: list[tuple[str, type[Exception], str, dict[str, Any]]] = [
     ("both scales", ValueError, "^grad_scale and row_scale: expected at most one", {"grad_scale": 1.0, "row_scale": torch.ones(N)}),
     ("logits_bias len", ValueError, "^logits_bias: expected shape", {"logits_bias": torch.zeros(V - 1)}),
     ("bad target", ValueError, "^targets: .*target 99", {"targets": torch.tensor([0, 1, 99, 2, 3, 4])}),
+    ("low_a alone", ValueError, "^low_a and low_b: expected both or neither", {"low_a": torch.zeros(N, 2)}),
+    ("low_b rows", ValueError, r"^low_b: expected shape \[11, 2\]",
+     {"low_a": torch.zeros(N, 2), "low_b": torch.zeros(V - 1, 2)}),
+    ("low_a rank", ValueError, r"^low_a: expected shape \[6, 2\]",
+     {"low_a": torch.zeros(N, 3), "low_b": torch.zeros(V, 2)}),
+    ("low_b dtype", TypeError, "^low_b: expected dtype float32",
+     {"low_a": torch.zeros(N, 2), "low_b": torch.zeros(V, 2, dtype=torch.float64)}),
+    ("d_low_b shape", ValueError, r"^d_low_b: expected shape \[11, 2\]",
+     {"low_a": torch.zeros(N, 2), "low_b": torch.zeros(V, 2), "d_low_b": torch.zeros(V, 3)}),
+    ("d_low_a alone", ValueError, "^d_low_a: expected no gradient buffer", {"d_low_a": torch.zeros(N, 2)}),
+    ("low rank beside d_weight", ValueError, "^low_rank: expected a frozen head",
+     {"low_a": torch.zeros(N, 2), "low_b": torch.zeros(V, 2), "d_weight": torch.zeros(V, H)}),
+    ("low rank, float64", ValueError, "^low_rank: its factors are f32",
+     {"hidden": torch.zeros(N, H, dtype=torch.float64), "weight": torch.zeros(V, H, dtype=torch.float64),
+      "low_a": torch.zeros(N, 2), "low_b": torch.zeros(V, 2)}),
 ]
 
 
@@ -170,6 +185,16 @@ def test_binding_validates_everything(case: str, exc: type[Exception], match: st
 def test_binding_errors_are_value_and_type_error_subclasses() -> None:
     assert issubclass(_core.LogitlessError, ValueError)
     assert issubclass(_core.LogitlessTypeError, TypeError)
+
+
+def test_binding_refuses_a_low_rank_gradient_over_its_factor() -> None:
+    hidden, weight, labels = inputs()
+    a, b = torch.zeros(N, 2), torch.zeros(V, 2)
+    with pytest.raises(ValueError, match="^d_low_a: output buffer overlaps low_a"):
+        _core.fused_linear_cross_entropy(
+            view(hidden), view(weight), None, view(labels), ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+            low_a=view(a), low_b=view(b), d_low_a=view(a),
+        )  # fmt: skip
 
 
 def test_binding_refuses_output_overlapping_an_input() -> None:

@@ -22,6 +22,7 @@ from logitless import _peft
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, get_peft_model  # noqa: E402
+from peft.tuners.lora.layer import Linear as LoraLinear  # noqa: E402
 from peft.tuners.trainable_tokens.layer import TrainableTokensLayer  # noqa: E402
 from peft.utils.other import ModulesToSaveWrapper, TrainableTokensWrapper  # noqa: E402
 
@@ -206,10 +207,83 @@ def test_trainable_tokens_with_a_hooked_base_layer_keep_the_stock_path() -> None
 # --- what is not reduced -----------------------------------------------------------------------------------------
 
 
-def test_lora_on_the_head_keeps_the_stock_path() -> None:
+def _lora_head(**config: Any) -> torch.nn.Module:
+    """LoRA on the head beside q_proj, its B matrices moved off zero (else the term adds nothing)."""
+    lora = LoraConfig(r=4, target_modules=["q_proj", "lm_head"], **config)
+    return _perturb(get_peft_model(tiny.build("llama"), lora), "lora_B")
+
+
+@pytest.mark.parametrize("config", [{}, {"lora_alpha": 16, "use_rslora": True}, {"lora_dropout": 0.25}],
+                         ids=["plain", "rslora", "dropout"])  # fmt: skip
+def test_lora_on_the_head_is_fused_with_its_low_rank_term(config: dict[str, Any]) -> None:
+    """Every gradient equal to stock's, the head's A and B included; with dropout, the same mask (the fused path
+    draws it as PEFT's forward does)."""
+    _compare(lambda: _lora_head(**config), fused=True)
+
+
+def test_lora_on_the_head_with_two_active_adapters() -> None:
     def build() -> torch.nn.Module:
-        model = get_peft_model(tiny.build("llama"), LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
-        return _perturb(model, "lora_B")
+        model = _lora_head()
+        model.add_adapter("second", LoraConfig(r=2, lora_alpha=4, target_modules=["lm_head"]))
+        model.base_model.set_adapter(["default", "second"])
+        return _perturb(model, "lora_B.second")
+
+    _compare(build, fused=True)
+
+
+def test_lora_on_the_head_disabled_or_merged_uses_the_base_layer() -> None:
+    # Neither computes the adapters' terms, so the final norm is trained to have gradients to compare.
+    def disabled() -> torch.nn.Module:
+        model = _lora_head()
+        model.base_model.disable_adapter_layers()
+        model.base_model.model.model.norm.weight.requires_grad_(True)
+        return model
+
+    def merged() -> torch.nn.Module:
+        model = _lora_head()
+        model.base_model.merge_adapter()
+        model.base_model.model.model.norm.weight.requires_grad_(True)
+        return model
+
+    _compare(disabled, fused=True)
+    logitless.uninstall()
+    _compare(merged, fused=True)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ("dora", "peft-lora-variant"),
+        ("lora_bias", "peft-lora-variant"),
+        ("trained_head", "peft-lora-trained-head"),
+        ("hooked_b", "peft-lora-layout"),
+        ("disabled_while_merged", "peft-merged"),
+    ],
+)
+def test_lora_on_the_head_that_is_not_reduced_keeps_the_stock_path(change: str, reason: str) -> None:
+    def build() -> torch.nn.Module:
+        config = {"use_dora": change == "dora", "lora_bias": change == "lora_bias"}
+        model = _lora_head(**config)
+        layer = model.base_model.model.lm_head
+        if change == "trained_head":
+            layer.base_layer.weight.requires_grad_(True)
+        if change == "hooked_b":
+            layer.lora_B["default"].register_forward_hook(lambda m, i, o: None)
+        if change == "disabled_while_merged":  # the forward unmerges (a side effect): no adapter term, so norm trains
+            layer.merge()
+            model.base_model.disable_adapter_layers()
+            model.base_model.model.model.norm.weight.requires_grad_(True)
+        return model
+
+    _compare(build, fused=False, reason=reason)
+
+
+def test_lora_other_tuners_on_the_head_keep_the_stock_path() -> None:
+    from peft import IA3Config
+
+    def build() -> torch.nn.Module:
+        config = IA3Config(target_modules=["q_proj", "lm_head"], feedforward_modules=[])
+        return _perturb(get_peft_model(tiny.build("llama"), config), "ia3_l")
 
     _compare(build, fused=False, reason="peft-layer")
 
@@ -243,7 +317,7 @@ def test_an_instance_override_keeps_the_stock_path() -> None:
 def test_the_installed_peft_is_the_reviewed_one() -> None:
     """If this fails after a PEFT upgrade, read the members in ``_peft._MEMBERS`` of the new release and, if their
     behaviour is unchanged (or ``_peft`` is updated to it), add the new hashes to ``_peft._REVIEWED``."""
-    for cls in (ModulesToSaveWrapper, TrainableTokensWrapper, TrainableTokensLayer):
+    for cls in (ModulesToSaveWrapper, TrainableTokensWrapper, TrainableTokensLayer, LoraLinear):
         fingerprint = _peft._fingerprint(cls)
         assert fingerprint in _peft._REVIEWED[_peft._key(cls)], (peft.__version__, cls.__qualname__, fingerprint)
 
@@ -266,6 +340,52 @@ def test_trainer_with_modules_to_save_matches_stock(tmp_path: Any) -> None:
     tiny.assert_runs_match(stock, fused)
     assert logitless.audit()["runtime"]["stock"] == {}
     assert logitless.audit()["runtime"]["fused"] > 0
+
+
+@pytest.mark.parametrize("extra", [{}, {"label_smoothing_factor": 0.1}], ids=["plain", "smoothing-accumulation"])
+def test_trainer_with_lora_on_the_head_matches_stock(extra: dict[str, Any], tmp_path: Any) -> None:
+    """HF Trainer, LoRA on the head (its base frozen): every logged loss and the final weights equal stock's; with
+    the Trainer's label smoothing too (its summed loss, §5) over accumulated micro-batches."""
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(7)
+        lora = LoraConfig(r=4, target_modules=["q_proj", "lm_head"], lora_dropout=0.0, init_lora_weights="gaussian")
+        return get_peft_model(tiny.build("llama"), lora)
+
+    examples = tiny.random_examples(80)
+    accumulation = 2 if extra else 1
+    stock = tiny.train(build(), examples, output_dir=str(tmp_path / "stock"), extra_args=extra, grad_accum=accumulation)
+    logitless.install()
+    fused = tiny.train(build(), examples, output_dir=str(tmp_path / "fused"), extra_args=extra, grad_accum=accumulation)
+    tiny.assert_runs_match(stock, fused)
+    audit = logitless.audit()
+    assert audit["runtime"]["stock"] == {}
+    assert audit["runtime"]["fused"] > 0
+    if extra:
+        assert audit["integrations"]["hf_trainer"]["calls"]["materialised"] == 0
+        assert audit["integrations"]["hf_trainer"]["calls"]["fused"] > 0
+
+
+def test_hf_loss_on_a_lora_head_against_float64() -> None:
+    """The fused loss against a float64 materialised one, ``x·Wᵀ + s·(x·Aᵀ)·Bᵀ``, with every gradient."""
+    model = _lora_head(lora_alpha=12)
+    head = model.base_model.model.lm_head
+    lora_a, lora_b = head.lora_A["default"].weight, head.lora_B["default"].weight
+    hidden = torch.randn(2, 12, 32, requires_grad=True)
+    labels = _batch()["labels"]
+    loss = logitless.hf_loss(hidden, head, labels, tiny.VOCAB)
+    grads = torch.autograd.grad(loss, [hidden, lora_a, lora_b])
+
+    h64, a64, b64 = (t.detach().double().requires_grad_(True) for t in (hidden, lora_a, lora_b))
+    weight = head.base_layer.weight.detach().double()
+    logits = (h64 @ weight.T + head.scaling["default"] * (h64 @ a64.T) @ b64.T)[:, :-1].reshape(-1, tiny.VOCAB)
+    reference = torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100)
+    expected = torch.autograd.grad(reference, [h64, a64, b64])
+    assert head.scaling["default"] == 3.0
+    assert math.isclose(loss.item(), reference.item(), rel_tol=1e-6)
+    for got, want in zip(grads, expected):
+        assert want.abs().max() > 0
+        assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
 
 
 def test_hf_loss_on_a_trainable_tokens_head_against_float64() -> None:

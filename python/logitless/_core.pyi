@@ -39,6 +39,10 @@ def fused_linear_cross_entropy(
     num_threads: int = 1,
     kernel_isa: str | None = None,
     profile: bool = False,
+    low_a: TensorView | None = None,
+    low_b: TensorView | None = None,
+    d_low_a: TensorView | None = None,
+    d_low_b: TensorView | None = None,
 ) -> tuple[float, int]:
     """Fused linear + cross-entropy on CPU: (sum of per-row losses, non-ignored rows), gradients written in place.
 
@@ -49,6 +53,9 @@ def fused_linear_cross_entropy(
     are not applied. Runs with the GIL released on a pool of num_threads threads (1: the calling thread only),
     owned by this process (a fork()ed child builds its own). kernel_isa caps the instruction set (portable, avx2,
     avx512, avx512bf16, amx; process-wide, None: the best detected); profile prints seconds per phase to stderr.
+    low_a float32 [N, r] and low_b float32 [V, r] add low_a @ low_b.T to the logits before the epilogue (a LoRA
+    adapter on a frozen head: no d_weight then; not for float64 inputs); d_low_a [N, r] / d_low_b [V, r] float32
+    receive their gradients.
     Raises LogitlessError (ValueError) / LogitlessTypeError (TypeError) on bad input, RuntimeError on a bug.
     """
 

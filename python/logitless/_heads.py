@@ -71,6 +71,9 @@ class HeadPlan:
     # Set when the forward computes F.linear(x, weight()) off ``linear``'s weight instead of calling it (PEFT's
     # trainable tokens: the base weight with the adapter's rows in place); there is then no bias.
     merged_weight: Callable[[], torch.Tensor] | None = None
+    # Set when a wrapper adds a low-rank term to the linear's output (a LoRA adapter): ``(a, b)`` from the linear's
+    # input, the op's ``low_rank`` (``logitless._peft``).
+    low_rank: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
     def prefixes(self) -> tuple[Callable[[torch.Tensor], torch.Tensor], ...]:
@@ -292,10 +295,14 @@ def explain_head(head: Any) -> HeadPlan | str:
     entries: list[_Entry] = []
     module: nn.Module = head
     unsharded: frozenset[int] = frozenset()
+    low_rank = None
     for _ in range(_MAX_DEPTH + 1):
         way = _way_in(module, unsharded)
         if way.refusal is not None:
             return way.refusal
+        if low_rank is not None and (way != _Way() or _engines.base_class(module) is not nn.Linear):
+            # The low-rank term is formed from the linear's input: nothing may stand between the adapter and it.
+            return "peft-lora-layout"
         unsharded |= way.fsdp_unsharded
         cls = _engines.base_class(module)
         if cls is nn.Linear:
@@ -303,7 +310,9 @@ def explain_head(head: Any) -> HeadPlan | str:
                 return "weight-subclass"
             entries.append(_Entry(module, way.hook, None, way.engine_hooks, layout=way.layout))
             shard = way.shard if isinstance(way.shard, _engines.VocabShard) else None
-            return HeadPlan(entries=tuple(entries), linear=module, shard=shard)  # type: ignore[arg-type]
+            return HeadPlan(  # type: ignore[arg-type]
+                entries=tuple(entries), linear=module, shard=shard, low_rank=low_rank
+            )
         if way.shard is not None:
             return "tensor-parallel-layout"
         inner = _engines.fsdp1_wrapped(module)
@@ -326,7 +335,7 @@ def explain_head(head: Any) -> HeadPlan | str:
                 if not _plain_parameters(linear):
                     return "weight-subclass"
                 return HeadPlan(entries=tuple(entries), linear=linear, merged_weight=peft.weight)
-            module = peft.child
+            module, low_rank = peft.child, peft.low_rank
             continue
         step = _step_for(cls)
         if step is None:

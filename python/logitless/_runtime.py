@@ -41,6 +41,12 @@ def _stock_reason(model: Any, head: Any, epilogue_modules: tuple[Any, ...], voca
         return plan
     if capture is not None and plan.shard is not None:
         return "tensor-parallel-per-token"
+    if plan.low_rank is not None:
+        if capture is not None and not capture.loss_and_stats:
+            return "peft-lora-per-token"
+        if plan.linear.weight.requires_grad or (plan.linear.bias is not None and plan.linear.bias.requires_grad):
+            # The op adds a low-rank term beside a frozen head only.
+            return "peft-lora-trained-head"
     if vocab_sliced and plan.shard is not None:
         # The forward cuts the vocabulary back: the shards would need cutting too.
         return "tensor-parallel-layout"

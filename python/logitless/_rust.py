@@ -62,8 +62,11 @@ def fused_lce(
     need_d_weight: bool,
     need_d_bias: bool,
     want_stats: bool = False,
+    low_rank: tuple[torch.Tensor, torch.Tensor] | None = None,
+    need_low_rank: bool = False,
 ) -> Result:
-    """Same contract as ``torch_path.fused_lce`` (CPU tensors; targets already validated)."""
+    """Same contract as ``torch_path.fused_lce`` (CPU tensors; targets already validated; a ``low_rank`` term in
+    float32, for float32 / bfloat16 / float16 inputs)."""
     hidden = _unit_columns(hidden)
     weight = _unit_columns(weight)
     bias = bias.contiguous() if bias is not None else None
@@ -81,6 +84,12 @@ def fused_lce(
     epilogue = options.epilogue
     logits_bias = epilogue.logits_bias.contiguous() if epilogue.logits_bias is not None else None
     row_scale = row_scale.to(torch.float32).contiguous() if row_scale is not None else None
+    low_a = low_b = d_low_a = d_low_b = None
+    if low_rank is not None:
+        low_a, low_b = (_unit_columns(t) for t in low_rank)
+        if need_low_rank:
+            d_low_a = torch.empty(low_a.shape, dtype=torch.float32)
+            d_low_b = torch.empty(low_b.shape, dtype=torch.float32)
 
     loss_sum, count = _core.fused_linear_cross_entropy(
         _view(hidden),
@@ -108,6 +117,10 @@ def fused_lce(
         num_threads=torch.get_num_threads(),
         kernel_isa=_config.kernel_isa(),
         profile=_config.kernel_profile(),
+        low_a=_view(low_a) if low_a is not None else None,
+        low_b=_view(low_b) if low_b is not None else None,
+        d_low_a=_view(d_low_a) if d_low_a is not None else None,
+        d_low_b=_view(d_low_b) if d_low_b is not None else None,
     )
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     return Result(
@@ -118,4 +131,6 @@ def fused_lce(
         d_hidden=d_hidden,
         d_weight=d_weight,
         d_bias=d_bias,
+        d_low_a=d_low_a,
+        d_low_b=d_low_b,
     )

@@ -73,6 +73,9 @@ def hf_loss(
         # The weight is read here, after any offloading hook has brought it in (or FSDP2 has all-gathered it).
         weight, bias = _head_params(plan, end)
         epilogue_here = {**epilogue, "logits_bias": _on(epilogue["logits_bias"], x)}
+        if plan.low_rank is not None:
+            # (no head shard: explain_head takes a LoRA adapter's base layer only when nothing manages it)
+            epilogue_here["low_rank"] = _low_rank(plan, x, end)
         if smoothing is not None:
             return _smoothed(x, weight, bias, plan, epilogue_here, smoothing, labels)
         if capture is not None:
@@ -273,6 +276,13 @@ def _head_params(plan: HeadPlan, end: int | None) -> tuple[torch.Tensor, torch.T
     if end is None:
         return weight, bias
     return weight[:end], bias[:end] if bias is not None else None
+
+
+def _low_rank(plan: HeadPlan, x: torch.Tensor, end: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adapter's low-rank term off the linear's input, its ``b`` cut as the head's rows are (``_head_params``)."""
+    assert plan.low_rank is not None
+    a, b = plan.low_rank(x)
+    return (a, b) if end is None else (a, b[:end])
 
 
 def _shifted(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:

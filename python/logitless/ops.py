@@ -96,6 +96,7 @@ def linear_cross_entropy(
     temperature: float | None = None,
     return_token_stats: bool = False,
     expect_uniform_grad: bool = False,
+    low_rank: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
     """``ForCausalLMLoss(epilogue(F.linear(hidden, weight, bias)), labels, V, ...)`` without materialising logits.
 
@@ -120,6 +121,13 @@ def linear_cross_entropy(
     the host, one device sync; while a CUDA graph is captured the hint is ignored. Ignored elsewhere. With a frozen
     head (only ``hidden`` needs a gradient) no hint is needed: its row gradients are formed in this pass on any
     device and backward scales them by any per-position upstream gradient.
+
+    ``low_rank=(a, b)`` adds ``a @ b.T`` to the logits before the epilogue: a LoRA adapter on a frozen head, with
+    ``a = scaling * lora_A(dropout(hidden))`` (``[..., r]``, hidden's leading shape) and ``b = lora_B.weight``
+    (``[V, r]``). Both get gradients; the product is formed in float32 (float64 for float64 inputs) whatever their
+    dtype. The weight and bias must not need a gradient, and ``reduction`` must be ``"mean"`` or ``"sum"``. Every
+    implementation takes it (float64 inputs: not the Rust kernel, whose factors are float32; ``impl="auto"`` then
+    takes the torch path).
     """
     hidden, weight, bias = _checked_tensors(hidden, weight, bias, rows="V")
     vocab = weight.shape[0]
@@ -132,6 +140,10 @@ def linear_cross_entropy(
         raise ValueError('expect_uniform_grad: only meaningful with reduction="none" (per-position losses)')
     if num_items_in_batch is not None and reduction != "mean":
         raise ValueError('num_items_in_batch: only meaningful with reduction="mean" (sum / num_items_in_batch)')
+    grad_on = torch.is_grad_enabled()
+    low_a, low_b = _checked_low_rank(low_rank, hidden, weight, bias, reduction, grad_on)
+    if low_a is not None and impl == "auto" and hidden.dtype == torch.float64 and device.type == "cpu":
+        impl = "torch"  # the Rust kernel's low-rank factors are float32
     options = _options.parse(
         device=device,
         vocab=vocab,
@@ -146,10 +158,11 @@ def linear_cross_entropy(
         temperature=temperature,
     )
 
+    if low_a is not None and options.impl == "rust" and hidden.dtype == torch.float64:
+        raise ValueError('low_rank: impl="rust" takes float32 factors, not float64 inputs; use impl="torch"')
     targets = _targets(hidden, labels, shift, shift_labels, options.ignore_index, device)
     num_items = _num_items(num_items_in_batch, hidden)
 
-    grad_on = torch.is_grad_enabled()
     need_dh = grad_on and hidden.requires_grad
     need_dw = grad_on and weight.requires_grad
     need_db = grad_on and bias is not None and bias.requires_grad
@@ -162,7 +175,7 @@ def linear_cross_entropy(
         frozen_head = need_dh and not need_dw and not need_db
         if frozen_head or (expect_uniform_grad and _host_read_allowed(device)):
             reduction = _ROWS_AHEAD
-    loss, _, _, _, stats = _call_op(
+    loss, _, _, _, stats, _, _ = _call_op(
         hidden.reshape(rows, hidden.shape[-1]),
         weight,
         bias,
@@ -177,6 +190,9 @@ def linear_cross_entropy(
         need_db,
         options.epilogue.temperature or 0.0,
         return_token_stats,
+        low_a,
+        low_b,
+        grad_on and low_a is not None and (low_a.requires_grad or low_b.requires_grad),  # type: ignore[union-attr]
     )
     if reduction in ("none", _ROWS_AHEAD):
         loss = loss.reshape(lead_shape)
@@ -237,6 +253,40 @@ def _checked_tensors(
         if bias.device != device:
             raise ValueError(f"bias: expected device {device} (the device of hidden), got {bias.device}")
     return hidden, weight, bias
+
+
+def _checked_low_rank(
+    low_rank: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, reduction: str,
+    grad_on: bool,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:  # fmt: skip
+    """``low_rank``'s two factors, checked and in the accumulation dtype (exact casts, differentiable), or Nones."""
+    if low_rank is None:
+        return None, None
+    if not isinstance(low_rank, (tuple, list)) or len(low_rank) != 2:
+        raise TypeError(f"low_rank: expected a pair of tensors (a, b), got {type(low_rank).__name__}")
+    a, b = low_rank
+    for what, value in (("low_rank[0]", a), ("low_rank[1]", b)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{what}: expected a torch.Tensor, got {type(value).__name__}")
+        if value.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{what}: expected float32, bfloat16, float16 or float64, got {value.dtype}")
+        if value.device != hidden.device:
+            raise ValueError(f"{what}: expected device {hidden.device} (the device of hidden), got {value.device}")
+    lead = tuple(hidden.shape[:-1])
+    if b.dim() != 2 or b.shape[0] != weight.shape[0]:
+        raise ValueError(f"low_rank[1]: expected [{weight.shape[0]}, r] (the head's rows), got {tuple(b.shape)}")
+    if tuple(a.shape) != (*lead, b.shape[1]):
+        raise ValueError(f"low_rank[0]: expected {(*lead, b.shape[1])} (hidden's leading dims, rank {b.shape[1]}), "
+                         f"got {tuple(a.shape)}")  # fmt: skip
+    if grad_on and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        raise ValueError(
+            "low_rank: expected a frozen head (weight and bias with requires_grad=False), as under a LoRA adapter; "
+            "a trained head beside the low-rank term is not fused"
+        )
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f'low_rank: expected reduction "mean" or "sum", got {reduction!r}')
+    acc = _acc_dtype(hidden.dtype)
+    return a.reshape(-1, b.shape[1]).to(acc), b.to(acc)
 
 
 def _targets(
@@ -323,6 +373,8 @@ def _run(
     need: tuple[bool, bool, bool],
     want_stats: bool = False,
     mean_over_count: bool = False,
+    low_rank: tuple[torch.Tensor, torch.Tensor] | None = None,
+    need_low_rank: bool = False,
 ) -> torch_path.Result:
     """One fused pass through the chosen implementation (``mean_over_count``: the torch path's, off CPU)."""
     # The op's inputs are already in their final dtype; autocast must not recast the torch path's matmuls.
@@ -360,6 +412,7 @@ def _run(
             need_d_bias=need[2],
             want_stats=want_stats,
             **({"mean_over_count": True} if mean_over_count else {}),
+            **({"low_rank": low_rank, "need_low_rank": need_low_rank} if low_rank is not None else {}),
         )
 
 
@@ -384,9 +437,14 @@ def _lce_op(
     need_d_bias: bool,
     temperature: float = 0.0,
     want_stats: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, d_hidden, d_weight, d_bias, token_stats); the gradients are those of the returned loss, empty when not
-    needed; token_stats is float64 [N, 4] (entropy, mean logit, log Σp², target is argmax) when ``want_stats``."""
+    low_a: Optional[torch.Tensor] = None,  # noqa: UP045
+    low_b: Optional[torch.Tensor] = None,  # noqa: UP045
+    need_low_rank: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, d_hidden, d_weight, d_bias, token_stats, d_low_a, d_low_b); the gradients are those of the returned
+    loss, empty when not needed; token_stats is float64 [N, 4] (entropy, mean logit, log Σp², target is argmax) when
+    ``want_stats``. ``low_a`` / ``low_b``: the low-rank term (``linear_cross_entropy``'s ``low_rank``, flattened and
+    in the accumulation dtype)."""
     options = LossOptions.from_op(
         logits_bias, ignore_index, label_smoothing, z_loss, multiply, divide, softcap, impl, temperature
     )
@@ -411,8 +469,10 @@ def _lce_op(
         grad_scale = normaliser.reciprocal()
     # (else each row's gradient weight is 1: no grad_scale)
 
+    low_rank = (low_a, low_b) if low_a is not None and low_b is not None else None
     res = _run(hidden, weight, bias, targets, options, grad_scale=grad_scale, row_scale=None, want_per_row=per_row,
-               need=need, want_stats=want_stats, mean_over_count=mean_over_count)  # fmt: skip
+               need=need, want_stats=want_stats, mean_over_count=mean_over_count, low_rank=low_rank,
+               need_low_rank=need_low_rank and reduction != "none")  # fmt: skip
     if per_row:
         assert res.per_row is not None
         loss = res.per_row.to(acc)
@@ -429,6 +489,8 @@ def _lce_op(
         res.d_weight if res.d_weight is not None else weight.new_empty(_EMPTY_GRAD),
         res.d_bias if res.d_bias is not None else hidden.new_empty(_EMPTY_GRAD),
         res.token_stats if res.token_stats is not None else hidden.new_empty(_EMPTY_GRAD, dtype=torch.float64),
+        res.d_low_a if res.d_low_a is not None else hidden.new_empty(_EMPTY_GRAD, dtype=acc),
+        res.d_low_b if res.d_low_b is not None else hidden.new_empty(_EMPTY_GRAD, dtype=acc),
     )
 
 
@@ -478,17 +540,23 @@ def _lce_fake(
     need_d_bias: bool,
     temperature: float = 0.0,
     want_stats: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    low_a: torch.Tensor | None = None,
+    low_b: torch.Tensor | None = None,
+    need_low_rank: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     acc = _acc_dtype(hidden.dtype)
     per_row = reduction in ("none", _ROWS_AHEAD)
     loss = hidden.new_empty((hidden.shape[0],) if per_row else (), dtype=acc)
     grads = reduction != "none"
+    low = grads and need_low_rank and low_a is not None and low_b is not None
     return (
         loss,
         hidden.new_empty(hidden.shape if grads and need_d_hidden else _EMPTY_GRAD),
         weight.new_empty(weight.shape if grads and need_d_weight else _EMPTY_GRAD),
         hidden.new_empty((weight.shape[0],) if grads and need_d_bias and bias is not None else _EMPTY_GRAD),
         hidden.new_empty((hidden.shape[0], torch_path.TOKEN_STATS) if want_stats else _EMPTY_GRAD, dtype=torch.float64),
+        hidden.new_empty(low_a.shape if low and low_a is not None else _EMPTY_GRAD, dtype=acc),
+        hidden.new_empty(low_b.shape if low and low_b is not None else _EMPTY_GRAD, dtype=acc),
     )
 
 
@@ -558,15 +626,18 @@ def _rows_backward_fake(
 # ---------------------------------------------------------------------------------------------------------------
 
 # Positions of the custom op's arguments (its schema above).
-_N_INPUTS = 19
+_N_INPUTS = 22
 _HIDDEN, _WEIGHT, _BIAS = 0, 1, 2
+_LOW_A, _LOW_B = 19, 20
 
 
 def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
     (hidden, weight, bias, targets, logits_bias, _num_items, ignore_index, label_smoothing, z_loss, multiply,
-     divide, softcap, reduction, impl, need_dh, need_dw, need_db, temperature, _want_stats) = inputs  # fmt: skip
+     divide, softcap, reduction, impl, need_dh, need_dw, need_db, temperature, _want_stats, _low_a, _low_b,
+     need_low_rank) = inputs  # fmt: skip
     ctx.reduction = reduction
     ctx.need = (need_dh, need_dw, need_db)
+    ctx.need_low_rank = need_low_rank
     # The gradient outputs are never differentiated; materialised zero "gradients" for them would cost a V×H
     # temporary in every backward (125 MiB for a 32000×1024 float32 head).
     ctx.set_materialize_grads(False)
@@ -579,11 +650,11 @@ def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, outp
         # (retain_graph) runs the second pass. Detached aliases: the op's outputs on their own node would be a cycle.
         ctx.precomputed = None
         if reduction == _ROWS_AHEAD:
-            _, d_hidden, d_weight, d_bias, _stats = output
+            _, d_hidden, d_weight, d_bias, _stats, _, _ = output
             ctx.precomputed = (d_hidden.detach(), d_weight.detach(), d_bias.detach())
     else:
-        _, d_hidden, d_weight, d_bias, _stats = output
-        ctx.save_for_backward(d_hidden, d_weight, d_bias)
+        _, d_hidden, d_weight, d_bias, _stats, d_low_a, d_low_b = output
+        ctx.save_for_backward(d_hidden, d_weight, d_bias, d_low_a, d_low_b)
         ctx.impl = impl
 
 
@@ -693,12 +764,13 @@ def _backward(
                 options.epilogue.temperature or 0.0,
             )  # fmt: skip
     else:
-        d_hidden, d_weight, d_bias = ctx.saved_tensors
-        if not _scaled_in_place((d_hidden, d_weight, d_bias), grad_loss, ctx.impl) and not _is_one(grad_loss):
+        d_hidden, d_weight, d_bias, d_low_a, d_low_b = ctx.saved_tensors
+        saved = (d_hidden, d_weight, d_bias, d_low_a, d_low_b)
+        if not _scaled_in_place(saved, grad_loss, ctx.impl) and not _is_one(grad_loss):
             # A 0-d float32 factor keeps each gradient's dtype; the product is formed in float32 (torch's opmath).
-            d_hidden = d_hidden * grad_loss
-            d_weight = d_weight * grad_loss
-            d_bias = d_bias * grad_loss
+            d_hidden, d_weight, d_bias, d_low_a, d_low_b = (g * grad_loss for g in saved)
+        if ctx.need_low_rank:
+            grads[_LOW_A], grads[_LOW_B] = d_low_a, d_low_b
         # else: the saved gradients (scaled in place, or grad_output is 1) are handed over as they are. Without
         # retain_graph autograd adopts them as .grad (no copy of the V×H head gradient); with it, autograd copies
         # them, so the saved ones stay intact.
@@ -734,7 +806,7 @@ def _call_op(*inputs: Any) -> tuple[torch.Tensor, ...]:
     it as one op (``torch.compile`` and other tracing, torch-function or dispatch modes such as FakeTensorMode or a
     FLOP counter, functorch transforms, tensor subclasses such as DTensor), else ``_EagerOp``, which runs the same
     code with less host overhead."""
-    if _plain_eager(inputs[:_TENSOR_INPUTS]):
+    if _plain_eager(inputs[:_TENSOR_INPUTS] + inputs[_LOW_A : _LOW_B + 1]):
         return _EagerOp.apply(*inputs)
     return torch.ops.logitless.linear_cross_entropy(*inputs)
 

@@ -122,6 +122,9 @@ class Result:
     d_bias: torch.Tensor | None
     # [N, 4] float64 entropy, mean logit, log Σp², target-is-argmax (0 where ignored), when asked for
     token_stats: torch.Tensor | None = None
+    # The low-rank term's gradients ([N, r] and [V, r], in the accumulation dtype), when it was given
+    d_low_a: torch.Tensor | None = None
+    d_low_b: torch.Tensor | None = None
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -364,18 +367,24 @@ class RowChunks:
             yield RowChunk(start, stop, idx, None if valid is None or self._all_scored else valid[start:stop])
 
 
-def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor:
-    """``h · Wᵀ + b`` in the accumulation dtype.
+def _logits(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, acc: torch.dtype,
+    low: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """``h · Wᵀ + b`` in the accumulation dtype, plus ``a · bᵀ`` for a low-rank term ``low = (a, b)`` (in acc).
 
     Where the product must be rounded to the inputs' dtype (no mixed-precision GEMM on the device), the bias goes
     inside the GEMM, exactly as stock's ``F.linear`` does: one rounding of ``h · Wᵀ + b``, the same logits as
     stock, rather than a rounded product plus an exact bias (a different rounding: 1.4x stock's mean loss error
     over 20 random bf16 problems with a bias, V=8)."""
     if bias is not None and h.dtype != acc and h.device.type != "cuda":
-        return torch.addmm(bias, h, weight.T).to(acc)
-    z = _mm(h, weight.T, acc)
-    if bias is not None:
-        z += bias.to(acc)
+        z = torch.addmm(bias, h, weight.T).to(acc)
+    else:
+        z = _mm(h, weight.T, acc)
+        if bias is not None:
+            z += bias.to(acc)
+    if low is not None:
+        z.addmm_(low[0], low[1].T)
     return z
 
 
@@ -519,6 +528,8 @@ def fused_lce(
     rows: RowsFn | None = None,
     grad_over_logits: bool = False,
     mean_over_count: bool = False,
+    low_rank: tuple[torch.Tensor, torch.Tensor] | None = None,
+    need_low_rank: bool = False,
 ) -> Result:
     """Loss and requested gradients of ``Σ_i s_i · l_i`` for ``hidden`` [N, H], ``weight`` [V, H], ``targets`` [N].
 
@@ -533,7 +544,12 @@ def fused_lce(
     out of every chunk after the first without a device stall (module docstring). ``low_precision_grad``
     (default: on CUDA, for bf16/f16 inputs without a bias gradient) has the row pass write the logits gradient
     straight in the inputs' dtype, the only one the GEMMs read.
+    ``low_rank=(a, b)`` ([N, r], [V, r], both in the accumulation dtype) adds ``a · bᵀ`` to the logits (a LoRA
+    adapter on a frozen head, so no weight gradient may be asked for); with ``need_low_rank`` both its gradients are
+    formed from the float32 logits gradient (``Result.d_low_a`` / ``d_low_b``).
     """
+    if low_rank is not None and need_d_weight:
+        raise ValueError("low_rank: the weight must be frozen (no weight gradient beside the low-rank term)")
     row_pass = row_pass or torch_row_pass
     slab_pass = slab_pass or torch_slab_pass
     n, h_dim = hidden.shape
@@ -541,9 +557,13 @@ def fused_lce(
     ignore_index = options.ignore_index
     acc = _acc_dtype(hidden.dtype)
     dev = hidden.device
+    need_low_rank = need_low_rank and low_rank is not None
+    if need_low_rank:
+        # The low-rank gradients are formed from the float32 logits gradient, as stock's float32 adapter reads it.
+        low_precision_grad = False
     plan = _plan(
         n, v, h_dim, dtype=hidden.dtype, weight_dtype=weight.dtype, device=dev,
-        need=(need_d_hidden, need_d_weight, need_d_bias), low_precision_grad=low_precision_grad,
+        need=(need_d_hidden or need_low_rank, need_d_weight, need_d_bias), low_precision_grad=low_precision_grad,
         budget_bytes=budget_bytes, kernels=dev.type == "cuda" and row_pass is not torch_row_pass, compact=compact,
         skip_ignored=skip_ignored, grad_over_logits=grad_over_logits,
     )  # fmt: skip
@@ -570,6 +590,8 @@ def fused_lce(
     d_weight_acc: torch.Tensor | None = None
     d_weight: torch.Tensor | None = None
     d_bias_acc = torch.zeros(v, dtype=acc, device=dev) if need_d_bias else None
+    d_low_a = new(n, low_rank[0].shape[1], dtype=acc, device=dev) if need_low_rank and low_rank is not None else None
+    d_low_b: torch.Tensor | None = None
     loss_sum: torch.Tensor | None = None
 
     if order is None:  # else arranged with the order
@@ -584,7 +606,10 @@ def fused_lce(
     for c in chunks:
         h = h_rows[c.start : c.stop] if h_rows is not None else c.take(hidden)
         t, s_rows = t_rows[c.start : c.stop], s_all[c.start : c.stop]
-        rp = row_pass(_logits(h, weight, bias, acc), t, s_rows, options, vocab=v, want_stats=stats is not None,
+        a = c.take(low_rank[0]) if low_rank is not None else None
+        low = (a, low_rank[1]) if a is not None and low_rank is not None else None
+        # (passed, not kept: a forward-only row pass keeps none of the logits, which the next chunk's then replace)
+        rp = row_pass(_logits(h, weight, bias, acc, low), t, s_rows, options, vocab=v, want_stats=stats is not None,
                       grad=plan.row_grad, grad_dtype=hidden.dtype if plan.low_precision_grad else None,
                       grad_out=g_rows[c.start : c.stop] if g_rows is not None else None)  # fmt: skip
         last = c.stop >= chunks.total()  # the first chunk's kernels are queued: reading the count costs no stall
@@ -616,8 +641,15 @@ def fused_lce(
         if d_bias_acc is not None:
             assert g is not None
             d_bias_acc += g.sum(dim=0)
+        if d_low_a is not None and a is not None and low_rank is not None:
+            assert g is not None
+            c.put_product(d_low_a, g, low_rank[1])
+            if d_low_b is None:
+                d_low_b = g.T @ a
+            else:
+                d_low_b.addmm_(g.T, a)
         # Dropped before the next chunk's logits are allocated: two chunks' gradients never live at once.
-        rp = g = g_lp = None  # type: ignore[assignment]
+        rp = g = g_lp = a = low = None  # type: ignore[assignment]
 
     covered = done[-1].stop if done else 0
     if losses:
@@ -661,6 +693,9 @@ def fused_lce(
         d_hidden=d_hidden,
         d_weight=d_weight,
         d_bias=d_bias_acc.to(bias.dtype) if d_bias_acc is not None and bias is not None else None,
+        d_low_a=d_low_a,
+        d_low_b=(d_low_b if d_low_b is not None else low_rank[1].new_zeros(low_rank[1].shape))
+        if d_low_a is not None and low_rank is not None else None,
     )
 
 

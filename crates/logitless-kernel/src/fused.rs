@@ -19,7 +19,9 @@ use crate::storage::{Real, Storage};
 #[cfg(target_arch = "x86_64")]
 use crate::storage::{as_f32, as_f32_mut};
 use crate::weight_pass::{self, ActiveRow};
-use crate::{GradScale, Grads, Job, LossSummary, MatRef, RowOutputs, TOKEN_STATS, WeightGrad};
+use crate::{
+    GradScale, Grads, Job, LossSummary, LowRank, MatRef, RowOutputs, TOKEN_STATS, WeightGrad,
+};
 use rayon::prelude::*;
 use std::any::TypeId;
 
@@ -39,6 +41,58 @@ fn as_compute_mut<S: Storage>(x: &mut [S]) -> Option<&mut [S::C]> {
         Some(unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast::<S::C>(), x.len()) })
     } else {
         None
+    }
+}
+
+/// f32 data as the compute type, when that is f32 (a low-rank term is refused for f64 before any work).
+fn f32_as_compute<C: 'static>(x: &[f32]) -> Option<&[C]> {
+    if TypeId::of::<C>() == TypeId::of::<f32>() {
+        // SAFETY: C is f32 (checked), so pointer, length and alignment carry over.
+        Some(unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<C>(), x.len()) })
+    } else {
+        None
+    }
+}
+
+fn f32_as_compute_mut<C: 'static>(x: &mut [f32]) -> Option<&mut [C]> {
+    if TypeId::of::<C>() == TypeId::of::<f32>() {
+        // SAFETY: C is f32 (checked); the exclusive borrow moves into the returned slice.
+        Some(unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast::<C>(), x.len()) })
+    } else {
+        None
+    }
+}
+
+/// A [`LowRank`] term in the compute type: `a` (N × r, row stride `a_stride`), `b` (V × r, `b_stride`).
+struct Low<'a, C> {
+    a: &'a [C],
+    a_stride: usize,
+    b: &'a [C],
+    b_stride: usize,
+    rank: usize,
+    d_a: Option<&'a mut [C]>,
+    d_b: Option<&'a mut [C]>,
+}
+
+impl<'a, C: 'static> Low<'a, C> {
+    /// `None` when there is no term; also when the compute type is not f32, which validation refuses first.
+    fn of(low: Option<LowRank<'a>>) -> Option<Self> {
+        let LowRank { a, b, d_a, d_b } = low?;
+        Some(Self {
+            a: f32_as_compute(a.data())?,
+            a_stride: a.row_stride(),
+            b: f32_as_compute(b.data())?,
+            b_stride: b.row_stride(),
+            rank: b.cols(),
+            d_a: match d_a {
+                Some(d) => Some(f32_as_compute_mut(d)?),
+                None => None,
+            },
+            d_b: match d_b {
+                Some(d) => Some(f32_as_compute_mut(d)?),
+                None => None,
+            },
+        })
     }
 }
 
@@ -140,6 +194,7 @@ pub(crate) fn run<S: Storage>(
     job: Job<'_, S>,
     rows: RowOutputs<'_>,
     grads: Grads<'_, S>,
+    low: Option<LowRank<'_>>,
 ) -> LossSummary {
     let Job {
         hidden,
@@ -160,7 +215,11 @@ pub(crate) fn run<S: Storage>(
         mut d_bias,
     } = grads;
     let (want_dh, want_dw, want_db) = (d_hidden.is_some(), d_weight.is_some(), d_bias.is_some());
-    let want_grad = want_dh || want_dw || want_db;
+    let mut low = Low::<S::C>::of(low);
+    let want_low = low
+        .as_ref()
+        .is_some_and(|l| l.d_a.is_some() || l.d_b.is_some());
+    let want_grad = want_dh || want_dw || want_db || want_low;
 
     let RowOutputs {
         loss: mut per_row_loss,
@@ -182,6 +241,14 @@ pub(crate) fn run<S: Storage>(
     .flatten()
     {
         fill(g, S::zero(), parallel);
+    }
+    if let Some(l) = low.as_mut() {
+        for g in [l.d_a.as_deref_mut(), l.d_b.as_deref_mut()]
+            .into_iter()
+            .flatten()
+        {
+            fill(g, S::C::ZERO, parallel);
+        }
     }
     let active = targets.iter().filter(|&&t| t != ignore).count();
     if active == 0 {
@@ -317,6 +384,10 @@ pub(crate) fn run<S: Storage>(
         a: S::C::ZERO,
     };
     let mut losses = vec![(0.0f64, no_stats, [0.0f64; TOKEN_STATS]); r_max];
+    // The low-rank term's rows of `a` for the block, and the block's rows of its gradient.
+    let rank = low.as_ref().map_or(0, |l| l.rank);
+    let mut ab = vec![S::C::ZERO; r_max * rank];
+    let mut dab = vec![S::C::ZERO; if want_low { r_max * rank } else { 0 }];
     prof.lap(5);
     let mut idx: Vec<usize> = Vec::with_capacity(r_max);
 
@@ -401,12 +472,36 @@ pub(crate) fn run<S: Storage>(
                 }
             }
         }
+        // The low-rank term, `lg += A_b · Bᵀ` (rank-r GEMM), in vocabulary slices like GEMM 1.
+        if let Some(l) = low.as_ref() {
+            let ab = &mut ab[..r * rank];
+            for (j, &i) in idx.iter().enumerate() {
+                ab[j * rank..(j + 1) * rank]
+                    .copy_from_slice(&l.a[i * l.a_stride..i * l.a_stride + rank]);
+            }
+            for v0 in (0..v).step_by(ENGINE_COLUMNS) {
+                let vc = ENGINE_COLUMNS.min(v - v0);
+                matmul(
+                    (r, vc, rank),
+                    &mut lg[v0..],
+                    Layout::row_major(v),
+                    true,
+                    ab,
+                    Layout::row_major(rank),
+                    &l.b[v0 * l.b_stride..],
+                    Layout::transposed(l.b_stride),
+                    parallel,
+                );
+            }
+        }
 
         prof.lap(0);
         // The AVX512_BF16 GEMMs read the gradient as bf16: the row job rounds each row in place once its f32
         // values are done with, unless the bias gradient still needs them (then a pass of its own, below).
         #[cfg(target_arch = "x86_64")]
-        let round_in_job = dp.filter(|_| want_grad && !want_db).map(|(cpu, _, _)| cpu);
+        let round_in_job = dp
+            .filter(|_| want_grad && !want_db && !want_low)
+            .map(|(cpu, _, _)| cpu);
         // Per-row epilogue, LSE, loss and (in place) the logits gradient.
         let row_job = |(j, (row, out)): RowItem<'_, S::C>| {
             let i = idx[j];
@@ -457,6 +552,42 @@ pub(crate) fn run<S: Storage>(
                 for (a, &g) in db_acc.iter_mut().zip(row) {
                     *a += g;
                 }
+            }
+        }
+        // The low-rank term's gradients, from the f32 logits gradient (before any rounding to bf16):
+        // d_a_b = G · B and d_b += Gᵀ · A_b.
+        if let Some(l) = low.as_mut().filter(|_| want_low) {
+            let g = &logits[..r * v];
+            let ab = &ab[..r * rank];
+            if let Some(d_a) = l.d_a.as_deref_mut() {
+                let dab = &mut dab[..r * rank];
+                matmul(
+                    (r, rank, v),
+                    dab,
+                    Layout::row_major(rank),
+                    false,
+                    g,
+                    Layout::row_major(v),
+                    l.b,
+                    Layout::row_major(l.b_stride),
+                    parallel,
+                );
+                for (j, &i) in idx.iter().enumerate() {
+                    d_a[i * rank..(i + 1) * rank].copy_from_slice(&dab[j * rank..(j + 1) * rank]);
+                }
+            }
+            if let Some(d_b) = l.d_b.as_deref_mut() {
+                matmul(
+                    (v, rank, r),
+                    d_b,
+                    Layout::row_major(rank),
+                    true,
+                    g,
+                    Layout::transposed(v),
+                    ab,
+                    Layout::row_major(rank),
+                    parallel,
+                );
             }
         }
         #[cfg(target_arch = "x86_64")]

@@ -296,6 +296,20 @@ impl<T> Default for Grads<'_, T> {
     }
 }
 
+/// A low-rank term added to the logits before the epilogue, `a · bᵀ` (a LoRA adapter on a frozen head: `a` holds
+/// each row's `scaling · A·x`, `b` is the adapter's `B`), and where its gradients go. f32 factors, for f32, bf16 and
+/// f16 inputs; the head's weight takes no gradient beside it.
+pub struct LowRank<'a> {
+    /// `N × r`.
+    pub a: MatRef<'a, f32>,
+    /// `V × r`.
+    pub b: MatRef<'a, f32>,
+    /// `N × r`, contiguous; rows whose target is ignored are written as zeros.
+    pub d_a: Option<&'a mut [f32]>,
+    /// `V × r`, contiguous.
+    pub d_b: Option<&'a mut [f32]>,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LossSummary {
     /// Σ_i l_i over non-ignored rows (unweighted by GradScale).
@@ -386,6 +400,52 @@ pub fn fused_linear_cross_entropy<T: Element>(
     rows: RowOutputs<'_>,
     grads: Grads<'_, T>,
 ) -> Result<LossSummary, KernelError> {
+    call(
+        hidden, weight, bias, None, targets, options, grad_scale, rows, grads,
+    )
+}
+
+/// [`fused_linear_cross_entropy`] with a [`LowRank`] term added to the logits (before the epilogue), its gradients
+/// formed in the same pass from the f32 logits gradient: two more GEMMs of rank `r` per row block
+/// (`G·B` and `Gᵀ·A`), plus one for the term itself. Refused for f64 inputs and beside a wanted weight gradient.
+#[allow(clippy::too_many_arguments)]
+pub fn fused_linear_cross_entropy_low_rank<T: Element>(
+    hidden: MatRef<'_, T>,
+    weight: MatRef<'_, T>,
+    bias: Option<&[T]>,
+    low_rank: LowRank<'_>,
+    targets: &[i64],
+    options: &Options<'_>,
+    grad_scale: GradScale<'_>,
+    rows: RowOutputs<'_>,
+    grads: Grads<'_, T>,
+) -> Result<LossSummary, KernelError> {
+    validate_low_rank::<T>(&low_rank, hidden.rows(), weight.rows(), &grads)?;
+    call(
+        hidden,
+        weight,
+        bias,
+        Some(low_rank),
+        targets,
+        options,
+        grad_scale,
+        rows,
+        grads,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn call<T: Element>(
+    hidden: MatRef<'_, T>,
+    weight: MatRef<'_, T>,
+    bias: Option<&[T]>,
+    low: Option<LowRank<'_>>,
+    targets: &[i64],
+    options: &Options<'_>,
+    grad_scale: GradScale<'_>,
+    rows: RowOutputs<'_>,
+    grads: Grads<'_, T>,
+) -> Result<LossSummary, KernelError> {
     validate(
         &hidden,
         &weight,
@@ -398,18 +458,55 @@ pub fn fused_linear_cross_entropy<T: Element>(
     )?;
     match T::DTYPE {
         DType::F32 => run_as::<T, f32>(
-            hidden, weight, bias, targets, options, grad_scale, rows, grads,
+            hidden, weight, bias, low, targets, options, grad_scale, rows, grads,
         ),
         DType::F64 => run_as::<T, f64>(
-            hidden, weight, bias, targets, options, grad_scale, rows, grads,
+            hidden, weight, bias, low, targets, options, grad_scale, rows, grads,
         ),
         DType::BF16 => run_as::<T, bf16>(
-            hidden, weight, bias, targets, options, grad_scale, rows, grads,
+            hidden, weight, bias, low, targets, options, grad_scale, rows, grads,
         ),
         DType::F16 => run_as::<T, f16>(
-            hidden, weight, bias, targets, options, grad_scale, rows, grads,
+            hidden, weight, bias, low, targets, options, grad_scale, rows, grads,
         ),
     }
+}
+
+fn validate_low_rank<T: Element>(
+    low: &LowRank<'_>,
+    n: usize,
+    v: usize,
+    grads: &Grads<'_, T>,
+) -> Result<(), KernelError> {
+    if T::DTYPE == DType::F64 {
+        return Err(KernelError::InvalidOption {
+            what: "low_rank",
+            why: "its factors are f32: expected f32, bf16 or f16 inputs".into(),
+        });
+    }
+    if grads.d_weight.is_some() {
+        return Err(KernelError::InvalidOption {
+            what: "low_rank",
+            why: "expected a frozen head (no weight gradient) beside the low-rank term".into(),
+        });
+    }
+    let r = low.b.cols();
+    for (what, m, rows) in [("low_rank.a", &low.a, n), ("low_rank.b", &low.b, v)] {
+        if m.rows() != rows || m.cols() != r {
+            return Err(KernelError::ShapeMismatch {
+                what,
+                expected: format!("[{rows}, {r}]"),
+                got: format!("[{}, {}]", m.rows(), m.cols()),
+            });
+        }
+    }
+    if let Some(g) = low.d_a.as_deref() {
+        check_len("low_rank.d_a", g.len(), n * r)?;
+    }
+    if let Some(g) = low.d_b.as_deref() {
+        check_len("low_rank.d_b", g.len(), v * r)?;
+    }
+    Ok(())
 }
 
 /// Reinterprets the caller's `T` as the concrete storage type its `DTYPE` names (they are the same type for the
@@ -454,6 +551,7 @@ fn run_as<T: Element, S: storage::Storage>(
     hidden: MatRef<'_, T>,
     weight: MatRef<'_, T>,
     bias: Option<&[T]>,
+    low: Option<LowRank<'_>>,
     targets: &[i64],
     options: &Options<'_>,
     grad_scale: GradScale<'_>,
@@ -473,7 +571,7 @@ fn run_as<T: Element, S: storage::Storage>(
         d_weight: cast_mut::<T, S>(grads.d_weight)?,
         d_bias: cast_mut::<T, S>(grads.d_bias)?,
     };
-    Ok(fused::run(job, rows, grads))
+    Ok(fused::run(job, rows, grads, low))
 }
 
 fn check_len(what: &'static str, got: usize, expected: usize) -> Result<(), KernelError> {

@@ -9,8 +9,9 @@ use std::sync::{Arc, Mutex, TryLockError};
 use half::{bf16, f16};
 use logitless_kernel::isa::{self, Isa};
 use logitless_kernel::{
-    Element, Epilogue, GradScale, Grads, KernelError, LossSummary, MatRef, Options, RowOutputs,
-    TOKEN_STATS, WeightGrad, fused_linear_cross_entropy,
+    Element, Epilogue, GradScale, Grads, KernelError, LossSummary, LowRank, MatRef, Options,
+    RowOutputs, TOKEN_STATS, WeightGrad, fused_linear_cross_entropy,
+    fused_linear_cross_entropy_low_rank,
 };
 use pyo3::prelude::*;
 
@@ -228,6 +229,11 @@ struct Call {
     d_hidden: Option<Buf>,
     d_weight: Option<Buf>,
     d_bias: Option<Buf>,
+    /// The low-rank term: `a` (N × r), `b` (V × r), f32, and its gradients' buffers (contiguous f32).
+    low_a: Option<Buf>,
+    low_b: Option<Buf>,
+    d_low_a: Option<Buf>,
+    d_low_b: Option<Buf>,
     grad_scale: f64,
     ignore_index: i64,
     label_smoothing: f32,
@@ -252,12 +258,16 @@ impl Call {
             self.d_hidden,
             self.d_weight,
             self.d_bias,
+            self.d_low_a,
+            self.d_low_b,
         ];
         let all = [self.hidden, self.weight, self.targets]
             .into_iter()
             .chain(self.bias)
             .chain(self.logits_bias)
             .chain(self.row_scale)
+            .chain(self.low_a)
+            .chain(self.low_b)
             .chain(outputs.iter().flatten().copied())
             .collect::<Vec<_>>();
         for out in outputs.iter().flatten() {
@@ -362,18 +372,27 @@ fn run<T: Element>(call: &Call) -> Result<LossSummary, KernelError> {
         Some(s) => GradScale::PerRow(s),
         None => GradScale::Uniform(call.grad_scale),
     };
-    fused_linear_cross_entropy(
-        hidden,
-        weight,
-        bias,
-        targets,
-        &options,
-        grad_scale,
-        RowOutputs {
-            loss: per_row_loss,
-            stats: token_stats,
-        },
-        grads,
+    let rows = RowOutputs {
+        loss: per_row_loss,
+        stats: token_stats,
+    };
+    let (Some(a), Some(b)) = (&call.low_a, &call.low_b) else {
+        return fused_linear_cross_entropy(
+            hidden, weight, bias, targets, &options, grad_scale, rows, grads,
+        );
+    };
+    // SAFETY: as above (float32 inputs).
+    let (a_data, b_data): (&[f32], &[f32]) = unsafe { (slice(a), slice(b)) };
+    let low = LowRank {
+        a: MatRef::new(a_data, a.rows, a.cols, a.row_stride)?,
+        b: MatRef::new(b_data, b.rows, b.cols, b.row_stride)?,
+        // SAFETY: as above (float32 outputs, unaliased).
+        d_a: call.d_low_a.as_ref().map(|g| unsafe { slice_mut(g) }),
+        // SAFETY: as above.
+        d_b: call.d_low_b.as_ref().map(|g| unsafe { slice_mut(g) }),
+    };
+    fused_linear_cross_entropy_low_rank(
+        hidden, weight, bias, low, targets, &options, grad_scale, rows, grads,
     )
 }
 
@@ -438,7 +457,7 @@ fn nonzero(x: Option<f64>) -> Option<f32> {
 #[pyo3(name = "fused_linear_cross_entropy", signature = (hidden, weight, bias, targets, *, ignore_index, label_smoothing, z_loss, logits_bias=None,
     scale_multiply=None, scale_divide=None, softcap=None, temperature=None, grad_scale=None, row_scale=None,
     per_row_loss=None, token_stats=None, d_hidden=None, d_weight=None, d_bias=None, chunk_budget_bytes=None, weight_grad="accumulate", num_threads=1,
-    kernel_isa=None, profile=false))]
+    kernel_isa=None, profile=false, low_a=None, low_b=None, d_low_a=None, d_low_b=None))]
 #[allow(clippy::too_many_arguments)]
 fn fused_linear_cross_entropy_py(
     py: Python<'_>,
@@ -466,6 +485,10 @@ fn fused_linear_cross_entropy_py(
     num_threads: usize,
     kernel_isa: Option<&str>,
     profile: bool,
+    low_a: Option<TensorArg>,
+    low_b: Option<TensorArg>,
+    d_low_a: Option<TensorArg>,
+    d_low_b: Option<TensorArg>,
 ) -> PyResult<(f64, usize)> {
     let weight_grad = match weight_grad {
         "accumulate" => WeightGrad::Accumulate,
@@ -537,6 +560,34 @@ fn fused_linear_cross_entropy_py(
     if let Some(b) = &d_bias {
         expect(b, dt, &[v], &[b.len])?;
     }
+    let low_a = low_a.map(|m| matrix("low_a", &m, false)).transpose()?;
+    let low_b = low_b.map(|m| matrix("low_b", &m, false)).transpose()?;
+    let rank = match (&low_a, &low_b) {
+        (Some(a), Some(b)) => {
+            expect(b, DType::F32, &[v, b.cols], &[b.rows, b.cols])?;
+            expect(a, DType::F32, &[n, b.cols], &[a.rows, a.cols])?;
+            b.cols
+        }
+        (None, None) => 0,
+        _ => {
+            return Err(value_error(
+                "low_a and low_b: expected both or neither".into(),
+            ));
+        }
+    };
+    let d_low_a = d_low_a.map(|m| matrix("d_low_a", &m, true)).transpose()?;
+    let d_low_b = d_low_b.map(|m| matrix("d_low_b", &m, true)).transpose()?;
+    for (g, rows) in [(&d_low_a, n), (&d_low_b, v)] {
+        if let Some(g) = g {
+            if low_a.is_none() {
+                return Err(value_error(format!(
+                    "{}: expected no gradient buffer without low_a and low_b",
+                    g.what
+                )));
+            }
+            expect(g, DType::F32, &[rows, rank], &[g.rows, g.cols])?;
+        }
+    }
     let call = Call {
         hidden: h,
         weight: w,
@@ -549,6 +600,10 @@ fn fused_linear_cross_entropy_py(
         d_hidden,
         d_weight,
         d_bias,
+        low_a,
+        low_b,
+        d_low_a,
+        d_low_b,
         grad_scale: grad_scale.unwrap_or(1.0),
         ignore_index,
         label_smoothing: label_smoothing as f32,
