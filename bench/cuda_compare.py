@@ -316,6 +316,46 @@ def _reference64(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, kw: dict) ->
     return loss.detach(), h64.grad, w64.grad
 
 
+def _low_rank_rows(dev: torch.device, n: int, hd: int, v: int) -> list[str]:
+    """A LoRA adapter on a frozen bf16 head (``low_rank``, r=16, a third of the targets ignored): loss, d_hidden and
+    the factors' gradients against float64, as multiples of stock's (PEFT's forward: bf16 logits plus the float32
+    adapter's term, upcast), for the Triton kernels and the torch path. Two rows."""
+    from logitless import linear_cross_entropy
+
+    g = torch.Generator(device=dev).manual_seed(13)
+    h = torch.randn(n, hd, generator=g, device=dev).to(torch.bfloat16)
+    w = (torch.randn(v, hd, generator=g, device=dev) * 2 / hd**0.5).to(torch.bfloat16)
+    a = torch.randn(n, 16, generator=g, device=dev)
+    b = torch.randn(v, 16, generator=g, device=dev) * 0.1
+    y = torch.randint(0, v, (n,), generator=g, device=dev)
+    y[::3] = IGNORE
+
+    def run(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        loss = fn(*leaves)
+        return (loss.detach(), *torch.autograd.grad(loss, leaves))
+
+    ref = run(lambda hh, aa, bb: torch.nn.functional.cross_entropy(
+        hh @ w.double().T + aa @ bb.T, y, ignore_index=IGNORE), h.double(), a.double(), b.double())  # fmt: skip
+    stock = run(lambda hh, aa, bb: torch.nn.functional.cross_entropy(
+        (hh @ w.T).float() + aa @ bb.T, y, ignore_index=IGNORE), h, a, b)  # fmt: skip
+
+    def errors(got: tuple[torch.Tensor, ...]) -> list[float]:
+        return [float((x.double() - r).abs().max()) / max(float(r.abs().max()), 1e-30) for x, r in zip(got, ref)]
+
+    base, out = errors(stock), []
+    for impl in ("triton", "torch"):
+        got = run(lambda hh, aa, bb, impl=impl: linear_cross_entropy(hh, w, None, shift_labels=y, impl=impl,
+                                                                       low_rank=(aa, bb)), h, a, b)  # fmt: skip
+        errs = errors(got)
+        ok = all(e <= 1.5 * s + 2.0**-8 for e, s in zip(errs, base))
+        r = [f"{e / max(s, 2.0**-8):.2f}" for e, s in zip(errs, base)]
+        # The d_weight column holds the factors' (d_a / d_b): the head is frozen.
+        out.append(f"| bf16 33% LoRA term (r=16) | {impl} | {r[0]} | {r[1]} | d_a {r[2]} / d_b {r[3]} | |"
+                   + ("" if ok else " **FAIL**"))  # fmt: skip
+    return out
+
+
 def correctness(dev: torch.device, small: bool) -> list[str]:
     """Errors against float64, as multiples of stock's (materialised logits in the inputs' dtype, upcast)."""
     from logitless import linear_cross_entropy, torch_path
@@ -396,6 +436,8 @@ def correctness(dev: torch.device, small: bool) -> list[str]:
                 _alias_on_cuda(False)
                 torch_path._RECOMPUTE_SHARES_SMALL = True
     os.environ["LOGITLESS_WEIGHT_GRAD"] = "accumulate"
+    rows += _low_rank_rows(dev, n, hd, v)
+    failures += sum("**FAIL**" in r for r in rows[-2:])
     if dev.type == "cuda":
         # Enough rows for one program per row (the cases above split rows into parts): the row kernel's gradient
         # over its own logits, bit for bit the separate buffer's, every epilogue.

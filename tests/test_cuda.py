@@ -366,6 +366,27 @@ def test_frozen_head_per_token_gradient_on_cuda(dtype: torch.dtype) -> None:
     assert_close(h.grad.cpu(), ref.d_hidden, tol_grad, "d_hidden")
 
 
+@pytest.mark.parametrize("impl", ["auto", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_rank_term_on_cuda(impl: str, dtype: torch.dtype) -> None:
+    """A LoRA adapter on a frozen head (``low_rank``): the loss, hidden's gradient and both factors' gradients."""
+    hidden, weight, bias, labels = make(dtype, with_bias=True)
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(B, T, 8, generator=g), torch.randn(V, 8, generator=g) * 0.3
+    opts: dict[str, Any] = {"label_smoothing": 0.05, "logit_softcapping": 5.0, "num_items_in_batch": 40}
+    ref = reference(hidden.requires_grad_(), weight, labels, bias=bias, low_rank=(a, b), **opts)
+    h, a_cuda, b_cuda = (t.detach().cuda().requires_grad_() for t in (hidden, a, b))
+    loss = linear_cross_entropy(h, weight.cuda(), labels.cuda(), bias=bias.cuda(), low_rank=(a_cuda, b_cuda),
+                                impl=impl, **opts)  # fmt: skip
+    loss.backward()
+    tol_loss, tol_grad = TOLERANCES[dtype]
+    assert ref.d_hidden is not None and ref.d_low is not None
+    assert_close(loss.cpu(), ref.loss, tol_loss, "loss")
+    assert_close(h.grad.cpu(), ref.d_hidden, tol_grad, "d_hidden")
+    assert_close(a_cuda.grad.cpu(), ref.d_low[0], tol_grad, "d_a")
+    assert_close(b_cuda.grad.cpu(), ref.d_low[1], tol_grad, "d_b")
+
+
 @pytest.mark.parametrize("upstream", ["mean", "per-token"])
 def test_expect_uniform_grad_on_cuda(upstream: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """TRL's SFT mean loss on a GPU: with ``expect_uniform_grad`` and a trained head the gradients are formed in the

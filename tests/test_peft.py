@@ -257,6 +257,7 @@ def test_lora_on_the_head_disabled_or_merged_uses_the_base_layer() -> None:
         ("lora_bias", "peft-lora-variant"),
         ("trained_head", "peft-lora-trained-head"),
         ("hooked_b", "peft-lora-layout"),
+        ("hooked_base", "hooked-head"),
         ("disabled_while_merged", "peft-merged"),
     ],
 )
@@ -269,6 +270,8 @@ def test_lora_on_the_head_that_is_not_reduced_keeps_the_stock_path(change: str, 
             layer.base_layer.weight.requires_grad_(True)
         if change == "hooked_b":
             layer.lora_B["default"].register_forward_hook(lambda m, i, o: None)
+        if change == "hooked_base":
+            layer.base_layer.register_forward_pre_hook(lambda m, i: None)
         if change == "disabled_while_merged":  # the forward unmerges (a side effect): no adapter term, so norm trains
             layer.merge()
             model.base_model.disable_adapter_layers()

@@ -769,11 +769,11 @@ def _backward(
         if not _scaled_in_place(saved, grad_loss, ctx.impl) and not _is_one(grad_loss):
             # A 0-d float32 factor keeps each gradient's dtype; the product is formed in float32 (torch's opmath).
             d_hidden, d_weight, d_bias, d_low_a, d_low_b = (g * grad_loss for g in saved)
-        if ctx.need_low_rank:
-            grads[_LOW_A], grads[_LOW_B] = d_low_a, d_low_b
         # else: the saved gradients (scaled in place, or grad_output is 1) are handed over as they are. Without
         # retain_graph autograd adopts them as .grad (no copy of the V×H head gradient); with it, autograd copies
         # them, so the saved ones stay intact.
+        if ctx.need_low_rank:
+            grads[_LOW_A], grads[_LOW_B] = d_low_a, d_low_b
     for pos, needed, grad in zip((_HIDDEN, _WEIGHT, _BIAS), ctx.need, (d_hidden, d_weight, d_bias)):
         if needed:
             grads[pos] = grad
