@@ -45,6 +45,18 @@ def timed_steps(step: Callable[[], float]) -> dict[str, float]:
     return {"loss": loss, "seconds": seconds, "added_mib": added}
 
 
+def timed_and_counted(step: Callable[[], float], mode: str) -> dict[str, float]:
+    """``timed_steps``, and under logitless how many labelled forwards were fused (``fused``) of all (``forwards``),
+    which ``print_stock_and_logitless`` prints."""
+    result = timed_steps(step)
+    if mode == "logitless":
+        import logitless
+
+        runtime = logitless.audit()["runtime"]
+        result["fused"], result["forwards"] = runtime["fused"], runtime["fused"] + sum(runtime["stock"].values())
+    return result
+
+
 def stock_and_logitless_main(
     parser: Any, step: Callable[[Any], dict[str, float]], title: Callable[[Any], str], script: str
 ) -> None:

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import argparse
 
-from _steps import llama_shaped, stock_and_logitless_main, timed_steps  # bench/ is on sys.path: these run as scripts
+# bench/ is on sys.path: these run as scripts
+from _steps import llama_shaped, stock_and_logitless_main, timed_and_counted
 
 
 def _step(args: argparse.Namespace) -> dict[str, float]:
@@ -52,13 +53,7 @@ def _step(args: argparse.Namespace) -> dict[str, float]:
         out.loss.backward()
         return float(out.loss)
 
-    result = timed_steps(step)
-    if args.mode == "logitless":
-        import logitless
-
-        runtime = logitless.audit()["runtime"]
-        result["fused"], result["forwards"] = runtime["fused"], runtime["fused"] + sum(runtime["stock"].values())
-    return result
+    return timed_and_counted(step, args.mode)
 
 
 def main() -> None:

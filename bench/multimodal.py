@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import inspect
 
-from _steps import stock_and_logitless_main, timed_steps  # bench/ is on sys.path: these run as scripts
+from _steps import stock_and_logitless_main, timed_and_counted  # bench/ is on sys.path: these run as scripts
 
 
 def _model(args: argparse.Namespace) -> tuple[object, int, int]:
@@ -72,14 +72,8 @@ def _step(args: argparse.Namespace) -> dict[str, float]:
         out.loss.backward()
         return float(out.loss)
 
-    result = timed_steps(step)
-    if args.mode == "logitless":
-        import logitless
-
-        # Each step counts the wrapper's forward and its language model's: both must say fused.
-        runtime = logitless.audit()["runtime"]
-        result["fused"], result["forwards"] = runtime["fused"], runtime["fused"] + sum(runtime["stock"].values())
-    return result
+    # Each step counts the wrapper's forward and its language model's: both must say fused.
+    return timed_and_counted(step, args.mode)
 
 
 def main() -> None:
