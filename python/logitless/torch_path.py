@@ -590,7 +590,7 @@ def fused_lce(
     d_weight_acc: torch.Tensor | None = None
     d_weight: torch.Tensor | None = None
     d_bias_acc = torch.zeros(v, dtype=acc, device=dev) if need_d_bias else None
-    d_low_a = new(n, low_rank[0].shape[1], dtype=acc, device=dev) if need_low_rank and low_rank is not None else None
+    d_low_a = new(n, low_rank[0].shape[1], dtype=acc, device=dev) if need_low_rank and low_rank else None
     d_low_b: torch.Tensor | None = None
     loss_sum: torch.Tensor | None = None
 
@@ -606,8 +606,7 @@ def fused_lce(
     for c in chunks:
         h = h_rows[c.start : c.stop] if h_rows is not None else c.take(hidden)
         t, s_rows = t_rows[c.start : c.stop], s_all[c.start : c.stop]
-        a = c.take(low_rank[0]) if low_rank is not None else None
-        low = (a, low_rank[1]) if a is not None and low_rank is not None else None
+        low = (c.take(low_rank[0]), low_rank[1]) if low_rank is not None else None
         # (passed, not kept: a forward-only row pass keeps none of the logits, which the next chunk's then replace)
         rp = row_pass(_logits(h, weight, bias, acc, low), t, s_rows, options, vocab=v, want_stats=stats is not None,
                       grad=plan.row_grad, grad_dtype=hidden.dtype if plan.low_precision_grad else None,
@@ -641,15 +640,13 @@ def fused_lce(
         if d_bias_acc is not None:
             assert g is not None
             d_bias_acc += g.sum(dim=0)
-        if d_low_a is not None and a is not None and low_rank is not None:
+        if d_low_a is not None and low is not None:
             assert g is not None
-            c.put_product(d_low_a, g, low_rank[1])
-            if d_low_b is None:
-                d_low_b = g.T @ a
-            else:
-                d_low_b.addmm_(g.T, a)
+            a, b = low
+            c.put_product(d_low_a, g, b)
+            d_low_b = g.T @ a if d_low_b is None else d_low_b.addmm_(g.T, a)
         # Dropped before the next chunk's logits are allocated: two chunks' gradients never live at once.
-        rp = g = g_lp = a = low = None  # type: ignore[assignment]
+        rp = g = g_lp = low = None  # type: ignore[assignment]
 
     covered = done[-1].stop if done else 0
     if losses:
