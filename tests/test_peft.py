@@ -221,6 +221,18 @@ def test_lora_on_the_head_is_fused_with_its_low_rank_term(config: dict[str, Any]
     _compare(lambda: _lora_head(**config), fused=True)
 
 
+def test_lora_on_the_head_in_eval_mode_returns_stock_logits() -> None:
+    def run() -> Any:
+        with torch.no_grad():
+            return _lora_head().eval()(**_batch())
+
+    stock = run()
+    logitless.install()
+    ours = run()
+    assert torch.equal(ours.logits, stock.logits) and torch.equal(ours.loss, stock.loss)
+    assert logitless.audit()["runtime"] == {"fused": 0, "stock": {"eval-mode": 1}}
+
+
 def test_lora_on_the_head_with_two_active_adapters() -> None:
     def build() -> torch.nn.Module:
         model = _lora_head()
