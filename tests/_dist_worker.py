@@ -510,6 +510,52 @@ def run_trl(setup: str, rank: int) -> dict[str, Any]:
     return row
 
 
+# TRL's DistillationTrainer divergence with FSDP2-sharded heads (each its own unit, read outside any forward: the
+# DTensor path both TRL's kernel and logitless's drop-in take), on each rank's own positions.
+DISTILL_SETUPS = ("distill-fsdp2-head-own-unit",)
+
+
+def run_distill(setup: str, rank: int, trls: Callable[..., Any]) -> dict[str, Any]:
+    """``trls``: TRL's own divergence, taken before ``install()`` put logitless's in its place."""
+    from torch.distributed.tensor import DTensor
+
+    from logitless.integrations import trl_distillation
+
+    assert trls is not trl_distillation.chunked_divergence_loss
+    student = _fsdp(build_llama(), head="own")
+    teacher = build_llama()
+    with torch.no_grad():
+        teacher.lm_head.weight.add_(torch.randn(teacher.lm_head.weight.shape,
+                                                generator=torch.Generator().manual_seed(5)) * 0.05)  # fmt: skip
+    # Frozen for TRL's kernel, which fails in backward on a sharded teacher head that requires grad (the gathered
+    # weight's gradient reaches ``full_tensor()``'s backward as a plain tensor); logitless, which never
+    # differentiates the teacher, also runs with it trainable ("logitless-trainable-teacher").
+    teacher = _fsdp(teacher, head="own")
+    g = torch.Generator().manual_seed(200 + rank)
+    width = tiny._COMMON["hidden_size"]
+    h_s, h_t = torch.randn(2, SEQ, width, generator=g), torch.randn(2, SEQ, width, generator=g)
+    mask = (torch.rand(2, SEQ, generator=g) > 0.3).long()
+    row: dict[str, Any] = {}
+    runs = (("trl", trls, False), ("logitless", trl_distillation.chunked_divergence_loss, False),
+            ("logitless-trainable-teacher", trl_distillation.chunked_divergence_loss, True))  # fmt: skip
+    for name, divergence, trainable_teacher in runs:
+        teacher.requires_grad_(trainable_teacher)
+        hidden = h_s.clone().requires_grad_()
+        student.zero_grad(set_to_none=True)
+        teacher.zero_grad(set_to_none=True)
+        with trl_distillation._running(student, teacher):
+            loss, entropy_sum, n_valid = divergence(hidden, h_t, student.lm_head.weight, teacher.lm_head.weight, mask,
+                                                    0.5, temperature=0.9)  # fmt: skip
+        loss.backward()
+        grad = student.lm_head.weight.grad
+        assert isinstance(student.lm_head.weight, DTensor) and isinstance(grad, DTensor)
+        row[name] = {"loss": float(loss.detach()), "entropy_sum": float(entropy_sum), "n_valid": int(n_valid),
+                     "d_hidden": hidden.grad.clone(), "d_weight": grad.full_tensor().clone(),
+                     "teacher_grads": sum(p.grad is not None for p in teacher.parameters())}  # fmt: skip
+    row["distillation"] = logitless.audit()["integrations"]["trl"]["distillation"]
+    return row
+
+
 def _two_steps(
     model: torch.nn.Module, loss_of: Callable[[torch.nn.Module], torch.Tensor]
 ) -> tuple[list[float], dict[str, torch.Tensor] | None]:
@@ -536,6 +582,16 @@ def _two_steps(
 
 
 def run(setup: str, rank: int) -> dict[str, Any]:
+    if setup in DISTILL_SETUPS:
+        from trl.trainer import distillation_trainer
+
+        logitless.uninstall()
+        trls = distillation_trainer._chunked_divergence_loss
+        logitless.install()
+        try:
+            return run_distill(setup, rank, trls)
+        finally:
+            logitless.uninstall()
     if setup in EVAL_SETUPS:
         return run_eval(setup, rank)
     if setup in TRL_SETUPS:

@@ -85,7 +85,8 @@ def _launch(out: Path, world: int, setups: tuple[str, ...]) -> list[dict[str, An
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    setups = (*ALL, *STOCK, *SMOOTHING, *EVAL, *worker.KEEP_LOGITS_SETUPS, *worker.TRL_SETUPS, "vocab-parallel-op")
+    setups = (*ALL, *STOCK, *SMOOTHING, *EVAL, *worker.KEEP_LOGITS_SETUPS, *worker.TRL_SETUPS, *worker.DISTILL_SETUPS,
+              "vocab-parallel-op")  # fmt: skip
     return _launch(tmp_path_factory.mktemp("dist"), 2, setups)
 
 
@@ -341,3 +342,23 @@ def test_vocab_parallel_op_against_float64(ranks: list[dict[str, Any]], case: st
     """``vocab_parallel_linear_cross_entropy`` on an uneven 2-way split of V=1301 against float64 (the CUDA twin is
     in tests/test_cuda.py)."""
     worker.check_vocab_parallel_case([ranks[r]["vocab-parallel-op"][case] for r in range(2)], case, "cpu")
+
+
+@pytest.mark.parametrize("setup", worker.DISTILL_SETUPS)
+def test_distillation_divergence_on_sharded_heads_equals_trls(ranks: list[dict[str, Any]], setup: str) -> None:
+    """TRL's DistillationTrainer divergence with FSDP2-sharded student and teacher heads (DTensors, gathered by
+    ``full_tensor()``, their gradient reduce-scattered back): logitless's drop-in, with the class's epilogue, equals
+    TRL's own kernel on every rank (loss, entropy, count, the hidden states' and the sharded head's gradients), with
+    the teacher frozen or trainable (TRL's kernel fails on a trainable one; logitless leaves its gradients unset)."""
+    for r in range(2):
+        row = ranks[r][setup]
+        trls = row["trl"]
+        # One per model per call: two calls of logitless's.
+        assert row["distillation"]["calls"] == {"class_epilogue": 4, "trl_epilogue": 0}
+        for ours in (row["logitless"], row["logitless-trainable-teacher"]):
+            assert ours["n_valid"] == trls["n_valid"] > 0
+            assert ours["loss"] == pytest.approx(trls["loss"], rel=1e-5)
+            assert ours["entropy_sum"] == pytest.approx(trls["entropy_sum"], rel=1e-5)
+            torch.testing.assert_close(ours["d_hidden"], trls["d_hidden"], rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(ours["d_weight"], trls["d_weight"], rtol=1e-4, atol=1e-7)
+            assert ours["teacher_grads"] == 0

@@ -62,6 +62,9 @@ def test_quick_classes_are_verified(tmp_path: pathlib.Path) -> None:
         # The TRL drop-in on the installed class: fused, loss and gradients equal to the model's own.
         assert result["trl"]["status"] == "fused", (name, result["trl"])
         assert result["trl"]["loss_rel"] <= compare.LOSS_RTOL
+        # The DistillationTrainer drop-in: the class's own epilogue, divergence equal to the logits' reference.
+        assert result["distill"]["status"] == "class-epilogue", (name, result["distill"])
+        assert result["distill"]["loss_rel"] <= compare.LOSS_RTOL
     # The VLM case really fed an image (pixel values and image tokens), not only text.
     assert "images" in by_class["LlavaForConditionalGeneration"]["inputs"]
     assert code == 0, output
@@ -222,6 +225,34 @@ def test_a_wrong_trl_drop_in_is_a_mismatch(bug: str, monkeypatch: pytest.MonkeyP
         logitless.patch(model)
     try:
         result = compare._trl_check(model, feeds, stock)
+    finally:
+        logitless.uninstall()
+    assert result["status"] == "MISMATCH", result
+
+
+@pytest.mark.parametrize("bug", ["epilogue-dropped", "divergence-scaled"])
+def test_a_wrong_distillation_drop_in_is_a_mismatch(bug: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The distillation column catches a drop-in that reads the wrong epilogue or computes a wrong divergence."""
+    import logitless
+    from logitless import divergence
+    from logitless._verify import distill
+    from logitless.integrations import trl_distillation
+
+    model, config, override = compare.build("transformers.models.gemma2.modeling_gemma2", "Gemma2ForCausalLM")
+    feeds = inputs.make_feeds(model, config, override.inputs)
+    if bug == "epilogue-dropped":
+        monkeypatch.setattr(trl_distillation, "class_epilogue", lambda m: {})
+    else:
+        original = divergence._row_pass
+
+        def scaled(*args: Any) -> Any:
+            value, entropy, grad = original(*args)
+            return value * (1 + 1e-4), entropy, grad
+
+        monkeypatch.setattr(divergence, "_row_pass", scaled)
+    logitless.patch(model)
+    try:
+        result = distill.check(model, dict(feeds.base), lambda: model)
     finally:
         logitless.uninstall()
     assert result["status"] == "MISMATCH", result

@@ -12,6 +12,7 @@ from typing import Any
 
 __all__ = [
     "linear_cross_entropy",
+    "linear_divergence",
     "hf_loss",
     "rewrite_forward",
     "install",
@@ -25,6 +26,7 @@ __all__ = [
 # name -> module that defines it; resolved on first access so the package imports without torch.
 _LAZY = {
     "linear_cross_entropy": "logitless.ops",
+    "linear_divergence": "logitless.divergence",
     "hf_loss": "logitless.hf",
     "rewrite_forward": "logitless.rewrite",
     "install": "logitless.installer",

@@ -78,7 +78,17 @@ _TRL_HEADS = (
     # TRL 1.5 to 1.14: SFTTrainer's loss_type="chunked_nll".
     _TrlHead("_patch_chunked_ce_lm_head", "trl.trainer.sft_trainer", "logitless.integrations.trl_legacy",
              "patch_chunked_ce_lm_head"),  # fmt: skip
+    # TRL >= 1.16: DistillationTrainer's divergence over both models' heads.
+    _TrlHead("_chunked_divergence_loss", "trl.trainer.distillation_trainer", "logitless.integrations.trl_distillation",
+             "chunked_divergence_loss"),  # fmt: skip
 )
+# TRL trainer methods wrapped so the drop-ins know which models they run: (module, class, method, wrapper's module,
+# wrapper factory). The method's body stays TRL's.
+_TRL_METHODS = (
+    ("trl.trainer.distillation_trainer", "DistillationTrainer", "_compute_loss",
+     "logitless.integrations.trl_distillation", "wrap_compute_loss"),  # fmt: skip
+)
+_trl_wrapped: dict[tuple[str, str], tuple[type, Any]] = {}
 
 canonical_hash = forward_hash
 
@@ -272,6 +282,13 @@ def _patch_trl_module(module: ModuleType) -> None:
             continue  # somebody else's function of that name
         setattr(module, head.name, getattr(importlib.import_module(head.ours), head.our_name))
         _trl_patched[key] = (module, original)
+    for origin, class_name, method, ours, factory in _TRL_METHODS:
+        cls = module.__dict__.get(class_name) if module.__name__ == origin else None
+        original = cls.__dict__.get(method) if isinstance(cls, type) else None
+        if original is None or (class_name, method) in _trl_wrapped:
+            continue
+        setattr(cls, method, getattr(importlib.import_module(ours), factory)(original))
+        _trl_wrapped[(class_name, method)] = (cls, original)
 
 
 def _uninstall_trl() -> None:
@@ -284,6 +301,13 @@ def _uninstall_trl() -> None:
         if original is not None and str(getattr(current, "__module__", "")).startswith("logitless.integrations."):
             setattr(module, name, original)
     _trl_patched.clear()
+    for (_, method), (cls, original) in _trl_wrapped.items():
+        if getattr(cls.__dict__.get(method), "__logitless_wrapped__", None) is original:
+            setattr(cls, method, original)
+    _trl_wrapped.clear()
+    distillation = sys.modules.get("logitless.integrations.trl_distillation")
+    if distillation is not None:
+        distillation.reset()
     drop_in = sys.modules.get("logitless.integrations.trl")
     if drop_in is not None:
         drop_in.CALLS.update(fused=0, materialised=0)
@@ -298,7 +322,11 @@ def _trl_report() -> dict[str, Any]:
     legacy = sys.modules.get("logitless.integrations.trl_legacy")
     before_1_15 = legacy.report() if legacy is not None else {"chunked": {"fused": 0, "materialised": 0},
                                                               "logits_for_metrics": 0}  # fmt: skip
-    return {"patched_modules": sorted({name for name, _ in _trl_patched}), "calls": calls, "legacy": before_1_15}
+    distillation = sys.modules.get("logitless.integrations.trl_distillation")
+    divergence = distillation.report() if distillation is not None else {
+        "calls": {"class_epilogue": 0, "trl_epilogue": 0}, "corrected": {}, "unchecked": {}}  # fmt: skip
+    return {"patched_modules": sorted({name for name, _ in _trl_patched}), "calls": calls, "legacy": before_1_15,
+            "distillation": divergence}  # fmt: skip
 
 
 def _json_safe(value: Any) -> Any:

@@ -85,13 +85,17 @@ def run_verify(args: argparse.Namespace) -> int:
             "workers": args.workers, "mode": "stock-only" if args.stock_only else "install"}
     counts = report.summary(results)
     if args.json:
-        args.json.write_text(json.dumps({"meta": meta, "summary": counts, "trl": report.trl_summary(results), "results": results}, indent=1) + "\n")
+        args.json.write_text(json.dumps({"meta": meta, "summary": counts, "trl": report.trl_summary(results),
+                                         "distillation": report.distill_summary(results), "results": results},
+                                        indent=1) + "\n")  # fmt: skip
     if args.markdown:
         args.markdown.write_text(report.markdown(results, meta))
     for kind, c in counts.items():
         print(f"{kind}: " + ", ".join(f"{s} {c[s]}" for s in report.STATUSES) + f" (of {c['total']})")
     trl = report.trl_summary(results)
     print("TRL drop-in: " + ", ".join(f"{s} {trl[s]}" for s in report.TRL_STATUSES))
+    divergence = report.distill_summary(results)
+    print("DistillationTrainer drop-in: " + ", ".join(f"{s} {divergence[s]}" for s in report.distill.STATUSES))
     print(f"verify: {seconds:.0f} s")
     failed = False
     for r in results:
@@ -101,6 +105,9 @@ def run_verify(args: argparse.Namespace) -> int:
         if (r.get("trl") or {}).get("status") == "MISMATCH":
             failed = True
             print(f"TRL drop-in MISMATCH {r['class']}: {r['trl']['reason']}", file=sys.stderr)
+        if (r.get("distill") or {}).get("status") == "MISMATCH":
+            failed = True
+            print(f"DistillationTrainer drop-in MISMATCH {r['class']}: {r['distill']['reason']}", file=sys.stderr)
     if args.min_verified:
         for kind, floor in zip((CAUSAL, CONDITIONAL), args.min_verified):
             if counts[kind]["verified"] < floor:

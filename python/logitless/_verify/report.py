@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from logitless._verify import distill
 from logitless._verify.discover import CAUSAL, CONDITIONAL
 
 STATUSES = ["verified", "refused", "not-built", "unfused", "MISMATCH"]
@@ -23,6 +24,18 @@ def trl_summary(results: list[dict[str, Any]]) -> dict[str, int]:
     """The TRL drop-in column (classes that were built): how many were fused, exact by fallback, mismatched."""
     counts = Counter(r["trl"]["status"] for r in results if r.get("trl"))
     return {s: counts.get(s, 0) for s in TRL_STATUSES}
+
+
+def distill_summary(results: list[dict[str, Any]]) -> dict[str, int]:
+    """The DistillationTrainer drop-in column: how many classes took their own epilogue, corrected TRL's guess,
+    kept TRL's guess (right or wrong), or mismatched."""
+    counts = Counter(r["distill"]["status"] for r in results if r.get("distill"))
+    return {s: counts.get(s, 0) for s in distill.STATUSES}
+
+
+def _distill_cell(result: dict[str, Any]) -> str:
+    d = result.get("distill")
+    return d["status"] if d else ""
 
 
 def _trl_cell(result: dict[str, Any]) -> str:
@@ -82,6 +95,20 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "| --- |" + " ---: |" * len(TRL_STATUSES),
         "| classes | " + " | ".join(str(trl[s]) for s in TRL_STATUSES) + " |",
     ]
+    divergence = distill_summary(results)
+    lines += [
+        "",
+        "Distillation column: TRL's DistillationTrainer divergence as logitless replaces it",
+        "(`logitless.integrations.trl_distillation`), student the installed model and teacher a copy with a perturbed",
+        "head, generalized JSD (beta 0.5, temperature 0.8) against a float64 reference from both models' stock logits.",
+        "`class-epilogue`: the class's own epilogue, equal; `corrected`: equal where TRL's config guess would not be",
+        "(it is used instead of the guess); `trl-guess`: the epilogue was not resolved, TRL's guess is used and is",
+        "right; `trl-guess-wrong`: not resolved and TRL's guess is wrong (what TRL computes); `n/a`: not comparable.",
+        "",
+        "| DistillationTrainer | " + " | ".join(distill.STATUSES) + " |",
+        "| --- |" + " ---: |" * len(distill.STATUSES),
+        "| classes | " + " | ".join(str(divergence[s]) for s in distill.STATUSES) + " |",
+    ]
     lines += [
         "",
         "Columns: relative loss difference and largest gradient difference (relative to the largest stock gradient",
@@ -89,15 +116,15 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "was also fed pixel values and image tokens.",
         "",
         "| class | kind | status | loss rel | grad rel | loss rel (num_items) | grad rel (num_items) "
-        "| logits identical | TRL drop-in | inputs | detail |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- | --- | --- |",
+        "| logits identical | TRL drop-in | distillation | inputs | detail |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- | --- | --- | --- |",
     ]
     for r in sorted(results, key=lambda r: (r["kind"], r["class"])):
         n = r.get("numbers", {})
         lines.append(
             f"| {r['class']} | {r['kind']} | {r['status']} | {_fmt(n.get('loss_mean_rel'))} | "
             f"{_fmt(n.get('grad_mean_rel'))} | {_fmt(n.get('loss_num_items_rel'))} | "
-            f"{_fmt(n.get('grad_num_items_rel'))} | {_fmt(n.get('logits_identical'))} | {_trl_cell(r)} | {_inputs(r)} | "
-            f"{_cell(r.get('reason', ''))} |"
+            f"{_fmt(n.get('grad_num_items_rel'))} | {_fmt(n.get('logits_identical'))} | {_trl_cell(r)} | "
+            f"{_distill_cell(r)} | {_inputs(r)} | {_cell(r.get('reason', ''))} |"
         )
     return "\n".join(lines) + "\n"
