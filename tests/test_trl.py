@@ -471,4 +471,6 @@ def test_readme_example_runs_through_logitless() -> None:
     last = done.stdout.strip().splitlines()[-1]
     assert last == "logitless: {'patched_modules': ['trl.trainer.sft_trainer', 'trl.trainer.utils'], " \
                    "'calls': {'fused': 4, 'materialised': 0}, " \
-                   "'legacy': {'chunked': {'fused': 0, 'materialised': 0}, 'logits_for_metrics': 0}}", done.stdout  # fmt: skip
+                   "'legacy': {'chunked': {'fused': 0, 'materialised': 0}, 'logits_for_metrics': 0}, " \
+                   "'distillation': {'calls': {'class_epilogue': 0, 'trl_epilogue': 0}, 'corrected': {}, " \
+                   "'unchecked': {}}}", done.stdout  # fmt: skip
