@@ -5,6 +5,7 @@ Nothing here imports logitless: the references are independent of the code under
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,19 @@ def epilogue64(
     if logit_softcapping:
         logits = logit_softcapping * torch.tanh(logits / logit_softcapping)
     return logits
+
+
+def divergence64(log_s: torch.Tensor, log_t: torch.Tensor, beta: float) -> torch.Tensor:
+    """Each position's divergence of the student's log-distribution ``log_s`` from the teacher's ``log_t`` (float64,
+    over the last dimension) as TRL defines it: ``beta`` 0 the forward KL(t ‖ s), 1 the reverse KL(s ‖ t), between
+    the generalized JSD against the mixture ``(1-β)·p_s + β·p_t``."""
+    p_s, p_t = log_s.exp(), log_t.exp()
+    if beta == 0.0:
+        return (p_t * (log_t - log_s)).sum(-1)
+    if beta == 1.0:
+        return (p_s * (log_s - log_t)).sum(-1)
+    log_m = torch.logaddexp(log_s + math.log(1 - beta), log_t + math.log(beta))
+    return beta * (p_t * (log_t - log_m)).sum(-1) + (1 - beta) * (p_s * (log_s - log_m)).sum(-1)
 
 
 def shifted(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:

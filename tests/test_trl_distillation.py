@@ -20,6 +20,7 @@ if not hasattr(distillation, "_chunked_divergence_loss"):  # pragma: no cover - 
     pytest.skip("this TRL has no DistillationTrainer divergence", allow_module_level=True)
 
 from logitless.integrations import trl_distillation as drop_in  # noqa: E402 - after the TRL checks
+from ops_reference import divergence64  # noqa: E402
 from test_trl import _training_args, _word_tokenizer, _words  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("stock_world")
@@ -97,16 +98,9 @@ def _reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask:
                temperature: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     log_s = torch.log_softmax(student_logits.double() / temperature, -1)
     log_t = torch.log_softmax(teacher_logits.double() / temperature, -1)
-    p_s, p_t = log_s.exp(), log_t.exp()
-    if beta == 0.0:
-        per = (p_t * (log_t - log_s)).sum(-1)
-    elif beta == 1.0:
-        per = (p_s * (log_s - log_t)).sum(-1)
-    else:
-        log_m = torch.logaddexp(log_s + math.log(1 - beta), log_t + math.log(beta))
-        per = beta * (p_t * (log_t - log_m)).sum(-1) + (1 - beta) * (p_s * (log_s - log_m)).sum(-1)
+    per = divergence64(log_s, log_t, beta)
     kept = mask.bool()
-    entropy = -(p_s * log_s).sum(-1)
+    entropy = -(log_s.exp() * log_s).sum(-1)
     return per[kept].sum() / kept.sum(), entropy[kept].sum()
 
 
