@@ -7,6 +7,7 @@ EXT    := $(VENV)/.ext-built
 CARGO_TEST_FLAGS ?= --release --workspace --exclude logitless-py
 TRL_LEGACY     := 0.19.1 0.24.0 1.5.1 1.14.2
 TRL_FIRST_HEAD := 1.15.0
+TRL_DISTILL_CHUNKED := 1.14.2
 TRL_LEGACY_DIR := .trl-legacy
 TORCHAO        := 0.18.0
 TORCHAO_DIR    := .torchao
@@ -26,11 +27,18 @@ test-rust:
 
 # tests/test_trl.py runs twice: on the pinned TRL, and on TRL_FIRST_HEAD (the first release whose trainers install
 # their own fused head, so the drop-in's oldest caller) with that release's source first on PYTHONPATH.
+# tests/test_trl_distillation.py also runs on TRL_FIRST_HEAD and on TRL_DISTILL_CHUNKED (DistillationTrainer's
+# divergence with TRL's own chunk size in its signature: the other drop-in).
 test-python: build $(TRL_LEGACY_DIR)/.fetched $(TORCHAO_DIR)/.fetched
 	$(PY) -m pytest -q
 	PYTHONPATH=$(TRL_LEGACY_DIR)/trl-$(TRL_FIRST_HEAD) $(PY) -c \
 	  'import sys, trl; v = trl.__version__; sys.exit(None if v == "$(TRL_FIRST_HEAD)" else f"TRL {v} on the path")'
-	PYTHONPATH=$(TRL_LEGACY_DIR)/trl-$(TRL_FIRST_HEAD) $(PY) -m pytest -q -p no:cacheprovider tests/test_trl.py
+	PYTHONPATH=$(TRL_LEGACY_DIR)/trl-$(TRL_FIRST_HEAD) $(PY) -m pytest -q -p no:cacheprovider tests/test_trl.py \
+	  tests/test_trl_distillation.py
+	PYTHONPATH=$(TRL_LEGACY_DIR)/trl-$(TRL_DISTILL_CHUNKED) $(PY) -c \
+	  'import sys, trl; v = trl.__version__; sys.exit(None if v == "$(TRL_DISTILL_CHUNKED)" else f"TRL {v} on the path")'
+	PYTHONPATH=$(TRL_LEGACY_DIR)/trl-$(TRL_DISTILL_CHUNKED) $(PY) -m pytest -q -p no:cacheprovider \
+	  tests/test_trl_distillation.py
 
 # Older TRL releases, their source only (unpacked wheels, not installed), for tests/test_trl_legacy.py: SFTTrainer
 # before TRL 1.15, run with the source first on PYTHONPATH (versions: TRL_LEGACY, above); and TRL_FIRST_HEAD.

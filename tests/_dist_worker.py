@@ -282,21 +282,24 @@ def _transformers_2d(model: torch.nn.Module) -> torch.nn.Module:
     return loaded.train()
 
 
-def _zero3(model: torch.nn.Module, stage: int = 3) -> torch.nn.Module:
+def _ds_config(stage: int = 3) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": 2,
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+def _zero3(model: torch.nn.Module, stage: int = 3, train: bool = True) -> torch.nn.Module:
+    """``train=False``: a frozen model (a distillation teacher), partitioned without an optimizer."""
     import deepspeed
     import deepspeed.comm.torch  # noqa: F401 - the module, looked up below (the package's ``torch`` is torch)
 
     # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce (C++, ninja) when it starts; gloo alone
     # is enough for two tiny processes and keeps the test free of a compiler.
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-    config = {
-        "train_micro_batch_size_per_gpu": 2,
-        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
-        "zero_allow_untested_optimizer": True,
-    }
-    engine, *_ = deepspeed.initialize(
-        model=model, config=config, optimizer=torch.optim.SGD(model.parameters(), lr=LR)
-    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR) if train else None
+    engine, *_ = deepspeed.initialize(model=model, config=_ds_config(stage), optimizer=optimizer)
     return engine
 
 
@@ -510,50 +513,131 @@ def run_trl(setup: str, rank: int) -> dict[str, Any]:
     return row
 
 
-# TRL's DistillationTrainer divergence with FSDP2-sharded heads (each its own unit, read outside any forward: the
-# DTensor path both TRL's kernel and logitless's drop-in take), on each rank's own positions.
-DISTILL_SETUPS = ("distill-fsdp2-head-own-unit",)
+# TRL's DistillationTrainer divergence on sharded heads, on each rank's own positions. FSDP2: each head its own unit,
+# read outside any forward (the DTensor path both TRL's kernel and logitless's drop-in take). ZeRO-3: both models
+# partitioned, the heads gathered by TRL's helper, the loss run inside the student engine's forward as
+# DistillationTrainer runs it (``_ForwardRedirection``), the gradient reduced by ``engine.backward``.
+DISTILL_SETUPS = ("distill-fsdp2-head-own-unit", "distill-zero3")
+
+
+DISTILL_BETA, DISTILL_TEMPERATURE = 0.5, 0.9
+
+
+def distill_models() -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The student and a teacher whose head differs from it."""
+    student, teacher = build_llama(), build_llama()
+    with torch.no_grad():
+        teacher.lm_head.weight.add_(torch.randn(teacher.lm_head.weight.shape,
+                                                generator=torch.Generator().manual_seed(5)) * 0.05)  # fmt: skip
+    return student, teacher
+
+
+def distill_inputs(rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A rank's student and teacher hidden states and completion mask."""
+    g = torch.Generator().manual_seed(200 + rank)
+    width = tiny._COMMON["hidden_size"]
+    h_s, h_t = torch.randn(2, SEQ, width, generator=g), torch.randn(2, SEQ, width, generator=g)
+    return h_s, h_t, (torch.rand(2, SEQ, generator=g) > 0.3).long()
+
+
+def distill_reference(world: int) -> list[dict[str, Any]]:
+    """Each rank's divergence, entropy sum and hidden-state gradient in float64 from the materialised logits of the
+    whole heads, and the head's gradient the engines give every rank: the mean of the ranks' own."""
+    from ops_reference import divergence64
+
+    student, teacher = distill_models()
+    rows = []
+    for rank in range(world):
+        h_s, h_t, mask = distill_inputs(rank)
+        hidden = h_s.double().requires_grad_()
+        weight = student.lm_head.weight.detach().double().requires_grad_()
+        log_s = torch.log_softmax(hidden @ weight.T / DISTILL_TEMPERATURE, -1)
+        log_t = torch.log_softmax(h_t.double() @ teacher.lm_head.weight.detach().double().T / DISTILL_TEMPERATURE, -1)
+        kept = mask.bool()
+        loss = divergence64(log_s, log_t, DISTILL_BETA)[kept].sum() / kept.sum()
+        loss.backward()
+        entropy = -(log_s.exp() * log_s).sum(-1)[kept].sum()
+        rows.append({"loss": float(loss.detach()), "entropy_sum": float(entropy.detach()),
+                     "n_valid": int(kept.sum()), "d_hidden": hidden.grad, "d_weight": weight.grad})  # fmt: skip
+    mean = sum(row["d_weight"] for row in rows) / world
+    for row in rows:
+        row["d_weight"] = mean
+    return rows
 
 
 def run_distill(setup: str, rank: int, trls: Callable[..., Any]) -> dict[str, Any]:
     """``trls``: TRL's own divergence, taken before ``install()`` put logitless's in its place."""
-    from torch.distributed.tensor import DTensor
-
     from logitless.integrations import trl_distillation
 
     assert trls is not trl_distillation.chunked_divergence_loss
-    student = _fsdp(build_llama(), head="own")
-    teacher = build_llama()
-    with torch.no_grad():
-        teacher.lm_head.weight.add_(torch.randn(teacher.lm_head.weight.shape,
-                                                generator=torch.Generator().manual_seed(5)) * 0.05)  # fmt: skip
-    # Frozen for TRL's kernel, which fails in backward on a sharded teacher head that requires grad (the gathered
-    # weight's gradient reaches ``full_tensor()``'s backward as a plain tensor); logitless, which never
-    # differentiates the teacher, also runs with it trainable ("logitless-trainable-teacher").
-    teacher = _fsdp(teacher, head="own")
-    g = torch.Generator().manual_seed(200 + rank)
-    width = tiny._COMMON["hidden_size"]
-    h_s, h_t = torch.randn(2, SEQ, width, generator=g), torch.randn(2, SEQ, width, generator=g)
-    mask = (torch.rand(2, SEQ, generator=g) > 0.3).long()
+    h_s, h_t, mask = distill_inputs(rank)
+    engine = _DistillEngine(setup, *distill_models())
+    # TRL's kernel runs with the teacher frozen: on an FSDP2 teacher head that requires grad it fails in backward
+    # (the gathered weight's gradient reaches ``full_tensor()``'s backward as a plain tensor). logitless, which never
+    # differentiates the teacher, also runs with it trainable there.
+    runs = [("trl", trls, False), ("logitless", trl_distillation.chunked_divergence_loss, False)]
+    if setup == "distill-fsdp2-head-own-unit":
+        runs.append(("logitless-trainable-teacher", trl_distillation.chunked_divergence_loss, True))
     row: dict[str, Any] = {}
-    runs = (("trl", trls, False), ("logitless", trl_distillation.chunked_divergence_loss, False),
-            ("logitless-trainable-teacher", trl_distillation.chunked_divergence_loss, True))  # fmt: skip
     for name, divergence, trainable_teacher in runs:
-        teacher.requires_grad_(trainable_teacher)
+        engine.teacher.requires_grad_(trainable_teacher)
         hidden = h_s.clone().requires_grad_()
-        student.zero_grad(set_to_none=True)
-        teacher.zero_grad(set_to_none=True)
-        with trl_distillation._running(student, teacher):
-            loss, entropy_sum, n_valid = divergence(hidden, h_t, student.lm_head.weight, teacher.lm_head.weight, mask,
-                                                    0.5, temperature=0.9)  # fmt: skip
-        loss.backward()
-        grad = student.lm_head.weight.grad
-        assert isinstance(student.lm_head.weight, DTensor) and isinstance(grad, DTensor)
+
+        def compute(divergence: Callable[..., Any] = divergence, hidden: torch.Tensor = hidden) -> Any:
+            s, t = engine.student, engine.teacher
+            with trl_distillation._running(s, t):
+                return divergence(hidden, h_t, s.lm_head.weight, t.lm_head.weight, mask, DISTILL_BETA,
+                                  temperature=DISTILL_TEMPERATURE)  # fmt: skip
+
+        loss, entropy_sum, n_valid = engine.call(compute)
+        d_weight = engine.backward(loss)
         row[name] = {"loss": float(loss.detach()), "entropy_sum": float(entropy_sum), "n_valid": int(n_valid),
-                     "d_hidden": hidden.grad.clone(), "d_weight": grad.full_tensor().clone(),
-                     "teacher_grads": sum(p.grad is not None for p in teacher.parameters())}  # fmt: skip
+                     "d_hidden": hidden.grad.clone(), "d_weight": d_weight,
+                     "teacher_grads": sum(p.grad is not None for p in engine.teacher.parameters())}  # fmt: skip
     row["distillation"] = logitless.audit()["integrations"]["trl"]["distillation"]
     return row
+
+
+class _DistillEngine:
+    """A student and a teacher under one engine: ``student`` / ``teacher`` are the transformers models,
+    ``call`` runs the loss as DistillationTrainer would, ``backward`` returns the head's full gradient (the ranks'
+    mean under ZeRO-3, which averages; FSDP2's reduce-scatter also averages) and clears it."""
+
+    def __init__(self, setup: str, student: torch.nn.Module, teacher: torch.nn.Module) -> None:
+        self.zero3 = setup == "distill-zero3"
+        if self.zero3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._wrapped = _zero3(student)
+            self.student, self.teacher = self._wrapped.module, _zero3(teacher.requires_grad_(False), train=False).module
+            # What an HF Trainer under ZeRO-3 holds: TRL's gather helper asks transformers whether ZeRO-3 is on.
+            self._hf_config = HfDeepSpeedConfig(_ds_config())
+        else:
+            self.student, self.teacher = _fsdp(student, head="own"), _fsdp(teacher, head="own")
+
+    def call(self, compute: Callable[[], Any]) -> Any:
+        if not self.zero3:
+            return compute()
+        from trl.models.utils import _ForwardRedirection
+
+        return _ForwardRedirection()(self._wrapped, self.student, compute)
+
+    def backward(self, loss: torch.Tensor) -> torch.Tensor:
+        weight = self.student.lm_head.weight
+        if not self.zero3:
+            from torch.distributed.tensor import DTensor
+
+            loss.backward()
+            assert isinstance(weight, DTensor) and isinstance(weight.grad, DTensor)
+            grad = weight.grad.full_tensor().clone()
+            self.student.zero_grad(set_to_none=True)
+            return grad
+        from deepspeed.utils import safe_get_full_grad
+
+        self._wrapped.backward(loss)
+        grad = safe_get_full_grad(weight).clone()
+        self._wrapped.optimizer.zero_grad()
+        return grad
 
 
 def _two_steps(

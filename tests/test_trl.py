@@ -11,7 +11,6 @@ import copy
 import functools
 import inspect
 import math
-import tempfile
 import types
 from typing import Any
 
@@ -19,6 +18,7 @@ import pytest
 import torch
 
 import _tiny_lm as tiny
+from _trl_runs import _tokenizer, _training_args, _word_tokenizer, _words
 import logitless
 from logitless.integrations.trl import add_fused_lm_head
 
@@ -169,24 +169,6 @@ def test_install_points_trl_at_the_drop_in_and_uninstall_restores() -> None:
     assert sft.add_fused_lm_head is original and trl_utils.add_fused_lm_head is original
 
 
-def _tokenizer() -> Any:
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"t{i}": i for i in range(tiny.VOCAB)}
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab=vocab, unk_token="t1")),
-                                   pad_token="t0", eos_token="t2", bos_token="t1", unk_token="t1")  # fmt: skip
-
-
-def _training_args(max_steps: int = 2) -> dict[str, Any]:
-    """What every trainer run here shares. float32 (no bf16 autocast) so the reference is exact, and SGD: Adam's
-    first steps move every weight by about the learning rate whatever its gradient's size, so a rounding-level
-    difference in a near-zero gradient would become a visible one in the next step's loss."""
-    return dict(output_dir=tempfile.mkdtemp(), max_steps=max_steps, per_device_train_batch_size=4, logging_steps=1,
-                report_to=[], use_cpu=True, seed=1, learning_rate=0.5, optim="sgd", disable_tqdm=True, bf16=False,
-                save_strategy="no")  # fmt: skip
-
-
 def _sft_run(name: str, peft_config: Any = None, **config: Any) -> list[dict[str, float]]:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -321,18 +303,6 @@ def test_sft_trainer_label_smoothing_matches_stock_trl(name: str) -> None:
     assert hf_trainer.CALLS == {"fused": 3, "materialised": 0}
     assert logitless.audit()["integrations"]["trl"]["calls"] == {"fused": 3, "materialised": 0}
     _compare_logs(ours, reference, ("loss", "grad_norm", "entropy", "mean_token_accuracy"))
-
-
-def _word_tokenizer() -> Any:
-    from tokenizers.pre_tokenizers import Whitespace
-
-    tok = _tokenizer()
-    tok.backend_tokenizer.pre_tokenizer = Whitespace()
-    return tok
-
-
-def _words(g: torch.Generator, n: int) -> str:
-    return " ".join(f"t{int(x)}" for x in torch.randint(3, tiny.VOCAB, (n,), generator=g))
 
 
 def _compare_logs(ours: list[dict[str, float]], reference: list[dict[str, float]], keys: tuple[str, ...]) -> None:

@@ -4,6 +4,7 @@ does, not what either implementation believes), and whole trainer runs against T
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from typing import Any
@@ -21,9 +22,13 @@ if not hasattr(distillation, "_chunked_divergence_loss"):  # pragma: no cover - 
 
 from logitless.integrations import trl_distillation as drop_in  # noqa: E402 - after the TRL checks
 from ops_reference import divergence64  # noqa: E402
-from test_trl import _training_args, _word_tokenizer, _words  # noqa: E402
+from _trl_runs import _training_args, _word_tokenizer, _words  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("stock_world")
+
+# TRL 1.14 passes its chunk size after beta; later releases take none. install() picks the drop-in that matches.
+CHUNK_ARGS = (64,) if "chunk_size" in inspect.signature(distillation._chunked_divergence_loss).parameters else ()
+DROP_IN = drop_in.chunked_divergence_loss_with_chunk_size if CHUNK_ARGS else drop_in.chunked_divergence_loss
 
 VOCAB = tiny.VOCAB
 
@@ -154,7 +159,7 @@ def test_trls_guess_misses_recurrent_gemmas_softcap_and_logitless_corrects_it() 
     with torch.no_grad():
         h_t, logits_t = _heads_and_logits(teacher, ids)
     ref_loss, _ = _reference(logits_s, logits_t, mask, 0.5, 1.0)
-    args = (h_s.detach(), h_t, student.lm_head.weight, teacher.lm_head.weight, mask, 0.5)
+    args = (h_s.detach(), h_t, student.lm_head.weight, teacher.lm_head.weight, mask, 0.5, *CHUNK_ARGS)
     theirs, _, _ = trls(*args)
     with drop_in._running(student, teacher):
         ours, _, _ = distillation._chunked_divergence_loss(*args)  # logitless's under install()
@@ -169,11 +174,28 @@ def test_install_points_the_trainer_at_the_drop_in_and_uninstall_restores() -> N
     original_loss = distillation._chunked_divergence_loss
     original_compute = distillation.DistillationTrainer.__dict__["_compute_loss"]
     logitless.install()
-    assert distillation._chunked_divergence_loss is drop_in.chunked_divergence_loss
+    assert distillation._chunked_divergence_loss is DROP_IN
     assert distillation.DistillationTrainer.__dict__["_compute_loss"].__logitless_wrapped__ is original_compute
     logitless.uninstall()
     assert distillation._chunked_divergence_loss is original_loss
     assert distillation.DistillationTrainer.__dict__["_compute_loss"] is original_compute
+
+
+def test_a_divergence_of_another_signature_is_left_to_trl_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A TRL release whose ``_chunked_divergence_loss`` takes arguments no drop-in takes keeps TRL's function (a
+    drop-in called with them would fail, or read them wrongly), and a RuntimeWarning says so."""
+
+    def _chunked_divergence_loss(student_hidden_states: Any, teacher_hidden_states: Any, student_lm_head: Any,
+                                 teacher_lm_head: Any, completion_mask: Any, beta: float) -> Any:  # fmt: skip
+        raise AssertionError("not called here")
+
+    _chunked_divergence_loss.__module__ = distillation.__name__
+    monkeypatch.setattr(distillation, "_chunked_divergence_loss", _chunked_divergence_loss)
+    with pytest.warns(RuntimeWarning, match="_chunked_divergence_loss.*no drop-in of this logitless takes"):
+        logitless.install()
+    assert distillation._chunked_divergence_loss is _chunked_divergence_loss
+    logitless.uninstall()
+    assert distillation._chunked_divergence_loss is _chunked_divergence_loss
 
 
 def _distillation_run(name: str, beta: float) -> list[dict[str, float]]:
@@ -203,20 +225,40 @@ def _compare(ours: list[dict[str, float]], reference: list[dict[str, float]]) ->
 @pytest.mark.parametrize(("name", "beta"), [("llama", 0.5), ("cohere", 1.0), ("granite", 0.0)])
 def test_distillation_trainer_equals_trls_own_kernel(name: str, beta: float, monkeypatch: pytest.MonkeyPatch) -> None:
     """Where TRL's guess is right, the trainer's losses, grad norms and entropies equal a run on TRL's own kernel,
-    which logitless never calls; one class-epilogue call per model per step."""
-    from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+    which logitless never calls; one class-epilogue call per model per step. TRL 1.14 does not read Granite's
+    ``logits_scaling``: there the reference is TRL's kernel handed the divisor, and audit() names the correction."""
+    trl_misses_the_scale = bool(CHUNK_ARGS) and name == "granite"
+    if trl_misses_the_scale:
+        original = distillation._chunked_divergence_loss
+        scale = 1 / tiny.build(name).config.logits_scaling
 
+        def with_the_scale(*args: Any, **kwargs: Any) -> Any:
+            kwargs.update(student_logit_scale=scale, teacher_logit_scale=scale)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(distillation, "_chunked_divergence_loss", with_the_scale)
     reference = _distillation_run(name, beta)
+    monkeypatch.undo()
 
     def forbidden(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("TRL's own divergence kernel was called")
 
-    monkeypatch.setattr(ChunkedDivergenceFunction, "apply", forbidden)
+    if CHUNK_ARGS:  # TRL 1.14: each chunk of its own loop
+        monkeypatch.setattr(distillation, "_chunk", forbidden)
+    else:
+        from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+        monkeypatch.setattr(ChunkedDivergenceFunction, "apply", forbidden)
     logitless.install()
     ours = _distillation_run(name, beta)
     _compare(ours, reference)
-    assert logitless.audit()["integrations"]["trl"]["distillation"] == {
-        "calls": {"class_epilogue": 4, "trl_epilogue": 0}, "corrected": {}, "unchecked": {}}  # fmt: skip
+    report = logitless.audit()["integrations"]["trl"]["distillation"]
+    assert report["calls"] == {"class_epilogue": 4, "trl_epilogue": 0}
+    assert report["unchecked"] == {}
+    if trl_misses_the_scale:
+        assert list(report["corrected"]) == ["transformers.models.granite.modeling_granite.GraniteForCausalLM"]
+    else:
+        assert report["corrected"] == {}
 
 
 def test_distillation_trainer_on_recurrent_gemma_uses_its_softcap(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -60,6 +60,8 @@ _canonical: dict[str, _Canonical] = {}
 # TRL's original to put back.
 _trl_hook: ModelingImportHook | None = None
 _trl_patched: dict[tuple[str, str], tuple[ModuleType, Any]] = {}
+# TRL functions of a drop-in's name whose signature no drop-in takes: left as TRL's (warned once).
+_trl_unmatched: set[tuple[str, str]] = set()
 
 
 @dataclass(frozen=True)
@@ -78,9 +80,11 @@ _TRL_HEADS = (
     # TRL 1.5 to 1.14: SFTTrainer's loss_type="chunked_nll".
     _TrlHead("_patch_chunked_ce_lm_head", "trl.trainer.sft_trainer", "logitless.integrations.trl_legacy",
              "patch_chunked_ce_lm_head"),  # fmt: skip
-    # TRL >= 1.16: DistillationTrainer's divergence over both models' heads.
+    # TRL >= 1.15: DistillationTrainer's divergence over both models' heads; before 1.15 it also took a chunk size.
     _TrlHead("_chunked_divergence_loss", "trl.trainer.distillation_trainer", "logitless.integrations.trl_distillation",
              "chunked_divergence_loss"),  # fmt: skip
+    _TrlHead("_chunked_divergence_loss", "trl.trainer.distillation_trainer", "logitless.integrations.trl_distillation",
+             "chunked_divergence_loss_with_chunk_size"),  # fmt: skip
 )
 # TRL trainer methods wrapped so the drop-ins know which models they run: (module, class, method, wrapper's module,
 # wrapper factory). The method's body stays TRL's.
@@ -267,21 +271,32 @@ def _on_trl_module_loaded(module: ModuleType) -> None:
 
 
 def _patch_trl_module(module: ModuleType) -> None:
+    # A name may have several drop-ins (one per TRL signature): the first whose parameters are TRL's function's.
     for head in _TRL_HEADS:
         current = module.__dict__.get(head.name)
         key = (module.__name__, head.name)
         if current is None or key in _trl_patched:
             continue
-        if getattr(current, "__module__", None) == head.origin:
-            original = current
-        elif getattr(current, "__module__", None) == head.ours:
+        ours = getattr(importlib.import_module(head.ours), head.our_name)
+        if current is ours:
             # Imported from TRL's module after that was patched: it holds ours already; remember TRL's for uninstall.
             origin = _trl_patched.get((head.origin, head.name))
             original = origin[1] if origin is not None else None
+        elif getattr(current, "__module__", None) == head.origin and _parameters(current) == _parameters(ours):
+            original = current
         else:
-            continue  # somebody else's function of that name
-        setattr(module, head.name, getattr(importlib.import_module(head.ours), head.our_name))
+            continue  # somebody else's function of that name, or TRL's with a signature this drop-in does not take
+        setattr(module, head.name, ours)
         _trl_patched[key] = (module, original)
+    for name, origin in sorted({(head.name, head.origin) for head in _TRL_HEADS}):
+        current = module.__dict__.get(name)
+        key = (module.__name__, name)
+        if key in _trl_patched or key in _trl_unmatched or getattr(current, "__module__", None) != origin:
+            continue
+        # A TRL release whose function takes other arguments: its own keeps running, said once.
+        _trl_unmatched.add(key)
+        warnings.warn(f"logitless: {origin}.{name}{inspect.signature(current)} takes arguments no drop-in of this "
+                      "logitless takes (another TRL release); TRL's own runs", RuntimeWarning, stacklevel=2)  # fmt: skip
     for origin, class_name, method, ours, factory in _TRL_METHODS:
         cls = module.__dict__.get(class_name) if module.__name__ == origin else None
         original = cls.__dict__.get(method) if isinstance(cls, type) else None
@@ -289,6 +304,13 @@ def _patch_trl_module(module: ModuleType) -> None:
             continue
         setattr(cls, method, getattr(importlib.import_module(ours), factory)(original))
         _trl_wrapped[(class_name, method)] = (cls, original)
+
+
+def _parameters(function: Any) -> list[tuple[str, Any]] | None:
+    try:
+        return [(p.name, p.kind) for p in inspect.signature(function).parameters.values()]
+    except (TypeError, ValueError):
+        return None
 
 
 def _uninstall_trl() -> None:
@@ -301,6 +323,7 @@ def _uninstall_trl() -> None:
         if original is not None and str(getattr(current, "__module__", "")).startswith("logitless.integrations."):
             setattr(module, name, original)
     _trl_patched.clear()
+    _trl_unmatched.clear()
     for (_, method), (cls, original) in _trl_wrapped.items():
         if getattr(cls.__dict__.get(method), "__logitless_wrapped__", None) is original:
             setattr(cls, method, original)

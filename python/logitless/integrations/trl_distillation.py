@@ -1,10 +1,10 @@
-"""TRL's ``DistillationTrainer`` (TRL >= 1.16) with its divergence on ``logitless.linear_divergence``.
+"""TRL's ``DistillationTrainer`` (TRL >= 1.14) with its divergence on ``logitless.linear_divergence``.
 
 The trainer runs each model's backbone, then ``trl.trainer.distillation_trainer._chunked_divergence_loss(student
 hidden, teacher hidden, both heads' weights, mask, beta, ..., each model's logit scale and softcap)``, which TRL
 guesses from config attribute names (``logit_scale``, ``lm_head_multiplier``, ``logits_scaling``,
-``final_logit_softcapping``, ...). Under ``logitless.install()`` that name is ``chunked_divergence_loss`` below:
-same signature and return value (the loss, the student's entropy summed, the count of kept positions), computed by
+``final_logit_softcapping``, ...). Under ``logitless.install()`` that name is ``chunked_divergence_loss`` below
+(``chunked_divergence_loss_with_chunk_size`` for TRL 1.14's signature): same signature and return value (the loss, the student's entropy summed, the count of kept positions), computed by
 the fused op. Each model's epilogue is the one logitless's rewriter found in its class's forward when the trainer's
 ``_compute_loss`` (wrapped to say which models it runs) passes that model's own head and every step of it
 resolves to a value on the instance (``class_epilogue``); otherwise TRL's guess, as TRL would compute it. Where the
@@ -30,8 +30,8 @@ from logitless import _registry
 from logitless.divergence import linear_divergence
 from logitless.hf import _vocab_vector
 
-__all__ = ["CALLS", "CORRECTED", "UNCHECKED", "chunked_divergence_loss", "class_epilogue", "report", "reset",
-           "wrap_compute_loss"]  # fmt: skip
+__all__ = ["CALLS", "CORRECTED", "UNCHECKED", "chunked_divergence_loss", "chunked_divergence_loss_with_chunk_size",
+           "class_epilogue", "report", "reset", "wrap_compute_loss"]  # fmt: skip
 
 # Calls by where each model's epilogue came from: its class's forward, or TRL's config guess (one count per model).
 CALLS = {"class_epilogue": 0, "trl_epilogue": 0}
@@ -120,6 +120,33 @@ def chunked_divergence_loss(
     return loss, entropy.sum(), valid.sum()
 
 
+def chunked_divergence_loss_with_chunk_size(
+    student_hidden_states: torch.Tensor,
+    teacher_hidden_states: torch.Tensor,
+    student_lm_head_weight: torch.Tensor,
+    teacher_lm_head_weight: torch.Tensor,
+    completion_mask: torch.Tensor,
+    beta: float,
+    chunk_size: int,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    student_lm_head_bias: torch.Tensor | None = None,
+    teacher_lm_head_bias: torch.Tensor | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_final_logit_softcapping: float | None = None,
+    teacher_final_logit_softcapping: float | None = None,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TRL 1.14's signature (a chunk size, TRL's own chunking's), otherwise ``chunked_divergence_loss``: logitless
+    sizes its chunks itself."""
+    del chunk_size
+    return chunked_divergence_loss(
+        student_hidden_states, teacher_hidden_states, student_lm_head_weight, teacher_lm_head_weight, completion_mask,
+        beta, num_items_in_batch, student_lm_head_bias, teacher_lm_head_bias, student_logit_scale,
+        teacher_logit_scale, student_final_logit_softcapping, teacher_final_logit_softcapping, temperature,
+    )  # fmt: skip
+
+
 class _Side:
     """One model's inputs to the op: its hidden states and head in the dtype TRL computes in, and its epilogue."""
 
@@ -141,15 +168,26 @@ class _Side:
     def head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight, bias = self.params
         if _is_dtensor(weight):
-            # As TRL does: one all-gather, in full_tensor()'s backward the gradient's reduce-scatter.
-            weight = weight.full_tensor()
-            bias = bias.full_tensor() if _is_dtensor(bias) else bias
+            weight = _whole(weight)
+            bias = _whole(bias) if _is_dtensor(bias) else bias
         weight = weight.to(self.dtype)
         if self._end is not None:
             weight, bias = weight[: self._end], bias[: self._end] if bias is not None else None
         if self._frozen:
             return weight.detach(), bias.detach() if bias is not None else None
         return weight, bias
+
+
+def _whole(value: Any) -> torch.Tensor:
+    """A sharded head (a DTensor: FSDP2 outside its unit's forward, tensor parallel) gathered once, its gradient
+    averaged over the ranks and scattered back to the shards. ``full_tensor()``, which TRL's kernel calls, does not
+    reduce: its backward takes the replicated gradient to be equal on every rank and keeps each rank's own rows, and
+    FSDP2 reduce-scatters only the units whose forward ran, so each shard would train on its own rank's tokens alone.
+    The average is FSDP2's own reduction (tensor-parallel ranks hold equal gradients, which it leaves as they are)."""
+    from torch.distributed.tensor import Partial, Replicate
+
+    ndim = value.device_mesh.ndim
+    return value.redistribute(placements=[Replicate()] * ndim).to_local(grad_placements=[Partial("avg")] * ndim)
 
 
 def _is_dtensor(value: Any) -> bool:

@@ -1,0 +1,41 @@
+"""What the TRL trainer runs in the tests share: a word-level tokenizer over the tiny models' vocabulary, short
+prompts of its words, and the training arguments. No TRL import, so the test modules of any TRL release use it."""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Any
+
+import torch
+
+import _tiny_lm as tiny
+
+
+def _tokenizer() -> Any:
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(tiny.VOCAB)}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab=vocab, unk_token="t1")),
+                                   pad_token="t0", eos_token="t2", bos_token="t1", unk_token="t1")  # fmt: skip
+
+
+def _training_args(max_steps: int = 2) -> dict[str, Any]:
+    """What every trainer run here shares. float32 (no bf16 autocast) so the reference is exact, and SGD: Adam's
+    first steps move every weight by about the learning rate whatever its gradient's size, so a rounding-level
+    difference in a near-zero gradient would become a visible one in the next step's loss."""
+    return dict(output_dir=tempfile.mkdtemp(), max_steps=max_steps, per_device_train_batch_size=4, logging_steps=1,
+                report_to=[], use_cpu=True, seed=1, learning_rate=0.5, optim="sgd", disable_tqdm=True, bf16=False,
+                save_strategy="no")  # fmt: skip
+
+
+def _word_tokenizer() -> Any:
+    from tokenizers.pre_tokenizers import Whitespace
+
+    tok = _tokenizer()
+    tok.backend_tokenizer.pre_tokenizer = Whitespace()
+    return tok
+
+
+def _words(g: torch.Generator, n: int) -> str:
+    return " ".join(f"t{int(x)}" for x in torch.randint(3, tiny.VOCAB, (n,), generator=g))
