@@ -95,7 +95,7 @@ def run_verify(args: argparse.Namespace) -> int:
     trl = report.trl_summary(results)
     print("TRL drop-in: " + ", ".join(f"{s} {trl[s]}" for s in report.TRL_STATUSES))
     divergence = report.distill_summary(results)
-    print("DistillationTrainer drop-in: " + ", ".join(f"{s} {divergence[s]}" for s in report.distill.STATUSES))
+    print("DistillationTrainer drop-in: " + ", ".join(f"{s} {divergence[s]}" for s in report.DISTILL_STATUSES))
     print(f"verify: {seconds:.0f} s")
     failed = False
     for r in results:

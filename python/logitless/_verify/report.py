@@ -9,6 +9,7 @@ from logitless._verify import distill
 from logitless._verify.discover import CAUSAL, CONDITIONAL
 
 STATUSES = ["verified", "refused", "not-built", "unfused", "MISMATCH"]
+DISTILL_STATUSES = distill.STATUSES
 TRL_STATUSES = ["fused", "exact-fallback", "not-causal", "n/a", "MISMATCH"]
 
 
@@ -30,7 +31,7 @@ def distill_summary(results: list[dict[str, Any]]) -> dict[str, int]:
     """The DistillationTrainer drop-in column: how many classes took their own epilogue, corrected TRL's guess,
     kept TRL's guess (right or wrong), or mismatched."""
     counts = Counter(r["distill"]["status"] for r in results if r.get("distill"))
-    return {s: counts.get(s, 0) for s in distill.STATUSES}
+    return {s: counts.get(s, 0) for s in DISTILL_STATUSES}
 
 
 def _distill_cell(result: dict[str, Any]) -> str:
@@ -105,9 +106,9 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "(it is used instead of the guess); `trl-guess`: the epilogue was not resolved, TRL's guess is used and is",
         "right; `trl-guess-wrong`: not resolved and TRL's guess is wrong (what TRL computes); `n/a`: not comparable.",
         "",
-        "| DistillationTrainer | " + " | ".join(distill.STATUSES) + " |",
-        "| --- |" + " ---: |" * len(distill.STATUSES),
-        "| classes | " + " | ".join(str(divergence[s]) for s in distill.STATUSES) + " |",
+        "| DistillationTrainer | " + " | ".join(DISTILL_STATUSES) + " |",
+        "| --- |" + " ---: |" * len(DISTILL_STATUSES),
+        "| classes | " + " | ".join(str(divergence[s]) for s in DISTILL_STATUSES) + " |",
     ]
     lines += [
         "",

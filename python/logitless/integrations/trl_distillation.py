@@ -138,7 +138,8 @@ def chunked_divergence_loss_with_chunk_size(
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """TRL 1.14's signature (a chunk size, TRL's own chunking's), otherwise ``chunked_divergence_loss``: logitless
-    sizes its chunks itself."""
+    sizes its chunks itself. Spelled out, not derived: the installer picks a drop-in by comparing its parameters
+    with TRL's function's."""
     del chunk_size
     return chunked_divergence_loss(
         student_hidden_states, teacher_hidden_states, student_lm_head_weight, teacher_lm_head_weight, completion_mask,
@@ -467,10 +468,10 @@ def _backbone_scales(forward: Any, head: Any, prefix: Any) -> list[tuple[str, as
 
     def peel(node: ast.AST, name: str | None) -> tuple[str | None, list[tuple[str, ast.AST]]]:
         scales = []
-        node = _unsliced(node, None)
+        node = _unsliced(node)
         while isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Mult, ast.Div)):
             scales.append(("divide" if isinstance(node.op, ast.Div) else "multiply", node.right))
-            node = _unsliced(node.left, None)
+            node = _unsliced(node.left)
         if is_backbone_output(node):
             return "backbone", scales
         if isinstance(node, ast.Name) and node.id == name:
@@ -480,7 +481,7 @@ def _backbone_scales(forward: Any, head: Any, prefix: Any) -> list[tuple[str, as
     kind, scales = peel(calls[0].args[0], None)
     if kind == "backbone" or scales:
         return scales if kind == "backbone" and not scales else None
-    base = _unsliced(calls[0].args[0], None)
+    base = _unsliced(calls[0].args[0])
     if not isinstance(base, ast.Name):
         return None
     found: list[tuple[str, ast.AST]] = []
@@ -496,9 +497,8 @@ def _backbone_scales(forward: Any, head: Any, prefix: Any) -> list[tuple[str, as
     return found if sources == 1 else None
 
 
-def _unsliced(node: ast.AST, name: str | None) -> Any:
-    """``node`` without subscripts and ``slice_logits_to_keep(·, ...)``; with ``name``, ``"self-slice"`` when that
-    leaves the name itself (a re-binding of a slice of it)."""
+def _unsliced(node: ast.AST) -> Any:
+    """``node`` without subscripts and ``slice_logits_to_keep(·, ...)``."""
     while True:
         if isinstance(node, ast.Subscript) and not (isinstance(node.slice, ast.Constant) and node.slice.value == 0):
             node = node.value
@@ -506,10 +506,7 @@ def _unsliced(node: ast.AST, name: str | None) -> Any:
                 and node.args:  # fmt: skip
             node = node.args[0]
         else:
-            break
-    if name is not None and isinstance(node, ast.Name) and node.id == name:
-        return "self-slice"
-    return node
+            return node
 
 
 def _is_self_attr(node: ast.AST, attr: str) -> bool:
