@@ -111,6 +111,26 @@ def test_half_inputs_are_close_to_the_reference_of_the_rounded_inputs(dtype: tor
     _check(_inputs(dtype), {"beta": 0.5, "mask": _mask() if masked else None}, rtol=3e-2, atol=3e-3)
 
 
+def test_under_autocast_the_heads_run_in_the_autocast_dtype() -> None:
+    """As stock's ``F.linear`` heads do under autocast (mixed-precision training, float32 parameters): the result is
+    the op's on the inputs rounded to bfloat16, and the float32 parameters get float32 gradients through the casts."""
+    tensors, options = _inputs(), {"beta": 0.5, "temperature": 0.8, "mask": _mask(),
+                                   "epilogue": {"logit_softcapping": 2.5}}  # fmt: skip
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_divergence(**tensors, **options)
+    d_hidden, d_weight = torch.autograd.grad(loss, [tensors["hidden"], tensors["weight"]])
+    assert loss.dtype == d_hidden.dtype == d_weight.dtype == torch.float32
+    rounded = {k: v.detach().bfloat16().requires_grad_(v.requires_grad) if v is not None else None
+               for k, v in tensors.items()}  # fmt: skip
+    want = linear_divergence(**rounded, **options)
+    want_hidden, want_weight = torch.autograd.grad(want, [rounded["hidden"], rounded["weight"]])
+    assert loss.item() == want.item()
+    torch.testing.assert_close(d_hidden, want_hidden.float(), rtol=0, atol=0)
+    torch.testing.assert_close(d_weight, want_weight.float(), rtol=0, atol=0)
+    ref, _ = reference(**{k: v.detach() if v is not None else None for k, v in rounded.items()}, **options)
+    assert math.isclose(loss.item(), ref.item(), rel_tol=3e-3)  # bf16 logits, as stock's bf16 head gives
+
+
 @pytest.mark.parametrize("chunk_mb", ["0.0005", "0.002"])
 def test_chunk_boundaries_do_not_change_the_result(chunk_mb: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # 0.0005 MiB holds one row of the five float32 temporaries at V=53 per chunk; 0.002 a few: many chunks, a
@@ -187,6 +207,11 @@ ERRORS: list[tuple[str, type[Exception], str, dict[str, Any], dict[str, Any]]] =
     ("bias shape", ValueError, rf"^bias: expected None or a tensor of shape \({V},\)", {"bias": torch.randn(V + 1)},
      {}),
     ("bias dtype", TypeError, "^bias: expected dtype torch.float32", {"bias": torch.randn(V).double()}, {}),
+    ("weight dtype", TypeError, r"^weight: expected dtype torch.float32 \(the dtype of hidden\)",
+     {"weight": torch.randn(V, H).bfloat16()}, {}),
+    ("teacher weight dtype", TypeError,
+     r"^teacher_weight: expected dtype torch.float32 \(the dtype of teacher_hidden\)",
+     {"teacher_weight": torch.randn(V, H_T).double()}, {}),
     ("teacher wants grad", TypeError, "^teacher_hidden: expected a tensor that does not require grad",
      {"teacher_hidden": torch.randn(B, T, H_T, requires_grad=True)}, {}),
     ("beta", ValueError, r"^beta: expected a value in \[0, 1\]", {}, {"beta": 1.5}),

@@ -20,6 +20,7 @@ The chunks are torch ops on every device (the Rust kernel and the Triton kernels
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 
-from logitless import _options, torch_path
+from logitless import _options, ops, torch_path
 from logitless._options import Epilogue
 
 __all__ = ["EPILOGUE_KEYS", "linear_divergence"]
@@ -72,16 +73,32 @@ def linear_divergence(
     entropy of the student's distribution (zero where masked; no gradient).
     Gradients reach ``hidden``, ``weight`` and ``bias``; a teacher tensor that requires grad is refused.
     """
+    device_type = hidden.device.type if isinstance(hidden, torch.Tensor) else "cpu"
+    autocast = ops._autocast_on(device_type)
+    if autocast:
+        # Under autocast both models' heads (F.linear) run in the autocast dtype, whatever their parameters' dtype:
+        # so do the op's GEMMs (its row pass stays float32), and autocast must not recast them again.
+        hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias = (
+            _autocast(t, device_type) for t in (hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias)
+        )
     call = _checked(hidden, weight, teacher_hidden, teacher_weight, bias, teacher_bias, epilogue, teacher_epilogue,
                     mask, beta, temperature, reduction, num_items_in_batch)  # fmt: skip
-    loss, entropy = _Divergence.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias,
-        teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach(), teacher_weight.detach(),
-        teacher_bias.detach() if teacher_bias is not None else None, call, torch.is_grad_enabled(),
-    )  # fmt: skip
+    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+        loss, entropy = _Divergence.apply(
+            hidden.reshape(-1, hidden.shape[-1]), weight, bias,
+            teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach(), teacher_weight.detach(),
+            teacher_bias.detach() if teacher_bias is not None else None, call, torch.is_grad_enabled(),
+        )  # fmt: skip
     if return_entropy:
         return loss, entropy.reshape(hidden.shape[:-1])
     return loss
+
+
+def _autocast(value: Any, device_type: str) -> Any:
+    """A floating tensor in the autocast dtype (float64 kept, as autocast keeps it); anything else as given."""
+    if not isinstance(value, torch.Tensor) or value.dtype not in _FLOAT_DTYPES or value.dtype == torch.float64:
+        return value
+    return value.to(torch.get_autocast_dtype(device_type))
 
 
 @dataclass(frozen=True)
@@ -115,6 +132,10 @@ def _checked(
     if teacher_weight.ndim != 2 or teacher_weight.shape != (vocab, teacher_hidden.shape[-1]):
         raise ValueError(f"teacher_weight: expected shape [{vocab}, {teacher_hidden.shape[-1]}] (the student's "
                          f"vocabulary, the teacher's hidden size), got {tuple(teacher_weight.shape)}")  # fmt: skip
+    for name, value, like, of in (("weight", weight, hidden, "hidden"),
+                                  ("teacher_weight", teacher_weight, teacher_hidden, "teacher_hidden")):  # fmt: skip
+        if value.dtype != like.dtype:
+            raise TypeError(f"{name}: expected dtype {like.dtype} (the dtype of {of}), got {value.dtype}")
     device = hidden.device
     for name, value in (("weight", weight), ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
         if value.device != device:
