@@ -28,17 +28,18 @@ test-rust:
 # tests/test_trl.py runs twice: on the pinned TRL, and on TRL_FIRST_HEAD (the first release whose trainers install
 # their own fused head, so the drop-in's oldest caller) with that release's source first on PYTHONPATH.
 # tests/test_trl_distillation.py also runs on TRL_FIRST_HEAD and on TRL_DISTILL_CHUNKED (DistillationTrainer's
-# divergence with TRL's own chunk size in its signature: the other drop-in).
+# divergence with TRL's own chunk size in its signature: the other drop-in); tests/test_trl_gkd.py on both too
+# (GKDTrainer's loss code is the same from 1.14 to the pinned release: the wrapper is checked on each).
 test-python: build $(TRL_LEGACY_DIR)/.fetched $(TORCHAO_DIR)/.fetched
 	$(PY) -m pytest -q
 	PYTHONPATH=$(TRL_LEGACY_DIR)/trl-$(TRL_FIRST_HEAD) $(PY) -c \
 	  'import sys, trl; v = trl.__version__; sys.exit(None if v == "$(TRL_FIRST_HEAD)" else f"TRL {v} on the path")'
 	PYTHONPATH=$(TRL_LEGACY_DIR)/trl-$(TRL_FIRST_HEAD) $(PY) -m pytest -q -p no:cacheprovider tests/test_trl.py \
-	  tests/test_trl_distillation.py
+	  tests/test_trl_distillation.py tests/test_trl_gkd.py
 	PYTHONPATH=$(TRL_LEGACY_DIR)/trl-$(TRL_DISTILL_CHUNKED) $(PY) -c \
 	  'import sys, trl; v = trl.__version__; sys.exit(None if v == "$(TRL_DISTILL_CHUNKED)" else f"TRL {v} on the path")'
 	PYTHONPATH=$(TRL_LEGACY_DIR)/trl-$(TRL_DISTILL_CHUNKED) $(PY) -m pytest -q -p no:cacheprovider \
-	  tests/test_trl_distillation.py
+	  tests/test_trl_distillation.py tests/test_trl_gkd.py
 
 # Older TRL releases, their source only (unpacked wheels, not installed), for tests/test_trl_legacy.py: SFTTrainer
 # before TRL 1.15, run with the source first on PYTHONPATH (versions: TRL_LEGACY, above); and TRL_FIRST_HEAD.

@@ -640,6 +640,53 @@ class _DistillEngine:
         return grad
 
 
+# TRL's GKDTrainer step (logitless.integrations.trl_gkd) on an engine, stock and installed: both models' forwards
+# through their engines (the teacher frozen: plain beside DDP, as accelerate prepares it for evaluation; its own
+# FSDP2 units, or a ZeRO-3 engine without an optimizer), the student's head its own unit.
+GKD_SETUPS = ("gkd-ddp", "gkd-fsdp2-head-own-unit", "gkd-zero3")
+GKD_BETA = 0.5
+
+
+def _gkd_trainer(teacher: torch.nn.Module) -> Any:
+    """A GKDTrainer with only what its ``compute_loss`` reads (its __init__ builds a whole Trainer)."""
+    from types import SimpleNamespace
+
+    from trl.experimental.gkd import GKDTrainer
+
+    trainer = GKDTrainer.__new__(GKDTrainer)
+    trainer.teacher_model, trainer.beta = teacher, GKD_BETA
+    trainer.args = SimpleNamespace(torch_compile=False)
+    trainer.accelerator = SimpleNamespace(unwrap_model=lambda m: getattr(m, "module", m))
+    return trainer
+
+
+def run_gkd(setup: str, rank: int) -> dict[str, Any]:
+    ids = batch(rank)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels_of(ids)}
+    row: dict[str, Any] = {}
+    for mode in ("stock", "logitless"):
+        logitless.uninstall()
+        if mode == "logitless":
+            logitless.install()
+        student, teacher = distill_models()
+        with torch.no_grad():  # sharper distributions: a divergence far from 0
+            student.lm_head.weight.mul_(8.0)
+            teacher.lm_head.weight.mul_(8.0)
+        teacher.requires_grad_(False)
+        if setup == "gkd-zero3":
+            student, teacher = _zero3(student), _zero3(teacher, train=False)
+        elif setup == "gkd-fsdp2-head-own-unit":
+            student, teacher = _fsdp(student, head="own"), _fsdp(teacher, head="own")
+        else:
+            student = _ddp(student)
+        trainer = _gkd_trainer(teacher)
+        losses, grads = _two_steps(student, lambda model: trainer.compute_loss(model, inputs))
+        row[mode] = {"losses": losses, "grads": grads}
+    row["gkd"] = logitless.audit()["integrations"]["trl"]["gkd"]
+    logitless.uninstall()
+    return row
+
+
 def _two_steps(
     model: torch.nn.Module, loss_of: Callable[[torch.nn.Module], torch.Tensor]
 ) -> tuple[list[float], dict[str, torch.Tensor] | None]:
@@ -676,6 +723,8 @@ def run(setup: str, rank: int) -> dict[str, Any]:
             return run_distill(setup, rank, trls)
         finally:
             logitless.uninstall()
+    if setup in GKD_SETUPS:
+        return run_gkd(setup, rank)
     if setup in EVAL_SETUPS:
         return run_eval(setup, rank)
     if setup in TRL_SETUPS:

@@ -86,7 +86,7 @@ def _launch(out: Path, world: int, setups: tuple[str, ...]) -> list[dict[str, An
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     setups = (*ALL, *STOCK, *SMOOTHING, *EVAL, *worker.KEEP_LOGITS_SETUPS, *worker.TRL_SETUPS, *worker.DISTILL_SETUPS,
-              "vocab-parallel-op")  # fmt: skip
+              *worker.GKD_SETUPS, "vocab-parallel-op")  # fmt: skip
     return _launch(tmp_path_factory.mktemp("dist"), 2, setups)
 
 
@@ -372,3 +372,18 @@ def test_distillation_divergence_on_sharded_heads(ranks: list[dict[str, Any]], s
             if setup == "distill-zero3":
                 torch.testing.assert_close(ours["d_weight"], trls["d_weight"], rtol=1e-4, atol=1e-7)
             assert ours["teacher_grads"] == 0
+
+
+@pytest.mark.parametrize("setup", worker.GKD_SETUPS)
+def test_gkd_steps_on_engines_equal_to_stock(ranks: list[dict[str, Any]], setup: str) -> None:
+    """TRL's GKDTrainer step with both models on an engine: the teacher's head operands kept from its own forward
+    (FSDP2 and ZeRO-3 release the gathered head when its call returns), the divergence inside the student head's
+    call. Each rank's losses over two SGD steps and the first step's gradients (the engine's reduction over the
+    ranks) equal stock GKD's under the same engine."""
+    for r in range(2):
+        row = ranks[r][setup]
+        assert row["gkd"] == {"fused": 2, "stock": {}}
+        stock, ours = row["stock"], row["logitless"]
+        assert ours["losses"] == pytest.approx(stock["losses"], rel=1e-5)
+        assert stock["losses"][0] > 0.01 and stock["losses"][1] != pytest.approx(stock["losses"][0], rel=1e-3)
+        _close_grads(ours["grads"], stock["grads"], rel=1e-4)

@@ -443,4 +443,4 @@ def test_readme_example_runs_through_logitless() -> None:
                    "'calls': {'fused': 4, 'materialised': 0}, " \
                    "'legacy': {'chunked': {'fused': 0, 'materialised': 0}, 'logits_for_metrics': 0}, " \
                    "'distillation': {'calls': {'class_epilogue': 0, 'trl_epilogue': 0}, 'corrected': {}, " \
-                   "'unchecked': {}}}", done.stdout  # fmt: skip
+                   "'unchecked': {}}, 'gkd': {'fused': 0, 'stock': {}}, 'left_to_trl': []}", done.stdout  # fmt: skip

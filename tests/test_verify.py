@@ -65,6 +65,9 @@ def test_quick_classes_are_verified(tmp_path: pathlib.Path) -> None:
         # The DistillationTrainer drop-in: the class's own epilogue, divergence equal to the logits' reference.
         assert result["distill"]["status"] == "class-epilogue", (name, result["distill"])
         assert result["distill"]["loss_rel"] <= compare.LOSS_RTOL
+        # GKDTrainer's step (input_ids and attention_mask only, no images), fused, equal to the reference.
+        assert result["gkd"]["status"] == "fused", (name, result["gkd"])
+        assert result["gkd"]["loss_rel"] <= compare.LOSS_RTOL
     # The VLM case really fed an image (pixel values and image tokens), not only text.
     assert "images" in by_class["LlavaForConditionalGeneration"]["inputs"]
     assert code == 0, output
@@ -253,6 +256,38 @@ def test_a_wrong_distillation_drop_in_is_a_mismatch(bug: str, monkeypatch: pytes
     logitless.patch(model)
     try:
         result = distill.check(model, dict(feeds.base), lambda: model)
+    finally:
+        logitless.uninstall()
+    assert result["status"] == "MISMATCH", result
+
+
+@pytest.mark.parametrize("bug", ["teacher-epilogue-dropped", "divergence-scaled"])
+def test_a_wrong_gkd_step_is_a_mismatch(bug: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GKD column catches a step that drops the teacher's epilogue or computes a wrong divergence."""
+    import logitless
+    from logitless import divergence, hf
+    from logitless._verify import gkd
+
+    model, config, override = compare.build("transformers.models.gemma2.modeling_gemma2", "Gemma2ForCausalLM")
+    feeds = inputs.make_feeds(model, config, override.inputs)
+    if bug == "teacher-epilogue-dropped":
+        operands = hf._Operands
+
+        def without_epilogue(hidden: Any, weight: Any, bias: Any, epilogue: dict[str, Any]) -> Any:
+            return operands(hidden, weight, bias, dict.fromkeys(epilogue))
+
+        monkeypatch.setattr(hf, "_Operands", without_epilogue)
+    else:
+        original = divergence._row_pass
+
+        def scaled(*args: Any) -> Any:
+            value, entropy, grad = original(*args)
+            return value * (1 + 1e-4), entropy, grad
+
+        monkeypatch.setattr(divergence, "_row_pass", scaled)
+    logitless.install()
+    try:
+        result = gkd.check(model, dict(feeds.base), feeds.labels, lambda: model)
     finally:
         logitless.uninstall()
     assert result["status"] == "MISMATCH", result

@@ -130,6 +130,10 @@ class Capture:
     # The caller expects the log-probabilities to be differentiated with one value at every counted position (TRL's
     # SFT mean): the op forms that gradient in the forward pass and checks the guess in backward.
     uniform_grad: bool = False
+    # A distillation step (logitless.integrations.trl_gkd): the head's call computes nothing of its own. A teacher's
+    # forward (``divergence.teacher`` None) leaves its head's operands there; a student's then computes the
+    # divergence from them, ``result["loss"]``.
+    divergence: Any = None
     result: dict[str, Any] | None = None
     # Set when a rewritten forward's labels branch took its stock path (the reason, already counted by fusable).
     refused: str | None = None

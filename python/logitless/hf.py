@@ -9,6 +9,7 @@ contract"). It takes the head module rather than logits (an ``nn.Linear``, or a 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -63,6 +64,8 @@ def hf_loss(
             "lm_head: per-token outputs of a vocabulary-sharded (tensor-parallel) head are not computed fused; "
             "compute its logits instead"
         )
+    if capture is not None and capture.divergence is not None:
+        return _captured_divergence(hidden, plan, end, epilogue, capture)
     if capture is not None and not capture.loss_and_stats:
         return _captured_per_token(hidden, plan, end, labels, shift_labels, ignore_index, num_items_in_batch,
                                    epilogue, capture)  # fmt: skip
@@ -222,6 +225,57 @@ def _captured_per_token(
     nll = -capture.result["log_probs"]
     count = capture.result["label_mask"].sum().clamp(min=1)
     return nll.sum() / (count if num_items_in_batch is None else num_items_in_batch)
+
+
+def _captured_divergence(
+    hidden: torch.Tensor, plan: HeadPlan, end: int | None, epilogue: dict[str, Any], capture: _state.Capture
+) -> torch.Tensor:
+    """A distillation step's head (logitless.integrations.trl_gkd): a teacher's leaves its operands in
+    ``capture.divergence``; a student's computes the divergence from them over the positions ``divergence.mask``
+    keeps (the trainer's, whatever the forward's own loss does with the labels) into ``capture.result["loss"]``."""
+    job = capture.divergence
+
+    def teacher(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[:-1] != job.mask.shape:
+            # The head sees other positions than the inputs' (a forward that adds or drops some): not fused.
+            capture.refused = "head-positions-not-the-inputs"
+            return x.new_zeros(())
+        weight, bias = _head_params(plan, end)
+        # An engine or an offloading hook releases the head's parameters when its call returns: keep a copy then.
+        held = any(e.engine_hooks or e.wraps is not None or e.hook is not None for e in plan.entries)
+        keep = (lambda t: t.detach().clone()) if held else (lambda t: t.detach())
+        job.teacher = _Operands(x.detach(), keep(weight), keep(bias) if bias is not None else None,
+                                {**epilogue, "logits_bias": _on(epilogue["logits_bias"], x)})  # fmt: skip
+        return x.new_zeros(())
+
+    def student(x: torch.Tensor) -> torch.Tensor:
+        from logitless.divergence import linear_divergence
+
+        weight, bias = _head_params(plan, end)
+        held = job.teacher
+        return linear_divergence(
+            x, weight, held.hidden, held.weight, beta=job.beta, temperature=job.temperature, bias=bias,
+            teacher_bias=held.bias, epilogue={**epilogue, "logits_bias": _on(epilogue["logits_bias"], x)},
+            teacher_epilogue=held.epilogue, mask=job.mask.to(x.device), num_items_in_batch=job.num_items_in_batch,
+        )  # fmt: skip
+
+    # The student's loss is what the head's call returns, so the engines' output hooks hold it (ZeRO-3 reduces the
+    # head's gradient through them).
+    out = plan.apply(hidden, teacher if job.teacher is None else student)
+    if job.teacher is not None:
+        capture.result = {"loss": out}
+    # A copy for the forward, which may add its own terms in place (Mixtral's ``loss += aux``).
+    return out.clone()
+
+
+@dataclass(frozen=True)
+class _Operands:
+    """A teacher head's input, parameters and epilogue, as a distillation step's student reads them."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    epilogue: dict[str, Any]
 
 
 def _smoothed(

@@ -86,11 +86,31 @@ _TRL_HEADS = (
     _TrlHead("_chunked_divergence_loss", "trl.trainer.distillation_trainer", "logitless.integrations.trl_distillation",
              "chunked_divergence_loss_with_chunk_size"),  # fmt: skip
 )
-# TRL trainer methods wrapped so the drop-ins know which models they run: (module, class, method, wrapper's module,
-# wrapper factory). The method's body stays TRL's.
+
+
+@dataclass(frozen=True)
+class _TrlMethod:
+    """A TRL trainer method wrapped by ``ours.factory(method)``. ``accepts``: the name in ``ours`` of a check of the
+    trainer class, where the wrapper reproduces TRL's code and so holds only for the releases it knows (another
+    release's method stays TRL's, with a warning)."""
+
+    origin: str
+    class_name: str
+    method: str
+    ours: str
+    factory: str
+    accepts: str | None = None
+
+
 _TRL_METHODS = (
-    ("trl.trainer.distillation_trainer", "DistillationTrainer", "_compute_loss",
-     "logitless.integrations.trl_distillation", "wrap_compute_loss"),  # fmt: skip
+    # Tells the divergence drop-in which models run; the method's body stays TRL's.
+    _TrlMethod("trl.trainer.distillation_trainer", "DistillationTrainer", "_compute_loss",
+               "logitless.integrations.trl_distillation", "wrap_compute_loss"),  # fmt: skip
+    # GKD's step, fused (TRL 1.14 to 1.16; before, GKD was trl.trainer.gkd_trainer, with another compute_loss).
+    _TrlMethod("trl.experimental.gkd.gkd_trainer", "GKDTrainer", "compute_loss", "logitless.integrations.trl_gkd",
+               "wrap_compute_loss", accepts="known"),  # fmt: skip
+    _TrlMethod("trl.trainer.gkd_trainer", "GKDTrainer", "compute_loss", "logitless.integrations.trl_gkd",
+               "wrap_compute_loss", accepts="known"),  # fmt: skip
 )
 _trl_wrapped: dict[tuple[str, str], tuple[type, Any]] = {}
 
@@ -297,13 +317,21 @@ def _patch_trl_module(module: ModuleType) -> None:
         _trl_unmatched.add(key)
         warnings.warn(f"logitless: {origin}.{name}{inspect.signature(current)} takes arguments no drop-in of this "
                       "logitless takes (another TRL release); TRL's own runs", RuntimeWarning, stacklevel=2)  # fmt: skip
-    for origin, class_name, method, ours, factory in _TRL_METHODS:
-        cls = module.__dict__.get(class_name) if module.__name__ == origin else None
-        original = cls.__dict__.get(method) if isinstance(cls, type) else None
-        if original is None or (class_name, method) in _trl_wrapped:
+    for entry in _TRL_METHODS:
+        cls = module.__dict__.get(entry.class_name) if module.__name__ == entry.origin else None
+        original = cls.__dict__.get(entry.method) if isinstance(cls, type) else None
+        key = (entry.origin, f"{entry.class_name}.{entry.method}")
+        if original is None or key in _trl_wrapped or key in _trl_unmatched:
             continue
-        setattr(cls, method, getattr(importlib.import_module(ours), factory)(original))
-        _trl_wrapped[(class_name, method)] = (cls, original)
+        ours = importlib.import_module(entry.ours)
+        if entry.accepts is not None and not getattr(ours, entry.accepts)(cls):
+            _trl_unmatched.add(key)
+            warnings.warn(f"logitless: {entry.origin}.{entry.class_name}.{entry.method} is not the code this "
+                          "logitless reproduces (another TRL release); TRL's own runs", RuntimeWarning,
+                          stacklevel=2)  # fmt: skip
+            continue
+        setattr(cls, entry.method, getattr(ours, entry.factory)(original))
+        _trl_wrapped[key] = (cls, original)
 
 
 def _parameters(function: Any) -> list[tuple[str, Any]] | None:
@@ -324,7 +352,8 @@ def _uninstall_trl() -> None:
             setattr(module, name, original)
     _trl_patched.clear()
     _trl_unmatched.clear()
-    for (_, method), (cls, original) in _trl_wrapped.items():
+    for (_, qualified), (cls, original) in _trl_wrapped.items():
+        method = qualified.rsplit(".", 1)[1]
         if getattr(cls.__dict__.get(method), "__logitless_wrapped__", None) is original:
             setattr(cls, method, original)
     _trl_wrapped.clear()
@@ -337,6 +366,9 @@ def _uninstall_trl() -> None:
     legacy = sys.modules.get("logitless.integrations.trl_legacy")
     if legacy is not None:
         legacy.reset()
+    gkd = sys.modules.get("logitless.integrations.trl_gkd")
+    if gkd is not None:
+        gkd.reset()
 
 
 def _trl_report() -> dict[str, Any]:
@@ -348,8 +380,10 @@ def _trl_report() -> dict[str, Any]:
     distillation = sys.modules.get("logitless.integrations.trl_distillation")
     divergence = distillation.report() if distillation is not None else {
         "calls": {"class_epilogue": 0, "trl_epilogue": 0}, "corrected": {}, "unchecked": {}}  # fmt: skip
+    gkd = sys.modules.get("logitless.integrations.trl_gkd")
     return {"patched_modules": sorted({name for name, _ in _trl_patched}), "calls": calls, "legacy": before_1_15,
-            "distillation": divergence}  # fmt: skip
+            "distillation": divergence, "gkd": gkd.report() if gkd is not None else {"fused": 0, "stock": {}},
+            "left_to_trl": sorted(f"{module}.{name}" for module, name in _trl_unmatched)}  # fmt: skip
 
 
 def _json_safe(value: Any) -> Any:

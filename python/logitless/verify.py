@@ -86,7 +86,8 @@ def run_verify(args: argparse.Namespace) -> int:
     counts = report.summary(results)
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "summary": counts, "trl": report.trl_summary(results),
-                                         "distillation": report.distill_summary(results), "results": results},
+                                         "distillation": report.distill_summary(results),
+                                         "gkd": report.gkd_summary(results), "results": results},
                                         indent=1) + "\n")  # fmt: skip
     if args.markdown:
         args.markdown.write_text(report.markdown(results, meta))
@@ -96,6 +97,8 @@ def run_verify(args: argparse.Namespace) -> int:
     print("TRL drop-in: " + ", ".join(f"{s} {trl[s]}" for s in report.TRL_STATUSES))
     divergence = report.distill_summary(results)
     print("DistillationTrainer drop-in: " + ", ".join(f"{s} {divergence[s]}" for s in report.DISTILL_STATUSES))
+    steps = report.gkd_summary(results)
+    print("GKDTrainer step: " + ", ".join(f"{s} {steps[s]}" for s in report.GKD_STATUSES))
     print(f"verify: {seconds:.0f} s")
     failed = False
     for r in results:
@@ -108,6 +111,9 @@ def run_verify(args: argparse.Namespace) -> int:
         if (r.get("distill") or {}).get("status") == "MISMATCH":
             failed = True
             print(f"DistillationTrainer drop-in MISMATCH {r['class']}: {r['distill']['reason']}", file=sys.stderr)
+        if (r.get("gkd") or {}).get("status") == "MISMATCH":
+            failed = True
+            print(f"GKDTrainer step MISMATCH {r['class']}: {r['gkd']['reason']}", file=sys.stderr)
     if args.min_verified:
         for kind, floor in zip((CAUSAL, CONDITIONAL), args.min_verified):
             if counts[kind]["verified"] < floor:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from logitless._verify import distill
+from logitless._verify import distill, gkd
 from logitless._verify.discover import CAUSAL, CONDITIONAL
 
 STATUSES = ["verified", "refused", "not-built", "unfused", "MISMATCH"]
 DISTILL_STATUSES = distill.STATUSES
+GKD_STATUSES = gkd.STATUSES
 TRL_STATUSES = ["fused", "exact-fallback", "not-causal", "n/a", "MISMATCH"]
 
 
@@ -34,8 +35,19 @@ def distill_summary(results: list[dict[str, Any]]) -> dict[str, int]:
     return {s: counts.get(s, 0) for s in DISTILL_STATUSES}
 
 
+def gkd_summary(results: list[dict[str, Any]]) -> dict[str, int]:
+    """The GKDTrainer column: how many classes' steps were fused, kept TRL's path, or mismatched."""
+    counts = Counter(r["gkd"]["status"] for r in results if r.get("gkd"))
+    return {s: counts.get(s, 0) for s in GKD_STATUSES}
+
+
 def _distill_cell(result: dict[str, Any]) -> str:
     d = result.get("distill")
+    return d["status"] if d else ""
+
+
+def _gkd_cell(result: dict[str, Any]) -> str:
+    d = result.get("gkd")
     return d["status"] if d else ""
 
 
@@ -110,6 +122,20 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "| --- |" + " ---: |" * len(DISTILL_STATUSES),
         "| classes | " + " | ".join(str(divergence[s]) for s in DISTILL_STATUSES) + " |",
     ]
+    steps = gkd_summary(results)
+    lines += [
+        "",
+        "GKD column: one step of TRL's GKDTrainer (`compute_loss` as `logitless.install()` wraps it,",
+        "`logitless.integrations.trl_gkd`), student the installed model and teacher a copy with a perturbed head,",
+        "generalized JSD (beta 0.5) over the positions whose next label is kept, against a float64 reference from both",
+        "models' stock logits. `fused`: computed without logits, equal (rel ≤ 1e-5); `trl-path`: TRL's own code ran",
+        "(the reason says why), equal to TRL's float32 precision (rel ≤ 1e-4 or 1e-6 absolute); `n/a`: not comparable",
+        "(GKD's step passes `input_ids` and `attention_mask` only: the class needs more, or has no head weight).",
+        "",
+        "| GKDTrainer | " + " | ".join(GKD_STATUSES) + " |",
+        "| --- |" + " ---: |" * len(GKD_STATUSES),
+        "| classes | " + " | ".join(str(steps[s]) for s in GKD_STATUSES) + " |",
+    ]
     lines += [
         "",
         "Columns: relative loss difference and largest gradient difference (relative to the largest stock gradient",
@@ -117,8 +143,8 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "was also fed pixel values and image tokens.",
         "",
         "| class | kind | status | loss rel | grad rel | loss rel (num_items) | grad rel (num_items) "
-        "| logits identical | TRL drop-in | distillation | inputs | detail |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- | --- | --- | --- |",
+        "| logits identical | TRL drop-in | distillation | GKD | inputs | detail |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- | --- | --- | --- | --- |",
     ]
     for r in sorted(results, key=lambda r: (r["kind"], r["class"])):
         n = r.get("numbers", {})
@@ -126,6 +152,6 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"| {r['class']} | {r['kind']} | {r['status']} | {_fmt(n.get('loss_mean_rel'))} | "
             f"{_fmt(n.get('grad_mean_rel'))} | {_fmt(n.get('loss_num_items_rel'))} | "
             f"{_fmt(n.get('grad_num_items_rel'))} | {_fmt(n.get('logits_identical'))} | {_trl_cell(r)} | "
-            f"{_distill_cell(r)} | {_inputs(r)} | {_cell(r.get('reason', ''))} |"
+            f"{_distill_cell(r)} | {_gkd_cell(r)} | {_inputs(r)} | {_cell(r.get('reason', ''))} |"
         )
     return "\n".join(lines) + "\n"

@@ -117,9 +117,11 @@ def patch_chunked_ce_lm_head(model: torch.nn.Module, chunk_size: int, is_vlm: bo
             call["num_items_in_batch"] = num_items_in_batch
         if output_router_logits:
             call["output_router_logits"] = True
-        if _state.current_smoothing() is not None:
-            # HF Trainer's label smoothing handed this forward its labels (logitless.integrations.hf_trainer):
-            # the smoothed loss is computed there, from this call as from the class's own forward.
+        capture = _state.current_capture()
+        if _state.current_smoothing() is not None or (capture is not None and capture.divergence is not None):
+            # HF Trainer's label smoothing (logitless.integrations.hf_trainer), or a GKD step (SFTTrainer, which
+            # GKDTrainer is, gave its model this head; logitless.integrations.trl_gkd), handed this forward its
+            # labels: what they compute is computed there, from this call as from the class's own forward.
             return original_forward(**call)
         return _chunked_outputs(self, original_forward, call, shift_labels)
 
