@@ -1,5 +1,5 @@
-"""What the whole-step benchmarks (hf_trainer.py, encoder_decoder.py, trl_sft.py, trl_dpo.py) build and measure in
-each child process."""
+"""What the whole-step benchmarks (hf_trainer.py, encoder_decoder.py, trl_sft.py, trl_dpo.py, trl_distill.py,
+trl_gkd.py) build and measure in each child process, and how their parents run and print the methods."""
 
 from __future__ import annotations
 
@@ -93,3 +93,34 @@ def print_stock_and_logitless(title: str, rows: dict[str, dict[str, float]]) -> 
         print(f"  logitless: {f['fused']:.0f} of {f['forwards']:.0f} labelled forwards fused")
     print(f"  memory added: stock / logitless = {s['added_mib'] / f['added_mib']:.2f}x; "
           f"speed: {s['seconds'] / f['seconds']:.2f}x; loss rel diff {abs(s['loss'] - f['loss']) / s['loss']:.1e}")
+
+
+def each_method_in_its_process(script: str, methods: list[str], flag: str) -> dict[str, dict[str, Any]]:
+    """``script``'s figures per method (this command line plus ``flag method``, the child printing JSON last), each
+    in its own process so that no method's peak RSS holds another's; a failed child's row is its error's last
+    line."""
+    rows: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        done = subprocess.run([sys.executable, script, *sys.argv[1:], flag, method], capture_output=True, text=True)
+        if done.returncode != 0:
+            rows[method] = {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
+            continue
+        rows[method] = json.loads(done.stdout.strip().splitlines()[-1])
+    return rows
+
+
+def print_against_logitless(rows: dict[str, dict[str, Any]], per: str) -> None:
+    """One line per method (loss, seconds ``per`` call or step, peak RSS added), each peer's with logitless's
+    speed-up and memory ratio."""
+    ours = rows.get("logitless", {})
+    width = max(map(len, rows)) + 1
+    for method, r in rows.items():
+        if "error" in r:
+            print(f"  {method:{width}} failed: {r['error']}")
+            continue
+        line = (f"  {method:{width}} loss {r['loss']:.6f}  {r['seconds']:.2f} s{per}  "
+                f"peak RSS +{r['added_mib']:,.0f} MiB")
+        if method != "logitless" and "seconds" in ours:
+            line += (f"  (logitless {r['seconds'] / ours['seconds']:.2f}x faster, "
+                     f"{r['added_mib'] / max(ours['added_mib'], 1):.1f}x less memory)")  # fmt: skip
+        print(line)

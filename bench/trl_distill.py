@@ -20,12 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
-import sys
 from typing import Any
 
 # bench/ is on sys.path: these run as scripts
-from _steps import timed_steps
+from _steps import each_method_in_its_process, print_against_logitless, timed_steps
 
 METHODS = ("materialised", "trl", "logitless")
 
@@ -104,27 +102,10 @@ def main() -> None:
     if args.mode is not None:
         print(json.dumps(_child(args)))
         return
-    rows = {}
-    for method in args.methods.split(","):
-        done = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--mode", method], capture_output=True,
-                              text=True)  # fmt: skip
-        if done.returncode != 0:
-            rows[method] = {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
-            continue
-        rows[method] = json.loads(done.stdout.strip().splitlines()[-1])
+    rows = each_method_in_its_process(__file__, args.methods.split(","), "--mode")
     print(f"distillation divergence: {args.tokens} tokens ({args.masked:.0%} masked), student {args.width} / teacher "
           f"{args.teacher_width} wide, vocab {args.vocab}, {args.dtype}, beta {args.beta}, {args.threads} thread(s)")
-    ours = rows.get("logitless", {})
-    for method, r in rows.items():
-        if "error" in r:
-            print(f"  {method:12}  failed: {r['error']}")
-            continue
-        line = f"  {method:12}  loss {r['loss']:.6f}  {r['seconds']:.2f} s  peak RSS +{r['added_mib']:,.0f} MiB"
-        if method != "logitless" and "seconds" in ours:
-            line += (f"  (logitless {r['seconds'] / ours['seconds']:.2f}x faster, "
-                     f"{r['added_mib'] / max(ours['added_mib'], 1):.1f}x less memory)")  # fmt: skip
-        print(line)
-
+    print_against_logitless(rows, "")
 
 if __name__ == "__main__":
     main()

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from typing import Any
 
-from _steps import llama_shaped, timed_steps  # bench/ is on sys.path: these run as scripts
+# bench/ is on sys.path: these run as scripts
+from _steps import each_method_in_its_process, llama_shaped, print_against_logitless, timed_steps
 
 METHODS = ("stock", "trl kernel", "logitless")
 
@@ -111,29 +110,12 @@ def main() -> None:
     if args.method is not None:
         print(json.dumps(_step(args)))
         return
-    rows = {}
-    for method in args.methods.split(","):
-        done = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--method", method], capture_output=True,
-                              text=True)  # fmt: skip
-        if done.returncode != 0:
-            rows[method] = {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
-            continue
-        rows[method] = json.loads(done.stdout.strip().splitlines()[-1])
+    rows = each_method_in_its_process(__file__, args.methods.split(","), "--method")
     print(f"GKD step: {args.batch} x {args.seq} tokens ({args.masked:.0%} prompt), student {args.width} / teacher "
           f"{args.teacher_width} wide, vocab {args.vocab}, {args.dtype}, beta {args.beta}, {args.threads} thread(s)")
-    ours = rows.get("logitless", {})
-    for method, r in rows.items():
-        if "error" in r:
-            print(f"  {method:10}  failed: {r['error']}")
-            continue
-        line = f"  {method:10}  loss {r['loss']:.6f}  {r['seconds']:.2f} s/step  peak RSS +{r['added_mib']:,.0f} MiB"
-        if method != "logitless" and "seconds" in ours:
-            line += (f"  (logitless {r['seconds'] / ours['seconds']:.2f}x faster, "
-                     f"{r['added_mib'] / max(ours['added_mib'], 1):.1f}x less memory)")  # fmt: skip
-        print(line)
-    if "fused" in ours:
-        print(f"  logitless: {ours['fused']} of 3 steps fused")
-
+    print_against_logitless(rows, "/step")
+    if "fused" in rows.get("logitless", {}):
+        print(f"  logitless: {rows['logitless']['fused']} of 3 steps fused")
 
 if __name__ == "__main__":
     main()

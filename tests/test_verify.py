@@ -233,11 +233,23 @@ def test_a_wrong_trl_drop_in_is_a_mismatch(bug: str, monkeypatch: pytest.MonkeyP
     assert result["status"] == "MISMATCH", result
 
 
+def _scale_the_divergence(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A divergence 1e-4 off (the op's row pass scaled): what the distillation and GKD columns must catch."""
+    from logitless import divergence
+
+    original = divergence._row_pass
+
+    def scaled(*args: Any) -> Any:
+        value, entropy, grad = original(*args)
+        return value * (1 + 1e-4), entropy, grad
+
+    monkeypatch.setattr(divergence, "_row_pass", scaled)
+
+
 @pytest.mark.parametrize("bug", ["epilogue-dropped", "divergence-scaled"])
 def test_a_wrong_distillation_drop_in_is_a_mismatch(bug: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The distillation column catches a drop-in that reads the wrong epilogue or computes a wrong divergence."""
     import logitless
-    from logitless import divergence
     from logitless._verify import distill
     from logitless.integrations import trl_distillation
 
@@ -246,13 +258,7 @@ def test_a_wrong_distillation_drop_in_is_a_mismatch(bug: str, monkeypatch: pytes
     if bug == "epilogue-dropped":
         monkeypatch.setattr(trl_distillation, "class_epilogue", lambda m: {})
     else:
-        original = divergence._row_pass
-
-        def scaled(*args: Any) -> Any:
-            value, entropy, grad = original(*args)
-            return value * (1 + 1e-4), entropy, grad
-
-        monkeypatch.setattr(divergence, "_row_pass", scaled)
+        _scale_the_divergence(monkeypatch)
     logitless.patch(model)
     try:
         result = distill.check(model, dict(feeds.base), lambda: model)
@@ -265,7 +271,7 @@ def test_a_wrong_distillation_drop_in_is_a_mismatch(bug: str, monkeypatch: pytes
 def test_a_wrong_gkd_step_is_a_mismatch(bug: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The GKD column catches a step that drops the teacher's epilogue or computes a wrong divergence."""
     import logitless
-    from logitless import divergence, hf
+    from logitless import hf
     from logitless._verify import gkd
 
     model, config, override = compare.build("transformers.models.gemma2.modeling_gemma2", "Gemma2ForCausalLM")
@@ -278,13 +284,7 @@ def test_a_wrong_gkd_step_is_a_mismatch(bug: str, monkeypatch: pytest.MonkeyPatc
 
         monkeypatch.setattr(hf, "_Operands", without_epilogue)
     else:
-        original = divergence._row_pass
-
-        def scaled(*args: Any) -> Any:
-            value, entropy, grad = original(*args)
-            return value * (1 + 1e-4), entropy, grad
-
-        monkeypatch.setattr(divergence, "_row_pass", scaled)
+        _scale_the_divergence(monkeypatch)
     logitless.install()
     try:
         result = gkd.check(model, dict(feeds.base), feeds.labels, lambda: model)

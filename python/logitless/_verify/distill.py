@@ -48,12 +48,27 @@ def _forward(model: torch.nn.Module, feed: dict[str, Any]) -> tuple[torch.Tensor
     return hidden, logits
 
 
-def _reference(logits_s: torch.Tensor, logits_t: torch.Tensor, mask: torch.Tensor) -> float:
-    log_s = torch.log_softmax(logits_s.double() / _TEMPERATURE, -1)
-    log_t = torch.log_softmax(logits_t.double() / _TEMPERATURE, -1)
-    log_m = torch.logaddexp(log_s + math.log(1 - _BETA), log_t + math.log(_BETA))
-    per = _BETA * (log_t.exp() * (log_t - log_m)).sum(-1) + (1 - _BETA) * (log_s.exp() * (log_s - log_m)).sum(-1)
+def jsd64(logits_s: torch.Tensor, logits_t: torch.Tensor, mask: torch.Tensor, beta: float, temperature: float) -> float:
+    """The generalized JSD (``0 < beta < 1``) of the two logits' distributions at ``temperature``, in float64, summed
+    over the positions ``mask`` keeps and divided by their count."""
+    log_s = torch.log_softmax(logits_s.double() / temperature, -1)
+    log_t = torch.log_softmax(logits_t.double() / temperature, -1)
+    log_m = torch.logaddexp(log_s + math.log(1 - beta), log_t + math.log(beta))
+    per = beta * (log_t.exp() * (log_t - log_m)).sum(-1) + (1 - beta) * (log_s.exp() * (log_s - log_m)).sum(-1)
     return float(per[mask].sum() / mask.sum())
+
+
+def perturbed_teacher(model: torch.nn.Module, rebuild: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """A teacher for ``model``: a copy (or ``rebuild()``'s identical model where a copy cannot be made) whose output
+    embeddings are perturbed by their own standard deviation."""
+    try:
+        teacher = copy.deepcopy(model)
+    except RuntimeError:  # non-leaf tensors held by the model (RecurrentGemma's)
+        teacher = rebuild()
+    with torch.no_grad():
+        t_head = teacher.get_output_embeddings().weight
+        t_head.add_(torch.randn(t_head.shape, generator=torch.Generator().manual_seed(7)) * t_head.std())
+    return teacher
 
 
 def check(model: torch.nn.Module, base_feed: dict[str, Any], rebuild: Callable[[], torch.nn.Module]) -> dict[str, Any]:
@@ -65,13 +80,7 @@ def check(model: torch.nn.Module, base_feed: dict[str, Any], rebuild: Callable[[
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, torch.nn.Linear):
         return {"status": NA, "reason": f"output embeddings are a {type(head).__name__}, not an nn.Linear"}
-    try:
-        teacher = copy.deepcopy(model)
-    except RuntimeError:  # non-leaf tensors held by the model (RecurrentGemma's)
-        teacher = rebuild()
-    with torch.no_grad():
-        t_head = teacher.get_output_embeddings().weight
-        t_head.add_(torch.randn(t_head.shape, generator=torch.Generator().manual_seed(7)) * t_head.std())
+    teacher = perturbed_teacher(model, rebuild)
     try:
         h_s, logits_s = _forward(model, base_feed)
         h_t, logits_t = _forward(teacher, base_feed)
@@ -81,7 +90,7 @@ def check(model: torch.nn.Module, base_feed: dict[str, Any], rebuild: Callable[[
         return {"status": NA, "reason": "the backbone's hidden states do not line up with the logits"}
     mask = torch.rand(h_s.shape[:-1], generator=torch.Generator().manual_seed(3)) < 0.7
     mask[0, 0] = True
-    reference = _reference(logits_s, logits_t, mask)
+    reference = jsd64(logits_s, logits_t, mask, _BETA, _TEMPERATURE)
     found = drop_in.class_epilogue(model)
     guess_s, guess_t = trl_guess(model.config), trl_guess(teacher.config)
     try:

@@ -3,13 +3,13 @@ model's own forward returns (stock, no labels), with a teacher that is the same 
 
 from __future__ import annotations
 
-import copy
-import math
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
 import torch
+
+from logitless._verify import distill
 
 # Statuses, in the report's column order.
 FUSED = "fused"  # the step ran fused and its loss equals the reference
@@ -47,14 +47,6 @@ def _logits(model: torch.nn.Module, feed: dict[str, Any]) -> torch.Tensor:
         return model(**feed).logits
 
 
-def _reference(logits_s: torch.Tensor, logits_t: torch.Tensor, kept: torch.Tensor) -> float:
-    log_s = torch.log_softmax(logits_s[:, :-1].double(), -1)
-    log_t = torch.log_softmax(logits_t[:, :-1].double(), -1)
-    log_m = torch.logaddexp(log_s + math.log(1 - _BETA), log_t + math.log(_BETA))
-    per = _BETA * (log_t.exp() * (log_t - log_m)).sum(-1) + (1 - _BETA) * (log_s.exp() * (log_s - log_m)).sum(-1)
-    return float(per[kept].sum() / kept.sum())
-
-
 def check(model: torch.nn.Module, base_feed: dict[str, Any], labels: torch.Tensor,
           rebuild: Callable[[], torch.nn.Module]) -> dict[str, Any]:  # fmt: skip
     """GKD's ``compute_loss`` (wrapped by ``install()``) with student ``model`` and a teacher with a perturbed head
@@ -73,13 +65,7 @@ def check(model: torch.nn.Module, base_feed: dict[str, Any], labels: torch.Tenso
     weight = getattr(head, "weight", None)
     if not isinstance(weight, torch.Tensor):
         return {"status": NA, "reason": f"output embeddings are a {type(head).__name__}, with no weight to perturb"}
-    try:
-        teacher = copy.deepcopy(model)
-    except RuntimeError:  # non-leaf tensors held by the model (RecurrentGemma's)
-        teacher = rebuild()
-    with torch.no_grad():
-        t_head = teacher.get_output_embeddings().weight
-        t_head.add_(torch.randn(t_head.shape, generator=torch.Generator().manual_seed(7)) * t_head.std())
+    teacher = distill.perturbed_teacher(model, rebuild)
     feed = {"input_ids": base_feed["input_ids"],
             "attention_mask": base_feed.get("attention_mask", torch.ones_like(base_feed["input_ids"]))}  # fmt: skip
     try:
@@ -90,7 +76,7 @@ def check(model: torch.nn.Module, base_feed: dict[str, Any], labels: torch.Tenso
     if logits_s.shape[:2] != labels.shape or logits_t.shape != logits_s.shape:
         return {"status": NA, "reason": "the logits do not line up with the labels"}
     kept = labels[:, 1:] != -100
-    reference = _reference(logits_s, logits_t, kept)
+    reference = distill.jsd64(logits_s[:, :-1], logits_t[:, :-1], kept, _BETA, 1.0)
     before = trl_gkd.report()
     torch.manual_seed(1234)
     try:
