@@ -8,6 +8,7 @@ CARGO_TEST_FLAGS ?= --release --workspace --exclude logitless-py
 TRL_LEGACY     := 0.19.1 0.24.0 1.5.1 1.14.2
 TRL_FIRST_HEAD := 1.15.0
 TRL_DISTILL_CHUNKED := 1.14.2
+TRL_ODDS_OLD   := 0.24.0
 TRL_LEGACY_DIR := .trl-legacy
 TORCHAO        := 0.18.0
 TORCHAO_DIR    := .torchao
@@ -30,6 +31,8 @@ test-rust:
 # tests/test_trl_distillation.py also runs on TRL_FIRST_HEAD and on TRL_DISTILL_CHUNKED (DistillationTrainer's
 # divergence with TRL's own chunk size in its signature: the other drop-in); tests/test_trl_gkd.py on both too
 # (GKDTrainer's loss code is the same from 1.14 to the pinned release: the wrapper is checked on each).
+# tests/test_trl_odds.py also runs on TRL_ODDS_OLD: ORPO's and CPO's methods there are the other release logitless
+# reproduces (trl.trainer, label_pad_token_id configurable).
 test-python: build $(TRL_LEGACY_DIR)/.fetched $(TORCHAO_DIR)/.fetched
 	$(PY) -m pytest -q
 	PYTHONPATH=$(TRL_LEGACY_DIR)/trl-$(TRL_FIRST_HEAD) $(PY) -c \
@@ -40,6 +43,9 @@ test-python: build $(TRL_LEGACY_DIR)/.fetched $(TORCHAO_DIR)/.fetched
 	  'import sys, trl; v = trl.__version__; sys.exit(None if v == "$(TRL_DISTILL_CHUNKED)" else f"TRL {v} on the path")'
 	PYTHONPATH=$(TRL_LEGACY_DIR)/trl-$(TRL_DISTILL_CHUNKED) $(PY) -m pytest -q -p no:cacheprovider \
 	  tests/test_trl_distillation.py tests/test_trl_gkd.py
+	PYTHONPATH=$(TRL_LEGACY_DIR)/trl-$(TRL_ODDS_OLD) $(PY) -c \
+	  'import sys, trl; v = trl.__version__; sys.exit(None if v == "$(TRL_ODDS_OLD)" else f"TRL {v} on the path")'
+	PYTHONPATH=$(TRL_LEGACY_DIR)/trl-$(TRL_ODDS_OLD) $(PY) -m pytest -q -p no:cacheprovider tests/test_trl_odds.py
 
 # Older TRL releases, their source only (unpacked wheels, not installed), for tests/test_trl_legacy.py: SFTTrainer
 # before TRL 1.15, run with the source first on PYTHONPATH (versions: TRL_LEGACY, above); and TRL_FIRST_HEAD.

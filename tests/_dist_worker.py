@@ -687,6 +687,62 @@ def run_gkd(setup: str, rank: int) -> dict[str, Any]:
     return row
 
 
+# TRL's ORPOTrainer step (logitless.integrations.trl_odds) on an engine, stock and installed: the stacked chosen and
+# rejected rows through the engine's forward, the per-token log-probabilities from the head's call.
+ODDS_SETUPS = ("orpo-ddp", "orpo-fsdp2-head-own-unit", "orpo-zero3")
+
+
+def _orpo_trainer() -> Any:
+    """An ORPOTrainer with only what its ``get_batch_loss_metrics`` reads (its __init__ builds a whole Trainer)."""
+    from types import SimpleNamespace
+
+    from trl.experimental.orpo import ORPOTrainer
+
+    trainer = ORPOTrainer.__new__(ORPOTrainer)
+    trainer.is_encoder_decoder, trainer.padding_value, trainer.aux_loss_enabled, trainer.beta = False, 0, False, 0.5
+    trainer.args = SimpleNamespace(torch_compile=False)
+    trainer.accelerator = SimpleNamespace(unwrap_model=lambda m: getattr(m, "module", m), device=torch.device("cpu"),
+                                          gather_for_metrics=lambda t: t)  # fmt: skip
+    return trainer
+
+
+def _orpo_batch(rank: int) -> dict[str, torch.Tensor]:
+    ids = batch(rank)
+    chosen, rejected = ids, ids.flip(0)
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0  # a padded row
+    labels = chosen.clone()
+    labels[:, :3] = -100  # the prompt
+    labels[mask == 0] = -100
+    rejected_labels = rejected.clone()
+    rejected_labels[:, :3] = -100
+    return {"chosen_input_ids": chosen, "chosen_attention_mask": mask, "chosen_labels": labels,
+            "rejected_input_ids": rejected, "rejected_attention_mask": torch.ones_like(ids),
+            "rejected_labels": rejected_labels}  # fmt: skip
+
+
+def run_odds(setup: str, rank: int) -> dict[str, Any]:
+    inputs = _orpo_batch(rank)
+    row: dict[str, Any] = {}
+    for mode in ("stock", "logitless"):
+        logitless.uninstall()
+        if mode == "logitless":
+            logitless.install()
+        model = distill_models()[0]
+        if setup == "orpo-zero3":
+            model = _zero3(model)
+        elif setup == "orpo-fsdp2-head-own-unit":
+            model = _fsdp(model, head="own")
+        else:
+            model = _ddp(model)
+        trainer = _orpo_trainer()
+        losses, grads = _two_steps(model, lambda m: trainer.get_batch_loss_metrics(m, inputs)[0])
+        row[mode] = {"losses": losses, "grads": grads}
+    row["orpo"] = logitless.audit()["integrations"]["trl"]["orpo"]
+    logitless.uninstall()
+    return row
+
+
 def _two_steps(
     model: torch.nn.Module, loss_of: Callable[[torch.nn.Module], torch.Tensor]
 ) -> tuple[list[float], dict[str, torch.Tensor] | None]:
@@ -725,6 +781,8 @@ def run(setup: str, rank: int) -> dict[str, Any]:
             logitless.uninstall()
     if setup in GKD_SETUPS:
         return run_gkd(setup, rank)
+    if setup in ODDS_SETUPS:
+        return run_odds(setup, rank)
     if setup in EVAL_SETUPS:
         return run_eval(setup, rank)
     if setup in TRL_SETUPS:

@@ -121,6 +121,78 @@ def test_fields_not_asked_for_are_none_and_shift_labels_keep_the_length() -> Non
     torch.testing.assert_close(out.log_probs, ref_out.log_probs, rtol=1e-5, atol=2e-6)
 
 
+def _unshifted_decoder(name: str) -> torch.nn.Module:
+    """Decoders whose own loss scores each position's label unshifted (and takes no ``shift_labels``)."""
+    import transformers
+
+    torch.manual_seed(0)
+    if name == "bart-decoder":
+        config = transformers.BartConfig(
+            vocab_size=tiny.VOCAB, d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+            pad_token_id=0, use_cache=False,
+        )  # fmt: skip
+        return transformers.BartForCausalLM(config).eval()
+    config = transformers.XLNetConfig(vocab_size=tiny.VOCAB, d_model=32, n_layer=2, n_head=4, d_inner=64)
+    return transformers.XLNetLMHeadModel(config).eval()
+
+
+@pytest.mark.parametrize("name", ["bart-decoder", "xlnet"])
+@pytest.mark.parametrize("pre_shifted", [False, True])
+def test_a_decoder_whose_own_loss_is_unshifted_gets_trls_contract(name: str, pre_shifted: bool) -> None:
+    """TRL's head scores each position's next label (or ``shift_labels`` as given) whatever the model's own loss
+    does: BART's decoders and XLNet score their labels unshifted and drop ``shift_labels``. The fused fields are
+    TRL's, [B, T-1] (or [B, T]), against the exact reference."""
+    batch = _batch()
+    call: dict[str, Any] = {"input_ids": batch["input_ids"]}
+    if pre_shifted:
+        call["shift_labels"] = torch.nn.functional.pad(batch["labels"], (0, 1), value=-100)[:, 1:].contiguous()
+    else:
+        call["labels"] = batch["labels"]
+    reference = _unshifted_decoder(name)
+    _exact_head(reference, outputs=ALL_FIELDS)
+    ref_out = reference(**call, fused_lm_head=True)
+    logitless.install()
+    model = _unshifted_decoder(name)
+    add_fused_lm_head(model, outputs=ALL_FIELDS)
+    out = model(**call, fused_lm_head=True)
+    assert logitless.audit()["integrations"]["trl"]["calls"] == {"fused": 1, "materialised": 0}
+    assert out.log_probs.shape == (2, 12 if pre_shifted else 11)
+    for field in ("log_probs", "entropy", "mean_logits", "log_sum_sq_probs"):
+        torch.testing.assert_close(getattr(out, field), getattr(ref_out, field), rtol=1e-5, atol=2e-6, msg=field)
+    assert torch.equal(out.label_mask, ref_out.label_mask)
+
+
+def test_an_encoder_decoder_keeps_its_own_targets() -> None:
+    """Where the labels also feed the decoder's inputs (BART's encoder-decoder shifts them right), the label at each
+    decoder position is that position's next token: the fields score it, as the model's own loss does."""
+    import transformers
+
+    config = transformers.BartConfig(
+        vocab_size=tiny.VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        pad_token_id=0, decoder_start_token_id=2, use_cache=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    stock = transformers.BartForConditionalGeneration(config).eval()
+    batch = _batch()
+    want = stock(**batch).loss
+    logitless.install()
+    model = copy.deepcopy(stock)
+    logitless.patch(model)
+    add_fused_lm_head(model)
+    out = model(**batch, fused_lm_head=True)
+    assert logitless.audit()["integrations"]["trl"]["calls"] == {"fused": 1, "materialised": 0}
+    assert out.log_probs.shape == batch["labels"].shape
+    assert math.isclose(float(out.loss), float(want), rel_tol=1e-5)
+    # A forward that keeps its stock path at run time (a hooked head): the same targets, from its logits.
+    model.lm_head.register_forward_hook(lambda module, args, output: None)
+    out = model(**batch, fused_lm_head=True)
+    assert logitless.audit()["integrations"]["trl"]["calls"] == {"fused": 1, "materialised": 1}
+    assert out.log_probs.shape == batch["labels"].shape
+    assert math.isclose(float(out.loss), float(want), rel_tol=1e-5)
+
+
 def test_without_a_fused_branch_the_values_come_from_the_model_logits() -> None:
     """Not installed (the class forward is stock): exact values from the materialised logits, counted in audit()."""
     reference = tiny.build("gemma3")
@@ -443,4 +515,5 @@ def test_readme_example_runs_through_logitless() -> None:
                    "'calls': {'fused': 4, 'materialised': 0}, " \
                    "'legacy': {'chunked': {'fused': 0, 'materialised': 0}, 'logits_for_metrics': 0}, " \
                    "'distillation': {'calls': {'class_epilogue': 0, 'trl_epilogue': 0}, 'corrected': {}, " \
-                   "'unchecked': {}}, 'gkd': {'fused': 0, 'stock': {}}, 'left_to_trl': []}", done.stdout  # fmt: skip
+                   "'unchecked': {}}, 'gkd': {'fused': 0, 'stock': {}}, 'orpo': {'fused': 0, 'stock': {}}, " \
+                   "'cpo': {'fused': 0, 'stock': {}}, 'left_to_trl': []}", done.stdout  # fmt: skip

@@ -24,6 +24,7 @@ gkd = pytest.importorskip("trl.experimental.gkd.gkd_trainer")
 TRL = tuple(int(part) for part in trl.__version__.split(".")[:2])
 
 from logitless.integrations import trl_gkd  # noqa: E402 - after the TRL checks
+from logitless.integrations._digest import source_digest  # noqa: E402
 from ops_reference import divergence64  # noqa: E402
 from _trl_runs import _training_args, _word_tokenizer, _words  # noqa: E402
 
@@ -267,5 +268,5 @@ def test_known_releases(version: str, accepted: bool) -> None:
     if not found:
         pytest.skip(f"TRL {version}'s source is not unpacked (make test unpacks it)")
     methods = _methods(found[0])
-    digests = {name: trl_gkd.source_digest(methods[name]) for name in ("compute_loss", "generalized_jsd_loss")}
+    digests = {name: source_digest(methods[name]) for name in ("compute_loss", "generalized_jsd_loss")}
     assert all(digests[name] in trl_gkd._KNOWN[name] for name in digests) is accepted

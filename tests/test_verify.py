@@ -68,6 +68,8 @@ def test_quick_classes_are_verified(tmp_path: pathlib.Path) -> None:
         # GKDTrainer's step (input_ids and attention_mask only, no images), fused, equal to the reference.
         assert result["gkd"]["status"] == "fused", (name, result["gkd"])
         assert result["gkd"]["loss_rel"] <= compare.LOSS_RTOL
+        # ORPO's and CPO's concatenated_forward, both fused, every value equal to the reference.
+        assert result["odds"]["status"] == "fused", (name, result["odds"])
     # The VLM case really fed an image (pixel values and image tokens), not only text.
     assert "images" in by_class["LlavaForConditionalGeneration"]["inputs"]
     assert code == 0, output
@@ -291,3 +293,33 @@ def test_a_wrong_gkd_step_is_a_mismatch(bug: str, monkeypatch: pytest.MonkeyPatc
     finally:
         logitless.uninstall()
     assert result["status"] == "MISMATCH", result
+
+
+@pytest.mark.parametrize("bug", ["log-probs-shifted", "mean-logits-scaled"])
+def test_a_wrong_orpo_cpo_call_is_a_mismatch(bug: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ORPO / CPO column catches log-probabilities scored one position off and a wrong logits metric."""
+    import logitless
+    from logitless._verify import odds
+    from logitless.integrations import trl as drop_in
+
+    model, config, override = compare.build("transformers.models.gemma2.modeling_gemma2", "Gemma2ForCausalLM")
+    feeds = inputs.make_feeds(model, config, override.inputs)
+    real = drop_in.per_token_fields
+
+    def wrong(*args: Any) -> Any:
+        fields, out, fused = real(*args)
+        fields = dict(fields)
+        if bug == "log-probs-shifted":
+            fields["log_probs"] = fields["log_probs"].roll(1, dims=-1)
+        else:
+            fields["mean_logits"] = fields["mean_logits"] * (1 + 1e-3) + 1e-3
+        return fields, out, fused
+
+    monkeypatch.setattr(drop_in, "per_token_fields", wrong)
+    logitless.install()
+    try:
+        result = odds.check(model, dict(feeds.base))
+    finally:
+        logitless.uninstall()
+    assert result["status"] == "MISMATCH", result
+

@@ -134,6 +134,11 @@ class Capture:
     # forward (``divergence.teacher`` None) leaves its head's operands there; a student's then computes the
     # divergence from them, ``result["loss"]``.
     divergence: Any = None
+    # The caller's labels and pre-shifted labels (TRL's contract: the next token's, or ``shift_labels`` as given):
+    # the per-token outputs score these, not what the forward hands its own loss, which may read them otherwise
+    # (BART's decoders and XLNet score their labels unshifted, and take no ``shift_labels``).
+    labels: Any = None
+    shift_labels: Any = None
     result: dict[str, Any] | None = None
     # Set when a rewritten forward's labels branch took its stock path (the reason, already counted by fusable).
     refused: str | None = None

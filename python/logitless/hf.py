@@ -202,7 +202,11 @@ def _captured_per_token(
     epilogue: dict[str, Any], capture: _state.Capture,
 ) -> torch.Tensor:  # fmt: skip
     """Per-token outputs for logitless.integrations.trl, with this class's own epilogue, left in ``capture``; the
-    forward's loss is their mean negative log-probability."""
+    forward's loss is their mean negative log-probability. They score the caller's targets (``capture.labels`` /
+    ``shift_labels``) where those line up with the head's positions, else the ones this forward's loss was given."""
+    caller = capture.shift_labels if capture.shift_labels is not None else capture.labels
+    if caller is not None and tuple(caller.shape) == tuple(hidden.shape[:-1]):
+        labels, shift_labels = capture.labels, capture.shift_labels
 
     def per_token(x: torch.Tensor) -> dict[str, Any]:
         from logitless.integrations._per_token import fused_per_token

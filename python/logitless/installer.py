@@ -111,6 +111,10 @@ _TRL_METHODS = (
                "wrap_compute_loss", accepts="known"),  # fmt: skip
     _TrlMethod("trl.trainer.gkd_trainer", "GKDTrainer", "compute_loss", "logitless.integrations.trl_gkd",
                "wrap_compute_loss", accepts="known"),  # fmt: skip
+    # ORPO's and CPO's log-probabilities, fused (TRL 0.19 to 0.24 in trl.trainer, 1.5 to 1.16 in trl.experimental).
+    *(_TrlMethod(f"{package}.{kind}_trainer", f"{kind.upper()}Trainer", "concatenated_forward",
+                 "logitless.integrations.trl_odds", f"wrap_{kind}_forward", accepts="known")
+      for kind in ("orpo", "cpo") for package in (f"trl.experimental.{kind}", "trl.trainer")),
 )
 _trl_wrapped: dict[tuple[str, str], tuple[type, Any]] = {}
 
@@ -366,9 +370,10 @@ def _uninstall_trl() -> None:
     legacy = sys.modules.get("logitless.integrations.trl_legacy")
     if legacy is not None:
         legacy.reset()
-    gkd = sys.modules.get("logitless.integrations.trl_gkd")
-    if gkd is not None:
-        gkd.reset()
+    for name in ("trl_gkd", "trl_odds"):
+        module = sys.modules.get(f"logitless.integrations.{name}")
+        if module is not None:
+            module.reset()
 
 
 def _trl_report() -> dict[str, Any]:
@@ -381,9 +386,11 @@ def _trl_report() -> dict[str, Any]:
     divergence = distillation.report() if distillation is not None else {
         "calls": {"class_epilogue": 0, "trl_epilogue": 0}, "corrected": {}, "unchecked": {}}  # fmt: skip
     gkd = sys.modules.get("logitless.integrations.trl_gkd")
+    odds = sys.modules.get("logitless.integrations.trl_odds")
+    odds_report = odds.report() if odds is not None else {kind: {"fused": 0, "stock": {}} for kind in ("orpo", "cpo")}
     return {"patched_modules": sorted({name for name, _ in _trl_patched}), "calls": calls, "legacy": before_1_15,
             "distillation": divergence, "gkd": gkd.report() if gkd is not None else {"fused": 0, "stock": {}},
-            "left_to_trl": sorted(f"{module}.{name}" for module, name in _trl_unmatched)}  # fmt: skip
+            **odds_report, "left_to_trl": sorted(f"{module}.{name}" for module, name in _trl_unmatched)}  # fmt: skip
 
 
 def _json_safe(value: Any) -> Any:

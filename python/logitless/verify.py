@@ -87,7 +87,8 @@ def run_verify(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "summary": counts, "trl": report.trl_summary(results),
                                          "distillation": report.distill_summary(results),
-                                         "gkd": report.gkd_summary(results), "results": results},
+                                         "gkd": report.gkd_summary(results), "odds": report.odds_summary(results),
+                                         "results": results},
                                         indent=1) + "\n")  # fmt: skip
     if args.markdown:
         args.markdown.write_text(report.markdown(results, meta))
@@ -99,6 +100,8 @@ def run_verify(args: argparse.Namespace) -> int:
     print("DistillationTrainer drop-in: " + ", ".join(f"{s} {divergence[s]}" for s in report.DISTILL_STATUSES))
     steps = report.gkd_summary(results)
     print("GKDTrainer step: " + ", ".join(f"{s} {steps[s]}" for s in report.GKD_STATUSES))
+    calls = report.odds_summary(results)
+    print("ORPO / CPO calls: " + ", ".join(f"{s} {calls[s]}" for s in report.ODDS_STATUSES))
     print(f"verify: {seconds:.0f} s")
     failed = False
     for r in results:
@@ -114,6 +117,9 @@ def run_verify(args: argparse.Namespace) -> int:
         if (r.get("gkd") or {}).get("status") == "MISMATCH":
             failed = True
             print(f"GKDTrainer step MISMATCH {r['class']}: {r['gkd']['reason']}", file=sys.stderr)
+        if (r.get("odds") or {}).get("status") == "MISMATCH":
+            failed = True
+            print(f"ORPO / CPO MISMATCH {r['class']}: {r['odds']['reason']}", file=sys.stderr)
     if args.min_verified:
         for kind, floor in zip((CAUSAL, CONDITIONAL), args.min_verified):
             if counts[kind]["verified"] < floor:

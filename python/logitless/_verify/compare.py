@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from logitless._heads import resolve_head
-from logitless._verify import distill, gkd
+from logitless._verify import distill, gkd, odds
 from logitless._verify import inputs as inputs_mod
 from logitless._verify import tiny
 from logitless._verify.installer import Installer
@@ -337,6 +337,8 @@ def _run_case(module_name: str, cls_name: str, installer: Installer) -> dict[str
             out["distill"] = distill.check(model, dict(feeds.base), lambda: build(module_name, cls_name)[0])
             stage = "the GKDTrainer step"
             out["gkd"] = gkd.check(model, dict(feeds.base), feeds.labels, lambda: build(module_name, cls_name)[0])
+            stage = "the ORPOTrainer / CPOTrainer calls"
+            out["odds"] = odds.check(model, dict(feeds.base))
     except Exception as exc:  # noqa: BLE001 - reported per class
         return {"status": MISMATCH, "reason": f"{stage} failed where stock ran: {_short(exc)}",
                 "trace": traceback.format_exc()[-2000:]}  # fmt: skip

@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from logitless._verify import distill, gkd
+from logitless._verify import distill, gkd, odds
 from logitless._verify.discover import CAUSAL, CONDITIONAL
 
 STATUSES = ["verified", "refused", "not-built", "unfused", "MISMATCH"]
 DISTILL_STATUSES = distill.STATUSES
 GKD_STATUSES = gkd.STATUSES
+ODDS_STATUSES = odds.STATUSES
 TRL_STATUSES = ["fused", "exact-fallback", "not-causal", "n/a", "MISMATCH"]
 
 
@@ -39,6 +40,17 @@ def gkd_summary(results: list[dict[str, Any]]) -> dict[str, int]:
     """The GKDTrainer column: how many classes' steps were fused, kept TRL's path, or mismatched."""
     counts = Counter(r["gkd"]["status"] for r in results if r.get("gkd"))
     return {s: counts.get(s, 0) for s in GKD_STATUSES}
+
+
+def odds_summary(results: list[dict[str, Any]]) -> dict[str, int]:
+    """The ORPO / CPO column: how many classes' calls were fused, kept TRL's path, or mismatched."""
+    counts = Counter(r["odds"]["status"] for r in results if r.get("odds"))
+    return {s: counts.get(s, 0) for s in ODDS_STATUSES}
+
+
+def _odds_cell(result: dict[str, Any]) -> str:
+    d = result.get("odds")
+    return d["status"] if d else ""
 
 
 def _distill_cell(result: dict[str, Any]) -> str:
@@ -137,6 +149,21 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "| --- |" + " ---: |" * len(GKD_STATUSES),
         "| classes | " + " | ".join(str(steps[s]) for s in GKD_STATUSES) + " |",
     ]
+    calls = odds_summary(results)
+    lines += [
+        "",
+        "ORPO / CPO column: TRL's ORPOTrainer's and CPOTrainer's `concatenated_forward` as `logitless.install()` wraps",
+        "it (`logitless.integrations.trl_odds`), on a preference batch made from the class's inputs (rejected: the",
+        "tokens rotated; two prompt positions), every value it returns (log-probabilities per sequence, the chosen",
+        "rows' cross-entropy, the mean logits, a MoE router loss) against a float64 reference from the model's stock",
+        "logits. `fused`: both computed without logits, equal (rel ≤ 1e-5); `trl-path`: TRL's code or the model's",
+        "logits gave the values (the reason says why), equal (rel ≤ 1e-4); `n/a`: not comparable (the trainers pass",
+        "`input_ids` and `attention_mask` only).",
+        "",
+        "| ORPO / CPO | " + " | ".join(ODDS_STATUSES) + " |",
+        "| --- |" + " ---: |" * len(ODDS_STATUSES),
+        "| classes | " + " | ".join(str(calls[s]) for s in ODDS_STATUSES) + " |",
+    ]
     lines += [
         "",
         "Columns: relative loss difference and largest gradient difference (relative to the largest stock gradient",
@@ -144,8 +171,8 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "was also fed pixel values and image tokens.",
         "",
         "| class | kind | status | loss rel | grad rel | loss rel (num_items) | grad rel (num_items) "
-        "| logits identical | TRL drop-in | distillation | GKD | inputs | detail |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- | --- | --- | --- | --- |",
+        "| logits identical | TRL drop-in | distillation | GKD | ORPO / CPO | inputs | detail |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in sorted(results, key=lambda r: (r["kind"], r["class"])):
         n = r.get("numbers", {})
@@ -153,6 +180,6 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"| {r['class']} | {r['kind']} | {r['status']} | {_fmt(n.get('loss_mean_rel'))} | "
             f"{_fmt(n.get('grad_mean_rel'))} | {_fmt(n.get('loss_num_items_rel'))} | "
             f"{_fmt(n.get('grad_num_items_rel'))} | {_fmt(n.get('logits_identical'))} | {_trl_cell(r)} | "
-            f"{_distill_cell(r)} | {_gkd_cell(r)} | {_inputs(r)} | {_cell(r.get('reason', ''))} |"
+            f"{_distill_cell(r)} | {_gkd_cell(r)} | {_odds_cell(r)} | {_inputs(r)} | {_cell(r.get('reason', ''))} |"
         )
     return "\n".join(lines) + "\n"

@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from logitless import _state
+from logitless import _registry, _state
 from logitless.integrations import _model_forward
 from logitless.integrations._per_token import STATS_FIELDS, materialised_per_token
 
-__all__ = ["CALLS", "OUTPUT_FIELDS", "add_fused_lm_head"]
+__all__ = ["CALLS", "OUTPUT_FIELDS", "add_fused_lm_head", "per_token_fields"]
 
 OUTPUT_FIELDS = ("log_probs", *STATS_FIELDS)
 # Forwards with fused_lm_head=True, by how their fields were computed (reported by logitless.audit()).
@@ -81,6 +81,57 @@ def add_fused_lm_head(
     model.forward = types.MethodType(_fused_forward, model)
 
 
+def per_token_fields(
+    model: Any,
+    forward: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    labels: torch.Tensor | None,
+    shift_labels: torch.Tensor | None,
+    num_items_in_batch: Any,
+    temperature: float,
+    cast_lm_head_to_fp32: bool,
+    wanted: frozenset[str],
+) -> tuple[dict[str, Any], Any, bool]:
+    """Run ``forward(*args, **kwargs)`` (``model``'s, or a wrapper's around it) with the labels and return the
+    per-token fields ``wanted`` (``_per_token``'s dict), the forward's output and whether the op computed them
+    (``False``: exactly, from the logits of a forward that kept its stock path)."""
+    kwargs["use_cache"] = False
+    # MoE router logits: the model's own forward asks for them when its config does (TRL's head, which calls the
+    # backbone itself, has to force it); forcing it here would also hit models whose aux-loss code is broken.
+    if labels is None:
+        # Only pre-shifted labels: the model's loss branch still needs a labels tensor to run.
+        labels = torch.full_like(shift_labels, -100)
+    call = dict(kwargs, labels=labels)
+    if shift_labels is not None:
+        call["shift_labels"] = shift_labels
+    if num_items_in_batch is not None:
+        call["num_items_in_batch"] = num_items_in_batch
+    # The head's fields score these targets (TRL's contract) where the class reads its labels for its loss alone,
+    # however that loss reads them (BART's decoders and XLNet: unshifted); where they also feed the decoder's
+    # inputs (an encoder-decoder), the loss's own targets are the next tokens.
+    owner = next((cls for cls in type(model).__mro__ if "forward" in cls.__dict__), None)
+    elsewhere = _registry.labels_elsewhere(owner) if owner is not None else None
+    own = elsewhere is not None and not elsewhere["decoder_inputs"]
+    capture = _state.Capture(temperature=temperature, outputs=wanted, fp32_head=cast_lm_head_to_fp32,
+                               uniform_grad=_state.uniform_grad_expected(), labels=labels if own else None,
+                               shift_labels=shift_labels if own else None)  # fmt: skip
+    with _state.capturing(capture):
+        out = forward(*args, **call)
+    fields = capture.result
+    if fields is not None:
+        return fields, out, True
+    # The class's forward has no fused branch (refused, not installed) or took its stock path: exact values from the
+    # logits it returned. A stock path taken by a rewritten forward was counted with its reason.
+    if capture.refused is None:
+        _state.record(model, "trl-materialised")
+    if elsewhere is not None and elsewhere["decoder_inputs"] and shift_labels is None:
+        shift_labels = labels  # each decoder position's label is its next token, as the fused branch scores it
+    fields = materialised_per_token(out.logits, labels, shift_labels=shift_labels, ignore_index=-100,
+                                    temperature=temperature, outputs=wanted)  # fmt: skip
+    return fields, out, False
+
+
 def _fused_outputs(
     model: Any,
     forward: Any,
@@ -94,30 +145,9 @@ def _fused_outputs(
     cast_lm_head_to_fp32: bool,
     wanted: frozenset[str],
 ) -> Any:
-    kwargs["use_cache"] = False
-    # MoE router logits: the model's own forward asks for them when its config does (TRL's head, which calls the
-    # backbone itself, has to force it); forcing it here would also hit models whose aux-loss code is broken.
-    if labels is None:
-        # Only pre-shifted labels: the model's loss branch still needs a labels tensor to run.
-        labels = torch.full_like(shift_labels, -100)
-    call = dict(kwargs, labels=labels)
-    if shift_labels is not None:
-        call["shift_labels"] = shift_labels
-    if num_items_in_batch is not None:
-        call["num_items_in_batch"] = num_items_in_batch
-    capture = _state.Capture(temperature=temperature, outputs=wanted, fp32_head=cast_lm_head_to_fp32,
-                               uniform_grad=_state.uniform_grad_expected())  # fmt: skip
-    with _state.capturing(capture):
-        out = forward(*args, **call)
-    fields = capture.result
-    CALLS["fused" if fields is not None else "materialised"] += 1
-    if fields is None:
-        # The class's forward has no fused branch (refused, not installed) or took its stock path: exact values
-        # from the logits it returned. A stock path taken by a rewritten forward was counted with its reason.
-        if capture.refused is None:
-            _state.record(model, "trl-materialised")
-        fields = materialised_per_token(out.logits, labels, shift_labels=shift_labels, ignore_index=-100,
-                                        temperature=temperature, outputs=wanted)  # fmt: skip
+    fields, out, fused = per_token_fields(model, forward, args, kwargs, labels, shift_labels, num_items_in_batch,
+                                          temperature, cast_lm_head_to_fp32, wanted)  # fmt: skip
+    CALLS["fused" if fused else "materialised"] += 1
     mask = fields["label_mask"]
     denominator = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
     loss = -fields["log_probs"].sum() / denominator

@@ -22,12 +22,7 @@ run time (then the logits it returned, and the teacher's from a stock forward, g
 from __future__ import annotations
 
 import functools
-import hashlib
-import inspect
-import io
-import textwrap
 import threading
-import tokenize
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,8 +30,9 @@ from typing import Any
 import torch
 
 from logitless import _registry, _state
+from logitless.integrations._digest import digest
 
-__all__ = ["CALLS", "STOCK", "digest", "known", "report", "reset", "source_digest", "wrap_compute_loss"]
+__all__ = ["CALLS", "STOCK", "known", "report", "reset", "wrap_compute_loss"]
 
 # Steps whose loss logitless computed, and those it left to TRL's code (by reason).
 CALLS = {"fused": 0}
@@ -68,24 +64,6 @@ def _count(reason: str | None) -> None:
             CALLS["fused"] += 1
         else:
             STOCK[reason] = STOCK.get(reason, 0) + 1
-
-
-def digest(function: Any) -> str | None:
-    """sha256 of ``function``'s source tokens, comments and blank lines aside (None: no source)."""
-    try:
-        return source_digest(inspect.getsource(function))
-    except (OSError, TypeError):
-        return None
-
-
-def source_digest(source: str) -> str | None:
-    """sha256 of a function's source tokens (its decorators included), comments and blank lines aside."""
-    try:
-        tokens = tokenize.generate_tokens(io.StringIO(textwrap.dedent(source)).readline)
-        kept = [f"{t.type}:{t.string}" for t in tokens if t.type not in (tokenize.COMMENT, tokenize.NL)]
-    except (tokenize.TokenError, IndentationError, SyntaxError):
-        return None
-    return hashlib.sha256("\n".join(kept).encode()).hexdigest()
 
 
 def known(trainer_class: type) -> bool:
