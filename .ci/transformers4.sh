@@ -27,3 +27,6 @@ VIRTUAL_ENV="$(cd "$VENV" && pwd)" "$VENV/bin/maturin" develop --release -q  # L
 test -f .trl-legacy/.fetched || make -s .trl-legacy/.fetched
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_hf_trainer.py tests/test_remote_code.py \
     tests/test_trl_legacy.py
+# ORPO and CPO of TRL 0.24 (trl.trainer, the other release logitless reproduces) on that transformers, run in this
+# process with its source first on the path.
+PYTHONPATH=.trl-legacy/trl-0.24.0 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_trl_odds.py

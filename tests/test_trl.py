@@ -516,4 +516,5 @@ def test_readme_example_runs_through_logitless() -> None:
                    "'legacy': {'chunked': {'fused': 0, 'materialised': 0}, 'logits_for_metrics': 0}, " \
                    "'distillation': {'calls': {'class_epilogue': 0, 'trl_epilogue': 0}, 'corrected': {}, " \
                    "'unchecked': {}}, 'gkd': {'fused': 0, 'stock': {}}, 'orpo': {'fused': 0, 'stock': {}}, " \
-                   "'cpo': {'fused': 0, 'stock': {}}, 'left_to_trl': []}", done.stdout  # fmt: skip
+                   "'cpo': {'fused': 0, 'stock': {}}, 'online_dpo': {'fused': 0, 'stock': {}}, " \
+                   "'left_to_trl': []}", done.stdout  # fmt: skip

@@ -115,6 +115,10 @@ _TRL_METHODS = (
     *(_TrlMethod(f"{package}.{kind}_trainer", f"{kind.upper()}Trainer", "concatenated_forward",
                  "logitless.integrations.trl_odds", f"wrap_{kind}_forward", accepts="known")
       for kind in ("orpo", "cpo") for package in (f"trl.experimental.{kind}", "trl.trainer")),
+    # Online DPO's completion log-probabilities, fused (TRL 0.24 in trl.trainer, 1.5 to 1.16 in trl.experimental).
+    *(_TrlMethod(module, "OnlineDPOTrainer", "_forward", "logitless.integrations.trl_online_dpo", "wrap_forward",
+                 accepts="known")
+      for module in ("trl.experimental.online_dpo.online_dpo_trainer", "trl.trainer.online_dpo_trainer")),
 )
 _trl_wrapped: dict[tuple[str, str], tuple[type, Any]] = {}
 
@@ -370,7 +374,7 @@ def _uninstall_trl() -> None:
     legacy = sys.modules.get("logitless.integrations.trl_legacy")
     if legacy is not None:
         legacy.reset()
-    for name in ("trl_gkd", "trl_odds"):
+    for name in ("trl_gkd", "trl_odds", "trl_online_dpo"):
         module = sys.modules.get(f"logitless.integrations.{name}")
         if module is not None:
             module.reset()
@@ -388,6 +392,8 @@ def _trl_report() -> dict[str, Any]:
     gkd = sys.modules.get("logitless.integrations.trl_gkd")
     odds = sys.modules.get("logitless.integrations.trl_odds")
     odds_report = odds.report() if odds is not None else {kind: {"fused": 0, "stock": {}} for kind in ("orpo", "cpo")}
+    online = sys.modules.get("logitless.integrations.trl_online_dpo")
+    odds_report["online_dpo"] = online.report() if online is not None else {"fused": 0, "stock": {}}
     return {"patched_modules": sorted({name for name, _ in _trl_patched}), "calls": calls, "legacy": before_1_15,
             "distillation": divergence, "gkd": gkd.report() if gkd is not None else {"fused": 0, "stock": {}},
             **odds_report, "left_to_trl": sorted(f"{module}.{name}" for module, name in _trl_unmatched)}  # fmt: skip

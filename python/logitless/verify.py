@@ -101,7 +101,7 @@ def run_verify(args: argparse.Namespace) -> int:
     steps = report.gkd_summary(results)
     print("GKDTrainer step: " + ", ".join(f"{s} {steps[s]}" for s in report.GKD_STATUSES))
     calls = report.odds_summary(results)
-    print("ORPO / CPO calls: " + ", ".join(f"{s} {calls[s]}" for s in report.ODDS_STATUSES))
+    print("ORPO / CPO / Online DPO calls: " + ", ".join(f"{s} {calls[s]}" for s in report.ODDS_STATUSES))
     print(f"verify: {seconds:.0f} s")
     failed = False
     for r in results:
@@ -119,7 +119,7 @@ def run_verify(args: argparse.Namespace) -> int:
             print(f"GKDTrainer step MISMATCH {r['class']}: {r['gkd']['reason']}", file=sys.stderr)
         if (r.get("odds") or {}).get("status") == "MISMATCH":
             failed = True
-            print(f"ORPO / CPO MISMATCH {r['class']}: {r['odds']['reason']}", file=sys.stderr)
+            print(f"ORPO / CPO / Online DPO MISMATCH {r['class']}: {r['odds']['reason']}", file=sys.stderr)
     if args.min_verified:
         for kind, floor in zip((CAUSAL, CONDITIONAL), args.min_verified):
             if counts[kind]["verified"] < floor:

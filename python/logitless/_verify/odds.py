@@ -1,6 +1,6 @@
-"""TRL's ORPOTrainer and CPOTrainer under logitless on one class: ``concatenated_forward`` (as ``install()`` wraps it)
-on a preference batch made from the class's inputs, each value it returns against a float64 reference from the
-logits the model's own forward returns (stock, no labels)."""
+"""TRL's ORPOTrainer, CPOTrainer and OnlineDPOTrainer under logitless on one class: ``concatenated_forward`` and
+``_forward`` (as ``install()`` wraps them) on a preference batch made from the class's inputs, each value they return
+against a float64 reference from the logits the model's own forward returns (stock, no labels)."""
 
 from __future__ import annotations
 
@@ -44,6 +44,21 @@ def _trainers(device: torch.device, aux_loss: bool) -> dict[str, Any] | str:
         trainer.args = SimpleNamespace(torch_compile=False)
         trainer.accelerator = SimpleNamespace(unwrap_model=lambda m: m, device=device)
         trainers[kind] = trainer
+    try:
+        from trl.experimental.online_dpo import OnlineDPOTrainer
+    except ImportError:
+        return trainers  # (TRL before 1.5: ORPO and CPO only)
+    from logitless.integrations import trl_online_dpo
+
+    if trl_online_dpo.known(OnlineDPOTrainer):
+        original = OnlineDPOTrainer.__dict__["_forward"]
+        original = getattr(original, "__logitless_wrapped__", original)
+        wrapped = type("OnlineDPOTrainer", (OnlineDPOTrainer,), {"_forward": trl_online_dpo.wrap_forward(original)})
+        trainer = wrapped.__new__(wrapped)
+        trainer.max_length = 1 << 20
+        trainer.args = SimpleNamespace(torch_compile=False)
+        trainer.accelerator = SimpleNamespace(unwrap_model=lambda m: m)
+        trainers["online_dpo"] = trainer
     return trainers
 
 
@@ -76,7 +91,8 @@ def _reference(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, labe
 
 
 def check(model: torch.nn.Module, base_feed: dict[str, Any]) -> dict[str, Any]:
-    """ORPO's and CPO's ``concatenated_forward`` on ``model`` (installed) against the reference."""
+    """ORPO's and CPO's ``concatenated_forward`` and Online DPO's ``_forward`` on ``model`` (installed) against the
+    reference."""
     if not isinstance(base_feed.get("input_ids"), torch.Tensor):
         return {"status": NA, "reason": "the class takes no input_ids (the trainers pass input_ids and attention_mask)"}
     ids = base_feed["input_ids"]
@@ -105,6 +121,42 @@ def check(model: torch.nn.Module, base_feed: dict[str, Any]) -> dict[str, Any]:
     from logitless.integrations import trl_odds
 
     reasons, worst = [], 0.0
+    online = trainers.pop("online_dpo", None)
+    if online is not None:
+        # Online DPO's completion log-probabilities: the first positions as the prompt, the rest as a completion.
+        from logitless.integrations import trl_online_dpo
+
+        call = (model, stacked_ids[:, :_PROMPT], stacked_mask[:, :_PROMPT], stacked_ids[:, _PROMPT:],
+                stacked_mask[:, _PROMPT:])  # fmt: skip
+        before = trl_online_dpo.report()
+        torch.manual_seed(1234)
+        try:
+            with torch.no_grad():
+                got = online._forward(*call)
+        except Exception as exc:  # noqa: BLE001 - reported per class
+            got = None
+            trls = type(online).__mro__[1].__dict__["_forward"]
+            trls = getattr(trls, "__logitless_wrapped__", trls)  # TRL's own, not install()'s wrapper
+            try:
+                with torch.no_grad():
+                    trls(online, *call)
+            except Exception:  # noqa: BLE001 - TRL's call (no use_cache=False) fails on this class too
+                reasons.append("online_dpo: TRL's own _forward fails on this class")
+            else:
+                reason = f"online_dpo: failed where stock ran: {type(exc).__name__}: {exc}"
+                return {"status": MISMATCH, "reason": reason[:300]}
+        if got is not None:
+            after = trl_online_dpo.report()
+            fused = after["fused"] > before["fused"]
+            if not fused:
+                reasons += [f"online_dpo: {k}" for k, v in after["stock"].items() if v > before["stock"].get(k, 0)]
+            logp = logits.double().log_softmax(-1)[:, _PROMPT - 1 : -1]
+            expected = logp.gather(-1, stacked_ids[:, _PROMPT:].unsqueeze(-1)).squeeze(-1)
+            error = float((got.double() - expected).abs().max())
+            worst = max(worst, error / max(float(expected.abs().max()), 1e-12))
+            if not error <= (1e-5 if fused else 1e-4) * max(1.0, float(expected.abs().max())):
+                return {"status": MISMATCH, "loss_rel": worst, "reason": f"online_dpo: log-probabilities "
+                        f"{error:.3g} off the reference ({', '.join(reasons) or 'fused'})"}  # fmt: skip
     for kind, trainer in trainers.items():
         before = trl_odds.report()[kind]
         torch.manual_seed(1234)

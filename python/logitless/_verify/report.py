@@ -43,7 +43,7 @@ def gkd_summary(results: list[dict[str, Any]]) -> dict[str, int]:
 
 
 def odds_summary(results: list[dict[str, Any]]) -> dict[str, int]:
-    """The ORPO / CPO column: how many classes' calls were fused, kept TRL's path, or mismatched."""
+    """The ORPO / CPO (and Online DPO) column: how many classes' calls were fused, kept TRL's path, or mismatched."""
     counts = Counter(r["odds"]["status"] for r in results if r.get("odds"))
     return {s: counts.get(s, 0) for s in ODDS_STATUSES}
 
@@ -152,15 +152,18 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     calls = odds_summary(results)
     lines += [
         "",
-        "ORPO / CPO column: TRL's ORPOTrainer's and CPOTrainer's `concatenated_forward` as `logitless.install()` wraps",
-        "it (`logitless.integrations.trl_odds`), on a preference batch made from the class's inputs (rejected: the",
-        "tokens rotated; two prompt positions), every value it returns (log-probabilities per sequence, the chosen",
-        "rows' cross-entropy, the mean logits, a MoE router loss) against a float64 reference from the model's stock",
-        "logits. `fused`: both computed without logits, equal (rel ≤ 1e-5); `trl-path`: TRL's code or the model's",
-        "logits gave the values (the reason says why), equal (rel ≤ 1e-4); `n/a`: not comparable (the trainers pass",
-        "`input_ids` and `attention_mask` only).",
+        "ORPO / CPO / Online DPO column: TRL's ORPOTrainer's and CPOTrainer's `concatenated_forward` as",
+        "`logitless.install()` wraps it (`logitless.integrations.trl_odds`), on a preference batch made from the",
+        "class's inputs (rejected: the tokens rotated; two prompt positions), every value it returns",
+        "(log-probabilities per sequence, the chosen rows' cross-entropy, the mean logits, a MoE router loss), and",
+        "OnlineDPOTrainer's `_forward`",
+        "(`logitless.integrations.trl_online_dpo`: the completion's log-probabilities, the same rows split into a",
+        "prompt and a completion), against a float64 reference from the model's stock logits. `fused`: all",
+        "computed without logits, equal (rel ≤ 1e-5); `trl-path`: TRL's code or the model's logits gave some values",
+        "(the reason says why), equal (rel ≤ 1e-4); `n/a`: not comparable (the trainers pass `input_ids` and",
+        "`attention_mask` only).",
         "",
-        "| ORPO / CPO | " + " | ".join(ODDS_STATUSES) + " |",
+        "| ORPO / CPO / Online DPO | " + " | ".join(ODDS_STATUSES) + " |",
         "| --- |" + " ---: |" * len(ODDS_STATUSES),
         "| classes | " + " | ".join(str(calls[s]) for s in ODDS_STATUSES) + " |",
     ]
@@ -171,7 +174,7 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "was also fed pixel values and image tokens.",
         "",
         "| class | kind | status | loss rel | grad rel | loss rel (num_items) | grad rel (num_items) "
-        "| logits identical | TRL drop-in | distillation | GKD | ORPO / CPO | inputs | detail |",
+        "| logits identical | TRL drop-in | distillation | GKD | ORPO / CPO / Online DPO | inputs | detail |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in sorted(results, key=lambda r: (r["kind"], r["class"])):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["original_forward", "text_config"]
+__all__ = ["original_forward", "takes_shift_labels", "text_config"]
 
 
 def original_forward(model: Any) -> Callable[..., Any]:
@@ -24,3 +25,12 @@ def text_config(model: Any) -> Any:
     """The language model's config (a VLM's ``text_config``), where TRL reads the MoE router settings."""
     config = model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def takes_shift_labels(forward: Any) -> bool:
+    """Whether ``forward`` can be called with ``shift_labels`` (a parameter of that name, or ``**kwargs``)."""
+    try:
+        parameters = inspect.signature(forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD or p.name == "shift_labels" for p in parameters)

@@ -22,7 +22,6 @@ other cases ``_plan`` names.
 from __future__ import annotations
 
 import functools
-import inspect
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 
 from logitless import _registry, _state
+from logitless.integrations import _model_forward
 from logitless.integrations._digest import digest
 
 __all__ = ["known", "report", "reset", "wrap_cpo_forward", "wrap_orpo_forward"]
@@ -178,18 +178,10 @@ def _plan(trainer: Any, model: Any, owner: type, kind: str) -> _Plan | str:
     elsewhere = _registry.labels_elsewhere(cls)
     if elsewhere is None or elsewhere["decoder_inputs"]:
         return "labels-read-elsewhere"
-    shift_labels = _takes_shift_labels(cls.forward)
+    shift_labels = _model_forward.takes_shift_labels(cls.forward)
     if kind == "cpo" and not shift_labels:
         return "no-shift-labels"  # CPO's logits metric reads the last position, which only shift_labels reaches
     return _Plan(release=release, lm=lm, shift_labels=shift_labels)
-
-
-def _takes_shift_labels(forward: Any) -> bool:
-    try:
-        parameters = inspect.signature(forward).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(p.kind is inspect.Parameter.VAR_KEYWORD or p.name == "shift_labels" for p in parameters)
 
 
 def _fused(
