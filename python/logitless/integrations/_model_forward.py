@@ -6,7 +6,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["original_forward", "takes_shift_labels", "text_config"]
+__all__ = ["original_forward", "rewritten_lm", "takes_shift_labels", "text_config"]
 
 
 def original_forward(model: Any) -> Callable[..., Any]:
@@ -34,3 +34,30 @@ def takes_shift_labels(forward: Any) -> bool:
     except (TypeError, ValueError):
         return False
     return any(p.kind is inspect.Parameter.VAR_KEYWORD or p.name == "shift_labels" for p in parameters)
+
+
+def rewritten_lm(trainer: Any, model: Any) -> Any:
+    """The language model under ``model``'s DDP / ZeRO / PEFT wrappers whose class runs logitless's rewritten
+    forward, reading its labels for its loss alone and taking ``shift_labels``: what a trainer integration hands its
+    targets to. Otherwise the reason (a string) the trainer's own code runs instead."""
+    import torch
+
+    from logitless import _registry
+    from logitless.integrations.hf_trainer import _compiled, _peft_base
+
+    if not isinstance(model, torch.nn.Module) or _compiled(model) or getattr(trainer.args, "torch_compile", False):
+        return "compiled"
+    unwrapped = trainer.accelerator.unwrap_model(model)
+    peft = _peft_base(unwrapped)
+    if peft is False:
+        return "peft-prompt-learning"  # the wrapper adds to the labels
+    lm = peft if peft is not None else unwrapped
+    cls = next((c for c in type(lm).__mro__ if "forward" in c.__dict__), None)
+    if cls is None or not _registry.rewritten(cls):
+        return "not-rewritten"
+    elsewhere = _registry.labels_elsewhere(cls)
+    if elsewhere is None or elsewhere["decoder_inputs"]:
+        return "labels-read-elsewhere"
+    if not takes_shift_labels(cls.forward):
+        return "no-shift-labels"
+    return lm

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from logitless import _registry, _state
+from logitless import _state
 from logitless.integrations import _model_forward
 from logitless.integrations._digest import digest
 
@@ -130,7 +130,7 @@ def _wrap(original: Callable[..., Any], kind: str) -> Callable[..., Any]:
     def concatenated_forward(self: Any, model: Any, batch: Any) -> Any:
         owner = next((c for c in type(self).__mro__ if c.__dict__.get("concatenated_forward") is concatenated_forward),
                      None)  # fmt: skip
-        plan = _plan(self, model, owner, kind) if owner is not None else "unknown-release"
+        plan = _plan(self, model, owner) if owner is not None else "unknown-release"
         if isinstance(plan, str):
             _count(kind, plan)
             return original(self, model, batch)
@@ -146,13 +146,10 @@ def _wrap(original: Callable[..., Any], kind: str) -> Callable[..., Any]:
 class _Plan:
     release: _Release
     lm: torch.nn.Module  # the model whose class runs the rewritten forward (under any DDP / PEFT wrapper)
-    shift_labels: bool  # its forward takes ``shift_labels``
 
 
-def _plan(trainer: Any, model: Any, owner: type, kind: str) -> _Plan | str:
+def _plan(trainer: Any, model: Any, owner: type) -> _Plan | str:
     """What a fused call needs, or why the call keeps TRL's path."""
-    from logitless.integrations.hf_trainer import _compiled, _peft_base
-
     if not _state.enabled() or _state.current_capture() is not None or _state.current_smoothing() is not None:
         return "not-installed"
     release = _release(owner)
@@ -165,23 +162,10 @@ def _plan(trainer: Any, model: Any, owner: type, kind: str) -> _Plan | str:
         return "encoder-decoder"
     if release.label_pad and getattr(trainer, "label_pad_token_id", None) != -100:
         return "label-pad-token-id"  # that release's cross-entropy still ignores -100 alone
-    if not isinstance(model, torch.nn.Module) or _compiled(model) or getattr(trainer.args, "torch_compile", False):
-        return "compiled"
-    unwrapped = trainer.accelerator.unwrap_model(model)
-    peft = _peft_base(unwrapped)
-    if peft is False:
-        return "peft-prompt-learning"  # the wrapper adds to the labels
-    lm = peft if peft is not None else unwrapped
-    cls = next((c for c in type(lm).__mro__ if "forward" in c.__dict__), None)
-    if cls is None or not _registry.rewritten(cls):
-        return "not-rewritten"
-    elsewhere = _registry.labels_elsewhere(cls)
-    if elsewhere is None or elsewhere["decoder_inputs"]:
-        return "labels-read-elsewhere"
-    shift_labels = _model_forward.takes_shift_labels(cls.forward)
-    if kind == "cpo" and not shift_labels:
-        return "no-shift-labels"  # CPO's logits metric reads the last position, which only shift_labels reaches
-    return _Plan(release=release, lm=lm, shift_labels=shift_labels)
+    lm = _model_forward.rewritten_lm(trainer, model)
+    if isinstance(lm, str):
+        return lm
+    return _Plan(release=release, lm=lm)
 
 
 def _fused(
@@ -222,9 +206,8 @@ def _fused(
         kwargs["output_router_logits"] = True
     wanted = frozenset({"log_probs", "mean_logits"})
     labels_in = torch.nn.functional.pad(target, (1, 0), value=-100)
-    fields, outputs, fused = per_token_fields(plan.lm, model, (ids,), kwargs, labels_in,
-                                              shift_labels if plan.shift_labels else None, None, 1.0, False,
-                                              wanted)  # fmt: skip
+    fields, outputs, fused = per_token_fields(plan.lm, model, (ids,), kwargs, labels_in, shift_labels, None, 1.0,
+                                              False, wanted)  # fmt: skip
     # Every target counts: a shorter or holed mask means the forward's loss read other labels than these.
     positions = target.shape[-1]
     if fields["label_mask"].shape[-1] < positions + (kind == "cpo") or not bool(fields["label_mask"].all()):

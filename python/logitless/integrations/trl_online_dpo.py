@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from logitless import _registry, _state
+from logitless import _state
 from logitless.integrations import _model_forward
 from logitless.integrations._digest import digest
 
@@ -110,25 +110,8 @@ def wrap_forward(original: Callable[..., Any]) -> Callable[..., Any]:
 def _plan(trainer: Any, model: Any, vision_inputs: Any) -> torch.nn.Module | str:
     """The model whose class runs the rewritten forward (under any DDP / PEFT wrapper), or why the call keeps TRL's
     path."""
-    from logitless.integrations.hf_trainer import _compiled, _peft_base
-
     if not _state.enabled() or _state.current_capture() is not None or _state.current_smoothing() is not None:
         return "not-installed"
     if vision_inputs is not None:
         return "images"
-    if not isinstance(model, torch.nn.Module) or _compiled(model) or getattr(trainer.args, "torch_compile", False):
-        return "compiled"
-    unwrapped = trainer.accelerator.unwrap_model(model)
-    peft = _peft_base(unwrapped)
-    if peft is False:
-        return "peft-prompt-learning"  # the wrapper adds to the labels
-    lm = peft if peft is not None else unwrapped
-    cls = next((c for c in type(lm).__mro__ if "forward" in c.__dict__), None)
-    if cls is None or not _registry.rewritten(cls):
-        return "not-rewritten"
-    elsewhere = _registry.labels_elsewhere(cls)
-    if elsewhere is None or elsewhere["decoder_inputs"]:
-        return "labels-read-elsewhere"
-    if not _model_forward.takes_shift_labels(cls.forward):
-        return "no-shift-labels"
-    return lm
+    return _model_forward.rewritten_lm(trainer, model)  # type: ignore[no-any-return]
