@@ -743,6 +743,64 @@ def run_odds(setup: str, rank: int) -> dict[str, Any]:
     return row
 
 
+# TRL's OnlineDPOTrainer log-probabilities (logitless.integrations.trl_online_dpo) on an engine, stock and installed:
+# the policy's completion log-probabilities with gradients, the reference model's (frozen: plain beside DDP, its own
+# FSDP2 units, or a ZeRO-3 engine without an optimizer) without, and Online DPO's sigmoid loss on them.
+ONLINE_DPO_SETUPS = ("online-dpo-ddp", "online-dpo-fsdp2-head-own-unit", "online-dpo-zero3")
+
+
+def _online_dpo_trainer() -> Any:
+    """An OnlineDPOTrainer with only what its ``_forward`` reads (its __init__ builds a whole Trainer)."""
+    from types import SimpleNamespace
+
+    from trl.experimental.online_dpo import OnlineDPOTrainer
+
+    trainer = OnlineDPOTrainer.__new__(OnlineDPOTrainer)
+    trainer.max_length = 64
+    trainer.args = SimpleNamespace(torch_compile=False)
+    trainer.accelerator = SimpleNamespace(unwrap_model=lambda m: getattr(m, "module", m))
+    return trainer
+
+
+def _online_dpo_loss(trainer: Any, policy: Any, reference: Any, rank: int) -> torch.Tensor:
+    ids = batch(rank)
+    prompt, completion = ids[:, :5], ids[:, 5:]
+    completion_mask = torch.ones_like(completion)
+    completion_mask[1, -3:] = 0  # a completion that ended early
+    call = (prompt, torch.ones_like(prompt), completion, completion_mask)
+    logprobs = trainer._forward(policy, *call)
+    with torch.no_grad():
+        ref_logprobs = trainer._forward(reference, *call)
+    # Row 0 chosen, row 1 rejected: Online DPO's sigmoid loss on the summed completion log-probabilities.
+    summed, ref_summed = (logprobs * completion_mask).sum(1), (ref_logprobs * completion_mask).sum(1)
+    margin = (summed[0] - summed[1]) - (ref_summed[0] - ref_summed[1])
+    return -torch.nn.functional.logsigmoid(0.1 * margin)
+
+
+def run_online_dpo(setup: str, rank: int) -> dict[str, Any]:
+    row: dict[str, Any] = {}
+    for mode in ("stock", "logitless"):
+        logitless.uninstall()
+        if mode == "logitless":
+            logitless.install()
+        policy, reference = distill_models()
+        with torch.no_grad():  # a policy far from its reference: a margin far from 0
+            policy.lm_head.weight.mul_(8.0)
+        reference.requires_grad_(False)
+        if setup == "online-dpo-zero3":
+            policy, reference = _zero3(policy), _zero3(reference, train=False)
+        elif setup == "online-dpo-fsdp2-head-own-unit":
+            policy, reference = _fsdp(policy, head="own"), _fsdp(reference, head="own")
+        else:
+            policy = _ddp(policy)
+        trainer = _online_dpo_trainer()
+        losses, grads = _two_steps(policy, lambda model: _online_dpo_loss(trainer, model, reference, rank))
+        row[mode] = {"losses": losses, "grads": grads}
+    row["online_dpo"] = logitless.audit()["integrations"]["trl"]["online_dpo"]
+    logitless.uninstall()
+    return row
+
+
 def _two_steps(
     model: torch.nn.Module, loss_of: Callable[[torch.nn.Module], torch.Tensor]
 ) -> tuple[list[float], dict[str, torch.Tensor] | None]:
@@ -783,6 +841,8 @@ def run(setup: str, rank: int) -> dict[str, Any]:
         return run_gkd(setup, rank)
     if setup in ODDS_SETUPS:
         return run_odds(setup, rank)
+    if setup in ONLINE_DPO_SETUPS:
+        return run_online_dpo(setup, rank)
     if setup in EVAL_SETUPS:
         return run_eval(setup, rank)
     if setup in TRL_SETUPS:

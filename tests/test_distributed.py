@@ -86,7 +86,7 @@ def _launch(out: Path, world: int, setups: tuple[str, ...]) -> list[dict[str, An
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     setups = (*ALL, *STOCK, *SMOOTHING, *EVAL, *worker.KEEP_LOGITS_SETUPS, *worker.TRL_SETUPS, *worker.DISTILL_SETUPS,
-              *worker.GKD_SETUPS, *worker.ODDS_SETUPS, "vocab-parallel-op")  # fmt: skip
+              *worker.GKD_SETUPS, *worker.ODDS_SETUPS, *worker.ONLINE_DPO_SETUPS, "vocab-parallel-op")  # fmt: skip
     return _launch(tmp_path_factory.mktemp("dist"), 2, setups)
 
 
@@ -402,3 +402,19 @@ def test_orpo_steps_on_engines_equal_to_stock(ranks: list[dict[str, Any]], setup
         assert ours["losses"] == pytest.approx(stock["losses"], rel=1e-5)
         assert stock["losses"][1] != pytest.approx(stock["losses"][0], rel=1e-3)
         _close_grads(ours["grads"], stock["grads"], rel=1e-4)
+
+
+@pytest.mark.parametrize("setup", worker.ONLINE_DPO_SETUPS)
+def test_online_dpo_log_probs_on_engines_equal_to_stock(ranks: list[dict[str, Any]], setup: str) -> None:
+    """TRL's OnlineDPOTrainer ``_forward`` on an engine: the policy's completion log-probabilities from its head's
+    call (differentiated per sequence: the second kernel pass), the frozen reference model's without gradients under
+    its own engine. Each rank's losses over two SGD steps and the first step's gradients equal stock's under the same
+    engine."""
+    for r in range(2):
+        row = ranks[r][setup]
+        assert row["online_dpo"] == {"fused": 4, "stock": {}}
+        stock, ours = row["stock"], row["logitless"]
+        assert ours["losses"] == pytest.approx(stock["losses"], rel=1e-5)
+        assert stock["losses"][1] != pytest.approx(stock["losses"][0], rel=1e-3)
+        _close_grads(ours["grads"], stock["grads"], rel=1e-4)
+
