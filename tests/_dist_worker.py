@@ -640,6 +640,17 @@ class _DistillEngine:
         return grad
 
 
+def _on_engine(setup: str, trained: torch.nn.Module, frozen: torch.nn.Module | None = None) -> tuple[Any, Any]:
+    """A trainer setup's models on the engine its name ends with: ``-zero3`` (the frozen one a ZeRO-3 engine without
+    an optimizer), ``-fsdp2-head-own-unit`` (both sharded, each head its own unit) or ``-ddp`` (the frozen one plain,
+    as accelerate prepares a model for evaluation)."""
+    if setup.endswith("-zero3"):
+        return _zero3(trained), _zero3(frozen, train=False) if frozen is not None else None
+    if setup.endswith("-fsdp2-head-own-unit"):
+        return _fsdp(trained, head="own"), _fsdp(frozen, head="own") if frozen is not None else None
+    return _ddp(trained), frozen
+
+
 # TRL's GKDTrainer step (logitless.integrations.trl_gkd) on an engine, stock and installed: both models' forwards
 # through their engines (the teacher frozen: plain beside DDP, as accelerate prepares it for evaluation; its own
 # FSDP2 units, or a ZeRO-3 engine without an optimizer), the student's head its own unit.
@@ -673,12 +684,7 @@ def run_gkd(setup: str, rank: int) -> dict[str, Any]:
             student.lm_head.weight.mul_(8.0)
             teacher.lm_head.weight.mul_(8.0)
         teacher.requires_grad_(False)
-        if setup == "gkd-zero3":
-            student, teacher = _zero3(student), _zero3(teacher, train=False)
-        elif setup == "gkd-fsdp2-head-own-unit":
-            student, teacher = _fsdp(student, head="own"), _fsdp(teacher, head="own")
-        else:
-            student = _ddp(student)
+        student, teacher = _on_engine(setup, student, teacher)
         trainer = _gkd_trainer(teacher)
         losses, grads = _two_steps(student, lambda model: trainer.compute_loss(model, inputs))
         row[mode] = {"losses": losses, "grads": grads}
@@ -729,12 +735,7 @@ def run_odds(setup: str, rank: int) -> dict[str, Any]:
         if mode == "logitless":
             logitless.install()
         model = distill_models()[0]
-        if setup == "orpo-zero3":
-            model = _zero3(model)
-        elif setup == "orpo-fsdp2-head-own-unit":
-            model = _fsdp(model, head="own")
-        else:
-            model = _ddp(model)
+        model, _ = _on_engine(setup, model)
         trainer = _orpo_trainer()
         losses, grads = _two_steps(model, lambda m: trainer.get_batch_loss_metrics(m, inputs)[0])
         row[mode] = {"losses": losses, "grads": grads}
@@ -787,12 +788,7 @@ def run_online_dpo(setup: str, rank: int) -> dict[str, Any]:
         with torch.no_grad():  # a policy far from its reference: a margin far from 0
             policy.lm_head.weight.mul_(8.0)
         reference.requires_grad_(False)
-        if setup == "online-dpo-zero3":
-            policy, reference = _zero3(policy), _zero3(reference, train=False)
-        elif setup == "online-dpo-fsdp2-head-own-unit":
-            policy, reference = _fsdp(policy, head="own"), _fsdp(reference, head="own")
-        else:
-            policy = _ddp(policy)
+        policy, reference = _on_engine(setup, policy, reference)
         trainer = _online_dpo_trainer()
         losses, grads = _two_steps(policy, lambda model: _online_dpo_loss(trainer, model, reference, rank))
         row[mode] = {"losses": losses, "grads": grads}
