@@ -9,6 +9,7 @@ TRL_LEGACY     := 0.19.1 0.24.0 1.5.1 1.14.2
 TRL_FIRST_HEAD := 1.15.0
 TRL_DISTILL_CHUNKED := 1.14.2
 TRL_ODDS_OLD   := 0.24.0
+TRL_TPO_OLD    := 1.5.1
 TRL_LEGACY_DIR := .trl-legacy
 TORCHAO        := 0.18.0
 TORCHAO_DIR    := .torchao
@@ -32,7 +33,9 @@ test-rust:
 # divergence with TRL's own chunk size in its signature: the other drop-in); tests/test_trl_gkd.py on both too
 # (GKDTrainer's loss code is the same from 1.14 to the pinned release: the wrapper is checked on each).
 # tests/test_trl_odds.py also runs on TRL_ODDS_OLD: ORPO's and CPO's methods there are the other release logitless
-# reproduces (trl.trainer, label_pad_token_id configurable).
+# reproduces (trl.trainer, label_pad_token_id configurable). tests/test_trl_tpo.py also runs on TRL_TPO_OLD
+# (TPOTrainer's _compute_loss before TRL's fused entropy: the other release logitless reproduces) and, with
+# tests/test_trl_a2po.py, on TRL_DISTILL_CHUNKED (A*-PO's first release): beside each release's own trainer code.
 test-python: build $(TRL_LEGACY_DIR)/.fetched $(TORCHAO_DIR)/.fetched
 	$(PY) -m pytest -q
 	PYTHONPATH=$(TRL_LEGACY_DIR)/trl-$(TRL_FIRST_HEAD) $(PY) -c \
@@ -42,10 +45,13 @@ test-python: build $(TRL_LEGACY_DIR)/.fetched $(TORCHAO_DIR)/.fetched
 	PYTHONPATH=$(TRL_LEGACY_DIR)/trl-$(TRL_DISTILL_CHUNKED) $(PY) -c \
 	  'import sys, trl; v = trl.__version__; sys.exit(None if v == "$(TRL_DISTILL_CHUNKED)" else f"TRL {v} on the path")'
 	PYTHONPATH=$(TRL_LEGACY_DIR)/trl-$(TRL_DISTILL_CHUNKED) $(PY) -m pytest -q -p no:cacheprovider \
-	  tests/test_trl_distillation.py tests/test_trl_gkd.py
+	  tests/test_trl_distillation.py tests/test_trl_gkd.py tests/test_trl_tpo.py tests/test_trl_a2po.py
 	PYTHONPATH=$(TRL_LEGACY_DIR)/trl-$(TRL_ODDS_OLD) $(PY) -c \
 	  'import sys, trl; v = trl.__version__; sys.exit(None if v == "$(TRL_ODDS_OLD)" else f"TRL {v} on the path")'
 	PYTHONPATH=$(TRL_LEGACY_DIR)/trl-$(TRL_ODDS_OLD) $(PY) -m pytest -q -p no:cacheprovider tests/test_trl_odds.py
+	PYTHONPATH=$(TRL_LEGACY_DIR)/trl-$(TRL_TPO_OLD) $(PY) -c \
+	  'import sys, trl; v = trl.__version__; sys.exit(None if v == "$(TRL_TPO_OLD)" else f"TRL {v} on the path")'
+	PYTHONPATH=$(TRL_LEGACY_DIR)/trl-$(TRL_TPO_OLD) $(PY) -m pytest -q -p no:cacheprovider tests/test_trl_tpo.py
 
 # Older TRL releases, their source only (unpacked wheels, not installed), for tests/test_trl_legacy.py: SFTTrainer
 # before TRL 1.15, run with the source first on PYTHONPATH (versions: TRL_LEGACY, above); and TRL_FIRST_HEAD.

@@ -13,6 +13,7 @@ every rank the same batch (``batch(0)``).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import sys
 from collections.abc import Callable
@@ -797,6 +798,99 @@ def run_online_dpo(setup: str, rank: int) -> dict[str, Any]:
     return row
 
 
+# TRL's TPOTrainer step (logitless.integrations.trl_tpo) on an engine, stock and installed: the chosen, rejected and
+# gold rows through the engine's forward, the preference loss and the gold rows' NLL from the head's call.
+TPO_SETUPS = ("tpo-ddp", "tpo-fsdp2-head-own-unit", "tpo-zero3")
+
+
+def _tpo_trainer(model: torch.nn.Module) -> Any:
+    """A TPOTrainer with only what its ``_compute_loss`` reads (its __init__ builds a whole Trainer)."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from trl.experimental.tpo import TPOTrainer
+
+    trainer = TPOTrainer.__new__(TPOTrainer)
+    trainer.model, trainer.tpo_alpha, trainer.beta, trainer.loss_type, trainer.label_smoothing = model, 1.0, 0.5, \
+        "sigmoid", 0.0
+    trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+    trainer._total_train_tokens, trainer._tp_size = 0, 1
+    trainer.args = SimpleNamespace(torch_compile=False)
+    trainer.accelerator = SimpleNamespace(unwrap_model=lambda m: getattr(m, "module", m),
+                                          gather_for_metrics=lambda t: t, gather=lambda t: t)  # fmt: skip
+    return trainer
+
+
+def _tpo_inputs(rank: int) -> dict[str, torch.Tensor]:
+    ids = batch(rank)
+    ids = torch.cat([ids[:1], ids[1:], ids[:1].flip(1)])  # chosen, rejected, gold
+    attention = torch.ones_like(ids)
+    attention[1, -2:] = 0  # a padded row
+    completion = attention.clone()
+    completion[:, :4] = 0  # the prompt
+    return {"input_ids": ids, "attention_mask": attention, "completion_mask": completion}
+
+
+def run_tpo(setup: str, rank: int) -> dict[str, Any]:
+    inputs = _tpo_inputs(rank)
+    row: dict[str, Any] = {}
+    for mode in ("stock", "logitless"):
+        logitless.uninstall()
+        if mode == "logitless":
+            logitless.install()
+        model, _ = _on_engine(setup, distill_models()[0])
+        trainer = _tpo_trainer(model)
+        losses, grads = _two_steps(model, lambda m: trainer._compute_loss(m, inputs, False))
+        row[mode] = {"losses": losses, "grads": grads}
+    row["tpo"] = logitless.audit()["integrations"]["trl"]["tpo"]
+    logitless.uninstall()
+    return row
+
+
+# TRL's A2POTrainer sequence log-probabilities (logitless.integrations.trl_a2po) on an engine, stock and installed:
+# the policy's with gradients, the frozen reference model's without under its own engine, and A*-PO's regression
+# loss on them.
+A2PO_SETUPS = ("a2po-ddp", "a2po-fsdp2-head-own-unit", "a2po-zero3")
+
+
+def _a2po_loss(trainer: Any, policy: Any, reference: Any, rank: int) -> torch.Tensor:
+    ids = batch(rank)
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0  # a completion that ended early
+    completion = ids.size(1) - 5
+    logps = trainer._get_sequence_logps(policy, ids, mask, completion)
+    with torch.no_grad():
+        ref_logps = trainer._get_sequence_logps(reference, ids, mask, completion)
+    target = torch.tensor([0.5, -0.5])  # reward minus the optimal value
+    return ((0.1 * (logps - ref_logps) - target) ** 2).mean()
+
+
+def run_a2po(setup: str, rank: int) -> dict[str, Any]:
+    from types import SimpleNamespace
+
+    from trl.experimental.a2po import A2POTrainer
+
+    row: dict[str, Any] = {}
+    for mode in ("stock", "logitless"):
+        logitless.uninstall()
+        if mode == "logitless":
+            logitless.install()
+        policy, reference = distill_models()
+        with torch.no_grad():  # a policy far from its reference: log-ratios far from 0
+            policy.lm_head.weight.mul_(8.0)
+        reference.requires_grad_(False)
+        trainer = A2POTrainer.__new__(A2POTrainer)  # only what _get_sequence_logps reads
+        trainer.model_kwarg_keys = inspect.signature(policy.forward).parameters.keys()
+        trainer.args = SimpleNamespace(torch_compile=False)
+        trainer.accelerator = SimpleNamespace(unwrap_model=lambda m: getattr(m, "module", m))
+        policy, reference = _on_engine(setup, policy, reference)
+        losses, grads = _two_steps(policy, lambda model: _a2po_loss(trainer, model, reference, rank))
+        row[mode] = {"losses": losses, "grads": grads}
+    row["a2po"] = logitless.audit()["integrations"]["trl"]["a2po"]
+    logitless.uninstall()
+    return row
+
+
 def _two_steps(
     model: torch.nn.Module, loss_of: Callable[[torch.nn.Module], torch.Tensor]
 ) -> tuple[list[float], dict[str, torch.Tensor] | None]:
@@ -839,6 +933,10 @@ def run(setup: str, rank: int) -> dict[str, Any]:
         return run_odds(setup, rank)
     if setup in ONLINE_DPO_SETUPS:
         return run_online_dpo(setup, rank)
+    if setup in TPO_SETUPS:
+        return run_tpo(setup, rank)
+    if setup in A2PO_SETUPS:
+        return run_a2po(setup, rank)
     if setup in EVAL_SETUPS:
         return run_eval(setup, rank)
     if setup in TRL_SETUPS:

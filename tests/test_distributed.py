@@ -86,7 +86,8 @@ def _launch(out: Path, world: int, setups: tuple[str, ...]) -> list[dict[str, An
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     setups = (*ALL, *STOCK, *SMOOTHING, *EVAL, *worker.KEEP_LOGITS_SETUPS, *worker.TRL_SETUPS, *worker.DISTILL_SETUPS,
-              *worker.GKD_SETUPS, *worker.ODDS_SETUPS, *worker.ONLINE_DPO_SETUPS, "vocab-parallel-op")  # fmt: skip
+              *worker.GKD_SETUPS, *worker.ODDS_SETUPS, *worker.ONLINE_DPO_SETUPS, *worker.TPO_SETUPS,
+              *worker.A2PO_SETUPS, "vocab-parallel-op")  # fmt: skip
     return _launch(tmp_path_factory.mktemp("dist"), 2, setups)
 
 
@@ -418,3 +419,30 @@ def test_online_dpo_log_probs_on_engines_equal_to_stock(ranks: list[dict[str, An
         assert stock["losses"][1] != pytest.approx(stock["losses"][0], rel=1e-3)
         _close_grads(ours["grads"], stock["grads"], rel=1e-4)
 
+
+@pytest.mark.parametrize("setup", worker.TPO_SETUPS)
+def test_tpo_steps_on_engines_equal_to_stock(ranks: list[dict[str, Any]], setup: str) -> None:
+    """TRL's TPOTrainer step on an engine: the chosen, rejected and gold rows' per-token log-probabilities (and the
+    metrics' entropy, mean logit and top-1) from the head's call inside the engine's forward. Each rank's losses over
+    two SGD steps and the first step's gradients equal stock TPO's under the same engine."""
+    for r in range(2):
+        row = ranks[r][setup]
+        assert row["tpo"] == {"fused": 2, "stock": {}}
+        stock, ours = row["stock"], row["logitless"]
+        assert ours["losses"] == pytest.approx(stock["losses"], rel=1e-5)
+        assert stock["losses"][1] != pytest.approx(stock["losses"][0], rel=1e-3)
+        _close_grads(ours["grads"], stock["grads"], rel=1e-4)
+
+
+@pytest.mark.parametrize("setup", worker.A2PO_SETUPS)
+def test_a2po_log_probs_on_engines_equal_to_stock(ranks: list[dict[str, Any]], setup: str) -> None:
+    """TRL's A2POTrainer ``_get_sequence_logps`` on an engine: the policy's from its head's call, the frozen
+    reference model's under its own engine. Each rank's losses over two SGD steps and the first step's gradients
+    equal stock's under the same engine."""
+    for r in range(2):
+        row = ranks[r][setup]
+        assert row["a2po"] == {"fused": 4, "stock": {}}
+        stock, ours = row["stock"], row["logitless"]
+        assert ours["losses"] == pytest.approx(stock["losses"], rel=1e-5)
+        assert stock["losses"][1] != pytest.approx(stock["losses"][0], rel=1e-3)
+        _close_grads(ours["grads"], stock["grads"], rel=1e-4)

@@ -119,6 +119,12 @@ _TRL_METHODS = (
     *(_TrlMethod(module, "OnlineDPOTrainer", "_forward", "logitless.integrations.trl_online_dpo", "wrap_forward",
                  accepts="known")
       for module in ("trl.experimental.online_dpo.online_dpo_trainer", "trl.trainer.online_dpo_trainer")),
+    # TPO's step (log-probabilities, NLL term, metrics), fused (TRL 1.5 to 1.16).
+    _TrlMethod("trl.experimental.tpo.tpo_trainer", "TPOTrainer", "_compute_loss", "logitless.integrations.trl_tpo",
+               "wrap_compute_loss", accepts="known"),  # fmt: skip
+    # A*-PO's sequence log-probabilities (policy and reference), fused (TRL 1.14 to 1.16).
+    _TrlMethod("trl.experimental.a2po.a2po_trainer", "A2POTrainer", "_get_sequence_logps",
+               "logitless.integrations.trl_a2po", "wrap_sequence_logps", accepts="known"),  # fmt: skip
 )
 _trl_wrapped: dict[tuple[str, str], tuple[type, Any]] = {}
 
@@ -374,7 +380,7 @@ def _uninstall_trl() -> None:
     legacy = sys.modules.get("logitless.integrations.trl_legacy")
     if legacy is not None:
         legacy.reset()
-    for name in ("trl_gkd", "trl_odds", "trl_online_dpo"):
+    for name in ("trl_gkd", "trl_odds", "trl_online_dpo", "trl_tpo", "trl_a2po"):
         module = sys.modules.get(f"logitless.integrations.{name}")
         if module is not None:
             module.reset()
@@ -392,8 +398,9 @@ def _trl_report() -> dict[str, Any]:
     gkd = sys.modules.get("logitless.integrations.trl_gkd")
     odds = sys.modules.get("logitless.integrations.trl_odds")
     odds_report = odds.report() if odds is not None else {kind: {"fused": 0, "stock": {}} for kind in ("orpo", "cpo")}
-    online = sys.modules.get("logitless.integrations.trl_online_dpo")
-    odds_report["online_dpo"] = online.report() if online is not None else {"fused": 0, "stock": {}}
+    for kind in ("online_dpo", "tpo", "a2po"):
+        module = sys.modules.get(f"logitless.integrations.trl_{kind}")
+        odds_report[kind] = module.report() if module is not None else {"fused": 0, "stock": {}}
     return {"patched_modules": sorted({name for name, _ in _trl_patched}), "calls": calls, "legacy": before_1_15,
             "distillation": divergence, "gkd": gkd.report() if gkd is not None else {"fused": 0, "stock": {}},
             **odds_report, "left_to_trl": sorted(f"{module}.{name}" for module, name in _trl_unmatched)}  # fmt: skip
