@@ -22,7 +22,6 @@ run time (then the logits it returned, and the teacher's from a stock forward, g
 from __future__ import annotations
 
 import functools
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,14 +29,14 @@ from typing import Any
 import torch
 
 from logitless import _registry, _state
+from logitless.integrations._calls import Calls
 from logitless.integrations._digest import digest
 
-__all__ = ["CALLS", "STOCK", "known", "report", "reset", "wrap_compute_loss"]
+__all__ = ["known", "report", "reset", "wrap_compute_loss"]
 
 # Steps whose loss logitless computed, and those it left to TRL's code (by reason).
-CALLS = {"fused": 0}
-STOCK: dict[str, int] = {}
-_LOCK = threading.Lock()
+_CALLS = Calls()
+report, reset, _count = _CALLS.report, _CALLS.reset, _CALLS.count
 
 # sha256 of the token streams (comments and blank lines aside) of the methods this module reproduces, by method:
 # TRL 1.14.2, 1.15.0 and 1.16.0 have the same ones.
@@ -45,25 +44,6 @@ _KNOWN = {
     "compute_loss": {"48762386e9813981e0b38b3d12b57f8b69dfb48744428e5be21c713c814d880b"},
     "generalized_jsd_loss": {"4b073bda81525d1d8ee31ea7492788273442fd60243597610bc3d28982a333c7"},
 }
-
-
-def reset() -> None:
-    with _LOCK:
-        CALLS.update(fused=0)
-        STOCK.clear()
-
-
-def report() -> dict[str, Any]:
-    with _LOCK:
-        return {"fused": CALLS["fused"], "stock": dict(STOCK)}
-
-
-def _count(reason: str | None) -> None:
-    with _LOCK:
-        if reason is None:
-            CALLS["fused"] += 1
-        else:
-            STOCK[reason] = STOCK.get(reason, 0) + 1
 
 
 def known(trainer_class: type) -> bool:

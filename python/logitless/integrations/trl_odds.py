@@ -22,7 +22,6 @@ other cases ``_plan`` names.
 from __future__ import annotations
 
 import functools
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +30,7 @@ import torch
 
 from logitless import _state
 from logitless.integrations import _model_forward
+from logitless.integrations._calls import Calls
 from logitless.integrations._digest import digest
 
 __all__ = ["known", "report", "reset", "wrap_cpo_forward", "wrap_orpo_forward"]
@@ -69,29 +69,20 @@ _KNOWN: dict[str, dict[tuple[str, str, str], _Release]] = {
 }  # fmt: skip
 
 # Calls whose values logitless computed, and those left to TRL's code (by reason), by trainer.
-_CALLS: dict[str, dict[str, Any]] = {"orpo": {"fused": 0, "stock": {}}, "cpo": {"fused": 0, "stock": {}}}
-_LOCK = threading.Lock()
+_CALLS = {"orpo": Calls(), "cpo": Calls()}
 
 
 def reset() -> None:
-    with _LOCK:
-        for calls in _CALLS.values():
-            calls["fused"] = 0
-            calls["stock"].clear()
+    for calls in _CALLS.values():
+        calls.reset()
 
 
 def report() -> dict[str, Any]:
-    with _LOCK:
-        return {kind: {"fused": calls["fused"], "stock": dict(calls["stock"])} for kind, calls in _CALLS.items()}
+    return {kind: calls.report() for kind, calls in _CALLS.items()}
 
 
 def _count(kind: str, reason: str | None) -> None:
-    with _LOCK:
-        calls = _CALLS[kind]
-        if reason is None:
-            calls["fused"] += 1
-        else:
-            calls["stock"][reason] = calls["stock"].get(reason, 0) + 1
+    _CALLS[kind].count(reason)
 
 
 def _defined(trainer_class: type, name: str) -> Any:

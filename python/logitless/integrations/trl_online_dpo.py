@@ -18,7 +18,6 @@ labels for its loss alone, and when the head's fields do not cover the completio
 from __future__ import annotations
 
 import functools
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +25,7 @@ import torch
 
 from logitless import _state
 from logitless.integrations import _model_forward
+from logitless.integrations._calls import Calls
 from logitless.integrations._digest import digest
 
 __all__ = ["known", "report", "reset", "wrap_forward"]
@@ -36,27 +36,8 @@ _KNOWN = {
     "26d71d17040954f88e599cadf115663b0844f505009832e0ea352da0b0432bf8",
     "56a6cfac2616d3fccc5e3f6b12cdf44d354e27067806a71d1bb9a7a5537f01b1",
 }
-_CALLS: dict[str, Any] = {"fused": 0, "stock": {}}
-_LOCK = threading.Lock()
-
-
-def reset() -> None:
-    with _LOCK:
-        _CALLS["fused"] = 0
-        _CALLS["stock"].clear()
-
-
-def report() -> dict[str, Any]:
-    with _LOCK:
-        return {"fused": _CALLS["fused"], "stock": dict(_CALLS["stock"])}
-
-
-def _count(reason: str | None) -> None:
-    with _LOCK:
-        if reason is None:
-            _CALLS["fused"] += 1
-        else:
-            _CALLS["stock"][reason] = _CALLS["stock"].get(reason, 0) + 1
+_CALLS = Calls()
+report, reset, _count = _CALLS.report, _CALLS.reset, _CALLS.count
 
 
 def known(trainer_class: type) -> bool:
