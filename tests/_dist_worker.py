@@ -652,6 +652,21 @@ def _on_engine(setup: str, trained: torch.nn.Module, frozen: torch.nn.Module | N
     return _ddp(trained), frozen
 
 
+def _stock_and_logitless(trainer: str, steps: Callable[[], tuple[list[float], Any]]) -> dict[str, Any]:
+    """A TRL trainer setup's row: ``steps()`` (fresh models on the engine, two SGD steps: losses and the first step's
+    gradients) run stock and under ``install()``, and the trainer's audit counts of the installed run."""
+    row: dict[str, Any] = {}
+    for mode in ("stock", "logitless"):
+        logitless.uninstall()
+        if mode == "logitless":
+            logitless.install()
+        losses, grads = steps()
+        row[mode] = {"losses": losses, "grads": grads}
+    row[trainer] = logitless.audit()["integrations"]["trl"][trainer]
+    logitless.uninstall()
+    return row
+
+
 # TRL's GKDTrainer step (logitless.integrations.trl_gkd) on an engine, stock and installed: both models' forwards
 # through their engines (the teacher frozen: plain beside DDP, as accelerate prepares it for evaluation; its own
 # FSDP2 units, or a ZeRO-3 engine without an optimizer), the student's head its own unit.
@@ -675,11 +690,8 @@ def _gkd_trainer(teacher: torch.nn.Module) -> Any:
 def run_gkd(setup: str, rank: int) -> dict[str, Any]:
     ids = batch(rank)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels_of(ids)}
-    row: dict[str, Any] = {}
-    for mode in ("stock", "logitless"):
-        logitless.uninstall()
-        if mode == "logitless":
-            logitless.install()
+
+    def steps() -> tuple[list[float], Any]:
         student, teacher = distill_models()
         with torch.no_grad():  # sharper distributions: a divergence far from 0
             student.lm_head.weight.mul_(8.0)
@@ -687,11 +699,9 @@ def run_gkd(setup: str, rank: int) -> dict[str, Any]:
         teacher.requires_grad_(False)
         student, teacher = _on_engine(setup, student, teacher)
         trainer = _gkd_trainer(teacher)
-        losses, grads = _two_steps(student, lambda model: trainer.compute_loss(model, inputs))
-        row[mode] = {"losses": losses, "grads": grads}
-    row["gkd"] = logitless.audit()["integrations"]["trl"]["gkd"]
-    logitless.uninstall()
-    return row
+        return _two_steps(student, lambda model: trainer.compute_loss(model, inputs))
+
+    return _stock_and_logitless("gkd", steps)
 
 
 # TRL's ORPOTrainer step (logitless.integrations.trl_odds) on an engine, stock and installed: the stacked chosen and
@@ -730,19 +740,13 @@ def _orpo_batch(rank: int) -> dict[str, torch.Tensor]:
 
 def run_odds(setup: str, rank: int) -> dict[str, Any]:
     inputs = _orpo_batch(rank)
-    row: dict[str, Any] = {}
-    for mode in ("stock", "logitless"):
-        logitless.uninstall()
-        if mode == "logitless":
-            logitless.install()
-        model = distill_models()[0]
-        model, _ = _on_engine(setup, model)
+
+    def steps() -> tuple[list[float], Any]:
+        model, _ = _on_engine(setup, distill_models()[0])
         trainer = _orpo_trainer()
-        losses, grads = _two_steps(model, lambda m: trainer.get_batch_loss_metrics(m, inputs)[0])
-        row[mode] = {"losses": losses, "grads": grads}
-    row["orpo"] = logitless.audit()["integrations"]["trl"]["orpo"]
-    logitless.uninstall()
-    return row
+        return _two_steps(model, lambda m: trainer.get_batch_loss_metrics(m, inputs)[0])
+
+    return _stock_and_logitless("orpo", steps)
 
 
 # TRL's OnlineDPOTrainer log-probabilities (logitless.integrations.trl_online_dpo) on an engine, stock and installed:
@@ -780,22 +784,16 @@ def _online_dpo_loss(trainer: Any, policy: Any, reference: Any, rank: int) -> to
 
 
 def run_online_dpo(setup: str, rank: int) -> dict[str, Any]:
-    row: dict[str, Any] = {}
-    for mode in ("stock", "logitless"):
-        logitless.uninstall()
-        if mode == "logitless":
-            logitless.install()
+    def steps() -> tuple[list[float], Any]:
         policy, reference = distill_models()
         with torch.no_grad():  # a policy far from its reference: a margin far from 0
             policy.lm_head.weight.mul_(8.0)
         reference.requires_grad_(False)
         policy, reference = _on_engine(setup, policy, reference)
         trainer = _online_dpo_trainer()
-        losses, grads = _two_steps(policy, lambda model: _online_dpo_loss(trainer, model, reference, rank))
-        row[mode] = {"losses": losses, "grads": grads}
-    row["online_dpo"] = logitless.audit()["integrations"]["trl"]["online_dpo"]
-    logitless.uninstall()
-    return row
+        return _two_steps(policy, lambda model: _online_dpo_loss(trainer, model, reference, rank))
+
+    return _stock_and_logitless("online_dpo", steps)
 
 
 # TRL's TPOTrainer step (logitless.integrations.trl_tpo) on an engine, stock and installed: the chosen, rejected and
@@ -833,18 +831,13 @@ def _tpo_inputs(rank: int) -> dict[str, torch.Tensor]:
 
 def run_tpo(setup: str, rank: int) -> dict[str, Any]:
     inputs = _tpo_inputs(rank)
-    row: dict[str, Any] = {}
-    for mode in ("stock", "logitless"):
-        logitless.uninstall()
-        if mode == "logitless":
-            logitless.install()
+
+    def steps() -> tuple[list[float], Any]:
         model, _ = _on_engine(setup, distill_models()[0])
         trainer = _tpo_trainer(model)
-        losses, grads = _two_steps(model, lambda m: trainer._compute_loss(m, inputs, False))
-        row[mode] = {"losses": losses, "grads": grads}
-    row["tpo"] = logitless.audit()["integrations"]["trl"]["tpo"]
-    logitless.uninstall()
-    return row
+        return _two_steps(model, lambda m: trainer._compute_loss(m, inputs, False))
+
+    return _stock_and_logitless("tpo", steps)
 
 
 # TRL's A2POTrainer sequence log-probabilities (logitless.integrations.trl_a2po) on an engine, stock and installed:
@@ -870,11 +863,7 @@ def run_a2po(setup: str, rank: int) -> dict[str, Any]:
 
     from trl.experimental.a2po import A2POTrainer
 
-    row: dict[str, Any] = {}
-    for mode in ("stock", "logitless"):
-        logitless.uninstall()
-        if mode == "logitless":
-            logitless.install()
+    def steps() -> tuple[list[float], Any]:
         policy, reference = distill_models()
         with torch.no_grad():  # a policy far from its reference: log-ratios far from 0
             policy.lm_head.weight.mul_(8.0)
@@ -884,11 +873,9 @@ def run_a2po(setup: str, rank: int) -> dict[str, Any]:
         trainer.args = SimpleNamespace(torch_compile=False)
         trainer.accelerator = SimpleNamespace(unwrap_model=lambda m: getattr(m, "module", m))
         policy, reference = _on_engine(setup, policy, reference)
-        losses, grads = _two_steps(policy, lambda model: _a2po_loss(trainer, model, reference, rank))
-        row[mode] = {"losses": losses, "grads": grads}
-    row["a2po"] = logitless.audit()["integrations"]["trl"]["a2po"]
-    logitless.uninstall()
-    return row
+        return _two_steps(policy, lambda model: _a2po_loss(trainer, model, reference, rank))
+
+    return _stock_and_logitless("a2po", steps)
 
 
 def _two_steps(

@@ -39,3 +39,35 @@ def _word_tokenizer() -> Any:
 
 def _words(g: torch.Generator, n: int) -> str:
     return " ".join(f"t{int(x)}" for x in torch.randint(3, tiny.VOCAB, (n,), generator=g))
+
+
+def hooked_head(model: Any) -> None:
+    """A forward hook on the head: the model's forward keeps its stock path at run time (exact values from its
+    logits)."""
+    model.lm_head.register_forward_hook(lambda module, args, out: out * 1.5)
+
+
+def trained_logs(trainer: Any, evaluate: bool = False) -> list[dict[str, float]]:
+    """``trainer.train()``'s logged steps (those with a gradient norm) and, with ``evaluate``, ``evaluate()``'s
+    metrics after them."""
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "grad_norm" in e]
+    if evaluate:
+        logs.append(trainer.evaluate())
+    return logs
+
+
+def assert_logs_equal(ours: list[dict[str, float]], stock: list[dict[str, float]], minimum: int) -> None:
+    """Every float stock logged (timings aside) equal to ours to float32 rounding, over at least two entries and
+    ``minimum`` values."""
+    import math
+
+    assert len(ours) == len(stock) >= 2
+    compared = 0
+    for step, (a, b) in enumerate(zip(ours, stock, strict=True)):
+        for key, want in b.items():
+            if key.endswith(("runtime", "per_second")) or not isinstance(want, float):
+                continue
+            assert math.isclose(a[key], want, rel_tol=2e-5, abs_tol=1e-6), (step, key, a[key], want)
+            compared += 1
+    assert compared >= minimum

@@ -390,19 +390,26 @@ def test_gkd_steps_on_engines_equal_to_stock(ranks: list[dict[str, Any]], setup:
         _close_grads(ours["grads"], stock["grads"], rel=1e-4)
 
 
+def _assert_trainer_steps_equal_stock(ranks: list[dict[str, Any]], setup: str, trainer: str, fused: int) -> None:
+    """A TRL trainer's setup on both ranks: ``fused`` calls fused, none left to TRL; each rank's losses over two SGD
+    steps (the second different from the first) and the first step's gradients equal stock's under the same
+    engine."""
+    for r in range(2):
+        row = ranks[r][setup]
+        assert row[trainer] == {"fused": fused, "stock": {}}
+        stock, ours = row["stock"], row["logitless"]
+        assert ours["losses"] == pytest.approx(stock["losses"], rel=1e-5)
+        assert stock["losses"][1] != pytest.approx(stock["losses"][0], rel=1e-3)
+        _close_grads(ours["grads"], stock["grads"], rel=1e-4)
+
+
 @pytest.mark.parametrize("setup", worker.ODDS_SETUPS)
 def test_orpo_steps_on_engines_equal_to_stock(ranks: list[dict[str, Any]], setup: str) -> None:
     """TRL's ORPOTrainer step on an engine: the per-token log-probabilities from the head's call inside the engine's
     forward, differentiated with a different gradient at every position (the second kernel pass reads the head's
     weight in backward). Each rank's losses over two SGD steps and the first step's gradients equal stock ORPO's
     under the same engine."""
-    for r in range(2):
-        row = ranks[r][setup]
-        assert row["orpo"] == {"fused": 2, "stock": {}}
-        stock, ours = row["stock"], row["logitless"]
-        assert ours["losses"] == pytest.approx(stock["losses"], rel=1e-5)
-        assert stock["losses"][1] != pytest.approx(stock["losses"][0], rel=1e-3)
-        _close_grads(ours["grads"], stock["grads"], rel=1e-4)
+    _assert_trainer_steps_equal_stock(ranks, setup, "orpo", 2)
 
 
 @pytest.mark.parametrize("setup", worker.ONLINE_DPO_SETUPS)
@@ -411,13 +418,7 @@ def test_online_dpo_log_probs_on_engines_equal_to_stock(ranks: list[dict[str, An
     call (differentiated per sequence: the second kernel pass), the frozen reference model's without gradients under
     its own engine. Each rank's losses over two SGD steps and the first step's gradients equal stock's under the same
     engine."""
-    for r in range(2):
-        row = ranks[r][setup]
-        assert row["online_dpo"] == {"fused": 4, "stock": {}}
-        stock, ours = row["stock"], row["logitless"]
-        assert ours["losses"] == pytest.approx(stock["losses"], rel=1e-5)
-        assert stock["losses"][1] != pytest.approx(stock["losses"][0], rel=1e-3)
-        _close_grads(ours["grads"], stock["grads"], rel=1e-4)
+    _assert_trainer_steps_equal_stock(ranks, setup, "online_dpo", 4)
 
 
 @pytest.mark.parametrize("setup", worker.TPO_SETUPS)
@@ -425,13 +426,7 @@ def test_tpo_steps_on_engines_equal_to_stock(ranks: list[dict[str, Any]], setup:
     """TRL's TPOTrainer step on an engine: the chosen, rejected and gold rows' per-token log-probabilities (and the
     metrics' entropy, mean logit and top-1) from the head's call inside the engine's forward. Each rank's losses over
     two SGD steps and the first step's gradients equal stock TPO's under the same engine."""
-    for r in range(2):
-        row = ranks[r][setup]
-        assert row["tpo"] == {"fused": 2, "stock": {}}
-        stock, ours = row["stock"], row["logitless"]
-        assert ours["losses"] == pytest.approx(stock["losses"], rel=1e-5)
-        assert stock["losses"][1] != pytest.approx(stock["losses"][0], rel=1e-3)
-        _close_grads(ours["grads"], stock["grads"], rel=1e-4)
+    _assert_trainer_steps_equal_stock(ranks, setup, "tpo", 2)
 
 
 @pytest.mark.parametrize("setup", worker.A2PO_SETUPS)
@@ -439,10 +434,4 @@ def test_a2po_log_probs_on_engines_equal_to_stock(ranks: list[dict[str, Any]], s
     """TRL's A2POTrainer ``_get_sequence_logps`` on an engine: the policy's from its head's call, the frozen
     reference model's under its own engine. Each rank's losses over two SGD steps and the first step's gradients
     equal stock's under the same engine."""
-    for r in range(2):
-        row = ranks[r][setup]
-        assert row["a2po"] == {"fused": 4, "stock": {}}
-        stock, ours = row["stock"], row["logitless"]
-        assert ours["losses"] == pytest.approx(stock["losses"], rel=1e-5)
-        assert stock["losses"][1] != pytest.approx(stock["losses"][0], rel=1e-3)
-        _close_grads(ours["grads"], stock["grads"], rel=1e-4)
+    _assert_trainer_steps_equal_stock(ranks, setup, "a2po", 4)

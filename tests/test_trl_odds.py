@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ast
 import copy
-import math
 import sys
 import types
 import warnings
@@ -27,6 +26,7 @@ trl = pytest.importorskip("trl")
 from logitless.integrations import trl_odds  # noqa: E402 - after the TRL check
 from logitless.integrations._digest import source_digest  # noqa: E402
 from _trl_runs import _training_args, _word_tokenizer, _words  # noqa: E402
+from _trl_runs import assert_logs_equal, hooked_head, trained_logs  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("stock_world")
 
@@ -92,25 +92,11 @@ def _trainer(kind: str, name: str, **options: Any) -> Any:
 
 
 def _run(kind: str, name: str, **options: Any) -> list[dict[str, float]]:
-    evaluate = options.get("evaluate", False)
-    trainer = _trainer(kind, name, **options)
-    trainer.train()
-    logs = [e for e in trainer.state.log_history if "grad_norm" in e]
-    if evaluate:
-        logs.append(trainer.evaluate())
-    return logs
+    return trained_logs(_trainer(kind, name, **options), options.get("evaluate", False))
 
 
 def _compare(ours: list[dict[str, float]], stock: list[dict[str, float]]) -> None:
-    assert len(ours) == len(stock) >= 2
-    compared = 0
-    for step, (a, b) in enumerate(zip(ours, stock, strict=True)):
-        for key, want in b.items():
-            if key.endswith(("runtime", "per_second")) or not isinstance(want, float):
-                continue
-            assert math.isclose(a[key], want, rel_tol=2e-5, abs_tol=1e-6), (step, key, a[key], want)
-            compared += 1
-    assert compared >= 20
+    assert_logs_equal(ours, stock, 20)
 
 
 def _report(kind: str) -> dict[str, Any]:
@@ -168,10 +154,6 @@ def test_mixtral_router_loss_equals_stock() -> None:
     assert _report("orpo") == {"fused": 2, "stock": {}}
 
 
-def _hooked_head(model: torch.nn.Module) -> None:
-    model.lm_head.register_forward_hook(lambda module, args, out: out * 1.5)
-
-
 def _own_logps(trainer_class: type) -> type:
     class Trainer(trainer_class):  # type: ignore[misc, valid-type]
         @staticmethod
@@ -181,7 +163,7 @@ def _own_logps(trainer_class: type) -> type:
     return Trainer
 
 
-@pytest.mark.parametrize(("options", "reason"), [({"change": _hooked_head}, "materialised"),
+@pytest.mark.parametrize(("options", "reason"), [({"change": hooked_head}, "materialised"),
                                                  ({"subclass": _own_logps}, "custom-get-batch-logps")])  # fmt: skip
 def test_what_keeps_trls_values(options: dict[str, Any], reason: str) -> None:
     """A hooked head (the forward keeps its stock path at run time: exact values from its logits, formed once) and

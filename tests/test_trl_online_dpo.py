@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ast
 import copy
-import math
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ except (AttributeError, RuntimeError) as exc:  # pragma: no cover - TRL 0.x need
 from logitless.integrations import trl_online_dpo  # noqa: E402 - after the TRL checks
 from logitless.integrations._digest import source_digest  # noqa: E402
 from _trl_runs import _training_args, _word_tokenizer, _words  # noqa: E402
+from _trl_runs import assert_logs_equal, hooked_head, trained_logs  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("stock_world")
 
@@ -61,20 +61,11 @@ def _trainer(name: str, **options: Any) -> Any:
 
 
 def _run(name: str, **options: Any) -> list[dict[str, float]]:
-    trainer = _trainer(name, **options)
-    trainer.train()
-    return [e for e in trainer.state.log_history if "grad_norm" in e]
+    return trained_logs(_trainer(name, **options))
 
 
 def _compare(ours: list[dict[str, float]], stock: list[dict[str, float]]) -> None:
-    assert len(ours) == len(stock) >= 2
-    compared = 0
-    for step, (a, b) in enumerate(zip(ours, stock, strict=True)):
-        for key, want in b.items():
-            if isinstance(want, float):
-                assert math.isclose(a[key], want, rel_tol=2e-5, abs_tol=1e-6), (step, key, a[key], want)
-                compared += 1
-    assert compared >= 20
+    assert_logs_equal(ours, stock, 20)
     assert stock[1]["objective/kl"] > 0  # the second step's policy differs from the reference: a real comparison
 
 
@@ -106,12 +97,9 @@ def test_lora_policy_equals_stock() -> None:
 
 
 def test_a_hooked_head_gives_exact_values_from_its_logits() -> None:
-    def hooked(model: torch.nn.Module) -> None:
-        model.lm_head.register_forward_hook(lambda module, args, out: out * 1.5)
-
-    stock = _run("llama", change=hooked)
+    stock = _run("llama", change=hooked_head)
     logitless.install()
-    ours = _run("llama", change=hooked)
+    ours = _run("llama", change=hooked_head)
     _compare(ours, stock)
     assert _report() == {"fused": 0, "stock": {"materialised": 4}}
 

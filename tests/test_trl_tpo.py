@@ -26,6 +26,7 @@ tpo = pytest.importorskip("trl.experimental.tpo")
 from logitless.integrations import trl_tpo  # noqa: E402 - after the TRL checks
 from logitless.integrations._digest import source_digest  # noqa: E402
 from _trl_runs import _training_args, _word_tokenizer, _words  # noqa: E402
+from _trl_runs import assert_logs_equal, hooked_head, trained_logs  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("stock_world")
 
@@ -57,25 +58,11 @@ def _trainer(name: str, **options: Any) -> Any:
 
 
 def _run(name: str, **options: Any) -> list[dict[str, float]]:
-    evaluate = options.get("evaluate", False)
-    trainer = _trainer(name, **options)
-    trainer.train()
-    logs = [e for e in trainer.state.log_history if "grad_norm" in e]
-    if evaluate:
-        logs.append(trainer.evaluate())
-    return logs
+    return trained_logs(_trainer(name, **options), options.get("evaluate", False))
 
 
 def _compare(ours: list[dict[str, float]], stock: list[dict[str, float]]) -> None:
-    assert len(ours) == len(stock) >= 2
-    compared = 0
-    for step, (a, b) in enumerate(zip(ours, stock, strict=True)):
-        for key, want in b.items():
-            if key.endswith(("runtime", "per_second")) or not isinstance(want, float):
-                continue
-            assert math.isclose(a[key], want, rel_tol=2e-5, abs_tol=1e-6), (step, key, a[key], want)
-            compared += 1
-    assert compared >= 20
+    assert_logs_equal(ours, stock, 20)
     assert stock[1]["mean_token_accuracy"] > 0  # the top-1 metric is exercised, not 0 against 0
 
 
@@ -137,12 +124,9 @@ def test_lora_policy_equals_stock() -> None:
 
 
 def test_a_hooked_head_gives_exact_values_from_its_logits() -> None:
-    def hooked(model: torch.nn.Module) -> None:
-        model.lm_head.register_forward_hook(lambda module, args, out: out * 1.5)
-
-    stock = _run("llama", change=hooked)
+    stock = _run("llama", change=hooked_head)
     logitless.install()
-    ours = _run("llama", change=hooked)
+    ours = _run("llama", change=hooked_head)
     _compare(ours, stock)
     assert _report() == {"fused": 0, "stock": {"materialised": 2}}
 
