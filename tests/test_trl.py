@@ -517,4 +517,5 @@ def test_readme_example_runs_through_logitless() -> None:
                    "'distillation': {'calls': {'class_epilogue': 0, 'trl_epilogue': 0}, 'corrected': {}, " \
                    "'unchecked': {}}, 'gkd': {'fused': 0, 'stock': {}}, 'orpo': {'fused': 0, 'stock': {}}, " \
                    "'cpo': {'fused': 0, 'stock': {}}, 'online_dpo': {'fused': 0, 'stock': {}}, " \
+                   "'tpo': {'fused': 0, 'stock': {}}, 'a2po': {'fused': 0, 'stock': {}}, " \
                    "'left_to_trl': []}", done.stdout  # fmt: skip
