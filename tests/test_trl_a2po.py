@@ -125,21 +125,23 @@ def test_sequence_logps_and_their_gradients_equal_float64(name: str) -> None:
         torch.testing.assert_close(p.grad.double(), params[key].grad, rtol=1e-4, atol=1e-6, msg=key)
 
 
-def test_an_empty_prompt_keeps_trls_path() -> None:
-    """With no prompt TRL's slices score each position against its own token: its code runs, whatever it does."""
+@pytest.mark.parametrize(("prompt_len", "kept", "reason"), [(0, 7, "empty-prompt"), (6, 0, "empty-completion")])
+def test_an_empty_prompt_or_completion_keeps_trls_path(prompt_len: int, kept: int, reason: str) -> None:
+    """Without a prompt, or a completion, TRL's slices do not score the completion's causal targets: its code runs,
+    whatever it does."""
     trainer = _trainer("llama")
-    ids, mask = _inputs(0)
+    ids, mask = _inputs(prompt_len)
     with torch.no_grad():
         try:
-            stock: Any = trainer._get_sequence_logps(trainer.model, ids, mask, ids.size(1))
+            stock: Any = trainer._get_sequence_logps(trainer.model, ids, mask, kept)
         except Exception as exc:  # noqa: BLE001 - compared below
             stock = type(exc)
         logitless.install()
         try:
-            ours: Any = trainer._get_sequence_logps(trainer.model, ids, mask, ids.size(1))
+            ours: Any = trainer._get_sequence_logps(trainer.model, ids, mask, kept)
         except Exception as exc:  # noqa: BLE001
             ours = type(exc)
-    assert _report() == {"fused": 0, "stock": {"empty-prompt": 1}}
+    assert _report() == {"fused": 0, "stock": {reason: 1}}
     if isinstance(stock, torch.Tensor):
         torch.testing.assert_close(ours, stock, rtol=0, atol=0)
     else:

@@ -397,13 +397,13 @@ def _trl_report() -> dict[str, Any]:
         "calls": {"class_epilogue": 0, "trl_epilogue": 0}, "corrected": {}, "unchecked": {}}  # fmt: skip
     gkd = sys.modules.get("logitless.integrations.trl_gkd")
     odds = sys.modules.get("logitless.integrations.trl_odds")
-    odds_report = odds.report() if odds is not None else {kind: {"fused": 0, "stock": {}} for kind in ("orpo", "cpo")}
+    trainers = odds.report() if odds is not None else {kind: {"fused": 0, "stock": {}} for kind in ("orpo", "cpo")}
     for kind in ("online_dpo", "tpo", "a2po"):
-        module = sys.modules.get(f"logitless.integrations.trl_{kind}")
-        odds_report[kind] = module.report() if module is not None else {"fused": 0, "stock": {}}
+        wrapper = sys.modules.get(f"logitless.integrations.trl_{kind}")
+        trainers[kind] = wrapper.report() if wrapper is not None else {"fused": 0, "stock": {}}
     return {"patched_modules": sorted({name for name, _ in _trl_patched}), "calls": calls, "legacy": before_1_15,
             "distillation": divergence, "gkd": gkd.report() if gkd is not None else {"fused": 0, "stock": {}},
-            **odds_report, "left_to_trl": sorted(f"{module}.{name}" for module, name in _trl_unmatched)}  # fmt: skip
+            **trainers, "left_to_trl": sorted(f"{module}.{name}" for module, name in _trl_unmatched)}  # fmt: skip
 
 
 def _json_safe(value: Any) -> Any:

@@ -12,9 +12,9 @@ Generation, rewards, the value estimates and the loss stay TRL's.
 
 Only the ``_get_sequence_logps`` these notes describe is wrapped (``known``: by the sha256 of its tokens); another
 release keeps TRL's code, with a warning. A call keeps TRL's path, counted by reason in
-``audit()["integrations"]["trl"]["a2po"]``, with an empty prompt (TRL's slices then do not line up), for a model
-whose class does not run a rewritten forward that reads its labels for its loss alone, and when the head's fields do
-not cover the completion.
+``audit()["integrations"]["trl"]["a2po"]``, with an empty prompt or completion (TRL's slices then do not line up),
+for a model whose class does not run a rewritten forward that reads its labels for its loss alone, and when the
+head's fields do not cover the completion.
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ def wrap_sequence_logps(original: Callable[..., Any]) -> Callable[..., Any]:
         length = input_ids.size(1)
         prompt_len = length - logits_to_keep
         if prompt_len <= 0 or logits_to_keep <= 0:
-            _count("empty-prompt")  # TRL's slices score other positions then; not a causal target
+            # TRL's slices score other positions then (or every one): not the completion's causal targets.
+            _count("empty-prompt" if prompt_len <= 0 else "empty-completion")
             return original(*call)
         # Position t predicts token t + 1: the completion's tokens are the targets of positions prompt_len - 1 on.
         shift_labels = torch.full_like(input_ids, -100)
