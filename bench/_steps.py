@@ -124,3 +124,33 @@ def print_against_logitless(rows: dict[str, dict[str, Any]], per: str) -> None:
             line += (f"  (logitless {r['seconds'] / ours['seconds']:.2f}x faster, "
                      f"{r['added_mib'] / max(ours['added_mib'], 1):.1f}x less memory)")  # fmt: skip
         print(line)
+
+
+def timed_and_fused(step: Callable[[], float], method: str, trainer: str) -> dict[str, float]:
+    """``timed_steps``, and for ``method`` logitless how many calls TRL's ``trainer`` integration fused
+    (``fused``), which ``peers_main`` prints."""
+    result = timed_steps(step)
+    if method == "logitless":
+        import logitless
+
+        result["fused"] = logitless.audit()["integrations"]["trl"][trainer]["fused"]
+    return result
+
+
+def peers_main(parser: Any, methods: tuple[str, ...], step: Callable[[Any], dict[str, float]],
+               title: Callable[[Any], str], script: str) -> None:  # fmt: skip
+    """A trainer-step benchmark's ``main`` against its peers: ``parser`` (its own sizes) gains ``--threads``,
+    ``--methods`` and the children's ``--method``; a child prints ``step(args)`` as JSON, the parent runs each method
+    in its own process (``each_method_in_its_process``) and prints them under ``title(args)``."""
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--methods", default=",".join(methods))
+    parser.add_argument("--method", choices=methods, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.method is not None:
+        print(json.dumps(step(args)))
+        return
+    rows = each_method_in_its_process(script, args.methods.split(","), "--method")
+    print(title(args))
+    print_against_logitless(rows, "/step")
+    if "fused" in rows.get("logitless", {}):
+        print(f"  logitless: {rows['logitless']['fused']} of 3 steps fused")

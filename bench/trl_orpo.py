@@ -20,11 +20,10 @@ ORPO loss needs CUDA: see its published figures.
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 # bench/ is on sys.path: these run as scripts
-from _steps import each_method_in_its_process, llama_shaped, print_against_logitless, timed_steps
+from _steps import llama_shaped, peers_main, timed_and_fused
 
 METHODS = ("stock", "trl kernel", "torch lce", "cce", "logitless")
 
@@ -105,10 +104,7 @@ def _step(args: argparse.Namespace) -> dict[str, float]:
         loss.backward()
         return float(loss.detach())
 
-    result = timed_steps(step)
-    if args.method == "logitless":
-        result["fused"] = logitless.audit()["integrations"]["trl"]["orpo"]["fused"]
-    return result
+    return timed_and_fused(step, args.method, "orpo")
 
 
 def main() -> None:
@@ -119,19 +115,12 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--beta", type=float, default=0.1, help="ORPO's lambda (ORPOConfig.beta)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.method is not None:
-        print(json.dumps(_step(args)))
-        return
-    rows = each_method_in_its_process(__file__, args.methods.split(","), "--method")
-    print(f"ORPO step: {args.pairs} pairs x {args.seq} tokens (a quarter prompt), width {args.width}, vocab "
-          f"{args.vocab}, {args.dtype}, beta {args.beta}, {args.threads} thread(s)")
-    print_against_logitless(rows, "/step")
-    if "fused" in rows.get("logitless", {}):
-        print(f"  logitless: {rows['logitless']['fused']} of 3 steps fused")
+    peers_main(parser, METHODS, _step, _title, __file__)
+
+
+def _title(args: argparse.Namespace) -> str:
+    return (f"ORPO step: {args.pairs} pairs x {args.seq} tokens (a quarter prompt), width {args.width}, vocab "
+            f"{args.vocab}, {args.dtype}, beta {args.beta}, {args.threads} thread(s)")
 
 
 if __name__ == "__main__":
