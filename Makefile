@@ -34,8 +34,7 @@ test-rust:
 # (GKDTrainer's loss code is the same from 1.14 to the pinned release: the wrapper is checked on each).
 # tests/test_trl_odds.py also runs on TRL_ODDS_OLD: ORPO's and CPO's methods there are the other release logitless
 # reproduces (trl.trainer, label_pad_token_id configurable). tests/test_trl_tpo.py also runs on TRL_TPO_OLD
-# (TPOTrainer's _compute_loss before TRL's fused entropy: the other release logitless reproduces) and, with
-# tests/test_trl_a2po.py, on TRL_DISTILL_CHUNKED (A*-PO's first release): beside each release's own trainer code.
+# (TPOTrainer's _compute_loss before TRL's fused entropy: the other release logitless reproduces).
 test-python: build $(TRL_LEGACY_DIR)/.fetched $(TORCHAO_DIR)/.fetched
 	$(PY) -m pytest -q
 	PYTHONPATH=$(TRL_LEGACY_DIR)/trl-$(TRL_FIRST_HEAD) $(PY) -c \
@@ -45,7 +44,7 @@ test-python: build $(TRL_LEGACY_DIR)/.fetched $(TORCHAO_DIR)/.fetched
 	PYTHONPATH=$(TRL_LEGACY_DIR)/trl-$(TRL_DISTILL_CHUNKED) $(PY) -c \
 	  'import sys, trl; v = trl.__version__; sys.exit(None if v == "$(TRL_DISTILL_CHUNKED)" else f"TRL {v} on the path")'
 	PYTHONPATH=$(TRL_LEGACY_DIR)/trl-$(TRL_DISTILL_CHUNKED) $(PY) -m pytest -q -p no:cacheprovider \
-	  tests/test_trl_distillation.py tests/test_trl_gkd.py tests/test_trl_tpo.py tests/test_trl_a2po.py
+	  tests/test_trl_distillation.py tests/test_trl_gkd.py
 	PYTHONPATH=$(TRL_LEGACY_DIR)/trl-$(TRL_ODDS_OLD) $(PY) -c \
 	  'import sys, trl; v = trl.__version__; sys.exit(None if v == "$(TRL_ODDS_OLD)" else f"TRL {v} on the path")'
 	PYTHONPATH=$(TRL_LEGACY_DIR)/trl-$(TRL_ODDS_OLD) $(PY) -m pytest -q -p no:cacheprovider tests/test_trl_odds.py

@@ -30,8 +30,6 @@ test -f .trl-legacy/.fetched || make -s .trl-legacy/.fetched
 # ORPO and CPO of TRL 0.24 (trl.trainer, the other release logitless reproduces) on that transformers, run in this
 # process with its source first on the path.
 PYTHONPATH=.trl-legacy/trl-0.24.0 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_trl_odds.py
-# TPO of TRL 1.14 (the _compute_loss logitless reproduces for 1.14 to 1.16) and of 1.5 (the other) on that
-# transformers. (A*-PO's stock run fails there before any logitless code: 4.x's generate() refuses the tokenizer's
-# token_type_ids.)
+# TPO of TRL 1.14 (the _compute_loss logitless reproduces for 1.14 to 1.16) on that transformers. (A*-PO's stock
+# run fails there before any logitless code: 4.x's generate() refuses the tokenizer's token_type_ids.)
 PYTHONPATH=.trl-legacy/trl-1.14.2 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_trl_tpo.py
-PYTHONPATH=.trl-legacy/trl-1.5.1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_trl_tpo.py
