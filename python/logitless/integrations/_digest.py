@@ -10,7 +10,7 @@ import textwrap
 import tokenize
 from typing import Any
 
-__all__ = ["digest", "source_digest"]
+__all__ = ["digest", "method_digest", "source_digest"]
 
 
 def digest(function: Any) -> str | None:
@@ -19,6 +19,14 @@ def digest(function: Any) -> str | None:
         return source_digest(inspect.getsource(function))
     except (OSError, TypeError):
         return None
+
+
+def method_digest(trainer_class: type, name: str) -> str | None:
+    """``digest`` of the method ``name`` as the nearest class of ``trainer_class``'s MRO defines it: a staticmethod's
+    function, and under ``install()`` TRL's own function, not logitless's wrapper (None: no such method)."""
+    method = next((c.__dict__[name] for c in trainer_class.__mro__ if name in c.__dict__), None)
+    function = method.__func__ if isinstance(method, staticmethod) else method
+    return digest(getattr(function, "__logitless_wrapped__", function)) if function is not None else None
 
 
 def source_digest(source: str) -> str | None:

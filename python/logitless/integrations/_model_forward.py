@@ -6,7 +6,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["original_forward", "rewritten_lm", "takes_shift_labels", "text_config"]
+__all__ = ["installed_and_idle", "original_forward", "rewritten_lm", "takes_shift_labels", "text_config"]
 
 
 def original_forward(model: Any) -> Callable[..., Any]:
@@ -34,6 +34,14 @@ def takes_shift_labels(forward: Any) -> bool:
     except (TypeError, ValueError):
         return False
     return any(p.kind is inspect.Parameter.VAR_KEYWORD or p.name == "shift_labels" for p in parameters)
+
+
+def installed_and_idle() -> bool:
+    """Whether logitless is installed and no other integration is computing the current call (a head's capture,
+    HF Trainer's label smoothing): what a trainer integration needs before it computes a call itself."""
+    from logitless import _state
+
+    return _state.enabled() and _state.current_capture() is None and _state.current_smoothing() is None
 
 
 def rewritten_lm(trainer: Any, model: Any) -> Any:

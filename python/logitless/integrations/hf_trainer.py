@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from logitless import _registry, _state
 from logitless._hook import ModelingImportHook
+from logitless.integrations import _model_forward
 
 if TYPE_CHECKING:
     import torch
@@ -250,7 +251,7 @@ def _plan(trainer: Any, model: Any, inputs: Any, shifts: Callable[..., bool | No
     on (counted in ``STOCK``); ``None`` where the call does not smooth as ``LabelSmoother`` does at all."""
     import torch  # not at import: install() runs in processes that never import torch (``audit``)
 
-    if not _state.enabled() or _state.current_capture() is not None or _state.current_smoothing() is not None:
+    if not _model_forward.installed_and_idle():
         return None
     smoother = getattr(trainer, "label_smoother", None)
     from transformers.trainer_pt_utils import LabelSmoother

@@ -25,10 +25,9 @@ from typing import Any
 
 import torch
 
-from logitless import _state
 from logitless.integrations import _model_forward
 from logitless.integrations._calls import Calls
-from logitless.integrations._digest import digest
+from logitless.integrations._digest import method_digest
 
 __all__ = ["known", "report", "reset", "wrap_sequence_logps"]
 
@@ -42,9 +41,7 @@ report, reset, _count = _CALLS.report, _CALLS.reset, _CALLS.count
 
 def known(trainer_class: type) -> bool:
     """Whether ``trainer_class`` defines the ``_get_sequence_logps`` this module reproduces."""
-    function = trainer_class.__dict__.get("_get_sequence_logps")
-    function = getattr(function, "__logitless_wrapped__", function)  # TRL's own under install()
-    return function is not None and digest(function) in _KNOWN
+    return method_digest(trainer_class, "_get_sequence_logps") in _KNOWN
 
 
 def wrap_sequence_logps(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -86,6 +83,6 @@ def wrap_sequence_logps(original: Callable[..., Any]) -> Callable[..., Any]:
 def _plan(trainer: Any, model: Any) -> torch.nn.Module | str:
     """The model whose class runs the rewritten forward (under any DDP / PEFT wrapper), or why the call keeps TRL's
     path."""
-    if not _state.enabled() or _state.current_capture() is not None or _state.current_smoothing() is not None:
+    if not _model_forward.installed_and_idle():
         return "not-installed"
     return _model_forward.rewritten_lm(trainer, model)  # type: ignore[no-any-return]

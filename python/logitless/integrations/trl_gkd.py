@@ -29,8 +29,9 @@ from typing import Any
 import torch
 
 from logitless import _registry, _state
+from logitless.integrations import _model_forward
 from logitless.integrations._calls import Calls
-from logitless.integrations._digest import digest
+from logitless.integrations._digest import method_digest
 
 __all__ = ["known", "report", "reset", "wrap_compute_loss"]
 
@@ -48,13 +49,7 @@ _KNOWN = {
 
 def known(trainer_class: type) -> bool:
     """Whether ``trainer_class`` defines the ``compute_loss`` and ``generalized_jsd_loss`` this module reproduces."""
-    for name, digests in _KNOWN.items():
-        method = trainer_class.__dict__.get(name)
-        function = method.__func__ if isinstance(method, staticmethod) else method
-        function = getattr(function, "__logitless_wrapped__", function)  # TRL's own under install()
-        if function is None or digest(function) not in digests:
-            return False
-    return True
+    return all(method_digest(trainer_class, name) in digests for name, digests in _KNOWN.items())
 
 
 def wrap_compute_loss(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -109,7 +104,7 @@ def _plan(trainer: Any, model: Any, inputs: Any, return_outputs: bool, jsd: Any)
     """The forwards' arguments for a fused step, or why the step keeps TRL's path."""
     from logitless.integrations.hf_trainer import _compiled, _peft_base
 
-    if not _state.enabled() or _state.current_capture() is not None or _state.current_smoothing() is not None:
+    if not _model_forward.installed_and_idle():
         return "not-installed"
     if return_outputs:
         return "outputs-requested"  # prediction_step reads the student's logits

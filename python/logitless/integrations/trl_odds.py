@@ -28,10 +28,9 @@ from typing import Any
 
 import torch
 
-from logitless import _state
 from logitless.integrations import _model_forward
 from logitless.integrations._calls import Calls
-from logitless.integrations._digest import digest
+from logitless.integrations._digest import method_digest
 
 __all__ = ["known", "report", "reset", "wrap_cpo_forward", "wrap_orpo_forward"]
 
@@ -90,15 +89,9 @@ def _defined(trainer_class: type, name: str) -> Any:
     return next((c.__dict__[name] for c in trainer_class.__mro__ if name in c.__dict__), None)
 
 
-def _function(trainer_class: type, name: str) -> Any:
-    method = _defined(trainer_class, name)
-    function = method.__func__ if isinstance(method, staticmethod) else method
-    return getattr(function, "__logitless_wrapped__", function)  # TRL's own under install()
-
-
 def _release(trainer_class: type) -> _Release | None:
     releases = _KNOWN.get(trainer_class.__name__, {})
-    return releases.get(tuple(digest(_function(trainer_class, name)) for name in _METHODS))  # type: ignore[arg-type]
+    return releases.get(tuple(method_digest(trainer_class, name) for name in _METHODS))  # type: ignore[arg-type]
 
 
 def known(trainer_class: type) -> bool:
@@ -141,7 +134,7 @@ class _Plan:
 
 def _plan(trainer: Any, model: Any, owner: type) -> _Plan | str:
     """What a fused call needs, or why the call keeps TRL's path."""
-    if not _state.enabled() or _state.current_capture() is not None or _state.current_smoothing() is not None:
+    if not _model_forward.installed_and_idle():
         return "not-installed"
     release = _release(owner)
     if release is None:

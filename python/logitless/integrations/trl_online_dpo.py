@@ -23,10 +23,9 @@ from typing import Any
 
 import torch
 
-from logitless import _state
 from logitless.integrations import _model_forward
 from logitless.integrations._calls import Calls
-from logitless.integrations._digest import digest
+from logitless.integrations._digest import method_digest
 
 __all__ = ["known", "report", "reset", "wrap_forward"]
 
@@ -42,9 +41,7 @@ report, reset, _count = _CALLS.report, _CALLS.reset, _CALLS.count
 
 def known(trainer_class: type) -> bool:
     """Whether ``trainer_class`` defines the ``_forward`` this module reproduces."""
-    function = trainer_class.__dict__.get("_forward")
-    function = getattr(function, "__logitless_wrapped__", function)  # TRL's own under install()
-    return function is not None and digest(function) in _KNOWN
+    return method_digest(trainer_class, "_forward") in _KNOWN
 
 
 def wrap_forward(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -91,7 +88,7 @@ def wrap_forward(original: Callable[..., Any]) -> Callable[..., Any]:
 def _plan(trainer: Any, model: Any, vision_inputs: Any) -> torch.nn.Module | str:
     """The model whose class runs the rewritten forward (under any DDP / PEFT wrapper), or why the call keeps TRL's
     path."""
-    if not _state.enabled() or _state.current_capture() is not None or _state.current_smoothing() is not None:
+    if not _model_forward.installed_and_idle():
         return "not-installed"
     if vision_inputs is not None:
         return "images"

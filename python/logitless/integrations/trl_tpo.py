@@ -27,10 +27,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from logitless import _state
 from logitless.integrations import _model_forward
 from logitless.integrations._calls import Calls
-from logitless.integrations._digest import digest
+from logitless.integrations._digest import digest, method_digest
 
 __all__ = ["known", "report", "reset", "wrap_compute_loss"]
 
@@ -47,16 +46,9 @@ _FIELDS = frozenset({"log_probs", "entropy", "mean_logits", "is_top1"})
 _FIELDS = frozenset({"log_probs", "entropy", "mean_logits", "is_top1"})
 
 
-def _original(trainer_class: type) -> Any:
-    function = next((c.__dict__["_compute_loss"] for c in trainer_class.__mro__ if "_compute_loss" in c.__dict__),
-                    None)  # fmt: skip
-    return getattr(function, "__logitless_wrapped__", function)  # TRL's own under install()
-
-
 def known(trainer_class: type) -> bool:
     """Whether ``trainer_class`` defines the ``_compute_loss`` this module reproduces."""
-    function = _original(trainer_class)
-    return function is not None and digest(function) in _KNOWN
+    return method_digest(trainer_class, "_compute_loss") in _KNOWN
 
 
 def wrap_compute_loss(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -80,7 +72,7 @@ def wrap_compute_loss(original: Callable[..., Any]) -> Callable[..., Any]:
 def _plan(trainer: Any, model: Any, return_outputs: bool) -> torch.nn.Module | str:
     """The model whose class runs the rewritten forward (under any DDP / PEFT wrapper), or why the call keeps TRL's
     path."""
-    if not _state.enabled() or _state.current_capture() is not None or _state.current_smoothing() is not None:
+    if not _model_forward.installed_and_idle():
         return "not-installed"
     if return_outputs:
         return "return-outputs"  # the caller reads the outputs' logits (evaluation's predictions)
