@@ -878,6 +878,58 @@ def run_a2po(setup: str, rank: int) -> dict[str, Any]:
     return _stock_and_logitless("a2po", steps)
 
 
+# TRL's SDPOTrainer step (logitless.integrations.trl_self_distillation) on an engine, stock and installed: the
+# student's completion log-probabilities with gradients (policy and sampled-token distillation losses, half each), the
+# frozen EMA teacher's under its own engine on a longer prompt before the same completion.
+SDPO_SETUPS = ("sdpo-ddp", "sdpo-fsdp2-head-own-unit", "sdpo-zero3")
+
+
+def _sdpo_trainer(model: torch.nn.Module, teacher: torch.nn.Module) -> Any:
+    """An SDPOTrainer with only what its ``compute_loss`` reads (its __init__ builds a whole Trainer)."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from trl.experimental.sdpo import SDPOTrainer
+
+    trainer = SDPOTrainer.__new__(SDPOTrainer)
+    trainer.model, trainer.teacher_model, trainer.use_teacher_server = model, teacher, False
+    trainer.temperature, trainer.importance_sampling_level, trainer.loss_type = 0.9, "token", "grpo"
+    trainer.epsilon_low, trainer.epsilon_high, trainer.max_completion_length = 0.2, 0.2, SEQ - 5
+    trainer.current_gradient_accumulation_steps, trainer._name = 1, "SDPO"
+    trainer.model_kwarg_keys = inspect.signature(getattr(model, "module", model).forward).parameters.keys()
+    trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+    trainer.args = SimpleNamespace(torch_compile=False, distillation_weight=0.5, distillation_mode="sampled_token",
+                                   distillation_alpha=1.0, distillation_is_clip=2.0, teacher_model_kind="ema")
+    trainer.accelerator = SimpleNamespace(unwrap_model=lambda m: getattr(m, "module", m), gather=lambda t: t)
+    return trainer
+
+
+def _sdpo_inputs(rank: int) -> dict[str, torch.Tensor]:
+    ids = batch(rank)
+    prompt, completion = ids[:, :5], ids[:, 5:]
+    completion_mask = torch.ones_like(completion)
+    completion_mask[1, -3:] = 0  # a completion that ended early
+    teacher_ids = torch.cat([ids[:, :5].flip(1), prompt, completion], 1)  # privileged context, prompt, completion
+    old = torch.linspace(-5.0, -3.0, completion.numel()).reshape(completion.shape)  # some ratios clipped
+    return {"prompt_ids": prompt, "prompt_mask": torch.ones_like(prompt), "completion_ids": completion,
+            "completion_mask": completion_mask, "teacher_input_ids": teacher_ids,
+            "teacher_attention_mask": torch.ones_like(teacher_ids), "self_distillation_mask": torch.tensor([1.0, 1.0]),
+            "advantages": torch.tensor([0.5, -0.5]), "old_per_token_logps": old}  # fmt: skip
+
+
+def run_sdpo(setup: str, rank: int) -> dict[str, Any]:
+    inputs = _sdpo_inputs(rank)
+
+    def steps() -> tuple[list[float], Any]:
+        student, teacher = distill_models()
+        teacher.requires_grad_(False)
+        student, teacher = _on_engine(setup, student, teacher)
+        trainer = _sdpo_trainer(student, teacher)
+        return _two_steps(student, lambda model: trainer.compute_loss(model, inputs))
+
+    return _stock_and_logitless("sdpo", steps)
+
+
 def _two_steps(
     model: torch.nn.Module, loss_of: Callable[[torch.nn.Module], torch.Tensor]
 ) -> tuple[list[float], dict[str, torch.Tensor] | None]:
@@ -924,6 +976,8 @@ def run(setup: str, rank: int) -> dict[str, Any]:
         return run_tpo(setup, rank)
     if setup in A2PO_SETUPS:
         return run_a2po(setup, rank)
+    if setup in SDPO_SETUPS:
+        return run_sdpo(setup, rank)
     if setup in EVAL_SETUPS:
         return run_eval(setup, rank)
     if setup in TRL_SETUPS:

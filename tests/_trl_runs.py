@@ -57,9 +57,10 @@ def trained_logs(trainer: Any, evaluate: bool = False) -> list[dict[str, float]]
     return logs
 
 
-def assert_logs_equal(ours: list[dict[str, float]], stock: list[dict[str, float]], minimum: int) -> None:
-    """Every float stock logged (timings aside) equal to ours to float32 rounding, over at least two entries and
-    ``minimum`` values."""
+def assert_logs_equal(ours: list[dict[str, float]], stock: list[dict[str, float]], minimum: int,
+                      rel_tol: float = 2e-5, abs_tol: float = 1e-6) -> None:  # fmt: skip
+    """Every float stock logged (timings aside) equal to ours to float32 rounding (``rel_tol``, ``abs_tol``), over at
+    least two entries and ``minimum`` values."""
     import math
 
     assert len(ours) == len(stock) >= 2
@@ -68,6 +69,6 @@ def assert_logs_equal(ours: list[dict[str, float]], stock: list[dict[str, float]
         for key, want in b.items():
             if key.endswith(("runtime", "per_second")) or not isinstance(want, float):
                 continue
-            assert math.isclose(a[key], want, rel_tol=2e-5, abs_tol=1e-6), (step, key, a[key], want)
+            assert math.isclose(a[key], want, rel_tol=rel_tol, abs_tol=abs_tol), (step, key, a[key], want)
             compared += 1
     assert compared >= minimum

@@ -87,7 +87,7 @@ def _launch(out: Path, world: int, setups: tuple[str, ...]) -> list[dict[str, An
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     setups = (*ALL, *STOCK, *SMOOTHING, *EVAL, *worker.KEEP_LOGITS_SETUPS, *worker.TRL_SETUPS, *worker.DISTILL_SETUPS,
               *worker.GKD_SETUPS, *worker.ODDS_SETUPS, *worker.ONLINE_DPO_SETUPS, *worker.TPO_SETUPS,
-              *worker.A2PO_SETUPS, "vocab-parallel-op")  # fmt: skip
+              *worker.A2PO_SETUPS, *worker.SDPO_SETUPS, "vocab-parallel-op")  # fmt: skip
     return _launch(tmp_path_factory.mktemp("dist"), 2, setups)
 
 
@@ -435,3 +435,12 @@ def test_a2po_log_probs_on_engines_equal_to_stock(ranks: list[dict[str, Any]], s
     reference model's under its own engine. Each rank's losses over two SGD steps and the first step's gradients
     equal stock's under the same engine."""
     _assert_trainer_steps_equal_stock(ranks, setup, "a2po", 4)
+
+
+@pytest.mark.parametrize("setup", worker.SDPO_SETUPS)
+def test_sdpo_steps_on_engines_equal_to_stock(ranks: list[dict[str, Any]], setup: str) -> None:
+    """TRL's SDPOTrainer step on an engine: the student's completion log-probabilities from its head's call (the
+    policy and sampled-token distillation losses differentiate them per token: the second kernel pass), the frozen
+    teacher's under its own engine. Each rank's losses over two SGD steps and the first step's gradients equal stock
+    SDPO's under the same engine."""
+    _assert_trainer_steps_equal_stock(ranks, setup, "sdpo", 2)

@@ -518,4 +518,5 @@ def test_readme_example_runs_through_logitless() -> None:
                    "'unchecked': {}}, 'gkd': {'fused': 0, 'stock': {}}, 'orpo': {'fused': 0, 'stock': {}}, " \
                    "'cpo': {'fused': 0, 'stock': {}}, 'online_dpo': {'fused': 0, 'stock': {}}, " \
                    "'tpo': {'fused': 0, 'stock': {}}, 'a2po': {'fused': 0, 'stock': {}}, " \
+                   "'sdpo': {'fused': 0, 'stock': {}}, 'sdft': {'fused': 0, 'stock': {}}, " \
                    "'left_to_trl': []}", done.stdout  # fmt: skip

@@ -125,6 +125,11 @@ _TRL_METHODS = (
     # A*-PO's sequence log-probabilities (policy and reference), fused (TRL 1.14 to 1.16).
     _TrlMethod("trl.experimental.a2po.a2po_trainer", "A2POTrainer", "_get_sequence_logps",
                "logitless.integrations.trl_a2po", "wrap_sequence_logps", accepts="known"),  # fmt: skip
+    # SDPO's and SDFT's completion log-probabilities (loss and rollout), fused (TRL 1.14 to 1.16).
+    *(_TrlMethod(f"trl.experimental.{kind}.{kind}_trainer", f"{kind.upper()}Trainer", method,
+                 "logitless.integrations.trl_self_distillation", factory, accepts="known")
+      for kind in ("sdpo", "sdft")
+      for method, factory in (("compute_loss", "wrap_compute_loss"), ("_compute_rollout_logps", "wrap_rollout_logps"))),
 )
 _trl_wrapped: dict[tuple[str, str], tuple[type, Any]] = {}
 
@@ -380,7 +385,7 @@ def _uninstall_trl() -> None:
     legacy = sys.modules.get("logitless.integrations.trl_legacy")
     if legacy is not None:
         legacy.reset()
-    for name in ("trl_gkd", "trl_odds", "trl_online_dpo", "trl_tpo", "trl_a2po"):
+    for name in ("trl_gkd", "trl_odds", "trl_online_dpo", "trl_tpo", "trl_a2po", "trl_self_distillation"):
         module = sys.modules.get(f"logitless.integrations.{name}")
         if module is not None:
             module.reset()
@@ -401,6 +406,9 @@ def _trl_report() -> dict[str, Any]:
     for kind in ("online_dpo", "tpo", "a2po"):
         wrapper = sys.modules.get(f"logitless.integrations.trl_{kind}")
         trainers[kind] = wrapper.report() if wrapper is not None else {"fused": 0, "stock": {}}
+    self_distillation = sys.modules.get("logitless.integrations.trl_self_distillation")
+    trainers.update(self_distillation.report() if self_distillation is not None
+                    else {kind: {"fused": 0, "stock": {}} for kind in ("sdpo", "sdft")})  # fmt: skip
     return {"patched_modules": sorted({name for name, _ in _trl_patched}), "calls": calls, "legacy": before_1_15,
             "distillation": divergence, "gkd": gkd.report() if gkd is not None else {"fused": 0, "stock": {}},
             **trainers, "left_to_trl": sorted(f"{module}.{name}" for module, name in _trl_unmatched)}  # fmt: skip
