@@ -6,6 +6,7 @@ its own process.
 python bench/trl_sdpo.py                     # 4 completions of 384 tokens after 128-token prompts (the teacher's
                                              # 64 tokens longer), width 512, float32, 2 threads
 python bench/trl_sdpo.py --dtype bfloat16
+python bench/trl_sdpo.py --distillation-mode topk_logits --methods stock,logitless   # SDFT's default objective
 ```
 
 Methods: ``stock`` (TRL's ``compute_loss``: the student's ``[B, C, V]`` logits with gradients, the teacher's without,
@@ -17,7 +18,9 @@ same loss: ``trl kernel`` (TRL's ``ChunkedLogProbFunction``, its fused LM head k
 ``logitless.install()``, no change to the step). A quarter of the samples have no successful peer (SDPO's
 distillation mask 0): stock and the by-hand peers score them anyway, logitless skips them. Reported per method: the
 loss, seconds per step (mean of two after a warm-up) and what the steps added to the process's peak RSS. Liger has
-no self-distillation loss.
+no self-distillation loss. ``--distillation-mode topk_logits`` (SDFT's default, here with SDFT's JSD at 0.5 over the
+student's top 100 tokens) has no fused peer: the peers compute one token's log-probability per position, not a
+position's top-k.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from _steps import llama_shaped, peers_main, timed_and_fused
 METHODS = ("stock", "trl kernel", "torch lce", "cce", "logitless")
 
 
-def _trainer(model: Any, teacher: Any) -> Any:
+def _trainer(model: Any, teacher: Any, mode: str, top_k: int) -> Any:
     """An SDPOTrainer holding only what its ``compute_loss`` reads (its __init__ builds a whole Trainer), with
     SDPOConfig's defaults."""
     import inspect
@@ -45,8 +48,10 @@ def _trainer(model: Any, teacher: Any) -> Any:
     trainer.temperature, trainer.current_gradient_accumulation_steps, trainer._name = 1.0, 1, "SDPO"
     trainer.model_kwarg_keys = inspect.signature(model.forward).parameters.keys()
     trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-    trainer.args = SimpleNamespace(torch_compile=False, distillation_weight=1.0, distillation_mode="sampled_token",
-                                   distillation_alpha=1.0, distillation_is_clip=2.0, teacher_model_kind="ema")
+    topk = mode == "topk_logits"
+    trainer.args = SimpleNamespace(torch_compile=False, distillation_weight=1.0, distillation_mode=mode,
+                                   distillation_alpha=0.5 if topk else 1.0, distillation_is_clip=2.0,
+                                   teacher_model_kind="ema", distillation_topk=top_k, distillation_add_tail=False)
     trainer.accelerator = SimpleNamespace(unwrap_model=lambda m: m, gather=lambda t: t)
     return trainer
 
@@ -115,7 +120,9 @@ def _step(args: argparse.Namespace) -> dict[str, float]:
         "teacher_attention_mask": torch.ones_like(teacher_ids), "self_distillation_mask": distilled,
         "old_per_token_logps": torch.full(completion.shape, -11.5),
     }  # fmt: skip
-    trainer = _trainer(model, teacher)
+    trainer = _trainer(model, teacher, args.distillation_mode, args.topk)
+    if args.distillation_mode == "topk_logits" and args.method not in ("stock", "logitless"):
+        raise SystemExit(f"{args.method}: no top-k support (one token's log-probability per position)")
 
     def step() -> float:
         model.zero_grad(set_to_none=True)
@@ -137,11 +144,15 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--distillation-mode", choices=["sampled_token", "topk_logits"], default="sampled_token")
+    parser.add_argument("--topk", type=int, default=100, help="distillation_topk (topk_logits)")
     peers_main(parser, METHODS, _step, _title, __file__)
 
 
 def _title(args: argparse.Namespace) -> str:
-    return (f"SDPO step (sampled-token reverse KL, EMA teacher): {args.samples} samples x {args.seq} tokens (a "
+    objective = ("sampled-token reverse KL" if args.distillation_mode == "sampled_token"
+                 else f"JSD 0.5 over the student's top {args.topk}")  # fmt: skip
+    return (f"SDPO step ({objective}, EMA teacher): {args.samples} samples x {args.seq} tokens (a "
             f"quarter prompt; the teacher's {args.context} longer), a quarter without a teacher, width {args.width}, "
             f"vocab {args.vocab}, {args.dtype}, {args.threads} thread(s)")
 

@@ -879,12 +879,14 @@ def run_a2po(setup: str, rank: int) -> dict[str, Any]:
 
 
 # TRL's SDPOTrainer step (logitless.integrations.trl_self_distillation) on an engine, stock and installed: the
-# student's completion log-probabilities with gradients (policy and sampled-token distillation losses, half each), the
-# frozen EMA teacher's under its own engine on a longer prompt before the same completion.
-SDPO_SETUPS = ("sdpo-ddp", "sdpo-fsdp2-head-own-unit", "sdpo-zero3")
+# student's completion log-probabilities with gradients (policy and distillation losses, half each), the frozen EMA
+# teacher's under its own engine on a longer prompt before the same completion; sampled-token distillation, or top-k
+# ("sdpo-topk-*": the student's top 8 log-probabilities from its head's call, the teacher's at those ids).
+SDPO_SETUPS = ("sdpo-ddp", "sdpo-fsdp2-head-own-unit", "sdpo-zero3", "sdpo-topk-ddp", "sdpo-topk-fsdp2-head-own-unit",
+               "sdpo-topk-zero3")  # fmt: skip
 
 
-def _sdpo_trainer(model: torch.nn.Module, teacher: torch.nn.Module) -> Any:
+def _sdpo_trainer(model: torch.nn.Module, teacher: torch.nn.Module, mode: str) -> Any:
     """An SDPOTrainer with only what its ``compute_loss`` reads (its __init__ builds a whole Trainer)."""
     from collections import defaultdict
     from types import SimpleNamespace
@@ -898,8 +900,9 @@ def _sdpo_trainer(model: torch.nn.Module, teacher: torch.nn.Module) -> Any:
     trainer.current_gradient_accumulation_steps, trainer._name = 1, "SDPO"
     trainer.model_kwarg_keys = inspect.signature(getattr(model, "module", model).forward).parameters.keys()
     trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-    trainer.args = SimpleNamespace(torch_compile=False, distillation_weight=0.5, distillation_mode="sampled_token",
-                                   distillation_alpha=1.0, distillation_is_clip=2.0, teacher_model_kind="ema")
+    trainer.args = SimpleNamespace(torch_compile=False, distillation_weight=0.5, distillation_mode=mode,
+                                   distillation_alpha=1.0, distillation_is_clip=2.0, teacher_model_kind="ema",
+                                   distillation_topk=8, distillation_add_tail=True)  # fmt: skip
     trainer.accelerator = SimpleNamespace(unwrap_model=lambda m: getattr(m, "module", m), gather=lambda t: t)
     return trainer
 
@@ -924,7 +927,7 @@ def run_sdpo(setup: str, rank: int) -> dict[str, Any]:
         student, teacher = distill_models()
         teacher.requires_grad_(False)
         student, teacher = _on_engine(setup, student, teacher)
-        trainer = _sdpo_trainer(student, teacher)
+        trainer = _sdpo_trainer(student, teacher, "topk_logits" if "topk" in setup else "sampled_token")
         return _two_steps(student, lambda model: trainer.compute_loss(model, inputs))
 
     return _stock_and_logitless("sdpo", steps)

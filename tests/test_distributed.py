@@ -439,8 +439,8 @@ def test_a2po_log_probs_on_engines_equal_to_stock(ranks: list[dict[str, Any]], s
 
 @pytest.mark.parametrize("setup", worker.SDPO_SETUPS)
 def test_sdpo_steps_on_engines_equal_to_stock(ranks: list[dict[str, Any]], setup: str) -> None:
-    """TRL's SDPOTrainer step on an engine: the student's completion log-probabilities from its head's call (the
-    policy and sampled-token distillation losses differentiate them per token: the second kernel pass), the frozen
-    teacher's under its own engine. Each rank's losses over two SGD steps and the first step's gradients equal stock
-    SDPO's under the same engine."""
+    """TRL's SDPOTrainer step on an engine: the student's completion log-probabilities (or its top-k support's) from
+    its head's call, differentiated per token (the second kernel pass, or the support's recompute, reads the head's
+    weight in backward), the frozen teacher's under its own engine. Each rank's losses over two SGD steps and the
+    first step's gradients equal stock SDPO's under the same engine."""
     _assert_trainer_steps_equal_stock(ranks, setup, "sdpo", 2)

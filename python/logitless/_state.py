@@ -134,6 +134,9 @@ class Capture:
     # forward (``divergence.teacher`` None) leaves its head's operands there; a student's then computes the
     # divergence from them, ``result["loss"]``.
     divergence: Any = None
+    # Log-probabilities over a per-position token support (logitless.integrations._support.Support: top-k ids, given
+    # ids): the head's call computes them into ``result`` (``ids``, ``log_probs``) instead of the per-token fields.
+    support: Any = None
     # The caller's labels and pre-shifted labels (TRL's contract: the next token's, or ``shift_labels`` as given):
     # the per-token outputs score these, not what the forward hands its own loss, which may read them otherwise
     # (BART's decoders and XLNet score their labels unshifted, and take no ``shift_labels``).

@@ -66,6 +66,8 @@ def hf_loss(
         )
     if capture is not None and capture.divergence is not None:
         return _captured_divergence(hidden, plan, end, epilogue, capture)
+    if capture is not None and capture.support is not None:
+        return _captured_support(hidden, plan, end, epilogue, capture)
     if capture is not None and not capture.loss_and_stats:
         return _captured_per_token(hidden, plan, end, labels, shift_labels, ignore_index, num_items_in_batch,
                                    epilogue, capture)  # fmt: skip
@@ -229,6 +231,30 @@ def _captured_per_token(
     nll = -capture.result["log_probs"]
     count = capture.result["label_mask"].sum().clamp(min=1)
     return nll.sum() / (count if num_items_in_batch is None else num_items_in_batch)
+
+
+def _captured_support(
+    hidden: torch.Tensor, plan: HeadPlan, end: int | None, epilogue: dict[str, Any], capture: _state.Capture
+) -> torch.Tensor:
+    """Log-probabilities over the token support ``capture.support`` names (TRL's top-k distillation modes,
+    logitless.integrations._support), with this class's own epilogue, left in ``capture.result``; the forward's
+    own loss is zero."""
+    support = capture.support
+    if tuple(hidden.shape[:-1]) != tuple(support.rows.shape):
+        # The head sees other positions than the inputs' (a forward that adds or drops some): not fused.
+        capture.refused = "head-positions-not-the-inputs"
+        return hidden.new_zeros(())
+
+    def fields(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        from logitless.integrations._support import support_log_probs
+
+        weight, bias = _head_params(plan, end)
+        return support_log_probs(x, weight, bias, {**epilogue, "logits_bias": _on(epilogue["logits_bias"], x),
+                                                   "temperature": capture.temperature}, support)  # fmt: skip
+
+    # What the head's call returns, so the engines' output hooks hold it (as the per-token fields).
+    capture.result = plan.apply(hidden, fields)
+    return hidden.new_zeros(())
 
 
 def _captured_divergence(

@@ -1,25 +1,32 @@
 """TRL's self-distillation trainers, ``SDPOTrainer`` and ``SDFTTrainer`` (``trl.experimental.sdpo`` / ``.sdft``,
-TRL 1.14 to 1.16), with their completions' log-probabilities from logitless's op, no logits formed.
+TRL 1.14 to 1.16), with their completions' log-probabilities from logitless, no logits formed.
 
 Stock, each loss step runs the student on its prompt and sampled completion, and the teacher (an EMA copy, the
 initial weights, or the student itself) on a prompt with privileged context and the same completion, each for the
 logits of the completion's predictors (``[batch, completion, V]`` in the model's dtype, divided by the temperature).
-In ``distillation_mode="sampled_token"`` (SDPO's default) the loss only reads each model's log-probability of the
-sampled tokens: the reverse KL estimate ``(s - t).detach() · s``, clipped by the importance ratio against the rollout's
-log-probabilities, averaged per sequence; SDPO's policy loss (``distillation_weight < 1``) reads the student's alone.
-Under ``logitless.install()`` ``compute_loss`` and ``_compute_rollout_logps`` are wrapped: each model's own forward
-runs with the completion tokens as the targets of the positions that predict them, only where the loss reads them
-(the completion mask, and the distillation mask for a teacher or a student that only distills), and its head's
-call gives their log-probabilities from the op (``logitless.integrations.trl.per_token_fields``, the class's own
-epilogue), float32 whatever the model's dtype (stock's are in the logits' dtype). The loss, its metrics,
+Two of its three ``distillation_mode``s read little of them:
+
+* ``sampled_token`` (SDPO's default): each model's log-probability of the sampled tokens, for the reverse KL
+  estimate ``(s - t).detach() · s``;
+* ``topk_logits`` (SDFT's default): the student's top-k log-probabilities and the teacher's at the same ids, for
+  TRL's divergence over those k tokens (renormalised, or with a tail bucket for the rest of the mass).
+
+Then TRL's clipped importance ratio (the student's sampled-token log-probabilities against the rollout's) and a
+per-sequence mean; SDPO's policy loss (``distillation_weight < 1``) reads the student's sampled-token
+log-probabilities alone. Under ``logitless.install()`` ``compute_loss`` and ``_compute_rollout_logps`` are wrapped:
+each model's own forward runs with the completion's positions as its targets, only where the loss reads them (the
+completion mask, and the distillation mask for a teacher or a student that only distills), and its head's call gives
+those values: the op's per-token log-probabilities (``logitless.integrations.trl.per_token_fields``) or the top-k
+support's (``logitless.integrations._support``), with the class's own epilogue, float32 whatever the model's dtype
+(stock's are in the logits' dtype). The divergence over the k tokens is TRL's own functions; the loss, its metrics,
 generation, rewards and the teacher's synchronisation stay TRL's.
 
 Only the releases whose methods this module reproduces are wrapped (``known``: the tokens of ``compute_loss``,
 ``_compute_teacher_student_logits``, ``_compute_self_distillation_loss``, SDPO's ``_compute_policy_loss``,
-``_compute_rollout_logps``, ``_forward_logits`` and the sampled-token loss function); another release keeps TRL's
-code, with a warning. A call keeps TRL's path, counted by reason in ``audit()["integrations"]["trl"]["sdpo" |
-"sdft"]``: the ``full_logits`` and ``topk_logits`` modes (their divergence reads the whole distribution: SDFT's
-default), a teacher server, a sampled-token ``distillation_alpha`` other than 1 (TRL raises its error), an empty
+``_compute_rollout_logps``, ``_forward_logits`` and the two loss functions); another release keeps TRL's code, with a
+warning. A call keeps TRL's path, counted by reason in ``audit()["integrations"]["trl"]["sdpo" | "sdft"]``: the
+``full_logits`` mode (its divergence reads the whole distribution), a teacher server, a sampled-token
+``distillation_alpha`` other than 1 or a top-k mode without ``distillation_topk`` (TRL raises its error), an empty
 prompt or completion, and a model whose class does not run a rewritten forward that reads its labels for its loss
 alone.
 """
@@ -59,9 +66,10 @@ _KNOWN = {
         "_compute_teacher_student_logits": "fb3869bcd033a1f4ead142d8d28a09b7e3099361cabf8250cf2b2869a14d973c",
     },
 }
-# The loss module's functions the fused loss reproduces (the sampled-token loss) or calls (the clipping).
+# The loss module's functions the fused loss reproduces (the sampled-token and top-k losses) or calls (the clipping).
 _FUNCTIONS = {
     "compute_sampled_token_self_distillation_loss": "9cb1fb526e94a13d08cc563c3e699a9e22f4f23eadb3e7e0c6e9de05ba35d842",
+    "compute_topk_self_distillation_loss": "f4efaa507103c1472bcde55590dd7065c97436822594a447178c62c6d3ce3598",
     "apply_importance_sampling_clipping": "311c9639ced51bd60608cee1bb487e7a03ec80f50e49c92b0ac81784353d1cbc",
 }
 _CALLS = {"sdpo": Calls(), "sdft": Calls()}
@@ -188,10 +196,12 @@ def _plan(trainer: Any, model: Any, inputs: Any, return_outputs: bool) -> _Plan 
     if _distillation_weight(trainer) == 0.0:
         return _Plan(student, None)  # SDPO's policy loss alone
     mode = trainer.args.distillation_mode
-    if mode != "sampled_token":
+    if mode not in ("sampled_token", "topk_logits"):
         return f"mode-{mode}"
-    if float(trainer.args.distillation_alpha) != 1.0:
+    if mode == "sampled_token" and float(trainer.args.distillation_alpha) != 1.0:
         return "sampled-token-alpha"  # TRL raises its error (the sampled token's loss is the reverse KL's)
+    if mode == "topk_logits" and trainer.args.distillation_topk is None:
+        return "topk-unset"  # TRL raises its error
     if inputs["teacher_input_ids"].size(1) <= inputs["completion_ids"].size(1):
         return "empty-prompt-or-completion"
     teacher = _model_forward.rewritten_lm(trainer, trainer.teacher_model)
@@ -225,6 +235,41 @@ def _completion_logps(plan: _Plan, forward: Any, input_ids: torch.Tensor, attent
     return fields["log_probs"][:, start : width - 1]
 
 
+def _support(plan: _Plan, forward: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int,
+             keep: torch.Tensor, temperature: float, top_k: int, ids: torch.Tensor,
+             teacher: bool = False) -> dict[str, torch.Tensor] | None:  # fmt: skip
+    """The log-probabilities over each completion position's ``top_k`` most likely tokens, then ``ids``
+    (``[batch, completion, e]``), under the model ``forward`` runs: ``{"ids", "log_probs"}``, ``[batch, completion,
+    top_k + e]``, zero where ``keep`` is 0 (``logitless.integrations._support``); None when the head computed
+    neither them nor the logits."""
+    from logitless import _state
+    from logitless.integrations._support import Support, materialised_support
+
+    width = input_ids.size(1)
+    start = width - length - 1  # position p predicts token p + 1
+    rows = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+    rows[:, start : width - 1] = keep != 0
+    full_ids = torch.zeros((*input_ids.shape, ids.size(-1)), dtype=torch.long, device=input_ids.device)
+    full_ids[:, start : width - 1] = ids
+    support = Support(rows, top_k, full_ids)
+    capture = _state.Capture(temperature=temperature, outputs=frozenset(), support=support)
+    # Labels the loss branch runs on (the forward's own loss is not read).
+    labels = torch.full_like(input_ids, -100)
+    with _state.capturing(capture):
+        out = forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
+    fields = capture.result
+    if fields is None:
+        logits = getattr(out, "logits", None)
+        if logits is None or tuple(logits.shape[:-1]) != tuple(rows.shape):
+            return None
+        # The forward took its stock path (counted with its reason): exact values from its logits.
+        if capture.refused is None:
+            _state.record(plan.teacher if teacher else plan.student, "trl-materialised")
+        fields = materialised_support(logits, support, temperature)
+        plan.fused = False
+    return {name: value[:, start : width - 1] for name, value in fields.items()}
+
+
 def _loss_mask(trainer: Any, inputs: Any) -> torch.Tensor:
     """The positions the distillation loss counts, as each trainer's ``_compute_teacher_student_logits`` forms
     them."""
@@ -250,35 +295,74 @@ def _fused_loss(trainer: Any, model: Any, inputs: Any, plan: _Plan) -> torch.Ten
     # The student's tokens that the loss reads: the policy loss reads every completion token, the distillation
     # loss only those it counts.
     student_keep = completion_mask if weight < 1.0 else loss_mask
-    student = _completion_logps(plan, model, torch.cat([inputs["prompt_ids"], completion_ids], dim=1),
-                                torch.cat([inputs["prompt_mask"], completion_mask], dim=1), completion_ids,
-                                student_keep, trainer.temperature)  # fmt: skip
-    if student is None:
-        return None
+    student_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+    student_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+    top_k = int(trainer.args.distillation_topk) if plan.teacher is not None and _top_k_mode(trainer) else 0
+    student_topk = None
+    if top_k:
+        # Each position's top-k (with gradients), and the sampled token's (the policy loss, the importance ratio).
+        fields = _support(plan, model, student_ids, student_mask, completion_ids.size(1), student_keep,
+                          trainer.temperature, top_k, completion_ids.unsqueeze(-1))  # fmt: skip
+        if fields is None:
+            return None
+        student, student_topk, topk_ids = fields["log_probs"][..., top_k], fields["log_probs"][..., :top_k], \
+            fields["ids"][..., :top_k]
+    else:
+        student = _completion_logps(plan, model, student_ids, student_mask, completion_ids, student_keep,
+                                    trainer.temperature)  # fmt: skip
+        if student is None:
+            return None
     if plan.teacher is None:
         return _policy_loss(trainer, inputs, student)
     # The teacher after the student, as TRL runs them (a live teacher in training mode draws dropout's numbers).
     with torch.no_grad(), trainer._get_teacher_context_for_self_distillation():
-        teacher = _completion_logps(plan, trainer.teacher_model, inputs["teacher_input_ids"],
-                                    inputs["teacher_attention_mask"], completion_ids, loss_mask, trainer.temperature,
-                                    teacher=True)  # fmt: skip
+        if top_k:
+            fields = _support(plan, trainer.teacher_model, inputs["teacher_input_ids"],
+                              inputs["teacher_attention_mask"], completion_ids.size(1), loss_mask,
+                              trainer.temperature, 0, topk_ids, teacher=True)  # fmt: skip
+            teacher = fields["log_probs"] if fields is not None else None
+        else:
+            teacher = _completion_logps(plan, trainer.teacher_model, inputs["teacher_input_ids"],
+                                        inputs["teacher_attention_mask"], completion_ids, loss_mask,
+                                        trainer.temperature, teacher=True)  # fmt: skip
     if teacher is None:
         return None
+    per_token_loss = (
+        _topk_divergence(trainer, student_topk, teacher) if student_topk is not None
+        else (student - teacher).detach() * student
+    )  # fmt: skip
     if weight == 1.0:
-        return _distillation_loss(trainer, model, inputs, student, teacher, loss_mask)
+        return _distillation_loss(trainer, model, inputs, student, per_token_loss, loss_mask)
     policy = _policy_loss(trainer, inputs, student)
-    distillation = _distillation_loss(trainer, model, inputs, student, teacher, loss_mask)
+    distillation = _distillation_loss(trainer, model, inputs, student, per_token_loss, loss_mask)
     return (1 - weight) * policy + weight * distillation
 
 
-def _distillation_loss(trainer: Any, model: Any, inputs: Any, student: torch.Tensor, teacher: torch.Tensor,
+def _top_k_mode(trainer: Any) -> bool:
+    return trainer.args.distillation_mode == "topk_logits"  # type: ignore[no-any-return]
+
+
+def _topk_divergence(trainer: Any, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``compute_topk_self_distillation_loss`` from the student's top-k log-probabilities and the teacher's at the
+    same ids: TRL's tail bucket or renormalisation, then its divergence (its own functions, on ``[batch,
+    completion, k]``)."""
+    module = sys.modules[_owner_module(trainer)]
+    if trainer.args.distillation_add_tail:
+        student, teacher = module.add_tail_bucket(student), module.add_tail_bucket(teacher)
+    else:
+        student = student - torch.logsumexp(student, dim=-1, keepdim=True)
+        teacher = teacher - torch.logsumexp(teacher, dim=-1, keepdim=True)
+    return module.compute_divergence(student, teacher, trainer.args.distillation_alpha)  # type: ignore[no-any-return]
+
+
+def _distillation_loss(trainer: Any, model: Any, inputs: Any, student: torch.Tensor, per_token_loss: torch.Tensor,
                        loss_mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """``_compute_self_distillation_loss`` in ``sampled_token`` mode, from the log-probabilities."""
+    """``_compute_self_distillation_loss`` from the student's log-probabilities of the sampled tokens and the mode's
+    per-token loss."""
     mode = "train" if model.training else "eval"
     if loss_mask.sum() == 0:
         trainer._log_self_distillation_metric(mode, 0.0)
         return student.sum() * 0.0  # attached to the student's graph: backward gives zero gradients
-    per_token_loss = (student - teacher).detach() * student
     old_per_token_logps = inputs.get("old_per_token_logps")
     if trainer.args.distillation_is_clip is not None and old_per_token_logps is not None:
         clipping = sys.modules[_owner_module(trainer)].apply_importance_sampling_clipping
