@@ -1,5 +1,6 @@
 """What the whole-step benchmarks (hf_trainer.py, encoder_decoder.py, trl_sft.py, trl_dpo.py, trl_distill.py,
-trl_gkd.py) build and measure in each child process, and how their parents run and print the methods."""
+trl_gkd.py, trl_orpo.py, trl_tpo.py, trl_sdpo.py) build and measure in each child process, and how their parents run
+and print the methods."""
 
 from __future__ import annotations
 
@@ -20,6 +21,29 @@ def llama_shaped(vocab: int, width: int) -> Any:
 
     return LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)  # fmt: skip
+
+
+def peer_models(args: Any, *, teacher_width: int | None = None) -> tuple[Any, Any]:
+    """A peer benchmark child's models, after its threads are set and, when it measures logitless, ``install()``:
+    the trained Llama-shaped model (seed 0, ``args.width``, ``args.dtype``) and, with ``teacher_width``, a frozen
+    teacher of that width (seed 1) or None."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.method == "logitless":
+        import logitless
+
+        logitless.install()
+    from transformers import LlamaForCausalLM
+
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_shaped(args.vocab, args.width)).to(dtype).train()
+    if teacher_width is None:
+        return model, None
+    torch.manual_seed(1)
+    teacher = LlamaForCausalLM(llama_shaped(args.vocab, teacher_width)).to(dtype).eval().requires_grad_(False)
+    return model, teacher
 
 
 def word_tokenizer() -> Any:

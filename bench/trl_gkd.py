@@ -21,7 +21,7 @@ import argparse
 from typing import Any
 
 # bench/ is on sys.path: these run as scripts
-from _steps import llama_shaped, peers_main, timed_and_fused
+from _steps import peer_models, peers_main, timed_and_fused
 
 METHODS = ("stock", "trl kernel", "logitless")
 
@@ -57,18 +57,7 @@ def _trl_kernel_loss(student: Any, teacher: Any, inputs: dict[str, Any], beta: f
 def _step(args: argparse.Namespace) -> dict[str, float]:
     import torch
 
-    torch.set_num_threads(args.threads)
-    if args.method == "logitless":
-        import logitless
-
-        logitless.install()
-    from transformers import LlamaForCausalLM
-
-    dtype = getattr(torch, args.dtype)
-    torch.manual_seed(0)
-    student = LlamaForCausalLM(llama_shaped(args.vocab, args.width)).to(dtype).train()
-    torch.manual_seed(1)
-    teacher = LlamaForCausalLM(llama_shaped(args.vocab, args.teacher_width)).to(dtype).eval().requires_grad_(False)
+    student, teacher = peer_models(args, teacher_width=args.teacher_width)
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(3, args.vocab, (args.batch, args.seq), generator=g)
     labels = ids.clone()

@@ -23,7 +23,7 @@ import argparse
 from typing import Any
 
 # bench/ is on sys.path: these run as scripts
-from _steps import llama_shaped, peers_main, timed_and_fused
+from _steps import peer_models, peers_main, timed_and_fused
 
 METHODS = ("stock", "trl kernel", "torch lce", "cce", "logitless")
 
@@ -75,16 +75,7 @@ def _by_hand(model: Any, trainer: Any, batch: dict[str, Any], method: str) -> An
 def _step(args: argparse.Namespace) -> dict[str, float]:
     import torch
 
-    torch.set_num_threads(args.threads)
-    if args.method == "logitless":
-        import logitless
-
-        logitless.install()
-    from transformers import LlamaForCausalLM
-
-    dtype = getattr(torch, args.dtype)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(llama_shaped(args.vocab, args.width)).to(dtype).train()
+    model, _ = peer_models(args)
     g = torch.Generator().manual_seed(2)
     batch = {}
     for side in ("chosen", "rejected"):

@@ -29,7 +29,7 @@ import argparse
 from typing import Any
 
 # bench/ is on sys.path: these run as scripts
-from _steps import llama_shaped, peers_main, timed_and_fused
+from _steps import peer_models, peers_main, timed_and_fused
 
 METHODS = ("stock", "trl kernel", "torch lce", "cce", "logitless")
 
@@ -94,18 +94,7 @@ def _by_hand(model: Any, teacher: Any, inputs: dict[str, Any], method: str) -> A
 def _step(args: argparse.Namespace) -> dict[str, float]:
     import torch
 
-    torch.set_num_threads(args.threads)
-    if args.method == "logitless":
-        import logitless
-
-        logitless.install()
-    from transformers import LlamaForCausalLM
-
-    dtype = getattr(torch, args.dtype)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(llama_shaped(args.vocab, args.width)).to(dtype).train()
-    torch.manual_seed(1)
-    teacher = LlamaForCausalLM(llama_shaped(args.vocab, args.width)).to(dtype).eval().requires_grad_(False)
+    model, teacher = peer_models(args, teacher_width=args.width)
     g = torch.Generator().manual_seed(2)
     prompt_len, completion_len = args.seq // 4, args.seq - args.seq // 4
     prompt = torch.randint(3, args.vocab, (args.samples, prompt_len), generator=g)
