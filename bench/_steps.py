@@ -150,9 +150,18 @@ def print_against_logitless(rows: dict[str, dict[str, Any]], per: str) -> None:
         print(line)
 
 
-def timed_and_fused(step: Callable[[], float], method: str, trainer: str) -> dict[str, float]:
-    """``timed_steps``, and for ``method`` logitless how many calls TRL's ``trainer`` integration fused
-    (``fused``), which ``peers_main`` prints."""
+def timed_and_fused(model: Any, method: str, trainer: str, trls: Callable[[], Any],
+                    by_hand: Callable[[], Any]) -> dict[str, float]:  # fmt: skip
+    """``timed_steps`` of a training step of ``model`` (its gradients cleared, the loss, its backward): the loss from
+    ``trls()`` (TRL's code: ``stock``, or ``logitless`` under ``install()``), else from ``by_hand()`` (a peer); and for
+    logitless how many calls TRL's ``trainer`` integration fused (``fused``), which ``peers_main`` prints."""
+
+    def step() -> float:
+        model.zero_grad(set_to_none=True)
+        loss = trls() if method in ("stock", "logitless") else by_hand()
+        loss.backward()
+        return float(loss.detach())
+
     result = timed_steps(step)
     if method == "logitless":
         import logitless

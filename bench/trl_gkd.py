@@ -66,16 +66,8 @@ def _step(args: argparse.Namespace) -> dict[str, float]:
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     trainer = _trainer(teacher, args.beta)
 
-    def step() -> float:
-        student.zero_grad(set_to_none=True)
-        if args.method == "trl kernel":
-            loss = _trl_kernel_loss(student, teacher, inputs, args.beta)
-        else:
-            loss = trainer.compute_loss(student, inputs)
-        loss.backward()
-        return float(loss.detach())
-
-    return timed_and_fused(step, args.method, "gkd")
+    return timed_and_fused(student, args.method, "gkd", lambda: trainer.compute_loss(student, inputs),
+                           lambda: _trl_kernel_loss(student, teacher, inputs, args.beta))
 
 
 def main() -> None:

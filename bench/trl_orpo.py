@@ -86,16 +86,8 @@ def _step(args: argparse.Namespace) -> dict[str, float]:
                       f"{side}_labels": labels})  # fmt: skip
     trainer = _trainer(args.beta)
 
-    def step() -> float:
-        model.zero_grad(set_to_none=True)
-        if args.method in ("stock", "logitless"):
-            loss = trainer.get_batch_loss_metrics(model, batch)[0]
-        else:
-            loss = _by_hand(model, trainer, batch, args.method)
-        loss.backward()
-        return float(loss.detach())
-
-    return timed_and_fused(step, args.method, "orpo")
+    return timed_and_fused(model, args.method, "orpo", lambda: trainer.get_batch_loss_metrics(model, batch)[0],
+                           lambda: _by_hand(model, trainer, batch, args.method))
 
 
 def main() -> None:

@@ -113,16 +113,8 @@ def _step(args: argparse.Namespace) -> dict[str, float]:
     if args.distillation_mode == "topk_logits" and args.method not in ("stock", "logitless"):
         raise SystemExit(f"{args.method}: no top-k support (one token's log-probability per position)")
 
-    def step() -> float:
-        model.zero_grad(set_to_none=True)
-        if args.method in ("stock", "logitless"):
-            loss = trainer.compute_loss(model, inputs)
-        else:
-            loss = _by_hand(model, teacher, inputs, args.method)
-        loss.backward()
-        return float(loss.detach())
-
-    return timed_and_fused(step, args.method, "sdpo")
+    return timed_and_fused(model, args.method, "sdpo", lambda: trainer.compute_loss(model, inputs),
+                           lambda: _by_hand(model, teacher, inputs, args.method))
 
 
 def main() -> None:

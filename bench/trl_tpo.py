@@ -86,16 +86,8 @@ def _step(args: argparse.Namespace) -> dict[str, float]:
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": completion_mask}
     trainer = _trainer(model, args.beta, args.alpha)
 
-    def step() -> float:
-        model.zero_grad(set_to_none=True)
-        if args.method in ("stock", "logitless"):
-            loss = trainer._compute_loss(model, inputs, False)
-        else:
-            loss = _by_hand(model, trainer, inputs, args.method)
-        loss.backward()
-        return float(loss.detach())
-
-    return timed_and_fused(step, args.method, "tpo")
+    return timed_and_fused(model, args.method, "tpo", lambda: trainer._compute_loss(model, inputs, False),
+                           lambda: _by_hand(model, trainer, inputs, args.method))
 
 
 def main() -> None:
