@@ -46,6 +46,26 @@ def peer_models(args: Any, *, teacher_width: int | None = None) -> tuple[Any, An
     return model, teacher
 
 
+def peer_log_probs(rows: Any, weight: Any, targets: Any, method: str) -> Any:
+    """Each row's log-probability of its target under the head ``weight``, from a fused peer: ``trl kernel``
+    (TRL's ``ChunkedLogProbFunction``), ``torch lce`` (``torch.nn.functional.linear_cross_entropy``,
+    ``reduction="none"``) or ``cce`` (cut-cross-entropy's ``torch_compile`` implementation, the one that runs on
+    CPU)."""
+    if method == "trl kernel":
+        from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+        return ChunkedLogProbFunction.apply(rows, weight, None, targets, 1.0, 32768, None, 1.0, ())[0]
+    if method == "torch lce":
+        import torch.nn.functional as F
+
+        return -F.linear_cross_entropy(rows, weight, targets, reduction="none")
+    if method == "cce":
+        from cut_cross_entropy import linear_cross_entropy as cce
+
+        return -cce(rows, weight, targets, reduction="none", impl="torch_compile")
+    raise ValueError(f"no fused peer named {method!r}")
+
+
 def word_tokenizer() -> Any:
     """A tokenizer with the pad and eos tokens TRL's trainers ask for; the steps are handed token ids, not text."""
     from tokenizers import Tokenizer, models

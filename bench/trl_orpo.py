@@ -23,7 +23,7 @@ import argparse
 from typing import Any
 
 # bench/ is on sys.path: these run as scripts
-from _steps import peer_models, peers_main, timed_and_fused
+from _steps import peer_log_probs, peer_models, peers_main, timed_and_fused
 
 METHODS = ("stock", "trl kernel", "torch lce", "cce", "logitless")
 
@@ -47,7 +47,6 @@ def _by_hand(model: Any, trainer: Any, batch: dict[str, Any], method: str) -> An
     """ORPO's loss from the backbone's hidden states and a peer's per-token log-probabilities (the targets: each
     position's next token, scored where it is attended; the sequence means over the labelled ones)."""
     import torch
-    import torch.nn.functional as F
 
     stacked = trainer.concatenated_inputs(batch, is_encoder_decoder=False, padding_value=0, device="cpu")
     ids, attention, labels = (stacked[f"concatenated_{k}"] for k in ("input_ids", "attention_mask", "labels"))
@@ -55,16 +54,7 @@ def _by_hand(model: Any, trainer: Any, batch: dict[str, Any], method: str) -> An
     hidden = model.model(input_ids=ids, attention_mask=attention).last_hidden_state[:, :-1]
     scored, kept = attention[:, 1:] == 1, labels[:, 1:] != -100
     rows, targets, weight = hidden[scored], ids[:, 1:][scored], model.lm_head.weight
-    if method == "trl kernel":
-        from trl.kernels.chunked_logprob import ChunkedLogProbFunction
-
-        picked = ChunkedLogProbFunction.apply(rows, weight, None, targets, 1.0, 32768, None, 1.0, ())[0]
-    elif method == "torch lce":
-        picked = -F.linear_cross_entropy(rows, weight, targets, reduction="none")
-    else:
-        from cut_cross_entropy import linear_cross_entropy as cce
-
-        picked = -cce(rows, weight, targets, reduction="none", impl="torch_compile")
+    picked = peer_log_probs(rows, weight, targets, method)
     log_probs = torch.zeros(scored.shape, dtype=picked.dtype).masked_scatter(scored, picked)
     logps = (log_probs * kept).sum(-1) / kept.sum(-1)
     nll = -log_probs[:n][scored[:n]].mean()

@@ -29,7 +29,7 @@ import argparse
 from typing import Any
 
 # bench/ is on sys.path: these run as scripts
-from _steps import peer_models, peers_main, timed_and_fused
+from _steps import peer_log_probs, peer_models, peers_main, timed_and_fused
 
 METHODS = ("stock", "trl kernel", "torch lce", "cce", "logitless")
 
@@ -59,22 +59,10 @@ def _trainer(model: Any, teacher: Any, mode: str, top_k: int) -> Any:
 def _log_probs(model: Any, ids: Any, completion: Any, method: str) -> Any:
     """The completion tokens' log-probabilities (``[B, C]``) under ``model``, from its backbone's hidden states and a
     peer's fused head."""
-    import torch.nn.functional as F
-
     length = completion.size(1)
     hidden = model.model(input_ids=ids).last_hidden_state[:, -length - 1 : -1]
     rows, targets, weight = hidden.reshape(-1, hidden.size(-1)), completion.reshape(-1), model.lm_head.weight
-    if method == "trl kernel":
-        from trl.kernels.chunked_logprob import ChunkedLogProbFunction
-
-        picked = ChunkedLogProbFunction.apply(rows, weight, None, targets, 1.0, 32768, None, 1.0, ())[0]
-    elif method == "torch lce":
-        picked = -F.linear_cross_entropy(rows, weight, targets, reduction="none")
-    else:
-        from cut_cross_entropy import linear_cross_entropy as cce
-
-        picked = -cce(rows, weight, targets, reduction="none", impl="torch_compile")
-    return picked.reshape(completion.shape)
+    return peer_log_probs(rows, weight, targets, method).reshape(completion.shape)
 
 
 def _by_hand(model: Any, teacher: Any, inputs: dict[str, Any], method: str) -> Any:

@@ -23,7 +23,7 @@ import argparse
 from typing import Any
 
 # bench/ is on sys.path: these run as scripts
-from _steps import peer_models, peers_main, timed_and_fused
+from _steps import peer_log_probs, peer_models, peers_main, timed_and_fused
 
 METHODS = ("stock", "trl kernel", "torch lce", "cce", "logitless")
 
@@ -55,16 +55,7 @@ def _by_hand(model: Any, trainer: Any, inputs: dict[str, Any], method: str) -> A
     hidden = model.model(input_ids=ids, attention_mask=inputs["attention_mask"]).last_hidden_state[:, :-1]
     scored = inputs["completion_mask"][:, 1:] == 1
     rows, targets, weight = hidden[scored], ids[:, 1:][scored], model.lm_head.weight
-    if method == "trl kernel":
-        from trl.kernels.chunked_logprob import ChunkedLogProbFunction
-
-        picked = ChunkedLogProbFunction.apply(rows, weight, None, targets, 1.0, 32768, None, 1.0, ())[0]
-    elif method == "torch lce":
-        picked = -F.linear_cross_entropy(rows, weight, targets, reduction="none")
-    else:
-        from cut_cross_entropy import linear_cross_entropy as cce
-
-        picked = -cce(rows, weight, targets, reduction="none", impl="torch_compile")
+    picked = peer_log_probs(rows, weight, targets, method)
     log_probs = torch.zeros(scored.shape, dtype=picked.dtype).masked_scatter(scored, picked)
     chosen, rejected, _ = log_probs.sum(-1).chunk(3)
     loss = -F.logsigmoid(trainer.beta * (chosen - rejected)).mean()
