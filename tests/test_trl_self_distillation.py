@@ -30,6 +30,8 @@ from _trl_runs import assert_logs_equal, hooked_head, trained_logs  # noqa: E402
 pytestmark = pytest.mark.usefixtures("stock_world")
 
 LEGACY = Path(__file__).resolve().parent.parent / ".trl-legacy"
+# SDFT's own defaults (the tests' SDFT runs otherwise use the sampled-token objective).
+SDFT_DEFAULTS = {"distillation_mode": "topk_logits", "distillation_alpha": 0.5}
 
 
 def _reward(prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
@@ -142,20 +144,22 @@ def test_a_lora_student_with_its_base_as_teacher_equals_stock() -> None:
     assert _report("sdpo") == {"fused": 3, "stock": {}}
 
 
-def test_evaluation_equals_stock() -> None:
-    ours, stock = _stock_and_ours("sdpo", "llama", evaluate=True)
-    _assert_equal(ours, stock, 20)
-    # Training: two loss steps and one rollout; evaluation: two batches, each sampled (a rollout) and scored.
-    assert _report("sdpo") == {"fused": 7, "stock": {}}
+@pytest.mark.parametrize(("kind", "options", "calls"), [("sdpo", {}, 7), ("sdft", SDFT_DEFAULTS, 5)])
+def test_evaluation_equals_stock(kind: str, options: dict[str, Any], calls: int) -> None:
+    """Training: two loss steps and one rollout; evaluation: each batch sampled (a rollout) and scored (SDPO's four
+    prompts give two batches of two generations each, SDFT's one)."""
+    ours, stock = _stock_and_ours(kind, "llama", evaluate=True, **options)
+    _assert_equal(ours, stock, 10)
+    assert _report(kind) == {"fused": calls, "stock": {}}
 
 
-def test_a_hooked_head_gives_exact_values_from_its_logits() -> None:
-    ours, stock = _stock_and_ours("sdpo", "llama", change=hooked_head)
-    _assert_equal(ours, stock, 20)
-    assert _report("sdpo") == {"fused": 0, "stock": {"materialised": 3}}
-
-
-SDFT_DEFAULTS = {"distillation_mode": "topk_logits", "distillation_alpha": 0.5}
+@pytest.mark.parametrize(("kind", "options"), [("sdpo", {}), ("sdft", SDFT_DEFAULTS)])
+def test_a_hooked_head_gives_exact_values_from_its_logits(kind: str, options: dict[str, Any]) -> None:
+    """The forward keeps its stock path: the log-probabilities (sampled-token, or the top-k support's) from its
+    logits."""
+    ours, stock = _stock_and_ours(kind, "llama", change=hooked_head, **options)
+    _assert_equal(ours, stock, 10)
+    assert _report(kind) == {"fused": 0, "stock": {"materialised": 3}}
 
 
 @pytest.mark.parametrize(("kind", "name", "options"), [
