@@ -97,6 +97,30 @@ def test_bf16_ranks_and_scores_the_rounded_logits_as_stock_does() -> None:
     assert bool(torch.isfinite(w.grad.float()).all()) and float(w.grad.float().abs().max()) > 0
 
 
+def test_under_autocast_a_float32_head_runs_in_bf16_and_its_gradients_follow() -> None:
+    """Under CPU autocast the head's GEMM runs in bf16, as stock's ``F.linear`` head does (the ids ranked on those
+    logits); the backward (outside autocast) recomputes the logits with the float32 head, a rounding closer, and
+    returns gradients in each input's dtype."""
+    x, w, b, rows, ids = _problem(torch.float32, bias=True)
+    e = EPILOGUES["plain"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = support_log_probs(x.bfloat16(), w, b, e, Support(rows, 4, ids))
+    logp = torch.log_softmax(_reference_logits(x.detach().bfloat16(), w.detach().bfloat16(),
+                                               b.detach().bfloat16(), e), dim=-1)  # fmt: skip
+    want_ids = torch.cat([logp.topk(4, dim=-1).indices, ids], dim=-1)
+    assert torch.equal(got["ids"], torch.where(rows.unsqueeze(-1), want_ids, 0))
+    got["log_probs"].sum().backward()
+    # The gradient at the float32 head's logits of the rows the head saw (bf16), with the ids the forward chose.
+    refs = [t.detach().double().requires_grad_() for t in (x.bfloat16(), w, b)]
+    want = torch.log_softmax(_reference_logits(*refs, e), dim=-1).gather(-1, want_ids)
+    torch.where(rows.unsqueeze(-1), want, 0.0).sum().backward()
+    assert x.grad.dtype == w.grad.dtype == torch.float32
+    # The rows' gradient is in their dtype (bf16), the head's in float32.
+    torch.testing.assert_close(x.grad.double(), refs[0].grad, rtol=1e-2, atol=1e-3)
+    for mine, ref in zip((w, b), refs[1:]):
+        torch.testing.assert_close(mine.grad.double(), ref.grad, rtol=1e-4, atol=1e-5)
+
+
 def test_materialised_fallback_equals_the_fused_fields() -> None:
     x, w, b, rows, ids = _problem(torch.float32, bias=True)
     e = EPILOGUES["softcap-temperature"]

@@ -106,7 +106,9 @@ class _Gathered(torch.autograd.Function):
         step = _rows_per_chunk(weight.shape[0])
         for start in range(0, live.numel(), step):
             chunk = live[start : start + step]
-            x = rows.index_select(0, chunk).detach()
+            # In the head's dtype: rows from an autocast forward may be bf16 beside a float32 head (backward runs
+            # outside autocast; these logits are then float32, a rounding closer than the forward's).
+            x = rows.index_select(0, chunk).detach().to(weight.dtype)
             with torch.enable_grad():
                 z = torch.nn.functional.linear(x, weight.detach(), bias.detach() if bias is not None else None)
                 z32 = z.float().requires_grad_()
