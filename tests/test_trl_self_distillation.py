@@ -134,14 +134,16 @@ def test_sdft_sampled_token_run_equals_stock(name: str, options: dict[str, Any])
     assert _report("sdft") == {"fused": 3, "stock": {}}
 
 
-def test_a_lora_student_with_its_base_as_teacher_equals_stock() -> None:
-    """The teacher is the student's model with the adapter off (TRL's ``use_adapter`` around its forward)."""
+@pytest.mark.parametrize(("kind", "teacher", "options"), [("sdpo", "base", {}), ("sdft", "ema", SDFT_DEFAULTS)])
+def test_a_lora_student_with_an_adapter_teacher_equals_stock(kind: str, teacher: str, options: dict[str, Any]) -> None:
+    """The teacher is the student's model with the adapter off (``base``) or switched to TRL's EMA ``teacher``
+    adapter (``ema``): TRL's ``use_adapter`` around its forward."""
     from peft import LoraConfig
 
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
-    ours, stock = _stock_and_ours("sdpo", "llama", peft_config=lora, teacher_model_kind="base")
-    _assert_equal(ours, stock, 20)
-    assert _report("sdpo") == {"fused": 3, "stock": {}}
+    ours, stock = _stock_and_ours(kind, "llama", peft_config=lora, teacher_model_kind=teacher, **options)
+    _assert_equal(ours, stock, 10)
+    assert _report(kind) == {"fused": 3, "stock": {}}
 
 
 @pytest.mark.parametrize(("kind", "options", "calls"), [("sdpo", {}, 7), ("sdft", SDFT_DEFAULTS, 5)])
