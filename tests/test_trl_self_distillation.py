@@ -196,7 +196,9 @@ def test_a_sampled_token_alpha_other_than_one_raises_trls_error() -> None:
     logitless.install()
     with pytest.raises(ValueError, match="Only reverse KL"):
         trainer.train()
-    assert _report("sdpo")["stock"] == {"sampled-token-alpha": 1}
+    # TRL raises at the first step with a sample to distill (a step without one returns zero first); the rollout's
+    # log-probabilities before it are fused.
+    assert set(_report("sdpo")["stock"]) == {"sampled-token-alpha"}
 
 
 def _batch(trainer: Any) -> dict[str, torch.Tensor]:
