@@ -148,7 +148,7 @@ def wrap_rollout_logps(original: Callable[..., Any]) -> Callable[..., Any]:
             return original(*call)
         plan = _Plan(lm, None)
         with torch.no_grad():
-            logps = _completion_logps(plan, self.model, torch.cat([prompt_ids, completion_ids], dim=1),
+            logps = _completion_logps(plan, lm, self.model, torch.cat([prompt_ids, completion_ids], dim=1),
                                       torch.cat([prompt_mask, completion_mask], dim=1), completion_ids,
                                       completion_mask, self.temperature)  # fmt: skip
         if logps is None:
@@ -210,12 +210,11 @@ def _plan(trainer: Any, model: Any, inputs: Any, return_outputs: bool) -> _Plan 
     return _Plan(student, teacher)
 
 
-def _completion_logps(plan: _Plan, forward: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      completion_ids: torch.Tensor, keep: torch.Tensor, temperature: float,
-                      teacher: bool = False) -> torch.Tensor | None:  # fmt: skip
-    """Each completion token's log-probability (``[batch, completion]``, zero where ``keep`` is 0) under the model
-    that ``forward`` runs, as TRL's ``selective_log_softmax`` of its temperature-scaled logits gives it; None when the
-    head's fields do not cover those positions."""
+def _completion_logps(plan: _Plan, lm: Any, forward: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      completion_ids: torch.Tensor, keep: torch.Tensor, temperature: float) -> torch.Tensor | None:
+    """Each completion token's log-probability (``[batch, completion]``, zero where ``keep`` is 0) under ``lm``, the
+    model (one of ``plan``'s) that ``forward`` runs, as TRL's ``selective_log_softmax`` of its temperature-scaled
+    logits gives it; None when the head's fields do not cover those positions."""
     from logitless.integrations.trl import per_token_fields
 
     width, length = input_ids.size(1), completion_ids.size(1)
@@ -224,7 +223,6 @@ def _completion_logps(plan: _Plan, forward: Any, input_ids: torch.Tensor, attent
     kept = keep != 0
     shift_labels = torch.full_like(input_ids, -100)
     shift_labels[:, start : width - 1] = torch.where(kept, completion_ids, -100)
-    lm = plan.teacher if teacher else plan.student
     fields, _, fused = per_token_fields(lm, forward, (), {"input_ids": input_ids, "attention_mask": attention_mask},
                                         None, shift_labels, None, temperature, False,
                                         frozenset({"log_probs"}))  # fmt: skip
@@ -235,13 +233,12 @@ def _completion_logps(plan: _Plan, forward: Any, input_ids: torch.Tensor, attent
     return fields["log_probs"][:, start : width - 1]
 
 
-def _support(plan: _Plan, forward: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int,
-             keep: torch.Tensor, temperature: float, top_k: int, ids: torch.Tensor,
-             teacher: bool = False) -> dict[str, torch.Tensor] | None:  # fmt: skip
+def _support(plan: _Plan, lm: Any, forward: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int,
+             keep: torch.Tensor, temperature: float, top_k: int, ids: torch.Tensor) -> dict[str, torch.Tensor] | None:
     """The log-probabilities over each completion position's ``top_k`` most likely tokens, then ``ids``
-    (``[batch, completion, e]``), under the model ``forward`` runs: ``{"ids", "log_probs"}``, ``[batch, completion,
-    top_k + e]``, zero where ``keep`` is 0 (``logitless.integrations._support``); None when the head computed
-    neither them nor the logits."""
+    (``[batch, completion, e]``), under ``lm``, the model (one of ``plan``'s) that ``forward`` runs: ``{"ids",
+    "log_probs"}``, ``[batch, completion, top_k + e]``, zero where ``keep`` is 0 (``logitless.integrations._support``);
+    None when the head computed neither them nor the logits."""
     from logitless import _state
     from logitless.integrations._support import Support, materialised_support
 
@@ -264,7 +261,7 @@ def _support(plan: _Plan, forward: Any, input_ids: torch.Tensor, attention_mask:
             return None
         # The forward took its stock path (counted with its reason): exact values from its logits.
         if capture.refused is None:
-            _state.record(plan.teacher if teacher else plan.student, "trl-materialised")
+            _state.record(lm, "trl-materialised")
         fields = materialised_support(logits, support, temperature)
         plan.fused = False
     return {name: value[:, start : width - 1] for name, value in fields.items()}
@@ -297,18 +294,20 @@ def _fused_loss(trainer: Any, model: Any, inputs: Any, plan: _Plan) -> torch.Ten
     student_keep = completion_mask if weight < 1.0 else loss_mask
     student_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
     student_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
-    top_k = int(trainer.args.distillation_topk) if plan.teacher is not None and _top_k_mode(trainer) else 0
+    top_k = 0
+    if plan.teacher is not None and trainer.args.distillation_mode == "topk_logits":
+        top_k = int(trainer.args.distillation_topk)
     student_topk = None
     if top_k:
         # Each position's top-k (with gradients), and the sampled token's (the policy loss, the importance ratio).
-        fields = _support(plan, model, student_ids, student_mask, completion_ids.size(1), student_keep,
+        fields = _support(plan, plan.student, model, student_ids, student_mask, completion_ids.size(1), student_keep,
                           trainer.temperature, top_k, completion_ids.unsqueeze(-1))  # fmt: skip
         if fields is None:
             return None
-        student, student_topk, topk_ids = fields["log_probs"][..., top_k], fields["log_probs"][..., :top_k], \
-            fields["ids"][..., :top_k]
+        student = fields["log_probs"][..., top_k]
+        student_topk, topk_ids = fields["log_probs"][..., :top_k], fields["ids"][..., :top_k]
     else:
-        student = _completion_logps(plan, model, student_ids, student_mask, completion_ids, student_keep,
+        student = _completion_logps(plan, plan.student, model, student_ids, student_mask, completion_ids, student_keep,
                                     trainer.temperature)  # fmt: skip
         if student is None:
             return None
@@ -317,14 +316,14 @@ def _fused_loss(trainer: Any, model: Any, inputs: Any, plan: _Plan) -> torch.Ten
     # The teacher after the student, as TRL runs them (a live teacher in training mode draws dropout's numbers).
     with torch.no_grad(), trainer._get_teacher_context_for_self_distillation():
         if top_k:
-            fields = _support(plan, trainer.teacher_model, inputs["teacher_input_ids"],
+            fields = _support(plan, plan.teacher, trainer.teacher_model, inputs["teacher_input_ids"],
                               inputs["teacher_attention_mask"], completion_ids.size(1), loss_mask,
-                              trainer.temperature, 0, topk_ids, teacher=True)  # fmt: skip
+                              trainer.temperature, 0, topk_ids)  # fmt: skip
             teacher = fields["log_probs"] if fields is not None else None
         else:
-            teacher = _completion_logps(plan, trainer.teacher_model, inputs["teacher_input_ids"],
+            teacher = _completion_logps(plan, plan.teacher, trainer.teacher_model, inputs["teacher_input_ids"],
                                         inputs["teacher_attention_mask"], completion_ids, loss_mask,
-                                        trainer.temperature, teacher=True)  # fmt: skip
+                                        trainer.temperature)  # fmt: skip
     if teacher is None:
         return None
     per_token_loss = (
@@ -336,10 +335,6 @@ def _fused_loss(trainer: Any, model: Any, inputs: Any, plan: _Plan) -> torch.Ten
     policy = _policy_loss(trainer, inputs, student)
     distillation = _distillation_loss(trainer, model, inputs, student, per_token_loss, loss_mask)
     return (1 - weight) * policy + weight * distillation
-
-
-def _top_k_mode(trainer: Any) -> bool:
-    return trainer.args.distillation_mode == "topk_logits"  # type: ignore[no-any-return]
 
 
 def _topk_divergence(trainer: Any, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
